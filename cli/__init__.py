@@ -1,0 +1,1 @@
+"""The `stexport` command line (installed as the subpackage stexport.cli)."""

@@ -1,0 +1,45 @@
+"""`stexport`: build, check and run ST-Adapter video models."""
+
+from __future__ import annotations
+
+import typer
+
+from stexport import __version__
+from stexport.cli import inspect as inspect_cmd
+
+app = typer.Typer(
+    name="stexport",
+    help="Ship ST-Adapter video classifiers: fold a CLIP ViT + ST-Adapter deltas into ONNX (FP32/FP16/INT8), "
+    "TensorRT or TorchScript bundles, classify videos, and verify every artifact against the PyTorch reference.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+for module in (inspect_cmd,):
+    module.register(app)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"stexport {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (to stderr)."),
+):
+    from stexport.cli.common import setup_logging
+
+    setup_logging(verbose)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

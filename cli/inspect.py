@@ -1,0 +1,77 @@
+"""`stexport inspect`: what an ST-Adapter checkpoint holds, and whether it fits a backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stexport.cli.common import handle_errors, print_json
+
+EXAMPLES = """
+Examples:
+
+  stexport inspect --adapter k400.pt
+
+  stexport inspect --adapter ssv2.pt --backbone ViT-B-16 --json
+"""
+
+
+@handle_errors
+def inspect(
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
+    backbone: str = typer.Option("ViT-B-16", "--backbone", "-b", help="open_clip ViT name to check the fit against."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Print the adapter spec inferred from the checkpoint's tensors, delta vs backbone parameters, and the fit."""
+    from stexport.backbone import model_config, register_configs
+    from stexport.deltas import check_fits, load_deltas
+    from stexport.errors import StexportError
+
+    deltas = load_deltas(adapter)
+    spec = deltas.spec
+    register_configs()
+    cfg = model_config(backbone)
+    bb_params, fit_error, vit = None, None, None
+    try:
+        from stexport.backbone import random_backbone
+
+        bb = random_backbone(backbone, fp16_round=False)  # shapes only; nothing is downloaded
+        vit, bb_params = bb.config, bb.num_params()
+        check_fits(spec, vit, backbone)
+    except StexportError as e:
+        fit_error = str(e)
+    report = {
+        "adapter": str(adapter),
+        "sha256": deltas.sha256,
+        "spec": spec.to_dict(),
+        "positions": ("pre_attn+pre_mlp" if spec.pre_attn and spec.pre_mlp
+                      else "pre_attn" if spec.pre_attn else "pre_mlp"),
+        "delta_params": spec.num_params(),
+        "backbone": backbone,
+        "backbone_params": bb_params,
+        "delta_fraction": spec.num_params() / bb_params if bb_params else None,
+        "fits": fit_error is None,
+        "fit_error": fit_error,
+        "quick_gelu": bool(cfg.get("quick_gelu", False)),
+    }
+    if as_json:
+        print_json(report)
+    else:
+        k = "x".join(map(str, spec.kernel))
+        typer.echo(f"adapter        {adapter}")
+        typer.echo(f"layout         {spec.layout}  ({report['positions']}; blocks "
+                   f"{list(spec.pre_attn) or '-'} / {list(spec.pre_mlp) or '-'})")
+        typer.echo(f"bottleneck     {spec.dim} -> {spec.width} -> {spec.dim}, depth-wise kernel {k}")
+        typer.echo(f"classes        {spec.num_classes}")
+        typer.echo(f"delta params   {spec.num_params() / 1e6:.2f} M")
+        if bb_params:
+            typer.echo(f"backbone       {backbone}: {bb_params / 1e6:.2f} M frozen params "
+                       f"(deltas are {100 * report['delta_fraction']:.1f}%)")
+        typer.echo(f"fits backbone  {'yes' if fit_error is None else 'NO: ' + fit_error}")
+    if fit_error:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect", epilog=EXAMPLES)(inspect)

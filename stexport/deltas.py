@@ -1,0 +1,194 @@
+"""ST-Adapter delta checkpoints: the trained adapters and head, in the official release layout.
+
+The official file is a torch checkpoint dict {model, optimizer, lr_sched, loss_scaler, next_epoch} whose `model`
+holds only trainable tensors:
+    transformer.resblocks.{i}.adapter_pre_attn.{fc1,conv,fc2}.{weight,bias}
+    transformer.resblocks.{i}.adapter_pre_mlp.{fc1,conv,fc2}.{weight,bias}
+    fc.weight, fc.bias
+A plain state dict with those keys, or a safetensors file, is accepted too. The adapter spec is read from the
+tensors alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from stexport.backbone import ViTConfig
+from stexport.errors import StexportError
+
+POSITIONS = ("pre_attn", "pre_mlp")
+_ADAPTER_KEY = re.compile(r"^transformer\.resblocks\.(\d+)\.adapter_(pre_attn|pre_mlp)\.(fc1|conv|fc2)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    dim: int  # backbone width d
+    width: int  # bottleneck w
+    kernel: tuple[int, int, int]  # (kt, kh, kw)
+    pre_attn: tuple[int, ...]  # block indices with an adapter before attention
+    pre_mlp: tuple[int, ...]  # block indices with an adapter before the MLP
+    num_classes: int
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.pre_attn) + len(self.pre_mlp)
+
+    @property
+    def layout(self) -> str:
+        """The paper's name for it, e.g. '12x384'."""
+        return f"{self.num_adapters}x{self.width}"
+
+    def num_params(self) -> int:
+        kt, kh, kw = self.kernel
+        per = (self.dim * self.width + self.width) + (self.width * kt * kh * kw + self.width) \
+            + (self.width * self.dim + self.dim)
+        return self.num_adapters * per + self.num_classes * self.dim + self.num_classes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kernel"], d["pre_attn"], d["pre_mlp"] = list(self.kernel), list(self.pre_attn), list(self.pre_mlp)
+        d["layout"] = self.layout
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdapterSpec":
+        return cls(dim=d["dim"], width=d["width"], kernel=tuple(d["kernel"]), pre_attn=tuple(d["pre_attn"]),
+                   pre_mlp=tuple(d["pre_mlp"]), num_classes=d["num_classes"])
+
+
+@dataclass
+class Deltas:
+    spec: AdapterSpec
+    state_dict: dict[str, torch.Tensor]
+    path: str | None = None
+    sha256: str | None = None
+
+
+def _load_file(path: Path) -> object:
+    if not path.exists():
+        raise StexportError(f"{path}: no such file (pass the ST-Adapter checkpoint with --adapter)")
+    if path.is_dir():
+        raise StexportError(f"{path}: is a directory; --adapter takes a checkpoint file (.pt/.pth/.safetensors)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise StexportError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        why = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise StexportError(
+            f"{path}: refused: the file would run code when unpickled ({why.strip()[:160]}); "
+            "ST-Adapter checkpoints hold only tensors, so re-save it with torch.save(state_dict)"
+        )
+    except Exception as e:  # noqa: BLE001
+        raise StexportError(f"{path}: not a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def unwrap(obj: object, where: str) -> dict[str, torch.Tensor]:
+    """The delta state dict inside an official checkpoint or a plain state dict."""
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise StexportError(f"{where}: expected an ST-Adapter checkpoint (a dict with 'model') or a state dict")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise StexportError(f"{where}: entry '{bad[0]}' is not a tensor")
+    return sd
+
+
+def infer_spec(sd: dict[str, torch.Tensor], where: str = "checkpoint") -> AdapterSpec:
+    """Read the adapter spec from tensor names and shapes; reject anything unexpected."""
+    if "fc.weight" not in sd or "fc.bias" not in sd:
+        raise StexportError(f"{where}: no classification head 'fc.weight'/'fc.bias': not an ST-Adapter checkpoint")
+    blocks: dict[str, set[int]] = {p: set() for p in POSITIONS}
+    for k in sd:
+        if k in ("fc.weight", "fc.bias"):
+            continue
+        m = _ADAPTER_KEY.match(k)
+        if not m:
+            raise StexportError(f"{where}: unexpected key '{k}' (shape {tuple(sd[k].shape)}): an ST-Adapter "
+                                "checkpoint holds only adapter_pre_attn/adapter_pre_mlp tensors and fc")
+        blocks[m.group(2)].add(int(m.group(1)))
+    if not blocks["pre_attn"] and not blocks["pre_mlp"]:
+        raise StexportError(f"{where}: no adapter tensors found (only a head); not an ST-Adapter checkpoint")
+
+    fc_w = sd["fc.weight"]
+    if fc_w.ndim != 2:
+        raise StexportError(f"{where}: 'fc.weight' has shape {tuple(fc_w.shape)}, expected (classes, width)")
+    num_classes, dim = fc_w.shape
+    first = sorted(blocks["pre_attn"] or blocks["pre_mlp"])[0]
+    pos = "pre_attn" if blocks["pre_attn"] else "pre_mlp"
+    conv = sd.get(f"transformer.resblocks.{first}.adapter_{pos}.conv.weight")
+    if conv is None or conv.ndim != 5:
+        raise StexportError(f"{where}: adapter conv weight of block {first} missing or not 5-D")
+    width = conv.shape[0]
+    kernel = tuple(int(x) for x in conv.shape[2:])
+    if any(k % 2 == 0 for k in kernel):
+        raise StexportError(f"{where}: adapter kernel {kernel} has an even size; ST-Adapter pads k//2 (odd sizes)")
+
+    expected = {
+        "fc1.weight": (width, dim), "fc1.bias": (width,),
+        "conv.weight": (width, 1, *kernel), "conv.bias": (width,),
+        "fc2.weight": (dim, width), "fc2.bias": (dim,),
+    }
+    for p in POSITIONS:
+        for i in sorted(blocks[p]):
+            for name, shape in expected.items():
+                key = f"transformer.resblocks.{i}.adapter_{p}.{name}"
+                if key not in sd:
+                    raise StexportError(f"{where}: missing key '{key}' (expected shape {shape})")
+                if tuple(sd[key].shape) != shape:
+                    raise StexportError(f"{where}: '{key}' has shape {tuple(sd[key].shape)}, expected {shape}")
+    if tuple(sd["fc.bias"].shape) != (num_classes,):
+        raise StexportError(f"{where}: 'fc.bias' has shape {tuple(sd['fc.bias'].shape)}, expected ({num_classes},)")
+    return AdapterSpec(dim=dim, width=width, kernel=kernel, pre_attn=tuple(sorted(blocks["pre_attn"])),
+                       pre_mlp=tuple(sorted(blocks["pre_mlp"])), num_classes=num_classes)
+
+
+def check_fits(spec: AdapterSpec, cfg: ViTConfig, backbone: str = "backbone") -> None:
+    """Raise a clear error if the deltas cannot sit on this backbone."""
+    if spec.dim != cfg.width:
+        raise StexportError(
+            f"adapter width mismatch: 'fc.weight' and the adapters expect a width-{spec.dim} ViT, but {backbone} has "
+            f"width {cfg.width} (shape (…, {spec.dim}) vs (…, {cfg.width})); pick the matching --backbone"
+        )
+    top = max(spec.pre_attn + spec.pre_mlp)
+    if top >= cfg.layers:
+        raise StexportError(f"adapter on block {top} but {backbone} has only {cfg.layers} blocks; "
+                            "pick the matching --backbone")
+    if spec.kernel[1] > cfg.grid or spec.kernel[2] > cfg.grid:
+        raise StexportError(f"adapter kernel {spec.kernel} is larger than the {cfg.grid}x{cfg.grid} token grid")
+
+
+def load_deltas(path: str | Path) -> Deltas:
+    path = Path(path)
+    sd = unwrap(_load_file(path), str(path))
+    spec = infer_spec(sd, str(path))
+    return Deltas(spec=spec, state_dict={k: v.float() for k, v in sd.items()}, path=str(path), sha256=_sha256(path))
+
+
+def save_official(path: str | Path, state_dict: dict[str, torch.Tensor], next_epoch: int = 1,
+                  optimizer: dict | None = None, lr_sched: dict | None = None, loss_scaler: dict | None = None) -> None:
+    """Write deltas in the official release layout (what linziyi96/st-adapter's save_model writes)."""
+    torch.save({"model": state_dict, "optimizer": optimizer or {"state": {}, "param_groups": []},
+                "lr_sched": lr_sched or {}, "loss_scaler": loss_scaler or {}, "next_epoch": next_epoch}, path)
