@@ -211,14 +211,14 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
         visual = _build_tower(cfg, quick_gelu)
         vis = vision_keys(sd)
         own = visual.state_dict()
-        missing = [k for k in own if k.startswith(KEEP) and k not in vis]
-        if missing:
-            raise StexportError(f"{path}: no vision tensor '{missing[0]}' (+{len(missing) - 1} more): "
-                                f"not weights for backbone {name}")
         for k, v in vis.items():
             if k in own and tuple(own[k].shape) != tuple(v.shape):
                 raise StexportError(f"{path}: '{k}' has shape {tuple(v.shape)} but backbone {name} needs "
                                     f"{tuple(own[k].shape)}: pick the matching --backbone")
+        missing = [k for k in own if k.startswith(KEEP) and k not in vis]
+        if missing:
+            raise StexportError(f"{path}: no vision tensor '{missing[0]}' (+{len(missing) - 1} more): "
+                                f"not weights for backbone {name}")
         visual.load_state_dict({k: v for k, v in vis.items() if k in own}, strict=False)
         source.update(sha256=_sha256(path), openai=openai, file=str(path.resolve()))
     else:

@@ -26,6 +26,6 @@ def random_deltas(cfg: ViTConfig, width: int = 384, kernel=(3, 1, 1), num_classe
             sd[p + "conv.bias"] = torch.randn(width, generator=g) * scale
             sd[p + "fc2.weight"] = torch.randn(cfg.width, width, generator=g) * width ** -0.5 * 0.5
             sd[p + "fc2.bias"] = torch.randn(cfg.width, generator=g) * scale
-    sd["fc.weight"] = torch.randn(num_classes, cfg.width, generator=g) * 0.5
+    sd["fc.weight"] = torch.randn(num_classes, cfg.width, generator=g) * 0.1
     sd["fc.bias"] = torch.randn(num_classes, generator=g) * scale
     return sd

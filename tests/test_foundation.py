@@ -1,0 +1,365 @@
+"""Checkpoint loading, spec inference, backbone loading and the reference model's forward."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stexport.backbone import load_backbone, random_backbone, read_state_dict
+from stexport.deltas import AdapterSpec, check_fits, infer_spec, load_deltas, save_official
+from stexport.errors import StexportError
+from stexport.reference import build_reference
+from stexport.synthetic import random_deltas
+
+TINY = "stexport-tiny-vit"
+
+
+def official_checkpoint(path, sd):
+    """Write `sd` exactly as the official trainer does: real AdamW / LambdaLR / GradScaler state dicts."""
+    params = [torch.nn.Parameter(v.clone()) for v in sd.values()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu")
+    save_official(path, sd, next_epoch=12, optimizer=opt.state_dict(), lr_sched=sched.state_dict(),
+                  loss_scaler=scaler.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An independent, plain-tensor implementation of the official forward (no nn.Module of stexport's).
+
+def plain_forward(sd: dict, x: torch.Tensor, heads: int, act: str, eps: float = 1e-5) -> torch.Tensor:
+    def ln(t, p):
+        mu = t.mean(-1, keepdim=True)
+        var = ((t - mu) ** 2).mean(-1, keepdim=True)
+        return (t - mu) / torch.sqrt(var + eps) * sd[p + ".weight"] + sd[p + ".bias"]
+
+    def lin(t, p):
+        return t @ sd[p + ".weight"].T + sd[p + ".bias"]
+
+    def gelu(t):
+        return t * torch.sigmoid(1.702 * t) if act == "quick_gelu" else 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
+
+    def adapter(t, p, T):
+        BT, L, C = t.shape
+        B, g = BT // T, math.isqrt(L - 1)
+        y = lin(t[:, 1:], p + ".fc1")  # (BT, hw, w)
+        w = sd[p + ".conv.weight"]  # (w, 1, kt, kh, kw)
+        kt, kh, kw = w.shape[2:]
+        y = y.reshape(B, T, g, g, -1)
+        pad = F.pad(y, (0, 0, kw // 2, kw // 2, kh // 2, kh // 2, kt // 2, kt // 2))
+        out = torch.zeros_like(y) + sd[p + ".conv.bias"]
+        for a in range(kt):
+            for b in range(kh):
+                for c in range(kw):
+                    out = out + pad[:, a:a + T, b:b + g, c:c + g, :] * w[:, 0, a, b, c]
+        y = lin(out.reshape(BT, L - 1, -1), p + ".fc2")
+        return torch.cat([t[:, :1], t[:, 1:] + y], 1)
+
+    B, _, T, H, W = x.shape
+    frames = x.permute(0, 2, 1, 3, 4).reshape(B * T, 3, H, W)
+    conv = sd["conv1.weight"]
+    P = conv.shape[-1]
+    patches = frames.unfold(2, P, P).unfold(3, P, P)  # (BT, 3, g, g, P, P)
+    tok = torch.einsum("ncijpq,dcpq->nijd", patches, conv).flatten(1, 2)
+    t = torch.cat([sd["class_embedding"].expand(B * T, 1, -1), tok], 1) + sd["positional_embedding"]
+    t = ln(t, "ln_pre")
+    i = 0
+    while f"transformer.resblocks.{i}.ln_1.weight" in sd:
+        p = f"transformer.resblocks.{i}"
+        if p + ".adapter_pre_attn.fc1.weight" in sd:
+            t = adapter(t, p + ".adapter_pre_attn", T)
+        h = ln(t, p + ".ln_1")
+        qkv = h @ sd[p + ".attn.in_proj_weight"].T + sd[p + ".attn.in_proj_bias"]
+        q, k, v = qkv.chunk(3, -1)
+        N, L, C = q.shape
+        hd = C // heads
+        q, k, v = (z.reshape(N, L, heads, hd).transpose(1, 2) for z in (q, k, v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1) @ v
+        a = a.transpose(1, 2).reshape(N, L, C)
+        t = t + lin(a, p + ".attn.out_proj")
+        if p + ".adapter_pre_mlp.fc1.weight" in sd:
+            t = adapter(t, p + ".adapter_pre_mlp", T)
+        t = t + lin(gelu(lin(ln(t, p + ".ln_2"), p + ".mlp.c_fc")), p + ".mlp.c_proj")
+        i += 1
+    cls = t.reshape(B, T, -1, t.shape[-1])[:, :, 0].mean(1)
+    return lin(ln(cls, "ln_post"), "fc")
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_backbone(TINY)
+
+
+@pytest.mark.parametrize("layout", ["k400", "ssv2"])
+def test_official_layout_loads_and_infers_spec(tmp_path, tiny, layout):
+    both = layout == "ssv2"
+    sd = random_deltas(tiny.config, width=32, pre_attn=both, pre_mlp=True, num_classes=7)
+    path = tmp_path / f"{layout}.pt"
+    official_checkpoint(path, sd)
+    d = load_deltas(path)
+    assert d.spec == AdapterSpec(dim=64, width=32, kernel=(3, 1, 1),
+                                 pre_attn=(0, 1) if both else (), pre_mlp=(0, 1), num_classes=7)
+    assert d.spec.layout == ("4x32" if both else "2x32")
+    assert d.spec.num_params() == sum(v.numel() for v in sd.values())
+    assert all(torch.equal(d.state_dict[k], v) for k, v in sd.items())
+
+
+def test_plain_state_dict_and_safetensors(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    sd = random_deltas(tiny.config, width=16, kernel=(3, 3, 3), num_classes=5, blocks=[1])
+    torch.save(sd, tmp_path / "plain.pth")
+    save_file(sd, str(tmp_path / "d.safetensors"))
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ddp.pt")
+    specs = {load_deltas(tmp_path / f).spec for f in ("plain.pth", "d.safetensors", "ddp.pt")}
+    assert specs == {AdapterSpec(64, 16, (3, 3, 3), (), (1,), 5)}
+
+
+def test_reference_matches_plain_forward_tiny(tiny):
+    for pre_attn in (False, True):
+        sd = random_deltas(tiny.config, width=32, kernel=(3, 3, 3), pre_attn=pre_attn, num_classes=11, seed=3)
+        spec = infer_spec(sd)
+        from stexport.deltas import Deltas
+
+        model = build_reference(tiny, Deltas(spec, sd))
+        x = torch.randn(2, 3, 4, 32, 32)
+        with torch.no_grad():
+            ref = model(x)
+        plain = plain_forward({**tiny.state_dict, **sd}, x, tiny.config.heads, tiny.config.act)
+        assert ref.shape == (2, 11)
+        assert (ref - plain).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("both", [False, True], ids=["k400-12x384", "ssv2-24x384"])
+def test_reference_matches_plain_forward_vit_b16(tmp_path, both):
+    bb = random_backbone("ViT-B-16-quickgelu")
+    sd = random_deltas(bb.config, width=384, pre_attn=both, pre_mlp=True, num_classes=400 if not both else 174)
+    official_checkpoint(tmp_path / "d.pt", sd)
+    d = load_deltas(tmp_path / "d.pt")
+    assert d.spec.layout == ("24x384" if both else "12x384")
+    model = build_reference(bb, d)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 224, 224)
+    with torch.no_grad():
+        ref = model(x)
+        # the independent forward runs in float64, so the difference is the reference's own FP32 error
+        sd64 = {k: v.double() for k, v in {**bb.state_dict, **d.state_dict}.items()}
+        plain = plain_forward(sd64, x.double(), 12, "quick_gelu")
+    assert (ref.double() - plain).abs().max().item() <= 1e-5
+
+
+def test_zero_adapters_reduce_to_image_model(tiny):
+    """With fc2 zeroed the adapters are exact no-ops: the model is CLIP's frame-averaged CLS + head."""
+    sd = random_deltas(tiny.config, width=8, num_classes=3)
+    for k in sd:
+        if "fc2" in k:
+            sd[k].zero_()
+    from stexport.deltas import Deltas
+
+    model = build_reference(tiny, Deltas(infer_spec(sd), sd))
+    x = torch.randn(1, 3, 2, 32, 32)
+    stripped = {k: v for k, v in {**tiny.state_dict, **sd}.items() if "adapter" not in k}
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain_forward(stripped, x, 4, "quick_gelu"), atol=1e-5)
+
+
+# --- backbones --------------------------------------------------------------------------------------------
+
+
+def _openai_style_state(name):
+    bb = random_backbone(name, fp16_round=False)
+    sd = {f"visual.{k}": v.half() for k, v in bb.state_dict.items()}
+    sd["visual.proj"] = torch.zeros(64, 32, dtype=torch.half)
+    sd.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    return bb, sd
+
+
+def test_openai_state_dict_switches_to_quickgelu(tmp_path, caplog):
+    bb, sd = _openai_style_state("stexport-tiny-vit-gelu")
+    torch.save(sd, tmp_path / "openai.pt")
+    with caplog.at_level("WARNING", logger="stexport"):
+        loaded = load_backbone("stexport-tiny-vit-gelu", str(tmp_path / "openai.pt"))
+    assert loaded.config.act == "quick_gelu"
+    assert "QuickGELU" in caplog.text
+    assert loaded.source["openai"] is True and len(loaded.source["sha256"]) == 64
+    assert torch.equal(loaded.state_dict["conv1.weight"], bb.state_dict["conv1.weight"].half().float())
+    assert "proj" not in loaded.state_dict
+
+
+def test_open_clip_checkpoint_keeps_gelu(tmp_path):
+    bb = random_backbone("stexport-tiny-vit-gelu")
+    torch.save({"state_dict": {f"module.visual.{k}": v for k, v in bb.state_dict.items()}}, tmp_path / "oc.pt")
+    loaded = load_backbone("stexport-tiny-vit-gelu", str(tmp_path / "oc.pt"))
+    assert loaded.config.act == "gelu"
+    assert all(torch.equal(loaded.state_dict[k], v) for k, v in bb.state_dict.items())
+
+
+def test_openai_jit_archive(tmp_path):
+    """OpenAI ships TorchScript archives; they load without unpickling Python and select QuickGELU."""
+    bb, sd = _openai_style_state("stexport-tiny-vit-gelu")
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Module()
+            for k, v in sd.items():
+                if k.startswith("visual."):
+                    parts = k.split(".")[1:]
+                    mod = self.visual
+                    for p in parts[:-1]:
+                        if not hasattr(mod, p):
+                            mod.add_module(p, torch.nn.Module())
+                        mod = getattr(mod, p)
+                    mod.register_buffer(parts[-1], v)
+            self.register_buffer("input_resolution", torch.tensor(32))
+
+        def forward(self, x):
+            return x + self.input_resolution
+
+    torch.jit.script(Holder()).save(str(tmp_path / "ViT-tiny.pt"))
+    loaded = load_backbone("stexport-tiny-vit-gelu", str(tmp_path / "ViT-tiny.pt"))
+    assert loaded.config.act == "quick_gelu"
+    assert torch.equal(loaded.state_dict["positional_embedding"], sd["visual.positional_embedding"].float())
+
+
+def test_quickgelu_tags_and_names():
+    from open_clip.pretrained import get_pretrained_cfg
+
+    assert get_pretrained_cfg("ViT-B-16", "openai").get("quick_gelu") is True
+    assert random_backbone("ViT-B-16-quickgelu", fp16_round=False).config.act == "quick_gelu"
+
+
+def test_backbone_errors(tmp_path):
+    with pytest.raises(StexportError, match="unknown backbone 'ViT-Q-99'"):
+        load_backbone("ViT-Q-99", "none")
+    with pytest.raises(StexportError, match="ResNet"):
+        load_backbone("RN50", "none")
+    with pytest.raises(StexportError, match="timm"):
+        load_backbone("convnext_base", "none")
+    with pytest.raises(StexportError, match="neither a file nor an open_clip tag"):
+        load_backbone(TINY, "laion9000")
+    bb = random_backbone(TINY)
+    torch.save({f"visual.{k}": v for k, v in bb.state_dict.items()}, tmp_path / "tiny.pt")
+    with pytest.raises(StexportError, match="has shape .* pick the matching --backbone"):
+        load_backbone("stexport-demo-vit", str(tmp_path / "tiny.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(StexportError, match="not a readable weights file"):
+        read_state_dict(tmp_path / "junk.pt")
+
+
+# --- delta errors -----------------------------------------------------------------------------------------
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/stexport-pwned",))
+
+
+def test_code_carrying_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}, "x": Evil()}, path)
+    if os.path.exists("/tmp/stexport-pwned"):
+        os.remove("/tmp/stexport-pwned")
+    with pytest.raises(StexportError, match="refused: the file would run code"):
+        load_deltas(path)
+    assert not os.path.exists("/tmp/stexport-pwned")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda sd: sd.pop("fc.bias"), "no classification head"),
+    (lambda sd: sd.update({"transformer.resblocks.0.adapter_pre_mlp.extra.weight": torch.zeros(1)}),
+     "unexpected key 'transformer.resblocks.0.adapter_pre_mlp.extra.weight'"),
+    (lambda sd: sd.pop("transformer.resblocks.1.adapter_pre_mlp.fc2.bias"),
+     "missing key 'transformer.resblocks.1.adapter_pre_mlp.fc2.bias'"),
+    (lambda sd: sd.update({"transformer.resblocks.1.adapter_pre_mlp.fc1.weight": torch.zeros(8, 65)}),
+     r"'transformer.resblocks.1.adapter_pre_mlp.fc1.weight' has shape \(8, 65\), expected \(8, 64\)"),
+    (lambda sd: sd.update({"transformer.resblocks.0.adapter_pre_mlp.conv.weight": torch.zeros(8, 1, 2, 1, 1),
+                           "transformer.resblocks.1.adapter_pre_mlp.conv.weight": torch.zeros(8, 1, 2, 1, 1)}),
+     "even size"),
+    (lambda sd: [sd.pop(k) for k in list(sd) if "adapter" in k], "no adapter tensors"),
+    (lambda sd: sd.update({"fc.bias": torch.zeros(4)}), "'fc.bias' has shape"),
+])
+def test_delta_mismatch_errors(tmp_path, tiny, mutate, message):
+    sd = random_deltas(tiny.config, width=8, num_classes=3)
+    mutate(sd)
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(StexportError, match=message):
+        load_deltas(tmp_path / "bad.pt")
+
+
+def test_fit_errors(tiny):
+    demo = random_backbone("stexport-demo-vit").config
+    spec = infer_spec(random_deltas(tiny.config, width=8, num_classes=3))
+    with pytest.raises(StexportError, match=r"width-64 ViT, but b has width 192"):
+        check_fits(spec, demo, "b")
+    deep = infer_spec(random_deltas(demo, width=8, num_classes=3))  # adapters on blocks 0..3
+    with pytest.raises(StexportError, match="adapter on block 3 but t has only 2 blocks"):
+        check_fits(AdapterSpec(64, 8, (3, 1, 1), (), deep.pre_mlp, 3), tiny.config, "t")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(StexportError, match="not a torch checkpoint"):
+        load_deltas(tmp_path / "a.txt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(StexportError, match="expected an ST-Adapter checkpoint"):
+        load_deltas(tmp_path / "list.pt")
+    with pytest.raises(StexportError, match="is a directory"):
+        load_deltas(tmp_path)
+
+
+# --- CLI --------------------------------------------------------------------------------------------------
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "stexport.cli.app", *args], capture_output=True, text=True)
+
+
+def test_inspect_cli(tmp_path, tiny):
+    import json
+
+    official_checkpoint(tmp_path / "k.pt", random_deltas(tiny.config, width=32, num_classes=7))
+    r = run_cli("inspect", "--adapter", str(tmp_path / "k.pt"), "--backbone", TINY, "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["spec"]["layout"] == "2x32" and rep["fits"] is True
+    assert rep["delta_params"] == 2 * (64 * 32 + 32 + 3 * 32 + 32 + 32 * 64 + 64) + 7 * 64 + 7
+    assert rep["backbone_params"] == tiny.num_params()
+
+    r = run_cli("inspect", "--adapter", str(tmp_path / "k.pt"), "--backbone", "stexport-demo-vit")
+    assert r.returncode == 1 and "NO: adapter width mismatch" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--adapter", "/nonexistent/k400.pt"], "/nonexistent/k400.pt: no such file"),
+    (["--adapter", "{evil}"], "refused: the file would run code"),
+    (["--adapter", "{ok}", "--backbone", "ViT-Nope"], "unknown backbone 'ViT-Nope'"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, tiny, args, message):
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    torch.save(random_deltas(tiny.config, width=8, num_classes=3), tmp_path / "ok.pt")
+    args = [a.format(evil=tmp_path / "evil.pt", ok=tmp_path / "ok.pt") for a in args]
+    r = run_cli("inspect", *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_commands():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "inspect" in r.stdout
+    r = run_cli("inspect", "--help")
+    assert "Examples" in r.stdout
+
