@@ -11,6 +11,7 @@ from stexport.errors import StexportError
 # name -> "module:Class"; modules are imported lazily so a missing runtime never breaks `import stexport`.
 REGISTRY: dict[str, str] = {
     "torch": "stexport.backends.torch_ref:TorchBackend",
+    "onnxruntime": "stexport.backends.ort:OrtBackend",
 }
 
 
@@ -36,7 +37,7 @@ def resolve(name: str, bundle: Bundle) -> str:
 
 
 # Tried in order by `auto`; each backend class has `usable(bundle) -> bool` (cheap, no model load).
-AUTO_ORDER: list[str] = []
+AUTO_ORDER: list[str] = ["onnxruntime"]
 
 
 def create(name: str, bundle: Bundle, **options) -> Backend:

@@ -1,0 +1,111 @@
+"""ONNX Runtime: the embedded default runtime. CPU provider by default; CUDA / TensorRT providers when the
+installed onnxruntime has them and a GPU is visible."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from stexport.backends.base import Backend
+from stexport.errors import StexportError
+from stexport.reference import CLIP_MEAN, CLIP_STD
+
+log = logging.getLogger("stexport")
+
+LEVELS = ("disable", "basic", "extended", "all")
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+
+
+def feed(clips: np.ndarray, input_format: str = "uint8") -> np.ndarray:
+    """uint8 (B, T, H, W, 3) clips → what the graph takes: unchanged for uint8 graphs, else normalised float
+    (B, T, 3, H, W) computed host-side."""
+    if input_format == "uint8":
+        return np.ascontiguousarray(clips)
+    mean = np.asarray(CLIP_MEAN, np.float32).reshape(1, 1, 3, 1, 1)
+    std = np.asarray(CLIP_STD, np.float32).reshape(1, 1, 3, 1, 1)
+    return np.ascontiguousarray((clips.transpose(0, 1, 4, 2, 3).astype(np.float32) / 255.0 - mean) / std)
+
+
+def gpu_visible() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidia0").exists() or (Path("/dev/nvidiactl").exists() and shutil.which("nvidia-smi") is not None)
+
+
+def providers_for(device: str, available: list[str]) -> list[str]:
+    """Execution providers to ask for, best first; CPU is always the last resort."""
+    if device not in DEVICES:
+        raise StexportError(f"unknown device '{device}' for onnxruntime; choose one of: {', '.join(DEVICES)}")
+    want = {"auto": ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if gpu_visible() else [],
+            "cpu": [], "cuda": ["CUDAExecutionProvider"],
+            "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}[device]
+    missing = [p for p in want if p not in available]
+    if device in ("cuda", "tensorrt") and (missing == want or not gpu_visible()):
+        raise StexportError(f"--device {device}: onnxruntime here offers only {', '.join(available)}"
+                            f"{'' if gpu_visible() else ' and no GPU is visible'}; "
+                            "install onnxruntime-gpu on a CUDA machine, or use --device cpu")
+    return [p for p in want if p in available] + ["CPUExecutionProvider"]
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle, device: str = "auto", threads: int | None = None, opt_level: str | None = None,
+                 **options):
+        super().__init__(bundle, **options)
+        import onnxruntime as ort
+
+        self.providers = providers_for(device, ort.get_available_providers())
+        level = opt_level or "all"
+        if level not in LEVELS:
+            raise StexportError(f"unknown optimisation level '{level}'; choose one of: {', '.join(LEVELS)}")
+        on_cpu = self.providers[0] == "CPUExecutionProvider"
+        if level == "all" and on_cpu and bundle.precision == "fp16":
+            # ORT 1.32's CPU provider segfaults on FP16 ViT graphs at ORT_ENABLE_ALL.
+            if opt_level == "all":
+                log.warning("onnxruntime CPU cannot run FP16 graphs at optimisation level 'all'; using 'extended'")
+            level = "extended"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[level]
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        self.level, self.threads = level, threads
+        path = bundle.file("onnx")
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=self.providers)
+        except Exception as e:  # noqa: BLE001
+            raise StexportError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); "
+                                "rebuild the bundle with `stexport build --force`") from e
+        inp = bundle.manifest.get("input", {})
+        self.input_name = inp.get("name", "frames")
+        self.input_format = "uint8" if inp.get("dtype", "uint8") == "uint8" else "float"
+
+    @classmethod
+    def usable(cls, bundle) -> bool:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False
+        return bundle.has("onnx")
+
+    def run(self, clips: np.ndarray) -> np.ndarray:
+        x = feed(self.check_input(clips), self.input_format)
+        return self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "providers": self.session.get_providers(), "precision": self.bundle.precision,
+                "optimization": self.level, "threads": self.threads or "default"}
+
+    def close(self) -> None:
+        self.session = None

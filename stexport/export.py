@@ -1,0 +1,394 @@
+"""ONNX export of the deploy model (FP32, FP16; INT8 via `insert_qdq`) and the TensorRT operator-matrix check.
+
+Opset 18: inside the TensorRT 10 parser's range (9–20), and the lowest the torch dynamo exporter writes without
+a lossy down-conversion (its Pad cannot be converted to 17). Batch is dynamic; frames and resolution are fixed.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from stexport.errors import StexportError
+
+log = logging.getLogger("stexport")
+
+OPSET = 18
+INPUT, OUTPUT = "frames", "logits"
+EXTERNAL_DATA_BYTES = 1 << 30  # models with more weight bytes than this get a model.onnx.data file
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def example_input(model, frames: int, batch: int = 2) -> torch.Tensor:
+    s = model.image_size
+    if model.input_format == "uint8":
+        return torch.randint(0, 256, (batch, frames, s, s, 3), dtype=torch.uint8)
+    return torch.randn(batch, frames, 3, s, s)
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, frames: int,
+                external_data: bool | None = None) -> Path:
+    """Export a folded `DeployViT` to `path` (opset 18, dynamic batch); checked and shape-inferred."""
+    path = Path(path)
+    x = example_input(model, frames)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                model, (x,), dynamo=True, opset_version=OPSET, input_names=[INPUT], output_names=[OUTPUT],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), verbose=False,
+                optimize=True,
+            )
+        except Exception as e:  # noqa: BLE001 - exporter failures are bugs or unsupported configs
+            raise StexportError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    proto = program.model_proto
+    name_linear_nodes(proto)
+    _tidy(proto)
+    if external_data is None:
+        external_data = _weight_bytes(model) > EXTERNAL_DATA_BYTES
+    save(proto, path, external_data)
+    check(path)
+    return path
+
+
+def _tidy(proto: onnx.ModelProto) -> None:
+    """Drop exporter bookkeeping that bloats the file; name the graph; read the batch size from the cast input.
+
+    TensorRT takes UINT8 only as a network input feeding a Cast, but the exporter reads the dynamic batch size
+    with a Shape of the input itself; the Cast's output has the same shape.
+    """
+    proto.graph.name = "stexport"
+    inp = proto.graph.input[0].name
+    cast = next((n for n in proto.graph.node if n.op_type == "Cast" and n.input[0] == inp), None)
+    if cast is not None:
+        for n in proto.graph.node:
+            if n is not cast and inp in n.input:
+                n.input[list(n.input).index(inp)] = cast.output[0]
+        _topo_sort(proto.graph)
+    proto.producer_name = "stexport"
+    for n in proto.graph.node:
+        del n.metadata_props[:]
+    del proto.metadata_props[:]
+
+
+def _topo_sort(g: onnx.GraphProto) -> None:
+    ready = {t.name for t in g.initializer} | {i.name for i in g.input} | {""}
+    pending, ordered = list(g.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise StexportError("exported graph has a cycle or a dangling input: " + rest[0].name)
+        pending = rest
+    del g.node[:]
+    g.node.extend(ordered)
+
+
+def save(proto: onnx.ModelProto, path: Path, external_data: bool = False) -> None:
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external_data:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def check(path: Path) -> None:
+    """onnx.checker full check (with shape inference) on the saved file; raises StexportError on failure."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001
+        raise StexportError(f"{path}: the exported graph fails onnx.checker ({str(e).splitlines()[0][:200]})") from e
+
+
+def external_files(path: Path) -> list[str]:
+    """Names of the external-data files `path` refers to (empty when the weights are inline)."""
+    m = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                names.add(e.value)
+    return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# INT8: explicit Q/DQ on the inputs and weights of the transformer's linear layers
+
+def scope_of(node: onnx.NodeProto) -> list[str]:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            return ast.literal_eval(p.value)
+    return []
+
+
+def quant_targets(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """MatMuls of the transformer blocks with a weight initializer (patch embedding and head stay float)."""
+    inits = {t.name for t in proto.graph.initializer}
+    out = []
+    for n in proto.graph.node:
+        if n.op_type == "MatMul" and n.input[1] in inits and n.name.startswith("blocks."):
+            out.append(n)
+    return out
+
+
+def name_linear_nodes(proto: onnx.ModelProto) -> None:
+    """Name weight MatMuls after their torch module (e.g. 'blocks.3.attn.qkv') so Q/DQ can find them later."""
+    inits = {t.name for t in proto.graph.initializer}
+    seen: dict[str, int] = {}
+    for n in proto.graph.node:
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits:
+            scopes = [s for s in scope_of(n) if s]
+            if scopes:
+                base = scopes[-2] if len(scopes) > 1 else scopes[-1]
+                k = seen.get(base, 0)
+                seen[base] = k + 1
+                n.name = base if k == 0 else f"{base}#{k}"
+
+
+def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float], targets: list[str] | None = None) -> onnx.ModelProto:
+    """Explicit INT8 quantization, TensorRT style.
+
+    For each target MatMul: activation → QuantizeLinear → DequantizeLinear (per-tensor, scale amax/127, zero
+    point 0) and the weight stored as INT8 with a per-output-channel DequantizeLinear (axis 1 of MatMul's (K, N)
+    weight). Outputs stay float, so bias adds, residuals, LayerNorm and Softmax run in float.
+    `amax[name]`: calibrated |max| of the activation tensor `name`.
+    """
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = {n.name: n for n in g.node}
+    wanted = targets if targets is not None else [n.name for n in quant_targets(proto)]
+    new_inits: list[onnx.TensorProto] = []
+    before: dict[str, list[onnx.NodeProto]] = {}  # node name -> Q/DQ nodes to insert before it
+    act_dq: dict[str, str] = {}  # activation tensor -> its dequantized name (shared by consumers)
+    for name in wanted:
+        node = nodes[name]
+        act, wname = node.input[0], node.input[1]
+        if act not in amax:
+            raise StexportError(f"no calibration range for '{act}' (input of {name})")
+        added = []
+        if act not in act_dq:
+            scale = max(float(amax[act]), 1e-8) / 127.0
+            s_name, z_name = f"{act}_scale", f"{act}_zero"
+            new_inits += [numpy_helper.from_array(np.array(scale, np.float32), s_name),
+                          numpy_helper.from_array(np.array(0, np.int8), z_name)]
+            q, dq = f"{act}_q", f"{act}_dq"
+            added += [helper.make_node("QuantizeLinear", [act, s_name, z_name], [q], name=f"{act}_Q"),
+                      helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=f"{act}_DQ")]
+            act_dq[act] = dq
+        w = numpy_helper.to_array(inits[wname]).astype(np.float32)  # (K, N)
+        wamax = np.maximum(np.abs(w).max(axis=0), 1e-12)
+        wscale = (wamax / 127.0).astype(np.float32)
+        wq = np.clip(np.round(w / wscale), -127, 127).astype(np.int8)
+        wq_name, ws_name, wz_name = f"{wname}_int8", f"{wname}_wscale", f"{wname}_wzero"
+        new_inits += [numpy_helper.from_array(wq, wq_name), numpy_helper.from_array(wscale, ws_name),
+                      numpy_helper.from_array(np.zeros(w.shape[1], np.int8), wz_name)]
+        wdq = f"{wname}_dq"
+        added.append(helper.make_node("DequantizeLinear", [wq_name, ws_name, wz_name], [wdq], name=f"{wname}_DQ",
+                                      axis=1))
+        node.input[0], node.input[1] = act_dq[act], wdq
+        before.setdefault(name, []).extend(added)
+    # Q/DQ of an activation must come right after its producer so every consumer sees it: insert before the
+    # first consumer in graph order (the graph is topologically sorted).
+    ordered: list[onnx.NodeProto] = []
+    placed: set[str] = set()
+    for n in g.node:
+        for extra in before.get(n.name, []):
+            if extra.name not in placed:
+                ordered.append(extra)
+                placed.add(extra.name)
+        ordered.append(n)
+    _move_shared_qdq(ordered, act_dq)
+    used = {i for n in ordered for i in n.input}
+    kept = [t for t in g.initializer if t.name in used]
+    del g.node[:]
+    g.node.extend(ordered)
+    del g.initializer[:]
+    g.initializer.extend(kept + new_inits)
+    return proto
+
+
+def _move_shared_qdq(ordered: list[onnx.NodeProto], act_dq: dict[str, str]) -> None:
+    """Make sure an activation's Q/DQ pair precedes every node that reads its dequantized output."""
+    pos = {id(n): i for i, n in enumerate(ordered)}
+    for act, dq in act_dq.items():
+        readers = [n for n in ordered if dq in n.input]
+        first = min(pos[id(n)] for n in readers)
+        pair = [n for n in ordered if n.name in (f"{act}_Q", f"{act}_DQ")]
+        if all(pos[id(p)] < first for p in pair):
+            continue
+        for p in pair:
+            ordered.remove(p)
+        idx = next(i for i, n in enumerate(ordered) if dq in n.input)
+        ordered[idx:idx] = pair
+        pos = {id(n): i for i, n in enumerate(ordered)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TensorRT 10 ONNX-parser operator matrix (rows of onnx/onnx-tensorrt docs/operators.md for the ops a folded
+# ST-Adapter graph can contain; `parse_operator_matrix` reads the full markdown when it is at hand).
+
+TRT_OPS: dict[str, set[str]] = {
+    "Add": {"FP32", "FP16", "BF16", "INT32", "INT64"},
+    "Cast": {"FP32", "FP16", "BF16", "INT32", "INT64", "UINT8", "BOOL"},
+    "Concat": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Constant": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Conv": {"FP32", "FP16", "BF16"},
+    "DequantizeLinear": {"INT8", "FP8", "INT4"},
+    "Div": {"FP32", "FP16", "BF16", "INT32", "INT64"},
+    "Erf": {"FP32", "FP16", "BF16"},
+    "Expand": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Gather": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Gelu": {"FP32", "FP16", "BF16", "INT8", "INT32", "INT64"},
+    "Gemm": {"FP32", "FP16", "BF16"},
+    "Identity": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "LayerNormalization": {"FP32", "FP16", "BF16"},
+    "MatMul": {"FP32", "FP16", "BF16"},
+    "Mul": {"FP32", "FP16", "BF16", "INT32", "INT64"},
+    "Pad": {"FP32", "FP16", "BF16", "INT32", "INT64"},
+    "QuantizeLinear": {"FP32", "FP16", "BF16"},
+    "ReduceMean": {"FP32", "FP16", "BF16", "INT32", "INT64"},
+    "Reshape": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Shape": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Sigmoid": {"FP32", "FP16", "BF16"},
+    "Slice": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Softmax": {"FP32", "FP16", "BF16"},
+    "Split": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Sqrt": {"FP32", "FP16", "BF16"},
+    "Squeeze": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Sub": {"FP32", "FP16", "BF16", "INT32", "INT64"},
+    "Transpose": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Unsqueeze": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Where": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+}
+TRT_OPSET = (9, 20)
+
+# Inputs that carry shapes, indices or quantization parameters rather than data: the matrix's "Supported Types"
+# column describes the data tensors, so these are checked separately (they must be INT64/INT32 or constants).
+_INDEX_INPUTS = {
+    "Reshape": {1}, "Expand": {1}, "Slice": {1, 2, 3, 4}, "Pad": {1, 2, 3}, "Squeeze": {1}, "Unsqueeze": {1},
+    "ReduceMean": {1}, "Gather": {1}, "Split": {1}, "Tile": {1},
+}
+_TYPE_NAMES = {
+    TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16", TensorProto.INT32: "INT32",
+    TensorProto.INT64: "INT64", TensorProto.UINT8: "UINT8", TensorProto.INT8: "INT8", TensorProto.BOOL: "BOOL",
+    TensorProto.DOUBLE: "DOUBLE", TensorProto.INT4: "INT4", TensorProto.FLOAT8E4M3FN: "FP8",
+}
+
+
+def parse_operator_matrix(markdown: str) -> dict[str, set[str] | None]:
+    """{op: supported types} from onnx-tensorrt's operators.md table; None for ops marked unsupported."""
+    ops: dict[str, set[str] | None] = {}
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or not re.fullmatch(r"[A-Za-z0-9]+", cells[0]) or cells[1] not in ("Y", "N"):
+            continue
+        types = {t.strip() for t in cells[2].split(",") if t.strip()} if len(cells) > 2 else set()
+        ops[cells[0]] = types if cells[1] == "Y" else None
+    return ops
+
+
+def tensor_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor in the graph (after shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    g = inferred.graph
+    types = {t.name: t.data_type for t in g.initializer}
+    for vi in [*g.input, *g.output, *g.value_info]:
+        types[vi.name] = vi.type.tensor_type.elem_type
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    types[n.output[0]] = a.t.data_type
+    return types
+
+
+def check_tensorrt_ops(proto: onnx.ModelProto, matrix: dict[str, set[str] | None] | None = None) -> list[str]:
+    """Every node against the TensorRT operator matrix; returns the problems found (empty when clean).
+
+    Checks: opset range and default domain only; each op supported; the types of its data inputs/outputs in the
+    op's supported types; UINT8 only on the graph's input/output (and the Cast that consumes/produces it);
+    INT8 only between QuantizeLinear and DequantizeLinear; Q/DQ zero points all zero.
+    """
+    matrix = matrix or TRT_OPS
+    problems: list[str] = []
+    for op in proto.opset_import:
+        if op.domain not in ("", "ai.onnx"):
+            problems.append(f"opset domain '{op.domain}' is not ONNX standard")
+        elif not TRT_OPSET[0] <= op.version <= TRT_OPSET[1]:
+            problems.append(f"opset {op.version} outside TensorRT's {TRT_OPSET}")
+    types = tensor_types(proto)
+    io = {v.name for v in [*proto.graph.input, *proto.graph.output]}
+    consts = {t.name: t for t in proto.graph.initializer}
+    for n in proto.graph.node:
+        where = f"{n.op_type} '{n.name}'"
+        if n.domain not in ("", "ai.onnx"):
+            problems.append(f"{where}: custom domain '{n.domain}'")
+            continue
+        supported = matrix.get(n.op_type)
+        if supported is None:
+            problems.append(f"{where}: not supported by the TensorRT ONNX parser")
+            continue
+        skip = _INDEX_INPUTS.get(n.op_type, set())
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            problems += _check_qdq(n, types, consts)
+            continue
+        tensors = [(f"input {i}", t) for i, t in enumerate(n.input) if t and i not in skip]
+        tensors += [(f"output {i}", t) for i, t in enumerate(n.output) if t]
+        if n.op_type == "Shape":
+            tensors = tensors[:1]  # its INT64 output is a shape
+        for role, t in tensors:
+            ty = _TYPE_NAMES.get(types.get(t, 0), f"type {types.get(t)}")
+            if ty == "UINT8" and (t not in io or n.op_type != "Cast"):
+                problems.append(f"{where}: {role} '{t}' is UINT8 (allowed only as network input/output)")
+            elif ty not in supported:
+                problems.append(f"{where}: {role} '{t}' is {ty}, not in {sorted(supported)}")
+        for i in skip:
+            if i < len(n.input) and n.input[i]:
+                ty = _TYPE_NAMES.get(types.get(n.input[i], 0), "?")
+                if ty not in ("INT64", "INT32"):
+                    problems.append(f"{where}: index input {i} is {ty}")
+    return problems
+
+
+def _check_qdq(n: onnx.NodeProto, types: dict[str, int], consts: dict) -> list[str]:
+    where = f"{n.op_type} '{n.name}'"
+    out = []
+    x, scale = n.input[0], n.input[1]
+    zp = n.input[2] if len(n.input) > 2 else ""
+    q = n.op_type == "QuantizeLinear"
+    float_t, int_t = (x, n.output[0]) if q else (n.output[0], x)
+    if _TYPE_NAMES.get(types.get(float_t)) not in ("FP32", "FP16", "BF16"):
+        out.append(f"{where}: float side '{float_t}' is {_TYPE_NAMES.get(types.get(float_t))}")
+    if _TYPE_NAMES.get(types.get(int_t)) != "INT8":
+        out.append(f"{where}: quantized side '{int_t}' is {_TYPE_NAMES.get(types.get(int_t))}, expected INT8")
+    if scale not in consts:
+        out.append(f"{where}: scale '{scale}' is not an initializer")
+    if not zp:
+        out.append(f"{where}: no zero point (defaults to UINT8; TensorRT needs an INT8 zero point of 0)")
+    elif zp not in consts:
+        out.append(f"{where}: zero point '{zp}' is not an initializer")
+    elif np.any(numpy_helper.to_array(consts[zp]) != 0):
+        out.append(f"{where}: zero point '{zp}' is not 0")
+    return out

@@ -1,0 +1,215 @@
+"""The deploy model: the reference ST-Adapter ViT folded into standard operators, ready for ONNX and TensorRT.
+
+What folding does (each step exactly equivalent to the reference up to float rounding):
+- uint8 (B, T, H, W, 3) RGB in: the cast, /255, CLIP mean/std and the patch-embedding conv become one MatMul on
+  patchified pixels with folded weights and a bias; the positional embedding joins that bias.
+- attention is MatMul → Softmax → MatMul with 1/√d folded into the query weights and bias.
+- adapters with a (kt, 1, 1) kernel run their depth-wise temporal conv as kt shifted multiply-adds on the
+  (B, T, tokens, width) layout, which needs no transposes; the class token is kept out by a 0/1 token mask.
+  Spatial kernels use the reference Conv3d form.
+- dropout is gone; the temporal mean is a ReduceMean over the frames' class tokens.
+
+`compute_dtype=torch.float16` gives the strongly typed FP16 variant: weights and matmuls in FP16, LayerNorm,
+Softmax, the temporal mean and the head in FP32 (explicit casts, so the exported graph says exactly that).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stexport.reference import CLIP_MEAN, CLIP_STD, STAdapterViT
+
+INPUT_FORMATS = ("uint8", "float")
+
+
+class Norm(nn.Module):
+    """LayerNorm computed in FP32 whatever the stream's dtype."""
+
+    def __init__(self, ln: nn.LayerNorm):
+        super().__init__()
+        self.weight = nn.Parameter(ln.weight.detach().float().clone(), requires_grad=False)
+        self.bias = nn.Parameter(ln.bias.detach().float().clone(), requires_grad=False)
+        self.eps = ln.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.weight.shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    lin.weight.data.copy_(weight)
+    if bias is not None:
+        lin.bias.data.copy_(bias)
+    return lin.requires_grad_(False)
+
+
+class TemporalShift(nn.Module):
+    """Depth-wise conv over time with a (kt, 1, 1) kernel on (B, T, N, C): kt shifted, per-channel scaled adds."""
+
+    def __init__(self, conv: nn.Conv3d):
+        super().__init__()
+        kt = conv.kernel_size[0]
+        self.pad = kt // 2
+        # (kt, C): tap k multiplies frame t + k - pad
+        self.taps = nn.Parameter(conv.weight.detach()[:, 0, :, 0, 0].t().contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        T = y.shape[1]
+        p = F.pad(y, (0, 0, 0, 0, self.pad, self.pad)) if self.pad else y
+        out = y * self.taps[self.pad] + self.bias
+        for k in range(self.taps.shape[0]):
+            if k != self.pad:
+                out = out + p[:, k:k + T] * self.taps[k]
+        return out
+
+
+class FoldedAdapter(nn.Module):
+    """x + mask · fc2(tconv(fc1(x))) on token rows (B·T·L, D); mask zeroes the class token's update."""
+
+    def __init__(self, adapter, tokens: int, grid: int):
+        super().__init__()
+        self.tokens = tokens
+        self.fc1 = _linear(adapter.fc1.weight, adapter.fc1.bias)
+        self.fc2 = _linear(adapter.fc2.weight, adapter.fc2.bias)
+        kernel = adapter.conv.kernel_size
+        self.grid = grid
+        self.shift = kernel[1] == 1 and kernel[2] == 1
+        if self.shift:
+            self.tconv = TemporalShift(adapter.conv)
+            mask = torch.ones(tokens, 1)
+            mask[0] = 0
+            self.register_buffer("mask", mask)
+        else:
+            self.tconv = copy.deepcopy(adapter.conv).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        L, D, W = self.tokens, x.shape[-1], self.fc1.out_features
+        if self.shift:
+            y = self.tconv(self.fc1(x).reshape(-1, T, L, W)).reshape(-1, W)
+            return x + (self.fc2(y).reshape(-1, L, D) * self.mask).reshape(-1, D)
+        g = self.grid
+        x = x.reshape(-1, L, D)
+        y = self.fc1(x[:, 1:, :]).reshape(-1, T, g, g, W).permute(0, 4, 1, 2, 3)
+        y = self.tconv(y).permute(0, 2, 3, 4, 1).reshape(-1, L - 1, W)
+        return torch.cat([x[:, :1, :], x[:, 1:, :] + self.fc2(y)], dim=1).reshape(-1, D)
+
+
+class FoldedAttention(nn.Module):
+    def __init__(self, mha: nn.MultiheadAttention, heads: int):
+        super().__init__()
+        D = mha.embed_dim
+        self.heads, self.head_dim = heads, D // heads
+        w = mha.in_proj_weight.detach().clone()
+        b = mha.in_proj_bias.detach().clone()
+        scale = self.head_dim ** -0.5
+        w[:D] *= scale
+        b[:D] *= scale
+        self.qkv = _linear(w, b)
+        self.out = _linear(mha.out_proj.weight, mha.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, L: int) -> torch.Tensor:
+        D = x.shape[-1]
+        H, dh = self.heads, self.head_dim
+        qkv = self.qkv(x).reshape(-1, L, 3, H, dh).permute(2, 0, 3, 1, 4)  # (3, B·T, H, L, dh)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        attn = torch.softmax(scores.float(), dim=-1).to(x.dtype)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(-1, D)
+        return self.out(out)
+
+
+class FoldedBlock(nn.Module):
+    def __init__(self, block, tokens: int, grid: int, act: str):
+        super().__init__()
+        self.pre_attn = FoldedAdapter(block.adapter_pre_attn, tokens, grid) if block.adapter_pre_attn else None
+        self.pre_mlp = FoldedAdapter(block.adapter_pre_mlp, tokens, grid) if block.adapter_pre_mlp else None
+        self.ln_1, self.ln_2 = Norm(block.ln_1), Norm(block.ln_2)
+        self.attn = FoldedAttention(block.attn, block.heads)
+        self.fc = _linear(block.mlp.c_fc.weight, block.mlp.c_fc.bias)
+        self.proj = _linear(block.mlp.c_proj.weight, block.mlp.c_proj.bias)
+        self.quick = act == "quick_gelu"
+        self.tokens = tokens
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)
+        return self.proj(h)
+
+    def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        if self.pre_attn is not None:
+            x = self.pre_attn(x, T)
+        x = x + self.attn(self.ln_1(x), self.tokens)
+        if self.pre_mlp is not None:
+            x = self.pre_mlp(x, T)
+        return x + self.mlp(self.ln_2(x))
+
+
+class DeployViT(nn.Module):
+    """Folded ST-Adapter ViT. uint8 (B, T, H, W, 3) RGB (or float (B, T, 3, H, W), normalised) → float32 logits."""
+
+    def __init__(self, ref: STAdapterViT, input_format: str = "uint8", compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+        cfg = ref.cfg
+        self.input_format, self.dtype = input_format, compute_dtype
+        self.patch, self.grid, self.image_size = cfg.patch_size, cfg.grid, cfg.image_size
+        D, p = cfg.width, cfg.patch_size
+        w = ref.conv1.weight.detach().double()  # (D, 3, p, p)
+        pos = ref.positional_embedding.detach().double()
+        bias = torch.zeros(D, dtype=torch.float64)
+        if input_format == "uint8":
+            mean = torch.tensor(CLIP_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+            std = torch.tensor(CLIP_STD, dtype=torch.float64).view(1, 3, 1, 1)
+            bias = -(w * (mean / std)).sum(dim=(1, 2, 3))
+            w = w / (255.0 * std)
+            w = w.permute(0, 2, 3, 1)  # pixels arrive channels-last: patch vectors are (p, p, 3)
+        self.embed = _linear(w.reshape(D, -1).float(), None)
+        self.embed_bias = nn.Parameter((pos[1:] + bias).float(), requires_grad=False)  # (N, D)
+        self.cls_pos = nn.Parameter((ref.class_embedding.detach().double() + pos[0]).float().view(1, 1, D),
+                                    requires_grad=False)
+        self.ln_pre, self.ln_post = Norm(ref.ln_pre), Norm(ref.ln_post)
+        tokens = self.grid ** 2 + 1
+        self.blocks = nn.ModuleList(FoldedBlock(b, tokens, self.grid, cfg.act) for b in ref.transformer.resblocks)
+        self.head = _linear(ref.fc.weight, ref.fc.bias)
+        if compute_dtype != torch.float32:
+            for name, mod in self.named_modules():
+                if name.startswith(("ln_", "head")) or isinstance(mod, Norm):
+                    continue
+                for pname, param in list(mod.named_parameters(recurse=False)):
+                    param.data = param.data.to(compute_dtype)
+                for bname, buf in list(mod.named_buffers(recurse=False)):
+                    setattr(mod, bname, buf.to(compute_dtype))
+        self.eval()
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Input → (B·T, N, patch vector) with the layout change done by one Transpose."""
+        g, p = self.grid, self.patch
+        if self.input_format == "uint8":  # (B, T, H, W, 3)
+            x = x.reshape(-1, g, p, g, p, 3).permute(0, 1, 3, 2, 4, 5)
+        else:  # (B, T, 3, H, W)
+            x = x.reshape(-1, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(-1, g * g, 3 * p * p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        x = self.patches(x.to(self.dtype))
+        x = self.embed(x) + self.embed_bias
+        x = torch.cat([self.cls_pos.expand(x.shape[0], -1, -1), x], dim=1)
+        L, D = x.shape[1], x.shape[2]
+        x = self.ln_pre(x.reshape(-1, D))  # the token stream stays 2-D (B·T·L, D): linears are plain GEMMs
+        for block in self.blocks:
+            x = block(x, T)
+        cls = x.reshape(-1, L, D)[:, 0, :].float().reshape(-1, T, D)
+        return self.head(self.ln_post(cls.mean(dim=1)))
+
+
+def fold(reference: STAdapterViT, input_format: str = "uint8",
+         compute_dtype: torch.dtype = torch.float32) -> DeployViT:
+    """The deploy model for `reference` (see the module docstring); same logits up to float rounding."""
+    return DeployViT(reference, input_format, compute_dtype)
