@@ -1,0 +1,267 @@
+"""The OpenCV video pipeline: official evaluation sampling, lying headers, damaged files, bounded memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from stexport import video
+from stexport.errors import StexportError
+from stexport.reference import CLIP_MEAN, CLIP_STD
+from stexport.video import (Sampling, VideoError, decode, decode_clips, decode_windows, frame_indices,
+                            read_clip_list, with_views)
+
+# ---------------------------------------------------------------------------------------------------------
+# The official eval transform (linziyi96/st-adapter video_dataset/dataset.py, random_sample=False),
+# transcribed onto tensors: normalise, bicubic short-side resize, spatial crops, then temporal crops of each.
+
+MEAN, STD = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+
+
+def official_temporal(frames, T, rate, views):
+    if rate <= 0:
+        assert views == 1
+        seg = (frames.size(1) - 1) / T
+        return [frames[:, [(round(seg * i) + round(seg * (i + 1))) // 2 for i in range(T)]]]
+    seg_len = (T - 1) * rate + 1
+    if frames.size(1) < seg_len:
+        frames = torch.cat([frames, frames[:, -1:].repeat(1, seg_len - frames.size(1), 1, 1)], dim=1)
+    slide = frames.size(1) - seg_len
+    out = []
+    for i in range(views):
+        st = slide // 2 if views == 1 else round(slide / (views - 1) * i)
+        out.append(frames[:, st: st + T * rate: rate])
+    return out
+
+
+def official_spatial(frames, S, views):
+    if views == 1:
+        h, w = (frames.size(-2) - S) // 2, (frames.size(-1) - S) // 2
+        return [frames[:, :, h:h + S, w:w + S]]
+    margin = max(frames.size(-2), frames.size(-1)) - S
+    if frames.size(-2) > frames.size(-1):
+        return [frames[:, :, st:st + S, :] for st in (0, margin // 2, margin)]
+    return [frames[:, :, :, st:st + S] for st in (0, margin // 2, margin)]
+
+
+def official_eval(rgb_frames: np.ndarray, s: Sampling) -> torch.Tensor:
+    """(V, 3, T, S, S) normalised, in the official order."""
+    x = (torch.as_tensor(rgb_frames).float() / 255.0 - MEAN) / STD
+    x = x.permute(3, 0, 1, 2)
+    H, W = x.shape[-2:]
+    size = (s.size, W * s.size // H) if H < W else (H * s.size // W, s.size)
+    x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    spatial = official_spatial(x, s.size, s.spatial_views)
+    views = sum([official_temporal(c, s.frames, s.rate, s.temporal_views) for c in spatial], [])
+    return torch.stack(views)
+
+
+def all_frames(path) -> np.ndarray:
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    out = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        out.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
+    return np.stack(out)
+
+
+def to_pixels(official: torch.Tensor) -> np.ndarray:
+    """Official normalised (V, 3, T, S, S) back to (V, T, S, S, 3) pixels, clipped as uint8 clips them."""
+    return np.clip((official.permute(0, 2, 3, 4, 1) * STD + MEAN).numpy() * 255.0, 0, 255)
+
+
+def assert_same(clips: np.ndarray, ref: np.ndarray) -> None:
+    """Equal up to uint8 rounding: cv2's bicubic and torch's agree to 1e-2 of a grey level."""
+    assert clips.shape == ref.shape
+    assert np.abs(clips.astype(np.float64) - ref).max() < 0.51
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 5, 7, 8, 9, 30, 112, 113, 114, 300, 301])
+@pytest.mark.parametrize("T,rate,views",
+                         [(8, 0, 1), (8, 16, 1), (8, 16, 3), (16, 4, 2), (8, 2, 5), (4, 1, 3)])
+def test_frame_indices_match_official(n, T, rate, views):
+    idx = torch.arange(n).view(1, n, 1, 1)
+    want = [v.flatten().tolist() for v in official_temporal(idx, T, rate, views)]
+    assert frame_indices(n, Sampling(frames=T, rate=rate, temporal_views=views)) == want
+
+
+@pytest.mark.parametrize("shape", [(120, 160), (160, 120), (96, 96)])
+@pytest.mark.parametrize("views", [(3, 1), (1, 3), (2, 3)])
+def test_clips_match_official_eval(make_video, shape, views):
+    h, w = shape
+    path = make_video("v.avi", frames=50, width=w, height=h)
+    s = Sampling(frames=4, size=64, rate=5, temporal_views=views[0], spatial_views=views[1])
+    clips = decode_clips(path, s)
+    assert clips.dtype == np.uint8 and clips.shape == (s.views, 4, 64, 64, 3)
+    assert_same(clips, to_pixels(official_eval(all_frames(path), s)))
+
+
+def test_rate_zero_covers_whole_video_and_views_order(make_video):
+    path = make_video("v.avi", frames=33)
+    s = Sampling(frames=8, size=64, rate=0, temporal_views=1, spatial_views=3)
+    d = decode(path, s)
+    assert d.frames == 33 and d.passes == 1 and not d.notes
+    ref = to_pixels(official_eval(all_frames(path), s))
+    assert_same(d.clips, ref)
+    # spatial views are crops along the long (horizontal) side: left, middle, right
+    left, mid, right = d.clips[:, 0, 0, 32, 2].astype(int)  # blue is a horizontal gradient
+    assert left < mid < right
+
+
+def test_sampling_from_manifest_and_overrides():
+    m = {"frames": 8, "size": 224, "sampling": {"rate": 0, "temporal_views": 1, "spatial_views": 3}}
+    s = Sampling.from_manifest(m)
+    assert (s.frames, s.size, s.rate, s.temporal_views, s.spatial_views, s.views) == (8, 224, 0, 1, 3, 3)
+    assert Sampling.from_manifest(m, rate=None, frames=16).frames == 16
+    assert with_views(s, "3x1", rate=16) == Sampling(8, 224, 16, 3, 1)
+    assert Sampling.from_manifest({"frames": 8, "size": 96}) == Sampling(8, 96, 16, 3, 1)
+    with pytest.raises(StexportError, match="rate 0"):
+        with_views(s, "3x1")
+    with pytest.raises(StexportError, match="spatial views"):
+        Sampling(spatial_views=2)
+    with pytest.raises(StexportError, match="TEMPORALxSPATIAL"):
+        with_views(s, "three")
+
+
+def test_header_that_lies_samples_decodable_frames(make_video, tmp_path):
+    full = make_video("full.avi", frames=40)
+    data = full.read_bytes()
+    chunks = [i for i in range(data.find(b"movi"), len(data)) if data.startswith(b"00dc", i)]
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: chunks[21]])  # the AVI header still says 40 frames; 21 are there
+    s = Sampling(frames=8, size=64, rate=2, temporal_views=3)
+    d = decode(cut, s)
+    assert (d.header_frames, d.frames) == (40, 21)
+    assert any("header says 40 frames, 21 decode" in note for note in d.notes)
+    assert_same(d.clips, to_pixels(official_eval(all_frames(full)[:21], s)))  # the same frames, intact file
+    mid = tmp_path / "mid.avi"
+    mid.write_bytes(data[: (chunks[10] + chunks[11]) // 2])  # cut inside a frame
+    assert 9 <= decode(mid, s).frames <= 11
+
+
+@pytest.mark.parametrize("shift", [1, -1, 6, -6])
+def test_wrong_frame_count_guess_is_corrected(make_video, monkeypatch, shift):
+    path = make_video("v.avi", frames=45)
+    s = Sampling(frames=8, size=64, rate=0, temporal_views=1)
+    truth = decode(path, s)
+    real = video._header
+    monkeypatch.setattr(video, "_header", lambda src: (real(src)[0] + shift, real(src)[1]))
+    d = decode(path, s)
+    assert d.frames == 45 and np.array_equal(d.clips, truth.clips)
+    assert d.passes == (1 if abs(shift) <= video.BAND else 2)
+
+
+def test_short_video_repeats_frames(make_video):
+    path = make_video("short.mp4", frames=3)
+    for s in (Sampling(frames=8, size=64, rate=0, temporal_views=1), Sampling(frames=8, size=64, rate=16)):
+        d = decode(path, s)
+        assert d.clips.shape == (s.views, 8, 64, 64, 3) and d.frames == 3
+        assert any("frames repeat" in note for note in d.notes)
+        distinct = {0, 1, 2} if s.rate == 0 else {0, 2}  # rate 16: frame 0, then the last frame as padding
+        assert set(frame_indices(3, s)[0]) == distinct
+        assert len({d.clips[0, j].tobytes() for j in range(8)}) == len(distinct)
+
+
+def test_single_frame_video(make_video):
+    d = decode(make_video("one.avi", frames=1), Sampling(size=32))
+    assert d.clips.shape == (3, 8, 32, 32, 3) and (d.clips == d.clips[0, 0]).all()
+
+
+def test_frames_failing_mid_stream_end_the_video(make_video, tmp_path):
+    full = make_video("full.mp4", frames=40)
+    data = bytearray(full.read_bytes())
+    a, b = len(data) * 45 // 100, len(data) * 55 // 100
+    data[a:b] = np.random.default_rng(0).integers(0, 256, b - a, dtype=np.uint8).tobytes()
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(bytes(data))
+    s = Sampling(frames=8, size=64, rate=0, temporal_views=1)
+    d = decode(bad, s)
+    assert 0 < d.frames < 40 and d.header_frames == 40
+    good = all_frames(full)[: d.frames]
+    assert_same(d.clips, to_pixels(official_eval(good, s)))
+
+
+def test_bad_inputs_raise_one_line_errors(make_video, tmp_path):
+    s = Sampling(size=32)
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.mp4", "no such file")
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(np.random.default_rng(1).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    cases["junk"] = (junk, "not a video")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n" * 200)  # FFmpeg's tty demuxer would "play" this as a 3-frame video
+    cases["text"] = (text, "text file, not a video")
+    mp4 = make_video("t.mp4", frames=20).read_bytes()
+    trunc = tmp_path / "trunc.mp4"
+    trunc.write_bytes(mp4[: len(mp4) // 2])  # the moov atom (index) is written last: gone
+    cases["truncated mp4"] = (trunc, "truncated or corrupt")
+    avi = make_video("z.avi", frames=20).read_bytes()
+    empty = tmp_path / "empty.avi"
+    empty.write_bytes(avi[: avi.find(b"movi") + 4])  # header for 20 frames, no frame data
+    cases["zero frames"] = (empty, "no decodable video frames")
+    cases["directory"] = (tmp_path, "directory")
+    for what, (path, msg) in cases.items():
+        with pytest.raises(VideoError, match=msg) as e:
+            decode(path, s)
+        assert str(path) in str(e.value) and "\n" not in str(e.value), what
+
+
+def test_memory_bounded_by_needed_frames(make_video):
+    path = make_video("long.avi", frames=600, width=320, height=240)
+    s = Sampling(frames=8, size=112, rate=16, temporal_views=3)
+    tracemalloc.start()
+    d = decode(path, s)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    frame = 112 * 149 * 3
+    assert d.frames == 600 and d.passes == 1
+    # 24 needed frames (+ neighbours) and the clips; holding every frame would take 600 * frame ≈ 30 MB
+    assert peak < 100 * frame, peak / 1e6
+
+
+def test_windows_sample_each_window_like_a_video(make_video):
+    path = make_video("w.avi", frames=100, fps=10)
+    s = Sampling(frames=4, size=48, rate=0, temporal_views=1, spatial_views=1)
+    wins = list(decode_windows(path, s, window=3.0, stride=2.0))
+    assert [(w.start, w.end) for w in wins] == [(a / 10, (a + 30) / 10) for a in range(0, 71, 20)]
+    rgb = all_frames(path)
+    for w in wins:
+        a = round(w.start * 10)
+        ref = to_pixels(official_eval(rgb[a:a + 30], s))
+        assert_same(w.clips, ref)
+    short = list(decode_windows(path, s, window=60.0, stride=10.0))
+    assert len(short) == 1 and short[0].end == 10.0
+
+
+def test_live_reads_consecutive_windows(make_video):
+    path = make_video("live.avi", frames=60)
+    s = Sampling(frames=4, size=48, rate=3, temporal_views=2)
+    d = video._decode_live(str(path), s)
+    rgb = all_frames(path)
+    span = 10
+    idx = [[t * span + j * 3 for j in range(4)] for t in range(2)]
+    ref = to_pixels(official_eval(rgb[idx[0][0]:idx[0][-1] + 1], Sampling(4, 48, 3, 1, 1)))
+    assert_same(d.clips[:1], ref)
+    assert d.frames == 20 and not d.notes
+    ended = video._decode_live(str(make_video("few.avi", frames=5)), s)
+    assert ended.frames == 5 and ended.notes
+
+
+def test_read_clip_list(tmp_path, make_video):
+    (tmp_path / "sub").mkdir()
+    a = make_video("sub/a.mp4", frames=2)
+    b = make_video("b.avi", frames=2)
+    lst = tmp_path / "val.txt"
+    lst.write_text("sub/a.mp4 3\n\nb.avi 17\nname with space.mp4\n")
+    assert read_clip_list(lst) == [(a, 3), (b, 17), (tmp_path / "name with space.mp4", None)]
+    assert read_clip_list(tmp_path) == [(b, None), (a, None)]
+    with pytest.raises(StexportError, match="no such file"):
+        read_clip_list(tmp_path / "missing.txt")
