@@ -318,14 +318,14 @@ class Window:
     start: float  # seconds
     end: float
     clips: np.ndarray
+    frames: int  # frames the window spans
 
 
 def decode_windows(source, sampling: Sampling, window: float, stride: float) -> Iterator[Window]:
     """Clips for windows of `window` seconds every `stride` seconds, in one decoding pass.
 
-    Each window is sampled like a whole video of its length. A window whose sampled frames run past the end
-    is dropped; a video shorter than one window gives one window over all of it. Live sources run until the
-    stream ends.
+    Each window is sampled like a whole video of its length. Windows that would run past the end are dropped;
+    a video shorter than one window gives one window over all of it. Live sources run until the stream ends.
     """
     if window <= 0 or stride <= 0:
         raise StexportError("--window and --stride must be positive (seconds)")
@@ -335,10 +335,10 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float) -> 
     if fps is None:
         cap.release()
         raise VideoError(f"{name}: the container has no frame rate, so seconds cannot be mapped to frames")
-    w, k = max(1, round(window * fps)), max(1, round(stride * fps))
+    w, k = max(1, int(window * fps + 0.5)), max(1, int(stride * fps + 0.5))
     inner = frame_indices(w, sampling)
     offsets = {i for view in inner for i in view}
-    lo, hi = min(offsets), max(offsets)
+    lo = min(offsets)
     frames: dict[int, np.ndarray] = {}
     j = i = 0  # next window to emit, next frame to read
     try:
@@ -352,10 +352,10 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float) -> 
                 if not ok or frame is None:
                     break
                 frames[i] = resize_short(frame, sampling.size)
-            while j * k + hi <= i:
+            while j * k + w - 1 <= i:  # emitted once its last frame has decoded
                 a = j * k
                 clips = assemble(frames, [[a + x for x in v] for v in inner], sampling)
-                yield Window(a / fps, (a + w) / fps, clips)
+                yield Window(a / fps, (a + w) / fps, clips, w)
                 j += 1
                 keep = j * k + lo
                 frames = {f: v for f, v in frames.items() if f >= keep}
@@ -366,7 +366,7 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float) -> 
         if is_live(source):
             raise VideoError(f"{name}: the stream ended after {i} frames, before one {window:g} s window")
         d = decode(source, sampling)
-        yield Window(0.0, d.frames / fps, d.clips)
+        yield Window(0.0, d.frames / fps, d.clips, d.frames)
     elif i == 0:
         raise VideoError(f"{name}: no decodable video frames")
 

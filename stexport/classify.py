@@ -1,0 +1,200 @@
+"""Bundle + backend + labels → video classification, as the official evaluation scores it.
+
+Each video's views (spatial × temporal) run as one batch; each view's logits go through a softmax and the
+probabilities are averaged over views (linziyi96/st-adapter main.py `evaluate`), then the top k are named.
+A background thread decodes the next videos while the backend runs the current one, so decoding overlaps
+inference instead of adding to it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stexport import backends
+from stexport.bundle import Bundle
+from stexport.errors import StexportError
+from stexport.labels import resolve_labels
+from stexport.video import Sampling, decode, decode_windows
+
+
+@dataclass
+class Result:
+    source: str
+    top: list[tuple[int, str, float]]  # (class index, label, probability), best first
+    views: int
+    frames: int  # frames that decoded
+    decode_s: float
+    infer_s: float
+    notes: list[str] = field(default_factory=list)
+    start: float | None = None  # timeline windows only (seconds)
+    end: float | None = None
+
+    def to_dict(self) -> dict:
+        d = {"path": self.source}
+        if self.start is not None:
+            d.update(start=round(self.start, 3), end=round(self.end, 3))
+        d["top"] = [{"label": name, "score": round(p, 6), "index": i} for i, name, p in self.top]
+        d.update(views=self.views, frames=self.frames,
+                 timing={"decode_s": round(self.decode_s, 4), "infer_s": round(self.infer_s, 4)})
+        if self.notes:
+            d["notes"] = self.notes
+        return d
+
+
+@dataclass
+class Failure:
+    source: str
+    error: str
+
+    def to_dict(self) -> dict:
+        return {"path": self.source, "error": self.error}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Classifier:
+    """Classify videos with a bundle. `backend`: a registry name or 'auto'; `labels`: a names file or None."""
+
+    def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", labels: str | None = None,
+                 sampling: Sampling | None = None, top_k: int = 5, **backend_options):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        m = self.bundle.manifest
+        self.num_classes = int(m["adapter"]["spec"]["num_classes"])
+        self.sampling = sampling or Sampling.from_manifest(m)
+        if (self.sampling.frames, self.sampling.size) != (self.bundle.frames, self.bundle.size):
+            raise StexportError(f"{self.bundle.path}: built for {self.bundle.frames} frames of {self.bundle.size} px, "
+                                f"not {self.sampling.frames} of {self.sampling.size}; rebuild it with --frames")
+        if top_k < 1:
+            raise StexportError(f"--top-k {top_k}: must be at least 1")
+        self.top_k = min(top_k, self.num_classes)
+        own = str(self.bundle.file("labels")) if self.bundle.has("labels") else None
+        self.labels, self.labels_source = resolve_labels(labels or own, self.num_classes)
+        self.backend = backends.create(backend, self.bundle, **backend_options)
+
+    def describe(self) -> dict:
+        return {**self.backend.describe(), "sampling": self.sampling.to_dict(), "labels": self.labels_source}
+
+    def probabilities(self, clips: np.ndarray) -> np.ndarray:
+        """Softmax of each view's logits, averaged over views: (classes,)."""
+        logits = self.backend.run(clips)
+        if logits.shape != (len(clips), self.num_classes):
+            raise StexportError(f"backend {self.backend.name} returned logits of shape {logits.shape}, expected "
+                                f"({len(clips)}, {self.num_classes})")
+        return softmax(logits).mean(axis=0)
+
+    def top(self, probs: np.ndarray) -> list[tuple[int, str, float]]:
+        best = np.argsort(-probs, kind="stable")[: self.top_k]
+        return [(int(i), self.labels[i], float(probs[i])) for i in best]
+
+    def _result(self, source: str, clips: np.ndarray, frames: int, decode_s: float, notes, start=None, end=None):
+        t = time.perf_counter()
+        probs = self.probabilities(clips)
+        return Result(source, self.top(probs), len(clips), frames, decode_s, time.perf_counter() - t,
+                      list(notes), start, end)
+
+    def classify(self, source) -> Result:
+        """One video, decoded and run in this thread; raises VideoError for a bad video."""
+        t = time.perf_counter()
+        d = decode(source, self.sampling)
+        return self._result(d.source, d.clips, d.frames, time.perf_counter() - t, d.notes)
+
+    def classify_many(self, sources: Iterable, prefetch: int = 2) -> Iterator[Result | Failure]:
+        """Results in input order; a video that cannot be decoded gives a Failure and the rest go on."""
+
+        def work(source):
+            t = time.perf_counter()
+            d = decode(source, self.sampling)
+            return d, time.perf_counter() - t
+
+        for source, item in _prefetched(((s, lambda s=s: work(s)) for s in sources), prefetch):
+            if isinstance(item, Exception):
+                yield Failure(str(source), _message(source, item))
+            else:
+                d, decode_s = item
+                yield self._result(d.source, d.clips, d.frames, decode_s, d.notes)
+
+    def timeline(self, source, window: float, stride: float, prefetch: int = 2) -> Iterator[Result]:
+        """Top classes for windows of `window` seconds every `stride` seconds (VideoError for a bad video)."""
+        windows = decode_windows(source, self.sampling, window, stride)
+
+        def items():
+            while True:
+                t = time.perf_counter()
+                w = next(windows, None)
+                if w is None:
+                    return
+                yield w, time.perf_counter() - t
+
+        tasks = ((source, lambda it=it: it) for it in items())
+        for _, item in _prefetched(tasks, prefetch):
+            if isinstance(item, Exception):
+                raise item
+            w, decode_s = item
+            yield self._result(str(source), w.clips, w.frames, decode_s, [], w.start, w.end)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _message(source, e: Exception) -> str:
+    if isinstance(e, StexportError):
+        return str(e)
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{source}: cannot decode ({type(e).__name__}: {first})"
+
+
+_DONE = object()
+
+
+def _prefetched(tasks: Iterator, depth: int) -> Iterator[tuple[object, object]]:
+    """Run `tasks` ((key, fn) pairs) in a background thread, `depth` ahead; yield (key, fn() or its exception)."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def producer():
+        try:
+            for key, fn in tasks:
+                try:
+                    out = fn()
+                except Exception as e:  # noqa: BLE001 - handed to the consumer, which reports it per video
+                    out = e
+                if not put((key, out)):
+                    return
+        except Exception as e:  # noqa: BLE001 - a failing task generator ends the stream with its error
+            put((None, e))
+        put(_DONE)
+
+    thread = threading.Thread(target=producer, name="stexport-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not _DONE:
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
