@@ -85,19 +85,9 @@ def _tidy(proto: onnx.ModelProto) -> None:
 
 
 def _topo_sort(g: onnx.GraphProto) -> None:
-    ready = {t.name for t in g.initializer} | {i.name for i in g.input} | {""}
-    pending, ordered = list(g.node), []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in ready for i in n.input):
-                ordered.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise StexportError("exported graph has a cycle or a dangling input: " + rest[0].name)
-        pending = rest
+    nodes = list(g.node)
+    ready = {t.name for t in g.initializer} | {i.name for i in g.input}
+    ordered = _stable_topo(nodes, {id(n): float(i) for i, n in enumerate(nodes)}, ready)
     del g.node[:]
     g.node.extend(ordered)
 
@@ -144,11 +134,11 @@ def scope_of(node: onnx.NodeProto) -> list[str]:
 
 
 def quant_targets(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """MatMuls of the transformer blocks with a weight initializer (patch embedding and head stay float)."""
+    """MatMul/Gemm of the transformer blocks with a weight initializer (patch embedding and head stay float)."""
     inits = {t.name for t in proto.graph.initializer}
     out = []
     for n in proto.graph.node:
-        if n.op_type == "MatMul" and n.input[1] in inits and n.name.startswith("blocks."):
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits and n.name.startswith("blocks."):
             out.append(n)
     return out
 
@@ -170,9 +160,10 @@ def name_linear_nodes(proto: onnx.ModelProto) -> None:
 def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float], targets: list[str] | None = None) -> onnx.ModelProto:
     """Explicit INT8 quantization, TensorRT style.
 
-    For each target MatMul: activation → QuantizeLinear → DequantizeLinear (per-tensor, scale amax/127, zero
-    point 0) and the weight stored as INT8 with a per-output-channel DequantizeLinear (axis 1 of MatMul's (K, N)
-    weight). Outputs stay float, so bias adds, residuals, LayerNorm and Softmax run in float.
+    For each target MatMul/Gemm: activation → QuantizeLinear → DequantizeLinear (per-tensor, scale amax/127,
+    zero point 0) and the weight stored as INT8 with a per-output-channel DequantizeLinear (the N axis of the
+    (K, N) or, with transB, (N, K) weight). Outputs stay float, so bias, residuals, LayerNorm and Softmax run in
+    float.
     `amax[name]`: calibrated |max| of the activation tensor `name`.
     """
     g = proto.graph
@@ -182,6 +173,8 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float], targets: list[str
     new_inits: list[onnx.TensorProto] = []
     before: dict[str, list[onnx.NodeProto]] = {}  # node name -> Q/DQ nodes to insert before it
     act_dq: dict[str, str] = {}  # activation tensor -> its dequantized name (shared by consumers)
+    done_weights: set[str] = set()
+    after: list[onnx.NodeProto] = []  # bias Adds split off Gemms
     for name in wanted:
         node = nodes[name]
         act, wname = node.input[0], node.input[1]
@@ -197,29 +190,37 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float], targets: list[str
             added += [helper.make_node("QuantizeLinear", [act, s_name, z_name], [q], name=f"{act}_Q"),
                       helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=f"{act}_DQ")]
             act_dq[act] = dq
-        w = numpy_helper.to_array(inits[wname]).astype(np.float32)  # (K, N)
-        wamax = np.maximum(np.abs(w).max(axis=0), 1e-12)
+        trans = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        axis = 0 if trans else 1
+        wdq = f"{wname}_dq"
+        node.input[0], node.input[1] = act_dq[act], wdq
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+            after.append(_split_bias(node))
+        before[name] = added
+        if wname in done_weights:  # an initializer the exporter shared between identical layers
+            continue
+        done_weights.add(wname)
+        w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+        wamax = np.maximum(np.abs(w).max(axis=1 - axis), 1e-12)
         wscale = (wamax / 127.0).astype(np.float32)
-        wq = np.clip(np.round(w / wscale), -127, 127).astype(np.int8)
+        shape = (-1, 1) if axis == 0 else (1, -1)
+        wq = np.clip(np.round(w / wscale.reshape(shape)), -127, 127).astype(np.int8)
         wq_name, ws_name, wz_name = f"{wname}_int8", f"{wname}_wscale", f"{wname}_wzero"
         new_inits += [numpy_helper.from_array(wq, wq_name), numpy_helper.from_array(wscale, ws_name),
-                      numpy_helper.from_array(np.zeros(w.shape[1], np.int8), wz_name)]
-        wdq = f"{wname}_dq"
+                      numpy_helper.from_array(np.zeros(w.shape[axis], np.int8), wz_name)]
         added.append(helper.make_node("DequantizeLinear", [wq_name, ws_name, wz_name], [wdq], name=f"{wname}_DQ",
-                                      axis=1))
-        node.input[0], node.input[1] = act_dq[act], wdq
-        before.setdefault(name, []).extend(added)
-    # Q/DQ of an activation must come right after its producer so every consumer sees it: insert before the
-    # first consumer in graph order (the graph is topologically sorted).
-    ordered: list[onnx.NodeProto] = []
-    placed: set[str] = set()
-    for n in g.node:
-        for extra in before.get(n.name, []):
-            if extra.name not in placed:
-                ordered.append(extra)
-                placed.add(extra.name)
-        ordered.append(n)
-    _move_shared_qdq(ordered, act_dq)
+                                      axis=axis))
+    # Each Q/DQ goes right before the first layer that reads it; a stable topological sort keeps that order.
+    pos = {n.name: i for i, n in enumerate(g.node)}
+    rank = {id(n): float(i) for i, n in enumerate(g.node)}
+    for name in wanted:
+        for extra in before.get(name, []):
+            rank.setdefault(id(extra), pos[name] - 0.5)
+    for add in after:
+        rank[id(add)] = pos[add.name[: -len("_bias")]] + 0.5
+    ordered = [*g.node, *(e for extras in before.values() for e in extras), *after]
+    ordered = _stable_topo(ordered, rank, {t.name for t in g.initializer} | {t.name for t in new_inits}
+                           | {i.name for i in g.input})
     used = {i for n in ordered for i in n.input}
     kept = [t for t in g.initializer if t.name in used]
     del g.node[:]
@@ -229,20 +230,43 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float], targets: list[str
     return proto
 
 
-def _move_shared_qdq(ordered: list[onnx.NodeProto], act_dq: dict[str, str]) -> None:
-    """Make sure an activation's Q/DQ pair precedes every node that reads its dequantized output."""
-    pos = {id(n): i for i, n in enumerate(ordered)}
-    for act, dq in act_dq.items():
-        readers = [n for n in ordered if dq in n.input]
-        first = min(pos[id(n)] for n in readers)
-        pair = [n for n in ordered if n.name in (f"{act}_Q", f"{act}_DQ")]
-        if all(pos[id(p)] < first for p in pair):
-            continue
-        for p in pair:
-            ordered.remove(p)
-        idx = next(i for i, n in enumerate(ordered) if dq in n.input)
-        ordered[idx:idx] = pair
-        pos = {id(n): i for i, n in enumerate(ordered)}
+def _split_bias(gemm: onnx.NodeProto) -> onnx.NodeProto:
+    """Gemm(A, B, C) → Add(Gemm(A, B), C): ONNX Runtime fuses DQ → Gemm into an integer GEMM only without a float
+    C (TensorRT fuses the bias add either way)."""
+    bias, out = gemm.input[2], gemm.output[0]
+    del gemm.input[2]
+    for a in gemm.attribute:
+        if a.name == "beta" and a.f != 1.0:
+            raise StexportError(f"{gemm.name}: Gemm with beta={a.f} cannot be quantized")
+    gemm.output[0] = f"{out}_nobias"
+    return helper.make_node("Add", [gemm.output[0], bias], [out], name=f"{gemm.name}_bias")
+
+
+def _stable_topo(nodes: list[onnx.NodeProto], rank: dict[int, float], ready: set[str]) -> list[onnx.NodeProto]:
+    """Topological order that follows `rank` wherever the dependencies allow (Kahn's algorithm on a heap)."""
+    import heapq
+
+    producer = {o: n for n in nodes for o in n.output}
+    waiting = {id(n): {i for i in n.input if i and i not in ready and i in producer} for n in nodes}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for i in waiting[id(n)]:
+            readers.setdefault(i, []).append(n)
+    heap = [(rank[id(n)], k, n) for k, n in enumerate(nodes) if not waiting[id(n)]]
+    order = {id(n): k for k, n in enumerate(nodes)}
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        _, _, n = heapq.heappop(heap)
+        out.append(n)
+        for o in n.output:
+            for r in readers.get(o, []):
+                waiting[id(r)].discard(o)
+                if not waiting[id(r)]:
+                    heapq.heappush(heap, (rank[id(r)], order[id(r)], r))
+    if len(out) != len(nodes):
+        raise StexportError("graph rewrite left a cycle or a dangling input (a bug in stexport)")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

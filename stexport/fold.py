@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from stexport.reference import CLIP_MEAN, CLIP_STD, STAdapterViT
 
 INPUT_FORMATS = ("uint8", "float")
+SQRT2 = 1.4142135623730951
 
 
 class Norm(nn.Module):
@@ -48,15 +49,20 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 class TemporalShift(nn.Module):
-    """Depth-wise conv over time with a (kt, 1, 1) kernel on (B, T, N, C): kt shifted, per-channel scaled adds."""
+    """Depth-wise conv over time with a (kt, 1, 1) kernel on (B, T, L, C): kt shifted, per-channel scaled adds.
 
-    def __init__(self, conv: nn.Conv3d):
+    Taps and bias are (L, C) with the class token's row zero, so the class token's output is exactly 0.
+    """
+
+    def __init__(self, conv: nn.Conv3d, tokens: int):
         super().__init__()
         kt = conv.kernel_size[0]
         self.pad = kt // 2
-        # (kt, C): tap k multiplies frame t + k - pad
-        self.taps = nn.Parameter(conv.weight.detach()[:, 0, :, 0, 0].t().contiguous(), requires_grad=False)
-        self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        keep = torch.ones(tokens, 1)
+        keep[0] = 0
+        taps = conv.weight.detach()[:, 0, :, 0, 0].t()  # (kt, C): tap k multiplies frame t + k - pad
+        self.taps = nn.Parameter(taps[:, None, :] * keep, requires_grad=False)  # (kt, L, C)
+        self.bias = nn.Parameter(conv.bias.detach()[None, :] * keep, requires_grad=False)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         T = y.shape[1]
@@ -69,29 +75,34 @@ class TemporalShift(nn.Module):
 
 
 class FoldedAdapter(nn.Module):
-    """x + mask · fc2(tconv(fc1(x))) on token rows (B·T·L, D); mask zeroes the class token's update."""
+    """x + fc2(tconv(fc1(x))) on token rows (B·T·L, D), leaving the class token as it is.
+
+    With a (kt, 1, 1) kernel the class token rides along: its conv output is 0 (TemporalShift) and fc2's bias
+    is an (L, D) tensor with a zero class-token row, so its update is exactly 0 without slicing or masking.
+    """
 
     def __init__(self, adapter, tokens: int, grid: int):
         super().__init__()
         self.tokens = tokens
         self.fc1 = _linear(adapter.fc1.weight, adapter.fc1.bias)
-        self.fc2 = _linear(adapter.fc2.weight, adapter.fc2.bias)
         kernel = adapter.conv.kernel_size
         self.grid = grid
         self.shift = kernel[1] == 1 and kernel[2] == 1
         if self.shift:
-            self.tconv = TemporalShift(adapter.conv)
-            mask = torch.ones(tokens, 1)
-            mask[0] = 0
-            self.register_buffer("mask", mask)
+            self.tconv = TemporalShift(adapter.conv, tokens)
+            self.fc2 = _linear(adapter.fc2.weight, None)
+            keep = torch.ones(tokens, 1)
+            keep[0] = 0
+            self.fc2_bias = nn.Parameter(adapter.fc2.bias.detach()[None, :] * keep, requires_grad=False)
         else:
             self.tconv = copy.deepcopy(adapter.conv).requires_grad_(False)
+            self.fc2 = _linear(adapter.fc2.weight, adapter.fc2.bias)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
         L, D, W = self.tokens, x.shape[-1], self.fc1.out_features
         if self.shift:
             y = self.tconv(self.fc1(x).reshape(-1, T, L, W)).reshape(-1, W)
-            return x + (self.fc2(y).reshape(-1, L, D) * self.mask).reshape(-1, D)
+            return x + (self.fc2(y).reshape(-1, L, D) + self.fc2_bias).reshape(-1, D)
         g = self.grid
         x = x.reshape(-1, L, D)
         y = self.fc1(x[:, 1:, :]).reshape(-1, T, g, g, W).permute(0, 4, 1, 2, 3)
@@ -109,15 +120,17 @@ class FoldedAttention(nn.Module):
         scale = self.head_dim ** -0.5
         w[:D] *= scale
         b[:D] *= scale
-        self.qkv = _linear(w, b)
+        # three GEMMs rather than one: each result reshapes straight into its head layout (no Split)
+        self.q, self.k, self.v = (_linear(w[i * D:(i + 1) * D], b[i * D:(i + 1) * D]) for i in range(3))
         self.out = _linear(mha.out_proj.weight, mha.out_proj.bias)
 
     def forward(self, x: torch.Tensor, L: int) -> torch.Tensor:
         D = x.shape[-1]
         H, dh = self.heads, self.head_dim
-        qkv = self.qkv(x).reshape(-1, L, 3, H, dh).permute(2, 0, 3, 1, 4)  # (3, B·T, H, L, dh)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = torch.matmul(q, k.transpose(-1, -2))
+        q = self.q(x).reshape(-1, L, H, dh).transpose(1, 2)  # (B·T, H, L, dh)
+        kt = self.k(x).reshape(-1, L, H, dh).permute(0, 2, 3, 1)  # (B·T, H, dh, L)
+        v = self.v(x).reshape(-1, L, H, dh).transpose(1, 2)
+        scores = torch.matmul(q, kt)
         attn = torch.softmax(scores.float(), dim=-1).to(x.dtype)
         out = torch.matmul(attn, v).transpose(1, 2).reshape(-1, D)
         return self.out(out)
@@ -137,7 +150,8 @@ class FoldedBlock(nn.Module):
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
-        h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)
+        # exact GELU spelled the way ONNX Runtime's Gelu fusion recognises it
+        h = h * torch.sigmoid(1.702 * h) if self.quick else (h * 0.5) * (1.0 + torch.erf(h / SQRT2))
         return self.proj(h)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""Calibration inputs: a seeded choice of clips from a list or directory, decoded like `infer` decodes them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stexport.errors import StexportError
+
+
+@dataclass
+class ClipSet:
+    """What calibration runs on: chosen videos (or in-memory clips) and a stable identity for the cache."""
+
+    source: str
+    videos: list[Path]
+    arrays: np.ndarray | None = None  # in-memory uint8 clips (N, T, S, S, 3), when given instead of files
+
+    def key(self) -> str:
+        h = hashlib.sha256()
+        if self.arrays is not None:
+            h.update(np.ascontiguousarray(self.arrays).tobytes())
+        for v in self.videos:
+            st = v.stat()
+            h.update(json.dumps([str(v.resolve()), st.st_size, st.st_mtime_ns]).encode())
+        return h.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.videos) if self.arrays is None else len(self.arrays)
+
+
+def choose(calib, count: int, seed: int = 0) -> ClipSet:
+    """Up to `count` videos of a '<video> <label>' list or a directory, chosen with a seeded RNG (sorted order
+    first, so the same files give the same choice anywhere). An array of uint8 clips is taken as it is."""
+    if isinstance(calib, np.ndarray):
+        if calib.dtype != np.uint8 or calib.ndim != 5 or calib.shape[-1] != 3:
+            raise StexportError(f"calibration clips must be uint8 (N, T, S, S, 3), got {calib.dtype} {calib.shape}")
+        return ClipSet(source=f"array {tuple(calib.shape)}", videos=[], arrays=calib)
+    from stexport.video import read_clip_list
+
+    if count < 1:
+        raise StexportError(f"--calib-clips {count}: need at least one calibration clip")
+    path = Path(calib)
+    if path.is_file() and path.suffix.lower() not in (".txt", ".csv", ".list", ".lst", ""):
+        from stexport.video import VIDEO_EXTS
+
+        if path.suffix.lower() in VIDEO_EXTS:
+            return ClipSet(source=str(path), videos=[path])
+    entries = read_clip_list(path)
+    videos = sorted({p for p, _ in entries})
+    missing = [v for v in videos if not v.is_file()]
+    if missing:
+        raise StexportError(f"{path}: lists {len(missing)} video(s) that do not exist, e.g. {missing[0]}; "
+                            "paths in a list are relative to the list file")
+    if count < len(videos):
+        videos = sorted(random.Random(seed).sample(videos, count))
+    return ClipSet(source=str(path), videos=videos)
+
+
+def batches(clips: ClipSet, sampling) -> Iterator[np.ndarray]:
+    """uint8 (V, T, S, S, 3) per video (all its views), or per in-memory clip."""
+    if clips.arrays is not None:
+        for a in clips.arrays:
+            yield a[None]
+        return
+    from stexport.video import decode_clips
+
+    for v in clips.videos:
+        yield decode_clips(str(v), sampling)
