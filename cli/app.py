@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from stexport import __version__
+from stexport.cli import engine as engine_cmd
 from stexport.cli import infer as infer_cmd
 from stexport.cli import inspect as inspect_cmd
 
@@ -18,7 +19,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (inspect_cmd, infer_cmd):
+for module in (inspect_cmd, engine_cmd, infer_cmd):
     module.register(app)
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 from stexport.backends.base import Backend
 from stexport.bundle import Bundle
 from stexport.errors import StexportError
 
+log = logging.getLogger("stexport")
+
 # name -> "module:Class"; modules are imported lazily so a missing runtime never breaks `import stexport`.
 REGISTRY: dict[str, str] = {
     "torch": "stexport.backends.torch_ref:TorchBackend",
     "onnxruntime": "stexport.backends.ort:OrtBackend",
+    "tensorrt": "stexport.trt_engines.runtime:TensorRTBackend",
 }
 
 
@@ -26,22 +30,34 @@ def load_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(mod), cls)
 
 
-def resolve(name: str, bundle: Bundle) -> str:
-    """Turn 'auto' into a concrete backend name for this machine and bundle."""
+def resolve(name: str, bundle: Bundle, skip: tuple[str, ...] = ()) -> str:
+    """Turn 'auto' into a concrete backend name for this machine and bundle (passing over `skip`)."""
     if name != "auto":
         return name
     for candidate in AUTO_ORDER:
-        if candidate in REGISTRY and load_class(candidate).usable(bundle):
+        if candidate in REGISTRY and candidate not in skip and load_class(candidate).usable(bundle):
             return candidate
     return "torch"
 
 
 # Tried in order by `auto`; each backend class has `usable(bundle) -> bool` (cheap, no model load).
-AUTO_ORDER: list[str] = ["onnxruntime"]
+AUTO_ORDER: list[str] = ["tensorrt", "onnxruntime"]
 
 
 def create(name: str, bundle: Bundle, **options) -> Backend:
-    return load_class(resolve(name, bundle))(bundle, **options)
+    """A backend for `bundle`. With 'auto', one that fails to open (e.g. a TensorRT engine built for another GPU
+    that cannot be rebuilt here) is reported with its reason and the next usable one is tried."""
+    failed: tuple[str, ...] = ()
+    while True:
+        chosen = resolve(name, bundle, skip=failed)
+        try:
+            return load_class(chosen)(bundle, **options)
+        except StexportError as e:
+            if name != "auto" or chosen == "torch":
+                raise
+            failed += (chosen,)
+            log.warning(f"{chosen} cannot run {bundle.path.name}: {e}; "
+                        f"falling back to {resolve(name, bundle, failed)}")
 
 
 __all__ = ["Backend", "REGISTRY", "AUTO_ORDER", "create", "resolve", "names", "load_class"]

@@ -1,0 +1,797 @@
+"""TensorRT engines: profiles, the engine record and cache, the compatibility decision, graceful absence, the
+fallback to ONNX Runtime, the API names used, and (where TensorRT and a GPU exist) real FP16 / INT8 builds.
+
+TensorRT cannot be installed on this project's machines. The tests marked `tensorrt` run only where it can.
+Several CPU tests below drive the TensorRT-facing code with FakeTensorRT / FakeCuda: FAKES that record what
+stexport asks of TensorRT and CUDA and compute nothing real. They check control flow only (flags, call order,
+buffers, atomic writes); they say nothing about whether TensorRT builds or runs the graph.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from stexport.bundle import Bundle
+from stexport.errors import StexportError
+from stexport.trt_engines import record as rec_mod
+from stexport.trt_engines.build import strongly_typed_flags, version_major
+from stexport.trt_engines.cache import ensure_engine, onnx_identity, records, write_atomic
+from stexport.trt_engines.record import (Host, choose, engine_key, input_shape, make_record, mismatches,
+                                         profile_for, replaces, settings, timing_cache_file)
+from stexport.trt_engines.runtime import engine_input, io_names, spans
+
+DATA = Path(__file__).parent / "data"
+H100 = Host("10.16.1.11", "NVIDIA H100 80GB HBM3", "9.0")
+MANIFEST = {"frames": 8, "size": 224, "input": {"name": "frames", "dtype": "uint8", "layout": "BTHWC"},
+            "output": {"name": "logits"}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures: one tiny real bundle (ONNX Runtime runs it), copied per test.
+
+@pytest.fixture(scope="module")
+def tiny_bundle_src(tmp_path_factory):
+    from stexport.backbone import random_backbone
+    from stexport.build import build_bundle
+    from stexport.synthetic import random_deltas
+
+    bb = random_backbone("stexport-tiny-vit")
+    sd = random_deltas(bb.config, width=16, num_classes=5)
+    out = tmp_path_factory.mktemp("trt") / "tiny-fp16"
+    build_bundle(sd, backbone=bb, precision="fp16", frames=4, out=out)
+    return out
+
+
+@pytest.fixture
+def bundle(tiny_bundle_src, tmp_path) -> Bundle:
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_src, dst)
+    return Bundle.load(dst)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Profiles, keys, records, the compatibility decision (pure functions).
+
+def test_profile_over_batch_axis_only():
+    p = profile_for(MANIFEST)
+    assert p == {"input": "frames", "min": [1, 8, 224, 224, 3], "opt": [32, 8, 224, 224, 3],
+                 "max": [32, 8, 224, 224, 3]}
+    assert profile_for(MANIFEST, 4)["opt"][0] == profile_for(MANIFEST, 4)["max"][0] == 4
+    float_in = {**MANIFEST, "input": {"name": "x", "dtype": "float32", "layout": "BTCHW"}}
+    assert profile_for(float_in, 2) == {"input": "x", "min": [1, 8, 3, 224, 224], "opt": [2, 8, 3, 224, 224],
+                                        "max": [2, 8, 3, 224, 224]}
+    assert input_shape({**MANIFEST, "input": {"dtype": "float32"}}) == (8, 3, 224, 224)  # layout from dtype
+    for bad in (0, -1, 1025):
+        with pytest.raises(StexportError, match="--batch"):
+            profile_for(MANIFEST, bad)
+    with pytest.raises(StexportError, match="layout"):
+        input_shape({**MANIFEST, "input": {"layout": "BHWC"}})
+
+
+def test_settings_merge_explicit_saved_and_defaults():
+    assert settings(None) == {"batch": 32, "workspace_gb": None, "opt_level": 3}
+    saved = {"batch": 8, "workspace_gb": 2.0, "opt_level": 5}
+    assert settings(saved) == saved
+    assert settings(saved, batch=16, opt_level=0) == {"batch": 16, "workspace_gb": 2.0, "opt_level": 0}
+    with pytest.raises(StexportError, match="--opt-level"):
+        settings(None, opt_level=6)
+    with pytest.raises(StexportError, match="--workspace-gb"):
+        settings(None, workspace_gb=0)
+
+
+def test_cache_key_depends_on_what_validity_depends_on():
+    onnx, prof = {"sha256": "a" * 64}, profile_for(MANIFEST)
+    key = engine_key(H100, onnx, prof, "fp16")
+    assert key == engine_key(Host(*vars(H100).values()), dict(onnx), dict(prof), "fp16")  # stable
+    variants = [
+        engine_key(Host("10.16.1.12", H100.gpu, H100.capability), onnx, prof, "fp16"),
+        engine_key(Host(H100.tensorrt, "NVIDIA A100-SXM4-80GB", "8.0"), onnx, prof, "fp16"),
+        engine_key(Host(H100.tensorrt, H100.gpu, "9.1"), onnx, prof, "fp16"),
+        engine_key(H100, {"sha256": "b" * 64}, prof, "fp16"),
+        engine_key(H100, {**onnx, "data_sha256": "c" * 64}, prof, "fp16"),
+        engine_key(H100, onnx, profile_for(MANIFEST, 8), "fp16"),
+        engine_key(H100, onnx, prof, "int8"),
+    ]
+    assert len({key, *variants}) == 1 + len(variants)
+    # build options are recorded but do not change which engine is valid
+    a = make_record(H100, onnx, prof, "fp16", workspace_gb=None, opt_level=3, seconds=1, size=10)
+    b = make_record(H100, onnx, prof, "fp16", workspace_gb=8, opt_level=5, seconds=2, size=11)
+    assert a["key"] == b["key"] == key and a["file"] == f"engines/{key}.engine"
+
+
+def test_compatibility_decision_names_every_mismatch():
+    onnx = {"sha256": "a" * 64}
+    r = make_record(H100, onnx, profile_for(MANIFEST), "fp16", workspace_gb=None, opt_level=3, seconds=1,
+                    size=1)
+    assert mismatches(r, H100, onnx) == []
+    other = Host("10.3.0.26", "NVIDIA A100-SXM4-80GB", "8.0")
+    why = mismatches(r, other, {"sha256": "b" * 64})
+    assert len(why) == 3
+    assert "TensorRT 10.16.1.11, this host has 10.3.0.26" in why[0]
+    assert "NVIDIA H100 80GB HBM3 (compute 9.0), this host has NVIDIA A100-SXM4-80GB (compute 8.0)" in why[1]
+    assert "another ONNX model" in why[2]
+    # same GPU name, other compute capability (e.g. a MIG/driver report change) is still a mismatch
+    assert mismatches(r, Host(H100.tensorrt, H100.gpu, "8.9"), onnx)
+
+    chosen, reason = choose([r], other, onnx)
+    assert chosen is None and reason.startswith("its engine was built with TensorRT 10.16.1.11")
+    assert choose([], H100, onnx) == (None, "the bundle has no TensorRT engine yet")
+
+
+def test_choose_prefers_the_smallest_engine_covering_the_batch():
+    onnx = {"sha256": "a" * 64}
+
+    def rec(batch, host=H100):
+        return make_record(host, onnx, profile_for(MANIFEST, batch), "fp16", workspace_gb=None, opt_level=3,
+                           seconds=1, size=1)
+
+    small, big, foreign = rec(4), rec(32), rec(64, Host("10.3.0.26", "NVIDIA A100", "8.0"))
+    recs = [big, small, foreign]
+    assert choose(recs, H100, onnx, batch=2)[0] is small
+    assert choose(recs, H100, onnx, batch=16)[0] is big
+    best, note = choose(recs, H100, onnx, batch=100)  # nothing covers 100: the largest, run in chunks
+    assert best is big and "chunks" in note
+    assert choose(recs, H100, onnx)[0] is big
+
+
+def test_a_new_engine_replaces_only_what_it_makes_useless():
+    onnx = {"sha256": "a" * 64}
+    new = make_record(H100, onnx, profile_for(MANIFEST), "fp16", workspace_gb=None, opt_level=3, seconds=1,
+                      size=1)
+    same = dict(new, tensorrt=H100.tensorrt)
+    old_trt = make_record(Host("10.15.0.0", H100.gpu, "9.0"), onnx, profile_for(MANIFEST), "fp16",
+                          workspace_gb=None, opt_level=3, seconds=1, size=1)
+    other_batch = make_record(H100, onnx, profile_for(MANIFEST, 4), "fp16", workspace_gb=None, opt_level=3,
+                              seconds=1, size=1)
+    stale_onnx = make_record(H100, {"sha256": "z" * 64}, profile_for(MANIFEST, 4), "fp16", workspace_gb=None,
+                             opt_level=3, seconds=1, size=1)
+    assert replaces(same, new) and replaces(stale_onnx, new)
+    assert not replaces(old_trt, new)  # another TensorRT install (venv, host) may still use it
+    assert not replaces(other_batch, new)
+
+
+def test_timing_cache_is_per_gpu_and_tensorrt_version():
+    a = timing_cache_file(H100)
+    assert a.startswith("engines/timing-") and a.endswith(".cache") and " " not in a
+    assert a != timing_cache_file(Host("10.16.1.12", H100.gpu, "9.0"))
+    assert a != timing_cache_file(Host(H100.tensorrt, "NVIDIA L4", "8.9"))
+
+
+def test_network_flags_strongly_typed_on_10_and_11():
+    assert strongly_typed_flags(10, 1) == 2
+    assert strongly_typed_flags(11, 0) == 1  # 11 still accepts the (ignored) flag
+    assert strongly_typed_flags(11, None) == 0  # a later 11.x without the flag: always strongly typed anyway
+    with pytest.raises(StexportError, match="strongly typed"):
+        strongly_typed_flags(10, None)
+    assert version_major("10.16.1.11") == 10 and version_major("11.4.0.106") == 11 and version_major("x") == 0
+
+
+def test_runtime_helpers():
+    assert spans(0, 4) == [] and spans(5, 4) == [(0, 4), (4, 5)] and spans(8, 4) == [(0, 4), (4, 8)]
+    clips = np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
+    assert engine_input(clips, MANIFEST, np.dtype(np.uint8)) is clips  # uint8 goes to the GPU as uint8
+    with pytest.raises(StexportError, match="rebuild the engine"):
+        engine_input(clips, MANIFEST, np.dtype(np.float32))
+    float_m = {"input": {"dtype": "float32", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}}
+    x = engine_input(clips, float_m, np.dtype(np.float32))
+    assert x.shape == (2, 3, 3, 8, 8) and x.dtype == np.float32
+    np.testing.assert_allclose(x[1, 2, 1, 5, 7], (clips[1, 2, 5, 7, 1] / 255 - 0.4) / 0.25, rtol=1e-6)
+    assert io_names(["frames"], ["logits"], MANIFEST) == ("frames", "logits")
+    with pytest.raises(StexportError, match="not the bundle's"):
+        io_names(["input"], ["logits"], MANIFEST)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FAKES (see the module docstring): they record calls; nothing here is TensorRT or CUDA.
+
+class FakeTensorRT:
+    """A FAKE `tensorrt` module for control-flow tests. Version 10 has the precision builder flags (so a test
+    can see they are never set); version 11 lacks them, as the real 11.x does."""
+
+    def __init__(self, version: str = "10.16.1.11", memory: dict | None = None, fail_build: str | None = None,
+                 fail_parse: str | None = None, strongly_typed: int | None = 1):
+        self.__version__ = version
+        self.calls: list[tuple] = []
+        self.memory = memory if memory is not None else {}
+        fake = self
+
+        class Severity:
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        class ILogger:
+            pass
+
+        ILogger.Severity = Severity
+
+        class IProgressMonitor:
+            pass
+
+        self.ILogger, self.IProgressMonitor = ILogger, IProgressMonitor
+        self.NetworkDefinitionCreationFlag = SimpleNamespace(
+            **({} if strongly_typed is None else {"STRONGLY_TYPED": strongly_typed}))
+        if version.startswith("10."):
+            self.BuilderFlag = SimpleNamespace(FP16=0, INT8=1, BF16=2)
+        self.MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
+        self.TensorIOMode = SimpleNamespace(INPUT="input", OUTPUT="output")
+        self.nptype = np.dtype
+
+        class Network:
+            def __init__(self, flags):
+                self.flags, self.inputs = flags, []
+
+            @property
+            def num_inputs(self):
+                return len(self.inputs)
+
+            def get_input(self, i):
+                return SimpleNamespace(name=self.inputs[i])
+
+        class Parser:
+            def __init__(self, network, logger):
+                self.network, self.logger, self.errors = network, logger, []
+
+            def parse(self, data):
+                raise AssertionError("stexport must parse from the file (external data), not from bytes")
+
+            def parse_from_file(self, path):
+                fake.calls.append(("parse_from_file", path))
+                assert Path(path).is_file()
+                if fail_parse:
+                    self.errors.append(fail_parse)
+                    return False
+                self.network.inputs = ["frames"]
+                return True
+
+            @property
+            def num_errors(self):
+                return len(self.errors)
+
+            def get_error(self, i):
+                return self.errors[i]
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                fake.calls.append(("set_shape", name, list(lo), list(opt), list(hi)))
+                self.shape = (name, list(lo), list(opt), list(hi))
+
+        class Config:
+            def __init__(self):
+                object.__setattr__(self, "profiles", [])
+
+            def __setattr__(self, name, value):
+                fake.calls.append(("config." + name, value))
+                object.__setattr__(self, name, value)
+
+            def set_flag(self, flag):
+                fake.calls.append(("set_flag", flag))
+
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("set_memory_pool_limit", pool, size))
+
+            def add_optimization_profile(self, p):
+                self.profiles.append(p)
+
+            def create_timing_cache(self, data):
+                fake.calls.append(("create_timing_cache", bytes(data)))
+                return SimpleNamespace(data=bytes(data))
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                fake.calls.append(("set_timing_cache", cache.data, ignore_mismatch))
+                object.__setattr__(self, "timing", cache.data)
+                return True
+
+            def get_timing_cache(self):
+                return SimpleNamespace(serialize=lambda: self.timing + b"+1")
+
+        class Builder:
+            def __init__(self, logger):
+                self.logger = logger
+
+            def create_network(self, flags):
+                fake.calls.append(("create_network", flags))
+                return Network(flags)
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls.append(("build_serialized_network",))
+                if fail_build:
+                    self.logger.log(Severity.ERROR, fail_build)
+                    return None
+                name, _, _, hi = config.profiles[0].shape
+                return json.dumps({"fake-plan": fake.__version__, "input": name, "max": hi}).encode()
+
+        class Context:
+            def __init__(self, plan):
+                self.plan, self.shape, self.addr = plan, None, {}
+
+            def set_input_shape(self, name, shape):
+                fake.calls.append(("set_input_shape", name, tuple(shape)))
+                ok = name == self.plan["input"] and 1 <= shape[0] <= self.plan["max"][0]
+                self.shape = tuple(shape) if ok else self.shape
+                return ok
+
+            def get_tensor_shape(self, name):
+                return (self.shape[0], 5)
+
+            def set_tensor_address(self, name, ptr):
+                fake.calls.append(("set_tensor_address", name, ptr))
+                self.addr[name] = ptr
+                return True
+
+            def execute_async_v3(self, stream):
+                # "Inference": logits[b, k] = (k + 1) * mean(x[b]), read from / written to fake device memory.
+                fake.calls.append(("execute_async_v3", stream))
+                n = int(np.prod(self.shape))
+                x = fake.memory[self.addr["frames"]][:n].reshape(self.shape).astype(np.float64)
+                y = (x.reshape(len(x), -1).mean(1)[:, None] * np.arange(1, 6)).astype(np.float32)
+                fake.memory[self.addr["logits"]][:y.nbytes] = y.view(np.uint8).ravel()
+                return True
+
+        class Engine:
+            num_io_tensors = 2
+
+            def __init__(self, plan):
+                self.plan = plan
+
+            def get_tensor_name(self, i):
+                return ["frames", "logits"][i]
+
+            def get_tensor_mode(self, name):
+                return fake.TensorIOMode.INPUT if name == "frames" else fake.TensorIOMode.OUTPUT
+
+            def get_tensor_dtype(self, name):
+                return "uint8" if name == "frames" else "float32"
+
+            def create_execution_context(self):
+                return Context(self.plan)
+
+        class Runtime:
+            def __init__(self, logger):
+                self.logger = logger
+
+            def deserialize_cuda_engine(self, data):
+                plan = json.loads(bytes(data))
+                if plan["fake-plan"] != fake.__version__:  # as the real one: engines are version-locked
+                    self.logger.log(Severity.ERROR, "version tag mismatch")
+                    return None
+                return Engine(plan)
+
+        self.Builder, self.OnnxParser, self.Runtime = Builder, Parser, Runtime
+
+
+class FakeCuda:
+    """A FAKE CUDA binding: "device memory" is host numpy arrays keyed by fake pointers."""
+
+    kind = "fake"
+
+    def __init__(self, memory: dict, gpu=("NVIDIA H100 80GB HBM3", "9.0")):
+        self.memory, self.gpu = memory, gpu
+        self.mallocs = self.pinned_allocs = 0
+        self.h2d_dtypes: list = []
+        self.closed = False
+
+    def info(self):
+        return self.gpu
+
+    def stream(self):
+        return 7
+
+    def malloc(self, nbytes):
+        self.mallocs += 1
+        ptr = 0x1000 * (len(self.memory) + 1)
+        self.memory[ptr] = np.zeros(nbytes, np.uint8)
+        return ptr
+
+    def pinned(self, nbytes):
+        self.pinned_allocs += 1
+        return np.zeros(nbytes, np.uint8)
+
+    def h2d(self, dst, src, stream):
+        self.h2d_dtypes.append(src.dtype)
+        self.memory[dst][:src.nbytes] = src.view(np.uint8).ravel()
+
+    def d2h(self, dst, src, stream):
+        dst.view(np.uint8).ravel()[:] = self.memory[src][:dst.nbytes]
+
+    def sync(self, stream):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def build_with_fake(bundle, trt, host=H100, **kw):
+    return ensure_engine(bundle, trt, host, **kw)
+
+
+def test_build_is_strongly_typed_from_file_with_profile_workspace_level_and_timing_cache(bundle):
+    trt = FakeTensorRT()
+    rec, built = build_with_fake(bundle, trt, batch=8, workspace_gb=2, opt_level=5)
+    assert built
+    calls = trt.calls
+    assert ("create_network", 1 << 1) in calls  # STRONGLY_TYPED
+    assert not [c for c in calls if c[0] == "set_flag"]  # no FP16 / INT8 flags: precision is in the graph
+    assert ("parse_from_file", str(bundle.path / "model.onnx")) in calls
+    assert ("set_shape", "frames", [1, 4, 32, 32, 3], [8, 4, 32, 32, 3], [8, 4, 32, 32, 3]) in calls
+    assert ("set_memory_pool_limit", "workspace", 2 << 30) in calls
+    assert ("config.builder_optimization_level", 5) in calls
+    assert ("set_timing_cache", b"", False) in calls  # first build: an empty cache, mismatches refused
+
+    # the engine and the timing cache are in the bundle, recorded and hashed; nothing half-written is left
+    b = Bundle.load(bundle.path)
+    assert b.manifest["artifacts"]["engines"] == "engines"
+    assert records(b) == [rec] and rec["onnx"] == onnx_identity(b)
+    assert (rec["tensorrt"], rec["gpu"], rec["capability"]) == (H100.tensorrt, H100.gpu, H100.capability)
+    assert rec["profile"]["max"][0] == 8 and rec["precision"] == "fp16" and rec["workspace_gb"] == 2
+    assert (b.path / rec["file"]).read_bytes().startswith(b'{"fake-plan"')
+    assert (b.path / timing_cache_file(H100)).read_bytes() == b"+1"
+    assert b.check_files() == [] and rec["file"] in b.manifest["files"]
+    assert not [p for p in (b.path / "engines").iterdir() if p.name.startswith(".")]
+
+    # a second build finds the cached engine; --force rebuilds and reuses the stored timing cache
+    trt2 = FakeTensorRT()
+    assert build_with_fake(b, trt2, batch=8) == (rec, False) and not trt2.calls
+    _, built3 = build_with_fake(b, trt2, batch=8, force=True)
+    assert built3 and ("set_timing_cache", b"+1", False) in trt2.calls
+    assert len(records(Bundle.load(b.path))) == 1  # replaced, not added
+
+
+def test_build_on_tensorrt_11_sets_no_precision_flags(bundle):
+    trt = FakeTensorRT(version="11.4.0.106", strongly_typed=0)
+    assert not hasattr(trt, "BuilderFlag")  # like the real 11.x: no precision flags to set
+    rec, built = build_with_fake(bundle, trt, host=Host("11.4.0.106", H100.gpu, "9.0"))
+    assert built and ("create_network", 1) in trt.calls and rec["tensorrt"] == "11.4.0.106"
+
+
+def test_build_failures_say_why_and_leave_the_bundle_as_it_was(bundle):
+    before = (bundle.path / "stexport.json").read_text()
+    with pytest.raises(StexportError, match="cannot parse it: Unsupported operator Foo"):
+        build_with_fake(bundle, FakeTensorRT(fail_parse="Unsupported operator Foo"))
+    with pytest.raises(StexportError, match="could not build an engine from model.onnx: out of memory"):
+        build_with_fake(bundle, FakeTensorRT(fail_build="out of memory"))
+    assert (bundle.path / "stexport.json").read_text() == before
+    assert not (bundle.path / "engines").exists()
+
+
+def test_unwritable_bundle_cannot_cache_an_engine(bundle, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda p, mode: False)
+    with pytest.raises(StexportError, match="not writable"):
+        build_with_fake(bundle, FakeTensorRT())
+
+
+def test_write_atomic_leaves_nothing_on_failure(tmp_path):
+    class Boom:
+        def __buffer__(self, flags):
+            raise RuntimeError("disk on fire")
+
+    target = tmp_path / "engines" / "x.engine"
+    write_atomic(target, b"abc")
+    assert target.read_bytes() == b"abc"
+    with pytest.raises((RuntimeError, TypeError)):
+        write_atomic(target, Boom())
+    assert target.read_bytes() == b"abc" and [p.name for p in target.parent.iterdir()] == ["x.engine"]
+
+
+def open_fake_backend(bundle, monkeypatch, trt, cuda, **options):
+    from stexport.trt_engines import runtime
+
+    monkeypatch.setattr(runtime, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(runtime, "open_device", lambda kind, gpu: cuda)
+    return runtime.TensorRTBackend(bundle, **options)
+
+
+def test_backend_io_buffers_and_chunks_with_fakes(bundle, monkeypatch):
+    memory: dict = {}
+    trt, cuda = FakeTensorRT(memory=memory), FakeCuda(memory)
+    build_with_fake(bundle, trt, batch=4)
+    be = open_fake_backend(bundle, monkeypatch, trt, cuda)
+    assert be.max_batch == 4 and cuda.mallocs == 2 and cuda.pinned_allocs == 2
+    clips = np.random.default_rng(1).integers(0, 256, (10, 4, 32, 32, 3), dtype=np.uint8)
+    want = clips.reshape(10, -1).mean(1)[:, None] * np.arange(1, 6)
+    for _ in range(2):  # buffers are allocated once and reused
+        np.testing.assert_allclose(be.run(clips), want, rtol=1e-6)
+    assert cuda.mallocs == 2 and cuda.pinned_allocs == 2
+    assert set(cuda.h2d_dtypes) == {np.dtype(np.uint8)}  # uint8 crosses to the GPU as uint8
+    shapes = [c[2][0] for c in trt.calls if c[0] == "set_input_shape"]
+    assert shapes == [4, 4, 4, 2, 4, 4, 2]  # sizing at open, then chunks of the profile's max batch
+    assert all(c[1] == 7 for c in trt.calls if c[0] == "execute_async_v3")  # one stream
+    assert be.run(clips[:0]).shape == (0, 5)
+    d = be.describe()
+    assert d["backend"] == "tensorrt" and d["profile_batch"] == [1, 4] and d["tensorrt"] == "10.16.1.11"
+    be.close()
+    assert cuda.closed
+
+
+def test_backend_rebuilds_a_mismatched_engine_with_a_message(bundle, monkeypatch, caplog):
+    memory: dict = {}
+    build_with_fake(bundle, FakeTensorRT(version="10.3.0.26"), host=Host("10.3.0.26", "NVIDIA A100", "8.0"))
+    trt = FakeTensorRT(memory=memory)
+    with caplog.at_level(logging.WARNING, logger="stexport"):
+        be = open_fake_backend(bundle, monkeypatch, trt, FakeCuda(memory))
+    assert ("building a TensorRT engine for NVIDIA H100 80GB HBM3 (compute 9.0) with TensorRT 10.16.1.11"
+            in caplog.text)
+    assert "built with TensorRT 10.3.0.26" in caplog.text
+    assert be.record["tensorrt"] == "10.16.1.11"
+    assert {r["tensorrt"] for r in records(Bundle.load(bundle.path))} == {"10.3.0.26", "10.16.1.11"}
+
+
+def test_backend_without_build_says_exactly_why(bundle, monkeypatch):
+    build_with_fake(bundle, FakeTensorRT(version="10.3.0.26"), host=Host("10.3.0.26", "NVIDIA A100", "8.0"))
+    cuda = FakeCuda({})
+    with pytest.raises(StexportError, match=r"no TensorRT engine for NVIDIA H100.*built for NVIDIA A100 "
+                                            r"\(compute 8.0\).*stexport engine"):
+        open_fake_backend(bundle, monkeypatch, FakeTensorRT(), cuda, build=False)
+    assert cuda.closed  # a failed open releases what it took
+
+
+def test_engine_that_tensorrt_rejects_is_reported(bundle, monkeypatch):
+    rec, _ = build_with_fake(bundle, FakeTensorRT())
+    (bundle.path / rec["file"]).write_bytes(b'{"fake-plan": "other"}')  # as if written by another TensorRT
+    with pytest.raises(StexportError, match="cannot load this engine .version tag mismatch.*--force"):
+        open_fake_backend(bundle, monkeypatch, FakeTensorRT(), FakeCuda({}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where TensorRT is absent (real: this machine has no TensorRT and no GPU; simulated where it has them).
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, _real=importlib.util.find_spec: None if name == "tensorrt"
+                        else _real(name, *a))
+
+
+def test_import_and_cli_work_without_tensorrt():
+    code = ("import sys; sys.modules['tensorrt'] = None\n"
+            "import stexport, stexport.trt_engines.runtime, stexport.trt_engines.engine, stexport.cli.app\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_backend_tensorrt_without_tensorrt_is_one_clear_error(bundle, no_tensorrt):
+    from stexport.trt_engines.runtime import TensorRTBackend
+
+    from stexport.backends import create
+
+    assert TensorRTBackend.usable(bundle) is False
+    with pytest.raises(StexportError) as e:
+        create("tensorrt", bundle)
+    assert str(e.value).startswith("TensorRT is not available here") and "stexport[tensorrt]" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_usable_is_false_without_gpu_and_never_raises(bundle, monkeypatch):
+    from stexport.trt_engines import runtime
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # pretend it is installed
+    monkeypatch.setattr("stexport.backends.ort.gpu_visible", lambda: False)
+    assert runtime.TensorRTBackend.usable(bundle) is False
+    monkeypatch.setattr("stexport.backends.ort.gpu_visible", lambda: 1 / 0)
+    assert runtime.TensorRTBackend.usable(bundle) is False
+    monkeypatch.setattr("stexport.backends.ort.gpu_visible", lambda: True)
+    assert runtime.TensorRTBackend.usable(bundle) is False  # no engine recorded and none requested
+    build_with_fake(bundle, FakeTensorRT())
+    assert runtime.TensorRTBackend.usable(Bundle.load(bundle.path)) is True
+
+
+def test_cuda_python_without_gpu_is_a_clear_error():
+    from stexport.trt_engines.cuda import CudaPython, cudart, open_device
+
+    rt = cudart()  # the real cuda-python runtime module (cuda-bindings), either import layout
+    for name in ("cudaGetDeviceCount", "cudaSetDevice", "cudaGetDeviceProperties", "cudaStreamCreate",
+                 "cudaMalloc", "cudaMallocHost", "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaFree",
+                 "cudaFreeHost", "cudaStreamDestroy", "cudaGetErrorString"):
+        assert hasattr(rt, name), name
+    assert hasattr(rt.cudaMemcpyKind, "cudaMemcpyHostToDevice") and hasattr(rt.cudaError_t, "cudaSuccess")
+    if rt.cudaGetDeviceCount()[0] == rt.cudaError_t.cudaSuccess and rt.cudaGetDeviceCount()[1] > 0:
+        pytest.skip("a GPU is visible here; this checks the error path of GPU-less hosts")
+    for make in (lambda: CudaPython(0), open_device):
+        with pytest.raises(StexportError, match="no usable CUDA GPU here"):
+            make()
+    with pytest.raises(StexportError, match="unknown CUDA binding"):
+        open_device("cupy")
+
+
+def test_auto_falls_back_with_the_reason(bundle, monkeypatch, caplog):
+    """A bundle with an engine for another GPU, on a host where TensorRT looks usable but cannot open or build
+    (here: the real reason, no TensorRT / no GPU on this machine): `auto` says why and runs the next usable
+    backend in AUTO_ORDER (ONNX Runtime, or OpenVINO where it is installed)."""
+    from stexport.trt_engines.runtime import TensorRTBackend
+
+    from stexport.backends import create, resolve
+
+    build_with_fake(bundle, FakeTensorRT(version="10.3.0.26"), host=Host("10.3.0.26", "NVIDIA A100", "8.0"))
+    monkeypatch.setattr(TensorRTBackend, "usable", classmethod(lambda cls, b: True))
+    if importlib.util.find_spec("tensorrt") is not None:
+        monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with caplog.at_level(logging.WARNING, logger="stexport"):
+        be = create("auto", Bundle.load(bundle.path))
+    assert be.name == resolve("auto", bundle, skip=("tensorrt",)) and be.name in ("onnxruntime", "openvino")
+    assert "tensorrt cannot run bundle: TensorRT is not available here" in caplog.text
+    assert f"falling back to {be.name}" in caplog.text
+    clips = np.random.default_rng(0).integers(0, 256, (1, 4, 32, 32, 3), dtype=np.uint8)
+    assert be.run(clips).shape == (1, 5)
+    with pytest.raises(StexportError, match="TensorRT is not available"):  # named explicitly: no fallback
+        create("tensorrt", bundle)
+
+
+def test_engine_cli_without_tensorrt(bundle, no_tensorrt):
+    from stexport.cli.app import app
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["engine", str(bundle.path), "--batch", "4"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines() == [r.output.strip()]  # one line, no traceback
+    assert "TensorRT is not available here" in r.output and "stexport[tensorrt]" in r.output
+
+
+def test_build_or_defer_saves_the_request(bundle, no_tensorrt):
+    from stexport.trt_engines.engine import build_or_defer
+
+    msg = build_or_defer(bundle, batch=8, opt_level=4)
+    assert msg == ("TensorRT engine: will be built on first use on a GPU host with stexport[tensorrt] "
+                   "(TensorRT is not available here)")
+    b = Bundle.load(bundle.path)
+    assert rec_mod.request(b.manifest) == {"batch": 8, "workspace_gb": None, "opt_level": 4}
+    assert b.check_files() == []
+    # on a GPU host, first use builds with the saved settings
+    memory: dict = {}
+    trt = FakeTensorRT(memory=memory)
+    be = open_fake_backend(b, pytest.MonkeyPatch(), trt, FakeCuda(memory))
+    assert be.max_batch == 8 and ("config.builder_optimization_level", 4) in trt.calls
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The TensorRT API names the code uses exist in TensorRT 10.16 and 11.4 (checked against the real wheels).
+
+def _api_module():
+    spec = importlib.util.spec_from_file_location("tensorrt_api", DATA / "tensorrt_api.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tensorrt_names_used_exist_in_both_wheels():
+    api = _api_module()
+    used = api.used_names(api.trt_engine_files())
+    # the scan sees what it should (a sample, so a broken scanner cannot pass vacuously)
+    assert {"STRONGLY_TYPED", "parse_from_file", "build_serialized_network", "set_input_shape",
+            "set_tensor_address", "execute_async_v3", "deserialize_cuda_engine", "ignore_mismatch",
+            "step_complete", "log"} <= used
+    lines = [ln.split() for ln in (DATA / "tensorrt-api-names.txt").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    table = {name: tuple(cols) for name, *cols in lines}
+    versions = next(ln for ln in (DATA / "tensorrt-api-names.txt").read_text().splitlines()
+                    if ln.startswith("# name")).split()[2:]
+    assert versions == ["10.16.1.11", "11.4.0.106"]
+    missing = sorted(used - table.keys())
+    assert not missing, (f"names not in tests/data/tensorrt-api-names.txt: {missing}; regenerate it "
+                         "(tests/data/tensorrt_api.py says how) and check them")
+    absent = {n: table[n] for n in used if "no" in table[n]}
+    assert not absent, f"TensorRT names used by trt_engines/ that a wheel lacks: {absent}"
+    # the wheels do tell versions apart: the weak-typing APIs are in 10.16 and gone from 11.4
+    for removed in ("int8_calibrator", "EXPLICIT_BATCH", "platform_has_fast_fp16"):
+        assert table[removed] == ("exact", "no") and removed not in used
+    assert table["FP16"][0] == "exact" and table["FP16"][1] != "exact" and "FP16" not in used
+
+
+@pytest.mark.skipif(not list(Path("/tmp/trtb").glob("tensorrt_cu1*_bindings-*.whl")),
+                    reason="bindings wheels not downloaded to /tmp/trtb (see tests/data/tensorrt_api.py)")
+def test_committed_names_match_the_wheels():
+    api = _api_module()
+    wheels = sorted(Path("/tmp/trtb").glob("tensorrt_cu1*_bindings-*.whl"))
+    text = (DATA / "tensorrt-api-names.txt").read_text()
+    table = {ln.split()[0]: ln.split()[1:] for ln in text.splitlines()
+             if ln.strip() and not ln.startswith("#")}
+    for col, wheel in enumerate(w for w in wheels if api.wheel_api(w)[0] in ("10.16.1.11", "11.4.0.106")):
+        _, _, strings, py = api.wheel_api(wheel)
+        for name, cols in table.items():
+            assert api.presence(name, strings, py) == cols[col], (name, wheel.name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Integration: real TensorRT on a real GPU (skipped here, with the reason).
+
+def _tensorrt_and_gpu() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"TensorRT is not importable ({type(e).__name__}: {e})"
+    try:
+        from stexport.trt_engines.cuda import open_device
+
+        open_device().close()
+    except StexportError as e:
+        return f"no GPU visible: {e}"
+    return None
+
+
+SKIP = _tensorrt_and_gpu()
+needs_trt = [pytest.mark.tensorrt, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
+
+
+@pytest.fixture(scope="module")
+def demo_clips(tmp_path_factory):
+    from conftest import write_video
+
+    d = tmp_path_factory.mktemp("clips")
+    for i in range(6):
+        write_video(d / f"v{i}.mp4", frames=24 + 4 * i, width=128, height=112)
+    (d / "list.txt").write_text("".join(f"v{i}.mp4 {i % 3}\n" for i in range(6)))
+    return d
+
+
+def _demo_bundle(tmp_path, precision, clips):
+    from stexport.backbone import random_backbone
+    from stexport.build import build_bundle
+    from stexport.synthetic import random_deltas
+
+    bb = random_backbone("stexport-demo-vit")
+    sd = random_deltas(bb.config, width=96, num_classes=9, seed=1)
+    return build_bundle(sd, backbone=bb, precision=precision, frames=8, out=tmp_path / precision,
+                        calib=clips / "list.txt" if precision == "int8" else None, calib_clips=6)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.tensorrt
+@pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+def test_real_engine_builds_runs_and_passes_verify(tmp_path, demo_clips, precision):
+    from stexport.cli.app import app
+    from typer.testing import CliRunner
+
+    from stexport.backends import create
+
+    b = _demo_bundle(tmp_path, precision, demo_clips)
+    r = CliRunner().invoke(app, ["engine", str(b.path), "--batch", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.output[r.output.index("{"):])
+    assert rec["built"] and rec["precision"] == precision and rec["profile"]["max"][0] == 4
+    b = Bundle.load(b.path)
+    assert b.check_files() == []
+    clips = np.random.default_rng(0).integers(0, 256, (6, 8, 96, 96, 3), dtype=np.uint8)
+    with create("tensorrt", b) as trt_be, create("onnxruntime", b, device="cpu") as ort_be:
+        got, ref = trt_be.run(clips), ort_be.run(clips)
+        assert trt_be.describe()["backend"] == "tensorrt"
+    assert got.shape == ref.shape == (6, 9)
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 5 / 6
+    r = CliRunner().invoke(app, ["verify", str(b.path), "--clips", str(demo_clips / "list.txt"),
+                                 "--backend", "tensorrt"])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+def test_real_engine_rebuilt_on_mismatched_record(tmp_path, demo_clips, caplog):
+    from stexport.trt_engines.engine import build_for_bundle
+
+    from stexport.backends import create
+
+    b = _demo_bundle(tmp_path, "fp16", demo_clips)
+    rec, built = build_for_bundle(b, batch=2)
+    assert built and build_for_bundle(b, batch=2) == (rec, False)  # cached
+    m = json.loads((b.path / "stexport.json").read_text())
+    m["engines"][0]["tensorrt"] = "0.0.0"  # as if built by another TensorRT
+    (b.path / "stexport.json").write_text(json.dumps(m))
+    with caplog.at_level(logging.WARNING, logger="stexport"):
+        be = create("tensorrt", Bundle.load(b.path))
+    assert "built with TensorRT 0.0.0" in caplog.text and be.record["tensorrt"] != "0.0.0"
+    assert be.run(np.zeros((3, 8, 96, 96, 3), np.uint8)).shape == (3, 9)
+    be.close()

@@ -1,0 +1,135 @@
+"""The engine cache inside a bundle: `engines/<key>.engine`, a timing cache per GPU and TensorRT version, and
+the records in the manifest ("engines": a list; artifacts["engines"] names the directory).
+
+Engines are written to a temporary file and renamed into place, then the manifest is updated atomically, all
+under a lock on the bundle directory, so two processes building at once never leave a half-written engine or
+lose each other's record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from pathlib import Path
+
+from stexport.bundle import Bundle, sha256_file
+from stexport.errors import StexportError
+from stexport.trt_engines.record import (ENGINE_DIR, Host, choose, make_record, make_request, profile_for,
+                                         replaces, request, settings, timing_cache_file)
+
+log = logging.getLogger("stexport")
+
+
+def records(bundle: Bundle) -> list[dict]:
+    return list(bundle.manifest.get("engines") or [])
+
+
+def onnx_identity(bundle: Bundle) -> dict:
+    """sha256 of the bundle's ONNX file (and of its external data file, when it has one)."""
+    ident = {}
+    for key, field in (("onnx", "sha256"), ("onnx_data", "data_sha256")):
+        rel = bundle.manifest.get("artifacts", {}).get(key)
+        if not rel:
+            continue
+        rec = bundle.manifest.get("files", {}).get(rel)
+        ident[field] = rec["sha256"] if rec else sha256_file(bundle.file(key))
+    if "sha256" not in ident:
+        bundle.file("onnx")  # raises the standard "no onnx artifact" error
+    return ident
+
+
+def write_atomic(path: Path, data) -> None:
+    """Write bytes (or any buffer) to `path` through a temporary sibling and one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def locked(bundle: Bundle):
+    """Exclusive lock on the bundle directory (flock on its descriptor: no lock file lands in the bundle)."""
+    fd = os.open(bundle.path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def writable(bundle: Bundle) -> str | None:
+    """None if engines can be written into the bundle, else why not."""
+    target = bundle.path / ENGINE_DIR
+    probe = target if target.exists() else bundle.path
+    if not os.access(probe, os.W_OK) or not os.access(bundle.path / "stexport.json", os.W_OK):
+        return f"{bundle.path} is not writable by this user"
+    return None
+
+
+def load_timing(bundle: Bundle, host: Host) -> bytes | None:
+    p = bundle.path / timing_cache_file(host)
+    return p.read_bytes() if p.is_file() else None
+
+
+def save(bundle: Bundle, record: dict, plan, timing: bytes | None, host: Host) -> dict:
+    """Store an engine and its record; drop the records (and files) it makes useless."""
+    with locked(bundle):
+        fresh = Bundle.load(bundle.path)  # another process may have added a record meanwhile
+        write_atomic(bundle.path / record["file"], plan)
+        if timing:
+            write_atomic(bundle.path / timing_cache_file(host), timing)
+        keep, drop = [], []
+        for r in records(fresh):
+            (drop if r["key"] == record["key"] or replaces(r, record) else keep).append(r)
+        for r in drop:
+            if r["file"] != record["file"]:
+                (bundle.path / r["file"]).unlink(missing_ok=True)
+        fresh.update(artifacts={"engines": ENGINE_DIR}, engines=[*keep, record])
+        bundle.manifest = fresh.manifest
+    return record
+
+
+def ensure_engine(bundle: Bundle, trt, host: Host, batch: int | None = None,
+                  workspace_gb: float | None = None, opt_level: int | None = None, force: bool = False,
+                  progress: bool = False) -> tuple[dict, bool]:
+    """An engine valid on `host` for this bundle: the cached one, or a new build. Returns (record, built)."""
+    from stexport.trt_engines.build import build_plan
+
+    req = settings(request(bundle.manifest), batch, workspace_gb, opt_level)
+    onnx = onnx_identity(bundle)
+    profile = profile_for(bundle.manifest, req["batch"])
+    if not force:
+        rec, _ = choose(records(bundle), host, onnx)
+        if rec is not None and rec["profile"] == profile:
+            return rec, False
+    why_not = writable(bundle)
+    if why_not:
+        raise StexportError(f"cannot store a TensorRT engine: {why_not}; copy the bundle somewhere writable")
+    onnx_path = bundle.file("onnx")
+    t0 = time.perf_counter()
+    plan, timing = build_plan(trt, onnx_path, profile, req["workspace_gb"], req["opt_level"],
+                              load_timing(bundle, host), progress=progress)
+    rec = make_record(host, onnx, profile, bundle.precision, workspace_gb=req["workspace_gb"],
+                      opt_level=req["opt_level"], seconds=time.perf_counter() - t0, size=plan.nbytes)
+    return save(bundle, rec, plan, timing, host), True
+
+
+def record_request(bundle: Bundle, **settings) -> dict:
+    """Remember build settings for a later first use on a GPU host (`stexport build --engine` without one)."""
+    req = make_request(**settings)
+    with locked(bundle):
+        fresh = Bundle.load(bundle.path)
+        fresh.update(tensorrt_request=req)
+        bundle.manifest = fresh.manifest
+    return req

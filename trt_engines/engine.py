@@ -1,0 +1,46 @@
+"""Engines for bundles, as commands ask for them: `stexport engine` (build now) and `stexport build --engine`
+(build now on a GPU host with TensorRT, else save the settings and build on first use there)."""
+
+from __future__ import annotations
+
+from stexport.bundle import Bundle
+from stexport.errors import StexportError
+from stexport.trt_engines.build import import_tensorrt
+from stexport.trt_engines.cache import ensure_engine, record_request
+from stexport.trt_engines.cuda import open_device
+from stexport.trt_engines.record import Host, request, settings
+
+DEFERRED = "TensorRT engine: will be built on first use on a GPU host with stexport[tensorrt] ({why})"
+
+
+def build_for_bundle(bundle: Bundle, batch: int | None = None, workspace_gb: float | None = None,
+                     opt_level: int | None = None, force: bool = False, progress: bool = False,
+                     cuda: str | None = None, gpu: int = 0) -> tuple[dict, bool]:
+    """Build (or find the cached) engine for this GPU; returns (record, built). The settings are saved in the
+    bundle, so a later rebuild on another GPU uses them. Raises StexportError with the reason when this host
+    cannot build (no TensorRT, no GPU, a failed build)."""
+    trt = import_tensorrt()
+    device = open_device(cuda, gpu)
+    try:
+        host = Host(trt.__version__, *device.info())
+        req = settings(request(bundle.manifest), batch, workspace_gb, opt_level)
+        if req != request(bundle.manifest):
+            record_request(bundle, **req)
+        return ensure_engine(bundle, trt, host, force=force, progress=progress)
+    finally:
+        device.close()
+
+
+def build_or_defer(bundle: Bundle, batch: int | None = None, workspace_gb: float | None = None,
+                   opt_level: int | None = None, progress: bool = False) -> str:
+    """For `stexport build --engine`: build the engine here if this host can, else save the settings so the
+    first use on a GPU host builds it. Returns one line for the user."""
+    record_request(bundle, **settings(request(bundle.manifest), batch, workspace_gb, opt_level))
+    try:
+        import_tensorrt()
+        open_device().close()
+    except StexportError as e:
+        return DEFERRED.format(why=str(e).split(" (")[0].split(";")[0])
+    rec, _ = build_for_bundle(bundle, progress=progress)  # this host can build: a failure here is an error
+    return (f"TensorRT engine: {rec['file']} for {rec['gpu']} (compute {rec['capability']}), TensorRT "
+            f"{rec['tensorrt']}, batch 1-{rec['profile']['max'][0]}, {rec['bytes'] / 1e6:.1f} MB")

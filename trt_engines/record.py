@@ -1,0 +1,149 @@
+"""What a TensorRT engine was built for, and whether it may run here.
+
+Pure functions over plain dicts: no TensorRT, no GPU. An engine is only valid for the exact combination it
+was built for: TensorRT version, GPU (name and compute capability) and ONNX file (sha256); its optimisation
+profile says which batch sizes it takes. Records live in the bundle's manifest under "engines".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+
+from stexport.errors import StexportError
+
+ENGINE_DIR = "engines"
+DEFAULT_BATCH = 32
+MAX_BATCH = 1024  # the ONNX export's dynamic batch axis goes up to this
+DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder optimisation level
+OPT_LEVELS = range(6)
+
+
+@dataclass(frozen=True)
+class Host:
+    """This machine as an engine sees it."""
+
+    tensorrt: str  # full version, e.g. "10.16.1.11"
+    gpu: str  # e.g. "NVIDIA H100 80GB HBM3"
+    capability: str  # compute capability, e.g. "9.0"
+
+    def __str__(self) -> str:
+        return f"{self.gpu} (compute {self.capability}) with TensorRT {self.tensorrt}"
+
+
+def input_shape(manifest: dict) -> tuple[int, ...]:
+    """One sample's input shape (no batch axis) from the manifest's frames, size and input layout."""
+    inp = manifest.get("input", {})
+    layout = inp.get("layout") or ("BTHWC" if inp.get("dtype", "uint8") == "uint8" else "BTCHW")
+    dims = {"T": int(manifest["frames"]), "H": int(manifest["size"]), "W": int(manifest["size"]), "C": 3}
+    if layout[0] != "B" or sorted(layout[1:]) != sorted(dims):
+        raise StexportError(f"unsupported input layout '{layout}' in the bundle's manifest")
+    return tuple(dims[c] for c in layout[1:])
+
+
+def profile_for(manifest: dict, batch: int = DEFAULT_BATCH) -> dict:
+    """The optimisation profile over the batch axis: min 1, opt and max `batch`; other axes fixed."""
+    if not 1 <= batch <= MAX_BATCH:
+        raise StexportError(f"--batch {batch}: choose a batch size from 1 to {MAX_BATCH}")
+    s = list(input_shape(manifest))
+    return {"input": manifest.get("input", {}).get("name", "frames"),
+            "min": [1, *s], "opt": [batch, *s], "max": [batch, *s]}
+
+
+def max_batch(record: dict) -> int:
+    return int(record["profile"]["max"][0])
+
+
+def engine_key(host: Host, onnx: dict, profile: dict, precision: str) -> str:
+    """Cache key: everything an engine's validity depends on (not build options like workspace)."""
+    blob = json.dumps({"tensorrt": host.tensorrt, "gpu": host.gpu, "capability": host.capability,
+                       "onnx": onnx, "profile": profile, "precision": precision}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_record(host: Host, onnx: dict, profile: dict, precision: str, *, workspace_gb: float | None,
+                opt_level: int, seconds: float, size: int) -> dict:
+    key = engine_key(host, onnx, profile, precision)
+    return {"key": key, "file": f"{ENGINE_DIR}/{key}.engine", "tensorrt": host.tensorrt, "gpu": host.gpu,
+            "capability": host.capability, "onnx": onnx, "precision": precision, "profile": profile,
+            "workspace_gb": workspace_gb, "opt_level": opt_level, "build_seconds": round(seconds, 1),
+            "bytes": size, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def mismatches(record: dict, host: Host, onnx: dict) -> list[str]:
+    """Why `record`'s engine cannot run on `host` with this ONNX (empty: it can)."""
+    why = []
+    if record.get("tensorrt") != host.tensorrt:
+        why.append(f"built with TensorRT {record.get('tensorrt')}, this host has {host.tensorrt}")
+    if record.get("gpu") != host.gpu or record.get("capability") != host.capability:
+        why.append(f"built for {record.get('gpu')} (compute {record.get('capability')}), this host has "
+                   f"{host.gpu} (compute {host.capability})")
+    if record.get("onnx") != onnx:
+        old = (record.get("onnx") or {}).get("sha256", "?")
+        why.append(f"built from another ONNX model (sha256 {old[:12]}…, "
+                   f"the bundle's is {onnx['sha256'][:12]}…)")
+    return why
+
+
+def choose(records: list[dict], host: Host, onnx: dict, batch: int | None = None) -> tuple[dict | None, str]:
+    """The engine to run here, or None and the reason none fits (for the rebuild / fallback message).
+
+    Among valid engines prefer the smallest one whose profile covers `batch`, else the largest (the backend
+    splits bigger batches into chunks it takes)."""
+    if not records:
+        return None, "the bundle has no TensorRT engine yet"
+    valid = [r for r in records if not mismatches(r, host, onnx)]
+    if batch is not None and valid:
+        covering = [r for r in valid if max_batch(r) >= batch]
+        if not covering:
+            best = max(valid, key=max_batch)
+            return best, (f"batch {batch} exceeds the engine's profile (max {max_batch(best)}); "
+                          "running in chunks")
+        return min(covering, key=max_batch), ""
+    if valid:
+        return max(valid, key=max_batch), ""
+    newest = max(records, key=lambda r: r.get("built", ""))
+    return None, "its engine was " + "; ".join(mismatches(newest, host, onnx))
+
+
+def replaces(old: dict, new: dict) -> bool:
+    """Whether `new` makes `old` useless: same host and profile, or `old` was built from another ONNX."""
+    same_host = all(old.get(k) == new.get(k) for k in ("tensorrt", "gpu", "capability"))
+    return old.get("onnx") != new["onnx"] or (same_host and old.get("profile") == new["profile"])
+
+
+def timing_cache_file(host: Host) -> str:
+    """Timing caches are per GPU and TensorRT version; kept beside the engines and reused by later builds."""
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{host.gpu}-sm{host.capability}-trt{host.tensorrt}").strip("-")
+    return f"{ENGINE_DIR}/timing-{slug}.cache"
+
+
+def request(manifest: dict) -> dict | None:
+    """Build settings recorded by `stexport build --engine` on a host that could not build then."""
+    return manifest.get("tensorrt_request")
+
+
+def make_request(batch: int = DEFAULT_BATCH, workspace_gb: float | None = None,
+                 opt_level: int = DEFAULT_OPT_LEVEL) -> dict:
+    if not 1 <= batch <= MAX_BATCH:
+        raise StexportError(f"--batch {batch}: choose a batch size from 1 to {MAX_BATCH}")
+    if opt_level not in OPT_LEVELS:
+        raise StexportError(f"--opt-level {opt_level}: TensorRT's builder optimisation levels are 0 to 5")
+    if workspace_gb is not None and workspace_gb <= 0:
+        raise StexportError(f"--workspace-gb {workspace_gb}: give a positive number of GiB, or leave it out")
+    return {"batch": batch, "workspace_gb": workspace_gb, "opt_level": opt_level}
+
+
+def settings(saved: dict | None, batch: int | None = None, workspace_gb: float | None = None,
+             opt_level: int | None = None) -> dict:
+    """Build settings: explicit values, else the ones saved in the bundle, else the defaults."""
+    saved = saved or {}
+    if workspace_gb is None:
+        workspace_gb = saved.get("workspace_gb")
+    if opt_level is None:
+        opt_level = saved.get("opt_level", DEFAULT_OPT_LEVEL)
+    return make_request(batch=batch or saved.get("batch", DEFAULT_BATCH), workspace_gb=workspace_gb,
+                        opt_level=opt_level)

@@ -1,0 +1,172 @@
+"""The TensorRT backend: the bundle's engine for this GPU, fed through pinned buffers on one CUDA stream.
+
+Opening checks compatibility first (TensorRT version, GPU, ONNX hash; see record.py): an engine built
+elsewhere is rebuilt here with a message or, when that is impossible, opening fails with the exact reason (and
+`auto` falls back to the next backend). Running uses the tensor-name I/O API: set_input_shape,
+set_tensor_address, execute_async_v3. uint8 clips go to the GPU as uint8; buffers are sized once for the
+profile's largest batch and reused, and bigger batches run in chunks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import numpy as np
+
+from stexport.backends.base import Backend
+from stexport.errors import StexportError
+from stexport.trt_engines.build import import_tensorrt, make_logger
+from stexport.trt_engines.cache import ensure_engine, onnx_identity, records
+from stexport.trt_engines.cuda import open_device
+from stexport.trt_engines.record import Host, choose, input_shape, max_batch, request
+
+log = logging.getLogger("stexport")
+
+
+def spans(n: int, size: int) -> list[tuple[int, int]]:
+    """[lo, hi) chunks of at most `size` covering range(n)."""
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def engine_input(clips: np.ndarray, manifest: dict, dtype: np.dtype) -> np.ndarray:
+    """What the engine's input tensor takes: uint8 clips unchanged (normalisation is in the graph), or for
+    float-input bundles normalised (B, T, 3, H, W) computed on the host."""
+    inp = manifest.get("input", {})
+    if inp.get("dtype", "uint8") == "uint8":
+        if dtype != np.uint8:
+            raise StexportError(f"the engine takes {dtype} input but the bundle says uint8; "
+                                "rebuild the engine with `stexport engine BUNDLE --force`")
+        return clips
+    mean = np.asarray(inp["mean"], np.float32).reshape(1, 1, 3, 1, 1)
+    std = np.asarray(inp["std"], np.float32).reshape(1, 1, 3, 1, 1)
+    x = clips.transpose(0, 1, 4, 2, 3).astype(np.float32) / 255.0
+    return np.ascontiguousarray(((x - mean) / std).astype(dtype, copy=False))
+
+
+def io_names(inputs: list[str], outputs: list[str], manifest: dict) -> tuple[str, str]:
+    want_in = manifest.get("input", {}).get("name", "frames")
+    want_out = manifest.get("output", {}).get("name", "logits")
+    if inputs != [want_in] or outputs != [want_out]:
+        raise StexportError(f"the engine's tensors {inputs} → {outputs} are not the bundle's "
+                            f"{want_in} → {want_out}; rebuild it with `stexport engine BUNDLE --force`")
+    return want_in, want_out
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, bundle, batch: int | None = None, build: bool = True, cuda: str | None = None,
+                 gpu: int = 0, progress: bool = False, **options):
+        super().__init__(bundle, **options)
+        trt = import_tensorrt()
+        self.cuda = open_device(cuda, gpu)
+        self.context = self.engine = self.runtime = None
+        try:
+            self._open(trt, batch, build, progress)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def usable(cls, bundle) -> bool:
+        """TensorRT importable, a GPU visible, and the bundle has an engine or asked for one (`--engine`)."""
+        try:
+            if importlib.util.find_spec("tensorrt") is None:
+                return False
+            from stexport.backends.ort import gpu_visible
+
+            return bundle.has("onnx") and gpu_visible() and bool(records(bundle) or request(bundle.manifest))
+        except Exception:  # noqa: BLE001 - `auto` must never fail here
+            return False
+
+    def _select(self, trt, batch: int | None, build: bool, progress: bool) -> dict:
+        b = self.bundle
+        rec, why = choose(records(b), self.host, onnx_identity(b), batch)
+        if rec is not None:
+            if why:
+                log.info(why)
+            return rec
+        if not build:
+            raise StexportError(f"{b.path}: no TensorRT engine for {self.host}: {why}; "
+                                f"build one with `stexport engine {b.path}`")
+        log.warning(f"{b.path.name}: building a TensorRT engine for {self.host} ({why}); "
+                    "this happens once and takes a few minutes")
+        try:
+            return ensure_engine(b, trt, self.host, batch=batch, progress=progress)[0]
+        except StexportError as e:
+            raise StexportError(f"{b.path.name}: {why}, and rebuilding it here failed: {e}") from e
+
+    def _open(self, trt, batch, build, progress) -> None:
+        b = self.bundle
+        self.host = Host(trt.__version__, *self.cuda.info())
+        self.record = self._select(trt, batch, build, progress)
+        path = b.path / self.record["file"]
+        logger = make_logger(trt)
+        self.runtime = trt.Runtime(logger)
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            reason = logger.errors[-1] if logger.errors else "no message from TensorRT"
+            raise StexportError(f"{path}: TensorRT {trt.__version__} cannot load this engine ({reason}); "
+                                f"rebuild it with `stexport engine {b.path} --force`")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise StexportError(f"{path}: TensorRT could not create an execution context "
+                                "(out of GPU memory?)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.in_name, self.out_name = io_names([n for n in names if is_input[n]],
+                                               [n for n in names if not is_input[n]], b.manifest)
+        self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.in_name)))
+        self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.out_name)))
+        self.max_batch = max_batch(self.record)
+        self.sample = input_shape(b.manifest)
+        out_max = self._set_batch(self.max_batch)
+        in_bytes = self.max_batch * int(np.prod(self.sample)) * self.in_dtype.itemsize
+        out_bytes = int(np.prod(out_max)) * self.out_dtype.itemsize
+        self.host_in, self.dev_in = self.cuda.pinned(in_bytes), self.cuda.malloc(in_bytes)
+        self.host_out, self.dev_out = self.cuda.pinned(out_bytes), self.cuda.malloc(out_bytes)
+        self.stream = self.cuda.stream()
+        for name, ptr in ((self.in_name, self.dev_in), (self.out_name, self.dev_out)):
+            if not self.context.set_tensor_address(name, ptr):
+                raise StexportError(f"TensorRT refused the device address for tensor '{name}'")
+
+    def _set_batch(self, n: int) -> tuple[int, ...]:
+        """Set the input shape for a batch of n; return the output shape it gives."""
+        if not self.context.set_input_shape(self.in_name, (n, *self.sample)):
+            raise StexportError(f"TensorRT refused input shape {(n, *self.sample)} "
+                                f"(engine profile: batch 1 to {self.max_batch})")
+        return tuple(self.context.get_tensor_shape(self.out_name))
+
+    def _run_chunk(self, x: np.ndarray) -> np.ndarray:
+        host_in = self.host_in[:x.nbytes].view(x.dtype).reshape(x.shape)
+        np.copyto(host_in, x)
+        self.cuda.h2d(self.dev_in, host_in, self.stream)
+        shape = self._set_batch(len(x))
+        if not self.context.execute_async_v3(self.stream):
+            raise StexportError("TensorRT execution failed (execute_async_v3 returned False); "
+                                "run with -v for TensorRT's messages")
+        nbytes = int(np.prod(shape)) * self.out_dtype.itemsize
+        host_out = self.host_out[:nbytes].view(self.out_dtype).reshape(shape)
+        self.cuda.d2h(host_out, self.dev_out, self.stream)
+        self.cuda.sync(self.stream)
+        return host_out.astype(np.float32)  # a copy: the pinned buffer is reused by the next chunk
+
+    def run(self, clips: np.ndarray) -> np.ndarray:
+        x = engine_input(self.check_input(clips), self.bundle.manifest, self.in_dtype)
+        outs = [self._run_chunk(x[lo:hi]) for lo, hi in spans(len(x), self.max_batch)]
+        if not outs:
+            return np.zeros((0, *self._set_batch(1)[1:]), np.float32)
+        return np.concatenate(outs)
+
+    def describe(self) -> dict:
+        r = self.record
+        return {"backend": self.name, "device": f"{self.host.gpu} (compute {self.host.capability})",
+                "tensorrt": self.host.tensorrt, "precision": self.bundle.precision, "engine": r["file"],
+                "profile_batch": [r["profile"]["min"][0], r["profile"]["max"][0]], "cuda": self.cuda.kind}
+
+    def close(self) -> None:
+        # Release in dependency order: context before engine before runtime, then the CUDA memory.
+        self.context = self.engine = self.runtime = None
+        if getattr(self, "cuda", None) is not None:
+            self.cuda.close()
