@@ -488,6 +488,14 @@ def test_write_atomic_leaves_nothing_on_failure(tmp_path):
     assert target.read_bytes() == b"abc" and [p.name for p in target.parent.iterdir()] == ["x.engine"]
 
 
+def test_a_record_whose_engine_file_is_gone_is_ignored(bundle):
+    rec, _ = build_with_fake(bundle, FakeTensorRT())
+    (bundle.path / rec["file"]).unlink()
+    b = Bundle.load(bundle.path)
+    assert records(b) == [] and choose(records(b), H100, onnx_identity(b))[0] is None
+    assert build_with_fake(b, FakeTensorRT())[1]  # rebuilt, not "up to date"
+
+
 def open_fake_backend(bundle, monkeypatch, trt, cuda, **options):
     from stexport.trt_engines import runtime
 
@@ -643,7 +651,7 @@ def test_engine_cli_without_tensorrt(bundle, no_tensorrt):
     assert "TensorRT is not available here" in r.output and "stexport[tensorrt]" in r.output
 
 
-def test_build_or_defer_saves_the_request(bundle, no_tensorrt):
+def test_build_or_defer_saves_the_request(bundle, no_tensorrt, monkeypatch):
     from stexport.trt_engines.engine import build_or_defer
 
     msg = build_or_defer(bundle, batch=8, opt_level=4)
@@ -655,7 +663,7 @@ def test_build_or_defer_saves_the_request(bundle, no_tensorrt):
     # on a GPU host, first use builds with the saved settings
     memory: dict = {}
     trt = FakeTensorRT(memory=memory)
-    be = open_fake_backend(b, pytest.MonkeyPatch(), trt, FakeCuda(memory))
+    be = open_fake_backend(b, monkeypatch, trt, FakeCuda(memory))
     assert be.max_batch == 8 and ("config.builder_optimization_level", 4) in trt.calls
 
 
@@ -725,7 +733,6 @@ def _tensorrt_and_gpu() -> str | None:
 
 
 SKIP = _tensorrt_and_gpu()
-needs_trt = [pytest.mark.tensorrt, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
 
 
 @pytest.fixture(scope="module")

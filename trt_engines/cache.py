@@ -24,7 +24,8 @@ log = logging.getLogger("stexport")
 
 
 def records(bundle: Bundle) -> list[dict]:
-    return list(bundle.manifest.get("engines") or [])
+    """The engine records whose engine file is still there."""
+    return [r for r in bundle.manifest.get("engines") or [] if (bundle.path / r["file"]).is_file()]
 
 
 def onnx_identity(bundle: Bundle) -> dict:
