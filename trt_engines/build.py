@@ -56,24 +56,37 @@ def workspace_bytes(workspace_gb: float | None) -> int | None:
     return None if workspace_gb is None else int(workspace_gb * (1 << 30))
 
 
-def make_logger(trt):
-    """A TensorRT logger that keeps errors (for one-line failure messages) and sends the rest to logging."""
+_loggers: dict[int, object] = {}
 
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
 
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                self.errors.append(str(msg))
-                log.debug("TensorRT error: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                log.info("TensorRT: %s", msg)
-            else:
-                log.debug("TensorRT: %s", msg)
+def logger_for(trt):
+    """One logger per tensorrt module for every builder and runtime: TensorRT keeps a single global logger (it
+    warns when given another) and holds a raw pointer to it, so it must live as long as the process."""
+    if id(trt) not in _loggers:
 
-    return Logger()
+        class Logger(trt.ILogger):
+            """Keeps errors (for one-line failure messages) and sends the rest to logging."""
+
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+
+            def log(self, severity, msg):
+                if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                    self.errors.append(str(msg))
+                    log.debug("TensorRT error: %s", msg)
+                elif severity == trt.ILogger.Severity.WARNING:
+                    log.info("TensorRT: %s", msg)
+                else:
+                    log.debug("TensorRT: %s", msg)
+
+        _loggers[id(trt)] = Logger()
+    return _loggers[id(trt)]
+
+
+def last_error(logger, mark: int) -> str:
+    """The last error TensorRT logged since len(logger.errors) was `mark`."""
+    return logger.errors[-1] if len(logger.errors) > mark else "no message from TensorRT"
 
 
 def make_progress(trt, bar: tqdm):
@@ -105,7 +118,8 @@ def make_progress(trt, bar: tqdm):
 def build_plan(trt, onnx_path: Path, profile: dict, workspace_gb: float | None, opt_level: int,
                timing_cache: bytes | None, progress: bool = False) -> tuple[memoryview, bytes]:
     """Build a serialized engine from `onnx_path`; return it and the updated timing cache."""
-    logger = make_logger(trt)
+    logger = logger_for(trt)
+    mark = len(logger.errors)
     builder = trt.Builder(logger)
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     bit = None if strongly_typed is None else int(strongly_typed)
@@ -114,7 +128,7 @@ def build_plan(trt, onnx_path: Path, profile: dict, workspace_gb: float | None, 
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        errors = errors or logger.errors or ["no message"]
+        errors = errors or logger.errors[mark:] or ["no message"]
         raise StexportError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse it: {errors[0]}"
                             + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""))
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
@@ -134,14 +148,15 @@ def build_plan(trt, onnx_path: Path, profile: dict, workspace_gb: float | None, 
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     bar = tqdm(desc="TensorRT build", unit="step", disable=not progress, leave=False)
-    if progress:
-        config.progress_monitor = make_progress(trt, bar)
+    monitor = make_progress(trt, bar) if progress else None  # referenced here for as long as the build runs
+    if monitor is not None:
+        config.progress_monitor = monitor
     try:
         plan = builder.build_serialized_network(network, config)
     finally:
         bar.close()
     if plan is None:
-        reason = logger.errors[-1] if logger.errors else "no message from TensorRT"
+        reason = last_error(logger, mark)
         raise StexportError(f"TensorRT {trt.__version__} could not build an engine from {onnx_path.name}: "
                             f"{reason}")
     timing = bytes(memoryview(config.get_timing_cache().serialize()))

@@ -16,7 +16,7 @@ import numpy as np
 
 from stexport.backends.base import Backend
 from stexport.errors import StexportError
-from stexport.trt_engines.build import import_tensorrt, make_logger
+from stexport.trt_engines.build import import_tensorrt, last_error, logger_for
 from stexport.trt_engines.cache import ensure_engine, onnx_identity, records
 from stexport.trt_engines.cuda import open_device
 from stexport.trt_engines.record import Host, choose, input_shape, max_batch, request
@@ -102,12 +102,13 @@ class TensorRTBackend(Backend):
         self.host = Host(trt.__version__, *self.cuda.info())
         self.record = self._select(trt, batch, build, progress)
         path = b.path / self.record["file"]
-        logger = make_logger(trt)
+        logger = logger_for(trt)
+        mark = len(logger.errors)
         self.runtime = trt.Runtime(logger)
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            reason = logger.errors[-1] if logger.errors else "no message from TensorRT"
-            raise StexportError(f"{path}: TensorRT {trt.__version__} cannot load this engine ({reason}); "
+            raise StexportError(f"{path}: TensorRT {trt.__version__} cannot load this engine "
+                                f"({last_error(logger, mark)}); "
                                 f"rebuild it with `stexport engine {b.path} --force`")
         self.context = self.engine.create_execution_context()
         if self.context is None:
