@@ -5,9 +5,12 @@ from __future__ import annotations
 import typer
 
 from stexport import __version__
+from stexport.cli import bench as bench_cmd
+from stexport.cli import build as build_cmd
 from stexport.cli import engine as engine_cmd
 from stexport.cli import infer as infer_cmd
 from stexport.cli import inspect as inspect_cmd
+from stexport.cli import verify as verify_cmd
 
 app = typer.Typer(
     name="stexport",
@@ -19,7 +22,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (inspect_cmd, engine_cmd, infer_cmd):
+for module in (inspect_cmd, build_cmd, verify_cmd, engine_cmd, infer_cmd, bench_cmd):
     module.register(app)
 
 

@@ -20,6 +20,7 @@ from stexport.deltas import Deltas, check_fits, infer_spec, load_deltas, unwrap
 from stexport.errors import StexportError
 from stexport.export import DTYPES, INPUT, OPSET, OUTPUT, export_onnx, external_files
 from stexport.fold import fold
+from stexport.labels import resolve_labels
 from stexport.loaders import backbone_record
 from stexport.reference import CLIP_MEAN, CLIP_STD, build_reference
 
@@ -44,24 +45,6 @@ def _deltas(adapter) -> Deltas:
         sd = unwrap(adapter, "deltas")
         return Deltas(spec=infer_spec(sd, "deltas"), state_dict={k: v.float() for k, v in sd.items()})
     return load_deltas(adapter)
-
-
-def _labels(path, num_classes: int) -> tuple[list[str], str]:
-    try:
-        from stexport.labels import resolve_labels
-    except ImportError:
-        resolve_labels = None
-    if resolve_labels is not None:
-        return resolve_labels(str(path) if path else None, num_classes)
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise StexportError(f"{p}: no such labels file (one class name per line)")
-        names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-        if len(names) != num_classes:
-            raise StexportError(f"{p}: {len(names)} labels but the adapter head has {num_classes} classes")
-        return names, str(p)
-    return [f"class_{i}" for i in range(num_classes)], "generic"
 
 
 def bundle_name(adapter, backbone: str, precision: str, frames: int, size: int) -> str:
@@ -111,7 +94,7 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
     if size != bb.config.image_size:
         raise StexportError(f"--size {size}: {bb.name} was trained at {bb.config.image_size} px and its positional "
                             f"embedding is fixed; use --size {bb.config.image_size}")
-    names, labels_source = _labels(labels, deltas.spec.num_classes)
+    names, labels_source = resolve_labels(str(labels) if labels else None, deltas.spec.num_classes)
     views = {**default_sampling(deltas.spec), **(sampling or {})}
     name = bundle_name(deltas.path or adapter, bb.name, precision, frames, size)
     out = Path(out) if out else default_home() / name

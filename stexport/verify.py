@@ -1,0 +1,213 @@
+"""Verify a bundle: run its backend and the PyTorch reference on the same decoded clips and compare.
+
+Per view: max and mean |Δlogit|, cosine similarity, top-1 agreement (same argmax) and top-5 agreement (same
+top-5 set). Per video, when the clip list has labels: top-1/top-5 accuracy of each (softmax averaged over views,
+as `infer` and the official evaluation do) and the difference. A per-precision gate decides pass or fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from stexport.bundle import Bundle
+from stexport.classify import softmax
+from stexport.errors import StexportError
+
+log = logging.getLogger("stexport")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Thresholds; None means not checked. Accuracy drop in points (0–100), agreement as a fraction."""
+
+    max_abs: float | None = None
+    min_top1_agreement: float | None = None
+    max_accuracy_drop: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"max_abs": self.max_abs, "min_top1_agreement": self.min_top1_agreement,
+                "max_accuracy_drop_pt": self.max_accuracy_drop}
+
+
+# int8: the accuracy drop when labels are given; without labels, top-1 agreement stands in for it.
+GATES = {
+    "fp32": Gate(max_abs=1e-3, min_top1_agreement=1.0),
+    "fp16": Gate(min_top1_agreement=0.99),
+    "int8": Gate(max_accuracy_drop=1.0, min_top1_agreement=0.95),
+}
+
+
+def compare(ref: np.ndarray, out: np.ndarray) -> dict:
+    """Logit-level agreement of `out` with `ref`, both (N, classes)."""
+    d = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    num = (out * ref).sum(-1, dtype=np.float64)
+    den = np.linalg.norm(out.astype(np.float64), axis=-1) * np.linalg.norm(ref.astype(np.float64), axis=-1)
+    cos = num / np.maximum(den, 1e-30)
+    k = min(5, ref.shape[1])
+    top_r = np.sort(np.argsort(-ref, axis=1, kind="stable")[:, :k], axis=1)
+    top_o = np.sort(np.argsort(-out, axis=1, kind="stable")[:, :k], axis=1)
+    return {
+        "views": int(len(ref)),
+        "max_abs": float(d.max()),
+        "mean_abs": float(d.mean()),
+        "cosine_min": float(cos.min()),
+        "cosine_mean": float(cos.mean()),
+        "top1_agreement": float((ref.argmax(1) == out.argmax(1)).mean()),
+        "top5_agreement": float((top_r == top_o).all(axis=1).mean()),
+    }
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return float(100.0 * (top == labels[:, None]).any(axis=1).mean())
+
+
+def judge(precision: str, metrics: dict, gate: Gate) -> list[dict]:
+    """The gate's checks on `metrics`; each {check, value, limit, passed}."""
+    checks = []
+    labelled = metrics.get("accuracy") is not None
+    if gate.max_abs is not None:
+        checks.append({"check": "max |Δlogit|", "value": metrics["max_abs"], "limit": f"≤ {gate.max_abs:g}",
+                       "passed": metrics["max_abs"] <= gate.max_abs})
+    if gate.max_accuracy_drop is not None and labelled:
+        drop = metrics["accuracy"]["reference_top1"] - metrics["accuracy"]["backend_top1"]
+        checks.append({"check": "top-1 accuracy drop (pt)", "value": drop, "limit": f"≤ {gate.max_accuracy_drop:g}",
+                       "passed": drop <= gate.max_accuracy_drop})
+    elif gate.min_top1_agreement is not None:
+        checks.append({"check": "top-1 agreement", "value": metrics["top1_agreement"],
+                       "limit": f"≥ {gate.min_top1_agreement:.1%}",
+                       "passed": metrics["top1_agreement"] >= gate.min_top1_agreement - 1e-12})
+    return checks
+
+
+def verify(bundle: Bundle | str, clips, backend: str = "onnxruntime", max_clips: int | None = None,
+           gate: Gate | None = None, pretrained: str | None = None, progress: bool = False,
+           reference=None, **backend_options) -> dict:
+    """Compare `backend` on `bundle` with the PyTorch reference on the videos of `clips` (a '<video> <label>'
+    list or a directory). Returns the report; report['passed'] is the gate's verdict.
+
+    reference: an already-built reference model (tests); otherwise it is rebuilt from the bundle's deltas and
+    backbone record (`pretrained` overrides where the backbone weights are now).
+    """
+    from stexport import backends
+    from stexport.video import Sampling, VideoError, decode_clips, read_clip_list
+
+    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    precision = b.precision
+    gate = gate or GATES.get(precision, GATES["fp32"])
+    entries = read_clip_list(clips)
+    if max_clips is not None:
+        if max_clips < 1:
+            raise StexportError(f"--max-clips {max_clips}: must be at least 1")
+        entries = entries[:max_clips]
+    modified = b.check_files()
+    if modified:
+        log.warning("%s: files changed since the build: %s", b.path, ", ".join(modified))
+    sampling = Sampling.from_manifest(b.manifest)
+    name = backends.resolve(backend, b)
+    if name == "torch":
+        raise StexportError("--backend torch is the reference itself; verify another backend (e.g. onnxruntime)")
+    test = backends.create(name, b, **backend_options)
+    from stexport.backends.torch_ref import TorchBackend
+
+    ref = TorchBackend(b, model=reference, pretrained=pretrained)
+    ref_logits, out_logits, ref_probs, out_probs, labels, failed = [], [], [], [], [], []
+    t_ref = t_out = 0.0
+    try:
+        for path, label in tqdm(entries, desc="verify", unit="video", disable=not progress, leave=False):
+            try:
+                views = decode_clips(str(path), sampling)
+            except VideoError as e:
+                failed.append({"video": str(path), "error": str(e)})
+                continue
+            t = time.perf_counter()
+            o = test.run(views)
+            t_out += time.perf_counter() - t
+            t = time.perf_counter()
+            r = ref.run(views)
+            t_ref += time.perf_counter() - t
+            ref_logits.append(r)
+            out_logits.append(o)
+            ref_probs.append(softmax(r).mean(0))
+            out_probs.append(softmax(o).mean(0))
+            labels.append(label)
+        described = test.describe()
+    finally:
+        test.close()
+    if not ref_logits:
+        raise StexportError(f"{clips}: none of the {len(entries)} videos could be decoded "
+                            f"(first error: {failed[0]['error'] if failed else 'none'})")
+    metrics = compare(np.concatenate(ref_logits), np.concatenate(out_logits))
+    metrics["accuracy"] = None
+    n = len(ref_probs)
+    if all(lb is not None for lb in labels):
+        y = np.asarray(labels)
+        classes = ref_probs[0].shape[0]
+        if y.min() < 0 or y.max() >= classes:
+            raise StexportError(f"{clips}: label {int(y.max() if y.max() >= classes else y.min())} is outside the "
+                                f"model's {classes} classes")
+        rp, op = np.stack(ref_probs), np.stack(out_probs)
+        acc = {"reference_top1": accuracy(rp, y, 1), "backend_top1": accuracy(op, y, 1),
+               "reference_top5": accuracy(rp, y, 5), "backend_top5": accuracy(op, y, 5)}
+        acc["top1_difference"] = acc["backend_top1"] - acc["reference_top1"]
+        acc["top5_difference"] = acc["backend_top5"] - acc["reference_top5"]
+        metrics["accuracy"] = acc
+    elif any(lb is not None for lb in labels):
+        log.warning("%s: only some videos have labels; accuracy is not reported", clips)
+    checks = judge(precision, metrics, gate)
+    return {
+        "bundle": str(b.path),
+        "precision": precision,
+        "backend": described,
+        "reference": ref.describe(),
+        "sampling": sampling.to_dict(),
+        "videos": n,
+        "failed": failed,
+        "modified_files": modified,
+        "metrics": metrics,
+        "seconds_per_video": {"backend": t_out / n, "reference": t_ref / n},
+        "gate": {"precision": precision, **gate.to_dict()},
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+    }
+
+
+def format_report(report: dict) -> str:
+    m = report["metrics"]
+    be = report["backend"]
+    where = ", ".join(be.get("providers", [])[:1]) or be.get("device", "")
+    lines = [
+        f"bundle           {report['bundle']} ({report['precision']})",
+        f"backend          {be.get('backend')}{f' ({where})' if where else ''} vs PyTorch reference",
+        f"videos           {report['videos']} ({m['views']} views)"
+        + (f", {len(report['failed'])} could not be decoded" if report["failed"] else ""),
+        f"max |Δlogit|     {m['max_abs']:.3g}",
+        f"mean |Δlogit|    {m['mean_abs']:.3g}",
+        f"cosine           min {m['cosine_min']:.6f}  mean {m['cosine_mean']:.6f}",
+        f"top-1 agreement  {m['top1_agreement']:.1%}",
+        f"top-5 agreement  {m['top5_agreement']:.1%} (same top-5 set)",
+    ]
+    acc = m.get("accuracy")
+    if acc:
+        lines += [
+            f"top-1 accuracy   reference {acc['reference_top1']:.1f}%  backend {acc['backend_top1']:.1f}%  "
+            f"Δ {acc['top1_difference']:+.1f} pt",
+            f"top-5 accuracy   reference {acc['reference_top5']:.1f}%  backend {acc['backend_top5']:.1f}%  "
+            f"Δ {acc['top5_difference']:+.1f} pt",
+        ]
+    s = report["seconds_per_video"]
+    lines.append(f"seconds/video    backend {s['backend']:.3f}  reference {s['reference']:.3f}")
+    for c in report["checks"]:
+        v = c["value"]
+        shown = f"{v:.1%}" if "agreement" in c["check"] else f"{v:.3g}"
+        lines.append(f"gate             {c['check']} = {shown} (limit {c['limit']}): "
+                     f"{'pass' if c['passed'] else 'FAIL'}")
+    if report["modified_files"]:
+        lines.append(f"warning          files changed since the build: {', '.join(report['modified_files'])}")
+    lines.append(f"result           {'PASS' if report['passed'] else 'FAIL'}")
+    return "\n".join(lines)
