@@ -452,6 +452,15 @@ def test_build_is_strongly_typed_from_file_with_profile_workspace_level_and_timi
     assert len(records(Bundle.load(b.path))) == 1  # replaced, not added
 
 
+def test_engines_for_several_batch_profiles_coexist(bundle):
+    small, _ = build_with_fake(bundle, FakeTensorRT(), batch=2)
+    big, _ = build_with_fake(bundle, FakeTensorRT(), batch=16)
+    assert small["key"] != big["key"]
+    trt = FakeTensorRT()
+    assert build_with_fake(bundle, trt, batch=2) == (small, False) and not trt.calls  # not the largest
+    assert {r["key"] for r in records(Bundle.load(bundle.path))} == {small["key"], big["key"]}
+
+
 def test_build_on_tensorrt_11_sets_no_precision_flags(bundle):
     trt = FakeTensorRT(version="11.4.0.106", strongly_typed=0)
     assert not hasattr(trt, "BuilderFlag")  # like the real 11.x: no precision flags to set

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stexport.bundle import Bundle, sha256_file
 from stexport.errors import StexportError
-from stexport.trt_engines.record import (ENGINE_DIR, Host, choose, make_record, make_request, profile_for,
+from stexport.trt_engines.record import (ENGINE_DIR, Host, make_record, make_request, mismatches, profile_for,
                                          replaces, request, settings, timing_cache_file)
 
 log = logging.getLogger("stexport")
@@ -110,10 +110,9 @@ def ensure_engine(bundle: Bundle, trt, host: Host, batch: int | None = None,
     req = settings(request(bundle.manifest), batch, workspace_gb, opt_level)
     onnx = onnx_identity(bundle)
     profile = profile_for(bundle.manifest, req["batch"])
-    if not force:
-        rec, _ = choose(records(bundle), host, onnx)
-        if rec is not None and rec["profile"] == profile:
-            return rec, False
+    cached = [r for r in records(bundle) if r["profile"] == profile and not mismatches(r, host, onnx)]
+    if cached and not force:
+        return cached[0], False
     why_not = writable(bundle)
     if why_not:
         raise StexportError(f"cannot store a TensorRT engine: {why_not}; copy the bundle somewhere writable")
@@ -126,9 +125,9 @@ def ensure_engine(bundle: Bundle, trt, host: Host, batch: int | None = None,
     return save(bundle, rec, plan, timing, host), True
 
 
-def record_request(bundle: Bundle, **settings) -> dict:
+def record_request(bundle: Bundle, **values) -> dict:
     """Remember build settings for a later first use on a GPU host (`stexport build --engine` without one)."""
-    req = make_request(**settings)
+    req = make_request(**values)
     with locked(bundle):
         fresh = Bundle.load(bundle.path)
         fresh.update(tensorrt_request=req)
