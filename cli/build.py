@@ -18,6 +18,8 @@ Examples:
   stexport build --adapter k400.pt --precision int8 --calib val_list.txt --calib-clips 64 --calib-method entropy
 
   stexport build --adapter demo.pt --backbone stexport-demo-vit --pretrained demo_backbone.pt --frames 8 --force
+
+  stexport build --adapter k400.pt --precision fp16 --engine    # + a TensorRT engine (now on a GPU host)
 """
 
 
@@ -41,6 +43,8 @@ def build(
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle at --out."),
     input_format: str = typer.Option("uint8", "--input", help="uint8 (B,T,H,W,3 RGB; normalisation in the graph) "
                                      "or float (B,T,3,H,W, normalised by the host)."),
+    engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
+                                "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Build a bundle: load the CLIP backbone and the adapter deltas, fold them into a standard-operator graph
@@ -63,8 +67,13 @@ def build(
     b = build_bundle(adapter, backbone=backbone, pretrained=pretrained, precision=precision, frames=frames,
                      size=size, out=out, force=force, calib=calib, labels=labels, calib_clips=calib_clips,
                      calib_method=calib_method, input_format=input_format, progress=True)
+    engine_note = None
+    if engine:
+        from stexport.trt_engines.engine import build_or_defer
+
+        engine_note = build_or_defer(b, progress=True)
     if as_json:
-        print_json({"path": str(b.path), **b.manifest})
+        print_json({"path": str(b.path), **b.manifest, **({"engine_note": engine_note} if engine_note else {})})
         return
     m = b.manifest
     size_mb = sum(r["bytes"] for r in m["files"].values()) / 1e6
@@ -78,6 +87,8 @@ def build(
         c = m["calibration"]
         typer.echo(f"  calibration: {c['method']} on {c['clips']} clips{' (cached)' if c['cached'] else ''}, "
                    f"{c['quantized_layers']} layers quantized")
+    if engine_note:
+        typer.echo(f"  {engine_note}")
     typer.echo(f"next: stexport verify {b.path} --clips VIDEOS   |   stexport infer VIDEO -m {b.path}")
 
 

@@ -676,6 +676,28 @@ def test_build_or_defer_saves_the_request(bundle, no_tensorrt, monkeypatch):
     assert be.max_batch == 8 and ("config.builder_optimization_level", 4) in trt.calls
 
 
+def test_build_engine_flag_without_tensorrt_writes_the_bundle_and_says_so(tmp_path, no_tensorrt):
+    from typer.testing import CliRunner
+
+    from stexport.backbone import random_backbone
+    from stexport.cli.app import app
+    from stexport.deltas import save_official
+    from stexport.synthetic import random_deltas
+
+    save_official(tmp_path / "a.pt", random_deltas(random_backbone("stexport-tiny-vit").config, width=16,
+                                                   num_classes=5))
+    out = tmp_path / "b"
+    r = CliRunner().invoke(app, ["build", "--adapter", str(tmp_path / "a.pt"), "--backbone",
+                                 "stexport-tiny-vit", "--pretrained", "none", "--frames", "4", "--precision",
+                                 "fp16", "--engine", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    notes = [ln.strip() for ln in r.output.splitlines() if "TensorRT engine" in ln]
+    assert notes == ["TensorRT engine: will be built on first use on a GPU host with stexport[tensorrt] "
+                     "(TensorRT is not available here)"]
+    b = Bundle.load(out)
+    assert b.has("onnx") and rec_mod.request(b.manifest)["batch"] == 32 and b.check_files() == []
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The TensorRT API names the code uses exist in TensorRT 10.16 and 11.4 (checked against the real wheels).
 
