@@ -112,7 +112,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "onnxruntime", max_clips:
     name = backends.resolve(backend, b)
     if name == "torch":
         raise StexportError("--backend torch is the reference itself; verify another backend (e.g. onnxruntime)")
-    test = backends.create(name, b, **backend_options)
+    test = backends.create(backend, b, **backend_options)  # 'auto' falls back past a backend that cannot open
     from stexport.backends.torch_ref import TorchBackend
 
     ref = TorchBackend(b, model=reference, pretrained=pretrained)

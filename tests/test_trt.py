@@ -650,6 +650,19 @@ def test_auto_falls_back_with_the_reason(bundle, monkeypatch, caplog):
         create("tensorrt", bundle)
 
 
+def test_verify_auto_falls_back_too(bundle, monkeypatch, caplog, make_video):
+    from stexport.trt_engines.runtime import TensorRTBackend
+    from stexport.verify import verify
+
+    build_with_fake(bundle, FakeTensorRT(version="10.3.0.26"), host=Host("10.3.0.26", "NVIDIA A100", "8.0"))
+    monkeypatch.setattr(TensorRTBackend, "usable", classmethod(lambda cls, b: True))
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    clips = make_video("a.mp4", frames=20, width=48, height=40).parent
+    with caplog.at_level(logging.WARNING, logger="stexport"):
+        report = verify(Bundle.load(bundle.path), clips, backend="auto")
+    assert report["backend"]["backend"] in ("onnxruntime", "openvino") and "falling back" in caplog.text
+
+
 def test_engine_cli_without_tensorrt(bundle, no_tensorrt):
     from stexport.cli.app import app
     from typer.testing import CliRunner
