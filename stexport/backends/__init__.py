@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "torch": "stexport.backends.torch_ref:TorchBackend",
     "onnxruntime": "stexport.backends.ort:OrtBackend",
     "tensorrt": "stexport.trt_engines.runtime:TensorRTBackend",
+    "openvino": "stexport.backends.openvino:OpenVINOBackend",
 }
 
 
@@ -41,7 +42,9 @@ def resolve(name: str, bundle: Bundle, skip: tuple[str, ...] = ()) -> str:
 
 
 # Tried in order by `auto`; each backend class has `usable(bundle) -> bool` (cheap, no model load).
-AUTO_ORDER: list[str] = ["tensorrt", "onnxruntime"]
+# OpenVINO before ONNX Runtime: on x86-64 CPUs it runs the same ONNX faster (INT8 about 1.9x); its usable()
+# is False elsewhere.
+AUTO_ORDER: list[str] = ["tensorrt", "openvino", "onnxruntime"]
 
 
 def create(name: str, bundle: Bundle, **options) -> Backend:

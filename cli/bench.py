@@ -1,0 +1,129 @@
+"""`stexport bench`: latency, throughput, memory and the fraction of the device's GEMM roofline for a bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stexport.cli.common import handle_errors, print_json
+
+EXAMPLES = """
+Examples:
+
+  stexport bench BUNDLE                                  # auto backend, batch 1 and 32
+
+  stexport bench BUNDLE --backend openvino -o precision=bf16 --batch 1,8 --iters 5
+
+  stexport bench BUNDLE --backend onnxruntime --threads 2 --json > ort.json
+"""
+
+
+def parse_batches(text: str) -> list[int]:
+    from stexport.errors import StexportError
+
+    try:
+        out = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise StexportError(f"--batch {text!r}: give batch sizes ≥1 separated by commas, e.g. 1,32")
+    return out
+
+
+def parse_options(items: list[str]) -> dict:
+    """KEY=VALUE pairs for the backend; values that read as int, float or true/false become those."""
+    from stexport.errors import StexportError
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StexportError(f"--option {item!r}: expected KEY=VALUE, e.g. precision=bf16")
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def show(r: dict) -> None:
+    d = r.get("described", {})
+    typer.echo(f"bundle        {r['bundle']}  ({r['precision']}, {r['frames']}x{r['size']})")
+    what = ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("backend",) and not isinstance(v, (dict, list)))
+    typer.echo(f"backend       {r['backend']}  ({what})")
+    if r.get("latency_ms"):
+        lat = r["latency_ms"]
+        typer.echo(f"latency       p50 {lat['p50']:.1f} ms   p90 {lat['p90']:.1f} ms   p99 {lat['p99']:.1f} ms  "
+                   f"per clip at batch 1")
+    for b in r["batches"].values():
+        typer.echo(f"batch {b['batch']:<7} {b['clips_per_s']:.2f} clips/s   ({b['ms_per_clip']['p50']:.1f} ms per clip, "
+                   f"median of {b['iters']})")
+    typer.echo(f"memory        peak RSS {r['peak_rss_mb']:.0f} MiB ({r['rss_before_mb']:.0f} MiB before the model "
+               f"loaded); load {r['load_s']:.1f} s")
+    ach = r["achieved_gflops"]["throughput"]
+    line = f"compute       {r['gflop_per_clip']:.1f} GFLOP per clip -> {ach:.0f} GFLOP/s at batch " \
+           f"{r['throughput']['batch']}"
+    if r.get("peak_gflops"):
+        line += (f" = {100 * r['fraction_of_peak']['throughput']:.0f}% of this CPU's {r['compute_precision']} "
+                 f"GEMM peak ({r['peak_gflops']:.0f}); {100 * r['fraction_of_roofline']['throughput']:.0f}% of "
+                 f"the mixed-precision roofline ({r['roofline_clips_per_s']:.2f} clips/s)")
+    typer.echo(line)
+
+
+@handle_errors
+def bench(
+    bundle: Path = typer.Argument(..., help="Bundle directory (from `stexport build`)."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto or a backend name: openvino, onnxruntime, "
+                                "tensorrt, torchscript, torch."),
+    batch: str = typer.Option("1,32", "--batch", help="Batch sizes, comma-separated: batch 1 gives latency "
+                              "percentiles, the largest gives throughput."),
+    iters: int = typer.Option(10, "--iters", "-n", help="Timed calls per batch size."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed calls per batch size first."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the backend."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Backend option KEY=VALUE (repeatable), e.g. "
+                                     "precision=bf16 or hint=throughput for openvino, opt_level=extended for "
+                                     "onnxruntime."),
+    peaks: bool = typer.Option(True, "--peaks/--no-peaks", help="Measure this CPU's GEMM peak for the "
+                               "precision in use (a few seconds) and report the fraction reached."),
+    in_process: bool = typer.Option(False, "--in-process", help="Measure in this process instead of a fresh "
+                                    "one (peak memory then includes whatever ran before)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON."),
+):
+    """Measure a bundle on one backend: warm-up, then per-clip latency at batch 1 (p50/p90/p99), clips/s at the
+    largest batch, peak memory, model FLOPs and the achieved rate as a fraction of this CPU's GEMM peak.
+
+    Inputs are random uint8 clips of the bundle's shape; video decoding is not included (`stexport infer` \
+reports decode and model time separately). The measurement runs in a fresh Python process, so the peak memory \
+(the process's RSS high-water mark, ru_maxrss) is that of this backend alone, imports included.
+
+    FLOPs are counted from the manifest's shapes (2 per multiply-add: patch embedding, attention, MLP, \
+adapters, head). The GEMM peak is measured here on square 2048 matrices in the precision the backend runs: \
+FP32 or BF16 with torch, INT8 with torch._int_mm or OpenVINO (the faster). For INT8 bundles the roofline \
+also counts the GEMMs that stay float (patch embedding, attention, head) at the float rate.
+
+    Timings on a shared machine are noisy: compare backends in one run, quote medians.
+    """
+    from stexport.bench import bench as run
+
+    opts = parse_options(option)
+    if threads:
+        opts["threads"] = threads
+    result = run(bundle, backend, opts, parse_batches(batch), iters, warmup, peaks=peaks, isolated=not in_process,
+                 progress=not as_json)
+    if as_json:
+        print_json(result)
+    else:
+        show(result)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench", epilog=EXAMPLES)(bench)

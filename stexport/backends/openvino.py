@@ -1,0 +1,196 @@
+"""OpenVINO: the fastest CPU runtime for these models on x86-64 (INT8 Q/DQ runs as VNNI/AMX int8 GEMMs).
+
+Reads the bundle's ONNX directly (FP32, FP16 or INT8 Q/DQ) and compiles it for the CPU with an explicit
+inference precision: OpenVINO would otherwise run FP32 models in BF16 on CPUs that have it, silently. The
+compiled model is cached beside the bundle so the second start skips compilation.
+
+Telemetry: `import openvino` imports its model converter, which initialises `openvino_telemetry` and queues a
+usage event unless `~/intel/openvino_telemetry` says "0" (what `opt_in_out --opt_out` writes). `import_openvino`
+imports OpenVINO with `openvino_telemetry` hidden, so OpenVINO falls back to its own no-op stub: nothing is
+collected or sent and no client-id file is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from stexport.backends.base import Backend
+from stexport.errors import StexportError
+
+log = logging.getLogger("stexport")
+
+X86 = ("x86_64", "amd64", "x64")
+PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
+HINTS = ("latency", "throughput")
+
+
+def import_openvino():
+    """`import openvino` with its usage telemetry off (see the module docstring)."""
+    if "openvino" in sys.modules:
+        ov = sys.modules["openvino"]
+        tm = sys.modules.get("openvino_telemetry")
+        if tm is not None:  # imported elsewhere first: withdraw consent for this process
+            try:
+                tm.Telemetry().consent = False
+            except Exception:  # noqa: BLE001 - never initialised: nothing to withdraw
+                pass
+        return ov
+    hidden = "openvino_telemetry" not in sys.modules
+    if hidden:
+        sys.modules["openvino_telemetry"] = None  # makes `import openvino_telemetry` raise ImportError
+    try:
+        import openvino as ov
+    finally:
+        if hidden:
+            del sys.modules["openvino_telemetry"]
+    return ov
+
+
+def default_cache_dir(bundle) -> Path:
+    """`.<bundle>.openvino-cache` next to the bundle (outside it, so the bundle's file hashes stay valid);
+    a per-bundle folder under the stexport cache when the bundle's folder is read-only."""
+    beside = bundle.path.parent / f".{bundle.path.name}.openvino-cache"
+    if beside.is_dir() and os.access(beside, os.W_OK) or os.access(bundle.path.parent, os.W_OK):
+        return beside
+    from stexport.bundle import default_home
+
+    key = hashlib.sha256(str(bundle.path.resolve()).encode()).hexdigest()[:16]
+    return default_home().parent / "openvino-cache" / f"{bundle.path.name}-{key}"
+
+
+class OpenVINOBackend(Backend):
+    """options: precision ('f32' | 'bf16' | 'f16'; default f32), hint ('latency' | 'throughput'),
+    threads, device ('auto' = 'CPU', or an OpenVINO device name), cache (False: no compiled-model cache),
+    cache_dir (a folder instead of the default)."""
+
+    name = "openvino"
+
+    def __init__(self, bundle, device: str = "auto", threads: int | None = None, precision: str | None = None,
+                 hint: str = "latency", cache: bool = True, cache_dir: str | Path | None = None, **options):
+        super().__init__(bundle, **options)
+        ov = import_openvino()
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+
+        self.core = ov.Core()
+        self.device = "CPU" if device in ("auto", "cpu", None) else str(device).upper()
+        if self.device not in self.core.available_devices:
+            raise StexportError(f"--device {device}: OpenVINO here offers only "
+                               f"{', '.join(self.core.available_devices)}; use --device cpu")
+        want = PRECISIONS.get(str(precision or "f32").lower())
+        if want is None:
+            raise StexportError(f"OpenVINO precision '{precision}': choose f32 or bf16 (f16 on CPUs with AVX512-FP16)")
+        caps = self.core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")
+        cap = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}[want]
+        if cap not in caps:
+            raise StexportError(f"OpenVINO precision {want}: this {self.device} cannot compute in {cap} "
+                                f"(it offers {', '.join(c for c in caps if c in ('FP32', 'BF16', 'FP16'))}); "
+                                "use precision f32")
+        if hint not in HINTS:
+            raise StexportError(f"OpenVINO hint '{hint}': choose one of {', '.join(HINTS)}")
+        config = {
+            hints.inference_precision: getattr(ov.Type, want),
+            hints.performance_mode: (hints.PerformanceMode.LATENCY if hint == "latency"
+                                     else hints.PerformanceMode.THROUGHPUT),
+            hints.execution_mode: hints.ExecutionMode.PERFORMANCE,
+        }
+        if threads:
+            config[props.inference_num_threads] = int(threads)
+        self.cache_dir = None
+        if cache:
+            self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(bundle)
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                config[props.cache_dir] = str(self.cache_dir)
+            except OSError as e:
+                log.warning("OpenVINO model cache off: cannot create %s (%s)", self.cache_dir, e.strerror)
+                self.cache_dir = None
+        path = bundle.file("onnx")
+        try:
+            # from the path, not a read Model: a cache hit then skips reading and hashing the graph
+            self.compiled = self.core.compile_model(str(path), self.device, config)
+        except Exception as e:  # noqa: BLE001
+            raise StexportError(f"{path}: OpenVINO cannot compile it ({str(e).splitlines()[0][:200]}); "
+                                "rebuild the bundle with `stexport build --force`") from e
+        self.request = self.compiled.create_infer_request()
+        self.streams = int(self.compiled.get_property(props.optimal_number_of_infer_requests))
+        self.queue = None
+        self.hint, self.threads = hint, threads
+        inp = bundle.manifest.get("input", {})
+        self.input_format = "uint8" if inp.get("dtype", "uint8") == "uint8" else "float"
+
+    @classmethod
+    def usable(cls, bundle) -> bool:
+        """x86-64 with OpenVINO installed and an ONNX model in the bundle; imports nothing."""
+        try:
+            return (platform.machine().lower() in X86 and bundle.has("onnx")
+                    and importlib.util.find_spec("openvino") is not None)
+        except Exception:  # noqa: BLE001 - 'auto' must never fail here
+            return False
+
+    def run(self, clips: np.ndarray) -> np.ndarray:
+        x = self.check_input(clips)
+        if self.input_format != "uint8":
+            from stexport.backends.ort import feed  # imports torch (for the CLIP constants): only when needed
+
+            x = feed(x, self.input_format)
+        if self.streams > 1 and len(x) > 1:
+            return self._run_streams(x)
+        return np.array(self.request.infer({0: x}, share_inputs=True)[0], dtype=np.float32)
+
+    def _run_streams(self, x: np.ndarray) -> np.ndarray:
+        """Throughput hint: OpenVINO splits the cores into streams, each running its own request; one request
+        alone would use only its stream's cores, so split the batch over all of them."""
+        if self.queue is None:
+            ov = import_openvino()
+            self.queue = ov.AsyncInferQueue(self.compiled, self.streams)
+        parts = np.array_split(np.arange(len(x)), min(self.streams, len(x)))
+        out: list[np.ndarray | None] = [None] * len(parts)
+
+        def done(request, i):
+            out[i] = np.array(request.get_output_tensor(0).data, dtype=np.float32)
+
+        self.queue.set_callback(done)
+        for i, idx in enumerate(parts):
+            self.queue.start_async({0: x[idx[0]:idx[-1] + 1]}, userdata=i)
+        self.queue.wait_all()
+        return np.concatenate(out)
+
+    def compute_precisions(self) -> dict[str, int]:
+        """How many GEMM layers (FullyConnected, MatMul, fused attention subgraphs) run in each precision,
+        read from the compiled model itself."""
+        count: Counter = Counter()
+        for op in self.compiled.get_runtime_model().get_ops():
+            rt = op.get_rt_info()
+            kind = rt["layerType"].astype(str)
+            if kind in ("FullyConnected", "MatMul", "Subgraph", "Convolution"):
+                count[rt["runtimePrecision"].astype(str)] += 1
+        return dict(sorted(count.items()))
+
+    def describe(self) -> dict:
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+
+        ov = import_openvino()
+        c = self.compiled
+        return {"backend": self.name, "device": self.device,
+                "device_name": self.core.get_property(self.device, props.device.full_name),
+                "openvino": ov.get_version().split("-")[0],
+                "precision": self.bundle.precision,
+                "inference_precision": c.get_property(hints.inference_precision).to_string(),
+                "gemm_precisions": self.compute_precisions(),
+                "hint": self.hint, "streams": self.streams,
+                "threads": int(c.get_property(props.inference_num_threads)) or "default",
+                "cache_dir": str(self.cache_dir) if self.cache_dir else None}
+
+    def close(self) -> None:
+        self.queue = self.request = self.compiled = None

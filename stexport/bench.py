@@ -1,0 +1,307 @@
+"""Benchmarks: latency and throughput of a bundle on a backend, its FLOPs, and how close it gets to the device.
+
+- `model_flops(manifest)`: FLOPs of one clip counted from shapes (1 multiply-add = 2 FLOPs; GEMMs, attention
+  and the adapters' depth-wise conv; LayerNorm, softmax, GELU and residual adds are not counted).
+- `gemm_peaks(kinds)`: this device's square-GEMM rate per precision (fp32 / bf16 from torch, int8 from
+  torch._int_mm and OpenVINO's u8×s8 GEMM, the faster of the two): the roofline the model is held against.
+- `time_runner(run, ...)`: warm-up, then per-clip latency at batch 1 (p50/p90/p99) and clips/s at larger batches.
+- `bench(bundle, backend, ...)`: all of it for one backend; `isolated=True` runs the measurement in a fresh
+  Python process so its peak RSS (the process's high-water mark, `ru_maxrss`) belongs to this run alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stexport.errors import StexportError
+
+PEAK_SIZE = 2048
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def model_flops(manifest: dict) -> dict:
+    """FLOPs of one clip for a bundle manifest (backbone config, adapter spec, frames, size).
+
+    Returns {"total", "quantizable", "parts": {...}}; "quantizable" is the part INT8 bundles run as integer
+    GEMMs (the transformer's linear layers, adapters' fc1/fc2 included), the rest stays float.
+    """
+    cfg = manifest["backbone"]["config"]
+    spec = manifest["adapter"]["spec"]
+    return clip_flops(cfg, spec, int(manifest["frames"]), int(manifest["size"]))
+
+
+def clip_flops(cfg: dict, spec: dict, frames: int, size: int) -> dict:
+    D, M, p, layers = cfg["width"], cfg["mlp_width"], cfg["patch_size"], cfg["layers"]
+    T = frames
+    N = (size // p) ** 2  # patch tokens per frame
+    L = N + 1  # with the class token
+    w = spec["width"]
+    kt, kh, kw = spec["kernel"]
+    adapters = len(spec["pre_attn"]) + len(spec["pre_mlp"])
+    parts = {
+        "patch_embed": 2 * T * N * (3 * p * p) * D,
+        "qkv": layers * 2 * T * L * D * 3 * D,
+        "attention": layers * 2 * 2 * T * L * L * D,  # q·kᵀ and attn·v over all heads
+        "attn_out": layers * 2 * T * L * D * D,
+        "mlp": layers * 2 * 2 * T * L * D * M,
+        "adapter_fc": adapters * 2 * 2 * T * N * D * w,  # fc1 and fc2 on the patch tokens
+        "adapter_conv": adapters * 2 * T * N * w * kt * kh * kw,
+        "head": 2 * D * spec["num_classes"],
+    }
+    quant = parts["qkv"] + parts["attn_out"] + parts["mlp"] + parts["adapter_fc"]
+    return {"total": sum(parts.values()), "quantizable": quant, "parts": parts}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GEMM peaks
+
+
+def _rate(fn, flops: float, seconds: float) -> float:
+    fn()
+    best, start = float("inf"), time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+        if time.perf_counter() - start > seconds:
+            return flops / best
+
+
+def _ov_int8_gemm(n: int):
+    """u8 activations × s8 weights through OpenVINO's CPU plugin (the same kernels its INT8 models use)."""
+    from stexport.backends.openvino import import_openvino
+
+    ov = import_openvino()
+    import openvino.opset13 as ops
+
+    x = ops.parameter([n, n], np.uint8)
+    a = ops.multiply(ops.convert(x, np.float32), ops.constant(np.float32(0.01)))
+    w = np.random.default_rng(0).integers(-127, 128, (n, n)).astype(np.int8)
+    b = ops.multiply(ops.convert(ops.constant(w), np.float32), ops.constant(np.full((n, 1), 0.01, np.float32)))
+    model = ov.Model([ops.matmul(a, b, False, True)], [x])
+    req = ov.Core().compile_model(model, "CPU").create_infer_request()
+    xi = np.random.default_rng(1).integers(0, 256, (n, n)).astype(np.uint8)
+    return lambda: req.infer({0: xi})
+
+
+def gemm_peak(kind: str, n: int = PEAK_SIZE, seconds: float = 1.0) -> tuple[float, str]:
+    """Best GFLOP/s (GOP/s for int8) of an n×n×n GEMM on this CPU, and what measured it."""
+    import torch
+
+    flops = 2.0 * n ** 3
+    g = torch.Generator().manual_seed(0)
+    if kind in ("fp32", "bf16"):
+        dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+        a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+        with torch.inference_mode():
+            return _rate(lambda: a @ b, flops, seconds) / 1e9, f"torch.matmul {kind}"
+    if kind != "int8":
+        raise StexportError(f"no GEMM peak for precision '{kind}'")
+    found = []
+    a, b = (torch.randint(-127, 128, (n, n), generator=g, dtype=torch.int8) for _ in range(2))
+    try:
+        found.append((_rate(lambda: torch._int_mm(a, b), flops, seconds) / 1e9, "torch._int_mm s8×s8"))
+    except (RuntimeError, AttributeError):
+        pass
+    try:
+        found.append((_rate(_ov_int8_gemm(n), flops, seconds) / 1e9, "openvino u8×s8 MatMul"))
+    except ImportError:
+        pass
+    if not found:
+        raise StexportError("cannot measure an INT8 GEMM here (neither torch._int_mm nor OpenVINO works)")
+    return max(found)
+
+
+def gemm_peaks(kinds=("fp32", "bf16", "int8"), seconds: float = 1.0) -> dict[str, dict]:
+    return {k: dict(zip(("gflops", "method"), gemm_peak(k, seconds=seconds))) for k in kinds}
+
+
+def compute_precision(bundle_precision: str, described: dict) -> tuple[str, str]:
+    """(precision of the quantized GEMMs, precision of the float ones) as they run, from a backend's describe().
+
+    FP16 bundles on a CPU without FP16 arithmetic run their GEMMs in FP32 (weights converted on load), so they
+    are held against the FP32 peak.
+    """
+    text = " ".join(str(described.get(k, "")) for k in ("precision", "inference_precision", "autocast")).lower()
+    fl = "bf16" if "bf16" in text else "fp32"
+    return ("int8" if bundle_precision == "int8" else fl), fl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def clips_for(bundle, batch: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (batch, bundle.frames, bundle.size, bundle.size, 3), dtype=np.uint8)
+
+
+def time_runner(run, make_clips, batches=(1, 32), iters: int = 10, warmup: int = 2, progress=None) -> dict:
+    """Time `run(clips)`. Batch 1: per-call latency percentiles; larger batches: clips/s from the median call.
+
+    make_clips(batch) -> uint8 clips. Each batch size is warmed up `warmup` times before `iters` timed calls.
+    """
+    out: dict = {"batches": {}}
+    for b in batches:
+        x = make_clips(b)
+        for _ in range(warmup):
+            run(x)
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - t)
+            if progress:
+                progress()
+        ms = np.asarray(times) * 1e3 / b
+        out["batches"][str(b)] = {
+            "batch": b, "iters": iters,
+            "ms_per_clip": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+                            "p99": float(np.percentile(ms, 99)), "min": float(ms.min())},
+            "clips_per_s": float(b / np.median(times)),
+        }
+    one = out["batches"].get("1")
+    out["latency_ms"] = one["ms_per_clip"] if one else None
+    big = max(batches)
+    out["throughput"] = {"batch": big, "clips_per_s": out["batches"][str(big)]["clips_per_s"]}
+    return out
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def measure(bundle_path: str, backend: str = "auto", options: dict | None = None, batches=(1, 32),
+            iters: int = 10, warmup: int = 2, progress: bool = False) -> dict:
+    """Open the backend, time it, and report what ran and this process's memory (in this process)."""
+    from tqdm import tqdm
+
+    from stexport.backends import create
+    from stexport.bundle import Bundle
+
+    bundle = Bundle.load(bundle_path)
+    base = rss_mb()
+    t = time.perf_counter()
+    be = create(backend, bundle, **(options or {}))
+    load_s = time.perf_counter() - t
+    with be, tqdm(total=iters * len(batches), desc=f"bench {be.name}", unit="call", disable=not progress,
+                  leave=False) as bar:
+        res = time_runner(be.run, lambda b: clips_for(bundle, b), batches, iters, warmup, bar.update)
+        res["described"] = be.describe()
+    res.update(backend=be.name, load_s=load_s, rss_before_mb=base, peak_rss_mb=peak_rss_mb(),
+               memory_method="ru_maxrss of a process that ran only this measurement" if os.environ.get(
+                   "STEXPORT_BENCH_CHILD") else "ru_maxrss of this process (includes earlier work)")
+    return res
+
+
+def measure_isolated(bundle_path: str, backend: str = "auto", options: dict | None = None, batches=(1, 32),
+                     iters: int = 10, warmup: int = 2, progress: bool = False) -> dict:
+    """`measure` in a fresh Python process, so the peak RSS is this run's own."""
+    job = {"bundle": str(bundle_path), "backend": backend, "options": options or {}, "batches": list(batches),
+           "iters": iters, "warmup": warmup, "progress": progress}
+    env = {**os.environ, "STEXPORT_BENCH_CHILD": "1"}
+    proc = subprocess.run([sys.executable, "-m", "stexport.bench", json.dumps(job)], stdout=subprocess.PIPE,
+                          stderr=None if progress else subprocess.PIPE, text=True, env=env)
+    if proc.returncode != 0:
+        lines = (proc.stderr or "").strip().splitlines()
+        why = lines[-1] if lines else f"exit code {proc.returncode}"
+        raise StexportError(f"benchmark of {backend} on {bundle_path} failed: {why.removeprefix('stexport: error: ')}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(res: dict, flops: dict, peaks: dict | None, bundle_precision: str) -> dict:
+    """Add achieved GFLOP/s and the fraction of the device's GEMM peak / mixed-precision roofline."""
+    q, fl = compute_precision(bundle_precision, res.get("described", {}))
+    total = flops["total"]
+    out = {"gflop_per_clip": total / 1e9, "compute_precision": q}
+    rates = {"latency": 1e3 / res["latency_ms"]["p50"] if res.get("latency_ms") else None,
+             "throughput": res["throughput"]["clips_per_s"]}
+    out["achieved_gflops"] = {k: v * total / 1e9 if v else None for k, v in rates.items()}
+    if peaks and q in peaks and fl in peaks:
+        pq, pf = peaks[q]["gflops"], peaks[fl]["gflops"]
+        quant = flops["quantizable"] if q == "int8" else total
+        # the fastest a clip could go: quantized GEMMs at the int8 rate, the rest at the float rate
+        roof_s = quant / (pq * 1e9) + (total - quant) / (pf * 1e9)
+        out["peak_gflops"] = pq
+        out["fraction_of_peak"] = {k: v / pq if v else None for k, v in out["achieved_gflops"].items()}
+        out["roofline_clips_per_s"] = 1 / roof_s
+        out["fraction_of_roofline"] = {k: v * roof_s if v else None for k, v in rates.items()}
+    return out
+
+
+def machine() -> dict:
+    """CPU model and core count (lscpu where present), for the record next to any figure."""
+    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        for key, name in (("Model name", "cpu"), ("Thread(s) per core", "threads_per_core"),
+                          ("Core(s) per socket", "cores_per_socket"), ("Flags", "flags")):
+            if key in fields:
+                info[name] = fields[key].strip()
+        flags = set(info.pop("flags", "").split())
+        info["isa"] = sorted(f for f in flags if f.startswith(("avx512_vnni", "avx512_bf16", "amx", "avx2", "avx512f")))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return info
+
+
+def bench(bundle_path, backend: str = "auto", options: dict | None = None, batches=(1, 32), iters: int = 10,
+          warmup: int = 2, peaks: bool | dict = True, isolated: bool = True, progress: bool = False) -> dict:
+    """Everything `stexport bench` prints: timings, memory, FLOPs, and the fraction of the GEMM roofline."""
+    from stexport.bundle import Bundle
+
+    bundle = Bundle.load(bundle_path)
+    if iters < 1 or warmup < 0 or not batches or min(batches) < 1:
+        raise StexportError("--iters must be ≥1, --warmup ≥0 and every --batch ≥1")
+    run = measure_isolated if isolated else measure
+    res = run(str(bundle.path), backend, options, tuple(batches), iters, warmup, progress)
+    flops = model_flops(bundle.manifest)
+    if peaks is True:
+        q, fl = compute_precision(bundle.precision, res.get("described", {}))
+        peaks = gemm_peaks(sorted({q, fl}))
+    return {"bundle": str(bundle.path), "precision": bundle.precision, "frames": bundle.frames,
+            "size": bundle.size, **res, "flops": flops, "gemm_peaks": peaks or None,
+            **summarize(res, flops, peaks or None, bundle.precision), "machine": machine()}
+
+
+def _child(job: str) -> None:
+    from stexport.cli.common import setup_logging
+
+    setup_logging(False)
+    j = json.loads(job)
+    try:
+        res = measure(j["bundle"], j["backend"], j["options"], tuple(j["batches"]), j["iters"], j["warmup"],
+                      j["progress"])
+    except StexportError as e:
+        print(f"stexport: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(res, default=str))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])

@@ -1,0 +1,197 @@
+"""OpenVINO backend: parity with the PyTorch reference per precision, explicit precision, cache, telemetry off."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+from stexport.backends import create, resolve  # noqa: E402
+from stexport.backends.openvino import OpenVINOBackend, default_cache_dir  # noqa: E402
+from stexport.bundle import Bundle  # noqa: E402
+from stexport.errors import StexportError  # noqa: E402
+from stexport.verify import GATES, compare, judge  # noqa: E402
+
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """Generated videos: 6 to calibrate INT8 on, 3 others to test on."""
+    from conftest import write_video
+
+    root = tmp_path_factory.mktemp("ov-videos")
+    (root / "calib").mkdir()
+    (root / "test").mkdir()
+    for i in range(6):
+        write_video(root / "calib" / f"c{i}.mp4", frames=20 + 6 * i, width=64 + 16 * i, height=48 + 8 * i)
+    for i in range(3):
+        write_video(root / "test" / f"t{i}.mp4", frames=23 + 5 * i, width=72 + 12 * i, height=56 + 8 * i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, videos):
+    """Tiny fp32 / fp16 / int8 bundles of one random model (int8 calibrated on the calibration videos)."""
+    from stexport.backbone import random_backbone
+    from stexport.build import build_bundle
+    from stexport.synthetic import random_deltas
+
+    root = tmp_path_factory.mktemp("ov")
+    bb = random_backbone("stexport-tiny-vit")
+    sd = random_deltas(bb.config, width=32, num_classes=10, pre_attn=True)
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEXPORT_CALIB_CACHE", str(root / "calib-cache"))
+        for p in ("fp32", "fp16", "int8"):
+            out[p] = build_bundle(sd, backbone=bb, precision=p, frames=FRAMES, out=root / p,
+                                  calib=videos / "calib" if p == "int8" else None, calib_clips=6)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clips(bundles, videos):
+    """The test videos decoded as `infer` and `verify` decode them: (9 views, T, 32, 32, 3)."""
+    from stexport.video import Sampling, decode_clips
+
+    s = Sampling.from_manifest(bundles["fp32"].manifest)
+    return np.concatenate([decode_clips(str(p), s) for p in sorted((videos / "test").glob("*.mp4"))])
+
+
+@pytest.fixture(scope="module")
+def reference(bundles, clips):
+    return create("torch", bundles["fp32"]).run(clips)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_parity_gate(bundles, clips, reference, precision):
+    with OpenVINOBackend(bundles[precision]) as be:
+        out = be.run(clips)
+        d = be.describe()
+    assert out.shape == reference.shape and out.dtype == np.float32
+    m = compare(reference, out)
+    checks = judge(precision, {**m, "accuracy": None}, GATES[precision])
+    assert checks and all(c["passed"] for c in checks), (m, checks)
+    # never BF16 unless asked for: every float GEMM runs in f32
+    assert d["inference_precision"] == "f32"
+    assert "bf16" not in d["gemm_precisions"] and d["gemm_precisions"].get("f32", 0) > 0
+    if precision == "fp32":
+        assert m["max_abs"] <= 1e-3
+    if precision == "int8":
+        assert d["gemm_precisions"].get("i8", 0) >= 8  # the Q/DQ linears run as integer GEMMs
+        assert m["max_abs"] > 1e-6  # and they really are quantized
+
+
+def test_bf16_only_when_asked(bundles, clips, reference):
+    import openvino as ov
+
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(StexportError, match="cannot compute in BF16"):
+            OpenVINOBackend(bundles["fp32"], precision="bf16")
+        return
+    with OpenVINOBackend(bundles["fp32"], precision="bf16") as be:
+        out = be.run(clips)
+        d = be.describe()
+    assert d["inference_precision"] == "bf16" and "bf16" in d["gemm_precisions"]
+    m = compare(reference, out)
+    assert 1e-5 < m["max_abs"] < 0.1 and m["top1_agreement"] >= 0.9
+
+
+def test_throughput_hint_splits_batch_over_streams(bundles, clips, reference):
+    with OpenVINOBackend(bundles["fp32"], hint="throughput", threads=2) as be:
+        out = be.run(clips[:5])
+        d = be.describe()
+    assert d["hint"] == "throughput"
+    np.testing.assert_allclose(out, reference[:5], atol=1e-3)
+
+
+def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
+    b = Bundle.load(bundles["fp32"].path)
+    cache = default_cache_dir(b)
+    assert cache.parent == b.path.parent and cache.name.startswith(".")
+    with OpenVINOBackend(b) as be:
+        assert be.describe()["cache_dir"] == str(cache)
+    blobs = sorted(cache.glob("*.blob"))
+    assert blobs, "OpenVINO wrote no compiled-model blob"
+    with OpenVINOBackend(b):
+        pass
+    assert sorted(cache.glob("*.blob")) == blobs  # second start reused it
+    assert not b.check_files()  # the bundle itself is untouched
+
+    # bundle folder not writable: a per-bundle folder under $STEXPORT_HOME's cache
+    monkeypatch.setenv("STEXPORT_HOME", str(tmp_path / "home"))
+    import stexport.backends.openvino as ovb
+
+    real = os.access
+    monkeypatch.setattr(ovb.os, "access", lambda p, mode: False if mode == os.W_OK else real(p, mode))
+    fallback = default_cache_dir(b)
+    assert str(fallback).startswith(str(tmp_path / "home"))
+    with OpenVINOBackend(b) as be:
+        assert be.describe()["cache_dir"] == str(fallback)
+    assert list(fallback.glob("*.blob"))
+    with OpenVINOBackend(b, cache=False) as be:
+        assert be.describe()["cache_dir"] is None
+
+
+def test_bad_options(bundles):
+    with pytest.raises(StexportError, match="precision 'int4'"):
+        OpenVINOBackend(bundles["fp32"], precision="int4")
+    with pytest.raises(StexportError, match="hint 'fast'"):
+        OpenVINOBackend(bundles["fp32"], hint="fast")
+    with pytest.raises(StexportError, match="--device npu9: OpenVINO here offers only CPU"):
+        OpenVINOBackend(bundles["fp32"], device="npu9")
+    with pytest.raises(StexportError, match=r"shape \(B, 4, 32, 32, 3\)"):
+        OpenVINOBackend(bundles["fp32"]).run(np.zeros((1, 3, 32, 32, 3), np.uint8))
+
+
+def test_auto_prefers_openvino_on_x86_and_usable_imports_nothing(bundles, tmp_path):
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert resolve("auto", bundles["int8"]) in ("tensorrt", "openvino")
+    code = textwrap.dedent(f"""
+        import sys
+        from stexport.bundle import Bundle
+        from stexport.backends.openvino import OpenVINOBackend
+        print(OpenVINOBackend.usable(Bundle.load({str(bundles['fp32'].path)!r})), 'openvino' in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1] == "False"
+
+
+def test_telemetry_stays_off(bundles, tmp_path):
+    """Running a model through the backend writes no telemetry consent/client-id files and leaves OpenVINO's
+    converter bound to its no-op telemetry stub."""
+    home = tmp_path / "home"
+    home.mkdir()
+    code = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        from stexport.bundle import Bundle
+        from stexport.backends.openvino import OpenVINOBackend
+        be = OpenVINOBackend(Bundle.load({str(bundles['fp32'].path)!r}), cache=False)
+        be.run(np.zeros((1, {FRAMES}, 32, 32, 3), np.uint8))
+        import openvino.tools.ovc.telemetry_utils as t
+        print(json.dumps({{"stub": t.tm.__name__}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    env["HOME"] = str(home)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["stub"].endswith("telemetry_stub")
+    assert not (home / "intel").exists()
+
+
+def test_verify_int8_through_openvino(bundles, videos):
+    """The `verify` pipeline (decode → backend vs reference → INT8 gate) with --backend openvino."""
+    from stexport.verify import verify
+
+    report = verify(bundles["int8"], videos / "test", backend="openvino")
+    assert report["backend"]["backend"] == "openvino" and "i8" in report["backend"]["gemm_precisions"]
+    assert report["videos"] == 3 and report["passed"], report["checks"]
