@@ -35,3 +35,103 @@ def make_video(tmp_path):
         return write_video(tmp_path / name, **kw)
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny built bundle (issue 3). Reuse it wherever a real bundle is needed; never modify it in place.
+
+TINY_ADAPTER = {"width": 32, "kernel": (3, 1, 1), "num_classes": 10, "pre_attn": False, "pre_mlp": True, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory):
+    """Path of an official-layout checkpoint with random deltas for `stexport-tiny-vit` (TINY_ADAPTER: 2x32
+    adapters before the MLP, kernel (3,1,1), 10 classes)."""
+    from stexport.backbone import random_backbone
+    from stexport.deltas import save_official
+    from stexport.synthetic import random_deltas
+
+    path = tmp_path_factory.mktemp("tiny_adapter") / "tiny.pt"
+    save_official(path, random_deltas(random_backbone("stexport-tiny-vit").config, **TINY_ADAPTER))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_adapter):
+    """A tiny FP32 bundle, built once per test session with stexport.build.build_bundle from `tiny_adapter` on
+    `stexport-tiny-vit` with `--pretrained none` (seeded random backbone): 8 frames × 32 px, uint8 BTHWC input,
+    model.onnx + deltas.safetensors + labels.txt (class_0…class_9) + stexport.json. Returns a stexport Bundle.
+    Read-only: copy it first (shutil.copytree(tiny_bundle.path, tmp_path / "b")) to change or extend it."""
+    from stexport.build import build_bundle
+
+    out = tmp_path_factory.mktemp("tiny_bundle") / "tiny-fp32"
+    return build_bundle(tiny_adapter, backbone="stexport-tiny-vit", pretrained="none", precision="fp32",
+                        frames=8, out=out)
+
+
+def trained_like(backbone, seed: int = 1, scale: float = 0.05):
+    """`backbone` (a stexport Backbone, changed in place and returned) with non-zero biases and LayerNorm
+    affines, FP16-representable, like trained CLIP weights: random_backbone leaves them at 0 and 1, which
+    would hide folding mistakes in biases (e.g. the 1/√d in the query bias)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for k, v in backbone.state_dict.items():
+        if k.endswith("bias") or ".ln_" in k or k.startswith("ln_"):
+            backbone.state_dict[k] = (v + scale * torch.randn(v.shape, generator=g)).half().float()
+    return backbone
+
+
+ONNX_VARIANTS = {
+    # name: (backbone, precision, input format, delta kwargs)
+    "fp32": ("stexport-tiny-vit", "fp32", "uint8", dict(width=32, pre_attn=True, pre_mlp=True)),
+    "fp16": ("stexport-tiny-vit", "fp16", "uint8", dict(width=32, pre_attn=True, pre_mlp=True)),
+    "int8": ("stexport-tiny-vit", "int8", "uint8", dict(width=32, pre_attn=True, pre_mlp=True)),
+    "fp32-float-input": ("stexport-tiny-vit", "fp32", "float", dict(width=32)),
+    "fp16-gelu-3x3x3": ("stexport-tiny-vit-gelu", "fp16", "uint8", dict(width=16, kernel=(3, 3, 3))),
+    "int8-gelu-float-input": ("stexport-tiny-vit-gelu", "int8", "float", dict(width=16)),
+}
+
+
+def smooth_clips(n: int, size: int, frames: int = 8, seed: int = 0):
+    """uint8 (n, frames, size, size, 3) clips of smooth random colour fields (upsampled 4x4 noise): activations
+    like real images', unlike white noise."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, 256, (n * frames, 3, 4, 4), generator=g).float()
+    big = torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+    return big.reshape(n, frames, 3, size, size).permute(0, 1, 3, 4, 2).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+@pytest.fixture(scope="session")
+def onnx_variants(tmp_path_factory):
+    """{name: (Bundle, reference model)} for every ONNX_VARIANTS entry, built from trained-like random tiny
+    backbones (int8 calibrated on smooth_clips). Read-only. Use the returned reference: the bundle's manifest
+    records a seeded random backbone, without trained_like's changes."""
+    import os
+
+    from stexport.backbone import random_backbone
+    from stexport.build import build_bundle
+    from stexport.deltas import Deltas, infer_spec
+    from stexport.reference import build_reference
+    from stexport.synthetic import random_deltas
+
+    root = tmp_path_factory.mktemp("onnx_variants")
+    old = os.environ.get("STEXPORT_CALIB_CACHE")
+    os.environ["STEXPORT_CALIB_CACHE"] = str(root / "calibration")
+    try:
+        out = {}
+        for name, (backbone, precision, fmt, kw) in ONNX_VARIANTS.items():
+            bb = trained_like(random_backbone(backbone))
+            calib = smooth_clips(6, bb.config.image_size) if precision == "int8" else None
+            sd = random_deltas(bb.config, num_classes=10, **kw)
+            bundle = build_bundle(sd, backbone=bb, precision=precision, input_format=fmt, calib=calib,
+                                  out=root / name)
+            out[name] = (bundle, build_reference(bb, Deltas(infer_spec(sd), sd)))
+        return out
+    finally:
+        if old is None:
+            os.environ.pop("STEXPORT_CALIB_CACHE", None)
+        else:
+            os.environ["STEXPORT_CALIB_CACHE"] = old

@@ -1,0 +1,121 @@
+"""ONNX export: parity with the reference per precision, typed graphs, dynamic batch, external data, ORT backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import smooth_clips, trained_like
+from onnx import TensorProto
+
+from stexport.backbone import random_backbone
+from stexport.backends import create
+from stexport.bundle import Bundle
+from stexport.errors import StexportError
+from stexport.export import export_onnx, external_files, tensor_types
+from stexport.fold import fold
+from stexport.reference import normalize
+
+
+def reference_logits(ref, clips: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return ref(normalize(torch.from_numpy(clips))).numpy()
+
+
+def test_fp32_matches_reference_at_any_batch(onnx_variants):
+    bundle, ref = onnx_variants["fp32"]
+    with create("onnxruntime", bundle) as ort_backend:
+        for b in (1, 3):
+            clips = smooth_clips(b, 32, seed=b)
+            assert np.abs(ort_backend.run(clips) - reference_logits(ref, clips)).max() <= 1e-4
+    model = onnx.load(str(bundle.file("onnx")), load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [8, 32, 32, 3]
+    assert model.graph.input[0].name == "frames" and model.graph.output[0].name == "logits"
+
+
+def test_float_input_variant_normalises_host_side(onnx_variants):
+    bundle, ref = onnx_variants["fp32-float-input"]
+    assert bundle.manifest["input"]["layout"] == "BTCHW"
+    clips = smooth_clips(2, 32)
+    with create("onnxruntime", bundle) as b:
+        assert np.abs(b.run(clips) - reference_logits(ref, clips)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["fp16", "fp16-gelu-3x3x3"])
+def test_fp16_graph_is_strongly_typed_and_close(onnx_variants, variant):
+    bundle, ref = onnx_variants[variant]
+    model = onnx.load(str(bundle.file("onnx")))
+    types = tensor_types(model)
+    inits = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm", "Conv") and n.name != "head":
+            assert {types[i] for i in n.input if i} == {TensorProto.FLOAT16}, n.name
+        if n.op_type in ("LayerNormalization", "Softmax", "ReduceMean"):
+            assert types[n.input[0]] == TensorProto.FLOAT, n.name
+    assert any(model.graph.initializer[i].data_type == TensorProto.FLOAT16 for i in range(len(inits)))
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    clips = smooth_clips(4, 32)
+    with create("onnxruntime", bundle) as b:
+        got = b.run(clips)
+        assert b.level == "extended"  # ORT's CPU provider crashes on FP16 ViTs at 'all'
+    want = reference_logits(ref, clips)
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+@pytest.mark.parametrize("variant", ["int8", "int8-gelu-float-input"])
+def test_int8_close_to_reference(onnx_variants, variant):
+    bundle, ref = onnx_variants[variant]
+    cal = bundle.manifest["calibration"]
+    assert cal["method"] == "minmax" and cal["clips"] == 6 and cal["quantized_layers"] > 0
+    clips = smooth_clips(8, 32, seed=5)
+    with create("onnxruntime", bundle) as b:
+        got = b.run(clips)
+    want = reference_logits(ref, clips)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.999
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.875
+
+
+def test_external_data_round_trip(tmp_path):
+    from stexport.deltas import Deltas, infer_spec
+    from stexport.reference import build_reference
+    from stexport.synthetic import random_deltas
+
+    bb = trained_like(random_backbone("stexport-tiny-vit"))
+    sd = random_deltas(bb.config, width=32)
+    ref = build_reference(bb, Deltas(infer_spec(sd), sd))
+    path = export_onnx(fold(ref), tmp_path / "model.onnx", frames=4, external_data=True)
+    assert external_files(path) == ["model.onnx.data"]
+    assert (tmp_path / "model.onnx.data").stat().st_size > (tmp_path / "model.onnx").stat().st_size
+    import onnxruntime as ort
+
+    clips = smooth_clips(2, 32, frames=4)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"frames": clips})[0]
+    assert np.abs(got - reference_logits(ref, clips)).max() <= 1e-4
+
+
+def test_ort_backend_options(tiny_bundle):
+    with create("onnxruntime", tiny_bundle, threads=1, opt_level="basic") as b:
+        d = b.describe()
+        assert d["providers"][-1] == "CPUExecutionProvider" and d["optimization"] == "basic" and d["threads"] == 1
+        with pytest.raises(StexportError, match="shape"):
+            b.run(np.zeros((1, 4, 32, 32, 3), np.uint8))
+    with pytest.raises(StexportError, match="optimisation level"):
+        create("onnxruntime", tiny_bundle, opt_level="max")
+    from stexport.backends.ort import gpu_visible
+
+    if not gpu_visible():
+        with pytest.raises(StexportError, match="--device cuda"):
+            create("onnxruntime", tiny_bundle, device="cuda")
+
+
+def test_ort_backend_names_a_broken_model(tiny_bundle, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_bundle.path, tmp_path / "b")
+    (tmp_path / "b" / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(StexportError, match="model.onnx: onnxruntime cannot load it"):
+        create("onnxruntime", Bundle.load(tmp_path / "b"))
