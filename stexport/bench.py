@@ -226,11 +226,15 @@ def measure_isolated(bundle_path: str, backend: str = "auto", options: dict | No
     env = {**os.environ, "STEXPORT_BENCH_CHILD": "1"}
     proc = subprocess.run([sys.executable, "-m", "stexport.bench", json.dumps(job)], stdout=subprocess.PIPE,
                           stderr=None if progress else subprocess.PIPE, text=True, env=env)
-    if proc.returncode != 0:
-        lines = (proc.stderr or "").strip().splitlines()
-        why = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise StexportError(f"benchmark of {backend} on {bundle_path} failed: {why.removeprefix('stexport: error: ')}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    res = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    if "error" in res:  # a StexportError in the child: the user's mistake, told as it is
+        raise StexportError(res["error"])
+    if proc.returncode != 0 or not res:
+        err = (proc.stderr or "").strip().splitlines()
+        why = err[-1] if err else f"exit code {proc.returncode}"
+        raise StexportError(f"benchmark of {backend} on {bundle_path} failed: {why}")
+    return res
 
 
 def summarize(res: dict, flops: dict, peaks: dict | None, bundle_precision: str) -> dict:
@@ -298,7 +302,7 @@ def _child(job: str) -> None:
         res = measure(j["bundle"], j["backend"], j["options"], tuple(j["batches"]), j["iters"], j["warmup"],
                       j["progress"])
     except StexportError as e:
-        print(f"stexport: error: {e}", file=sys.stderr)
+        print(json.dumps({"error": str(e)}))
         sys.exit(2)
     print(json.dumps(res, default=str))
 

@@ -1,0 +1,130 @@
+"""`stexport bench` smoke run on a tiny bundle, and the FLOP count against a hand count and torch's counter."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stexport.bench import clip_flops, compute_precision, model_flops, summarize, time_runner
+from stexport.cli.app import app
+
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from stexport.backbone import random_backbone
+    from stexport.build import build_bundle
+    from stexport.synthetic import random_deltas
+
+    bb = random_backbone("stexport-tiny-vit")
+    sd = random_deltas(bb.config, width=32, num_classes=10, pre_attn=True)
+    return build_bundle(sd, backbone=bb, precision="fp32", frames=FRAMES,
+                        out=tmp_path_factory.mktemp("bench") / "tiny")
+
+
+def test_flops_hand_count(tiny):
+    # stexport-tiny-vit: 32 px, patch 8 -> N = 16 patches, L = 17 tokens; width D = 64, MLP 256, 2 layers;
+    # adapters before attention and MLP in both layers (4), bottleneck 32, kernel 3x1x1; 10 classes; T = 4.
+    hand = {
+        "patch_embed": 2 * 4 * 16 * (3 * 8 * 8) * 64,
+        "qkv": 2 * (2 * 4 * 17 * 64 * 192),
+        "attention": 2 * (2 * 2 * 4 * 17 * 17 * 64),
+        "attn_out": 2 * (2 * 4 * 17 * 64 * 64),
+        "mlp": 2 * (2 * 2 * 4 * 17 * 64 * 256),
+        "adapter_fc": 4 * (2 * 2 * 4 * 16 * 64 * 32),
+        "adapter_conv": 4 * (2 * 4 * 16 * 32 * 3),
+        "head": 2 * 64 * 10,
+    }
+    f = model_flops(tiny.manifest)
+    assert f["parts"] == hand
+    assert f["total"] == sum(hand.values()) == 17_681_664
+    assert f["quantizable"] == hand["qkv"] + hand["attn_out"] + hand["mlp"] + hand["adapter_fc"]
+
+
+@pytest.mark.parametrize("kernel", [(3, 1, 1), (3, 3, 3)])
+def test_flops_match_torch_counter(kernel):
+    """Independent check: torch's FlopCounterMode on the reference model counts the same GEMM/conv FLOPs."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stexport.backbone import random_backbone
+    from stexport.deltas import Deltas, infer_spec
+    from stexport.reference import build_reference
+    from stexport.synthetic import random_deltas
+
+    bb = random_backbone("stexport-demo-vit")
+    sd = random_deltas(bb.config, width=48, kernel=kernel, num_classes=7, pre_attn=True, blocks=[0, 2])
+    spec = infer_spec(sd, "test")
+    model = build_reference(bb, Deltas(spec=spec, state_dict=sd))
+    x = torch.zeros(1, 3, 8, 96, 96)
+    # the math kernel: the counter has no formula for the CPU flash-attention op, it does for matmuls
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(x)
+    ours = clip_flops(bb.config.to_dict(), spec.to_dict(), frames=8, size=96)
+    assert ours["total"] == counter.get_total_flops()
+
+
+def test_summary_roofline_arithmetic():
+    flops = {"total": 300e9, "quantizable": 280e9, "parts": {}}
+    peaks = {"int8": {"gflops": 700.0}, "fp32": {"gflops": 175.0}, "bf16": {"gflops": 350.0}}
+    res = {"latency_ms": {"p50": 500.0}, "throughput": {"clips_per_s": 2.0, "batch": 4},
+           "described": {"precision": "int8", "inference_precision": "f32"}}
+    s = summarize(res, flops, peaks, "int8")
+    assert s["compute_precision"] == "int8"
+    assert s["achieved_gflops"]["throughput"] == pytest.approx(600.0)
+    assert s["fraction_of_peak"]["throughput"] == pytest.approx(600 / 700)
+    roof_s = 280 / 700 + 20 / 175  # quantized GEMMs at the int8 rate, the rest at the fp32 rate
+    assert s["roofline_clips_per_s"] == pytest.approx(1 / roof_s)
+    assert s["fraction_of_roofline"]["latency"] == pytest.approx(2.0 * roof_s)
+    assert compute_precision("fp32", {"precision": "fp32", "inference_precision": "bf16"}) == ("bf16", "bf16")
+    assert compute_precision("fp16", {"precision": "fp16"}) == ("fp32", "fp32")
+
+
+def test_time_runner_percentiles():
+    calls = []
+    res = time_runner(lambda x: calls.append(len(x)), lambda b: np.zeros((b, 1)), batches=(1, 3), iters=4,
+                      warmup=1)
+    assert calls == [1] * 5 + [3] * 5
+    lat = res["latency_ms"]
+    assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"]
+    assert res["throughput"]["batch"] == 3 and res["throughput"]["clips_per_s"] > 0
+
+
+def test_bench_cli_json(tiny):
+    r = CliRunner().invoke(app, ["bench", str(tiny.path), "--backend", "onnxruntime", "--batch", "1,2",
+                                 "--iters", "2", "--warmup", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["backend"] == "onnxruntime" and out["precision"] == "fp32"
+    assert set(out["batches"]) == {"1", "2"} and out["batches"]["2"]["iters"] == 2
+    assert 0 < out["latency_ms"]["p50"] <= out["latency_ms"]["p99"]
+    assert out["throughput"]["batch"] == 2 and out["throughput"]["clips_per_s"] > 0
+    assert out["rss_before_mb"] > 0 and out["peak_rss_mb"] >= out["rss_before_mb"]
+    assert "only this measurement" in out["memory_method"]
+    assert out["flops"]["total"] == model_flops(tiny.manifest)["total"]
+    assert out["gflop_per_clip"] == pytest.approx(out["flops"]["total"] / 1e9)
+    assert out["compute_precision"] == "fp32" and out["gemm_peaks"]["fp32"]["gflops"] > 1
+    assert out["fraction_of_peak"]["throughput"] == pytest.approx(
+        out["achieved_gflops"]["throughput"] / out["gemm_peaks"]["fp32"]["gflops"])
+    assert out["machine"]["cpus"] >= 1
+
+
+def test_bench_cli_text_and_errors(tiny):
+    r = CliRunner().invoke(app, ["bench", str(tiny.path), "--backend", "openvino", "-o", "precision=f32",
+                                 "--batch", "1", "--iters", "2", "--no-peaks"])
+    if r.exit_code == 2 and "openvino" in r.output.lower() and "import" in r.output.lower():
+        pytest.skip("OpenVINO not installed")
+    assert r.exit_code == 0, r.output
+    assert "p50" in r.output and "peak RSS" in r.output and "GFLOP per clip" in r.output
+    r = CliRunner().invoke(app, ["bench", str(tiny.path), "--batch", "0,x"])
+    assert r.exit_code == 2 and "--batch" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["bench", str(tiny.path), "-o", "precision"])
+    assert r.exit_code == 2 and "KEY=VALUE" in r.output
+    r = CliRunner().invoke(app, ["bench", str(tiny.path), "--backend", "openvino", "-o", "hint=fast",
+                                 "--iters", "1", "--no-peaks"])
+    assert r.exit_code == 2 and "hint 'fast'" in r.output
