@@ -73,27 +73,29 @@ def show(result, as_json: bool, write) -> None:
 
 @handle_errors
 def infer(
-    videos: list[str] = typer.Argument(..., help="Video files, directories, globs ('clips/*.mp4'), stream URLs "
-                                       "(rtsp://…) or camera indices (0)."),
+    videos: list[str] = typer.Argument(..., help="Video files, directories, globs ('clips/*.mp4'), stream "
+                                       "URLs (rtsp://…) or camera indices (0)."),
     model: Path = typer.Option(None, "--model", "-m", help="Bundle directory. Default: the newest bundle in "
                                "$STEXPORT_HOME/bundles (~/.cache/stexport/bundles)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="How many classes to show per video."),
-    views: str = typer.Option(None, "--views", help="TEMPORALxSPATIAL views, e.g. 3x1 (Kinetics) or 1x3 (SSv2). "
-                              "Default: the bundle's."),
-    rate: int = typer.Option(None, "--rate", min=0, help="Take every N-th frame; 0 spreads the frames over the "
-                             "whole video (or window). Default: the bundle's."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="auto (TensorRT engine for this GPU, else ONNX "
-                                "Runtime GPU, else CPU) or a backend name: onnxruntime, tensorrt, torchscript, torch."),
-    labels: Path = typer.Option(None, "--labels", help="Class names, one per line, in class order (overrides the "
-                                "bundle's)."),
+    views: str = typer.Option(None, "--views", help="TEMPORALxSPATIAL views, e.g. 3x1 (Kinetics) or 1x3 "
+                              "(SSv2). Default: the bundle's."),
+    rate: int = typer.Option(None, "--rate", min=0, help="Take every N-th frame; 0 spreads the frames over "
+                             "the whole video (or window). Default: the bundle's."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto (a TensorRT engine for this GPU, else "
+                                "ONNX Runtime on GPU, else on CPU) or a backend name: onnxruntime, tensorrt, "
+                                "torchscript, torch."),
+    labels: Path = typer.Option(None, "--labels", help="Class names, one per line, in class order "
+                                "(overrides the bundle's)."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the backend."),
-    window: float = typer.Option(None, "--window", help="Timeline mode: classify windows of this many seconds."),
+    window: float = typer.Option(None, "--window", help="Timeline mode: classify windows of this many "
+                                 "seconds."),
     stride: float = typer.Option(None, "--stride", help="Timeline mode: seconds between window starts "
                                  "(default: --window, no overlap)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line: per video, or per window."),
 ):
-    """Classify videos the way the official ST-Adapter evaluation does: sample each video's views (the bundle's
-    frames, rate and TEMPORALxSPATIAL crops), softmax each view, average, and print the top classes.
+    """Classify videos the way the official ST-Adapter evaluation does: sample each video's views (the
+    bundle's frames, rate and TEMPORALxSPATIAL crops), softmax each view, average, and print the top classes.
 
     Every input gets one result, or one error line on stderr naming the file (missing, not a video, no \
 decodable frames, …); the other videos still run, and the exit code is 2 if any failed. A video whose \

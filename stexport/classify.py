@@ -23,6 +23,8 @@ from stexport.errors import StexportError
 from stexport.labels import resolve_labels
 from stexport.video import Sampling, decode, decode_windows
 
+DECODE_THREADS = 1  # beside inference, single-threaded FFmpeg decoding costs the least CPU
+
 
 @dataclass
 class Result:
@@ -73,8 +75,9 @@ class Classifier:
         self.num_classes = int(m["adapter"]["spec"]["num_classes"])
         self.sampling = sampling or Sampling.from_manifest(m)
         if (self.sampling.frames, self.sampling.size) != (self.bundle.frames, self.bundle.size):
-            raise StexportError(f"{self.bundle.path}: built for {self.bundle.frames} frames of {self.bundle.size} px, "
-                                f"not {self.sampling.frames} of {self.sampling.size}; rebuild it with --frames")
+            b, s = self.bundle, self.sampling
+            raise StexportError(f"{b.path}: built for {b.frames} frames of {b.size} px, not {s.frames} of "
+                                f"{s.size}; rebuild it with --frames")
         if top_k < 1:
             raise StexportError(f"--top-k {top_k}: must be at least 1")
         self.top_k = min(top_k, self.num_classes)
@@ -89,15 +92,16 @@ class Classifier:
         """Softmax of each view's logits, averaged over views: (classes,)."""
         logits = self.backend.run(clips)
         if logits.shape != (len(clips), self.num_classes):
-            raise StexportError(f"backend {self.backend.name} returned logits of shape {logits.shape}, expected "
-                                f"({len(clips)}, {self.num_classes})")
+            raise StexportError(f"backend {self.backend.name} returned logits of shape {logits.shape}, "
+                                f"expected ({len(clips)}, {self.num_classes})")
         return softmax(logits).mean(axis=0)
 
     def top(self, probs: np.ndarray) -> list[tuple[int, str, float]]:
         best = np.argsort(-probs, kind="stable")[: self.top_k]
         return [(int(i), self.labels[i], float(probs[i])) for i in best]
 
-    def _result(self, source: str, clips: np.ndarray, frames: int, decode_s: float, notes, start=None, end=None):
+    def _result(self, source: str, clips: np.ndarray, frames: int, decode_s: float, notes,
+                start: float | None = None, end: float | None = None) -> Result:
         t = time.perf_counter()
         probs = self.probabilities(clips)
         return Result(source, self.top(probs), len(clips), frames, decode_s, time.perf_counter() - t,
@@ -114,7 +118,7 @@ class Classifier:
 
         def work(source):
             t = time.perf_counter()
-            d = decode(source, self.sampling)
+            d = decode(source, self.sampling, DECODE_THREADS)
             return d, time.perf_counter() - t
 
         for source, item in _prefetched(((s, lambda s=s: work(s)) for s in sources), prefetch):
@@ -126,7 +130,7 @@ class Classifier:
 
     def timeline(self, source, window: float, stride: float, prefetch: int = 2) -> Iterator[Result]:
         """Top classes for windows of `window` seconds every `stride` seconds (VideoError for a bad video)."""
-        windows = decode_windows(source, self.sampling, window, stride)
+        windows = decode_windows(source, self.sampling, window, stride, DECODE_THREADS)
 
         def items():
             while True:
@@ -164,7 +168,7 @@ _DONE = object()
 
 
 def _prefetched(tasks: Iterator, depth: int) -> Iterator[tuple[object, object]]:
-    """Run `tasks` ((key, fn) pairs) in a background thread, `depth` ahead; yield (key, fn() or its exception)."""
+    """Run `tasks` ((key, fn) pairs) in a background thread, `depth` ahead; yield (key, fn() or its error)."""
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 

@@ -84,10 +84,10 @@ def test_decoding_overlaps_inference(bundle, videos, monkeypatch):
     events = []
     real = classify.decode
 
-    def slow_decode(source, sampling):
+    def slow_decode(source, sampling, threads=None):
         events.append(("decode", str(source), threading.current_thread().name, time.perf_counter()))
         time.sleep(0.2)
-        return real(source, sampling)
+        return real(source, sampling, threads)
 
     monkeypatch.setattr(classify, "decode", slow_decode)
     with Classifier(bundle, backend="onnxruntime") as clf:
@@ -146,7 +146,8 @@ def bad_inputs(good, tmp_path) -> dict[str, tuple]:
     """name -> (path, expected stderr fragment, gets a result?)."""
     t = tmp_path
     (t / "notes.txt").write_text("not a video\n" * 100)
-    (t / "random.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 30_000, dtype=np.uint8).tobytes())
+    noise = np.random.default_rng(0).integers(0, 256, 30_000, dtype=np.uint8)
+    (t / "random.mp4").write_bytes(noise.tobytes())
     avi = write_video(t / "src.avi", frames=40).read_bytes()
     (t / "empty.avi").write_bytes(avi[: avi.find(b"movi") + 4])
     mp4 = write_video(t / "src.mp4", frames=40).read_bytes()
@@ -246,4 +247,5 @@ def test_cli_labels_file(bundle, videos, tmp_path):
 
 
 def test_failure_record():
-    assert Failure("x.mp4", "x.mp4: no such file").to_dict() == {"path": "x.mp4", "error": "x.mp4: no such file"}
+    f = Failure("x.mp4", "x.mp4: no such file")
+    assert f.to_dict() == {"path": "x.mp4", "error": "x.mp4: no such file"}
