@@ -103,7 +103,7 @@ def bench(
 
     Inputs are random uint8 clips of the bundle's shape; video decoding is not included (`stexport infer` \
 reports decode and model time separately). The measurement runs in a fresh Python process, so the peak memory \
-(the process's RSS high-water mark, ru_maxrss) is that of this backend alone, imports included.
+(the process's RSS high-water mark, VmHWM) is that of this backend alone, imports included.
 
     FLOPs are counted from the manifest's shapes (2 per multiply-add: patch embedding, attention, MLP, \
 adapters, head). The GEMM peak is measured here on square 2048 matrices in the precision the backend runs: \

@@ -6,7 +6,7 @@
   torch._int_mm and OpenVINO's u8×s8 GEMM, the faster of the two): the roofline the model is held against.
 - `time_runner(run, ...)`: warm-up, then per-clip latency at batch 1 (p50/p90/p99) and clips/s at larger batches.
 - `bench(bundle, backend, ...)`: all of it for one backend; `isolated=True` runs the measurement in a fresh
-  Python process so its peak RSS (the process's high-water mark, `ru_maxrss`) belongs to this run alone.
+  Python process so its peak RSS (the process's high-water mark, VmHWM) belongs to this run alone.
 """
 
 from __future__ import annotations
@@ -179,18 +179,27 @@ def time_runner(run, make_clips, batches=(1, 32), iters: int = 10, warmup: int =
     return out
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process in MiB (Linux /proc; 0 elsewhere)."""
+def _status_mb(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MiB (0 where /proc is missing)."""
+    return _status_mb("VmRSS") or 0.0
 
 
 def peak_rss_mb() -> float:
+    """RSS high-water mark of this process in MiB. Linux: VmHWM, which starts afresh at exec; ru_maxrss
+    would also count the parent's RSS at the fork that started this process."""
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
@@ -213,8 +222,8 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
         res = time_runner(be.run, lambda b: clips_for(bundle, b), batches, iters, warmup, bar.update)
         res["described"] = be.describe()
     res.update(backend=be.name, load_s=load_s, rss_before_mb=base, peak_rss_mb=peak_rss_mb(),
-               memory_method="ru_maxrss of a process that ran only this measurement" if os.environ.get(
-                   "STEXPORT_BENCH_CHILD") else "ru_maxrss of this process (includes earlier work)")
+               memory_method="RSS high-water mark of a process that ran only this measurement" if os.environ.get(
+                   "STEXPORT_BENCH_CHILD") else "RSS high-water mark of this process (includes earlier work)")
     return res
 
 

@@ -1,0 +1,373 @@
+"""Every backend and precision side by side, in one run on one machine, written to benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/run_all.py [--iters 5] [--batch 4] [--work /tmp/stexport-bench] [--quick]
+
+Model: ViT-B/16 (random weights, FP16-representable like OpenAI's) + 12 ST-Adapters (12x384, before the MLP,
+kernel 3x1x1), 400 classes, 8 frames of 224 px; the same random uint8 clips for every row. Each row runs in a
+fresh Python process (its peak RSS is its own): warm-up, then per-clip latency at batch 1 (median of --iters)
+and throughput at --batch. GEMM peaks (FP32, BF16, INT8) are measured in the same run, before and after the
+rows. Accuracy per precision comes from `verify` on the trained demo model (examples/motion) when it is there,
+and end-to-end `infer` (decoding included) is compared with model-only throughput on generated videos.
+
+Not a test: CI runs `--quick` at most (a tiny model, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stexport import bench  # noqa: E402
+from stexport.backends import REGISTRY  # noqa: E402
+from stexport.bundle import Bundle  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from decode import write  # noqa: E402  (benchmarks/decode.py: a generated video with moving content)
+
+# (label, format, precision shown, bundle precision, how it runs, options)
+ROWS = [
+    ("PyTorch eager (reference)", "PyTorch", "fp32", "fp32", "eager", {}),
+    ("PyTorch eager, BF16 autocast", "PyTorch", "bf16 autocast", "fp32", "eager-bf16", {}),
+    ("Folded deploy model in PyTorch", "PyTorch", "fp32", "fp32", "folded", {}),
+    ("TorchScript (traced, frozen)", "TorchScript", "fp32", "fp32", "torchscript", {}),
+    ("ONNX Runtime", "ONNX", "fp32", "fp32", "onnxruntime", {}),
+    ("ONNX Runtime", "ONNX", "fp16", "fp16", "onnxruntime", {}),
+    ("ONNX Runtime", "ONNX Q/DQ", "int8", "int8", "onnxruntime", {}),
+    ("OpenVINO", "ONNX", "fp32", "fp32", "openvino", {}),
+    ("OpenVINO, BF16 hint", "ONNX", "fp32 → bf16", "fp32", "openvino", {"precision": "bf16"}),
+    ("OpenVINO", "ONNX Q/DQ", "int8 (+ f32)", "int8", "openvino", {}),
+    ("OpenVINO, BF16 hint", "ONNX Q/DQ", "int8 (+ bf16)", "int8", "openvino", {"precision": "bf16"}),
+    ("TensorRT", "engine", "fp16 / int8", "fp16", "tensorrt", {}),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rows that are not registry backends: the reference under autocast, the folded module, TorchScript
+
+
+def torch_runner(kind: str, bundle: Bundle):
+    import torch
+
+    from stexport.loaders import reference_for_bundle
+    from stexport.reference import normalize
+
+    ref = reference_for_bundle(bundle)
+    if kind == "eager-bf16":
+        def run(clips):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return ref(normalize(torch.from_numpy(clips))).float().numpy()
+        return run, {"backend": "torch", "precision": "fp32 weights", "autocast": "bf16"}
+    if kind == "folded":
+        from stexport.fold import fold
+
+        model = fold(ref)
+
+        def run(clips):
+            with torch.inference_mode():
+                return model(torch.from_numpy(clips)).numpy()
+        return run, {"backend": "torch (folded)", "precision": "fp32"}
+    raise ValueError(kind)
+
+
+def worker(job: dict) -> dict:
+    """One custom row in this (fresh) process."""
+    bundle = Bundle.load(job["bundle"])
+    base = bench.rss_mb()
+    t = time.perf_counter()
+    run, described = torch_runner(job["kind"], bundle)
+    load_s = time.perf_counter() - t
+    res = bench.time_runner(run, lambda b: bench.clips_for(bundle, b), job["batches"], job["iters"], job["warmup"])
+    res.update(described=described, backend=described["backend"], load_s=load_s, rss_before_mb=base,
+               peak_rss_mb=bench.peak_rss_mb())
+    return res
+
+
+def measure_row(kind: str, bundle: Bundle, options: dict, batches, iters: int, warmup: int) -> dict:
+    if kind in REGISTRY or kind == "eager":
+        backend = "torch" if kind == "eager" else kind
+        return bench.measure_isolated(str(bundle.path), backend, options, batches, iters, warmup)
+    job = {"kind": kind, "bundle": str(bundle.path), "batches": list(batches), "iters": iters, "warmup": warmup}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["failed"])[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs: bundles and videos
+
+
+def make_bundles(work: Path, backbone: str, videos: Path, rebuild: bool) -> dict[str, Bundle]:
+    from stexport.backbone import random_backbone
+    from stexport.build import build_bundle
+    from stexport.synthetic import random_deltas
+
+    bb, out = None, {}
+    for p in ("fp32", "fp16", "int8"):
+        path = work / f"{backbone}-{p}"
+        if path.is_dir() and not rebuild:
+            out[p] = Bundle.load(path)
+            continue
+        bb = bb or random_backbone(backbone)
+        t = time.perf_counter()
+        out[p] = build_bundle(random_deltas(bb.config, width=bb.config.width // 2, num_classes=400), backbone=bb,
+                              precision=p, frames=8, out=path, force=True, calib=videos if p == "int8" else None,
+                              calib_clips=2, progress=True)
+        print(f"built {path.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return out
+
+
+def add_torchscript(bundle: Bundle) -> str | None:
+    """Add the TorchScript artifact to the FP32 bundle if stexport can; the reason when it cannot."""
+    if "torchscript" not in REGISTRY:
+        return "no TorchScript backend in this stexport"
+    if bundle.has("torchscript"):
+        return None
+    try:
+        from stexport.torchscript import add_to_bundle
+    except ImportError as e:
+        return f"stexport.torchscript not available ({e})"
+    add_to_bundle(bundle)
+    return None
+
+
+def size_mb(bundle: Bundle, kind: str) -> float | None:
+    keys = {"torchscript": ["torchscript"], "tensorrt": []}.get(kind, ["onnx", "onnx_data"])
+    if kind in ("eager", "eager-bf16", "folded"):
+        return None
+    files = [bundle.file(k) for k in keys if bundle.has(k)]
+    return sum(f.stat().st_size for f in files) / 2**20 if files else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# accuracy (demo model) and end-to-end infer
+
+
+def demo_accuracy(work: Path) -> tuple[dict, str]:
+    """verify per (backend, precision) on the trained demo model; ({(backend, precision): report}, note)."""
+    demo = ROOT / "examples" / "motion"
+    try:
+        from examples.motion import demo as motion  # noqa: F401  (examples/motion/demo.py when present)
+    except ImportError:
+        return {}, f"demo model not available ({demo} missing or not importable): accuracy not measured"
+    from stexport.verify import verify
+
+    out = {}
+    bundles, clips = motion.bundles(work / "demo"), motion.validation_clips(work / "demo")
+    for p, b in bundles.items():
+        for name in ("onnxruntime", "openvino"):
+            opts_list = [{}] + ([{"precision": "bf16"}] if name == "openvino" and p in ("fp32", "int8") else [])
+            for opts in opts_list:
+                r = verify(b, clips, backend=name, **opts)
+                out[(name, p, opts.get("precision", ""))] = r
+    return out, f"demo model {demo}"
+
+
+def end_to_end(bundle: Bundle, backend: str, options: dict, videos: list[Path], rounds: int = 2) -> dict:
+    """videos/s of `Classifier.classify_many` (decoding in its background thread) vs the backend alone on the
+    same already-decoded views; best of `rounds` alternating rounds each."""
+    from stexport.classify import Classifier
+    from stexport.video import decode
+
+    with Classifier(bundle, backend=backend, **options) as clf:
+        clips = [decode(str(p), clf.sampling).clips for p in videos]
+        clf.probabilities(clips[0])
+        best = {"model": 0.0, "e2e": 0.0}
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for c in clips:
+                clf.probabilities(c)
+            best["model"] = max(best["model"], len(videos) / (time.perf_counter() - t))
+            t = time.perf_counter()
+            results = list(clf.classify_many([str(p) for p in videos]))
+            best["e2e"] = max(best["e2e"], len(videos) / (time.perf_counter() - t))
+        views = clf.sampling.views
+        decode_s = float(np.mean([r.decode_s for r in results]))
+    return {"videos": len(videos), "views_per_video": views, "model_videos_per_s": best["model"],
+            "e2e_videos_per_s": best["e2e"], "fraction": best["e2e"] / best["model"], "decode_s_per_video": decode_s}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+
+
+def fmt(v, spec=".2f", none="—"):
+    return none if v is None else format(v, spec)
+
+
+def table(rows: list[dict], ref: dict, batch: int) -> str:
+    head = ("| runtime | format | precision | size MB | accuracy / agreement (demo) | ms/clip b=1 p50 (p90) | "
+            f"clips/s b={batch} | × eager b=1 | × eager b={batch} | GFLOP/s | % of GEMM peak | peak RSS MB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['label']} | {r['format']} | {r['precision']} | — | — | not run: {r['skipped']} "
+                         "| — | — | — | — | — | — |")
+            continue
+        lat, thr = r["latency_ms"], r["throughput"]["clips_per_s"]
+        lines.append(
+            f"| {r['label']} | {r['format']} | {r['precision']} | {fmt(r.get('size_mb'), '.0f')} | "
+            f"{r.get('accuracy', '—')} | {lat['p50']:.4g} ({lat['p90']:.4g}) | {thr:.3g} | "
+            f"{ref['latency_ms']['p50'] / lat['p50']:.2f} | {thr / ref['throughput']['clips_per_s']:.2f} | "
+            f"{r['achieved_gflops']['throughput']:.0f} | "
+            f"{fmt(100 * r['fraction_of_peak']['throughput'] if r.get('fraction_of_peak') else None, '.0f')}"
+            f" ({r['compute_precision']}) | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def accuracy_cell(acc: dict, kind: str, bundle_precision: str, options: dict) -> str:
+    r = acc.get((kind, bundle_precision, options.get("precision", "")))
+    if r is None:
+        return "—"
+    m = r["metrics"]
+    a = m.get("accuracy")
+    top1 = f"top-1 {a['backend_top1']:.1f}% (Δ {a['top1_difference']:+.1f}), " if a else ""
+    return f"{top1}agree {100 * m['top1_agreement']:.1f}%, {'pass' if r['passed'] else 'FAIL'}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=5, help="timed calls per batch size")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=4, help="throughput batch")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/stexport-bench"))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny model smoke run (writes to --work, not RESULTS.md)")
+    ap.add_argument("--only", default=None, help="comma-separated row kinds to run (e.g. eager,openvino)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker)), default=str))
+        return
+
+    started = time.time()
+    backbone = "stexport-tiny-vit" if args.quick else "ViT-B-16"
+    out_md = args.work / "RESULTS.md" if args.quick else args.out
+    args.work.mkdir(parents=True, exist_ok=True)
+    vids = args.work / "videos"
+    vids.mkdir(exist_ok=True)
+    videos = [p if p.exists() else write(p, seconds=6.0, height=360) for p in (vids / f"v{i}.mp4" for i in range(4))]
+    bundles = make_bundles(args.work, backbone, vids, args.rebuild)
+    flops = bench.model_flops(bundles["fp32"].manifest)
+    ts_reason = add_torchscript(bundles["fp32"])
+
+    print("GEMM peaks ...", file=sys.stderr)
+    peaks_before = bench.gemm_peaks()
+    load_before = os.getloadavg()
+    rows, only = [], set(args.only.split(",")) if args.only else None
+    for label, form, shown, bp, kind, opts in ROWS:
+        row = {"label": label, "format": form, "precision": shown, "kind": kind, "options": opts}
+        if only and kind not in only:
+            continue
+        if kind == "tensorrt":
+            row["skipped"] = "no NVIDIA GPU here, and TensorRT's libraries cannot be installed from PyPI here"
+        elif kind == "torchscript" and ts_reason:
+            row["skipped"] = ts_reason
+        if "skipped" in row:
+            rows.append(row)
+            continue
+        print(f"{label} {shown} ...", file=sys.stderr)
+        try:
+            res = measure_row(kind, bundles[bp], opts, (1, args.batch), args.iters, args.warmup)
+        except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
+            row["skipped"] = f"failed: {str(e)[:160]}"
+            rows.append(row)
+            continue
+        row.update(res, size_mb=size_mb(bundles[bp], kind), bundle_precision=bp)
+        row.update(bench.summarize(res, flops, peaks_before, bp))
+        print(f"  {res['latency_ms']['p50']:.0f} ms/clip, {res['throughput']['clips_per_s']:.2f} clips/s",
+              file=sys.stderr)
+        rows.append(row)
+    peaks_after = bench.gemm_peaks()
+    load_after = os.getloadavg()
+
+    print("accuracy on the demo model ...", file=sys.stderr)
+    acc, acc_note = demo_accuracy(args.work)
+    for r in rows:
+        if "skipped" not in r:
+            r["accuracy"] = accuracy_cell(acc, r["kind"], r["bundle_precision"], r["options"])
+
+    print("end-to-end infer ...", file=sys.stderr)
+    e2e = []
+    for bp, backend, opts in (("int8", "openvino", {}), ("fp32", "openvino", {})):
+        try:
+            e2e.append((bp, backend, end_to_end(bundles[bp], backend, opts, videos)))
+        except Exception as e:  # noqa: BLE001
+            e2e.append((bp, backend, {"error": str(e)[:200]}))
+
+    man = bundles["fp32"].manifest
+    model = {"backbone": backbone, "flops": flops, "adapters": man["adapter"]["spec"]["layout"],
+             "clip": f"{man['frames']} × {man['size']}"}
+    report = {"machine": bench.machine(), "model": model,
+              "gemm_peaks": {"before": peaks_before, "after": peaks_after},
+              "load_average": {"before": load_before, "after": load_after}, "rows": rows,
+              "accuracy_note": acc_note, "end_to_end": e2e, "seconds": time.time() - started,
+              "command": " ".join(["benchmarks/run_all.py", *sys.argv[1:]])}
+    (args.work / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    write_markdown(out_md, report, args)
+    print(f"wrote {out_md} and {args.work / 'results.json'} in {report['seconds'] / 60:.1f} min", file=sys.stderr)
+
+
+def write_markdown(path: Path, rep: dict, args) -> None:
+    m = rep["machine"]
+    ref = next(r for r in rep["rows"] if r["kind"] == "eager" and "skipped" not in r)
+    pb, pa = rep["gemm_peaks"]["before"], rep["gemm_peaks"]["after"]
+    f = rep["model"]["flops"]
+    lines = [
+        "# Benchmarks: every backend and precision side by side",
+        "",
+        f"One run of `.venv/bin/python {rep['command']}` ({rep['seconds'] / 60:.1f} min), "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        f"- Machine: {m.get('cpu', '?')}, {m['cpus']} logical CPUs ({m.get('cores_per_socket', '?')} cores per "
+        f"socket, {m.get('threads_per_core', '?')} threads per core), {m['machine']}, Python {m['python']}; "
+        f"ISA: {', '.join(m.get('isa', []))}. Load average (1 min) {rep['load_average']['before'][0]:.2f} before "
+        f"the rows, {rep['load_average']['after'][0]:.2f} after (a shared machine: other work was running).",
+        f"- Model: {rep['model']['backbone']} + {rep['model']['adapters']} ST-Adapters (before the MLP, kernel "
+        f"3x1x1), 400 classes, {rep['model']['clip']} px, random FP16-representable weights; "
+        f"{f['total'] / 1e9:.1f} GFLOP per clip "
+        f"({f['quantizable'] / 1e9:.1f} in the linear layers INT8 bundles quantize).",
+        f"- Each row: a fresh process; {args.warmup} warm-up call(s), then the median of {args.iters} calls at "
+        f"batch 1 (latency) and at batch {args.batch} (throughput). Peak RSS: that process's high-water mark "
+        "(VmHWM), imports included.",
+        "- GEMM peaks (square 2048, best call), before / after the rows: "
+        + ", ".join(f"{k} {pb[k]['gflops']:.0f} / {pa[k]['gflops']:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s "
+                    f"({pb[k]['method']})" for k in pb) + ". \"% of GEMM peak\" uses the before figure for the "
+        "precision the GEMMs run in.",
+        "",
+        table(rep["rows"], ref, args.batch),
+        "",
+        f"Ratios are to the PyTorch eager FP32 reference in the same run. Accuracy: {rep['accuracy_note']}.",
+        "",
+        "## End-to-end `infer` vs model only",
+        "",
+        "| bundle | backend | videos | views/video | model only videos/s | end to end videos/s | fraction | "
+        "decode s/video |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for bp, be, e in rep["end_to_end"]:
+        if "error" in e:
+            lines.append(f"| {bp} | {be} | failed: {e['error']} | | | | | |")
+        else:
+            lines.append(f"| {bp} | {be} | {e['videos']} | {e['views_per_video']} | {e['model_videos_per_s']:.3f} | "
+                         f"{e['e2e_videos_per_s']:.3f} | {100 * e['fraction']:.0f}% | {e['decode_s_per_video']:.2f} |")
+    lines += ["", "Generated 6 s 360p MPEG-4 videos; end to end = `Classifier.classify_many` (what `stexport infer` "
+              "runs: decoding in a background thread); model only = the same views already decoded. Best of 2 "
+              "alternating rounds.", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
