@@ -128,6 +128,11 @@ each window is sampled like a whole video of its length.
         def err(line: str) -> None:
             tqdm.write(line, file=sys.stderr)
 
+        d = clf.describe()
+        where = ", ".join(str(x) for x in d.get("providers", [d.get("device", "")]) if x)
+        err(f"stexport: {bundle.path} on {d['backend']}{f' ({where})' if where else ''}, "
+            f"{clf.sampling.describe()}, labels: {clf.labels_source}")
+
         def report(item) -> None:
             nonlocal failed
             if hasattr(item, "error"):

@@ -37,13 +37,14 @@ class Result:
     notes: list[str] = field(default_factory=list)
     start: float | None = None  # timeline windows only (seconds)
     end: float | None = None
+    backend: str = ""
 
     def to_dict(self) -> dict:
         d = {"path": self.source}
         if self.start is not None:
             d.update(start=round(self.start, 3), end=round(self.end, 3))
         d["top"] = [{"label": name, "score": round(p, 6), "index": i} for i, name, p in self.top]
-        d.update(views=self.views, frames=self.frames,
+        d.update(views=self.views, frames=self.frames, backend=self.backend,
                  timing={"decode_s": round(self.decode_s, 4), "infer_s": round(self.infer_s, 4)})
         if self.notes:
             d["notes"] = self.notes
@@ -83,6 +84,8 @@ class Classifier:
         self.top_k = min(top_k, self.num_classes)
         own = str(self.bundle.file("labels")) if self.bundle.has("labels") else None
         self.labels, self.labels_source = resolve_labels(labels or own, self.num_classes)
+        if not labels and own:  # the bundle's labels.txt: say where build took the names from
+            self.labels_source = (m.get("labels") or {}).get("source", self.labels_source)
         self.backend = backends.create(backend, self.bundle, **backend_options)
 
     def describe(self) -> dict:
@@ -105,7 +108,7 @@ class Classifier:
         t = time.perf_counter()
         probs = self.probabilities(clips)
         return Result(source, self.top(probs), len(clips), frames, decode_s, time.perf_counter() - t,
-                      list(notes), start, end)
+                      list(notes), start, end, self.backend.name)
 
     def classify(self, source) -> Result:
         """One video, decoded and run in this thread; raises VideoError for a bad video."""

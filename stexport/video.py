@@ -180,7 +180,7 @@ def open_capture(source, threads: int | None = None):
     params = [cv2.CAP_PROP_N_THREADS, int(threads)] if threads else []
     if is_live(source):
         if str(source).isdigit():
-            cap = cv2.VideoCapture(int(source), cv2.CAP_ANY, params)
+            cap = cv2.VideoCapture(int(source))  # camera backends reject FFmpeg's thread parameter
         else:
             cap = cv2.VideoCapture(str(source), cv2.CAP_FFMPEG, params)
         if not cap.isOpened():

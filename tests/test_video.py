@@ -265,3 +265,34 @@ def test_read_clip_list(tmp_path, make_video):
     assert read_clip_list(tmp_path) == [(b, None), (a, None)]
     with pytest.raises(StexportError, match="no such file"):
         read_clip_list(tmp_path / "missing.txt")
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """Serve tmp_path over HTTP on localhost: a stream URL FFmpeg reads but cannot count up front."""
+    import functools
+    import http.server
+    import socketserver
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    srv = socketserver.TCPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_stream_url_is_read_live(make_video, http_dir):
+    path = make_video("stream.avi", frames=60)
+    url = f"{http_dir}/stream.avi"
+    assert video.is_live(url) and video.is_live("0") and not video.is_live(str(path))
+    s = Sampling(frames=4, size=48, rate=3, temporal_views=2)
+    d = decode(url, s)
+    assert d.header_frames is None and d.frames == 20  # two consecutive windows of 10 frames, no more read
+    assert np.array_equal(d.clips, video._decode_live(str(path), s).clips)
+    wins = list(decode_windows(url, Sampling(frames=4, size=48, rate=0, temporal_views=1), 1.0, 1.0))
+    assert [(w.start, w.end) for w in wins] == [(0.0, 1.0), (1.0, 2.0)]  # 60 frames at 25 fps
