@@ -1,4 +1,4 @@
-"""INT8 calibration: seeded clip choice, activation ranges (minmax / percentile / entropy), cached Q/DQ insertion."""
+"""INT8 calibration: seeded clip choice, activation ranges (minmax, percentile, entropy), Q/DQ, cache."""
 
 from stexport.calibration.clips import ClipSet, choose
 from stexport.calibration.quantize import cache_dir, quantize_bundle_model

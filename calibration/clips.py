@@ -1,4 +1,4 @@
-"""Calibration inputs: a seeded choice of clips from a list or directory, decoded like `infer` decodes them."""
+"""Calibration inputs: a seeded choice of videos from a list or directory, decoded as `infer` decodes them."""
 
 from __future__ import annotations
 
@@ -38,9 +38,12 @@ class ClipSet:
 def choose(calib, count: int, seed: int = 0) -> ClipSet:
     """Up to `count` videos of a '<video> <label>' list or a directory, chosen with a seeded RNG (sorted order
     first, so the same files give the same choice anywhere). An array of uint8 clips is taken as it is."""
+    if isinstance(calib, ClipSet):
+        return calib
     if isinstance(calib, np.ndarray):
         if calib.dtype != np.uint8 or calib.ndim != 5 or calib.shape[-1] != 3:
-            raise StexportError(f"calibration clips must be uint8 (N, T, S, S, 3), got {calib.dtype} {calib.shape}")
+            raise StexportError(f"calibration clips must be uint8 (N, T, S, S, 3), got {calib.dtype} "
+                                f"{calib.shape}")
         return ClipSet(source=f"array {tuple(calib.shape)}", videos=[], arrays=calib)
     from stexport.video import read_clip_list
 

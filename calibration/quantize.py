@@ -1,4 +1,4 @@
-"""FP32 ONNX → INT8 Q/DQ ONNX: calibrate the transformer's linear-layer inputs on real clips, then insert Q/DQ.
+"""FP32 ONNX → INT8 Q/DQ ONNX: calibrate the transformer's linear-layer inputs on real clips, insert Q/DQ.
 
 Calibration results are cached under `<stexport home>/calibration/<key>.json`; the key hashes the FP32 graph,
 the chosen clips (paths, sizes, mtimes), the sampling and the method, so the same inputs give the same model
@@ -13,12 +13,11 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx
-from tqdm import tqdm
-
 from stexport.calibration.clips import ClipSet, batches, choose
 from stexport.calibration.ranges import PERCENTILE, RangeCollector
+from tqdm import tqdm
+
 from stexport.bundle import atomic_write_json, default_home
 from stexport.errors import StexportError
 from stexport.export import check, insert_qdq, quant_targets, save
@@ -35,8 +34,9 @@ def model_hash(proto: onnx.ModelProto) -> str:
 
 
 def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling, method: str,
-            input_format: str = "uint8", workdir: Path | None = None, progress: bool = False) -> dict[str, float]:
-    """Run the FP32 graph on every calibration clip with `tensors` as extra outputs; their |max| thresholds."""
+            input_format: str = "uint8", workdir: Path | None = None,
+            progress: bool = False) -> dict[str, float]:
+    """Run the FP32 graph on every calibration clip with `tensors` as extra outputs; their thresholds."""
     import onnxruntime as ort
 
     from stexport.backends.ort import feed
@@ -61,7 +61,7 @@ def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling
     inp = session.get_inputs()[0].name
     ranges = RangeCollector(method)
     for views in tqdm(batches(clips, sampling), total=len(clips), desc="calibrate", unit="clip",
-                      disable=not progress, leave=False):
+                      disable=None if progress else True, leave=False):
         outs = session.run(None, {inp: feed(views, input_format)})
         ranges.add({n: o for n, o in zip(names, outs) if n in tensors})
     return ranges.amax()
@@ -71,7 +71,7 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
                           method: str = "minmax", seed: int = 0, input_format: str = "uint8",
                           progress: bool = False, external_data: bool | None = None, use_cache: bool = True,
                           on_calibrated=None) -> dict:
-    """Rewrite the FP32 graph at `onnx_path` as INT8 Q/DQ in place; returns the manifest's calibration record."""
+    """Rewrite the FP32 graph at `onnx_path` as INT8 Q/DQ in place; returns the manifest's `calibration`."""
     from stexport.video import Sampling
 
     view = Sampling(frames=frames, size=size, **{k: sampling[k] for k in ("rate", "temporal_views",
@@ -85,8 +85,8 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
     if not targets:
         raise StexportError(f"{onnx_path}: no linear layers to quantize (was it exported by stexport?)")
     tensors = sorted({n.input[0] for n in targets})
-    key_src = {"model": model_hash(proto), "clips": chosen.key(), "sampling": view.to_dict(), "method": method, "seed": seed,
-               "percentile": PERCENTILE if method == "percentile" else None}
+    key_src = {"model": model_hash(proto), "clips": chosen.key(), "sampling": view.to_dict(),
+               "method": method, "seed": seed, "percentile": PERCENTILE if method == "percentile" else None}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:32]
     cache = cache_dir() / f"{key}.json"
     amax, cached = None, False
@@ -101,7 +101,8 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
         amax = collect(proto, tensors, chosen, view, method, input_format, onnx_path.parent, progress)
         if use_cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(cache, {"key": key_src, "amax": amax, "videos": [str(v) for v in chosen.videos]})
+            videos = [str(v) for v in chosen.videos]
+            atomic_write_json(cache, {"key": key_src, "amax": amax, "videos": videos})
     if on_calibrated:
         on_calibrated()
     insert_qdq(proto, amax, [n.name for n in targets])
@@ -110,6 +111,7 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
     return {
         "method": method, "percentile": key_src["percentile"], "clips": len(chosen), "source": chosen.source,
         "seed": seed, "sampling": view.to_dict(),
-        "quantized_layers": len(targets), "activation_ranges": len(tensors), "cache_key": key, "cached": cached,
+        "quantized_layers": len(targets), "activation_ranges": len(tensors), "cache_key": key,
+        "cached": cached,
         "scheme": "int8 symmetric Q/DQ, zero point 0; weights per output channel, activations per tensor",
     }

@@ -1,4 +1,4 @@
-"""Activation ranges (symmetric |max|) from calibration data: minmax, percentile or entropy (KL divergence)."""
+"""Activation ranges (symmetric |max|) from calibration data: minmax, percentile or entropy (KL)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ class RangeCollector:
     def add(self, tensors: dict[str, np.ndarray]) -> None:
         for k, v in tensors.items():
             if not np.all(np.isfinite(v)):
-                raise StexportError(f"calibration: tensor '{k}' has non-finite values; the model overflows on "
-                                    "these clips")
+                raise StexportError(f"calibration: tensor '{k}' has non-finite values; the model "
+                                    "overflows on these clips")
             m = float(np.abs(v).max()) if v.size else 0.0
             self.max[k] = max(self.max.get(k, 0.0), m)
         if self.hist is not None:

@@ -15,9 +15,10 @@ Examples:
 
   stexport build --adapter ssv2.pt --precision fp16 --out bundles/ssv2-fp16
 
-  stexport build --adapter k400.pt --precision int8 --calib val_list.txt --calib-clips 64 --calib-method entropy
+  stexport build --adapter k400.pt --precision int8 --calib val_list.txt --calib-clips 64 \
+      --calib-method entropy
 
-  stexport build --adapter demo.pt --backbone stexport-demo-vit --pretrained demo_backbone.pt --frames 8 --force
+  stexport build --adapter demo.pt --backbone stexport-demo-vit --pretrained demo_vit.pt --force
 
   stexport build --adapter k400.pt --precision fp16 --engine    # + a TensorRT engine (now on a GPU host)
 """
@@ -25,36 +26,42 @@ Examples:
 
 @handle_errors
 def build(
-    adapter: Path = typer.Option(..., "--adapter", "-a", help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
-    backbone: str = typer.Option("ViT-B-16", "--backbone", "-b", help="open_clip ViT the adapters were trained on."),
-    pretrained: str = typer.Option("openai", "--pretrained", help="Backbone weights: an open_clip tag, a file, "
-                                   "or 'none' (random, for smoke tests)."),
+    adapter: Path = typer.Option(..., "--adapter", "-a",
+                                 help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
+    backbone: str = typer.Option("ViT-B-16", "--backbone", "-b",
+                                 help="open_clip ViT the adapters were trained on."),
+    pretrained: str = typer.Option("openai", "--pretrained", help="Backbone weights: an open_clip tag, a "
+                                   "file, or 'none' (random, for smoke tests)."),
     precision: str = typer.Option("fp32", "--precision", "-p", help="fp32, fp16 (strongly typed) or int8 "
                                   "(explicit Q/DQ; needs --calib)."),
     frames: int = typer.Option(8, "--frames", "-t", help="Frames per clip (T), fixed in the graph."),
-    size: int = typer.Option(None, "--size", help="Input resolution; must equal the backbone's (default: it)."),
+    size: int = typer.Option(None, "--size", help="Input resolution; must be the backbone's (default: it)."),
     calib: Path = typer.Option(None, "--calib", help="INT8 calibration videos: a '<video> <label>' list or a "
                                "directory."),
-    calib_clips: int = typer.Option(32, "--calib-clips", help="How many videos of --calib to use (seeded choice)."),
-    calib_method: str = typer.Option("minmax", "--calib-method", help="minmax, percentile (99.999) or entropy."),
-    labels: Path = typer.Option(None, "--labels", help="Class names, one per line (default: Kinetics-400 for 400 "
-                                "classes, SSv2 for 174, else class_i)."),
-    out: Path = typer.Option(None, "--out", "-o", help="Bundle directory (default: ~/.cache/stexport/bundles/NAME)."),
+    calib_clips: int = typer.Option(32, "--calib-clips", help="How many videos of --calib to use (a seeded "
+                                    "choice)."),
+    calib_method: str = typer.Option("minmax", "--calib-method",
+                                     help="minmax, percentile (99.999) or entropy."),
+    labels: Path = typer.Option(None, "--labels", help="Class names, one per line (default: Kinetics-400 for "
+                                "400 classes, SSv2 for 174, else class_i)."),
+    out: Path = typer.Option(None, "--out", "-o",
+                             help="Bundle directory (default: ~/.cache/stexport/bundles/NAME)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle at --out."),
-    input_format: str = typer.Option("uint8", "--input", help="uint8 (B,T,H,W,3 RGB; normalisation in the graph) "
-                                     "or float (B,T,3,H,W, normalised by the host)."),
+    input_format: str = typer.Option("uint8", "--input", help="uint8 (B,T,H,W,3 RGB; normalised in the "
+                                     "graph) or float (B,T,3,H,W, normalised by the host)."),
     engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
-    """Build a bundle: load the CLIP backbone and the adapter deltas, fold them into a standard-operator graph
-    (normalisation folded into the patch embedding, attention as MatMul/Softmax, adapters as GEMMs and a temporal
-    conv), export ONNX (opset 18, dynamic batch) in the chosen precision, and write it with the deltas, class names
-    and a stexport.json manifest. The bundle appears in one rename; nothing is overwritten without --force.
+    """Build a bundle: load the CLIP backbone and the adapter deltas, fold them into a standard-operator
+    graph (normalisation folded into the patch embedding, attention as MatMul/Softmax, adapters as GEMMs and a
+    temporal conv), export ONNX (opset 18, dynamic batch) in the chosen precision, and write it with the
+    deltas, class names and a stexport.json manifest. The bundle appears in one rename; nothing is
+    overwritten without --force.
 
     INT8 quantizes the transformer's linear layers (symmetric, weights per output channel, activations per
-    tensor) with ranges calibrated on real videos decoded exactly as `stexport infer` decodes them; results are
-    cached by model and clip set.
+    tensor) with ranges calibrated on real videos decoded exactly as `stexport infer` decodes them; results
+    are cached by model and clip set.
     """
     from stexport.build import build_bundle
     from stexport.errors import StexportError
@@ -73,13 +80,15 @@ def build(
 
         engine_note = build_or_defer(b, progress=True)
     if as_json:
-        print_json({"path": str(b.path), **b.manifest, **({"engine_note": engine_note} if engine_note else {})})
+        note = {"engine_note": engine_note} if engine_note else {}
+        print_json({"path": str(b.path), **b.manifest, **note})
         return
     m = b.manifest
     size_mb = sum(r["bytes"] for r in m["files"].values()) / 1e6
     typer.echo(f"built {b.path}")
-    typer.echo(f"  {m['backbone']['name']} + {m['adapter']['spec']['layout']} adapters, {m['precision']}, "
-               f"{m['frames']}x{m['size']}px, {m['adapter']['spec']['num_classes']} classes ({m['labels']['source']})")
+    spec = m["adapter"]["spec"]
+    typer.echo(f"  {m['backbone']['name']} + {spec['layout']} adapters, {m['precision']}, {m['frames']}x"
+               f"{m['size']}px, {spec['num_classes']} classes ({m['labels']['source']})")
     s = m["sampling"]
     typer.echo(f"  sampling: rate {s['rate']}, {s['temporal_views']}x{s['spatial_views']} views; "
                f"{len(m['files'])} files, {size_mb:.1f} MB")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
 from stexport.cli.common import handle_errors
 
 EXIT_GATE_FAILED = 1
@@ -28,24 +27,24 @@ def verify(
     bundle: Path = typer.Argument(..., help="Bundle directory (or its stexport.json)."),
     clips: Path = typer.Option(..., "--clips", "-c", help="Videos: a '<video> <label>' list (labels give "
                                "accuracy) or a directory."),
-    backend: str = typer.Option("onnxruntime", "--backend", help="Runtime to check (any registered backend)."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="Runtime to check (a registered backend)."),
     max_clips: int = typer.Option(None, "--max-clips", help="Use only the first N videos of the list."),
     json_path: Path = typer.Option(None, "--json", help="Also write the full report as JSON to this file "
                                    "('-' for stdout)."),
     max_abs: float = typer.Option(None, "--max-abs", help="Gate: max |Δlogit| (default: 1e-3 for fp32)."),
-    min_agreement: float = typer.Option(None, "--min-agreement", help="Gate: top-1 agreement, 0–1 (default: "
-                                        "1.0 fp32, 0.99 fp16, 0.95 int8 without labels)."),
-    max_drop: float = typer.Option(None, "--max-drop", help="Gate: top-1 accuracy drop in points (default: 1.0 "
-                                   "for int8 with labels)."),
-    pretrained: str = typer.Option(None, "--pretrained", help="Backbone weights for the reference if the file "
-                                   "the bundle was built from has moved."),
+    min_agreement: float = typer.Option(None, "--min-agreement", help="Gate: top-1 agreement, 0–1 "
+                                        "(default: 1.0 fp32, 0.99 fp16, 0.95 int8 without labels)."),
+    max_drop: float = typer.Option(None, "--max-drop", help="Gate: top-1 accuracy drop in points "
+                                   "(default: 1.0 for int8 with labels)."),
+    pretrained: str = typer.Option(None, "--pretrained", help="Backbone weights for the reference if the "
+                                   "file the bundle was built from has moved."),
     device: str = typer.Option(None, "--device", help="Backend device (e.g. cpu, cuda, tensorrt)."),
     threads: int = typer.Option(None, "--threads", help="Backend CPU threads."),
 ):
-    """Decode each video as `infer` does, run the bundle's backend and the PyTorch reference on the same clips,
-    and report max/mean |Δlogit|, cosine similarity, top-1 and top-5 agreement and, when the list has labels,
-    top-1/top-5 accuracy of both and the difference. A per-precision gate sets the exit status: fp32 needs
-    max|Δ| ≤ 1e-3 and 100% top-1 agreement, fp16 ≥ 99% agreement, int8 ≤ 1 pt accuracy drop (≥ 95%
+    """Decode each video as `infer` does, run the bundle's backend and the PyTorch reference on the same
+    clips, and report max/mean |Δlogit|, cosine similarity, top-1 and top-5 agreement and, when the list has
+    labels, top-1/top-5 accuracy of both and the difference. A per-precision gate sets the exit status: fp32
+    needs max|Δ| ≤ 1e-3 and 100% top-1 agreement, fp16 ≥ 99% agreement, int8 ≤ 1 pt accuracy drop (≥ 95%
     agreement without labels).
     """
     import dataclasses

@@ -1,7 +1,8 @@
 """ONNX export of the deploy model (FP32, FP16; INT8 via `insert_qdq`) and the TensorRT operator-matrix check.
 
-Opset 18: inside the TensorRT 10 parser's range (9–20), and the lowest the torch dynamo exporter writes without
-a lossy down-conversion (its Pad cannot be converted to 17). Batch is dynamic; frames and resolution are fixed.
+Opset 18: inside the TensorRT 10 parser's range (9–20), and the lowest the torch dynamo exporter writes
+without a lossy down-conversion (its Pad cannot be converted to 17). Batch is dynamic; frames and resolution
+are fixed.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, frames: int,
                 optimize=True,
             )
         except Exception as e:  # noqa: BLE001 - exporter failures are bugs or unsupported configs
-            raise StexportError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+            why = str(e).splitlines()[0][:200] if str(e) else ""
+            raise StexportError(f"ONNX export failed ({type(e).__name__}: {why})") from e
     proto = program.model_proto
     name_linear_nodes(proto)
     _tidy(proto)
@@ -65,7 +67,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, frames: int,
 
 
 def _tidy(proto: onnx.ModelProto) -> None:
-    """Drop exporter bookkeeping that bloats the file; name the graph; read the batch size from the cast input.
+    """Drop exporter bookkeeping that bloats the file, name the graph, read the batch size from the Cast.
 
     TensorRT takes UINT8 only as a network input feeding a Cast, but the exporter reads the dynamic batch size
     with a Shape of the input itself; the Cast's output has the same shape.
@@ -109,7 +111,8 @@ def check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001
-        raise StexportError(f"{path}: the exported graph fails onnx.checker ({str(e).splitlines()[0][:200]})") from e
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise StexportError(f"{path}: the exported graph fails onnx.checker ({why})") from e
 
 
 def external_files(path: Path) -> list[str]:
@@ -123,7 +126,7 @@ def external_files(path: Path) -> list[str]:
     return sorted(names)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # INT8: explicit Q/DQ on the inputs and weights of the transformer's linear layers
 
 def scope_of(node: onnx.NodeProto) -> list[str]:
@@ -134,7 +137,7 @@ def scope_of(node: onnx.NodeProto) -> list[str]:
 
 
 def quant_targets(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """MatMul/Gemm of the transformer blocks with a weight initializer (patch embedding and head stay float)."""
+    """MatMul/Gemm of the transformer blocks with a weight initializer (patch embedding, head stay float)."""
     inits = {t.name for t in proto.graph.initializer}
     out = []
     for n in proto.graph.node:
@@ -157,13 +160,14 @@ def name_linear_nodes(proto: onnx.ModelProto) -> None:
                 n.name = base if k == 0 else f"{base}#{k}"
 
 
-def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float], targets: list[str] | None = None) -> onnx.ModelProto:
+def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
+               targets: list[str] | None = None) -> onnx.ModelProto:
     """Explicit INT8 quantization, TensorRT style.
 
-    For each target MatMul/Gemm: activation → QuantizeLinear → DequantizeLinear (per-tensor, scale amax/127,
-    zero point 0) and the weight stored as INT8 with a per-output-channel DequantizeLinear (the N axis of the
-    (K, N) or, with transB, (N, K) weight). Outputs stay float, so bias, residuals, LayerNorm and Softmax run in
-    float.
+    For each target MatMul/Gemm: activation → QuantizeLinear → DequantizeLinear (per-tensor, scale
+    amax/127, zero point 0) and the weight stored as INT8 with a per-output-channel DequantizeLinear (the N
+    axis of the (K, N) or, with transB, (N, K) weight). Outputs stay float, so bias, residuals, LayerNorm and
+    Softmax run in float.
     `amax[name]`: calibrated |max| of the activation tensor `name`.
     """
     g = proto.graph
@@ -208,8 +212,8 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float], targets: list[str
         wq_name, ws_name, wz_name = f"{wname}_int8", f"{wname}_wscale", f"{wname}_wzero"
         new_inits += [numpy_helper.from_array(wq, wq_name), numpy_helper.from_array(wscale, ws_name),
                       numpy_helper.from_array(np.zeros(w.shape[axis], np.int8), wz_name)]
-        added.append(helper.make_node("DequantizeLinear", [wq_name, ws_name, wz_name], [wdq], name=f"{wname}_DQ",
-                                      axis=axis))
+        added.append(helper.make_node("DequantizeLinear", [wq_name, ws_name, wz_name], [wdq],
+                                      name=f"{wname}_DQ", axis=axis))
     # Each Q/DQ goes right before the first layer that reads it; a stable topological sort keeps that order.
     pos = {n.name: i for i, n in enumerate(g.node)}
     rank = {id(n): float(i) for i, n in enumerate(g.node)}
@@ -231,8 +235,8 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float], targets: list[str
 
 
 def _split_bias(gemm: onnx.NodeProto) -> onnx.NodeProto:
-    """Gemm(A, B, C) → Add(Gemm(A, B), C): ONNX Runtime fuses DQ → Gemm into an integer GEMM only without a float
-    C (TensorRT fuses the bias add either way)."""
+    """Gemm(A, B, C) → Add(Gemm(A, B), C): ONNX Runtime fuses DQ → Gemm into an integer GEMM only without
+    a float C (TensorRT fuses the bias add either way)."""
     bias, out = gemm.input[2], gemm.output[0]
     del gemm.input[2]
     for a in gemm.attribute:
@@ -242,7 +246,8 @@ def _split_bias(gemm: onnx.NodeProto) -> onnx.NodeProto:
     return helper.make_node("Add", [gemm.output[0], bias], [out], name=f"{gemm.name}_bias")
 
 
-def _stable_topo(nodes: list[onnx.NodeProto], rank: dict[int, float], ready: set[str]) -> list[onnx.NodeProto]:
+def _stable_topo(nodes: list[onnx.NodeProto], rank: dict[int, float],
+                 ready: set[str]) -> list[onnx.NodeProto]:
     """Topological order that follows `rank` wherever the dependencies allow (Kahn's algorithm on a heap)."""
     import heapq
 
@@ -269,7 +274,7 @@ def _stable_topo(nodes: list[onnx.NodeProto], rank: dict[int, float], ready: set
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # TensorRT 10 ONNX-parser operator matrix (rows of onnx/onnx-tensorrt docs/operators.md for the ops a folded
 # ST-Adapter graph can contain; `parse_operator_matrix` reads the full markdown when it is at hand).
 
@@ -308,15 +313,16 @@ TRT_OPS: dict[str, set[str]] = {
 }
 TRT_OPSET = (9, 20)
 
-# Inputs that carry shapes, indices or quantization parameters rather than data: the matrix's "Supported Types"
-# column describes the data tensors, so these are checked separately (they must be INT64/INT32 or constants).
+# Inputs that carry shapes or indices rather than data: the matrix's "Supported Types" column describes the
+# data tensors, so these are checked separately (they must be INT64/INT32).
 _INDEX_INPUTS = {
     "Reshape": {1}, "Expand": {1}, "Slice": {1, 2, 3, 4}, "Pad": {1, 2, 3}, "Squeeze": {1}, "Unsqueeze": {1},
     "ReduceMean": {1}, "Gather": {1}, "Split": {1}, "Tile": {1},
 }
 _TYPE_NAMES = {
-    TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16", TensorProto.INT32: "INT32",
-    TensorProto.INT64: "INT64", TensorProto.UINT8: "UINT8", TensorProto.INT8: "INT8", TensorProto.BOOL: "BOOL",
+    TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
+    TensorProto.INT32: "INT32", TensorProto.INT64: "INT64", TensorProto.UINT8: "UINT8",
+    TensorProto.INT8: "INT8", TensorProto.BOOL: "BOOL",
     TensorProto.DOUBLE: "DOUBLE", TensorProto.INT4: "INT4", TensorProto.FLOAT8E4M3FN: "FP8",
 }
 
@@ -351,8 +357,8 @@ def tensor_types(proto: onnx.ModelProto) -> dict[str, int]:
 def check_tensorrt_ops(proto: onnx.ModelProto, matrix: dict[str, set[str] | None] | None = None) -> list[str]:
     """Every node against the TensorRT operator matrix; returns the problems found (empty when clean).
 
-    Checks: opset range and default domain only; each op supported; the types of its data inputs/outputs in the
-    op's supported types; UINT8 only on the graph's input/output (and the Cast that consumes/produces it);
+    Checks: opset range and default domain only; each op supported; the types of its data inputs/outputs in
+    the op's supported types; UINT8 only on the graph's input/output (and the Cast that consumes/produces it);
     INT8 only between QuantizeLinear and DequantizeLinear; Q/DQ zero points all zero.
     """
     matrix = matrix or TRT_OPS

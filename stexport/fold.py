@@ -1,8 +1,8 @@
 """The deploy model: the reference ST-Adapter ViT folded into standard operators, ready for ONNX and TensorRT.
 
 What folding does (each step exactly equivalent to the reference up to float rounding):
-- uint8 (B, T, H, W, 3) RGB in: the cast, /255, CLIP mean/std and the patch-embedding conv become one MatMul on
-  patchified pixels with folded weights and a bias; the positional embedding joins that bias.
+- uint8 (B, T, H, W, 3) RGB in: the cast, /255, CLIP mean/std and the patch-embedding conv become one MatMul
+  on patchified pixels with folded weights and a bias; the positional embedding joins that bias.
 - attention is MatMul → Softmax → MatMul with 1/√d folded into the query weights and bias.
 - adapters with a (kt, 1, 1) kernel run their depth-wise temporal conv as kt shifted multiply-adds on the
   (B, T, tokens, width) layout, which needs no transposes; the class token is kept out by a 0/1 token mask.
@@ -49,7 +49,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 class TemporalShift(nn.Module):
-    """Depth-wise conv over time with a (kt, 1, 1) kernel on (B, T, L, C): kt shifted, per-channel scaled adds.
+    """Depth-wise conv over time, kernel (kt, 1, 1), on (B, T, L, C): kt shifted, per-channel scaled adds.
 
     Taps and bias are (L, C) with the class token's row zero, so the class token's output is exactly 0.
     """
@@ -139,8 +139,9 @@ class FoldedAttention(nn.Module):
 class FoldedBlock(nn.Module):
     def __init__(self, block, tokens: int, grid: int, act: str):
         super().__init__()
-        self.pre_attn = FoldedAdapter(block.adapter_pre_attn, tokens, grid) if block.adapter_pre_attn else None
-        self.pre_mlp = FoldedAdapter(block.adapter_pre_mlp, tokens, grid) if block.adapter_pre_mlp else None
+        pre_attn, pre_mlp = block.adapter_pre_attn, block.adapter_pre_mlp
+        self.pre_attn = FoldedAdapter(pre_attn, tokens, grid) if pre_attn is not None else None
+        self.pre_mlp = FoldedAdapter(pre_mlp, tokens, grid) if pre_mlp is not None else None
         self.ln_1, self.ln_2 = Norm(block.ln_1), Norm(block.ln_2)
         self.attn = FoldedAttention(block.attn, block.heads)
         self.fc = _linear(block.mlp.c_fc.weight, block.mlp.c_fc.bias)
@@ -164,16 +165,17 @@ class FoldedBlock(nn.Module):
 
 
 class DeployViT(nn.Module):
-    """Folded ST-Adapter ViT. uint8 (B, T, H, W, 3) RGB (or float (B, T, 3, H, W), normalised) → float32 logits."""
+    """Folded ST-Adapter ViT: uint8 (B, T, H, W, 3) RGB or normalised float (B, T, 3, H, W) → logits."""
 
-    def __init__(self, ref: STAdapterViT, input_format: str = "uint8", compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, ref: STAdapterViT, input_format: str = "uint8",
+                 compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
         cfg = ref.cfg
         self.input_format, self.dtype = input_format, compute_dtype
         self.patch, self.grid, self.image_size = cfg.patch_size, cfg.grid, cfg.image_size
-        D, p = cfg.width, cfg.patch_size
+        D = cfg.width
         w = ref.conv1.weight.detach().double()  # (D, 3, p, p)
         pos = ref.positional_embedding.detach().double()
         bias = torch.zeros(D, dtype=torch.float64)
@@ -189,7 +191,8 @@ class DeployViT(nn.Module):
                                     requires_grad=False)
         self.ln_pre, self.ln_post = Norm(ref.ln_pre), Norm(ref.ln_post)
         tokens = self.grid ** 2 + 1
-        self.blocks = nn.ModuleList(FoldedBlock(b, tokens, self.grid, cfg.act) for b in ref.transformer.resblocks)
+        blocks = ref.transformer.resblocks
+        self.blocks = nn.ModuleList(FoldedBlock(b, tokens, self.grid, cfg.act) for b in blocks)
         self.head = _linear(ref.fc.weight, ref.fc.bias)
         if compute_dtype != torch.float32:
             for name, mod in self.named_modules():

@@ -1,8 +1,9 @@
 """Verify a bundle: run its backend and the PyTorch reference on the same decoded clips and compare.
 
 Per view: max and mean |Δlogit|, cosine similarity, top-1 agreement (same argmax) and top-5 agreement (same
-top-5 set). Per video, when the clip list has labels: top-1/top-5 accuracy of each (softmax averaged over views,
-as `infer` and the official evaluation do) and the difference. A per-precision gate decides pass or fail.
+top-5 set). Per video, when the clip list has labels: top-1/top-5 accuracy of each (softmax averaged over
+views, as `infer` and the official evaluation do) and the difference. A per-precision gate decides pass or
+fail.
 """
 
 from __future__ import annotations
@@ -72,12 +73,12 @@ def judge(precision: str, metrics: dict, gate: Gate) -> list[dict]:
     checks = []
     labelled = metrics.get("accuracy") is not None
     if gate.max_abs is not None:
-        checks.append({"check": "max |Δlogit|", "value": metrics["max_abs"], "limit": f"≤ {gate.max_abs:g}",
-                       "passed": metrics["max_abs"] <= gate.max_abs})
+        checks.append({"check": "max |Δlogit|", "value": metrics["max_abs"],
+                       "limit": f"≤ {gate.max_abs:g}", "passed": metrics["max_abs"] <= gate.max_abs})
     if gate.max_accuracy_drop is not None and labelled:
         drop = metrics["accuracy"]["reference_top1"] - metrics["accuracy"]["backend_top1"]
-        checks.append({"check": "top-1 accuracy drop (pt)", "value": drop, "limit": f"≤ {gate.max_accuracy_drop:g}",
-                       "passed": drop <= gate.max_accuracy_drop})
+        checks.append({"check": "top-1 accuracy drop (pt)", "value": drop,
+                       "limit": f"≤ {gate.max_accuracy_drop:g}", "passed": drop <= gate.max_accuracy_drop})
     elif gate.min_top1_agreement is not None:
         checks.append({"check": "top-1 agreement", "value": metrics["top1_agreement"],
                        "limit": f"≥ {gate.min_top1_agreement:.1%}",
@@ -111,7 +112,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "onnxruntime", max_clips:
     sampling = Sampling.from_manifest(b.manifest)
     name = backends.resolve(backend, b)
     if name == "torch":
-        raise StexportError("--backend torch is the reference itself; verify another backend (e.g. onnxruntime)")
+        raise StexportError("--backend torch is the reference itself; verify another (e.g. onnxruntime)")
     test = backends.create(backend, b, **backend_options)  # 'auto' falls back past a backend that cannot open
     from stexport.backends.torch_ref import TorchBackend
 
@@ -119,7 +120,8 @@ def verify(bundle: Bundle | str, clips, backend: str = "onnxruntime", max_clips:
     ref_logits, out_logits, ref_probs, out_probs, labels, failed = [], [], [], [], [], []
     t_ref = t_out = 0.0
     try:
-        for path, label in tqdm(entries, desc="verify", unit="video", disable=not progress, leave=False):
+        bar = tqdm(entries, desc="verify", unit="video", disable=None if progress else True, leave=False)
+        for path, label in bar:
             try:
                 views = decode_clips(str(path), sampling)
             except VideoError as e:
@@ -149,8 +151,8 @@ def verify(bundle: Bundle | str, clips, backend: str = "onnxruntime", max_clips:
         y = np.asarray(labels)
         classes = ref_probs[0].shape[0]
         if y.min() < 0 or y.max() >= classes:
-            raise StexportError(f"{clips}: label {int(y.max() if y.max() >= classes else y.min())} is outside the "
-                                f"model's {classes} classes")
+            bad = int(y.max() if y.max() >= classes else y.min())
+            raise StexportError(f"{clips}: label {bad} is outside the model's {classes} classes")
         rp, op = np.stack(ref_probs), np.stack(out_probs)
         acc = {"reference_top1": accuracy(rp, y, 1), "backend_top1": accuracy(op, y, 1),
                "reference_top5": accuracy(rp, y, 5), "backend_top5": accuracy(op, y, 5)}

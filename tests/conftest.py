@@ -40,7 +40,8 @@ def make_video(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # A tiny built bundle (issue 3). Reuse it wherever a real bundle is needed; never modify it in place.
 
-TINY_ADAPTER = {"width": 32, "kernel": (3, 1, 1), "num_classes": 10, "pre_attn": False, "pre_mlp": True, "seed": 0}
+TINY_ADAPTER = {"width": 32, "kernel": (3, 1, 1), "num_classes": 10, "pre_attn": False, "pre_mlp": True,
+                "seed": 0}
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +60,8 @@ def tiny_adapter(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_adapter):
     """A tiny FP32 bundle, built once per test session with stexport.build.build_bundle from `tiny_adapter` on
-    `stexport-tiny-vit` with `--pretrained none` (seeded random backbone): 8 frames × 32 px, uint8 BTHWC input,
-    model.onnx + deltas.safetensors + labels.txt (class_0…class_9) + stexport.json. Returns a stexport Bundle.
+    `stexport-tiny-vit` with `--pretrained none` (seeded random backbone): 8 frames × 32 px, uint8 BTHWC
+    input, model.onnx + deltas.safetensors + labels.txt (class_0…class_9) + stexport.json. Returns a Bundle.
     Read-only: copy it first (shutil.copytree(tiny_bundle.path, tmp_path / "b")) to change or extend it."""
     from stexport.build import build_bundle
 
@@ -94,14 +95,15 @@ ONNX_VARIANTS = {
 
 
 def smooth_clips(n: int, size: int, frames: int = 8, seed: int = 0):
-    """uint8 (n, frames, size, size, 3) clips of smooth random colour fields (upsampled 4x4 noise): activations
-    like real images', unlike white noise."""
+    """uint8 (n, frames, size, size, 3) clips of smooth random colour fields (upsampled 4x4 noise):
+    activations like real images', unlike white noise."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     small = torch.randint(0, 256, (n * frames, 3, 4, 4), generator=g).float()
     big = torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
-    return big.reshape(n, frames, 3, size, size).permute(0, 1, 3, 4, 2).round().clamp(0, 255).to(torch.uint8).numpy()
+    big = big.reshape(n, frames, 3, size, size).permute(0, 1, 3, 4, 2)
+    return big.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 @pytest.fixture(scope="session")

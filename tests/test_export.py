@@ -1,4 +1,4 @@
-"""ONNX export: parity with the reference per precision, typed graphs, dynamic batch, external data, ORT backend."""
+"""ONNX export: parity per precision, typed graphs, dynamic batch, external data, the ORT backend."""
 
 from __future__ import annotations
 
@@ -100,7 +100,8 @@ def test_external_data_round_trip(tmp_path):
 def test_ort_backend_options(tiny_bundle):
     with create("onnxruntime", tiny_bundle, threads=1, opt_level="basic") as b:
         d = b.describe()
-        assert d["providers"][-1] == "CPUExecutionProvider" and d["optimization"] == "basic" and d["threads"] == 1
+        assert d["providers"][-1] == "CPUExecutionProvider"
+        assert d["optimization"] == "basic" and d["threads"] == 1
         with pytest.raises(StexportError, match="shape"):
             b.run(np.zeros((1, 4, 32, 32, 3), np.uint8))
     with pytest.raises(StexportError, match="optimisation level"):

@@ -17,10 +17,11 @@ MATRIX_MD = Path(__file__).resolve().parents[2] / "shared" / "reference" / "onnx
 
 @pytest.fixture(scope="module")
 def matrix():
-    """The full matrix parsed from onnx-tensorrt's operators.md; the encoded TRT_OPS rows where it is absent."""
+    """The full matrix parsed from onnx-tensorrt's operators.md; the encoded TRT_OPS rows without it."""
     if MATRIX_MD.is_file():
         parsed = parse_operator_matrix(MATRIX_MD.read_text())
-        assert len(parsed) > 150 and parsed["MatMul"] == {"FP32", "FP16", "BF16"} and parsed["QLinearMatMul"] is None
+        assert len(parsed) > 150 and parsed["MatMul"] == {"FP32", "FP16", "BF16"}
+        assert parsed["QLinearMatMul"] is None
         return parsed
     return TRT_OPS
 
@@ -95,13 +96,15 @@ def test_checker_catches_what_tensorrt_rejects():
     # a non-zero zero point
     fx = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     fy = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
-    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(3, np.int8), "z")]
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(3, np.int8), "z")]
     m = _model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], [fx], [fy], inits)
     assert sum("not 0" in p for p in check_tensorrt_ops(m)) == 2
     # an operator the parser lacks, and an opset beyond it
     sq = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])
-    m = _model([helper.make_node("Det", ["x"], ["y"])], [sq], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    scalar = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    m = _model([helper.make_node("Det", ["x"], ["y"])], [sq], [scalar])
     assert any("not supported" in p for p in check_tensorrt_ops(m, {**TRT_OPS, "Det": None}))
     m = _model([helper.make_node("Relu", ["x"], ["y"])], [fx], [fy], opset=21)
     assert any("opset 21" in p for p in check_tensorrt_ops(m, {**TRT_OPS, "Relu": {"FP32"}}))

@@ -33,7 +33,9 @@ def feed(clips: np.ndarray, input_format: str = "uint8") -> np.ndarray:
 def gpu_visible() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    return Path("/dev/nvidia0").exists() or (Path("/dev/nvidiactl").exists() and shutil.which("nvidia-smi") is not None)
+    if Path("/dev/nvidia0").exists():
+        return True
+    return Path("/dev/nvidiactl").exists() and shutil.which("nvidia-smi") is not None
 
 
 def providers_for(device: str, available: list[str]) -> list[str]:
@@ -67,7 +69,7 @@ class OrtBackend(Backend):
         if level == "all" and on_cpu and bundle.precision == "fp16":
             # ORT 1.32's CPU provider segfaults on FP16 ViT graphs at ORT_ENABLE_ALL.
             if opt_level == "all":
-                log.warning("onnxruntime CPU cannot run FP16 graphs at optimisation level 'all'; using 'extended'")
+                log.warning("ORT's CPU provider cannot run FP16 graphs at level 'all'; using 'extended'")
             level = "extended"
         so = ort.SessionOptions()
         so.graph_optimization_level = {
@@ -104,8 +106,9 @@ class OrtBackend(Backend):
         return self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
 
     def describe(self) -> dict:
-        return {"backend": self.name, "providers": self.session.get_providers(), "precision": self.bundle.precision,
-                "optimization": self.level, "threads": self.threads or "default"}
+        return {"backend": self.name, "providers": self.session.get_providers(),
+                "precision": self.bundle.precision, "optimization": self.level,
+                "threads": self.threads or "default"}
 
     def close(self) -> None:
         self.session = None

@@ -1,0 +1,239 @@
+"""`build_bundle` / `stexport build` and `stexport verify`: round trips, refusals, calibration, gates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import smooth_clips, trained_like, write_video
+from onnx import numpy_helper
+from stexport.cli.app import app
+from typer.testing import CliRunner
+
+from stexport.backbone import random_backbone
+from stexport.backends import create
+from stexport.build import build_bundle
+from stexport.bundle import Bundle
+from stexport.deltas import Deltas, infer_spec
+from stexport.errors import StexportError
+from stexport.loaders import reference_for_bundle
+from stexport.reference import build_reference, normalize
+from stexport.synthetic import random_deltas
+from stexport.verify import GATES, compare
+
+runner = CliRunner()
+TINY = "stexport-tiny-vit"
+
+
+def cli(*args, home=None):
+    env = {"STEXPORT_HOME": str(home)} if home else {}
+    return runner.invoke(app, [*map(str, args)], env=env)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """Six generated videos and a labelled list '<video> <label>' (labels 0..9)."""
+    d = tmp_path_factory.mktemp("verify_videos")
+    lines = []
+    for i in range(6):
+        write_video(d / f"v{i}.mp4", frames=30 + 7 * i, width=64 + 8 * i, height=48)
+        lines.append(f"v{i}.mp4 {(3 * i) % 10}")
+    (d / "list.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_bundle_round_trip_through_files(tiny_bundle):
+    b = Bundle.load(tiny_bundle.path)
+    m = b.manifest
+    for key in ("name", "backbone", "adapter", "precision", "frames", "size", "input", "output", "opset",
+                "sampling", "labels", "artifacts", "files", "stexport_version"):
+        assert key in m, key
+    assert m["input"] == {"name": "frames", "dtype": "uint8", "layout": "BTHWC", "mean": m["input"]["mean"],
+                          "std": m["input"]["std"], "normalized_in_graph": True}
+    assert m["output"] == {"name": "logits", "dtype": "float32"}
+    assert m["sampling"] == {"rate": 16, "temporal_views": 3, "spatial_views": 1}  # K400 style
+    assert m["labels"] == {"source": "generic", "count": 10} and b.labels[3] == "class_3"
+    assert m["adapter"]["spec"]["layout"] == "2x32" and len(m["adapter"]["sha256"]) == 64
+    assert set(m["artifacts"]) == {"onnx", "deltas", "labels"} and b.check_files() == []
+    ref = reference_for_bundle(b)  # rebuilt from the bundle's deltas and backbone record alone
+    clips = smooth_clips(3, 32)
+    with torch.no_grad():
+        want = ref(normalize(torch.from_numpy(clips))).numpy()
+    with create("onnxruntime", b) as backend:
+        assert np.abs(backend.run(clips) - want).max() <= 1e-4
+
+
+def test_ssv2_style_sampling_and_labels(tmp_path):
+    bb = random_backbone(TINY)
+    sd = random_deltas(bb.config, width=16, num_classes=174, pre_attn=True)
+    b = build_bundle(sd, backbone=bb, out=tmp_path / "b")
+    assert b.manifest["sampling"] == {"rate": 0, "temporal_views": 1, "spatial_views": 3}
+    assert b.manifest["labels"]["source"] == "something-something-v2" and len(b.labels) == 174
+    b2 = build_bundle(sd, backbone=bb, out=tmp_path / "b2", sampling={"spatial_views": 1})
+    assert b2.manifest["sampling"]["spatial_views"] == 1
+
+
+def test_build_refuses_to_clobber_and_force_replaces(tiny_adapter, tmp_path):
+    out = tmp_path / "b"
+    args = ["build", "--adapter", tiny_adapter, "--backbone", TINY, "--pretrained", "none", "--out", out]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    first = Bundle.load(out).manifest["created"]
+    r = cli(*args)
+    assert r.exit_code == 2 and "already exists; pass --force" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert Bundle.load(out).manifest["created"] == first
+    r = cli(*args, "--force", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output[r.output.index("{"):])["precision"] == "fp32"
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary directories left behind
+
+
+def test_failed_build_leaves_nothing(tiny_adapter, tmp_path):
+    with pytest.raises(StexportError, match="--size 64"):
+        build_bundle(tiny_adapter, backbone=TINY, pretrained="none", size=64, out=tmp_path / "b")
+    with pytest.raises(StexportError, match="width mismatch"):
+        build_bundle(tiny_adapter, backbone="stexport-demo-vit", pretrained="none", out=tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_build_calibrates_on_videos_and_caches(tiny_adapter, videos, tmp_path):
+    home = tmp_path / "home"
+    args = ["build", "--adapter", tiny_adapter, "--backbone", TINY, "--pretrained", "none",
+            "--precision", "int8", "--calib", videos / "list.txt", "--calib-clips", 4,
+            "--calib-method", "percentile"]
+    r = cli(*args, "--out", tmp_path / "a", home=home)
+    assert r.exit_code == 0, r.output
+    a = Bundle.load(tmp_path / "a")
+    cal = a.manifest["calibration"]
+    assert cal["clips"] == 4 and cal["method"] == "percentile" and cal["cached"] is False
+    assert cal["sampling"]["temporal_views"] == 3 and len(list((home / "calibration").glob("*.json"))) == 1
+    r = cli(*args, "--out", tmp_path / "b", home=home)
+    assert r.exit_code == 0 and "(cached)" in r.output
+    b = Bundle.load(tmp_path / "b")
+    assert b.manifest["calibration"]["cached"] is True
+    assert a.manifest["files"]["model.onnx"]["sha256"] == b.manifest["files"]["model.onnx"]["sha256"]
+    # a different seed picks other clips: a different cache entry
+    r = cli(*args, "--out", tmp_path / "c", "--calib-method", "minmax", home=home)
+    assert r.exit_code == 0 and len(list((home / "calibration").glob("*.json"))) == 2
+
+
+def test_bad_calib_input_is_one_line_exit_2(tiny_adapter, videos, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "missing.txt").write_text("nope.mp4 1\n")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00" * 1000)
+    (tmp_path / "junk.txt").write_text("junk.mp4 0\n")
+    base = ["build", "--adapter", tiny_adapter, "--backbone", TINY, "--pretrained", "none",
+            "--out", tmp_path / "o"]
+    cases = {
+        "needs --calib": [],
+        "no such clip list": ["--calib", tmp_path / "nothing.txt"],
+        "no video files": ["--calib", tmp_path / "empty"],
+        "do not exist": ["--calib", tmp_path / "missing.txt"],
+        "junk.mp4": ["--calib", tmp_path / "junk.txt"],
+        "--calib-method": ["--calib", videos / "list.txt", "--calib-method", "kl"],
+        "--calib-clips": ["--calib", videos / "list.txt", "--calib-clips", 0],
+    }
+    for expect, extra in cases.items():
+        r = cli(*base, "--precision", "int8", *extra, home=tmp_path / "home")
+        assert r.exit_code == 2, (expect, r.output)
+        assert expect in r.output and "Traceback" not in r.output, (expect, r.output)
+        assert not (tmp_path / "o").exists()
+    r = cli(*base, "--precision", "int4")
+    assert r.exit_code == 2 and "fp32, fp16, int8" in r.output
+
+
+def test_verify_passes_with_report(tiny_bundle, videos, tmp_path):
+    report_path = tmp_path / "report.json"
+    r = cli("verify", tiny_bundle.path, "--clips", videos / "list.txt", "--json", report_path)
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output and "top-1 agreement  100.0%" in r.output
+    report = json.loads(report_path.read_text())
+    m = report["metrics"]
+    assert report["passed"] and report["videos"] == 6 and m["views"] == 18
+    assert m["max_abs"] <= 1e-4 and m["cosine_min"] > 0.999999 and m["top5_agreement"] == 1.0
+    acc = m["accuracy"]
+    assert acc["reference_top1"] == acc["backend_top1"] and acc["top1_difference"] == 0
+    r = cli("verify", tiny_bundle.path, "--clips", videos, "--max-clips", 2, "--json", "-")
+    assert r.exit_code == 0
+    out = json.loads(r.output[r.output.index("{"):])
+    assert out["videos"] == 2 and out["metrics"]["accuracy"] is None
+
+
+def corrupt(bundle_path, factor=3.0):
+    """Scale one weight of the ONNX graph (a layer of the last block), keeping the manifest consistent."""
+    path = bundle_path / "model.onnx"
+    model = onnx.load(str(path))
+    w = max((t for t in model.graph.initializer if len(t.dims) == 2), key=lambda t: t.dims[0] * t.dims[1])
+    arr = numpy_helper.to_array(w) * factor
+    w.CopyFrom(numpy_helper.from_array(arr.astype(numpy_helper.to_array(w).dtype), w.name))
+    onnx.save(model, str(path))
+
+
+def test_verify_fails_on_a_corrupted_weight(tiny_bundle, videos, tmp_path):
+    shutil.copytree(tiny_bundle.path, tmp_path / "b")
+    corrupt(tmp_path / "b")
+    r = cli("verify", tmp_path / "b", "--clips", videos / "list.txt")
+    assert r.exit_code == 1, r.output
+    assert "FAIL" in r.output and "files changed since the build: model.onnx" in r.output
+    Bundle.load(tmp_path / "b").update()  # fresh hashes: a wrong but self-consistent bundle fails the same
+    r = cli("verify", tmp_path / "b", "--clips", videos / "list.txt")
+    assert r.exit_code == 1 and "max |Δlogit|" in r.output and "files changed" not in r.output
+
+
+def test_verify_bad_input_exit_2(tiny_bundle, videos, tmp_path):
+    r = cli("verify", tmp_path / "nope", "--clips", videos / "list.txt")
+    assert r.exit_code == 2 and "no such bundle" in r.output
+    r = cli("verify", tiny_bundle.path, "--clips", tmp_path / "none.txt")
+    assert r.exit_code == 2 and "no such file" in r.output
+    (tmp_path / "bad.txt").write_text("v0.mp4 99\n")
+    shutil.copy(videos / "v0.mp4", tmp_path / "v0.mp4")
+    r = cli("verify", tiny_bundle.path, "--clips", tmp_path / "bad.txt")
+    assert r.exit_code == 2 and "outside the model's 10 classes" in r.output
+    r = cli("verify", tiny_bundle.path, "--clips", videos / "list.txt", "--backend", "torch")
+    assert r.exit_code == 2 and "reference itself" in r.output
+
+
+def test_gates_per_precision():
+    ref = np.random.default_rng(0).normal(size=(100, 10)).astype(np.float32)
+    m = compare(ref, ref + 1e-5)
+    assert m["max_abs"] < 2e-5 and m["top1_agreement"] == 1.0 and m["top5_agreement"] == 1.0
+    from stexport.verify import judge
+
+    assert all(c["passed"] for c in judge("fp32", m, GATES["fp32"]))
+    flipped = ref.copy()
+    flipped[0] = -flipped[0]
+    m2 = compare(ref, flipped)
+    assert m2["top1_agreement"] == 0.99
+    assert all(c["passed"] for c in judge("fp16", m2, GATES["fp16"]))
+    assert not all(c["passed"] for c in judge("fp32", m2, GATES["fp32"]))
+    labelled = {**m2, "accuracy": {"reference_top1": 80.0, "backend_top1": 78.5}}
+    (check,) = judge("int8", labelled, GATES["int8"])
+    assert check["check"].startswith("top-1 accuracy drop") and not check["passed"]
+
+
+@pytest.mark.slow
+def test_vit_b16_parity_per_precision(tmp_path, monkeypatch):
+    """ViT-B/16 + 12x384 adapters, 8x224: FP32 ≤ 1e-4, FP16 and INT8 agree with the reference."""
+    monkeypatch.setenv("STEXPORT_CALIB_CACHE", str(tmp_path / "cal"))
+    torch.set_num_threads(2)
+    bb = trained_like(random_backbone("ViT-B-16"))
+    sd = random_deltas(bb.config, width=384)
+    ref = build_reference(bb, Deltas(infer_spec(sd), sd))
+    clips = smooth_clips(4, 224, seed=11)
+    with torch.inference_mode():
+        want = ref(normalize(torch.from_numpy(clips))).numpy()
+    calib = smooth_clips(4, 224, seed=12)
+    results = {}
+    for precision in ("fp32", "fp16", "int8"):
+        b = build_bundle(sd, backbone=bb, precision=precision, out=tmp_path / precision,
+                         calib=calib if precision == "int8" else None)
+        with create("onnxruntime", b) as backend:
+            results[precision] = compare(want, backend.run(clips))
+    assert results["fp32"]["max_abs"] <= 1e-4
+    assert results["fp16"]["top1_agreement"] == 1.0 and results["fp16"]["cosine_min"] > 0.9999
+    assert results["int8"]["top1_agreement"] >= 0.75 and results["int8"]["cosine_min"] > 0.99, results
