@@ -216,8 +216,6 @@ def _read(cap, wanted: set[int], size: int, stop: int | None = None) -> tuple[di
     return got, i
 
 
-
-
 def _fps(cap) -> float | None:
     import cv2
 
@@ -246,7 +244,10 @@ def _header(cap) -> int | None:
 
 
 def decode(source, sampling: Sampling, threads: int | None = None) -> Decoded:
-    """Decode one video (file, URL or camera index) into clips; see the module docstring for the rules."""
+    """Decode one video (file, URL or camera index) into clips; see the module docstring for the rules.
+
+    threads: FFmpeg decoder threads (see open_capture). Raises VideoError when no clip can be made.
+    """
     if is_live(source):
         return _decode_live(source, sampling, threads)
     name = str(source)
@@ -391,7 +392,7 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
             raise StexportError(f"{p}: no video files ({', '.join(sorted(VIDEO_EXTS))}) in this directory")
         return [(f, None) for f in found]
     out: list[tuple[Path, int | None]] = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for line in p.read_text().splitlines():
         line = line.strip()
         if not line:
             continue
