@@ -18,10 +18,11 @@ a difference of at most one grey level after rounding.
 
 Memory is bounded by the frames a clip needs, never by the video's length: frames are decoded in order and
 only the needed ones are converted, resized and kept. `CAP_PROP_FRAME_COUNT` is only a guess (real files
-report frames that never decode): the first pass decodes the whole file once, counting the frames that decode
-while keeping the frames the header's count would need (and their neighbours, for off-by-one headers). If the
-count disagrees and frames are missing, a second pass decodes up to the last missing one. A decoding error
-mid-stream ends the video at the last good frame.
+report frames that never decode): the first pass decodes the whole file once, counting the frames that
+decode while keeping the frames the header's count would need and the frame before each (so a header that
+claims one frame too many, the commonest lie, costs nothing more). If the count disagrees and frames are
+missing, a second pass decodes up to the last missing one. A decoding error mid-stream ends the video at the
+last good frame.
 
 Live sources (camera indices, stream URLs such as rtsp://) cannot be counted: a clip is the next frames as
 they arrive, each temporal view the window after the previous one; rate 0 takes T frames over the next
@@ -44,7 +45,7 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
 LIVE_SECONDS = 2.0
-BAND = 1  # first pass keeps frames within BAND of each index the header's count needs
+BAND = 1  # first pass also keeps the BAND frames before each index the header's count needs
 
 
 class VideoError(StexportError):
@@ -257,7 +258,7 @@ def decode(source, sampling: Sampling, threads: int | None = None) -> Decoded:
         wanted = set()
         if header:
             for i in (i for view in frame_indices(header, sampling) for i in view):
-                wanted.update(range(i - BAND, i + BAND + 1))
+                wanted.update(range(i - BAND, i + 1))
         frames, n = _read(cap, wanted, sampling.size)
     finally:
         cap.release()
