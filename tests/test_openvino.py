@@ -115,7 +115,7 @@ def test_throughput_hint_splits_batch_over_streams(bundles, clips, reference):
 def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
     b = Bundle.load(bundles["fp32"].path)
     cache = default_cache_dir(b)
-    assert cache.parent == b.path.parent and cache.name.startswith(".")
+    assert cache.parent.parent == b.path.parent and cache.parent.name.startswith(".")
     with OpenVINOBackend(b) as be:
         assert be.describe()["cache_dir"] == str(cache)
     blobs = sorted(cache.glob("*.blob"))
@@ -124,6 +124,17 @@ def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
         pass
     assert sorted(cache.glob("*.blob")) == blobs  # second start reused it
     assert not b.check_files()  # the bundle itself is untouched
+
+    # a rebuild (other weights, same size, maybe the same second) gets a new folder; the old one is dropped
+    stale = cache.parent / "0123456789abcdef"
+    stale.mkdir()
+    (stale / "1.blob").write_bytes(b"old")
+    changed = Bundle(path=b.path, manifest={**b.manifest, "files": {**b.manifest["files"], "model.onnx": {
+        **b.manifest["files"]["model.onnx"], "sha256": "0" * 64}}})
+    assert default_cache_dir(changed) != cache and default_cache_dir(changed).parent == cache.parent
+    with OpenVINOBackend(b):
+        pass
+    assert not stale.exists() and cache.is_dir()
 
     # bundle folder not writable: a per-bundle folder under $STEXPORT_HOME's cache
     monkeypatch.setenv("STEXPORT_HOME", str(tmp_path / "home"))
@@ -195,3 +206,18 @@ def test_verify_int8_through_openvino(bundles, videos):
     report = verify(bundles["int8"], videos / "test", backend="openvino")
     assert report["backend"]["backend"] == "openvino" and "i8" in report["backend"]["gemm_precisions"]
     assert report["videos"] == 3 and report["passed"], report["checks"]
+
+
+def test_unreadable_model_is_one_line_error(bundles, tmp_path):
+    import shutil
+
+    from stexport.backends.openvino import reason
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bundles["fp32"].path, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(StexportError, match=r"broken/model.onnx: OpenVINO cannot compile it \(.+\); rebuild"):
+        OpenVINOBackend(Bundle.load(broken), cache=False)
+    e = RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\nException from x.cpp:54:\n"
+                     "[ReshapeTransformation] shapes differ\n")
+    assert reason(e) == "[ReshapeTransformation] shapes differ"

@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import platform
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -55,16 +56,49 @@ def import_openvino():
     return ov
 
 
+def reason(e: Exception) -> str:
+    """The informative line of an OpenVINO exception (its first lines only name C++ source files)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith("Exception from ")]
+    return (useful or lines or [type(e).__name__])[0][:200]
+
+
+def model_key(bundle) -> str:
+    """Identity of the bundle's ONNX (and external data) from the manifest's sha256 records. OpenVINO checks
+    a cached blob against the file's path, size and mtime in whole seconds only, which a rebuild with the same
+    architecture can match; a folder per model content cannot go stale."""
+    files = bundle.manifest.get("files", {})
+    arts = bundle.manifest.get("artifacts", {})
+    parts = [files.get(arts.get(k, ""), {}).get("sha256", "") for k in ("onnx", "onnx_data")]
+    if not parts[0]:
+        st = bundle.file("onnx").stat()
+        parts = [str(st.st_size), str(st.st_mtime_ns)]
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
+
+
 def default_cache_dir(bundle) -> Path:
-    """`.<bundle>.openvino-cache` next to the bundle (outside it, so the bundle's file hashes stay valid);
-    a per-bundle folder under the stexport cache when the bundle's folder is read-only."""
+    """`.<bundle>.openvino-cache/<model key>` next to the bundle (outside it, so the bundle's file hashes stay
+    valid); under the stexport cache folder when the bundle's folder is read-only."""
     beside = bundle.path.parent / f".{bundle.path.name}.openvino-cache"
     if beside.is_dir() and os.access(beside, os.W_OK) or os.access(bundle.path.parent, os.W_OK):
-        return beside
+        return beside / model_key(bundle)
     from stexport.bundle import default_home
 
-    key = hashlib.sha256(str(bundle.path.resolve()).encode()).hexdigest()[:16]
-    return default_home().parent / "openvino-cache" / f"{bundle.path.name}-{key}"
+    where = hashlib.sha256(str(bundle.path.resolve()).encode()).hexdigest()[:16]
+    return default_home().parent / "openvino-cache" / f"{bundle.path.name}-{where}" / model_key(bundle)
+
+
+def open_cache(folder: Path) -> Path | None:
+    """Create `folder` and drop its siblings (blobs of earlier builds of the same bundle); None if impossible."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("OpenVINO model cache off: cannot create %s (%s)", folder, e.strerror)
+        return None
+    for old in folder.parent.iterdir():
+        if old != folder and old.is_dir() and all(f.suffix == ".blob" for f in old.iterdir()):
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 class OpenVINOBackend(Backend):
@@ -107,19 +141,15 @@ class OpenVINOBackend(Backend):
             config[props.inference_num_threads] = int(threads)
         self.cache_dir = None
         if cache:
-            self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(bundle)
-            try:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self.cache_dir = open_cache(Path(cache_dir) / model_key(bundle) if cache_dir else default_cache_dir(bundle))
+            if self.cache_dir:
                 config[props.cache_dir] = str(self.cache_dir)
-            except OSError as e:
-                log.warning("OpenVINO model cache off: cannot create %s (%s)", self.cache_dir, e.strerror)
-                self.cache_dir = None
         path = bundle.file("onnx")
         try:
             # from the path, not a read Model: a cache hit then skips reading and hashing the graph
             self.compiled = self.core.compile_model(str(path), self.device, config)
         except Exception as e:  # noqa: BLE001
-            raise StexportError(f"{path}: OpenVINO cannot compile it ({str(e).splitlines()[0][:200]}); "
+            raise StexportError(f"{path}: OpenVINO cannot compile it ({reason(e)}); "
                                 "rebuild the bundle with `stexport build --force`") from e
         self.request = self.compiled.create_infer_request()
         self.streams = int(self.compiled.get_property(props.optimal_number_of_infer_requests))
