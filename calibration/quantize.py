@@ -70,7 +70,7 @@ def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling
 def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampling: dict, clips: int = 32,
                           method: str = "minmax", seed: int = 0, input_format: str = "uint8",
                           progress: bool = False, external_data: bool | None = None, use_cache: bool = True,
-                          on_calibrated=None) -> dict:
+                          on_calibrated=None, attention: bool = False) -> dict:
     """Rewrite the FP32 graph at `onnx_path` as INT8 Q/DQ in place; returns the manifest's `calibration`."""
     from stexport.video import Sampling
 
@@ -81,12 +81,14 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
         raise StexportError(f"calibration clips have shape {tuple(chosen.arrays.shape[1:])}, the model takes "
                             f"({frames}, {size}, {size}, 3)")
     proto = onnx.load(str(onnx_path))
-    targets = quant_targets(proto)
+    targets = quant_targets(proto, attention)
     if not targets:
         raise StexportError(f"{onnx_path}: no linear layers to quantize (was it exported by stexport?)")
-    tensors = sorted({n.input[0] for n in targets})
+    inits = {t.name for t in proto.graph.initializer}
+    tensors = sorted({t for n in targets for t in n.input[:2] if t not in inits})
     key_src = {"model": model_hash(proto), "clips": chosen.key(), "sampling": view.to_dict(),
-               "method": method, "seed": seed, "percentile": PERCENTILE if method == "percentile" else None}
+               "method": method, "seed": seed, "percentile": PERCENTILE if method == "percentile" else None,
+               "attention": attention}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:32]
     cache = cache_dir() / f"{key}.json"
     amax, cached = None, False
@@ -114,4 +116,5 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
         "quantized_layers": len(targets), "activation_ranges": len(tensors), "cache_key": key,
         "cached": cached,
         "scheme": "int8 symmetric Q/DQ, zero point 0; weights per output channel, activations per tensor",
+        "attention_scores_int8": attention,
     }

@@ -64,14 +64,15 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
                  force: bool = False, calib=None, labels=None, calib_clips: int = 32,
                  calib_method: str = "minmax", calib_seed: int = 0, input_format: str = "uint8",
                  sampling: dict | None = None, external_data: bool | None = None,
-                 progress: bool = False) -> Bundle:
+                 int8_attention: bool = False, progress: bool = False) -> Bundle:
     """Build a bundle and return it.
 
     adapter: checkpoint path, a `Deltas`, or a delta state dict. backbone: open_clip name (loaded with
     `pretrained`) or a loaded `Backbone`. size: must equal the backbone's resolution (its positional
     embedding is fixed); None takes it. calib: clip list, directory or uint8 array (N, T, S, S, 3) (INT8 only;
     required there). sampling: overrides of the default {rate, temporal_views, spatial_views}. progress: tqdm
-    bars on stderr when it is a terminal.
+    bars on stderr when it is a terminal. int8_attention: also quantize the attention-score MatMul's inputs
+    (q and kᵀ; softmax stays float).
     """
     if precision not in PRECISIONS:
         raise StexportError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
@@ -135,7 +136,8 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
                 calibration = quantize_bundle_model(
                     onnx_path, calib, frames=frames, size=size, sampling=views, clips=calib_clips,
                     method=calib_method, seed=calib_seed, input_format=input_format, progress=progress,
-                    external_data=external_data, on_calibrated=lambda: step("quantize"))
+                    external_data=external_data, on_calibrated=lambda: step("quantize"),
+                    attention=int8_attention)
                 bar.update(2)
             step("write")
             from safetensors.torch import save_file

@@ -136,39 +136,43 @@ def scope_of(node: onnx.NodeProto) -> list[str]:
     return []
 
 
-def quant_targets(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """MatMul/Gemm of the transformer blocks with a weight initializer (patch embedding, head stay float)."""
+def quant_targets(proto: onnx.ModelProto, attention: bool = False) -> list[onnx.NodeProto]:
+    """MatMul/Gemm of the transformer blocks with a weight initializer (patch embedding, head stay float);
+    with `attention`, also the attention-score MatMul (q·kᵀ; the softmax·v product stays float)."""
     inits = {t.name for t in proto.graph.initializer}
     out = []
     for n in proto.graph.node:
-        if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits and n.name.startswith("blocks."):
+        if n.op_type not in ("MatMul", "Gemm") or not n.name.startswith("blocks."):
+            continue
+        if n.input[1] in inits or (attention and n.name.endswith(".attn.scores")):
             out.append(n)
     return out
 
 
 def name_linear_nodes(proto: onnx.ModelProto) -> None:
-    """Name weight MatMuls after their torch module (e.g. 'blocks.3.attn.qkv') so Q/DQ can find them later."""
-    inits = {t.name for t in proto.graph.initializer}
+    """Name MatMul/Gemm nodes after their torch module (e.g. 'blocks.3.attn.q', 'blocks.3.attn.scores') so Q/DQ
+    can find them after the exporter's metadata is gone."""
     seen: dict[str, int] = {}
     for n in proto.graph.node:
-        if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits:
-            scopes = [s for s in scope_of(n) if s]
-            if scopes:
-                base = scopes[-2] if len(scopes) > 1 else scopes[-1]
-                k = seen.get(base, 0)
-                seen[base] = k + 1
-                n.name = base if k == 0 else f"{base}#{k}"
+        if n.op_type not in ("MatMul", "Gemm"):
+            continue
+        scopes = [s for s in scope_of(n) if s]
+        if len(scopes) < 2:
+            continue
+        base = scopes[-2]  # the module; scopes[-1] is the aten op inside it
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        n.name = base if k == 0 else f"{base}#{k}"
 
 
 def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
                targets: list[str] | None = None) -> onnx.ModelProto:
     """Explicit INT8 quantization, TensorRT style.
 
-    For each target MatMul/Gemm: activation → QuantizeLinear → DequantizeLinear (per-tensor, scale
-    amax/127, zero point 0) and the weight stored as INT8 with a per-output-channel DequantizeLinear (the N
-    axis of the (K, N) or, with transB, (N, K) weight). Outputs stay float, so bias, residuals, LayerNorm and
-    Softmax run in float.
-    `amax[name]`: calibrated |max| of the activation tensor `name`.
+    For each target MatMul/Gemm, each activation input → QuantizeLinear → DequantizeLinear (per-tensor,
+    scale amax/127, zero point 0) and each weight stored as INT8 with a per-output-channel DequantizeLinear
+    (the N axis of the (K, N) or, with transB, (N, K) weight). Outputs stay float, so bias, residuals,
+    LayerNorm and Softmax run in float. `amax[name]`: calibrated |max| of the activation tensor `name`.
     """
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
@@ -178,45 +182,29 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
     before: dict[str, list[onnx.NodeProto]] = {}  # node name -> Q/DQ nodes to insert before it
     # One Q/DQ pair per GEMM, even where GEMMs read the same tensor (q, k, v): ONNX Runtime's fused integer GEMM
     # ran ~8x slower when three of them shared one pair (90 ms vs 11 ms each, ViT-B/16 on 2 cores).
-    act_dq: dict[str, str] = {}  # "activation@gemm" -> dequantized tensor
     done_weights: set[str] = set()
     after: list[onnx.NodeProto] = []  # bias Adds split off Gemms
     for name in wanted:
         node = nodes[name]
-        act, wname = node.input[0], node.input[1]
-        if act not in amax:
-            raise StexportError(f"no calibration range for '{act}' (input of {name})")
-        added = []
-        key = f"{act}@{name}"
-        if key not in act_dq:
-            scale = max(float(amax[act]), 1e-8) / 127.0
-            s_name, z_name = f"{key}_scale", f"{key}_zero"
+        added: list[onnx.NodeProto] = []
+        for i in (0, 1):
+            t = node.input[i]
+            if t in inits:
+                node.input[i] = _quantize_weight(node, t, inits, done_weights, new_inits, added)
+                continue
+            if t not in amax:
+                raise StexportError(f"no calibration range for '{t}' (input {i} of {name})")
+            key = f"{t}@{name}"
+            scale = max(float(amax[t]), 1e-8) / 127.0
+            s_name, z_name, q, dq = f"{key}_scale", f"{key}_zero", f"{key}_q", f"{key}_dq"
             new_inits += [numpy_helper.from_array(np.array(scale, np.float32), s_name),
                           numpy_helper.from_array(np.array(0, np.int8), z_name)]
-            q, dq = f"{key}_q", f"{key}_dq"
-            added += [helper.make_node("QuantizeLinear", [act, s_name, z_name], [q], name=f"{key}_Q"),
+            added += [helper.make_node("QuantizeLinear", [t, s_name, z_name], [q], name=f"{key}_Q"),
                       helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=f"{key}_DQ")]
-            act_dq[key] = dq
-        trans = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-        axis = 0 if trans else 1
-        wdq = f"{wname}_dq"
-        node.input[0], node.input[1] = act_dq[key], wdq
+            node.input[i] = dq
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
             after.append(_split_bias(node))
         before[name] = added
-        if wname in done_weights:  # an initializer the exporter shared between identical layers
-            continue
-        done_weights.add(wname)
-        w = numpy_helper.to_array(inits[wname]).astype(np.float32)
-        wamax = np.maximum(np.abs(w).max(axis=1 - axis), 1e-12)
-        wscale = (wamax / 127.0).astype(np.float32)
-        shape = (-1, 1) if axis == 0 else (1, -1)
-        wq = np.clip(np.round(w / wscale.reshape(shape)), -127, 127).astype(np.int8)
-        wq_name, ws_name, wz_name = f"{wname}_int8", f"{wname}_wscale", f"{wname}_wzero"
-        new_inits += [numpy_helper.from_array(wq, wq_name), numpy_helper.from_array(wscale, ws_name),
-                      numpy_helper.from_array(np.zeros(w.shape[axis], np.int8), wz_name)]
-        added.append(helper.make_node("DequantizeLinear", [wq_name, ws_name, wz_name], [wdq],
-                                      name=f"{wname}_DQ", axis=axis))
     # Each Q/DQ goes right before the first layer that reads it; a stable topological sort keeps that order.
     pos = {n.name: i for i, n in enumerate(g.node)}
     rank = {id(n): float(i) for i, n in enumerate(g.node)}
@@ -235,6 +223,27 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
     del g.initializer[:]
     g.initializer.extend(kept + new_inits)
     return proto
+
+
+def _quantize_weight(node: onnx.NodeProto, wname: str, inits: dict, done: set[str], new_inits: list,
+                     added: list) -> str:
+    """INT8 copy of weight `wname` with per-output-channel scales and its DequantizeLinear; the DQ's output."""
+    trans = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    axis = 0 if trans else 1
+    wdq = f"{wname}_dq"
+    if wname in done:  # an initializer the exporter shared between identical layers
+        return wdq
+    done.add(wname)
+    w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+    wscale = (np.maximum(np.abs(w).max(axis=1 - axis), 1e-12) / 127.0).astype(np.float32)
+    shape = (-1, 1) if axis == 0 else (1, -1)
+    wq = np.clip(np.round(w / wscale.reshape(shape)), -127, 127).astype(np.int8)
+    wq_name, ws_name, wz_name = f"{wname}_int8", f"{wname}_wscale", f"{wname}_wzero"
+    new_inits += [numpy_helper.from_array(wq, wq_name), numpy_helper.from_array(wscale, ws_name),
+                  numpy_helper.from_array(np.zeros(w.shape[axis], np.int8), wz_name)]
+    added.append(helper.make_node("DequantizeLinear", [wq_name, ws_name, wz_name], [wdq], name=f"{wname}_DQ",
+                                  axis=axis))
+    return wdq
 
 
 def _split_bias(gemm: onnx.NodeProto) -> onnx.NodeProto:

@@ -110,6 +110,13 @@ class FoldedAdapter(nn.Module):
         return torch.cat([x[:, :1, :], x[:, 1:, :] + self.fc2(y)], dim=1).reshape(-1, D)
 
 
+class MatMul(nn.Module):
+    """torch.matmul as a module, so the exported node carries a name (attn.scores / attn.mix)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+
 class FoldedAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention, heads: int):
         super().__init__()
@@ -123,6 +130,7 @@ class FoldedAttention(nn.Module):
         # three GEMMs rather than one: each result reshapes straight into its head layout (no Split)
         self.q, self.k, self.v = (_linear(w[i * D:(i + 1) * D], b[i * D:(i + 1) * D]) for i in range(3))
         self.out = _linear(mha.out_proj.weight, mha.out_proj.bias)
+        self.scores, self.mix = MatMul(), MatMul()
 
     def forward(self, x: torch.Tensor, L: int) -> torch.Tensor:
         D = x.shape[-1]
@@ -130,9 +138,9 @@ class FoldedAttention(nn.Module):
         q = self.q(x).reshape(-1, L, H, dh).transpose(1, 2)  # (B·T, H, L, dh)
         kt = self.k(x).reshape(-1, L, H, dh).permute(0, 2, 3, 1)  # (B·T, H, dh, L)
         v = self.v(x).reshape(-1, L, H, dh).transpose(1, 2)
-        scores = torch.matmul(q, kt)
+        scores = self.scores(q, kt)
         attn = torch.softmax(scores.float(), dim=-1).to(x.dtype)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(-1, D)
+        out = self.mix(attn, v).transpose(1, 2).reshape(-1, D)
         return self.out(out)
 
 

@@ -84,13 +84,14 @@ def trained_like(backbone, seed: int = 1, scale: float = 0.05):
 
 
 ONNX_VARIANTS = {
-    # name: (backbone, precision, input format, delta kwargs)
+    # name: (backbone, precision, input format, delta kwargs[, build kwargs])
     "fp32": ("stexport-tiny-vit", "fp32", "uint8", dict(width=32, pre_attn=True, pre_mlp=True)),
     "fp16": ("stexport-tiny-vit", "fp16", "uint8", dict(width=32, pre_attn=True, pre_mlp=True)),
     "int8": ("stexport-tiny-vit", "int8", "uint8", dict(width=32, pre_attn=True, pre_mlp=True)),
     "fp32-float-input": ("stexport-tiny-vit", "fp32", "float", dict(width=32)),
     "fp16-gelu-3x3x3": ("stexport-tiny-vit-gelu", "fp16", "uint8", dict(width=16, kernel=(3, 3, 3))),
     "int8-gelu-float-input": ("stexport-tiny-vit-gelu", "int8", "float", dict(width=16)),
+    "int8-attention": ("stexport-tiny-vit", "int8", "uint8", dict(width=32), {"int8_attention": True}),
 }
 
 
@@ -124,12 +125,12 @@ def onnx_variants(tmp_path_factory):
     os.environ["STEXPORT_CALIB_CACHE"] = str(root / "calibration")
     try:
         out = {}
-        for name, (backbone, precision, fmt, kw) in ONNX_VARIANTS.items():
+        for name, (backbone, precision, fmt, kw, *extra) in ONNX_VARIANTS.items():
             bb = trained_like(random_backbone(backbone))
             calib = smooth_clips(6, bb.config.image_size) if precision == "int8" else None
             sd = random_deltas(bb.config, num_classes=10, **kw)
             bundle = build_bundle(sd, backbone=bb, precision=precision, input_format=fmt, calib=calib,
-                                  out=root / name)
+                                  out=root / name, **(extra[0] if extra else {}))
             out[name] = (bundle, build_reference(bb, Deltas(infer_spec(sd), sd)))
         return out
     finally:

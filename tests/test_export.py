@@ -65,7 +65,7 @@ def test_fp16_graph_is_strongly_typed_and_close(onnx_variants, variant):
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
-@pytest.mark.parametrize("variant", ["int8", "int8-gelu-float-input"])
+@pytest.mark.parametrize("variant", ["int8", "int8-gelu-float-input", "int8-attention"])
 def test_int8_close_to_reference(onnx_variants, variant):
     bundle, ref = onnx_variants[variant]
     cal = bundle.manifest["calibration"]

@@ -71,6 +71,9 @@ def test_qdq_zero_points_zero_weights_per_output_channel(onnx_variants, variant)
         assert axis == (0 if trans_b else 1)  # the output-channel axis
         assert numpy_helper.to_array(inits[dq.input[1]]).shape == (w.shape[axis],)
         assert gemm.input[1] == dq.output[0]
+    if bundle.manifest["calibration"]["attention_scores_int8"]:
+        scores = [n for n in model.graph.node if n.name.endswith(".attn.scores")]
+        assert scores and all(consumers_of_dq(i, qdq) for n in scores for i in n.input)
     acts = [n for n in qdq if n.op_type == "QuantizeLinear"]
     for q in acts:  # per-tensor activations, only into GEMM inputs; LayerNorm/Softmax stay float
         assert numpy_helper.to_array(inits[q.input[1]]).shape == ()
@@ -79,6 +82,10 @@ def test_qdq_zero_points_zero_weights_per_output_channel(onnx_variants, variant)
     for n in model.graph.node:
         if n.op_type in ("LayerNormalization", "Softmax"):
             assert all(i not in {q.output[0] for q in qdq} for i in n.input)
+
+
+def consumers_of_dq(tensor, qdq) -> bool:
+    return any(n.op_type == "DequantizeLinear" and n.output[0] == tensor for n in qdq)
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=18):
