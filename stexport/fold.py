@@ -127,9 +127,14 @@ class FoldedAttention(nn.Module):
         scale = self.head_dim ** -0.5
         w[:D] *= scale
         b[:D] *= scale
+        wq, wk, wv = w[:D], w[D:2 * D], w[2 * D:]
+        bq, bv = b[:D], b[2 * D:]
+        # Biases that change nothing but the rounding go: k's adds q·b_k to every score of a query row, which
+        # softmax ignores; v's passes through (softmax rows sum to 1) to the output projection's bias.
+        wo, bo = mha.out_proj.weight.detach(), mha.out_proj.bias.detach()
         # three GEMMs rather than one: each result reshapes straight into its head layout (no Split)
-        self.q, self.k, self.v = (_linear(w[i * D:(i + 1) * D], b[i * D:(i + 1) * D]) for i in range(3))
-        self.out = _linear(mha.out_proj.weight, mha.out_proj.bias)
+        self.q, self.k, self.v = _linear(wq, bq), _linear(wk, None), _linear(wv, None)
+        self.out = _linear(wo, bo + wo.double().mv(bv.double()).float())
         self.scores, self.mix = MatMul(), MatMul()
 
     def forward(self, x: torch.Tensor, L: int) -> torch.Tensor:
