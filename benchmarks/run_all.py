@@ -48,6 +48,9 @@ ROWS = [
     ("OpenVINO, BF16 hint", "ONNX", "fp32 → bf16", "fp32", "openvino", {"precision": "bf16"}),
     ("OpenVINO", "ONNX Q/DQ", "int8 (+ f32)", "int8", "openvino", {}),
     ("OpenVINO, BF16 hint", "ONNX Q/DQ", "int8 (+ bf16)", "int8", "openvino", {"precision": "bf16"}),
+    ("ONNX Runtime", "ONNX Q/DQ", "int8 + int8 q·kᵀ", "int8att", "onnxruntime", {}),
+    ("OpenVINO", "ONNX Q/DQ", "int8 + int8 q·kᵀ (+ f32)", "int8att", "openvino", {}),
+    ("OpenVINO, BF16 hint", "ONNX Q/DQ", "int8 + int8 q·kᵀ (+ bf16)", "int8att", "openvino", {"precision": "bf16"}),
     ("TensorRT", "engine", "fp16 / int8", "fp16", "tensorrt", {}),
 ]
 
@@ -114,16 +117,17 @@ def make_bundles(work: Path, backbone: str, videos: Path, rebuild: bool) -> dict
     from stexport.synthetic import random_deltas
 
     bb, out = None, {}
-    for p in ("fp32", "fp16", "int8"):
+    for p in ("fp32", "fp16", "int8", "int8att"):
         path = work / f"{backbone}-{p}"
         if path.is_dir() and not rebuild:
             out[p] = Bundle.load(path)
             continue
         bb = bb or random_backbone(backbone)
         t = time.perf_counter()
+        int8 = p.startswith("int8")
         out[p] = build_bundle(random_deltas(bb.config, width=bb.config.width // 2, num_classes=400), backbone=bb,
-                              precision=p, frames=8, out=path, force=True, calib=videos if p == "int8" else None,
-                              calib_clips=2, progress=True)
+                              precision=p[:4], frames=8, out=path, force=True, calib=videos if int8 else None,
+                              calib_clips=2, int8_attention=p == "int8att", progress=True)
         print(f"built {path.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return out
 
@@ -159,7 +163,8 @@ DEMO_VIEWS = {"rate": 0, "temporal_views": 1, "spatial_views": 1}  # the demo's 
 # (backend, bundle precision, backend options) verified on the demo; torch rows have no bundle of their own
 DEMO_RUNS = [("onnxruntime", "fp32", {}), ("onnxruntime", "fp16", {}), ("onnxruntime", "int8", {}),
              ("openvino", "fp32", {}), ("openvino", "fp32", {"precision": "bf16"}), ("openvino", "int8", {}),
-             ("openvino", "int8", {"precision": "bf16"}), ("torchscript", "fp32", {})]
+             ("openvino", "int8", {"precision": "bf16"}), ("onnxruntime", "int8att", {}),
+             ("openvino", "int8att", {}), ("openvino", "int8att", {"precision": "bf16"}), ("torchscript", "fp32", {})]
 
 
 def demo_accuracy(work: Path, count: int, model: Path = DEMO) -> tuple[dict, str]:
@@ -177,11 +182,11 @@ def demo_accuracy(work: Path, count: int, model: Path = DEMO) -> tuple[dict, str
             subprocess.run([sys.executable, str(DEMO / "generate.py"), "--splits", split, "--out", str(data),
                             "--count", str(n)], check=True, capture_output=True)
     out = {}
-    bundles = {p: build_bundle(adapter, backbone="stexport-demo-vit", pretrained=str(backbone), precision=p,
+    bundles = {p: build_bundle(adapter, backbone="stexport-demo-vit", pretrained=str(backbone), precision=p[:4],
                                frames=8, out=work / f"motion-{p}", force=True, sampling=DEMO_VIEWS,
-                               calib=data / "val.txt" if p == "int8" else None, calib_clips=36,
-                               labels=data / "labels.txt")
-               for p in ("fp32", "fp16", "int8")}
+                               calib=data / "val.txt" if p.startswith("int8") else None, calib_clips=36,
+                               int8_attention=p == "int8att", labels=data / "labels.txt")
+               for p in ("fp32", "fp16", "int8", "int8att")}
     for name, p, opts in DEMO_RUNS:
         if name not in REGISTRY:
             continue
@@ -317,7 +322,7 @@ def main() -> None:
             rows.append(row)
             continue
         row.update(res, size_mb=size_mb(bundles[bp], kind), bundle_precision=bp)
-        row.update(bench.summarize(res, flops, peaks_before, bp))
+        row.update(bench.summarize(res, bench.model_flops(bundles[bp].manifest), peaks_before, bundles[bp].precision))
         print(f"  {res['latency_ms']['p50']:.0f} ms/clip, {res['throughput']['clips_per_s']:.2f} clips/s",
               file=sys.stderr)
         rows.append(row)

@@ -35,14 +35,17 @@ def model_flops(manifest: dict) -> dict:
     """FLOPs of one clip for a bundle manifest (backbone config, adapter spec, frames, size).
 
     Returns {"total", "quantizable", "parts": {...}}; "quantizable" is the part INT8 bundles run as integer
-    GEMMs (the transformer's linear layers, adapters' fc1/fc2 included), the rest stays float.
+    GEMMs (the transformer's linear layers, adapters' fc1/fc2 included, and q·kᵀ when the bundle quantizes
+    attention scores), the rest stays float.
     """
     cfg = manifest["backbone"]["config"]
     spec = manifest["adapter"]["spec"]
-    return clip_flops(cfg, spec, int(manifest["frames"]), int(manifest["size"]))
+    scores = bool(manifest.get("calibration", {}).get("attention_scores_int8"))
+    return clip_flops(cfg, spec, int(manifest["frames"]), int(manifest["size"]), int8_scores=scores)
 
 
-def clip_flops(cfg: dict, spec: dict, frames: int, size: int) -> dict:
+def clip_flops(cfg: dict, spec: dict, frames: int, size: int, int8_scores: bool = False) -> dict:
+    """int8_scores: the bundle also quantizes q·kᵀ (`stexport build --int8-attention`)."""
     D, M, p, layers = cfg["width"], cfg["mlp_width"], cfg["patch_size"], cfg["layers"]
     T = frames
     N = (size // p) ** 2  # patch tokens per frame
@@ -53,7 +56,8 @@ def clip_flops(cfg: dict, spec: dict, frames: int, size: int) -> dict:
     parts = {
         "patch_embed": 2 * T * N * (3 * p * p) * D,
         "qkv": layers * 2 * T * L * D * 3 * D,
-        "attention": layers * 2 * 2 * T * L * L * D,  # q·kᵀ and attn·v over all heads
+        "attn_scores": layers * 2 * T * L * L * D,  # q·kᵀ over all heads
+        "attn_values": layers * 2 * T * L * L * D,  # softmax · v
         "attn_out": layers * 2 * T * L * D * D,
         "mlp": layers * 2 * 2 * T * L * D * M,
         "adapter_fc": adapters * 2 * 2 * T * N * D * w,  # fc1 and fc2 on the patch tokens
@@ -61,6 +65,8 @@ def clip_flops(cfg: dict, spec: dict, frames: int, size: int) -> dict:
         "head": 2 * D * spec["num_classes"],
     }
     quant = parts["qkv"] + parts["attn_out"] + parts["mlp"] + parts["adapter_fc"]
+    if int8_scores:
+        quant += parts["attn_scores"]
     return {"total": sum(parts.values()), "quantizable": quant, "parts": parts}
 
 

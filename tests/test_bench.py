@@ -32,7 +32,8 @@ def test_flops_hand_count(tiny):
     hand = {
         "patch_embed": 2 * 4 * 16 * (3 * 8 * 8) * 64,
         "qkv": 2 * (2 * 4 * 17 * 64 * 192),
-        "attention": 2 * (2 * 2 * 4 * 17 * 17 * 64),
+        "attn_scores": 2 * (2 * 4 * 17 * 17 * 64),
+        "attn_values": 2 * (2 * 4 * 17 * 17 * 64),
         "attn_out": 2 * (2 * 4 * 17 * 64 * 64),
         "mlp": 2 * (2 * 2 * 4 * 17 * 64 * 256),
         "adapter_fc": 4 * (2 * 2 * 4 * 16 * 64 * 32),
@@ -43,6 +44,8 @@ def test_flops_hand_count(tiny):
     assert f["parts"] == hand
     assert f["total"] == sum(hand.values()) == 17_681_664
     assert f["quantizable"] == hand["qkv"] + hand["attn_out"] + hand["mlp"] + hand["adapter_fc"]
+    scores = model_flops({**tiny.manifest, "calibration": {"attention_scores_int8": True}})
+    assert scores["quantizable"] == f["quantizable"] + hand["attn_scores"] and scores["total"] == f["total"]
 
 
 @pytest.mark.parametrize("kernel", [(3, 1, 1), (3, 3, 3)])
