@@ -1,4 +1,4 @@
-"""`stexport bench`: latency, throughput, memory and the fraction of the device's GEMM roofline for a bundle."""
+"""`stexport bench`: latency, throughput, memory and the fraction of the device's GEMM roofline."""
 
 from __future__ import annotations
 
@@ -58,32 +58,33 @@ def parse_options(items: list[str]) -> dict:
 def show(r: dict) -> None:
     d = r.get("described", {})
     typer.echo(f"bundle        {r['bundle']}  ({r['precision']}, {r['frames']}x{r['size']})")
-    what = ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("backend",) and not isinstance(v, (dict, list)))
+    what = ", ".join(f"{k} {v}" for k, v in d.items() if k != "backend" and not isinstance(v, (dict, list)))
     typer.echo(f"backend       {r['backend']}  ({what})")
     if r.get("latency_ms"):
         lat = r["latency_ms"]
-        typer.echo(f"latency       p50 {lat['p50']:.1f} ms   p90 {lat['p90']:.1f} ms   p99 {lat['p99']:.1f} ms  "
-                   f"per clip at batch 1")
+        typer.echo(f"latency       p50 {lat['p50']:.1f} ms   p90 {lat['p90']:.1f} ms   "
+                   f"p99 {lat['p99']:.1f} ms  per clip at batch 1")
     for b in r["batches"].values():
-        typer.echo(f"batch {b['batch']:<7} {b['clips_per_s']:.2f} clips/s   ({b['ms_per_clip']['p50']:.1f} ms per clip, "
-                   f"median of {b['iters']})")
-    typer.echo(f"memory        peak RSS {r['peak_rss_mb']:.0f} MiB ({r['rss_before_mb']:.0f} MiB before the model "
-               f"loaded); load {r['load_s']:.1f} s")
+        typer.echo(f"batch {b['batch']:<7} {b['clips_per_s']:.2f} clips/s   "
+                   f"({b['ms_per_clip']['p50']:.1f} ms per clip, median of {b['iters']})")
+    typer.echo(f"memory        peak RSS {r['peak_rss_mb']:.0f} MiB ({r['rss_before_mb']:.0f} MiB before the "
+               f"model loaded); load {r['load_s']:.1f} s")
     ach = r["achieved_gflops"]["throughput"]
     line = f"compute       {r['gflop_per_clip']:.1f} GFLOP per clip -> {ach:.0f} GFLOP/s at batch " \
            f"{r['throughput']['batch']}"
     if r.get("peak_gflops"):
-        line += (f" = {100 * r['fraction_of_peak']['throughput']:.0f}% of this CPU's {r['compute_precision']} "
-                 f"GEMM peak ({r['peak_gflops']:.0f}); {100 * r['fraction_of_roofline']['throughput']:.0f}% of "
-                 f"the mixed-precision roofline ({r['roofline_clips_per_s']:.2f} clips/s)")
+        peak, roof = r["fraction_of_peak"]["throughput"], r["fraction_of_roofline"]["throughput"]
+        line += (f" = {100 * peak:.0f}% of this CPU's {r['compute_precision']} GEMM peak "
+                 f"({r['peak_gflops']:.0f}); {100 * roof:.0f}% of the mixed-precision roofline "
+                 f"({r['roofline_clips_per_s']:.2f} clips/s)")
     typer.echo(line)
 
 
 @handle_errors
 def bench(
     bundle: Path = typer.Argument(..., help="Bundle directory (from `stexport build`)."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="auto or a backend name: openvino, onnxruntime, "
-                                "tensorrt, torchscript, torch."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto or a backend name: openvino, "
+                                "onnxruntime, tensorrt, torchscript, torch."),
     batch: str = typer.Option("1,32", "--batch", help="Batch sizes, comma-separated: batch 1 gives latency "
                               "percentiles, the largest gives throughput."),
     iters: int = typer.Option(10, "--iters", "-n", help="Timed calls per batch size."),
@@ -98,12 +99,12 @@ def bench(
                                     "one (peak memory then includes whatever ran before)."),
     as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON."),
 ):
-    """Measure a bundle on one backend: warm-up, then per-clip latency at batch 1 (p50/p90/p99), clips/s at the
-    largest batch, peak memory, model FLOPs and the achieved rate as a fraction of this CPU's GEMM peak.
+    """Measure a bundle on one backend: warm-up, then per-clip latency at batch 1 (p50/p90/p99), clips/s at
+    the largest batch, peak memory, model FLOPs and the achieved rate as a fraction of this CPU's GEMM peak.
 
     Inputs are random uint8 clips of the bundle's shape; video decoding is not included (`stexport infer` \
-reports decode and model time separately). The measurement runs in a fresh Python process, so the peak memory \
-(the process's RSS high-water mark, VmHWM) is that of this backend alone, imports included.
+reports decode and model time separately). The measurement runs in a fresh Python process, so the peak \
+memory (the process's RSS high-water mark, VmHWM) is that of this backend alone, imports included.
 
     FLOPs are counted from the manifest's shapes (2 per multiply-add: patch embedding, attention, MLP, \
 adapters, head). The GEMM peak is measured here on square 2048 matrices in the precision the backend runs: \
@@ -117,8 +118,8 @@ also counts the GEMMs that stay float (patch embedding, attention, head) at the 
     opts = parse_options(option)
     if threads:
         opts["threads"] = threads
-    result = run(bundle, backend, opts, parse_batches(batch), iters, warmup, peaks=peaks, isolated=not in_process,
-                 progress=not as_json)
+    result = run(bundle, backend, opts, parse_batches(batch), iters, warmup, peaks=peaks,
+                 isolated=not in_process, progress=not as_json)
     if as_json:
         print_json(result)
     else:

@@ -1,10 +1,10 @@
-"""Benchmarks: latency and throughput of a bundle on a backend, its FLOPs, and how close it gets to the device.
+"""Benchmarks: latency and throughput of a bundle on a backend, its FLOPs, and how near the device's limit.
 
 - `model_flops(manifest)`: FLOPs of one clip counted from shapes (1 multiply-add = 2 FLOPs; GEMMs, attention
   and the adapters' depth-wise conv; LayerNorm, softmax, GELU and residual adds are not counted).
 - `gemm_peaks(kinds)`: this device's square-GEMM rate per precision (fp32 / bf16 from torch, int8 from
   torch._int_mm and OpenVINO's u8×s8 GEMM, the faster of the two): the roofline the model is held against.
-- `time_runner(run, ...)`: warm-up, then per-clip latency at batch 1 (p50/p90/p99) and clips/s at larger batches.
+- `time_runner(run, ...)`: warm-up, then per-clip latency at batch 1 (p50/p90/p99), clips/s at larger batches.
 - `bench(bundle, backend, ...)`: all of it for one backend; `isolated=True` runs the measurement in a fresh
   Python process so its peak RSS (the process's high-water mark, VmHWM) belongs to this run alone.
 """
@@ -27,7 +27,7 @@ from stexport.errors import StexportError
 PEAK_SIZE = 2048
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # FLOPs
 
 
@@ -70,7 +70,7 @@ def clip_flops(cfg: dict, spec: dict, frames: int, size: int, int8_scores: bool 
     return {"total": sum(parts.values()), "quantizable": quant, "parts": parts}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # GEMM peaks
 
 
@@ -95,7 +95,8 @@ def _ov_int8_gemm(n: int):
     x = ops.parameter([n, n], np.uint8)
     a = ops.multiply(ops.convert(x, np.float32), ops.constant(np.float32(0.01)))
     w = np.random.default_rng(0).integers(-127, 128, (n, n)).astype(np.int8)
-    b = ops.multiply(ops.convert(ops.constant(w), np.float32), ops.constant(np.full((n, 1), 0.01, np.float32)))
+    scale = ops.constant(np.full((n, 1), 0.01, np.float32))
+    b = ops.multiply(ops.convert(ops.constant(w), np.float32), scale)
     model = ov.Model([ops.matmul(a, b, False, True)], [x])
     req = ov.Core().compile_model(model, "CPU").create_infer_request()
     xi = np.random.default_rng(1).integers(0, 256, (n, n)).astype(np.uint8)
@@ -103,7 +104,7 @@ def _ov_int8_gemm(n: int):
 
 
 def gemm_peak(kind: str, n: int = PEAK_SIZE, seconds: float = 1.0) -> tuple[float, str, dict]:
-    """Best GFLOP/s (GOP/s for int8) of an n×n×n GEMM on this CPU, what measured it, and every method's rate."""
+    """Best GFLOP/s (GOP/s for int8) of an n×n×n GEMM on this CPU, what measured it, every method's rate."""
     import torch
 
     flops = 2.0 * n ** 3
@@ -136,17 +137,18 @@ def gemm_peaks(kinds=("fp32", "bf16", "int8"), seconds: float = 1.0) -> dict[str
 
 
 def compute_precision(bundle_precision: str, described: dict) -> tuple[str, str]:
-    """(precision of the quantized GEMMs, precision of the float ones) as they run, from a backend's describe().
+    """(precision of the quantized GEMMs, precision of the float ones) as they run, from describe().
 
     FP16 bundles on a CPU without FP16 arithmetic run their GEMMs in FP32 (weights converted on load), so they
     are held against the FP32 peak.
     """
-    text = " ".join(str(described.get(k, "")) for k in ("precision", "inference_precision", "autocast")).lower()
+    keys = ("precision", "inference_precision", "autocast")
+    text = " ".join(str(described.get(k, "")) for k in keys).lower()
     fl = "bf16" if "bf16" in text else "fp32"
     return ("int8" if bundle_precision == "int8" else fl), fl
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Timing
 
 
@@ -155,10 +157,17 @@ def clips_for(bundle, batch: int, seed: int = 0) -> np.ndarray:
     return rng.integers(0, 256, (batch, bundle.frames, bundle.size, bundle.size, 3), dtype=np.uint8)
 
 
-def time_runner(run, make_clips, batches=(1, 32), iters: int = 10, warmup: int = 2, progress=None) -> dict:
+def calls(iters: int | dict, batch: int) -> int:
+    """Timed calls for `batch`: `iters`, or iters[batch] when given per batch size (JSON keys are strings)."""
+    return int(iters.get(batch, iters.get(str(batch), 1))) if isinstance(iters, dict) else int(iters)
+
+
+def time_runner(run, make_clips, batches=(1, 32), iters: int | dict = 10, warmup: int = 2,
+                progress=None) -> dict:
     """Time `run(clips)`. Batch 1: per-call latency percentiles; larger batches: clips/s from the median call.
 
-    make_clips(batch) -> uint8 clips. Each batch size is warmed up `warmup` times before `iters` timed calls.
+    make_clips(batch) -> uint8 clips. Each batch size is warmed up `warmup` times before its timed calls
+    (`iters`, or {batch: calls}).
     """
     out: dict = {"batches": {}}
     for b in batches:
@@ -166,7 +175,7 @@ def time_runner(run, make_clips, batches=(1, 32), iters: int = 10, warmup: int =
         for _ in range(warmup):
             run(x)
         times = []
-        for _ in range(iters):
+        for _ in range(calls(iters, b)):
             t = time.perf_counter()
             run(x)
             times.append(time.perf_counter() - t)
@@ -174,7 +183,7 @@ def time_runner(run, make_clips, batches=(1, 32), iters: int = 10, warmup: int =
                 progress()
         ms = np.asarray(times) * 1e3 / b
         out["batches"][str(b)] = {
-            "batch": b, "iters": iters,
+            "batch": b, "iters": len(times),
             "ms_per_clip": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
                             "p99": float(np.percentile(ms, 99)), "min": float(ms.min())},
             "clips_per_s": float(b / np.median(times)),
@@ -224,13 +233,15 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
     t = time.perf_counter()
     be = create(backend, bundle, **(options or {}))
     load_s = time.perf_counter() - t
-    with be, tqdm(total=iters * len(batches), desc=f"bench {be.name}", unit="call", disable=not progress,
-                  leave=False) as bar:
+    total = sum(calls(iters, b) for b in batches)
+    bar = tqdm(total=total, desc=f"bench {be.name}", unit="call", disable=not progress, leave=False)
+    with be, bar:
         res = time_runner(be.run, lambda b: clips_for(bundle, b), batches, iters, warmup, bar.update)
         res["described"] = be.describe()
+    alone = os.environ.get("STEXPORT_BENCH_CHILD")
     res.update(backend=be.name, load_s=load_s, rss_before_mb=base, peak_rss_mb=peak_rss_mb(),
-               memory_method="RSS high-water mark of a process that ran only this measurement" if os.environ.get(
-                   "STEXPORT_BENCH_CHILD") else "RSS high-water mark of this process (includes earlier work)")
+               memory_method="RSS high-water mark of a process that ran only this measurement" if alone
+               else "RSS high-water mark of this process (includes earlier work)")
     return res
 
 
@@ -241,7 +252,7 @@ def measure_isolated(bundle_path: str, backend: str = "auto", options: dict | No
            "iters": iters, "warmup": warmup, "progress": progress}
     env = {**os.environ, "STEXPORT_BENCH_CHILD": "1"}
     proc = subprocess.run([sys.executable, "-m", "stexport.bench", json.dumps(job)], stdout=subprocess.PIPE,
-                          stderr=None if progress else subprocess.PIPE, text=True, env=env)
+                          stderr=None if progress else subprocess.PIPE, text=True, env=env, check=False)
     lines = proc.stdout.strip().splitlines()
     res = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
     if "error" in res:  # a StexportError in the child: the user's mistake, told as it is
@@ -277,14 +288,15 @@ def machine() -> dict:
     """CPU model and core count (lscpu where present), for the record next to any figure."""
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
         fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
         for key, name in (("Model name", "cpu"), ("Thread(s) per core", "threads_per_core"),
                           ("Core(s) per socket", "cores_per_socket"), ("Flags", "flags")):
             if key in fields:
                 info[name] = fields[key].strip()
         flags = set(info.pop("flags", "").split())
-        info["isa"] = sorted(f for f in flags if f.startswith(("avx512_vnni", "avx512_bf16", "amx", "avx2", "avx512f")))
+        isa = ("avx512_vnni", "avx512_bf16", "amx", "avx2", "avx512f")
+        info["isa"] = sorted(f for f in flags if f.startswith(isa))
     except (OSError, subprocess.SubprocessError, ValueError):
         pass
     return info

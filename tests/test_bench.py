@@ -1,4 +1,4 @@
-"""`stexport bench` smoke run on a tiny bundle, and the FLOP count against a hand count and torch's counter."""
+"""`stexport bench` smoke run on a tiny bundle; the FLOP count against a hand count and torch's counter."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from stexport.cli.app import app
 from typer.testing import CliRunner
 
 from stexport.bench import clip_flops, compute_precision, model_flops, summarize, time_runner
-from stexport.cli.app import app
 
 FRAMES = 4
 

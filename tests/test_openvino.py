@@ -1,4 +1,4 @@
-"""OpenVINO backend: parity with the PyTorch reference per precision, explicit precision, cache, telemetry off."""
+"""OpenVINO backend: parity with the reference per precision, explicit precision, cache, telemetry off."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("openvino")
 
-from stexport.backends import create, resolve  # noqa: E402
-from stexport.backends.openvino import OpenVINOBackend, default_cache_dir  # noqa: E402
-from stexport.bundle import Bundle  # noqa: E402
-from stexport.errors import StexportError  # noqa: E402
-from stexport.verify import GATES, compare, judge  # noqa: E402
+from stexport.backends import create, resolve
+from stexport.backends.openvino import OpenVINOBackend, default_cache_dir
+from stexport.bundle import Bundle
+from stexport.errors import StexportError
+from stexport.verify import GATES, compare, judge
 
 FRAMES = 4
 
@@ -173,7 +173,8 @@ def test_auto_prefers_openvino_on_x86_and_usable_imports_nothing(bundles, tmp_pa
         from stexport.backends.openvino import OpenVINOBackend
         print(OpenVINOBackend.usable(Bundle.load({str(bundles['fp32'].path)!r})), 'openvino' in sys.modules)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = out.stdout.split()
     assert out[1] == "False"
 
 

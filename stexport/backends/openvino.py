@@ -5,9 +5,9 @@ inference precision: OpenVINO would otherwise run FP32 models in BF16 on CPUs th
 compiled model is cached beside the bundle so the second start skips compilation.
 
 Telemetry: `import openvino` imports its model converter, which initialises `openvino_telemetry` and queues a
-usage event unless `~/intel/openvino_telemetry` says "0" (what `opt_in_out --opt_out` writes). `import_openvino`
-imports OpenVINO with `openvino_telemetry` hidden, so OpenVINO falls back to its own no-op stub: nothing is
-collected or sent and no client-id file is written.
+usage event unless `~/intel/openvino_telemetry` says "0" (what `opt_in_out --opt_out` writes).
+`import_openvino` imports OpenVINO with `openvino_telemetry` hidden, so OpenVINO falls back to its own no-op
+stub: nothing is collected or sent and no client-id file is written.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def import_openvino():
         if tm is not None:  # imported elsewhere first: withdraw consent for this process
             try:
                 tm.Telemetry().consent = False
-            except Exception:  # noqa: BLE001 - never initialised: nothing to withdraw
+            except Exception:
                 pass
         return ov
     hidden = "openvino_telemetry" not in sys.modules
@@ -89,7 +89,7 @@ def default_cache_dir(bundle) -> Path:
 
 
 def open_cache(folder: Path) -> Path | None:
-    """Create `folder` and drop its siblings (blobs of earlier builds of the same bundle); None if impossible."""
+    """Create `folder` and drop its siblings (blobs of earlier builds of this bundle); None if impossible."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -122,7 +122,8 @@ class OpenVINOBackend(Backend):
                                f"{', '.join(self.core.available_devices)}; use --device cpu")
         want = PRECISIONS.get(str(precision or "f32").lower())
         if want is None:
-            raise StexportError(f"OpenVINO precision '{precision}': choose f32 or bf16 (f16 on CPUs with AVX512-FP16)")
+            raise StexportError(f"OpenVINO precision '{precision}': choose f32 or bf16 "
+                                "(f16 on CPUs with AVX512-FP16)")
         caps = self.core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")
         cap = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}[want]
         if cap not in caps:
@@ -141,14 +142,15 @@ class OpenVINOBackend(Backend):
             config[props.inference_num_threads] = int(threads)
         self.cache_dir = None
         if cache:
-            self.cache_dir = open_cache(Path(cache_dir) / model_key(bundle) if cache_dir else default_cache_dir(bundle))
+            folder = Path(cache_dir) / model_key(bundle) if cache_dir else default_cache_dir(bundle)
+            self.cache_dir = open_cache(folder)
             if self.cache_dir:
                 config[props.cache_dir] = str(self.cache_dir)
         path = bundle.file("onnx")
         try:
             # from the path, not a read Model: a cache hit then skips reading and hashing the graph
             self.compiled = self.core.compile_model(str(path), self.device, config)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise StexportError(f"{path}: OpenVINO cannot compile it ({reason(e)}); "
                                 "rebuild the bundle with `stexport build --force`") from e
         self.request = self.compiled.create_infer_request()
@@ -164,7 +166,7 @@ class OpenVINOBackend(Backend):
         try:
             return (platform.machine().lower() in X86 and bundle.has("onnx")
                     and importlib.util.find_spec("openvino") is not None)
-        except Exception:  # noqa: BLE001 - 'auto' must never fail here
+        except Exception:
             return False
 
     def run(self, clips: np.ndarray) -> np.ndarray:
