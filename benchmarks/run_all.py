@@ -366,6 +366,35 @@ def main() -> None:
           file=sys.stderr)
 
 
+def targets(rep: dict, ref: dict) -> list[str]:
+    """The issues' targets against this run's figures, one line each."""
+    ok = [r for r in rep["rows"] if "skipped" not in r]
+    int8 = [r for r in ok if r["kind"] == "openvino" and r["bundle_precision"].startswith("int8")]
+    out = []
+    if int8:
+        fast = max(int8, key=lambda r: r["throughput"]["clips_per_s"])
+        lat = min(int8, key=lambda r: r["latency_ms"]["p50"])
+        out.append(f"- INT8 ≥3× the eager FP32 reference at batch 1 (issue 8): OpenVINO {lat['precision']} "
+                   f"{ref['latency_ms']['p50'] / lat['latency_ms']['p50']:.2f}× "
+                   f"({lat['latency_ms']['p50']:.0f} vs {ref['latency_ms']['p50']:.0f} ms per clip).")
+        if fast.get("fraction_of_peak"):
+            out.append(f"- OpenVINO INT8 model-only throughput ≥95% of the INT8 GEMM roofline (issue 9): best row "
+                       f"{fast['precision']} {fast['achieved_gflops']['throughput']:.0f} GOP/s = "
+                       f"{100 * fast['fraction_of_peak']['throughput']:.0f}% of the INT8 peak measured before "
+                       f"the rows; {100 * fast['fraction_of_roofline']['throughput']:.0f}% of the mixed roofline "
+                       f"that runs the float GEMMs at the float peak; "
+                       f"{fast['throughput']['clips_per_s'] / ref['throughput']['clips_per_s']:.2f}× eager FP32.")
+        gates = [r.get("accuracy", "—") for r in int8]
+        out.append("- INT8 accuracy gate on the demo model: " + (
+            "; ".join(f"{r['precision']}: {g.split('; ')[-1]}" for r, g in zip(int8, gates)) if any(
+                g != "—" for g in gates) else "not measured in this run (no trained demo model)") + ".")
+    for bp, be, e in rep["end_to_end"]:
+        if "error" not in e:
+            out.append(f"- End-to-end `infer` ≥90% of model-only throughput: {be} {bp} "
+                       f"{100 * e['fraction']:.0f}%.")
+    return out
+
+
 def write_markdown(path: Path, rep: dict, args) -> None:
     m = rep["machine"]
     ref = next(r for r in rep["rows"] if r["kind"] == "eager" and "skipped" not in r)
@@ -401,6 +430,10 @@ def write_markdown(path: Path, rep: dict, args) -> None:
         table(rep["rows"], ref, args.batch),
         "",
         f"Ratios are to the PyTorch eager FP32 reference in the same run. Accuracy: {rep['accuracy_note']}.",
+        "",
+        "## Targets",
+        "",
+        *targets(rep, ref),
         "",
         "## End-to-end `infer` vs model only",
         "",
