@@ -107,9 +107,9 @@ reports decode and model time separately). The measurement runs in a fresh Pytho
 memory (the process's RSS high-water mark, VmHWM) is that of this backend alone, imports included.
 
     FLOPs are counted from the manifest's shapes (2 per multiply-add: patch embedding, attention, MLP, \
-adapters, head). The GEMM peak is measured here on square 2048 matrices in the precision the backend runs: \
-FP32 or BF16 with torch, INT8 with torch._int_mm or OpenVINO (the faster). For INT8 bundles the roofline \
-also counts the GEMMs that stay float (patch embedding, attention, head) at the float rate.
+adapters, head). The GEMM peak is measured here on square 2048 matrices in the precision the backend runs \
+(FP32, BF16 or INT8), the faster of torch and OpenVINO. For INT8 bundles the roofline also counts the GEMMs \
+that stay float (patch embedding, attention, head) at the float rate.
 
     Timings on a shared machine are noisy: compare backends in one run, quote medians.
     """

@@ -2,8 +2,8 @@
 
 - `model_flops(manifest)`: FLOPs of one clip counted from shapes (1 multiply-add = 2 FLOPs; GEMMs, attention
   and the adapters' depth-wise conv; LayerNorm, softmax, GELU and residual adds are not counted).
-- `gemm_peaks(kinds)`: this device's square-GEMM rate per precision (fp32 / bf16 from torch, int8 from
-  torch._int_mm and OpenVINO's u8×s8 GEMM, the faster of the two): the roofline the model is held against.
+- `gemm_peaks(kinds)`: this device's square-GEMM rate per precision (FP32, BF16, INT8), the faster of torch
+  (matmul, torch._int_mm) and OpenVINO's CPU kernels: the roofline the model is held against.
 - `time_runner(run, ...)`: warm-up, then per-clip latency at batch 1 (p50/p90/p99), clips/s at larger batches.
 - `bench(bundle, backend, ...)`: all of it for one backend; `isolated=True` runs the measurement in a fresh
   Python process so its peak RSS (the process's high-water mark, VmHWM) belongs to this run alone.
@@ -85,50 +85,58 @@ def _rate(fn, flops: float, seconds: float) -> float:
             return flops / best
 
 
-def _ov_int8_gemm(n: int):
-    """u8 activations × s8 weights through OpenVINO's CPU plugin (the same kernels its INT8 models use)."""
+def _ov_gemm(n: int, kind: str):
+    """An n×n×n MatMul through OpenVINO's CPU plugin, the kernels its models use. int8: the activation passes
+    a FakeQuantize (what a Q/DQ pair becomes) into an s8-weight MatMul, run as an integer GEMM."""
     from stexport.backends.openvino import import_openvino
 
     ov = import_openvino()
     import openvino.opset13 as ops
 
-    x = ops.parameter([n, n], np.uint8)
-    a = ops.multiply(ops.convert(x, np.float32), ops.constant(np.float32(0.01)))
-    w = np.random.default_rng(0).integers(-127, 128, (n, n)).astype(np.int8)
-    scale = ops.constant(np.full((n, 1), 0.01, np.float32))
-    b = ops.multiply(ops.convert(ops.constant(w), np.float32), scale)
+    rng = np.random.default_rng(0)
+    x = ops.parameter([n, n], np.float32)
+    if kind == "int8":
+        a = ops.fake_quantize(x, -1.0, 1.0, -1.0, 1.0, 255)
+        w = rng.integers(-127, 128, (n, n)).astype(np.int8)
+        scale = ops.constant(np.full((n, 1), 0.01, np.float32))
+        b = ops.multiply(ops.convert(ops.constant(w), np.float32), scale)
+    else:
+        a, b = x, ops.constant(rng.standard_normal((n, n)).astype(np.float32))
     model = ov.Model([ops.matmul(a, b, False, True)], [x])
-    req = ov.Core().compile_model(model, "CPU").create_infer_request()
-    xi = np.random.default_rng(1).integers(0, 256, (n, n)).astype(np.uint8)
+    hint = "bf16" if kind == "bf16" else "f32"
+    req = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint}).create_infer_request()
+    xi = rng.standard_normal((n, n)).astype(np.float32)
     return lambda: req.infer({0: xi})
 
 
 def gemm_peak(kind: str, n: int = PEAK_SIZE, seconds: float = 1.0) -> tuple[float, str, dict]:
-    """Best GFLOP/s (GOP/s for int8) of an n×n×n GEMM on this CPU, what measured it, every method's rate."""
+    """Best GFLOP/s (GOP/s for int8) of an n×n×n GEMM on this CPU over torch and OpenVINO, which one gave it,
+    and every method's rate."""
     import torch
 
+    if kind not in ("fp32", "bf16", "int8"):
+        raise StexportError(f"no GEMM peak for precision '{kind}'")
     flops = 2.0 * n ** 3
     g = torch.Generator().manual_seed(0)
-    if kind in ("fp32", "bf16"):
-        dtype = torch.float32 if kind == "fp32" else torch.bfloat16
-        a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
-        with torch.inference_mode():
-            rate = _rate(lambda: a @ b, flops, seconds) / 1e9
-        return rate, f"torch.matmul {kind}", {f"torch.matmul {kind}": rate}
-    if kind != "int8":
-        raise StexportError(f"no GEMM peak for precision '{kind}'")
     found = []
-    a, b = (torch.randint(-127, 128, (n, n), generator=g, dtype=torch.int8) for _ in range(2))
+    if kind == "int8":
+        a, b = (torch.randint(-127, 128, (n, n), generator=g, dtype=torch.int8) for _ in range(2))
+        name, fn = "torch._int_mm s8×s8", lambda: torch._int_mm(a, b)
+    else:
+        a, b = (torch.randn(n, n, generator=g).to(getattr(torch, {"fp32": "float32"}.get(kind, "bfloat16")))
+                for _ in range(2))
+        name, fn = f"torch.matmul {kind}", lambda: a @ b
     try:
-        found.append((_rate(lambda: torch._int_mm(a, b), flops, seconds) / 1e9, "torch._int_mm s8×s8"))
-    except (RuntimeError, AttributeError):
+        with torch.inference_mode():
+            found.append((_rate(fn, flops, seconds) / 1e9, name))
+    except (RuntimeError, AttributeError):  # no int8 matmul in this torch build
         pass
     try:
-        found.append((_rate(_ov_int8_gemm(n), flops, seconds) / 1e9, "openvino u8×s8 MatMul"))
+        found.append((_rate(_ov_gemm(n, kind), flops, seconds) / 1e9, f"openvino MatMul {kind}"))
     except ImportError:
         pass
     if not found:
-        raise StexportError("cannot measure an INT8 GEMM here (neither torch._int_mm nor OpenVINO works)")
+        raise StexportError(f"cannot measure a {kind} GEMM here (neither torch nor OpenVINO can run one)")
     return (*max(found), {m: r for r, m in found})
 
 
