@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from stexport import bench
 from stexport.backends import REGISTRY
 from stexport.bundle import Bundle
+from stexport.verify import compare
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from decode import write  # benchmarks/decode.py: a generated video with moving content
@@ -92,17 +93,19 @@ def worker(job: dict) -> dict:
     load_s = time.perf_counter() - t
     res = bench.time_runner(run, lambda b: bench.clips_for(bundle, b), job["batches"], job["iters"],
                             job["warmup"])
+    if job.get("probe"):
+        np.save(job["probe"][1], run(np.load(job["probe"][0])))
     res.update(described=described, backend=described["backend"], load_s=load_s, rss_before_mb=base,
                peak_rss_mb=bench.peak_rss_mb())
     return res
 
 
-def measure_row(kind: str, bundle: Bundle, options: dict, batches, iters: int, warmup: int) -> dict:
+def measure_row(kind: str, bundle: Bundle, options: dict, batches, iters, warmup: int, probe) -> dict:
     if kind in REGISTRY or kind == "eager":
         backend = "torch" if kind == "eager" else kind
-        return bench.measure_isolated(str(bundle.path), backend, options, batches, iters, warmup)
+        return bench.measure_isolated(str(bundle.path), backend, options, batches, iters, warmup, probe=probe)
     job = {"kind": kind, "bundle": str(bundle.path), "batches": list(batches), "iters": iters,
-           "warmup": warmup}
+           "warmup": warmup, "probe": probe}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
                           text=True, check=False)
     if proc.returncode != 0:
@@ -148,6 +151,16 @@ def add_torchscript(bundle: Bundle) -> str | None:
         return f"stexport.torchscript not available ({e})"
     add_to_bundle(bundle)
     return None
+
+
+def probe_clips(work: Path, videos: list[Path], bundle: Bundle) -> Path:
+    """The first view of each generated video, decoded: the inputs every row's logits are compared on."""
+    from stexport.video import Sampling, decode_clips
+
+    s = Sampling.from_manifest(bundle.manifest)
+    path = work / "probe-clips.npy"
+    np.save(path, np.concatenate([decode_clips(str(v), s)[:1] for v in videos]))
+    return path
 
 
 def size_mb(bundle: Bundle, kind: str) -> float | None:
@@ -244,19 +257,21 @@ def fmt(v, spec=".2f", none="—"):
 
 def table(rows: list[dict], ref: dict, batch: int) -> str:
     head = ("| runtime | format | precision | size MB | accuracy / agreement (demo) | "
+            "max abs Δlogit vs eager | "
             f"ms/clip b=1 p50 (p90) | clips/s b={batch} | × eager b=1 | × eager b={batch} | GFLOP/s | "
             "% of GEMM peak | % of roofline | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['label']} | {r['format']} | {r['precision']} | — | — | "
-                         f"not run: {r['skipped']} | — | — | — | — | — | — | — |")
+                         f"— | not run: {r['skipped']} | — | — | — | — | — | — | — |")
             continue
         lat, thr = r["latency_ms"], r["throughput"]["clips_per_s"]
         peak, roof = r.get("fraction_of_peak"), r.get("fraction_of_roofline")
         lines.append(
             f"| {r['label']} | {r['format']} | {r['precision']} | {fmt(r.get('size_mb'), '.0f')} | "
-            f"{r.get('accuracy', '—')} | {lat['p50']:.4g} ({lat['p90']:.4g}) | {thr:.3g} | "
+            f"{r.get('accuracy', '—')} | {fmt(r.get('fidelity', {}).get('max_abs'), '.2g')} | "
+            f"{lat['p50']:.4g} ({lat['p90']:.4g}) | {thr:.3g} | "
             f"{ref['latency_ms']['p50'] / lat['p50']:.2f} | {thr / ref['throughput']['clips_per_s']:.2f} | "
             f"{r['achieved_gflops']['throughput']:.0f} | "
             f"{fmt(100 * peak['throughput'] if peak else None, '.0f')} ({r['compute_precision']}) | "
@@ -308,6 +323,8 @@ def main() -> None:
     flops = bench.model_flops(bundles["fp32"].manifest)
     ts_reason = add_torchscript(bundles["fp32"])
 
+    probe_in, ref_logits = probe_clips(args.work, videos, bundles["fp32"]), None
+
     print("GEMM peaks ...", file=sys.stderr)
     peaks_before = bench.gemm_peaks()
     load_before = os.getloadavg()
@@ -326,7 +343,11 @@ def main() -> None:
         print(f"{label} {shown} ...", file=sys.stderr)
         try:
             iters = {1: args.iters, args.batch: args.batch_iters}
-            res = measure_row(kind, bundles[bp], opts, (1, args.batch), iters, args.warmup)
+            probe = (str(probe_in), str(args.work / f"logits-{len(rows)}.npy"))
+            res = measure_row(kind, bundles[bp], opts, (1, args.batch), iters, args.warmup, probe)
+            logits = np.load(probe[1])
+            ref_logits = ref_logits if ref_logits is not None else logits
+            row["fidelity"] = compare(ref_logits, logits)
         except Exception as e:
             row["skipped"] = f"failed: {str(e)[:160]}"
             rows.append(row)
@@ -433,7 +454,10 @@ def write_markdown(path: Path, rep: dict, args) -> None:
         "",
         table(rep["rows"], ref, args.batch),
         "",
-        f"Ratios are to the PyTorch eager FP32 reference in the same run. Accuracy: {rep['accuracy_note']}.",
+        "Ratios are to the PyTorch eager FP32 reference in the same run. \"max abs Δlogit vs eager\": every "
+        "row runs the same decoded clips (the first view of each generated video) after timing; the "
+        f"difference to the eager FP32 logits (the model's random head gives logits of order 1). Accuracy: "
+        f"{rep['accuracy_note']}.",
         "",
         "## Targets",
         "",

@@ -229,8 +229,12 @@ def peak_rss_mb() -> float:
 
 
 def measure(bundle_path: str, backend: str = "auto", options: dict | None = None, batches=(1, 32),
-            iters: int = 10, warmup: int = 2, progress: bool = False) -> dict:
-    """Open the backend, time it, and report what ran and this process's memory (in this process)."""
+            iters: int = 10, warmup: int = 2, progress: bool = False,
+            probe: tuple[str, str] | None = None) -> dict:
+    """Open the backend, time it, and report what ran and this process's memory (in this process).
+
+    probe: (clips.npy, logits.npy): after timing, also run those clips and save the logits (for comparing
+    backends with each other on the same inputs)."""
     from tqdm import tqdm
 
     from stexport.backends import create
@@ -246,6 +250,8 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
     with be, bar:
         res = time_runner(be.run, lambda b: clips_for(bundle, b), batches, iters, warmup, bar.update)
         res["described"] = be.describe()
+        if probe:
+            np.save(probe[1], be.run(np.load(probe[0])))
     alone = os.environ.get("STEXPORT_BENCH_CHILD")
     res.update(backend=be.name, load_s=load_s, rss_before_mb=base, peak_rss_mb=peak_rss_mb(),
                memory_method="RSS high-water mark of a process that ran only this measurement" if alone
@@ -254,10 +260,11 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
 
 
 def measure_isolated(bundle_path: str, backend: str = "auto", options: dict | None = None, batches=(1, 32),
-                     iters: int = 10, warmup: int = 2, progress: bool = False) -> dict:
+                     iters: int = 10, warmup: int = 2, progress: bool = False,
+                     probe: tuple[str, str] | None = None) -> dict:
     """`measure` in a fresh Python process, so the peak RSS is this run's own."""
     job = {"bundle": str(bundle_path), "backend": backend, "options": options or {}, "batches": list(batches),
-           "iters": iters, "warmup": warmup, "progress": progress}
+           "iters": iters, "warmup": warmup, "progress": progress, "probe": probe}
     env = {**os.environ, "STEXPORT_BENCH_CHILD": "1"}
     proc = subprocess.run([sys.executable, "-m", "stexport.bench", json.dumps(job)], stdout=subprocess.PIPE,
                           stderr=None if progress else subprocess.PIPE, text=True, env=env, check=False)
@@ -336,7 +343,7 @@ def _child(job: str) -> None:
     j = json.loads(job)
     try:
         res = measure(j["bundle"], j["backend"], j["options"], tuple(j["batches"]), j["iters"], j["warmup"],
-                      j["progress"])
+                      j["progress"], j.get("probe"))
     except StexportError as e:
         print(json.dumps({"error": str(e)}))
         sys.exit(2)
