@@ -147,9 +147,10 @@ def add_torchscript(bundle: Bundle) -> str | None:
         return None
     try:
         from stexport.torchscript import add_to_bundle
-    except ImportError as e:
-        return f"stexport.torchscript not available ({e})"
-    add_to_bundle(bundle)
+
+        add_to_bundle(bundle)
+    except Exception as e:  # noqa: BLE001 - the row says why instead of ending the run
+        return f"cannot add TorchScript to the bundle ({type(e).__name__}: {str(e)[:120]})"
     return None
 
 
