@@ -17,6 +17,7 @@ REGISTRY: dict[str, str] = {
     "onnxruntime": "stexport.backends.ort:OrtBackend",
     "tensorrt": "stexport.trt_engines.runtime:TensorRTBackend",
     "openvino": "stexport.backends.openvino:OpenVINOBackend",
+    "torchscript": "stexport.backends.torchscript:TorchScriptBackend",
 }
 
 

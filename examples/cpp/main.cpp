@@ -1,0 +1,217 @@
+// stexport-host: run a stexport TorchScript module (BUNDLE/model.ts) on a clip from C++ and print the top classes.
+//
+//   stexport-host MODEL.ts CLIP [--top-k K] [--device auto|cpu|cuda] [--threads N] [--logits]
+//
+// CLIP is what `stexport dump-clip VIDEO -m BUNDLE -o clip.npy` writes: a NumPy .npy file holding uint8 RGB
+// (V, T, S, S, 3) — V views of T frames, S×S pixels — or (T, S, S, 3) for one view. A headerless file of
+// V·T·S·S·3 bytes in that order works too. Like `stexport infer`, each view's logits go through a softmax and
+// the views are averaged. --logits also prints every view's raw logits (one line each).
+//
+// The module takes the clips as they are (normalisation is inside it) and returns float32 logits (V, classes).
+// Labels, frames and size come from the manifest stexport embeds in the .ts file (extra file "stexport.json").
+
+#include <ATen/Parallel.h>
+#include <torch/cuda.h>
+#include <torch/script.h>
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "json.hpp"
+
+namespace {
+
+struct Args {
+  std::string model, clip, device = "auto";
+  int top_k = 5, threads = 0;
+  bool logits = false;
+};
+
+const char* kUsage =
+    "usage: stexport-host MODEL.ts CLIP [--top-k K] [--device auto|cpu|cuda] [--threads N] [--logits]\n"
+    "  MODEL.ts  a bundle's TorchScript module (stexport export-torchscript BUNDLE)\n"
+    "  CLIP      uint8 RGB clips (V, T, S, S, 3) as .npy (stexport dump-clip VIDEO -m BUNDLE -o CLIP)\n"
+    "            or headerless bytes in that order\n";
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  std::vector<std::string> positional;
+  for (int i = 1; i < argc; ++i) {
+    std::string s = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::invalid_argument(s + " needs a value");
+      return argv[++i];
+    };
+    if (s == "-h" || s == "--help") {
+      std::cout << kUsage;
+      std::exit(0);
+    } else if (s == "--top-k" || s == "-k") {
+      a.top_k = std::stoi(next());
+    } else if (s == "--device") {
+      a.device = next();
+    } else if (s == "--threads") {
+      a.threads = std::stoi(next());
+    } else if (s == "--logits") {
+      a.logits = true;
+    } else if (!s.empty() && s[0] == '-') {
+      throw std::invalid_argument("unknown option " + s);
+    } else {
+      positional.push_back(s);
+    }
+  }
+  if (positional.size() != 2) throw std::invalid_argument("expected MODEL.ts and CLIP");
+  a.model = positional[0];
+  a.clip = positional[1];
+  if (a.top_k < 1) throw std::invalid_argument("--top-k must be at least 1");
+  return a;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error(path + ": cannot open");
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+
+// The value after `'key':` in a .npy header (a Python dict literal), up to the next ',' or ')'-closed tuple.
+std::string npy_field(const std::string& header, const std::string& key, const std::string& path) {
+  auto at = header.find("'" + key + "'");
+  if (at == std::string::npos) throw std::runtime_error(path + ": .npy header has no '" + key + "'");
+  at = header.find(':', at) + 1;
+  while (at < header.size() && header[at] == ' ') ++at;
+  auto end = header[at] == '(' ? header.find(')', at) + 1 : header.find(',', at);
+  return header.substr(at, end - at);
+}
+
+// Clip bytes and shape (V, T, S, S, 3) from a .npy file or headerless bytes of T×S×S×3 per view.
+std::vector<std::int64_t> read_clip(const std::string& path, std::int64_t frames, std::int64_t size,
+                                    std::string& data) {
+  data = read_file(path);
+  const std::int64_t per_view = frames * size * size * 3;
+  std::vector<std::int64_t> shape;
+  if (data.size() >= 10 && data.compare(0, 6, "\x93NUMPY") == 0) {
+    const auto major = static_cast<unsigned char>(data[6]);
+    const auto* p = reinterpret_cast<const unsigned char*>(data.data());
+    std::size_t len = major == 1 ? p[8] | (p[9] << 8) : p[8] | (p[9] << 8) | (p[10] << 16) | (p[11] << 24);
+    std::size_t start = major == 1 ? 10 : 12;
+    if (start + len > data.size()) throw std::runtime_error(path + ": truncated .npy header");
+    std::string header = data.substr(start, len);
+    std::string descr = npy_field(header, "descr", path);
+    if (descr != "'|u1'" && descr != "'<u1'" && descr != "'u1'")
+      throw std::runtime_error(path + ": holds " + descr + ", not uint8 clips (write it with stexport dump-clip)");
+    if (npy_field(header, "fortran_order", path) != "False")
+      throw std::runtime_error(path + ": Fortran-ordered array; save a C-contiguous one");
+    std::string dims = npy_field(header, "shape", path);
+    for (std::size_t i = 1; i < dims.size();) {
+      std::size_t used = 0;
+      if (std::isdigit(static_cast<unsigned char>(dims[i]))) {
+        shape.push_back(std::stoll(dims.substr(i), &used));
+        i += used;
+      } else {
+        ++i;
+      }
+    }
+    data.erase(0, start + len);
+    if (shape.size() == 4) shape.insert(shape.begin(), 1);
+  } else {
+    if (data.empty() || data.size() % per_view != 0)
+      throw std::runtime_error(path + ": " + std::to_string(data.size()) + " bytes is not a whole number of " +
+                               std::to_string(frames) + "x" + std::to_string(size) + "x" + std::to_string(size) +
+                               "x3 uint8 clips");
+    shape = {static_cast<std::int64_t>(data.size()) / per_view, frames, size, size, 3};
+  }
+  if (shape.size() != 5 || shape[1] != frames || shape[2] != size || shape[3] != size || shape[4] != 3)
+    throw std::runtime_error(path + ": clips must be (V, " + std::to_string(frames) + ", " + std::to_string(size) +
+                             ", " + std::to_string(size) + ", 3) uint8 for this model");
+  if (static_cast<std::int64_t>(data.size()) != shape[0] * per_view)
+    throw std::runtime_error(path + ": file size does not match its .npy shape");
+  return shape;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args args;
+  try {
+    args = parse_args(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "stexport-host: error: " << e.what() << "\n" << kUsage;
+    return 2;
+  }
+  try {
+    if (args.threads > 0) at::set_num_threads(args.threads);
+    torch::Device device = torch::kCPU;
+    if (args.device == "cuda" || (args.device == "auto" && torch::cuda::is_available())) {
+      if (!torch::cuda::is_available()) throw std::runtime_error("--device cuda: libtorch sees no CUDA GPU");
+      device = torch::Device(torch::kCUDA);
+    } else if (args.device != "cpu" && args.device != "auto") {
+      throw std::runtime_error("--device " + args.device + ": choose auto, cpu or cuda");
+    }
+
+    torch::jit::ExtraFilesMap extra{{"stexport.json", ""}};
+    torch::jit::script::Module module;
+    try {
+      module = torch::jit::load(args.model, device, extra);
+    } catch (const c10::Error& e) {
+      throw std::runtime_error(args.model + ": not a loadable TorchScript module (" +
+                               std::string(e.what_without_backtrace()).substr(0, 200) + ")");
+    }
+    module.eval();
+    if (extra["stexport.json"].empty())
+      throw std::runtime_error(args.model + ": no embedded stexport.json (export it with stexport export-torchscript)");
+    const mini_json::Value manifest = mini_json::parse(extra["stexport.json"]);
+    const std::int64_t frames = manifest["frames"].as_int(), size = manifest["size"].as_int();
+    std::vector<std::string> labels;
+    for (const auto& name : manifest["class_names"].array) labels.push_back(name.as_string());
+
+    std::string bytes;
+    std::vector<std::int64_t> shape = read_clip(args.clip, frames, size, bytes);
+    torch::Tensor clips = torch::from_blob(bytes.data(), shape, torch::kUInt8).to(device);
+
+    torch::InferenceMode guard;
+    const auto start = std::chrono::steady_clock::now();
+    torch::Tensor logits = module.forward({clips}).toTensor().to(torch::kCPU, torch::kFloat).contiguous();
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    if (logits.dim() != 2 || logits.size(0) != shape[0] || logits.size(1) != static_cast<std::int64_t>(labels.size()))
+      throw std::runtime_error("the module returned logits of shape " + c10::str(logits.sizes()) + ", expected (" +
+                               std::to_string(shape[0]) + ", " + std::to_string(labels.size()) + ")");
+    torch::Tensor probs = torch::softmax(logits.to(torch::kDouble), 1).mean(0);
+
+    std::string precision = manifest.has("precision") ? manifest["precision"].as_string() : "fp32";
+    std::printf("%s: %s (%s, %lld frames of %lld px, %zu classes) on %s\n", args.model.c_str(),
+                manifest.has("name") ? manifest["name"].as_string().c_str() : "?", precision.c_str(),
+                static_cast<long long>(frames), static_cast<long long>(size), labels.size(),
+                device.str().c_str());
+    std::printf("%s  (%lld view%s; model %.1f ms)\n", args.clip.c_str(), static_cast<long long>(shape[0]),
+                shape[0] == 1 ? "" : "s", ms);
+    std::vector<std::int64_t> order(labels.size());
+    std::iota(order.begin(), order.end(), 0);
+    const auto* p = probs.data_ptr<double>();
+    std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) { return p[a] > p[b]; });
+    const int k = std::min<int>(args.top_k, static_cast<int>(labels.size()));
+    for (int r = 0; r < k; ++r)
+      std::printf("  %d. %-40s %.4f\n", r + 1, labels[order[r]].c_str(), p[order[r]]);
+    if (args.logits) {
+      const auto l = logits.accessor<float, 2>();
+      for (std::int64_t v = 0; v < l.size(0); ++v) {
+        std::printf("logits[%lld]", static_cast<long long>(v));
+        for (std::int64_t c = 0; c < l.size(1); ++c) std::printf(" %.9g", l[v][c]);
+        std::printf("\n");
+      }
+    }
+  } catch (const std::exception& e) {
+    std::cerr << "stexport-host: error: " << e.what() << "\n";
+    return 2;
+  }
+  return 0;
+}

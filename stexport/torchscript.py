@@ -1,0 +1,135 @@
+"""TorchScript export of the deploy model, for C++ hosts (libtorch) and the `torchscript` backend.
+
+The folded deploy model (stexport.fold) is traced on uint8 (B, T, H, W, 3) RGB clips and frozen (weights become
+constants; frozen-graph optimisations run), so a host feeds decoded frames as they are and gets float32 logits
+(B, classes); the batch size is free, frames and size are fixed. The bundle's manifest travels inside the file as
+the extra file `stexport.json`, with the class names added, so a C++ host needs nothing else: libtorch reads it
+with `torch::jit::load(path, device, extra_files)`.
+
+`torch.jit.optimize_for_inference` is not applied: its output saves but fails to load (torch 2.14). torch 2.14
+marks torch.jit deprecated; its warnings are silenced here. AOTInductor (`torch.export` +
+`aoti_compile_and_package`) is the successor torch points to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from stexport.bundle import Bundle
+from stexport.errors import StexportError
+
+FILE = "model.ts"
+EXTRA = "stexport.json"  # the extra file inside the .ts archive
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+TRACE_BATCH = 2
+CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # traced+frozen vs eager deploy model, on a batch of one
+
+
+@contextlib.contextmanager
+def quiet():
+    """torch 2.14 warns on every torch.jit call that TorchScript is deprecated; users need not see it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*torch.jit.*")
+        yield
+
+
+def default_precision(bundle: Bundle) -> str:
+    """FP16 for an FP16 bundle (meant for GPUs), else FP32 (TorchScript has no Q/DQ INT8 path here)."""
+    return "fp16" if bundle.precision == "fp16" else "fp32"
+
+
+def export_torchscript(model: torch.nn.Module, path: str | Path, frames: int, size: int,
+                       manifest: dict | None = None, precision: str = "fp32") -> dict:
+    """Trace `model` (uint8 (B, T, H, W, 3) → logits), freeze it and save it to `path` in one rename, with
+    `manifest` as the extra file `stexport.json`. The frozen module is checked against `model` on a batch size
+    other than the traced one. Returns a record of the export (embedded in the manifest too)."""
+    path = Path(path)
+    g = torch.Generator().manual_seed(0)
+    example = torch.randint(0, 256, (TRACE_BATCH, frames, size, size, 3), dtype=torch.uint8, generator=g)
+    probe = torch.randint(0, 256, (1, frames, size, size, 3), dtype=torch.uint8, generator=g)
+    model = model.eval()
+    with quiet(), torch.no_grad():
+        try:
+            frozen = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
+        except Exception as e:  # noqa: BLE001 - tracer failures are bugs or unsupported configs
+            raise StexportError(f"TorchScript trace failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        diff = (frozen(probe).float() - model(probe).float()).abs().max().item()
+    tol = CHECK_TOLERANCE.get(precision, CHECK_TOLERANCE["fp32"])
+    if not diff <= tol:  # also catches NaN
+        raise StexportError(f"the traced TorchScript module differs from the deploy model by {diff:.3g} "
+                            f"(> {tol:g}) at batch size 1; please report this model configuration")
+    record = {"file": path.name, "precision": precision, "frozen": True, "extra_file": EXTRA,
+              "input": {"dtype": "uint8", "layout": "BTHWC", "shape": [-1, frames, size, size, 3],
+                        "normalized_in_graph": True},
+              "output": {"dtype": "float32", "shape": [-1, "classes"]},
+              "trace_check_max_abs": diff, "torch": torch.__version__}
+    extra = {**(manifest or {}), "torchscript": record}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with quiet():
+            torch.jit.save(frozen, str(tmp), _extra_files={EXTRA: json.dumps(extra, indent=1)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return record
+
+
+def embedded_manifest(bundle: Bundle, precision: str) -> dict:
+    """What a host needs, without Python: the bundle's manifest with the class names, its input and precision
+    those of the .ts module (not the ONNX graph's), less the ONNX opset and the file hashes (which would
+    include the .ts itself)."""
+    from stexport.build import input_record
+
+    m = {k: v for k, v in bundle.manifest.items() if k not in ("files", "opset")}
+    m.update(precision=precision, input=input_record("uint8"), class_names=bundle.labels)
+    m["artifacts"] = {**m.get("artifacts", {}), "torchscript": FILE}
+    return m
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """The module (its constants placed on `device`) and its embedded manifest."""
+    path = Path(path)
+    extra = {EXTRA: ""}
+    try:
+        with quiet():
+            module = torch.jit.load(str(path), map_location=torch.device(device), _extra_files=extra)
+    except (RuntimeError, ValueError) as e:
+        raise StexportError(f"{path}: not a loadable TorchScript module ({str(e).splitlines()[0][:160]}); "
+                            "re-export it with `stexport export-torchscript BUNDLE --force`") from e
+    try:
+        manifest = json.loads(extra[EXTRA] or b"{}")
+    except json.JSONDecodeError as e:
+        raise StexportError(f"{path}: its embedded {EXTRA} is not JSON ({e}); re-export it with "
+                            "`stexport export-torchscript BUNDLE --force`") from e
+    return module.eval(), manifest
+
+
+def add_to_bundle(bundle: Bundle | str | Path, force: bool = False, precision: str | None = None,
+                  reference=None, pretrained: str | None = None) -> Bundle:
+    """Write `model.ts` into `bundle` and record it as artifacts['torchscript'] (plus a 'torchscript' section).
+
+    The reference is rebuilt from the bundle's deltas and backbone record (`pretrained` overrides where the
+    backbone weights are now), or given as `reference`. precision: fp32 or fp16; default: default_precision."""
+    from stexport.fold import fold
+    from stexport.loaders import reference_for_bundle
+
+    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    precision = precision or default_precision(b)
+    if precision not in PRECISIONS:
+        raise StexportError(f"--precision {precision}: TorchScript export takes {' or '.join(PRECISIONS)}")
+    if b.has("torchscript") and not force:
+        raise StexportError(f"{b.file('torchscript')}: already exported; pass --force to replace it")
+    ref = reference if reference is not None else reference_for_bundle(b, pretrained)
+    deploy = fold(ref, "uint8", compute_dtype=PRECISIONS[precision])
+    manifest = embedded_manifest(b, precision)
+    record = export_torchscript(deploy, b.path / FILE, b.frames, b.size, manifest, precision)
+    b.update(artifacts={"torchscript": FILE}, torchscript=record)
+    return b
