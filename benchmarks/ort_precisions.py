@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--eval-clips", type=int, default=8)
     ap.add_argument("--act", choices=["gelu", "quick_gelu"], default="gelu",
                     help="gelu: open_clip ViT-B-16; quick_gelu: ViT-B-16-quickgelu (OpenAI CLIP weights)")
-    ap.add_argument("--precisions", default="fp32,fp16,int8")
+    ap.add_argument("--precisions", default="fp32,fp16,int8,int8-attn",
+                    help="int8-attn: INT8 with the attention scores quantized too (build --int8-attention)")
     ap.add_argument("--work", default=None, help="where bundles go (default: a temp dir)")
     args = ap.parse_args()
 
@@ -73,8 +74,10 @@ def main() -> None:
     backends, fidelity = {}, {}
     for p in args.precisions.split(","):
         t = time.perf_counter()
-        b = build_bundle(sd, backbone=bb, precision=p, out=os.path.join(work, p), force=True,
-                         calib=smooth_clips(args.calib_clips, size, seed=3) if p == "int8" else None)
+        int8 = p.startswith("int8")
+        b = build_bundle(sd, backbone=bb, precision="int8" if int8 else p, out=os.path.join(work, p), force=True,
+                         calib=smooth_clips(args.calib_clips, size, seed=3) if int8 else None,
+                         int8_attention=p == "int8-attn")
         print(f"built {p} in {time.perf_counter() - t:.0f} s", flush=True)
         backends[f"ORT {p}"] = create("onnxruntime", b, threads=args.threads)
     with torch.inference_mode():
