@@ -7,7 +7,9 @@ import typer
 from stexport import __version__
 from stexport.cli import bench as bench_cmd
 from stexport.cli import build as build_cmd
+from stexport.cli import dump_clip as dump_clip_cmd
 from stexport.cli import engine as engine_cmd
+from stexport.cli import export_torchscript as export_torchscript_cmd
 from stexport.cli import infer as infer_cmd
 from stexport.cli import inspect as inspect_cmd
 from stexport.cli import verify as verify_cmd
@@ -22,7 +24,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (inspect_cmd, build_cmd, verify_cmd, engine_cmd, infer_cmd, bench_cmd):
+for module in (inspect_cmd, build_cmd, verify_cmd, engine_cmd, infer_cmd, bench_cmd, export_torchscript_cmd,
+               dump_clip_cmd):
     module.register(app)
 
 

@@ -21,6 +21,8 @@ Examples:
   stexport build --adapter demo.pt --backbone stexport-demo-vit --pretrained demo_vit.pt --force
 
   stexport build --adapter k400.pt --precision fp16 --engine    # + a TensorRT engine (now on a GPU host)
+
+  stexport build --adapter k400.pt --torchscript                # + model.ts for C++ hosts (examples/cpp)
 """
 
 
@@ -53,6 +55,8 @@ def build(
                                         "(q·kᵀ inputs; softmax stays float): a few % faster on CPU."),
     engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
+    torchscript: bool = typer.Option(False, "--torchscript", help="Also write model.ts, a frozen TorchScript "
+                                     "module for libtorch hosts (see `stexport export-torchscript`)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Build a bundle: load the CLIP backbone and the adapter deltas, fold them into a standard-operator
@@ -77,6 +81,10 @@ def build(
                      size=size, out=out, force=force, calib=calib, labels=labels, calib_clips=calib_clips,
                      calib_method=calib_method, input_format=input_format, int8_attention=int8_attention,
                      progress=True)
+    if torchscript:
+        from stexport.torchscript import add_to_bundle
+
+        add_to_bundle(b)
     engine_note = None
     if engine:
         from stexport.trt_engines.engine import build_or_defer
@@ -101,6 +109,9 @@ def build(
                    f"{c['quantized_layers']} layers quantized")
     if engine_note:
         typer.echo(f"  {engine_note}")
+    if torchscript:
+        typer.echo(f"  torchscript: {b.file('torchscript').name} ({b.manifest['torchscript']['precision']}) for "
+                   "libtorch hosts (examples/cpp)")
     typer.echo(f"next: stexport verify {b.path} --clips VIDEOS   |   stexport infer VIDEO -m {b.path}")
 
 

@@ -1,0 +1,91 @@
+"""`stexport dump-clip`: decode a video's clips exactly as `infer` does and write them to a file, for hosts
+without Python (the C++ example) or for comparing runtimes on identical input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from stexport.cli.common import handle_errors, print_json
+
+EXAMPLES = """
+Examples:
+
+  stexport dump-clip clip.mp4 -m BUNDLE -o clip.npy
+
+  stexport dump-clip clip.mp4 -m BUNDLE -o clip.npy --views 1x3 --rate 0
+
+  stexport dump-clip clip.mp4 -m BUNDLE -o clip.u8 --raw   # headerless bytes
+
+  stexport-host BUNDLE/model.ts clip.npy                   # examples/cpp
+"""
+
+
+def write_clips(clips, out: Path, raw: bool = False) -> None:
+    """.npy (or headerless with raw=True) written to a temporary sibling and renamed into place."""
+    import numpy as np
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if raw:
+                f.write(np.ascontiguousarray(clips).tobytes())
+            else:
+                np.save(f, np.ascontiguousarray(clips), allow_pickle=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@handle_errors
+def dump_clip(
+    video: str = typer.Argument(..., help="Video file, stream URL or camera index."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write (.npy unless --raw)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Bundle whose frames, size and sampling to use. "
+                               "Default: the newest bundle in $STEXPORT_HOME/bundles."),
+    views: str = typer.Option(None, "--views", help="TEMPORALxSPATIAL views, e.g. 3x1 or 1x3. Default: the "
+                              "bundle's."),
+    rate: int = typer.Option(None, "--rate", min=0, help="Take every N-th frame; 0 spreads the frames over the "
+                             "whole video. Default: the bundle's."),
+    raw: bool = typer.Option(False, "--raw", help="Write headerless bytes instead of .npy."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out file."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+):
+    """Decode VIDEO into the uint8 RGB clips a bundle's model takes and write them to --out.
+
+    The array is (V, T, S, S, 3): V views (spatial view outer, temporal view inner, as `infer` orders them),
+    T frames, S×S pixels, RGB, uint8, C order. The default file is NumPy's .npy format (a short text header
+    with dtype and shape, then the bytes: np.load reads it back); --raw writes only the V·T·S·S·3 bytes, which
+    a host reads knowing T and S from the bundle. The model normalises pixels itself: nothing else is needed
+    to run it.
+    """
+    from stexport.cli.infer import pick_bundle
+    from stexport.errors import StexportError
+    from stexport.video import Sampling, decode, with_views
+
+    if out.exists() and not force:
+        raise StexportError(f"{out}: already exists; pass --force to replace it, or choose another --out")
+    bundle = pick_bundle(model)
+    sampling = with_views(Sampling.from_manifest(bundle.manifest), views, rate)
+    decoded = decode(video, sampling)
+    for note in decoded.notes:
+        typer.echo(f"stexport: warning: {decoded.source}: {note}", err=True)
+    write_clips(decoded.clips, out, raw)
+    shape = list(decoded.clips.shape)
+    if as_json:
+        print_json({"path": str(out), "format": "raw" if raw else "npy", "dtype": "uint8",
+                    "layout": "VTHWC", "shape": shape, "bytes": out.stat().st_size, "bundle": str(bundle.path),
+                    "sampling": sampling.to_dict(), "frames_decoded": decoded.frames, "notes": decoded.notes})
+        return
+    v, t, s = shape[0], shape[1], shape[2]
+    typer.echo(f"wrote {out}: {v} view{'s' * (v != 1)} x {t} frames x {s}x{s} RGB, uint8 (V, T, S, S, 3)"
+               f"{', headerless' if raw else ''}, {out.stat().st_size / 1e6:.1f} MB  ({sampling.describe()})")
+    if bundle.has("torchscript"):
+        typer.echo(f"next: stexport-host {bundle.file('torchscript')} {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("dump-clip", epilog=EXAMPLES)(dump_clip)
