@@ -197,16 +197,19 @@ class OpenVINOBackend(Backend):
         self.queue.wait_all()
         return np.concatenate(out)
 
-    def compute_precisions(self) -> dict[str, int]:
-        """How many GEMM layers (FullyConnected, MatMul, fused attention subgraphs) run in each precision,
-        read from the compiled model itself."""
-        count: Counter = Counter()
+    def compute_precisions(self) -> tuple[dict[str, int], dict[str, int]]:
+        """How many GEMM layers (FullyConnected, MatMul, Convolution) and how many fused subgraphs (attention
+        blocks, elementwise chains) run in each precision, read from the compiled model itself."""
+        gemm: Counter = Counter()
+        fused: Counter = Counter()
         for op in self.compiled.get_runtime_model().get_ops():
             rt = op.get_rt_info()
             kind = rt["layerType"].astype(str)
-            if kind in ("FullyConnected", "MatMul", "Subgraph", "Convolution"):
-                count[rt["runtimePrecision"].astype(str)] += 1
-        return dict(sorted(count.items()))
+            if kind in ("FullyConnected", "MatMul", "Convolution"):
+                gemm[rt["runtimePrecision"].astype(str)] += 1
+            elif kind == "Subgraph":
+                fused[rt["runtimePrecision"].astype(str)] += 1
+        return dict(sorted(gemm.items())), dict(sorted(fused.items()))
 
     def describe(self) -> dict:
         import openvino.properties as props
@@ -214,12 +217,13 @@ class OpenVINOBackend(Backend):
 
         ov = import_openvino()
         c = self.compiled
+        gemm, fused = self.compute_precisions()
         return {"backend": self.name, "device": self.device,
                 "device_name": self.core.get_property(self.device, props.device.full_name),
                 "openvino": ov.get_version().split("-")[0],
                 "precision": self.bundle.precision,
                 "inference_precision": c.get_property(hints.inference_precision).to_string(),
-                "gemm_precisions": self.compute_precisions(),
+                "gemm_precisions": gemm, "subgraph_precisions": fused,
                 "hint": self.hint, "streams": self.streams,
                 "threads": int(c.get_property(props.inference_num_threads)) or "default",
                 "cache_dir": str(self.cache_dir) if self.cache_dir else None}
