@@ -110,8 +110,8 @@ def build(
     if engine_note:
         typer.echo(f"  {engine_note}")
     if torchscript:
-        typer.echo(f"  torchscript: {b.file('torchscript').name} ({b.manifest['torchscript']['precision']}) for "
-                   "libtorch hosts (examples/cpp)")
+        ts = b.manifest["torchscript"]
+        typer.echo(f"  torchscript: {ts['file']} ({ts['precision']}) for libtorch hosts (examples/cpp)")
     typer.echo(f"next: stexport verify {b.path} --clips VIDEOS   |   stexport infer VIDEO -m {b.path}")
 
 

@@ -48,8 +48,8 @@ def dump_clip(
                                "Default: the newest bundle in $STEXPORT_HOME/bundles."),
     views: str = typer.Option(None, "--views", help="TEMPORALxSPATIAL views, e.g. 3x1 or 1x3. Default: the "
                               "bundle's."),
-    rate: int = typer.Option(None, "--rate", min=0, help="Take every N-th frame; 0 spreads the frames over the "
-                             "whole video. Default: the bundle's."),
+    rate: int = typer.Option(None, "--rate", min=0, help="Take every N-th frame; 0 spreads the frames over "
+                             "the whole video. Default: the bundle's."),
     raw: bool = typer.Option(False, "--raw", help="Write headerless bytes instead of .npy."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out file."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
@@ -77,7 +77,8 @@ def dump_clip(
     shape = list(decoded.clips.shape)
     if as_json:
         print_json({"path": str(out), "format": "raw" if raw else "npy", "dtype": "uint8",
-                    "layout": "VTHWC", "shape": shape, "bytes": out.stat().st_size, "bundle": str(bundle.path),
+                    "layout": "VTHWC", "shape": shape, "bytes": out.stat().st_size,
+                    "bundle": str(bundle.path),
                     "sampling": sampling.to_dict(), "frames_decoded": decoded.frames, "notes": decoded.notes})
         return
     v, t, s = shape[0], shape[1], shape[2]

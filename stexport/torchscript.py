@@ -1,10 +1,10 @@
 """TorchScript export of the deploy model, for C++ hosts (libtorch) and the `torchscript` backend.
 
-The folded deploy model (stexport.fold) is traced on uint8 (B, T, H, W, 3) RGB clips and frozen (weights become
-constants; frozen-graph optimisations run), so a host feeds decoded frames as they are and gets float32 logits
-(B, classes); the batch size is free, frames and size are fixed. The bundle's manifest travels inside the file as
-the extra file `stexport.json`, with the class names added, so a C++ host needs nothing else: libtorch reads it
-with `torch::jit::load(path, device, extra_files)`.
+The folded deploy model (stexport.fold) is traced on uint8 (B, T, H, W, 3) RGB clips and frozen (weights
+become constants; frozen-graph optimisations run), so a host feeds decoded frames as they are and gets
+float32 logits (B, classes); the batch size is free, frames and size are fixed. The bundle's manifest travels
+inside the file as the extra file `stexport.json`, with the class names added, so a C++ host needs nothing
+else: libtorch reads it with `torch::jit::load(path, device, extra_files)`.
 
 `torch.jit.optimize_for_inference` is not applied: its output saves but fails to load (torch 2.14). torch 2.14
 marks torch.jit deprecated; its warnings are silenced here. AOTInductor (`torch.export` +
@@ -60,7 +60,8 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, frames: int, si
         try:
             frozen = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
         except Exception as e:  # noqa: BLE001 - tracer failures are bugs or unsupported configs
-            raise StexportError(f"TorchScript trace failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            why = str(e).splitlines()[0][:200] if str(e) else ""
+            raise StexportError(f"TorchScript trace failed ({type(e).__name__}: {why})") from e
         diff = (frozen(probe).float() - model(probe).float()).abs().max().item()
     tol = CHECK_TOLERANCE.get(precision, CHECK_TOLERANCE["fp32"])
     if not diff <= tol:  # also catches NaN
@@ -114,10 +115,11 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.ji
 
 def add_to_bundle(bundle: Bundle | str | Path, force: bool = False, precision: str | None = None,
                   reference=None, pretrained: str | None = None) -> Bundle:
-    """Write `model.ts` into `bundle` and record it as artifacts['torchscript'] (plus a 'torchscript' section).
+    """Write `model.ts` into `bundle`; record it as artifacts['torchscript'] and a 'torchscript' section.
 
     The reference is rebuilt from the bundle's deltas and backbone record (`pretrained` overrides where the
-    backbone weights are now), or given as `reference`. precision: fp32 or fp16; default: default_precision."""
+    backbone weights are now), or given as `reference`. precision: fp32 or fp16 (default: default_precision).
+    """
     from stexport.fold import fold
     from stexport.loaders import reference_for_bundle
 

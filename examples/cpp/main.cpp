@@ -1,4 +1,4 @@
-// stexport-host: run a stexport TorchScript module (BUNDLE/model.ts) on a clip from C++ and print the top classes.
+// stexport-host: run a stexport TorchScript module (BUNDLE/model.ts) on a clip and print the top classes.
 //
 //   stexport-host MODEL.ts CLIP [--top-k K] [--device auto|cpu|cuda] [--threads N] [--logits]
 //
@@ -7,8 +7,9 @@
 // V·T·S·S·3 bytes in that order works too. Like `stexport infer`, each view's logits go through a softmax and
 // the views are averaged. --logits also prints every view's raw logits (one line each).
 //
-// The module takes the clips as they are (normalisation is inside it) and returns float32 logits (V, classes).
-// Labels, frames and size come from the manifest stexport embeds in the .ts file (extra file "stexport.json").
+// The module takes the clips as they are (normalisation is inside it) and returns float32 logits
+// (V, classes). Labels, frames and size come from the manifest stexport embeds in the .ts file (the extra
+// file "stexport.json").
 
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
@@ -77,6 +78,11 @@ Args parse_args(int argc, char** argv) {
   return a;
 }
 
+std::string clip_shape(std::int64_t frames, std::int64_t size) {
+  const auto t = std::to_string(frames), s = std::to_string(size);
+  return "(V, " + t + ", " + s + ", " + s + ", 3)";
+}
+
 std::string read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw std::runtime_error(path + ": cannot open");
@@ -108,7 +114,7 @@ std::vector<std::int64_t> read_clip(const std::string& path, std::int64_t frames
     std::string header = data.substr(start, len);
     std::string descr = npy_field(header, "descr", path);
     if (descr != "'|u1'" && descr != "'<u1'" && descr != "'u1'")
-      throw std::runtime_error(path + ": holds " + descr + ", not uint8 clips (write it with stexport dump-clip)");
+      throw std::runtime_error(path + ": holds " + descr + ", not uint8 clips (see stexport dump-clip)");
     if (npy_field(header, "fortran_order", path) != "False")
       throw std::runtime_error(path + ": Fortran-ordered array; save a C-contiguous one");
     std::string dims = npy_field(header, "shape", path);
@@ -124,15 +130,15 @@ std::vector<std::int64_t> read_clip(const std::string& path, std::int64_t frames
     data.erase(0, start + len);
     if (shape.size() == 4) shape.insert(shape.begin(), 1);
   } else {
-    if (data.empty() || data.size() % per_view != 0)
-      throw std::runtime_error(path + ": " + std::to_string(data.size()) + " bytes is not a whole number of " +
-                               std::to_string(frames) + "x" + std::to_string(size) + "x" + std::to_string(size) +
-                               "x3 uint8 clips");
+    if (data.empty() || data.size() % per_view != 0) {
+      const auto t = std::to_string(frames), s = std::to_string(size);
+      throw std::runtime_error(path + ": " + std::to_string(data.size()) + " bytes is not a whole number " +
+                               "of " + t + "x" + s + "x" + s + "x3 uint8 clips");
+    }
     shape = {static_cast<std::int64_t>(data.size()) / per_view, frames, size, size, 3};
   }
   if (shape.size() != 5 || shape[1] != frames || shape[2] != size || shape[3] != size || shape[4] != 3)
-    throw std::runtime_error(path + ": clips must be (V, " + std::to_string(frames) + ", " + std::to_string(size) +
-                             ", " + std::to_string(size) + ", 3) uint8 for this model");
+    throw std::runtime_error(path + ": clips must be " + clip_shape(frames, size) + " uint8 for this model");
   if (static_cast<std::int64_t>(data.size()) != shape[0] * per_view)
     throw std::runtime_error(path + ": file size does not match its .npy shape");
   return shape;
@@ -168,7 +174,7 @@ int main(int argc, char** argv) {
     }
     module.eval();
     if (extra["stexport.json"].empty())
-      throw std::runtime_error(args.model + ": no embedded stexport.json (export it with stexport export-torchscript)");
+      throw std::runtime_error(args.model + ": no embedded stexport.json; export it with stexport");
     const mini_json::Value manifest = mini_json::parse(extra["stexport.json"]);
     const std::int64_t frames = manifest["frames"].as_int(), size = manifest["size"].as_int();
     std::vector<std::string> labels;
@@ -181,10 +187,11 @@ int main(int argc, char** argv) {
     torch::InferenceMode guard;
     const auto start = std::chrono::steady_clock::now();
     torch::Tensor logits = module.forward({clips}).toTensor().to(torch::kCPU, torch::kFloat).contiguous();
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-    if (logits.dim() != 2 || logits.size(0) != shape[0] || logits.size(1) != static_cast<std::int64_t>(labels.size()))
-      throw std::runtime_error("the module returned logits of shape " + c10::str(logits.sizes()) + ", expected (" +
-                               std::to_string(shape[0]) + ", " + std::to_string(labels.size()) + ")");
+    const std::chrono::duration<double, std::milli> ms = std::chrono::steady_clock::now() - start;
+    const auto classes = static_cast<std::int64_t>(labels.size());
+    if (logits.dim() != 2 || logits.size(0) != shape[0] || logits.size(1) != classes)
+      throw std::runtime_error("the module returned logits of shape " + c10::str(logits.sizes()) + ", not (" +
+                               std::to_string(shape[0]) + ", " + std::to_string(classes) + ")");
     torch::Tensor probs = torch::softmax(logits.to(torch::kDouble), 1).mean(0);
 
     std::string precision = manifest.has("precision") ? manifest["precision"].as_string() : "fp32";
@@ -193,7 +200,7 @@ int main(int argc, char** argv) {
                 static_cast<long long>(frames), static_cast<long long>(size), labels.size(),
                 device.str().c_str());
     std::printf("%s  (%lld view%s; model %.1f ms)\n", args.clip.c_str(), static_cast<long long>(shape[0]),
-                shape[0] == 1 ? "" : "s", ms);
+                shape[0] == 1 ? "" : "s", ms.count());
     std::vector<std::int64_t> order(labels.size());
     std::iota(order.begin(), order.end(), 0);
     const auto* p = probs.data_ptr<double>();

@@ -36,8 +36,8 @@ class TorchScriptBackend(Backend):
         self.module, embedded = load(path, self.device)
         record = embedded.get("torchscript")
         if not record:
-            raise StexportError(f"{path}: has no stexport record (not exported by stexport); re-export it with "
-                                f"`stexport export-torchscript {bundle.path} --force`")
+            raise StexportError(f"{path}: has no stexport record (not exported by stexport); re-export it "
+                                f"with `stexport export-torchscript {bundle.path} --force`")
         shape = record.get("input", {}).get("shape", [])
         if shape[1:4] != [bundle.frames, bundle.size, bundle.size]:
             raise StexportError(f"{path}: made for clips of shape {shape}, not the bundle's {bundle.frames} "
