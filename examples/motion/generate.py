@@ -121,8 +121,8 @@ def background(rng, size: int = SIZE) -> np.ndarray:
     """A smooth low-contrast colour field (3×3 random cells upscaled), float32 BGR."""
     import cv2
 
-    base = rng.uniform(70, 170)
-    cells = np.clip(base + rng.uniform(-35, 35, (3, 3, 3)), 0, 255).astype(np.float32)
+    base = rng.uniform(60, 190) + rng.uniform(-12, 12, 3)
+    cells = np.clip(base + rng.uniform(-18, 18, (3, 3, 3)), 0, 255).astype(np.float32)
     return cv2.resize(cells, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
