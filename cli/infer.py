@@ -107,7 +107,7 @@ each window is sampled like a whole video of its length.
     """
     from tqdm import tqdm
 
-    from stexport.classify import Classifier
+    from stexport.classify import Classifier, Failure
     from stexport.errors import StexportError
     from stexport.video import Sampling, VideoError, with_views
 
@@ -135,7 +135,7 @@ each window is sampled like a whole video of its length.
 
         def report(item) -> None:
             nonlocal failed
-            if hasattr(item, "error"):
+            if isinstance(item, Failure):
                 failed += 1
                 err(f"stexport: error: {item.error}")
                 if as_json:
@@ -150,8 +150,6 @@ each window is sampled like a whole video of its length.
                 report(item)
                 bar.update()
         else:
-            from stexport.classify import Failure
-
             for source in sources:
                 if not as_json:
                     out(f"{source}  (windows of {window:g} s every {stride or window:g} s, "

@@ -21,7 +21,7 @@ from stexport import backends
 from stexport.bundle import Bundle
 from stexport.errors import StexportError
 from stexport.labels import resolve_labels
-from stexport.video import Sampling, decode, decode_windows
+from stexport.video import Sampling, VideoError, decode, decode_windows
 
 DECODE_THREADS = 1  # beside inference, single-threaded FFmpeg decoding costs the least CPU
 
@@ -145,8 +145,10 @@ class Classifier:
 
         tasks = ((source, lambda it=it: it) for it in items())
         for _, item in _prefetched(tasks, prefetch):
-            if isinstance(item, Exception):
+            if isinstance(item, StexportError):
                 raise item
+            if isinstance(item, Exception):
+                raise VideoError(_message(source, item)) from item
             w, decode_s = item
             yield self._result(str(source), w.clips, w.frames, decode_s, [], w.start, w.end)
 
