@@ -20,6 +20,8 @@ Examples:
 
   stexport build --adapter demo.pt --backbone stexport-demo-vit --pretrained demo_vit.pt --force
 
+  stexport build --adapter ssv2.pt --views 1x3 --rate 0         # sampling infer/verify use by default
+
   stexport build --adapter k400.pt --precision fp16 --engine    # + a TensorRT engine (now on a GPU host)
 
   stexport build --adapter k400.pt --torchscript                # + model.ts for C++ hosts (examples/cpp)
@@ -44,6 +46,10 @@ def build(
                                     "choice)."),
     calib_method: str = typer.Option("minmax", "--calib-method",
                                      help="minmax, percentile (99.999) or entropy."),
+    views: str = typer.Option(None, "--views", help="Default TEMPORALxSPATIAL views for infer/verify, e.g. 3x1 "
+                              "(Kinetics) or 1x3 (SSv2). Default: from the adapter's layout."),
+    rate: int = typer.Option(None, "--rate", min=0, help="Default frame step for infer/verify; 0 spreads the "
+                             "frames over the whole video."),
     labels: Path = typer.Option(None, "--labels", help="Class names, one per line (default: Kinetics-400 for "
                                 "400 classes, SSv2 for 174, else class_i)."),
     out: Path = typer.Option(None, "--out", "-o",
@@ -75,12 +81,20 @@ def build(
 
     if input_format not in INPUT_FORMATS:
         raise StexportError(f"--input {input_format}: choose one of {', '.join(INPUT_FORMATS)}")
+    sampling = {} if rate is None else {"rate": rate}
+    if views:
+        from stexport.video import parse_views
+
+        sampling["temporal_views"], sampling["spatial_views"] = parse_views(views)
+        if sampling["spatial_views"] not in (1, 3):
+            raise StexportError(f"--views {views}: spatial views are 1 (center crop) or 3 (crops along the "
+                                "long side)")
     if calib is not None and not calib.exists():
         raise StexportError(f"{calib}: no such clip list or directory (--calib)")
     b = build_bundle(adapter, backbone=backbone, pretrained=pretrained, precision=precision, frames=frames,
                      size=size, out=out, force=force, calib=calib, labels=labels, calib_clips=calib_clips,
                      calib_method=calib_method, input_format=input_format, int8_attention=int8_attention,
-                     progress=True)
+                     sampling=sampling or None, progress=True)
     if torchscript:
         from stexport.torchscript import add_to_bundle
 

@@ -83,8 +83,8 @@ def infer(
     rate: int = typer.Option(None, "--rate", min=0, help="Take every N-th frame; 0 spreads the frames over "
                              "the whole video (or window). Default: the bundle's."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto (a TensorRT engine for this GPU, else "
-                                "ONNX Runtime on GPU, else on CPU) or a backend name: onnxruntime, tensorrt, "
-                                "torchscript, torch."),
+                                "OpenVINO on an x86-64 CPU, else ONNX Runtime) or a backend name: openvino, "
+                                "onnxruntime, tensorrt, torchscript, torch."),
     labels: Path = typer.Option(None, "--labels", help="Class names, one per line, in class order "
                                 "(overrides the bundle's)."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the backend."),

@@ -103,6 +103,8 @@ def parse_views(text: str) -> tuple[int, int]:
         t, s = (int(x) for x in text.lower().split("x"))
     except ValueError:
         raise StexportError(f"--views '{text}': write TEMPORALxSPATIAL, e.g. 3x1 or 1x3") from None
+    if t < 1 or s < 1:
+        raise StexportError(f"--views '{text}': both counts must be at least 1, e.g. 3x1 or 1x3")
     return t, s
 
 

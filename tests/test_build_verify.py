@@ -93,6 +93,17 @@ def test_build_refuses_to_clobber_and_force_replaces(tiny_adapter, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary directories left behind
 
 
+def test_build_records_views_and_rate_for_infer(tiny_adapter, tmp_path):
+    base = ["build", "--adapter", tiny_adapter, "--backbone", TINY, "--pretrained", "none"]
+    r = cli(*base, "--views", "1x3", "--rate", "0", "--out", tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.output
+    assert Bundle.load(tmp_path / "b").manifest["sampling"] == {"rate": 0, "temporal_views": 1, "spatial_views": 3}
+    for bad, why in (("2x2", "spatial views are 1"), ("3by1", "TEMPORALxSPATIAL"), ("0x1", "at least 1")):
+        r = cli(*base, "--views", bad, "--out", tmp_path / bad)
+        assert r.exit_code == 2 and why in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / bad).exists()
+
+
 def test_failed_build_leaves_nothing(tiny_adapter, tmp_path):
     with pytest.raises(StexportError, match="--size 64"):
         build_bundle(tiny_adapter, backbone=TINY, pretrained="none", size=64, out=tmp_path / "b")
