@@ -34,12 +34,12 @@ def model_hash(proto: onnx.ModelProto) -> str:
 
 
 def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling, method: str,
-            input_format: str = "uint8", workdir: Path | None = None,
+            input_spec: dict | None = None, workdir: Path | None = None,
             progress: bool = False) -> dict[str, float]:
     """Run the FP32 graph on every calibration clip with `tensors` as extra outputs; their thresholds."""
     import onnxruntime as ort
 
-    from stexport.backends.ort import feed
+    from stexport.backends.base import feed
 
     aug = onnx.ModelProto()
     aug.CopyFrom(proto)
@@ -62,13 +62,13 @@ def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling
     ranges = RangeCollector(method)
     for views in tqdm(batches(clips, sampling), total=len(clips), desc="calibrate", unit="clip",
                       disable=None if progress else True, leave=False):
-        outs = session.run(None, {inp: feed(views, input_format)})
+        outs = session.run(None, {inp: feed(views, input_spec or {})})
         ranges.add({n: o for n, o in zip(names, outs) if n in tensors})
     return ranges.amax()
 
 
 def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampling: dict, clips: int = 32,
-                          method: str = "minmax", seed: int = 0, input_format: str = "uint8",
+                          method: str = "minmax", seed: int = 0, input_spec: dict | None = None,
                           progress: bool = False, external_data: bool | None = None, use_cache: bool = True,
                           on_calibrated=None, attention: bool = False) -> dict:
     """Rewrite the FP32 graph at `onnx_path` as INT8 Q/DQ in place; returns the manifest's `calibration`."""
@@ -100,7 +100,7 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
         except (OSError, ValueError, KeyError):
             log.warning("%s: unreadable calibration cache entry; recalibrating", cache)
     if amax is None:
-        amax = collect(proto, tensors, chosen, view, method, input_format, onnx_path.parent, progress)
+        amax = collect(proto, tensors, chosen, view, method, input_spec, onnx_path.parent, progress)
         if use_cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
             videos = [str(v) for v in chosen.videos]

@@ -135,8 +135,8 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
                 step("calibrate")
                 calibration = quantize_bundle_model(
                     onnx_path, calib, frames=frames, size=size, sampling=views, clips=calib_clips,
-                    method=calib_method, seed=calib_seed, input_format=input_format, progress=progress,
-                    external_data=external_data, on_calibrated=lambda: step("quantize"),
+                    method=calib_method, seed=calib_seed, input_spec=input_record(input_format),
+                    progress=progress, external_data=external_data, on_calibrated=lambda: step("quantize"),
                     attention=int8_attention)
                 bar.update(2)
             step("write")

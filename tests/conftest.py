@@ -38,7 +38,7 @@ def make_video(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A tiny built bundle (issue 3). Reuse it wherever a real bundle is needed; never modify it in place.
+# A tiny built bundle. Reuse it wherever a real bundle is needed; never modify it in place.
 
 TINY_ADAPTER = {"width": 32, "kernel": (3, 1, 1), "num_classes": 10, "pre_attn": False, "pre_mlp": True,
                 "seed": 0}

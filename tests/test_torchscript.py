@@ -1,4 +1,4 @@
-"""TorchScript export (issue 7): the frozen module equals the reference, carries the manifest, runs as a
+"""TorchScript export: the frozen module equals the reference, carries the manifest, runs as a
 backend, and the C++ host in examples/cpp builds here and prints the same logits."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import logging
 
 import numpy as np
 
-from stexport.backends.base import Backend
+from stexport.backends.base import Backend, feed
 from stexport.errors import StexportError
 from stexport.trt_engines.build import import_tensorrt, last_error, logger_for
 from stexport.trt_engines.cache import ensure_engine, onnx_identity, records
@@ -38,10 +38,7 @@ def engine_input(clips: np.ndarray, manifest: dict, dtype: np.dtype) -> np.ndarr
             raise StexportError(f"the engine takes {dtype} input but the bundle says uint8; "
                                 "rebuild the engine with `stexport engine BUNDLE --force`")
         return clips
-    mean = np.asarray(inp["mean"], np.float32).reshape(1, 1, 3, 1, 1)
-    std = np.asarray(inp["std"], np.float32).reshape(1, 1, 3, 1, 1)
-    x = clips.transpose(0, 1, 4, 2, 3).astype(np.float32) / 255.0
-    return np.ascontiguousarray(((x - mean) / std).astype(dtype, copy=False))
+    return feed(clips, inp).astype(dtype, copy=False)
 
 
 def io_names(inputs: list[str], outputs: list[str], manifest: dict) -> tuple[str, str]:

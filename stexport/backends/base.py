@@ -9,6 +9,16 @@ import numpy as np
 from stexport.bundle import Bundle
 
 
+def feed(clips: np.ndarray, spec: dict) -> np.ndarray:
+    """uint8 (B, T, H, W, 3) clips → what the graph takes, per the manifest's "input" record `spec`: unchanged
+    for uint8 graphs, else float (B, T, 3, H, W) normalised host-side with the recorded mean/std."""
+    if spec.get("dtype", "uint8") == "uint8":
+        return np.ascontiguousarray(clips)
+    mean = np.asarray(spec["mean"], np.float32).reshape(1, 1, 3, 1, 1)
+    std = np.asarray(spec["std"], np.float32).reshape(1, 1, 3, 1, 1)
+    return np.ascontiguousarray((clips.transpose(0, 1, 4, 2, 3).astype(np.float32) / 255.0 - mean) / std)
+
+
 class Backend(ABC):
     """Runs a bundle: uint8 RGB clips (B, T, H, W, 3) in, float32 logits (B, classes) out."""
 

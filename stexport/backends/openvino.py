@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stexport.backends.base import Backend
+from stexport.backends.base import Backend, feed
 from stexport.errors import StexportError
 
 log = logging.getLogger("stexport")
@@ -157,8 +157,7 @@ class OpenVINOBackend(Backend):
         self.streams = int(self.compiled.get_property(props.optimal_number_of_infer_requests))
         self.queue = None
         self.hint, self.threads = hint, threads
-        inp = bundle.manifest.get("input", {})
-        self.input_format = "uint8" if inp.get("dtype", "uint8") == "uint8" else "float"
+        self.input = bundle.manifest.get("input", {})
 
     @classmethod
     def usable(cls, bundle) -> bool:
@@ -170,11 +169,7 @@ class OpenVINOBackend(Backend):
             return False
 
     def run(self, clips: np.ndarray) -> np.ndarray:
-        x = self.check_input(clips)
-        if self.input_format != "uint8":
-            from stexport.backends.ort import feed  # imports torch (for the CLIP constants): only when needed
-
-            x = feed(x, self.input_format)
+        x = feed(self.check_input(clips), self.input)
         if self.streams > 1 and len(x) > 1:
             return self._run_streams(x)
         return np.array(self.request.infer({0: x}, share_inputs=True)[0], dtype=np.float32)

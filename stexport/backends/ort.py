@@ -10,24 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from stexport.backends.base import Backend
+from stexport.backends.base import Backend, feed
 from stexport.errors import StexportError
-from stexport.reference import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger("stexport")
 
 LEVELS = ("disable", "basic", "extended", "all")
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
-
-
-def feed(clips: np.ndarray, input_format: str = "uint8") -> np.ndarray:
-    """uint8 (B, T, H, W, 3) clips → what the graph takes: unchanged for uint8 graphs, else normalised float
-    (B, T, 3, H, W) computed host-side."""
-    if input_format == "uint8":
-        return np.ascontiguousarray(clips)
-    mean = np.asarray(CLIP_MEAN, np.float32).reshape(1, 1, 3, 1, 1)
-    std = np.asarray(CLIP_STD, np.float32).reshape(1, 1, 3, 1, 1)
-    return np.ascontiguousarray((clips.transpose(0, 1, 4, 2, 3).astype(np.float32) / 255.0 - mean) / std)
 
 
 def gpu_visible() -> bool:
@@ -89,9 +78,8 @@ class OrtBackend(Backend):
         except Exception as e:  # noqa: BLE001
             raise StexportError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); "
                                 "rebuild the bundle with `stexport build --force`") from e
-        inp = bundle.manifest.get("input", {})
-        self.input_name = inp.get("name", "frames")
-        self.input_format = "uint8" if inp.get("dtype", "uint8") == "uint8" else "float"
+        self.input = bundle.manifest.get("input", {})
+        self.input_name = self.input.get("name", "frames")
 
     @classmethod
     def usable(cls, bundle) -> bool:
@@ -102,7 +90,7 @@ class OrtBackend(Backend):
         return bundle.has("onnx")
 
     def run(self, clips: np.ndarray) -> np.ndarray:
-        x = feed(self.check_input(clips), self.input_format)
+        x = feed(self.check_input(clips), self.input)
         return self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
 
     def describe(self) -> dict:
