@@ -17,11 +17,14 @@ clips every step. Writes motion_adapter.pt in the official checkpoint layout (op
 Every clip, in training as in evaluation, is rendered by generate.py, encoded to an MPEG-4 file and decoded
 by stexport.video.decode_clips with the demo's sampling (8 frames evenly over the whole video, one 96 px view).
 
-    python examples/motion/train.py --out examples/motion                       # both stages, as shipped
-    python examples/motion/train.py --skip-stage1 --kernel 1 --out runs/k1      # ablation: no temporal kernel
-    python examples/motion/train.py --skip-stage1 --probe --out runs/probe      # ablation: head only
+    python examples/motion/train.py --out examples/motion          # both stages (the shipped backbone: stage 1)
+    python examples/motion/train.py --skip-stage1 --out examples/motion   # stage 2 only: the shipped adapter
+    B="--skip-stage1 --backbone examples/motion/backbone.safetensors"
+    python examples/motion/train.py $B --kernel 1 --out runs/k1    # ablation: no temporal kernel
+    python examples/motion/train.py $B --probe --out runs/probe    # ablation: head only
 
-Takes most of an hour on 2 CPU cores; not part of CI.
+Stage 2 with the defaults (1000 steps of 36 clips, lr 3e-3) takes about 30 min on 2 CPU cores (two runs side by
+side, one thread each) and reached 98.9% top-1 on the val split; not part of CI.
 """
 
 from __future__ import annotations
