@@ -208,11 +208,17 @@ def demo_accuracy(work: Path, count: int, model: Path = DEMO) -> tuple[dict, str
                                calib=data / "train.txt" if p.startswith("int8") else None, calib_clips=64,
                                int8_attention=p == "int8att", labels=data / "labels.txt")
                for p in ("fp32", "fp16", "int8", "int8att")}
+    if "torchscript" in REGISTRY:
+        from stexport.torchscript import add_to_bundle
+
+        add_to_bundle(bundles["fp32"], pretrained=str(backbone))
     for name, p, opts in DEMO_RUNS:
         if name not in REGISTRY:
             continue
         try:
-            gate = replace(GATES["fp16"], max_accuracy_drop=0.5) if p == "fp16" else None  # the demo's gate
+            # FP16 and BF16-run float bundles: the demo's reduced-precision gate (≥99% agreement, ≤0.5 pt drop)
+            reduced = p == "fp16" or (p == "fp32" and opts.get("precision") == "bf16")
+            gate = replace(GATES["fp16"], max_accuracy_drop=0.5) if reduced else None
             report = verify(bundles[p], data / "val.txt", backend=name, gate=gate, **opts)
             out[(name, p, opts.get("precision", ""))] = report
         except Exception as e:
@@ -290,7 +296,8 @@ def accuracy_cell(acc: dict, kind: str, bundle_precision: str, options: dict) ->
     a = m.get("accuracy")
     top1 = f"top-1 {a['backend_top1']:.1f}% (Δ {a['top1_difference']:+.1f}), " if a else ""
     failed = [f"{c['check']} {c['value']:.3g} (limit {c['limit']})" for c in r["checks"] if not c["passed"]]
-    verdict = f"{r['precision']} gate " + ("pass" if r["passed"] else "FAIL: " + "; ".join(failed))
+    bf16 = bundle_precision == "fp32" and options.get("precision") == "bf16"
+    verdict = ("bf16 run, fp16 gate " if bf16 else f"{r['precision']} gate ") + ("pass" if r["passed"] else "FAIL: " + "; ".join(failed))
     return f"{top1}agree {100 * m['top1_agreement']:.1f}%, max abs Δ {m['max_abs']:.2g}; {verdict}"
 
 
