@@ -86,9 +86,6 @@ def build(
         from stexport.video import parse_views
 
         sampling["temporal_views"], sampling["spatial_views"] = parse_views(views)
-        if sampling["spatial_views"] not in (1, 3):
-            raise StexportError(f"--views {views}: spatial views are 1 (center crop) or 3 (crops along the "
-                                "long side)")
     if calib is not None and not calib.exists():
         raise StexportError(f"{calib}: no such clip list or directory (--calib)")
     b = build_bundle(adapter, backbone=backbone, pretrained=pretrained, precision=precision, frames=frames,

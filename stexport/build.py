@@ -23,6 +23,7 @@ from stexport.fold import fold
 from stexport.labels import resolve_labels
 from stexport.loaders import backbone_record
 from stexport.reference import CLIP_MEAN, CLIP_STD, build_reference
+from stexport.video import Sampling
 
 log = logging.getLogger("stexport")
 
@@ -114,6 +115,7 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
                                 f"positional embedding is fixed; use --size {bb.config.image_size}")
         names, labels_source = resolve_labels(str(labels) if labels else None, deltas.spec.num_classes)
         views = {**default_sampling(deltas.spec), **(sampling or {})}
+        Sampling(frames=frames, size=size, **views)  # refuse what infer would refuse, before any work
         name = bundle_name(deltas.path or adapter, bb.name, precision, frames, size)
         out = Path(out) if out else default_home() / name
         ref = build_reference(bb, deltas)

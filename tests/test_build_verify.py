@@ -98,10 +98,13 @@ def test_build_records_views_and_rate_for_infer(tiny_adapter, tmp_path):
     r = cli(*base, "--views", "1x3", "--rate", "0", "--out", tmp_path / "b", "--json")
     assert r.exit_code == 0, r.output
     assert Bundle.load(tmp_path / "b").manifest["sampling"] == {"rate": 0, "temporal_views": 1, "spatial_views": 3}
-    for bad, why in (("2x2", "spatial views are 1"), ("3by1", "TEMPORALxSPATIAL"), ("0x1", "at least 1")):
-        r = cli(*base, "--views", bad, "--out", tmp_path / bad)
+    for i, (bad_args, why) in enumerate(((["--views", "2x2"], "2 spatial views: use 1"),
+                                    (["--views", "3by1"], "TEMPORALxSPATIAL"), (["--views", "0x1"], "at least 1"),
+                                    (["--rate", "0"], "temporal views with rate 0"))):
+        out = tmp_path / f"bad{i}"
+        r = cli(*base, *bad_args, "--out", out)
         assert r.exit_code == 2 and why in r.output and len(r.output.strip().splitlines()) == 1, r.output
-        assert not (tmp_path / bad).exists()
+        assert not out.exists()
 
 
 def test_failed_build_leaves_nothing(tiny_adapter, tmp_path):
