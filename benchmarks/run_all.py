@@ -297,7 +297,8 @@ def accuracy_cell(acc: dict, kind: str, bundle_precision: str, options: dict) ->
     top1 = f"top-1 {a['backend_top1']:.1f}% (Δ {a['top1_difference']:+.1f}), " if a else ""
     failed = [f"{c['check']} {c['value']:.3g} (limit {c['limit']})" for c in r["checks"] if not c["passed"]]
     bf16 = bundle_precision == "fp32" and options.get("precision") == "bf16"
-    verdict = ("bf16 run, fp16 gate " if bf16 else f"{r['precision']} gate ") + ("pass" if r["passed"] else "FAIL: " + "; ".join(failed))
+    verdict = ("bf16 run, fp16 gate " if bf16 else f"{r['precision']} gate ") + (
+        "pass" if r["passed"] else "FAIL: " + "; ".join(failed))
     return f"{top1}agree {100 * m['top1_agreement']:.1f}%, max abs Δ {m['max_abs']:.2g}; {verdict}"
 
 

@@ -22,16 +22,11 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import generate as gen
-from train import BACKBONE, load_eval_set
+from train import BACKBONE, load_eval_set, predict
 
 from stexport.backbone import load_backbone
 from stexport.deltas import load_deltas
-from stexport.reference import build_reference, normalize
-
-
-@torch.no_grad()
-def predict(model, clips: torch.Tensor, batch: int = 27) -> np.ndarray:
-    return torch.cat([model(normalize(clips[i:i + batch])).argmax(1) for i in range(0, len(clips), batch)]).numpy()
+from stexport.reference import build_reference
 
 
 def confusion(pred: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -215,12 +215,17 @@ def load_eval_set(list_path: Path) -> tuple[torch.Tensor, np.ndarray]:
 
 
 @torch.no_grad()
-def evaluate(model: STAdapterViT, clips: torch.Tensor, labels: np.ndarray, batch: int = 27) -> float:
+def predict(model: STAdapterViT, clips: torch.Tensor, batch: int = 27) -> np.ndarray:
+    """Top-1 class of each uint8 clip, in eval mode (the model's mode is restored)."""
     was = model.training
     model.eval()
     pred = torch.cat([model(normalize(clips[i:i + batch])).argmax(1) for i in range(0, len(clips), batch)])
     model.train(was)
-    return float((pred.numpy() == labels).mean())
+    return pred.numpy()
+
+
+def evaluate(model: STAdapterViT, clips: torch.Tensor, labels: np.ndarray) -> float:
+    return float((predict(model, clips) == labels).mean())
 
 
 def train_adapters(out: Path, backbone: Path, name: str, steps: int, batch: int, lr: float, kernel: int,
