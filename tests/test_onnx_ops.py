@@ -71,14 +71,22 @@ def test_qdq_zero_points_zero_weights_per_output_channel(onnx_variants, variant)
         assert axis == (0 if trans_b else 1)  # the output-channel axis
         assert numpy_helper.to_array(inits[dq.input[1]]).shape == (w.shape[axis],)
         assert gemm.input[1] == dq.output[0]
+    made = {o: n for n in model.graph.node for o in n.output}
     if bundle.manifest["calibration"]["attention_scores_int8"]:
         scores = [n for n in model.graph.node if n.name.endswith(".attn.scores")]
-        assert scores and all(consumers_of_dq(i, qdq) for n in scores for i in n.input)
+        assert scores and all(consumers_of_dq(n.input[0], qdq) for n in scores)
+        for n in scores:  # kᵀ: Q/DQ sit before the last-two-axes Transpose, which feeds the MatMul directly
+            kt = made[n.input[1]]
+            assert kt.op_type == "Transpose" and list(kt.attribute[0].ints) == [0, 1, 3, 2]
+            assert consumers_of_dq(kt.input[0], qdq)
     acts = [n for n in qdq if n.op_type == "QuantizeLinear"]
     for q in acts:  # per-tensor activations, only into GEMM inputs; LayerNorm/Softmax stay float
         assert numpy_helper.to_array(inits[q.input[1]]).shape == ()
         (dq,) = consumers[q.output[0]]
-        assert {c.op_type for c in consumers[dq.output[0]]} <= {"Gemm", "MatMul"}
+        (user,) = consumers[dq.output[0]]
+        if user.op_type == "Transpose":
+            (user,) = consumers[user.output[0]]
+        assert user.op_type in ("Gemm", "MatMul")
     for n in model.graph.node:
         if n.op_type in ("LayerNormalization", "Softmax"):
             assert all(i not in {q.output[0] for q in qdq} for i in n.input)

@@ -224,3 +224,34 @@ def test_unreadable_model_is_one_line_error(bundles, tmp_path):
     e = RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\nException from x.cpp:54:\n"
                      "[ReshapeTransformation] shapes differ\n")
     assert reason(e) == "[ReshapeTransformation] shapes differ"
+
+
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+def test_int8_graph_fuses_its_quantizations(onnx_variants, precision):
+    """The INT8 graph's shape lets OpenVINO fuse what would otherwise be extra passes over the activations:
+    no LayerNorm output and no adapter conv output is quantized by a FakeQuantize of its own."""
+    bundle, _ = onnx_variants["int8-attention"]
+    try:
+        be = OpenVINOBackend(bundle, precision=precision, cache=False)
+    except StexportError as e:
+        pytest.skip(str(e))
+    ops = list(be.compiled.get_runtime_model().get_ops())
+
+    def kind(op):
+        return op.get_rt_info()["layerType"].astype(str)
+
+    def fused(op):
+        return op.get_rt_info()["originalLayersNames"].astype(str)
+
+    layers = bundle.manifest["backbone"]["config"]["layers"]
+    assert sum(kind(op) == "MVN" for op in ops) >= 2 * layers
+    for op in ops:
+        if kind(op) == "FakeQuantize":
+            src = op.input(0).get_source_output().get_node()
+            while kind(src) == "Reorder":
+                src = src.input(0).get_source_output().get_node()
+            assert kind(src) != "MVN", f"{fused(op)} after {fused(src)}"
+            # only the attention output (after its head-merging Reshape) is quantized on its own
+            assert kind(src) != "Reshape" or ".attn.out_Q" in fused(op), f"{fused(op)} after {fused(src)}"
+    standalone = [fused(op) for op in ops if kind(op) == "FakeQuantize"]
+    assert len(standalone) <= 2 * layers, standalone  # attention output, adapter input after a residual add
