@@ -1,0 +1,78 @@
+"""Where an OpenVINO run of a bundle spends its time: OpenVINO's per-layer PERF_COUNT, summed by layer kind.
+
+    .venv/bin/python benchmarks/openvino_profile.py BUNDLE [--precision bf16] [--batch 4] [--iters 3]
+
+Prints ms per call and share per (layer type, kernel), the quantized GEMMs' own rate against the model's FLOPs
+in them, and how many activation quantizations run as standalone FakeQuantize layers (the ones OpenVINO could
+not fuse into the layer before them). Profiling adds a little overhead; time with run_all.py, not this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stexport import bench
+from stexport.backends.openvino import import_openvino
+from stexport.bundle import Bundle
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--precision", default="bf16", help="OpenVINO inference precision for the float parts")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=3)
+    args = ap.parse_args()
+
+    bundle = Bundle.load(args.bundle)
+    ov = import_openvino()
+    cfg = {"INFERENCE_PRECISION_HINT": args.precision, "PERF_COUNT": "YES", "PERFORMANCE_HINT": "LATENCY"}
+    compiled = ov.Core().compile_model(str(bundle.file("onnx")), "CPU", cfg)
+    req = compiled.create_infer_request()
+    x = bench.clips_for(bundle, args.batch)
+    for _ in range(2):
+        req.infer({0: x})
+    times, per_call = [], []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        req.infer({0: x})
+        times.append(time.perf_counter() - t)
+        layers: dict = defaultdict(float)
+        for p in req.profiling_info:
+            if p.status == p.Status.EXECUTED:
+                layers[(p.node_type, p.exec_type, p.node_name)] += p.real_time.total_seconds()
+        per_call.append(layers)
+    med = float(np.median(times))
+    flops = bench.model_flops(bundle.manifest)
+    print(f"{bundle.path.name}, {args.precision} float parts, batch {args.batch}: {med * 1e3:.0f} ms per call, "
+          f"{med * 1e3 / args.batch:.1f} ms/clip, {flops['total'] * args.batch / med / 1e9:.0f} GOP/s")
+
+    mid = per_call[int(np.argsort(times)[len(times) // 2])]
+    kinds: dict = defaultdict(lambda: [0.0, 0])
+    for (ntype, etype, _), s in mid.items():
+        kinds[(ntype, etype)][0] += s
+        kinds[(ntype, etype)][1] += 1
+    total = sum(v[0] for v in kinds.values())
+    print(f"{'ms':>8} {'share':>6} {'layers':>6}  layer type / kernel")
+    for (ntype, etype), (s, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        if s / total >= 0.002:
+            print(f"{s * 1e3:8.1f} {100 * s / total:5.1f}% {n:6d}  {ntype} / {etype}")
+    gemm = sum(s for (ntype, etype, _), s in mid.items() if ntype.startswith("FullyConnected") and "i8" in etype)
+    quant = flops["quantizable"] - (flops["parts"]["attn_scores"] if bundle.manifest.get("calibration", {}).get(
+        "attention_scores_int8") else 0)
+    print(f"integer GEMM layers: {gemm * 1e3:.0f} ms of {total * 1e3:.0f} ({100 * gemm / total:.0f}%), "
+          f"{quant * args.batch / gemm / 1e9:.0f} GOP/s over their {quant / 1e9:.1f} GOP per clip")
+    fq = [name for (ntype, _, name), _ in mid.items() if ntype == "FakeQuantize"]
+    print(f"standalone FakeQuantize layers: {len(fq)}")
+
+
+if __name__ == "__main__":
+    main()
