@@ -170,7 +170,7 @@ def split_key_transposes(proto: onnx.ModelProto) -> None:
     """kᵀ of each q·kᵀ as two Transposes, the last swapping only the last two axes and feeding the MatMul.
 
     The exporter merges them into one (0, 2, 3, 1) permute; OpenVINO folds a last-two-axes Transpose into the
-    MatMul and then runs the whole attention in its fused kernel (~20% faster attention on ViT-B/16), while
+    MatMul and then runs the whole attention in its fused kernel (~17% faster attention and no standalone Transpose of k on ViT-B/16), while
     TensorRT and ONNX Runtime fuse either form.
     """
     g = proto.graph
@@ -180,9 +180,8 @@ def split_key_transposes(proto: onnx.ModelProto) -> None:
         src = made.get(mm.input[1]) if mm.op_type == "MatMul" and mm.name.endswith(".attn.scores") else None
         if src is None or src.op_type != "Transpose":
             continue
-        perm = next((list(a.ints) for a in src.attribute if a.name == "perm"), None)
-        swap = [*range(len(perm) - 2), len(perm) - 1, len(perm) - 2] if perm else None
-        if not perm or len(perm) < 3 or perm == swap:
+        perm = _perm(src)
+        if len(perm) < 3 or _swaps_last_axes(perm):
             continue
         first = [*perm[:-2], perm[-1], perm[-2]]
         mid = f"{src.output[0]}_heads"
@@ -190,6 +189,7 @@ def split_key_transposes(proto: onnx.ModelProto) -> None:
         src.attribute.append(helper.make_attribute("perm", first))
         out = src.output[0]
         src.output[0] = mid
+        swap = [*range(len(perm) - 2), len(perm) - 1, len(perm) - 2]
         extra[id(src)] = helper.make_node("Transpose", [mid], [out], name=f"{src.name}_kT", perm=swap)
     if not extra:
         return
@@ -282,10 +282,17 @@ def _last_axes_swaps(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     for n in g.node:
         if n.op_type != "Transpose" or readers.get(n.output[0]) != 1 or n.input[0] not in produced:
             continue
-        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
-        if perm and len(perm) >= 2 and perm == [*range(len(perm) - 2), len(perm) - 1, len(perm) - 2]:
+        if _swaps_last_axes(_perm(n)):
             out[n.output[0]] = n
     return out
+
+
+def _perm(transpose: onnx.NodeProto) -> list[int]:
+    return next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [])
+
+
+def _swaps_last_axes(perm: list[int]) -> bool:
+    return len(perm) >= 2 and perm == [*range(len(perm) - 2), len(perm) - 1, len(perm) - 2]
 
 
 def _quantize_weight(node: onnx.NodeProto, wname: str, inits: dict, done: set[str], new_inits: list,
