@@ -27,7 +27,9 @@ def verify(
     bundle: Path = typer.Argument(..., help="Bundle directory (or its stexport.json)."),
     clips: Path = typer.Option(..., "--clips", "-c", help="Videos: a '<video> <label>' list (labels give "
                                "accuracy) or a directory."),
-    backend: str = typer.Option("onnxruntime", "--backend", help="Runtime to check (a registered backend)."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="Runtime to check: auto (the one `infer` picks: "
+                                "OpenVINO on x86-64, else ONNX Runtime) or a backend name: openvino, "
+                                "onnxruntime, torchscript, tensorrt."),
     max_clips: int = typer.Option(None, "--max-clips", help="Use only the first N videos of the list."),
     json_path: Path = typer.Option(None, "--json", help="Also write the full report as JSON to this file "
                                    "('-' for stdout)."),

@@ -86,7 +86,7 @@ def judge(precision: str, metrics: dict, gate: Gate) -> list[dict]:
     return checks
 
 
-def verify(bundle: Bundle | str, clips, backend: str = "onnxruntime", max_clips: int | None = None,
+def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | None = None,
            gate: Gate | None = None, pretrained: str | None = None, progress: bool = False,
            reference=None, **backend_options) -> dict:
     """Compare `backend` on `bundle` with the PyTorch reference on the videos of `clips` (a '<video> <label>'
@@ -111,6 +111,9 @@ def verify(bundle: Bundle | str, clips, backend: str = "onnxruntime", max_clips:
         log.warning("%s: files changed since the build: %s", b.path, ", ".join(modified))
     sampling = Sampling.from_manifest(b.manifest)
     name = backends.resolve(backend, b)
+    if name == "torch" and backend == "auto":
+        raise StexportError("no runtime to verify on this machine (auto found neither OpenVINO nor ONNX Runtime); "
+                            "install one: pip install onnxruntime")
     if name == "torch":
         raise StexportError("--backend torch is the reference itself; verify another (e.g. onnxruntime)")
     test = backends.create(backend, b, **backend_options)  # 'auto' falls back past a backend that cannot open

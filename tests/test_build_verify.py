@@ -15,7 +15,7 @@ from stexport.cli.app import app
 from typer.testing import CliRunner
 
 from stexport.backbone import random_backbone
-from stexport.backends import create
+from stexport.backends import create, resolve
 from stexport.build import build_bundle
 from stexport.bundle import Bundle
 from stexport.deltas import Deltas, infer_spec
@@ -169,6 +169,7 @@ def test_verify_passes_with_report(tiny_bundle, videos, tmp_path):
     report = json.loads(report_path.read_text())
     m = report["metrics"]
     assert report["passed"] and report["videos"] == 6 and m["views"] == 18
+    assert report["backend"]["backend"] == resolve("auto", tiny_bundle)  # what `infer` would run
     assert m["max_abs"] <= 1e-4 and m["cosine_min"] > 0.999999 and m["top5_agreement"] == 1.0
     acc = m["accuracy"]
     assert acc["reference_top1"] == acc["backend_top1"] and acc["top1_difference"] == 0
@@ -210,6 +211,12 @@ def test_verify_bad_input_exit_2(tiny_bundle, videos, tmp_path):
     assert r.exit_code == 2 and "outside the model's 10 classes" in r.output
     r = cli("verify", tiny_bundle.path, "--clips", videos / "list.txt", "--backend", "torch")
     assert r.exit_code == 2 and "reference itself" in r.output
+
+
+def test_verify_without_a_runtime_says_what_to_install(tiny_bundle, videos, monkeypatch):
+    monkeypatch.setattr("stexport.backends.AUTO_ORDER", [])
+    r = cli("verify", tiny_bundle.path, "--clips", videos / "list.txt")
+    assert r.exit_code == 2 and "pip install onnxruntime" in r.output and "Traceback" not in r.output
 
 
 def test_gates_per_precision():
