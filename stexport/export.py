@@ -170,8 +170,8 @@ def split_key_transposes(proto: onnx.ModelProto) -> None:
     """kᵀ of each q·kᵀ as two Transposes, the last swapping only the last two axes and feeding the MatMul.
 
     The exporter merges them into one (0, 2, 3, 1) permute; OpenVINO folds a last-two-axes Transpose into the
-    MatMul and then runs the whole attention in its fused kernel (~17% faster attention and no standalone Transpose of k on ViT-B/16), while
-    TensorRT and ONNX Runtime fuse either form.
+    MatMul and then runs the whole attention in its fused kernel (~17% faster attention and no standalone
+    Transpose of k on ViT-B/16), while TensorRT and ONNX Runtime fuse either form.
     """
     g = proto.graph
     made = {o: n for n in g.node for o in n.output}
@@ -214,7 +214,7 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     nodes = {n.name: n for n in g.node}
-    swaps = _last_axes_swaps(g)
+    layout = _layout_tops(g)
     wanted = targets if targets is not None else [n.name for n in quant_targets(proto)]
     new_inits: list[onnx.TensorProto] = []
     before: dict[str, list[onnx.NodeProto]] = {}  # node name -> Q/DQ nodes to insert before it
@@ -237,14 +237,16 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
             s_name, z_name, q, dq = f"{key}_scale", f"{key}_zero", f"{key}_q", f"{key}_dq"
             new_inits += [numpy_helper.from_array(np.array(scale, np.float32), s_name),
                           numpy_helper.from_array(np.array(0, np.int8), z_name)]
-            swap = swaps.get(t)
-            # Q/DQ go before a Transpose that only swaps the last two axes (kᵀ of q·kᵀ): OpenVINO folds such
-            # a Transpose into the MatMul only when it feeds it directly. Per-tensor scale: same numbers.
-            src = swap.input[0] if swap is not None else t
+            # Q/DQ go above the Transposes and Reshapes between the tensor's producer and the GEMM (the
+            # per-tensor scale commutes with them: same numbers). OpenVINO then fuses the quantization into
+            # the producer (the attention kernel for attn.out) and folds kᵀ into q·kᵀ; TensorRT and ONNX
+            # Runtime move Q/DQ across layout ops themselves.
+            top = layout.get(t)
+            src = top.input[0] if top is not None else t
             added += [helper.make_node("QuantizeLinear", [src, s_name, z_name], [q], name=f"{key}_Q"),
                       helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=f"{key}_DQ")]
-            if swap is not None:
-                swap.input[0] = dq
+            if top is not None:
+                top.input[0] = dq
             else:
                 node.input[i] = dq
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
@@ -270,21 +272,22 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
     return proto
 
 
-def _last_axes_swaps(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    """Output name → Transpose node, for Transposes that swap only the last two axes, read by one node and
-    fed by a node output (not a graph input or initializer)."""
+def _layout_tops(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name → the topmost of the chain of Transpose/Reshape nodes that makes it, each of whose outputs
+    has one reader (so moving a quantization above the chain changes no other reader)."""
     readers: dict[str, int] = {}
     for n in g.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
-    produced = {o for n in g.node for o in n.output}
-    out = {}
-    for n in g.node:
-        if n.op_type != "Transpose" or readers.get(n.output[0]) != 1 or n.input[0] not in produced:
-            continue
-        if _swaps_last_axes(_perm(n)):
-            out[n.output[0]] = n
-    return out
+    made = {o: n for n in g.node for o in n.output}
+    tops = {}
+    for out, n in made.items():
+        top = None
+        while n is not None and n.op_type in ("Transpose", "Reshape") and readers.get(n.output[0]) == 1:
+            top, n = n, made.get(n.input[0])
+        if top is not None:
+            tops[out] = top
+    return tops
 
 
 def _perm(transpose: onnx.NodeProto) -> list[int]:

@@ -74,26 +74,27 @@ def test_qdq_zero_points_zero_weights_per_output_channel(onnx_variants, variant)
     made = {o: n for n in model.graph.node for o in n.output}
     if bundle.manifest["calibration"]["attention_scores_int8"]:
         scores = [n for n in model.graph.node if n.name.endswith(".attn.scores")]
-        assert scores and all(consumers_of_dq(n.input[0], qdq) for n in scores)
-        for n in scores:  # kᵀ: Q/DQ sit before the last-two-axes Transpose, which feeds the MatMul directly
+        assert scores
+        for n in scores:  # kᵀ: a last-two-axes Transpose feeds the MatMul; Q/DQ sit above the layout ops
             kt = made[n.input[1]]
             assert kt.op_type == "Transpose" and list(kt.attribute[0].ints) == [0, 1, 3, 2]
-            assert consumers_of_dq(kt.input[0], qdq)
+            for t in n.input:
+                src = made[t]
+                while src.op_type in ("Transpose", "Reshape"):
+                    src = made[src.input[0]]
+                assert src.op_type == "DequantizeLinear", src.name
     acts = [n for n in qdq if n.op_type == "QuantizeLinear"]
     for q in acts:  # per-tensor activations, only into GEMM inputs; LayerNorm/Softmax stay float
         assert numpy_helper.to_array(inits[q.input[1]]).shape == ()
         (dq,) = consumers[q.output[0]]
         (user,) = consumers[dq.output[0]]
-        if user.op_type == "Transpose":
+        while user.op_type in ("Transpose", "Reshape"):  # layout only: the per-tensor scale commutes
             (user,) = consumers[user.output[0]]
         assert user.op_type in ("Gemm", "MatMul")
+        assert made[q.input[0]].op_type not in ("Transpose", "Reshape") or len(consumers[q.input[0]]) > 1
     for n in model.graph.node:
         if n.op_type in ("LayerNormalization", "Softmax"):
             assert all(i not in {q.output[0] for q in qdq} for i in n.input)
-
-
-def consumers_of_dq(tensor, qdq) -> bool:
-    return any(n.op_type == "DequantizeLinear" and n.output[0] == tensor for n in qdq)
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=18):
