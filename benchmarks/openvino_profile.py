@@ -3,13 +3,15 @@
     .venv/bin/python benchmarks/openvino_profile.py BUNDLE [--precision bf16] [--batch 4] [--iters 3]
 
 Prints ms per call and share per (layer type, kernel), the quantized GEMMs' own rate against the model's FLOPs
-in them, and how many activation quantizations run as standalone FakeQuantize layers (the ones OpenVINO could
-not fuse into the layer before them). Profiling adds a little overhead; time with run_all.py, not this.
+in them (in all and per layer role, against the square INT8 GEMM peak measured here), and how many activation
+quantizations run as standalone FakeQuantize layers (the ones OpenVINO could not fuse into the layer before
+them). Profiling adds a little overhead; time with run_all.py, not this.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections import defaultdict
@@ -73,6 +75,30 @@ def main() -> None:
     fq = [name for (ntype, _, name), _ in mid.items() if ntype == "FakeQuantize"]
     print(f"standalone FakeQuantize layers: {len(fq)}")
 
+    # per role: OpenVINO renames some fused layers, so match on the ONNX names each runtime layer came from
+    origin = {op.get_friendly_name(): op.get_rt_info()["originalLayersNames"].astype(str)
+              for op in compiled.get_runtime_model().get_ops()}
+    parts = flops["parts"]
+    roles = [("q, k, v", r"\.attn\.[qkv](,|/|$)", parts["qkv"]),
+             ("mlp fc (+GELU)", r"\.fc(,|/|$)", parts["mlp"] / 2), ("mlp proj", r"\.proj(,|/|$)", parts["mlp"] / 2),
+             ("adapter fc1", r"\.fc1(,|/|$)", parts["adapter_fc"] / 2),
+             ("adapter fc2", r"\.fc2(,|/|$)", parts["adapter_fc"] / 2),
+             ("attention out", r"\.attn\.out(,|/|$)", parts["attn_out"])]
+    int_fc = {name: t for (ntype, etype, name), t in mid.items() if ntype.startswith("FullyConnected")
+              and "i8" in etype}
+    peak, method, _ = bench.gemm_peak("int8")
+    print(f"integer GEMMs by role (square INT8 GEMM peak here: {peak:.0f} GOP/s, {method}):")
+    for role, pattern, role_flops in roles:
+        mine = [name for name in int_fc if re.search(pattern, origin.get(name, name))]
+        if role == "attention out" and not mine:  # OpenVINO's fusion drops its name; the one role left
+            mine = [name for name in int_fc if not any(re.search(p, origin.get(name, name)) for _, p, _ in roles)]
+            role += "*"
+        ms = sum(int_fc[name] for name in mine)
+        if ms:
+            rate = role_flops * args.batch / ms / 1e9
+            print(f"  {role:16s} {len(mine):3d} layers {ms * 1e3:7.1f} ms {rate:6.0f} GOP/s {100 * rate / peak:4.0f}% "
+                  "of peak")
+    print("  (* the integer GEMMs no other role claims: OpenVINO's fusion dropped their names)")
 
 if __name__ == "__main__":
     main()
