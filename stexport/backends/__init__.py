@@ -43,8 +43,8 @@ def resolve(name: str, bundle: Bundle, skip: tuple[str, ...] = ()) -> str:
 
 
 # Tried in order by `auto`; each backend class has `usable(bundle) -> bool` (cheap, no model load).
-# OpenVINO before ONNX Runtime: on x86-64 CPUs it runs the same ONNX faster (INT8 about 1.9x); its usable()
-# is False elsewhere.
+# OpenVINO before ONNX Runtime: on x86-64 CPUs it runs the same ONNX faster (INT8 ~1.5x, FP32 ~1.1x in
+# benchmarks/RESULTS.md); its usable() is False elsewhere.
 AUTO_ORDER: list[str] = ["tensorrt", "openvino", "onnxruntime"]
 
 
