@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -254,3 +255,30 @@ def test_int8_graph_fuses_its_quantizations(onnx_variants, precision):
             assert kind(src) != "Reshape", f"{fused(op)} after {fused(src)}"
     standalone = [fused(op) for op in ops if kind(op) == "FakeQuantize"]
     assert len(standalone) <= layers, standalone  # the adapter input, after a residual add also read in float
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name, *args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *map(str, args)],
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_benchmark_scripts_read_an_int8_bundle(onnx_variants):
+    """benchmarks/openvino_profile.py attributes every integer GEMM to its role; roofline.py gives a ratio."""
+    bundle, _ = onnx_variants["int8"]
+    layers = bundle.manifest["backbone"]["config"]["layers"]
+    spec = bundle.manifest["adapter"]["spec"]
+    adapters = len(spec["pre_attn"]) + len(spec["pre_mlp"])
+    out = _script("openvino_profile.py", bundle.path, "--batch", 1, "--iters", 1)
+    roles = {m[1].rstrip("*"): int(m[2]) for m in re.finditer(r"^  (\S.*?)\s+(\d+) layers ", out, re.MULTILINE)}
+    assert roles == {"q, k, v": 3 * layers, "mlp fc (+GELU)": layers, "mlp proj": layers, "adapter fc1": adapters,
+                     "adapter fc2": adapters, "attention out": layers}, out
+    out = _script("roofline.py", bundle.path, "--rounds", 1, "--calls", 1, "--batch", 1)
+    assert "% of the INT8 GEMM peak" in out.splitlines()[-1]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "roofline.py"),
+                        str(onnx_variants["fp32"][0].path)], capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode != 0 and "needs an int8 one" in r.stderr
