@@ -67,7 +67,9 @@ def main() -> None:
     for (ntype, etype), (s, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
         if s / total >= 0.002:
             print(f"{s * 1e3:8.1f} {100 * s / total:5.1f}% {n:6d}  {ntype} / {etype}")
-    gemm = sum(s for (ntype, etype, _), s in mid.items() if ntype.startswith("FullyConnected") and "i8" in etype)
+    int_fc = {name: t for (ntype, etype, name), t in mid.items() if ntype.startswith("FullyConnected")
+              and "i8" in etype}
+    gemm = sum(int_fc.values())
     quant = flops["quantizable"] - (flops["parts"]["attn_scores"] if bundle.manifest.get("calibration", {}).get(
         "attention_scores_int8") else 0)
     print(f"integer GEMM layers: {gemm * 1e3:.0f} ms of {total * 1e3:.0f} ({100 * gemm / total:.0f}%), "
@@ -84,8 +86,6 @@ def main() -> None:
              ("adapter fc1", r"\.fc1(,|/|$)", parts["adapter_fc"] / 2),
              ("adapter fc2", r"\.fc2(,|/|$)", parts["adapter_fc"] / 2),
              ("attention out", r"\.attn\.out(,|/|$)", parts["attn_out"])]
-    int_fc = {name: t for (ntype, etype, name), t in mid.items() if ntype.startswith("FullyConnected")
-              and "i8" in etype}
     peak, method, _ = bench.gemm_peak("int8")
     footnote = False
     print(f"integer GEMMs by role (square INT8 GEMM peak here: {peak:.0f} GOP/s, {method}):")
