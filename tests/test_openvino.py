@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ if importlib.util.find_spec("openvino") is None:  # not importorskip: a plain `i
     pytest.skip("OpenVINO is not installed", allow_module_level=True)
 
 from stexport.backends import create, resolve
-from stexport.backends.openvino import OpenVINOBackend, default_cache_dir
+from stexport.backends.openvino import OpenVINOBackend, default_cache_dir, import_openvino
 from stexport.bundle import Bundle
 from stexport.errors import StexportError
 from stexport.verify import GATES, compare, judge
@@ -93,8 +94,6 @@ def test_parity_gate(bundles, clips, reference, precision):
 
 
 def test_bf16_only_when_asked(bundles, clips, reference):
-    from stexport.backends.openvino import import_openvino
-
     if "BF16" not in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         with pytest.raises(StexportError, match="cannot compute in BF16"):
             OpenVINOBackend(bundles["fp32"], precision="bf16")
@@ -120,24 +119,28 @@ def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
     cache = default_cache_dir(b)
     assert cache.parent.parent == b.path.parent and cache.parent.name.startswith(".")
     with OpenVINOBackend(b) as be:
-        assert be.describe()["cache_dir"] == str(cache)
-    blobs = sorted(cache.glob("*.blob"))
+        assert be.describe()["cache_dir"] == str(cache / "f32-latency-0t")
+    blobs = sorted(cache.glob("*/*.blob"))
     assert blobs, "OpenVINO wrote no compiled-model blob"
     with OpenVINOBackend(b):
         pass
-    assert sorted(cache.glob("*.blob")) == blobs  # second start reused it
+    assert sorted(cache.glob("*/*.blob")) == blobs  # second start reused it
     assert not b.check_files()  # the bundle itself is untouched
 
     # a rebuild (other weights, same size, maybe the same second) gets a new folder; the old one is dropped
     stale = cache.parent / "0123456789abcdef"
-    stale.mkdir()
+    (stale / "f32-latency-0t").mkdir(parents=True)
     (stale / "1.blob").write_bytes(b"old")
+    (stale / "f32-latency-0t" / "2.blob").write_bytes(b"old")
+    mine = cache.parent / "notes"  # not a cache folder: kept
+    mine.mkdir()
+    (mine / "a.txt").write_text("keep")
     changed = Bundle(path=b.path, manifest={**b.manifest, "files": {**b.manifest["files"], "model.onnx": {
         **b.manifest["files"]["model.onnx"], "sha256": "0" * 64}}})
     assert default_cache_dir(changed) != cache and default_cache_dir(changed).parent == cache.parent
     with OpenVINOBackend(b):
         pass
-    assert not stale.exists() and cache.is_dir()
+    assert not stale.exists() and cache.is_dir() and (mine / "a.txt").exists()
 
     # bundle folder not writable: a per-bundle folder under $STEXPORT_HOME's cache
     monkeypatch.setenv("STEXPORT_HOME", str(tmp_path / "home"))
@@ -148,10 +151,30 @@ def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
     fallback = default_cache_dir(b)
     assert str(fallback).startswith(str(tmp_path / "home"))
     with OpenVINOBackend(b) as be:
-        assert be.describe()["cache_dir"] == str(fallback)
-    assert list(fallback.glob("*.blob"))
+        assert be.describe()["cache_dir"] == str(fallback / "f32-latency-0t")
+    assert list(fallback.glob("*/*.blob"))
     with OpenVINOBackend(b, cache=False) as be:
         assert be.describe()["cache_dir"] is None
+
+
+def test_cache_keeps_compile_settings_apart(bundles, clips, reference, tmp_path):
+    """OpenVINO names a cached blob by the model file alone, so an f32 blob was loaded for a bf16 request
+    (wrong logits, sometimes NaN): each precision / hint / thread count gets its own folder."""
+    b = bundles["fp32"]
+    caps = import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    with OpenVINOBackend(b, precision="bf16" if "BF16" in caps else "f32", cache=False) as be:
+        uncached = be.run(clips)
+    dirs = set()
+    for options in ({}, {"precision": "bf16"} if "BF16" in caps else {}, {"hint": "throughput"}, {"threads": 1}):
+        with OpenVINOBackend(b, cache_dir=tmp_path, **options) as be:
+            out = be.run(clips)
+            dirs.add(be.describe()["cache_dir"])
+        if options.get("precision") == "bf16":
+            np.testing.assert_allclose(out, uncached, atol=1e-5)
+        else:
+            np.testing.assert_allclose(out, reference, atol=1e-3)
+    assert len(dirs) == (4 if "BF16" in caps else 3)
+    assert all(list(Path(d).glob("*.blob")) for d in dirs)
 
 
 def test_bad_options(bundles):

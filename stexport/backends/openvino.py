@@ -88,17 +88,28 @@ def default_cache_dir(bundle) -> Path:
     return default_home().parent / "openvino-cache" / f"{bundle.path.name}-{where}" / model_key(bundle)
 
 
-def open_cache(folder: Path) -> Path | None:
-    """Create `folder` and drop its siblings (blobs of earlier builds of this bundle); None if impossible."""
+def open_cache(folder: Path, variant: str) -> Path | None:
+    """`folder/variant`, created, after dropping the siblings of `folder` (blobs of earlier builds of this
+    bundle); None if impossible.
+
+    One subfolder per compile configuration: OpenVINO's blob name for a model compiled from its path does not
+    change with the inference precision, hint or threads, and a blob compiled for f32 loaded under a bf16 hint
+    gives wrong logits (measured on an AMX CPU with OpenVINO 2026.4).
+    """
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        (folder / variant).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        log.warning("OpenVINO model cache off: cannot create %s (%s)", folder, e.strerror)
+        log.warning("OpenVINO model cache off: cannot create %s (%s)", folder / variant, e.strerror)
         return None
     for old in folder.parent.iterdir():
-        if old != folder and old.is_dir() and all(f.suffix == ".blob" for f in old.iterdir()):
+        if old != folder and old.is_dir() and only_blobs(old):
             shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return folder / variant
+
+
+def only_blobs(folder: Path) -> bool:
+    """Whether `folder` holds nothing but OpenVINO blobs, directly or in subfolders (so is a cache we made)."""
+    return all(only_blobs(f) if f.is_dir() else f.suffix == ".blob" for f in folder.iterdir())
 
 
 class OpenVINOBackend(Backend):
@@ -143,7 +154,7 @@ class OpenVINOBackend(Backend):
         self.cache_dir = None
         if cache:
             folder = Path(cache_dir) / model_key(bundle) if cache_dir else default_cache_dir(bundle)
-            self.cache_dir = open_cache(folder)
+            self.cache_dir = open_cache(folder, f"{want}-{hint}-{int(threads or 0)}t")
             if self.cache_dir:
                 config[props.cache_dir] = str(self.cache_dir)
         path = bundle.file("onnx")
