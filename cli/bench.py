@@ -91,8 +91,8 @@ def bench(
     warmup: int = typer.Option(2, "--warmup", help="Untimed calls per batch size first."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the backend."),
     option: list[str] = typer.Option([], "--option", "-o", help="Backend option KEY=VALUE (repeatable), e.g. "
-                                     "precision=bf16 or hint=throughput for openvino, opt_level=extended for "
-                                     "onnxruntime."),
+                                     "precision=bf16, hint=throughput or static=false (one dynamic-batch model) "
+                                     "for openvino, opt_level=extended for onnxruntime."),
     peaks: bool = typer.Option(True, "--peaks/--no-peaks", help="Measure this CPU's GEMM peak for the "
                                "precision in use (a few seconds) and report the fraction reached."),
     in_process: bool = typer.Option(False, "--in-process", help="Measure in this process instead of a fresh "

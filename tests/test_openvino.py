@@ -118,12 +118,15 @@ def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
     b = Bundle.load(bundles["fp32"].path)
     cache = default_cache_dir(b)
     assert cache.parent.parent == b.path.parent and cache.parent.name.startswith(".")
+    x = np.zeros((7, FRAMES, b.size, b.size, 3), np.uint8)  # a batch size no other test runs
+    before = set(cache.glob("*/*.blob"))
     with OpenVINOBackend(b) as be:
         assert be.describe()["cache_dir"] == str(cache / "f32-latency-0t")
+        be.run(x)
     blobs = sorted(cache.glob("*/*.blob"))
-    assert blobs, "OpenVINO wrote no compiled-model blob"
-    with OpenVINOBackend(b):
-        pass
+    assert set(blobs) - before, "OpenVINO wrote no compiled-model blob"
+    with OpenVINOBackend(b) as be:
+        be.run(x)
     assert sorted(cache.glob("*/*.blob")) == blobs  # second start reused it
     assert not b.check_files()  # the bundle itself is untouched
 
@@ -175,6 +178,26 @@ def test_cache_keeps_compile_settings_apart(bundles, clips, reference, tmp_path)
             np.testing.assert_allclose(out, reference, atol=1e-3)
     assert len(dirs) == (4 if "BF16" in caps else 3)
     assert all(list(Path(d).glob("*.blob")) for d in dirs)
+
+
+def test_static_batch_sizes(bundles, clips, reference):
+    """The first KEEP batch sizes run on models compiled for them, others on one dynamic-batch model."""
+    from stexport.backends.openvino import KEEP
+
+    sizes = [1, 3, len(clips), 2, 1]
+    with OpenVINOBackend(bundles["int8"], cache=False) as be, \
+            OpenVINOBackend(bundles["int8"], cache=False, static=False) as dyn:
+        for n in sizes:
+            out, ref = be.run(clips[:n]), dyn.run(clips[:n])
+            assert out.shape == (n, reference.shape[1])
+            np.testing.assert_allclose(out, ref, atol=1e-4)  # the same integer GEMMs, fused differently
+        assert be.describe()["batch_sizes"] == [*sorted(sizes[:KEEP]), "any"]
+        assert dyn.describe()["batch_sizes"] == ["any"]
+        # no activation quantization left as a layer of its own (under a dynamic batch some are)
+        ops = be.compiled_for(3)[0].get_runtime_model().get_ops()
+        assert not [op for op in ops if op.get_rt_info()["layerType"].astype(str) == "FakeQuantize"]
+    with OpenVINOBackend(bundles["fp32"], cache=False, hint="throughput") as be:
+        assert be.describe()["batch_sizes"] == ["any"]
 
 
 def test_bad_options(bundles):
@@ -259,7 +282,7 @@ def test_int8_graph_fuses_its_quantizations(onnx_variants, precision):
         be = OpenVINOBackend(bundle, precision=precision, cache=False)
     except StexportError as e:
         pytest.skip(str(e))
-    ops = list(be.compiled.get_runtime_model().get_ops())
+    ops = list(be.compiled_for(1)[0].get_runtime_model().get_ops())
 
     def kind(op):
         return op.get_rt_info()["layerType"].astype(str)
