@@ -1,6 +1,6 @@
 """Where an OpenVINO run of a bundle spends its time: OpenVINO's per-layer PERF_COUNT, summed by layer kind.
 
-    .venv/bin/python benchmarks/openvino_profile.py BUNDLE [--precision bf16] [--batch 4] [--iters 3]
+    .venv/bin/python benchmarks/openvino_profile.py BUNDLE [--precision bf16] [--batch 4] [--iters 3] [--dynamic]
 
 Prints ms per call and share per (layer type, kernel), the quantized GEMMs' own rate against the model's FLOPs
 in them (in all and per layer role, against the square INT8 GEMM peak measured here), and how many activation
@@ -32,12 +32,17 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", help="OpenVINO inference precision for the float parts")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--dynamic", action="store_true", help="keep the ONNX's dynamic batch (stexport compiles "
+                    "for the batch it runs)")
     args = ap.parse_args()
 
     bundle = Bundle.load(args.bundle)
     ov = import_openvino()
     cfg = {"INFERENCE_PRECISION_HINT": args.precision, "PERF_COUNT": "YES", "PERFORMANCE_HINT": "LATENCY"}
-    compiled = ov.Core().compile_model(str(bundle.file("onnx")), "CPU", cfg)
+    model = ov.Core().read_model(str(bundle.file("onnx")))
+    if not args.dynamic:
+        model.reshape({model.inputs[0].get_any_name(): [args.batch, *model.inputs[0].get_partial_shape()[1:]]})
+    compiled = ov.Core().compile_model(model, "CPU", cfg)
     req = compiled.create_infer_request()
     x = bench.clips_for(bundle, args.batch)
     for _ in range(2):
