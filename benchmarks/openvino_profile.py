@@ -10,7 +10,6 @@ them). Profiling adds a little overhead; time with run_all.py, not this.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
@@ -21,16 +20,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ov_args import parser
+
 from stexport import bench
 from stexport.backends.openvino import import_openvino
 from stexport.bundle import Bundle
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--precision", default="bf16", help="OpenVINO inference precision for the float parts")
-    ap.add_argument("--batch", type=int, default=4)
+    ap = parser(__doc__)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--dynamic", action="store_true", help="keep the ONNX's dynamic batch (stexport compiles "
                     "for the batch it runs)")

@@ -10,7 +10,6 @@ start of a long run and a row measured minutes later does not enter it. Both sid
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -19,16 +18,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ov_args import parser
+
 from stexport import bench
 from stexport.backends.openvino import OpenVINOBackend
 from stexport.bundle import Bundle
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--precision", default="bf16", help="OpenVINO inference precision for the float parts")
-    ap.add_argument("--batch", type=int, default=4)
+    ap = parser(__doc__)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=3, help="model calls per round")
     args = ap.parse_args()

@@ -314,7 +314,8 @@ def _script(name, *args):
 
 
 def test_benchmark_scripts_read_an_int8_bundle(onnx_variants):
-    """benchmarks/openvino_profile.py attributes every integer GEMM to its role; roofline.py gives a ratio."""
+    """benchmarks/openvino_profile.py attributes every integer GEMM to its role; roofline.py and
+    openvino_static.py give their ratios."""
     bundle, _ = onnx_variants["int8"]
     layers = bundle.manifest["backbone"]["config"]["layers"]
     spec = bundle.manifest["adapter"]["spec"]
@@ -328,3 +329,6 @@ def test_benchmark_scripts_read_an_int8_bundle(onnx_variants):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "roofline.py"),
                         str(onnx_variants["fp32"][0].path)], capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode != 0 and "needs an int8 one" in r.stderr
+    out = _script("openvino_static.py", bundle.path, "--batch", 2, "--pairs", 2)
+    ratio, delta = re.search(r"per pair: median ([\d.]+) .*max \|Δlogit\| (\S+)$", out).groups()
+    assert float(ratio) > 0 and float(delta) < 0.5, out
