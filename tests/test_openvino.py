@@ -121,7 +121,10 @@ def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
     x = np.zeros((7, FRAMES, b.size, b.size, 3), np.uint8)  # a batch size no other test runs
     before = set(cache.glob("*/*.blob"))
     with OpenVINOBackend(b) as be:
-        assert be.describe()["cache_dir"] == str(cache / "f32-latency-0t")
+        d = be.describe()
+        assert d["cache_dir"] == str(cache / "f32-latency-0t")
+        assert d["batch_sizes"] == [] and d["gemm_precisions"] is None  # describing compiles nothing
+        assert d["inference_precision"] == "f32"
         be.run(x)
     blobs = sorted(cache.glob("*/*.blob"))
     assert set(blobs) - before, "OpenVINO wrote no compiled-model blob"
@@ -155,6 +158,7 @@ def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
     assert str(fallback).startswith(str(tmp_path / "home"))
     with OpenVINOBackend(b) as be:
         assert be.describe()["cache_dir"] == str(fallback / "f32-latency-0t")
+        be.run(x)
     assert list(fallback.glob("*/*.blob"))
     with OpenVINOBackend(b, cache=False) as be:
         assert be.describe()["cache_dir"] is None

@@ -260,19 +260,22 @@ class OpenVINOBackend(Backend):
         import openvino.properties as props
         import openvino.properties.hint as hints
 
+        """Layer precisions are read from a compiled model: None before the first run (the models are compiled
+        per batch size on first use, and describing must not compile one that may never run)."""
         ov = import_openvino()
-        gemm, fused = self.compute_precisions()
-        c = next(iter(self.models.values()))[0]
+        c = next(iter(self.models.values()))[0] if self.models else None
+        gemm, fused = self.compute_precisions() if c else (None, None)
         return {"backend": self.name, "device": self.device,
                 "device_name": self.core.get_property(self.device, props.device.full_name),
                 "openvino": ov.get_version().split("-")[0],
                 "precision": self.bundle.precision,
-                "inference_precision": c.get_property(hints.inference_precision).to_string(),
+                "inference_precision": (c.get_property(hints.inference_precision) if c
+                                        else self.config[hints.inference_precision]).to_string(),
                 "gemm_precisions": gemm, "subgraph_precisions": fused,
                 "hint": self.hint, "streams": self.streams,
                 "batch_sizes": [*sorted(k for k in self.models if k is not None),
                                 *(["any"] if None in self.models else [])],
-                "threads": int(c.get_property(props.inference_num_threads)) or "default",
+                "threads": (int(c.get_property(props.inference_num_threads)) if c else self.threads) or "default",
                 "cache_dir": str(self.cache_dir) if self.cache_dir else None}
 
     def close(self) -> None:
