@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# stexport's main job, end to end on the default CPU runtime (ONNX Runtime):
+# stexport's main job, end to end on the default CPU runtime (auto: OpenVINO on x86-64, else ONNX Runtime):
 #   install → generate the demo's videos → build an INT8 bundle of the shipped motion adapter (calibrated on
 #   train clips) → classify one clip → verify the bundle against the PyTorch reference on the val set.
 # Usage: bash examples/motion/run_demo.sh [WORKDIR]   (default: demo-data/, ignored by git)
