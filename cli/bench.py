@@ -65,8 +65,9 @@ def show(r: dict) -> None:
         typer.echo(f"latency       p50 {lat['p50']:.1f} ms   p90 {lat['p90']:.1f} ms   "
                    f"p99 {lat['p99']:.1f} ms  per clip at batch 1")
     for b in r["batches"].values():
+        first = f", first call {b['first_call_s']:.2f} s" if b.get("first_call_s") is not None else ""
         typer.echo(f"batch {b['batch']:<7} {b['clips_per_s']:.2f} clips/s   "
-                   f"({b['ms_per_clip']['p50']:.1f} ms per clip, median of {b['iters']})")
+                   f"({b['ms_per_clip']['p50']:.1f} ms per clip, median of {b['iters']}{first})")
     typer.echo(f"memory        peak RSS {r['peak_rss_mb']:.0f} MiB ({r['rss_before_mb']:.0f} MiB before the "
                f"model loaded); load {r['load_s']:.1f} s")
     ach = r["achieved_gflops"]["throughput"]

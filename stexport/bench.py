@@ -175,13 +175,17 @@ def time_runner(run, make_clips, batches=(1, 32), iters: int | dict = 10, warmup
     """Time `run(clips)`. Batch 1: per-call latency percentiles; larger batches: clips/s from the median call.
 
     make_clips(batch) -> uint8 clips. Each batch size is warmed up `warmup` times before its timed calls
-    (`iters`, or {batch: calls}).
+    (`iters`, or {batch: calls}). The first warm-up call's time is kept as first_call_s: backends that
+    compile a model per batch size (OpenVINO) do it there.
     """
     out: dict = {"batches": {}}
     for b in batches:
         x = make_clips(b)
-        for _ in range(warmup):
+        first = None
+        for i in range(warmup):
+            t = time.perf_counter()
             run(x)
+            first = time.perf_counter() - t if i == 0 else first
         times = []
         for _ in range(calls(iters, b)):
             t = time.perf_counter()
@@ -191,7 +195,7 @@ def time_runner(run, make_clips, batches=(1, 32), iters: int | dict = 10, warmup
                 progress()
         ms = np.asarray(times) * 1e3 / b
         out["batches"][str(b)] = {
-            "batch": b, "iters": len(times),
+            "batch": b, "iters": len(times), "first_call_s": first,
             "ms_per_clip": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
                             "p99": float(np.percentile(ms, 99)), "min": float(ms.min())},
             "clips_per_s": float(b / np.median(times)),

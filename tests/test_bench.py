@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -96,6 +97,18 @@ def test_time_runner_percentiles():
     lat = res["latency_ms"]
     assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"]
     assert res["throughput"]["batch"] == 3 and res["throughput"]["clips_per_s"] > 0
+
+    seen = set()
+
+    def slow_first(x):  # a backend compiling per batch size on its first call
+        if len(x) not in seen:
+            seen.add(len(x))
+            time.sleep(0.05)
+
+    res = time_runner(slow_first, lambda b: np.zeros((b, 1)), batches=(1, 2), iters=2, warmup=2)
+    assert all(b["first_call_s"] >= 0.05 and b["ms_per_clip"]["p99"] < 50 for b in res["batches"].values())
+    assert time_runner(slow_first, lambda b: np.zeros((b, 1)), batches=(4,), iters=1,
+                       warmup=0)["batches"]["4"]["first_call_s"] is None
 
 
 def test_bench_cli_json(tiny):
