@@ -122,7 +122,7 @@ class OpenVINOBackend(Backend):
 
     Static shapes let the CPU plugin fuse what it keeps as separate layers under a dynamic batch: every
     activation quantization into its producer, and the adds, multiplies and reorders between the GEMMs into
-    elementwise subgraphs (about 9% faster on ViT-B/16 INT8; benchmarks/RESULTS.md). The throughput hint
+    elementwise subgraphs (about 8% faster on ViT-B/16 INT8; benchmarks/openvino_static.py). The throughput hint
     splits a batch over streams, so it keeps one dynamic-batch model."""
 
     name = "openvino"
@@ -257,11 +257,11 @@ class OpenVINOBackend(Backend):
         return dict(sorted(gemm.items())), dict(sorted(fused.items()))
 
     def describe(self) -> dict:
+        """Layer precisions are read from a compiled model: None before the first run (the models are compiled
+        per batch size on first use, and describing must not compile one that may never run)."""
         import openvino.properties as props
         import openvino.properties.hint as hints
 
-        """Layer precisions are read from a compiled model: None before the first run (the models are compiled
-        per batch size on first use, and describing must not compile one that may never run)."""
         ov = import_openvino()
         c = next(iter(self.models.values()))[0] if self.models else None
         gemm, fused = self.compute_precisions() if c else (None, None)
