@@ -114,6 +114,28 @@ def test_throughput_hint_splits_batch_over_streams(bundles, clips, reference):
     np.testing.assert_allclose(out, reference[:5], atol=1e-3)
 
 
+def test_throughput_hint_closes_without_deadlock(bundles, tmp_path):
+    """Closing a throughput-hint backend joins OpenVINO's stream threads; with Python callbacks on those
+    threads this deadlocked within ~5-30 open/run/close cycles. A child process, so a hang fails, not stalls."""
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from stexport.bundle import Bundle
+        from stexport.backends.openvino import OpenVINOBackend
+        b = Bundle.load({str(bundles["fp32"].path)!r})
+        x = np.zeros((5, {FRAMES}, b.size, b.size, 3), np.uint8)
+        for _ in range(40):
+            with OpenVINOBackend(b, hint="throughput", threads=2, cache_dir={str(tmp_path)!r}) as be:
+                be.run(x)
+                be.run(x[:2])
+        print("closed 40 times")
+    """)
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a throughput-hint OpenVINOBackend hung on close")
+    assert r.returncode == 0 and "closed 40 times" in r.stdout, r.stderr[-2000:]
+
+
 def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
     b = Bundle.load(bundles["fp32"].path)
     cache = default_cache_dir(b)

@@ -221,24 +221,25 @@ class OpenVINOBackend(Backend):
         if self.streams > 1 and len(x) > 1:
             return self._run_streams(x)
         _, request = self.compiled_for(len(x))
-        return np.array(request.infer({0: x}, share_inputs=True)[0], dtype=np.float32)
+        return np.array(request.infer({0: x})[0], dtype=np.float32)
 
     def _run_streams(self, x: np.ndarray) -> np.ndarray:
         """Throughput hint: OpenVINO splits the cores into streams, each running its own request; one request
-        alone would use only its stream's cores, so split the batch over all of them."""
+        alone would use only its stream's cores, so split the batch over all of them.
+
+        Plain requests, not an AsyncInferQueue: a Python callback lets OpenVINO's stream threads take the GIL,
+        and closing the backend (which joins those threads while holding it) then deadlocked about one time in
+        twenty."""
         if self.queue is None:
-            ov = import_openvino()
-            self.queue = ov.AsyncInferQueue(self.compiled_for(None)[0], self.streams)
-        parts = np.array_split(np.arange(len(x)), min(self.streams, len(x)))
-        out: list[np.ndarray | None] = [None] * len(parts)
-
-        def done(request, i):
-            out[i] = np.array(request.get_output_tensor(0).data, dtype=np.float32)
-
-        self.queue.set_callback(done)
-        for i, idx in enumerate(parts):
-            self.queue.start_async({0: x[idx[0]:idx[-1] + 1]}, userdata=i)
-        self.queue.wait_all()
+            compiled, _ = self.compiled_for(None)
+            self.queue = [compiled.create_infer_request() for _ in range(self.streams)]
+        parts = np.array_split(x, min(self.streams, len(x)))
+        for request, part in zip(self.queue, parts):
+            request.start_async({0: part})
+        out = []
+        for request, _ in zip(self.queue, parts):
+            request.wait()
+            out.append(np.array(request.get_output_tensor(0).data, dtype=np.float32))
         return np.concatenate(out)
 
     def compute_precisions(self) -> tuple[dict[str, int], dict[str, int]]:
