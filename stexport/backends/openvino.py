@@ -176,7 +176,7 @@ class OpenVINOBackend(Backend):
             self.model = None
             compiled, _ = self.compiled_for(None)
             self.streams = int(compiled.get_property(props.optimal_number_of_infer_requests))
-        self.queue = None
+        self.stream_requests: list | None = None
         self.hint, self.threads = hint, threads
         self.input = bundle.manifest.get("input", {})
 
@@ -230,14 +230,14 @@ class OpenVINOBackend(Backend):
         Plain requests, not an AsyncInferQueue: a Python callback lets OpenVINO's stream threads take the GIL,
         and closing the backend (which joins those threads while holding it) then deadlocked about one time in
         twenty."""
-        if self.queue is None:
+        if self.stream_requests is None:
             compiled, _ = self.compiled_for(None)
-            self.queue = [compiled.create_infer_request() for _ in range(self.streams)]
+            self.stream_requests = [compiled.create_infer_request() for _ in range(self.streams)]
         parts = np.array_split(x, min(self.streams, len(x)))
-        for request, part in zip(self.queue, parts):
+        for request, part in zip(self.stream_requests, parts):
             request.start_async({0: part})
         out = []
-        for request, _ in zip(self.queue, parts):
+        for request, _ in zip(self.stream_requests, parts):
             request.wait()
             out.append(np.array(request.get_output_tensor(0).data, dtype=np.float32))
         return np.concatenate(out)
@@ -280,5 +280,5 @@ class OpenVINOBackend(Backend):
                 "cache_dir": str(self.cache_dir) if self.cache_dir else None}
 
     def close(self) -> None:
-        self.queue = self.model = None
+        self.stream_requests = self.model = None
         self.models.clear()
