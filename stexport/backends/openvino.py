@@ -231,8 +231,8 @@ class OpenVINOBackend(Backend):
         and closing the backend (which joins those threads while holding it) then deadlocked about one time in
         twenty."""
         if self.stream_requests is None:
-            compiled, _ = self.compiled_for(None)
-            self.stream_requests = [compiled.create_infer_request() for _ in range(self.streams)]
+            compiled, first = self.compiled_for(None)
+            self.stream_requests = [first, *(compiled.create_infer_request() for _ in range(self.streams - 1))]
         parts = np.array_split(x, min(self.streams, len(x)))
         for request, part in zip(self.stream_requests, parts):
             request.start_async({0: part})
