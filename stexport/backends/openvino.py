@@ -242,12 +242,16 @@ class OpenVINOBackend(Backend):
             out.append(np.array(request.get_output_tensor(0).data, dtype=np.float32))
         return np.concatenate(out)
 
+    def any_compiled(self):
+        """A model compiled so far (they share their layer precisions), or None before the first run."""
+        return next(iter(self.models.values()))[0] if self.models else None
+
     def compute_precisions(self) -> tuple[dict[str, int], dict[str, int]]:
         """How many GEMM layers (FullyConnected, MatMul, Convolution) and how many fused subgraphs (attention
         blocks, elementwise chains) run in each precision, read from the compiled model itself."""
         gemm: Counter = Counter()
         fused: Counter = Counter()
-        compiled = next(iter(self.models.values()))[0] if self.models else self.compiled_for(1)[0]
+        compiled = self.any_compiled() or self.compiled_for(1)[0]
         for op in compiled.get_runtime_model().get_ops():
             rt = op.get_rt_info()
             kind = rt["layerType"].astype(str)
@@ -264,7 +268,7 @@ class OpenVINOBackend(Backend):
         import openvino.properties.hint as hints
 
         ov = import_openvino()
-        c = next(iter(self.models.values()))[0] if self.models else None
+        c = self.any_compiled()
         gemm, fused = self.compute_precisions() if c else (None, None)
         return {"backend": self.name, "device": self.device,
                 "device_name": self.core.get_property(self.device, props.device.full_name),
