@@ -74,8 +74,8 @@ def main() -> None:
     int_fc = {name: t for (ntype, etype, name), t in mid.items() if ntype.startswith("FullyConnected")
               and "i8" in etype}
     gemm = sum(int_fc.values())
-    quant = flops["quantizable"] - (flops["parts"]["attn_scores"] if bundle.manifest.get("calibration", {}).get(
-        "attention_scores_int8") else 0)
+    cal = bundle.manifest.calibration
+    quant = flops["quantizable"] - (flops["parts"]["attn_scores"] if cal and cal.attention_scores_int8 else 0)
     print(f"integer GEMM layers: {gemm * 1e3:.0f} ms of {total * 1e3:.0f} ({100 * gemm / total:.0f}%), "
           f"{quant * args.batch / gemm / 1e9:.0f} GOP/s over their {quant / 1e9:.1f} GOP per clip")
     fq = [name for (ntype, _, name), _ in mid.items() if ntype == "FakeQuantize"]

@@ -29,8 +29,8 @@ def main() -> None:
     args = ap.parse_args()
 
     bundle = Bundle.load(args.bundle)
-    runs = {"dynamic": OpenVINOBackend(bundle, precision=args.precision, cache=False, static=False),
-            "static": OpenVINOBackend(bundle, precision=args.precision, cache=False)}
+    runs = {"dynamic": OpenVINOBackend(bundle, compute=args.precision, cache=False, static=False),
+            "static": OpenVINOBackend(bundle, compute=args.precision, cache=False)}
     x = bench.clips_for(bundle, args.batch)
     out = {k: be.run(x) for k, be in runs.items()}
     times: dict[str, list[float]] = {k: [] for k in runs}

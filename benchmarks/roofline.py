@@ -36,7 +36,7 @@ def main() -> None:
         sys.exit(f"{args.bundle}: a {bundle.precision} bundle; the INT8 roofline needs an int8 one")
     flops = bench.model_flops(bundle.manifest)
     float_kind = "bf16" if args.precision == "bf16" else "fp32"
-    be = OpenVINOBackend(bundle, precision=args.precision, cache=False)
+    be = OpenVINOBackend(bundle, compute=args.precision, cache=False)
     x = bench.clips_for(bundle, args.batch)
     be.run(x)
     print(f"{bundle.path.name}, {args.precision} float parts, batch {args.batch}, {args.rounds} rounds")

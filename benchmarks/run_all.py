@@ -46,15 +46,15 @@ ROWS = [
     ("ONNX Runtime", "ONNX", "fp16", "fp16", "onnxruntime", {}),
     ("ONNX Runtime", "ONNX Q/DQ", "int8", "int8", "onnxruntime", {}),
     ("OpenVINO", "ONNX", "fp32", "fp32", "openvino", {}),
-    ("OpenVINO, BF16 hint", "ONNX", "fp32 → bf16", "fp32", "openvino", {"precision": "bf16"}),
+    ("OpenVINO, BF16 hint", "ONNX", "fp32 → bf16", "fp32", "openvino", {"compute": "bf16"}),
     ("OpenVINO", "ONNX", "fp16 (→ f32)", "fp16", "openvino", {}),
-    ("OpenVINO, BF16 hint", "ONNX", "fp16 → bf16", "fp16", "openvino", {"precision": "bf16"}),
+    ("OpenVINO, BF16 hint", "ONNX", "fp16 → bf16", "fp16", "openvino", {"compute": "bf16"}),
     ("OpenVINO", "ONNX Q/DQ", "int8 (+ f32)", "int8", "openvino", {}),
-    ("OpenVINO, BF16 hint", "ONNX Q/DQ", "int8 (+ bf16)", "int8", "openvino", {"precision": "bf16"}),
+    ("OpenVINO, BF16 hint", "ONNX Q/DQ", "int8 (+ bf16)", "int8", "openvino", {"compute": "bf16"}),
     ("ONNX Runtime", "ONNX Q/DQ", "int8 + int8 q·kᵀ", "int8att", "onnxruntime", {}),
     ("OpenVINO", "ONNX Q/DQ", "int8 + int8 q·kᵀ (+ f32)", "int8att", "openvino", {}),
     ("OpenVINO, BF16 hint", "ONNX Q/DQ", "int8 + int8 q·kᵀ (+ bf16)", "int8att", "openvino",
-     {"precision": "bf16"}),
+     {"compute": "bf16"}),
     ("TensorRT", "engine", "fp16 / int8", "fp16", "tensorrt", {}),
 ]
 
@@ -74,7 +74,7 @@ def torch_runner(kind: str, bundle: Bundle):
         def run(clips):
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                 return ref(normalize(torch.from_numpy(clips))).float().numpy()
-        return run, {"backend": "torch", "precision": "fp32 weights", "autocast": "bf16"}
+        return run, {"backend": "torch", "precision": "fp32 weights", "autocast": "bf16", "compute_precision": "bf16"}
     if kind == "folded":
         from stexport.fold import fold
 
@@ -83,7 +83,7 @@ def torch_runner(kind: str, bundle: Bundle):
         def run(clips):
             with torch.inference_mode():
                 return model(torch.from_numpy(clips)).numpy()
-        return run, {"backend": "torch (folded)", "precision": "fp32"}
+        return run, {"backend": "torch (folded)", "precision": "fp32", "compute_precision": "fp32"}
     raise ValueError(kind)
 
 
@@ -216,10 +216,10 @@ def demo_accuracy(work: Path, count: int, model: Path = DEMO) -> tuple[dict, str
             continue
         try:
             # FP16 and BF16-run float bundles: the demo's reduced-precision gate (≥99% agreement, ≤0.5 pt drop)
-            reduced = p == "fp16" or (p == "fp32" and opts.get("precision") == "bf16")
+            reduced = p == "fp16" or (p == "fp32" and opts.get("compute") == "bf16")
             gate = replace(GATES["fp16"], max_accuracy_drop=0.5) if reduced else None
             report = verify(bundles[p], data / "val.txt", backend=name, gate=gate, **opts)
-            out[(name, p, opts.get("precision", ""))] = report
+            out[(name, p, opts.get("compute", ""))] = report
         except Exception as e:
             print(f"verify {name} {p} {opts}: {e}", file=sys.stderr)
     ref = next(iter(out.values()), None)
@@ -288,14 +288,14 @@ def table(rows: list[dict], ref: dict, batch: int) -> str:
 
 
 def accuracy_cell(acc: dict, kind: str, bundle_precision: str, options: dict) -> str:
-    r = acc.get((kind, bundle_precision, options.get("precision", "")))
+    r = acc.get((kind, bundle_precision, options.get("compute", "")))
     if r is None:
         return "—"
     m = r["metrics"]
     a = m.get("accuracy")
     top1 = f"top-1 {a['backend_top1']:.1f}% (Δ {a['top1_difference']:+.1f}), " if a else ""
     failed = [f"{c['check']} {c['value']:.3g} (limit {c['limit']})" for c in r["checks"] if not c["passed"]]
-    bf16 = bundle_precision == "fp32" and options.get("precision") == "bf16"
+    bf16 = bundle_precision == "fp32" and options.get("compute") == "bf16"
     verdict = ("bf16 run, fp16 gate " if bf16 else f"{r['precision']} gate ") + (
         "pass" if r["passed"] else "FAIL: " + "; ".join(failed))
     return f"{top1}agree {100 * m['top1_agreement']:.1f}%, max abs Δ {m['max_abs']:.2g}; {verdict}"
@@ -386,8 +386,8 @@ def main() -> None:
             e2e.append((bp, backend, {"error": str(e)[:200]}))
 
     man = bundles["fp32"].manifest
-    model = {"backbone": backbone, "flops": flops, "adapters": man["adapter"]["spec"]["layout"],
-             "clip": f"{man['frames']} × {man['size']}"}
+    model = {"backbone": backbone, "flops": flops, "adapters": man.spec.layout,
+             "clip": f"{man.frames} × {man.size}"}
     report = {"machine": bench.machine(), "model": model,
               "gemm_peaks": {"before": peaks_before, "after": peaks_after},
               "load_average": {"before": load_before, "after": load_after}, "rows": rows,

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import onnx
 from stexport.calibration.clips import ClipSet, batches, choose
+from stexport.calibration.qdq import insert_qdq, quant_targets
 from stexport.calibration.ranges import PERCENTILE, RangeCollector
 from tqdm import tqdm
 
-from stexport.bundle import atomic_write_json, default_home
+from stexport.bundle import default_home
 from stexport.errors import StexportError
-from stexport.export import check, insert_qdq, quant_targets, save
+from stexport.export import check, save
+from stexport.fileutil import atomic_write_json
+from stexport.manifest import InputRecord
 
 log = logging.getLogger("stexport")
 
@@ -34,12 +37,10 @@ def model_hash(proto: onnx.ModelProto) -> str:
 
 
 def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling, method: str,
-            input_spec: dict | None = None, workdir: Path | None = None,
+            input_spec: InputRecord, workdir: Path | None = None,
             progress: bool = False) -> dict[str, float]:
     """Run the FP32 graph on every calibration clip with `tensors` as extra outputs; their thresholds."""
     import onnxruntime as ort
-
-    from stexport.backends.base import feed
 
     aug = onnx.ModelProto()
     aug.CopyFrom(proto)
@@ -62,13 +63,13 @@ def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling
     ranges = RangeCollector(method)
     for views in tqdm(batches(clips, sampling), total=len(clips), desc="calibrate", unit="clip",
                       disable=None if progress else True, leave=False):
-        outs = session.run(None, {inp: feed(views, input_spec or {})})
+        outs = session.run(None, {inp: input_spec.feed(views)})
         ranges.add({n: o for n, o in zip(names, outs) if n in tensors})
     return ranges.amax()
 
 
 def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampling: dict, clips: int = 32,
-                          method: str = "minmax", seed: int = 0, input_spec: dict | None = None,
+                          method: str = "minmax", seed: int = 0, input_spec: InputRecord | None = None,
                           progress: bool = False, external_data: bool | None = None, use_cache: bool = True,
                           on_calibrated=None, attention: bool = False) -> dict:
     """Rewrite the FP32 graph at `onnx_path` as INT8 Q/DQ in place; returns the manifest's `calibration`."""
@@ -100,7 +101,8 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
         except (OSError, ValueError, KeyError):
             log.warning("%s: unreadable calibration cache entry; recalibrating", cache)
     if amax is None:
-        amax = collect(proto, tensors, chosen, view, method, input_spec, onnx_path.parent, progress)
+        spec = input_spec or InputRecord(frames=frames, size=size)
+        amax = collect(proto, tensors, chosen, view, method, spec, onnx_path.parent, progress)
         if use_cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
             videos = [str(v) for v in chosen.videos]

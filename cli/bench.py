@@ -6,14 +6,16 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import handle_errors, print_json
+from stexport.cli.common import OPTION_HELP, handle_errors, parse_options, print_json
 
 EXAMPLES = """
 Examples:
 
   stexport bench BUNDLE                                  # auto backend, batch 1 and 32
 
-  stexport bench BUNDLE --backend openvino -o precision=bf16 --batch 1,8 --iters 5
+  stexport bench BUNDLE --backend openvino -o compute=bf16 --batch 1,8 --iters 5
+
+  stexport bench --list-options                          # every backend's -o options
 
   stexport bench BUNDLE --backend onnxruntime --threads 2 --json > ort.json
 """
@@ -28,30 +30,6 @@ def parse_batches(text: str) -> list[int]:
         out = []
     if not out or min(out) < 1:
         raise StexportError(f"--batch {text!r}: give batch sizes ≥1 separated by commas, e.g. 1,32")
-    return out
-
-
-def parse_options(items: list[str]) -> dict:
-    """KEY=VALUE pairs for the backend; values that read as int, float or true/false become those."""
-    from stexport.errors import StexportError
-
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise StexportError(f"--option {item!r}: expected KEY=VALUE, e.g. precision=bf16")
-        low = value.lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-            continue
-        for cast in (int, float):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = value
     return out
 
 
@@ -83,7 +61,7 @@ def show(r: dict) -> None:
 
 @handle_errors
 def bench(
-    bundle: Path = typer.Argument(..., help="Bundle directory (from `stexport build`)."),
+    bundle: Path = typer.Argument(None, help="Bundle directory (from `stexport build`)."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto or a backend name: openvino, "
                                 "onnxruntime, tensorrt, torchscript, torch."),
     batch: str = typer.Option("1,32", "--batch", help="Batch sizes, comma-separated: batch 1 gives latency "
@@ -91,9 +69,8 @@ def bench(
     iters: int = typer.Option(10, "--iters", "-n", help="Timed calls per batch size."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed calls per batch size first."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the backend."),
-    option: list[str] = typer.Option([], "--option", "-o", help="Backend option KEY=VALUE (repeatable), e.g. "
-                                     "precision=bf16, hint=throughput or static=false (one dynamic-batch model) "
-                                     "for openvino, opt_level=extended for onnxruntime."),
+    option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
+    list_options: bool = typer.Option(False, "--list-options", help="List every backend's options and exit."),
     peaks: bool = typer.Option(True, "--peaks/--no-peaks", help="Measure this CPU's GEMM peak for the "
                                "precision in use (a few seconds) and report the fraction reached."),
     in_process: bool = typer.Option(False, "--in-process", help="Measure in this process instead of a fresh "
@@ -114,8 +91,16 @@ that stay float (patch embedding, attention, head) at the float rate.
 
     Timings on a shared machine are noisy: compare backends in one run, quote medians.
     """
-    from stexport.bench import bench as run
+    if list_options:
+        from stexport.backends import options_help
 
+        typer.echo(options_help())
+        return
+    from stexport.bench import bench as run
+    from stexport.errors import StexportError
+
+    if bundle is None:
+        raise StexportError("missing BUNDLE: pass a bundle directory (from `stexport build`)")
     opts = parse_options(option)
     if threads:
         opts["threads"] = threads

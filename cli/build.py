@@ -75,23 +75,18 @@ def build(
     tensor) with ranges calibrated on real videos decoded exactly as `stexport infer` decodes them; results
     are cached by model and clip set.
     """
-    from stexport.build import build_bundle
-    from stexport.errors import StexportError
-    from stexport.fold import INPUT_FORMATS
+    from stexport.build import BuildOptions, build_bundle
 
-    if input_format not in INPUT_FORMATS:
-        raise StexportError(f"--input {input_format}: choose one of {', '.join(INPUT_FORMATS)}")
     sampling = {} if rate is None else {"rate": rate}
     if views:
         from stexport.video import parse_views
 
         sampling["temporal_views"], sampling["spatial_views"] = parse_views(views)
-    if calib is not None and not calib.exists():
-        raise StexportError(f"{calib}: no such clip list or directory (--calib)")
-    b = build_bundle(adapter, backbone=backbone, pretrained=pretrained, precision=precision, frames=frames,
-                     size=size, out=out, force=force, calib=calib, labels=labels, calib_clips=calib_clips,
-                     calib_method=calib_method, input_format=input_format, int8_attention=int8_attention,
-                     sampling=sampling or None, progress=True)
+    options = BuildOptions(adapter=adapter, backbone=backbone, pretrained=pretrained, precision=precision,
+                           frames=frames, size=size, out=out, force=force, calib=calib, labels=labels,
+                           calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
+                           int8_attention=int8_attention, sampling=sampling or None, progress=True)
+    b = build_bundle(options=options)
     if torchscript:
         from stexport.torchscript import add_to_bundle
 
@@ -101,28 +96,30 @@ def build(
         from stexport.trt_engines.engine import build_or_defer
 
         engine_note = build_or_defer(b, progress=True)
+    m = b.manifest
     if as_json:
         note = {"engine_note": engine_note} if engine_note else {}
-        print_json({"path": str(b.path), **b.manifest, **note})
+        print_json({"path": str(b.path), **m.model_dump(mode="json", exclude_none=True), **note})
         return
-    m = b.manifest
-    size_mb = sum(r["bytes"] for r in m["files"].values()) / 1e6
+    size_mb = sum(r.bytes for r in m.files.values()) / 1e6
     typer.echo(f"built {b.path}")
-    spec = m["adapter"]["spec"]
-    typer.echo(f"  {m['backbone']['name']} + {spec['layout']} adapters, {m['precision']}, {m['frames']}x"
-               f"{m['size']}px, {spec['num_classes']} classes ({m['labels']['source']})")
-    s = m["sampling"]
-    typer.echo(f"  sampling: rate {s['rate']}, {s['temporal_views']}x{s['spatial_views']} views; "
-               f"{len(m['files'])} files, {size_mb:.1f} MB")
-    if "calibration" in m:
-        c = m["calibration"]
-        typer.echo(f"  calibration: {c['method']} on {c['clips']} clips{' (cached)' if c['cached'] else ''}, "
-                   f"{c['quantized_layers']} layers quantized")
+    spec, bb = m.spec, m.model.backbone
+    typer.echo(f"  {bb.name} + {spec.layout} adapters, {m.precision}, {m.frames}x{m.size}px, "
+               f"{spec.num_classes} classes ({m.output.labels_source})")
+    why = f" ({bb.activation_reason})" if bb.activation_reason else ""
+    typer.echo(f"  activation: {bb.activation}{why}")
+    s = m.sampling
+    typer.echo(f"  sampling: rate {s.rate}, {s.temporal_views}x{s.spatial_views} views; "
+               f"{len(m.files)} files, {size_mb:.1f} MB")
+    if m.calibration is not None:
+        c = m.calibration
+        typer.echo(f"  calibration: {c.method} on {c.clips} clips{' (cached)' if c.cached else ''}, "
+                   f"{c.quantized_layers} layers quantized")
     if engine_note:
         typer.echo(f"  {engine_note}")
-    if torchscript:
-        ts = b.manifest["torchscript"]
-        typer.echo(f"  torchscript: {ts['file']} ({ts['precision']}) for libtorch hosts (examples/cpp)")
+    if torchscript and m.torchscript is not None:
+        ts = m.torchscript
+        typer.echo(f"  torchscript: {ts.file} ({ts.precision}) for libtorch hosts (examples/cpp)")
     typer.echo(f"next: stexport verify {b.path} --clips VIDEOS   |   stexport infer VIDEO -m {b.path}")
 
 

@@ -40,7 +40,24 @@ def handle_errors(fn):
 
 
 def print_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+    """Strict JSON on stdout (NaN/Infinity would not be JSON: they raise instead of printing)."""
+    typer.echo(json.dumps(obj, indent=2, default=str, allow_nan=False))
+
+
+def parse_options(items: list[str]) -> dict[str, str]:
+    """`-o KEY=VALUE` pairs; each backend checks and types them against the options it declares."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise StexportError(f"--option {item!r}: expected KEY=VALUE, e.g. threads=2 or compute=bf16")
+        out[key.strip()] = value.strip()
+    return out
+
+
+OPTION_HELP = ("Backend option KEY=VALUE (repeatable), checked against the backend's options: e.g. compute=bf16, "
+               "hint=throughput or static=false for openvino; opt_level=extended for onnxruntime; threads=N for "
+               "any. `stexport bench --list-options` lists them all.")
 
 
 def setup_logging(verbose: bool = False) -> None:

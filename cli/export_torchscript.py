@@ -45,15 +45,15 @@ def export_torchscript(
     from stexport.torchscript import add_to_bundle
 
     b = add_to_bundle(Bundle.load(bundle), force=force, precision=precision, pretrained=pretrained)
-    rec = b.manifest["torchscript"]
-    if as_json:
-        print_json({"path": str(b.file("torchscript")), **rec})
-        return
+    rec = b.manifest.torchscript
     path = b.file("torchscript")
+    if as_json:
+        print_json({"path": str(path), **rec.model_dump(mode="json")})
+        return
     typer.echo(f"wrote {path}")
-    typer.echo(f"  {rec['precision']}, uint8 (B, {b.frames}, {b.size}, {b.size}, 3) -> logits, "
+    typer.echo(f"  {rec.precision}, uint8 (B, {b.frames}, {b.size}, {b.size}, 3) -> logits, "
                f"{path.stat().st_size / 1e6:.1f} MB; traced module vs deploy model max |Δ| "
-               f"{rec['trace_check_max_abs']:.1e}")
+               f"{rec.trace_check_max_abs:.1e}")
     typer.echo(f"next: stexport infer VIDEO -m {b.path} --backend torchscript   |   "
                f"stexport dump-clip VIDEO -m {b.path} -o clip.npy && stexport-host {path} clip.npy")
 

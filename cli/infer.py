@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import EXIT_BAD_INPUT, handle_errors
+from stexport.cli.common import EXIT_BAD_INPUT, OPTION_HELP, handle_errors, parse_options
 
 EXAMPLES = """
 Examples:
@@ -88,6 +88,7 @@ def infer(
     labels: Path = typer.Option(None, "--labels", help="Class names, one per line, in class order "
                                 "(overrides the bundle's)."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the backend."),
+    option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
     window: float = typer.Option(None, "--window", help="Timeline mode: classify windows of this many "
                                  "seconds."),
     stride: float = typer.Option(None, "--stride", help="Timeline mode: seconds between window starts "
@@ -115,7 +116,9 @@ each window is sampled like a whole video of its length.
         raise StexportError("--stride needs --window (timeline mode)")
     bundle = pick_bundle(model)
     sampling = with_views(Sampling.from_manifest(bundle.manifest), views, rate)
-    options = {"threads": threads} if threads else {}
+    options = parse_options(option)
+    if threads:
+        options["threads"] = threads
     sources = expand(videos)
     failed = 0
     with Classifier(bundle, backend=backend, labels=str(labels) if labels else None, sampling=sampling,

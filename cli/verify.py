@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from stexport.cli.common import handle_errors
+from stexport.cli.common import OPTION_HELP, handle_errors, parse_options
 
 EXIT_GATE_FAILED = 1
 
@@ -42,6 +42,7 @@ def verify(
                                    "file the bundle was built from has moved."),
     device: str = typer.Option(None, "--device", help="Backend device (e.g. cpu, cuda, tensorrt)."),
     threads: int = typer.Option(None, "--threads", help="Backend CPU threads."),
+    option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
 ):
     """Decode each video as `infer` does, run the bundle's backend and the PyTorch reference on the same
     clips, and report max/mean |Δlogit|, cosine similarity, top-1 and top-5 agreement and, when the list has
@@ -61,7 +62,8 @@ def verify(
     changes = {k: v for k, v in {"max_abs": max_abs, "min_top1_agreement": min_agreement,
                                  "max_accuracy_drop": max_drop}.items() if v is not None}
     gate = dataclasses.replace(gate, **changes)
-    options = {k: v for k, v in {"device": device, "threads": threads}.items() if v is not None}
+    options = parse_options(option)
+    options.update({k: v for k, v in {"device": device, "threads": threads}.items() if v is not None})
     report = run_verify(b, clips, backend=backend, max_clips=max_clips, gate=gate, pretrained=pretrained,
                         progress=True, **options)
     if json_path is not None and str(json_path) == "-":
@@ -69,7 +71,7 @@ def verify(
     else:
         typer.echo(format_report(report))
         if json_path is not None:
-            from stexport.bundle import atomic_write_json
+            from stexport.fileutil import atomic_write_json
 
             atomic_write_json(json_path, json.loads(json.dumps(report, default=str)))
     if not report["passed"]:

@@ -7,42 +7,24 @@ transformer.resblocks.N.{ln_1,attn,ln_2,mlp}, ln_post). CLIP's `proj` is dropped
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from stexport.errors import StexportError
+from stexport.fileutil import sha256_file
+from stexport.manifest import ViTConfig
 
 log = logging.getLogger("stexport")
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Keys OpenAI's released CLIP files carry besides the weights; open_clip checkpoints never do.
 OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
-
-
-@dataclass(frozen=True)
-class ViTConfig:
-    width: int
-    layers: int
-    heads: int
-    patch_size: int
-    image_size: int
-    mlp_width: int
-    act: str  # "quick_gelu" or "gelu"
-    ln_eps: float = 1e-5
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -93,14 +75,6 @@ def model_config(name: str) -> dict:
             raise StexportError(f"backbone '{name}' sets vision_cfg.{key}={vision[key]!r}; "
                                 "ST-Adapter supports plain CLIP ViTs only")
     return cfg
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -220,7 +194,7 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
             raise StexportError(f"{path}: no vision tensor '{missing[0]}' (+{len(missing) - 1} more): "
                                 f"not weights for backbone {name}")
         visual.load_state_dict({k: v for k, v in vis.items() if k in own}, strict=False)
-        source.update(sha256=_sha256(path), openai=openai, file=str(path.resolve()))
+        source.update(sha256=sha256_file(path), openai=openai, file=str(path.resolve()))
     else:
         tag_cfg = get_pretrained_cfg(name, pretrained)
         if not tag_cfg:

@@ -31,17 +31,16 @@ PEAK_SIZE = 2048
 # FLOPs
 
 
-def model_flops(manifest: dict) -> dict:
-    """FLOPs of one clip for a bundle manifest (backbone config, adapter spec, frames, size).
+def model_flops(manifest) -> dict:
+    """FLOPs of one clip for a bundle's stexport.manifest.Manifest (backbone config, adapter spec, frames, size).
 
     Returns {"total", "quantizable", "parts": {...}}; "quantizable" is the part INT8 bundles run as integer
     GEMMs (the transformer's linear layers, adapters' fc1/fc2 included, and q·kᵀ when the bundle quantizes
     attention scores), the rest stays float.
     """
-    cfg = manifest["backbone"]["config"]
-    spec = manifest["adapter"]["spec"]
-    scores = bool(manifest.get("calibration", {}).get("attention_scores_int8"))
-    return clip_flops(cfg, spec, int(manifest["frames"]), int(manifest["size"]), int8_scores=scores)
+    scores = bool(manifest.calibration and manifest.calibration.attention_scores_int8)
+    return clip_flops(manifest.model.backbone.config.to_dict(), manifest.spec.to_dict(), manifest.frames,
+                      manifest.size, int8_scores=scores)
 
 
 def clip_flops(cfg: dict, spec: dict, frames: int, size: int, int8_scores: bool = False) -> dict:
@@ -145,14 +144,12 @@ def gemm_peaks(kinds=("fp32", "bf16", "int8"), seconds: float = 1.0) -> dict[str
 
 
 def compute_precision(bundle_precision: str, described: dict) -> tuple[str, str]:
-    """(precision of the quantized GEMMs, precision of the float ones) as they run, from describe().
+    """(precision of the quantized GEMMs, precision of the float ones) as they run, from the backend's
+    describe()["compute_precision"] (stexport.backends.base.COMPUTE_PRECISIONS).
 
-    FP16 bundles on a CPU without FP16 arithmetic run their GEMMs in FP32 (weights converted on load), so they
-    are held against the FP32 peak.
-    """
-    keys = ("precision", "inference_precision", "autocast")
-    text = " ".join(str(described.get(k, "")) for k in keys).lower()
-    fl = "bf16" if "bf16" in text else "fp32"
+    There is no FP16 GEMM peak measured on CPUs: FP16 and TF32 compute are held against the FP32 peak (CPUs
+    without FP16 arithmetic convert FP16 weights on load)."""
+    fl = "bf16" if described.get("compute_precision") == "bf16" else "fp32"
     return ("int8" if bundle_precision == "int8" else fl), fl
 
 
@@ -324,11 +321,14 @@ def machine() -> dict:
 def bench(bundle_path, backend: str = "auto", options: dict | None = None, batches=(1, 32), iters: int = 10,
           warmup: int = 2, peaks: bool | dict = True, isolated: bool = True, progress: bool = False) -> dict:
     """Everything `stexport bench` prints: timings, memory, FLOPs, and the fraction of the GEMM roofline."""
+    from stexport.backends import load_class
     from stexport.bundle import Bundle
 
     bundle = Bundle.load(bundle_path)
     if iters < 1 or warmup < 0 or not batches or min(batches) < 1:
         raise StexportError("--iters must be ≥1, --warmup ≥0 and every --batch ≥1")
+    if backend != "auto":  # a mistyped option is refused here, before a child process starts
+        options = load_class(backend).check_options(options or {})
     run = measure_isolated if isolated else measure
     res = run(str(bundle.path), backend, options, tuple(batches), iters, warmup, progress)
     flops = model_flops(bundle.manifest)
@@ -341,9 +341,9 @@ def bench(bundle_path, backend: str = "auto", options: dict | None = None, batch
 
 
 def _child(job: str) -> None:
-    from stexport.cli.common import setup_logging
+    import logging
 
-    setup_logging(False)
+    logging.basicConfig(level=logging.WARNING, format="stexport: %(message)s", stream=sys.stderr)
     j = json.loads(job)
     try:
         res = measure(j["bundle"], j["backend"], j["options"], tuple(j["batches"]), j["iters"], j["warmup"],

@@ -1,28 +1,35 @@
-"""Bundles: a directory holding exported artifacts and a `stexport.json` manifest.
+"""Bundles: a directory holding exported artifacts and a `stexport.json` manifest (stexport.manifest).
 
-Every command speaks bundles. A bundle is written to a temporary sibling directory and renamed into place, so a
-failed build never leaves a half-written bundle, and an existing one is only replaced with force=True.
+Every command speaks bundles. A bundle is written to a temporary sibling directory and renamed into place under
+a lock on the parent directory, so a failed or killed build never leaves a half-written bundle at the target,
+two builds of the same target never silently replace each other, and an existing bundle is only replaced with
+force=True. A file the runtime opens is checked against the sha256 the manifest recorded (cached by size,
+mtime and inode), so a changed model never runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from stexport import __version__
-from stexport.errors import StexportError
+from stexport import manifest as mf
+from stexport.errors import BundleChanged, StexportError
+from stexport.fileutil import apply_umask, atomic_write_json, sha256_file
+from stexport.manifest import MANIFEST, FileRecord, Manifest
 
-MANIFEST = "stexport.json"
-FORMAT = "stexport-bundle"
-FORMAT_VERSION = 1
+log = logging.getLogger("stexport")
+
+TEMP_MARK = ".bundle-"  # temporary build directories: .<name>.bundle-<pid>-<random>
 
 
 def default_home() -> Path:
@@ -30,143 +37,258 @@ def default_home() -> Path:
     return Path(os.environ.get("STEXPORT_HOME", Path.home() / ".cache" / "stexport")) / "bundles"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _file_records(root: Path) -> dict[str, dict]:
+def file_records(root: Path) -> dict[str, FileRecord]:
+    """sha256 and size of every file under `root` but the manifest (the verified-hash cache is primed too)."""
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            out[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            out[p.relative_to(root).as_posix()] = FileRecord(sha256=sha256_file(p), bytes=p.stat().st_size)
     return out
 
 
-def atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+# ------------------------------------------------------------------------------------------------------------
+# verified-hash cache: hashing a 376 MB model on every start would cost a second; a file whose size, mtime and
+# inode are unchanged since its hash was verified is taken as verified.
+
+
+def _hash_cache_file(bundle_path: Path) -> Path:
+    key = hashlib.sha256(str(bundle_path.resolve()).encode()).hexdigest()[:24]
+    return default_home().parent / "verified" / f"{key}.json"
+
+
+def _stamp(p: Path) -> list[int]:
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _read_cache(bundle_path: Path) -> dict:
+    try:
+        data = json.loads(_hash_cache_file(bundle_path).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(bundle_path: Path, data: dict) -> None:
+    try:
+        atomic_write_json(_hash_cache_file(bundle_path), data)
+    except OSError:  # a read-only home only costs the next start a hash
+        pass
 
 
 @dataclass
 class Bundle:
+    """A bundle on disk. check_hashes=False lets `stexport verify` inspect a changed bundle as it is."""
+
     path: Path
-    manifest: dict
+    manifest: Manifest
+    check_hashes: bool = True
 
     @classmethod
     def load(cls, path: str | Path) -> "Bundle":
+        """Read and validate a bundle directory (or its stexport.json). Raises StexportError, one line."""
         path = Path(path)
-        if path.is_file() and path.name == MANIFEST:
+        if path.name == MANIFEST and path.is_file():
             path = path.parent
-        mf = path / MANIFEST
         if not path.exists():
             raise StexportError(f"{path}: no such bundle (build one with `stexport build --adapter FILE`)")
-        if not mf.is_file():
-            raise StexportError(f"{path}: not a stexport bundle (no {MANIFEST}); build one with `stexport build`")
-        try:
-            manifest = json.loads(mf.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StexportError(f"{mf}: unreadable manifest ({e}); rebuild the bundle with `stexport build --force`")
-        if manifest.get("format") != FORMAT:
-            raise StexportError(f"{mf}: not a stexport manifest")
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise StexportError(f"{mf}: bundle format {manifest['format_version']} is newer than this stexport "
-                                f"({__version__}) understands; upgrade stexport")
-        return cls(path=path, manifest=manifest)
+        if not path.is_dir():
+            raise StexportError(f"{path}: not a bundle directory (build one with `stexport build --adapter FILE`)")
+        return cls(path=path, manifest=mf.load(path))
 
-    def file(self, key: str) -> Path:
-        """Path of an artifact named in manifest['artifacts'] (e.g. 'onnx', 'torchscript', 'labels')."""
-        rel = self.manifest.get("artifacts", {}).get(key)
+    # -- artifacts ----------------------------------------------------------------------------------------------
+
+    def has(self, role: str) -> bool:
+        rel = self.manifest.artifacts.get(role)
+        return bool(rel) and (self.path / rel).exists()
+
+    def file(self, role: str, verify: bool = True) -> Path:
+        """Path of the artifact `role` ('onnx', 'torchscript', 'labels', 'deltas', …). With `verify`, its sha256
+        (and that of the ONNX external data with 'onnx') must match the manifest's record.
+
+        Raises StexportError when the bundle has no such artifact, the file is gone, or it changed since the
+        build."""
+        rel = self.manifest.artifacts.get(role)
         if not rel:
-            raise StexportError(f"{self.path}: bundle has no {key} artifact")
+            raise StexportError(f"{self.path}: bundle has no {role} artifact")
         p = self.path / rel
         if not p.exists():
             raise StexportError(f"{p}: missing from the bundle; rebuild it with `stexport build --force`")
+        if verify and self.check_hashes:
+            self.verify_files([rel, *([self.manifest.artifacts["onnx_data"]]
+                                     if role == "onnx" and "onnx_data" in self.manifest.artifacts else [])])
         return p
 
-    def has(self, key: str) -> bool:
-        rel = self.manifest.get("artifacts", {}).get(key)
-        return bool(rel) and (self.path / rel).exists()
-
-    def check_files(self) -> list[str]:
-        """Names of files whose sha256 no longer matches the manifest."""
-        bad = []
-        for rel, rec in self.manifest.get("files", {}).items():
+    def changed_files(self, names: list[str] | None = None) -> list[str]:
+        """Which of `names` (default: every recorded file) are missing or no longer match their sha256."""
+        names = list(self.manifest.files) if names is None else names
+        cache = _read_cache(self.path)
+        bad, dirty = [], False
+        for rel in names:
+            rec = self.manifest.files.get(rel)
             p = self.path / rel
-            if not p.is_file() or sha256_file(p) != rec["sha256"]:
+            if rec is None or p.is_dir():
+                continue
+            if not p.is_file():
                 bad.append(rel)
+                continue
+            stamp = _stamp(p)
+            if cache.get(rel) == [*stamp, rec.sha256]:
+                continue
+            if sha256_file(p) != rec.sha256:
+                bad.append(rel)
+                continue
+            cache[rel] = [*stamp, rec.sha256]
+            dirty = True
+        if dirty:
+            _write_cache(self.path, cache)
         return bad
+
+    def verify_files(self, names: list[str] | None = None) -> None:
+        """Raise StexportError if any of `names` (default: all) changed since the build."""
+        bad = self.changed_files(names)
+        if bad:
+            raise BundleChanged(f"{self.path}: {', '.join(bad)} changed since the bundle was built (sha256 differs "
+                                f"from stexport.json); rebuild it with `stexport build --force`, or see what "
+                                f"differs with `stexport verify {self.path} --clips VIDEOS`")
+
+    # -- what the runtime reads -----------------------------------------------------------------------------------
 
     @property
     def labels(self) -> list[str]:
+        """Class names, in class order: the bundle's labels file, else class_0 … class_{N-1}."""
         if not self.has("labels"):
-            n = self.manifest["adapter"]["spec"]["num_classes"]
-            return [f"class_{i}" for i in range(n)]
-        return [ln.strip() for ln in self.file("labels").read_text().splitlines() if ln.strip()]
+            return [f"class_{i}" for i in range(self.manifest.output.classes)]
+        return [ln.strip() for ln in self.file("labels").read_text(encoding="utf-8").splitlines() if ln.strip()]
 
     @property
     def frames(self) -> int:
-        return int(self.manifest["frames"])
+        return self.manifest.input.frames
 
     @property
     def size(self) -> int:
-        return int(self.manifest["size"])
+        return self.manifest.input.size
 
     @property
     def precision(self) -> str:
-        return self.manifest["precision"]
+        return self.manifest.precision
 
     def update(self, artifacts: dict[str, str] | None = None, **fields) -> None:
-        """Record new artifacts (already written into the bundle) and fields; refresh hashes atomically."""
-        m = dict(self.manifest)
-        m.setdefault("artifacts", {}).update(artifacts or {})
-        m.update(fields)
-        m["files"] = _file_records(self.path)
-        atomic_write_json(self.path / MANIFEST, m)
+        """Record new artifacts (already written into the bundle) and manifest fields; refresh the file hashes;
+        write the manifest in one rename."""
+        m = self.manifest.with_(artifacts={**self.manifest.artifacts, **(artifacts or {})}, **fields)
+        m = m.with_(files=file_records(self.path))
+        mf.save(m, self.path)
         self.manifest = m
+        self.changed_files()  # prime the verified-hash cache with the new files
+
+
+# ------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove temporary build directories of `out` left by builds that were killed (their process is gone)."""
+    removed = []
+    pattern = re.compile(re.escape(f".{out.name}{TEMP_MARK}") + r"(\d+)-")
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+            log.info("removed %s, left by an interrupted build", p)
+    return removed
+
+
+@contextlib.contextmanager
+def locked_dir(path: Path):
+    """Exclusive flock on a directory's descriptor for the `with` block (no lock file is created)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def refuse_existing(out: Path, force: bool) -> None:
+    """The one "may `out` be written" rule: absent, or (with force) a stexport bundle or an empty folder."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise StexportError(f"{out}: already exists; pass --force to replace it, or choose another --out")
+    if not out.is_dir() or (not (out / MANIFEST).exists() and any(out.iterdir())):
+        raise StexportError(f"{out}: exists and is not a stexport bundle; refusing to replace it")
 
 
 @contextlib.contextmanager
 def writing(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temp directory; on success it replaces `out` in one rename, on failure it is removed."""
+    """Yield a temporary directory beside `out`; on success it becomes `out` in one rename, on failure (or
+    an interrupt) it is removed.
+
+    The "already exists" check holds at the rename itself (made under a lock on the parent directory): of two
+    builds of the same `out` without force, the second to finish is refused. Temporary directories of killed
+    builds are removed first. The bundle gets the modes the user's umask gives any new folder and file."""
     out = Path(out)
-    if out.exists() and not force:
-        raise StexportError(f"{out}: already exists; pass --force to replace it, or choose another --out")
-    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
-        raise StexportError(f"{out}: exists and is not a stexport bundle; refusing to replace it")
+    refuse_existing(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_MARK}{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        apply_umask(tmp)
+        with locked_dir(out.parent):
+            try:
+                refuse_existing(out, force)
+            except StexportError as e:
+                raise StexportError(f"{e} (it was written by another process while this build ran)") from None
+            if out.exists():
+                old = out.with_name(f".{out.name}.old{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def finish_manifest(root: Path, manifest: dict) -> dict:
-    """Stamp format, version, time and per-file sha256 into `manifest` and write it into `root`."""
-    m = {"format": FORMAT, "format_version": FORMAT_VERSION, "stexport_version": __version__,
-         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest}
-    m["files"] = _file_records(root)
-    atomic_write_json(root / MANIFEST, m)
+def finish(root: Path, manifest: Manifest) -> Manifest:
+    """Record every file's sha256 in `manifest` and write it into `root` (a bundle being written)."""
+    m = manifest.with_(files=file_records(root))
+    mf.save(m, root)
     return m
 
 
 def newest(home: Path | None = None) -> Path | None:
-    """The most recently built bundle under the default location, if any."""
+    """The bundle under `home` (default: default_home()) built last, by the build time in its manifest (not
+    the folder's mtime, which later additions such as model.ts change). Unreadable manifests are passed over."""
     home = home or default_home()
     if not home.is_dir():
         return None
-    found = [p.parent for p in home.glob(f"*/{MANIFEST}")]
-    return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime) if found else None
+    best, found = None, None
+    for m in home.glob(f"*/{MANIFEST}"):
+        try:
+            created = mf.created_at(json.loads(m.read_text(encoding="utf-8")).get("created"))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if created is None:
+            continue
+        key = (created, m.parent.name)
+        if best is None or key > best:
+            best, found = key, m.parent
+    return found

@@ -73,7 +73,7 @@ class Classifier:
                  sampling: Sampling | None = None, top_k: int = 5, **backend_options):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
-        self.num_classes = int(m["adapter"]["spec"]["num_classes"])
+        self.num_classes = m.output.classes
         self.sampling = sampling or Sampling.from_manifest(m)
         if (self.sampling.frames, self.sampling.size) != (self.bundle.frames, self.bundle.size):
             b, s = self.bundle, self.sampling
@@ -85,7 +85,7 @@ class Classifier:
         own = str(self.bundle.file("labels")) if self.bundle.has("labels") else None
         self.labels, self.labels_source = resolve_labels(labels or own, self.num_classes)
         if not labels and own:  # the bundle's labels.txt: say where build took the names from
-            self.labels_source = (m.get("labels") or {}).get("source", self.labels_source)
+            self.labels_source = m.output.labels_source
         self.backend = backends.create(backend, self.bundle, **backend_options)
 
     def describe(self) -> dict:

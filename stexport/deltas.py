@@ -11,55 +11,19 @@ tensors alone.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from stexport.backbone import ViTConfig
 from stexport.errors import StexportError
+from stexport.fileutil import sha256_file
+from stexport.manifest import AdapterSpec, ViTConfig
 
 POSITIONS = ("pre_attn", "pre_mlp")
 _ADAPTER_KEY = re.compile(r"^transformer\.resblocks\.(\d+)\.adapter_(pre_attn|pre_mlp)\.(fc1|conv|fc2)\.(weight|bias)$")
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    dim: int  # backbone width d
-    width: int  # bottleneck w
-    kernel: tuple[int, int, int]  # (kt, kh, kw)
-    pre_attn: tuple[int, ...]  # block indices with an adapter before attention
-    pre_mlp: tuple[int, ...]  # block indices with an adapter before the MLP
-    num_classes: int
-
-    @property
-    def num_adapters(self) -> int:
-        return len(self.pre_attn) + len(self.pre_mlp)
-
-    @property
-    def layout(self) -> str:
-        """The paper's name for it, e.g. '12x384'."""
-        return f"{self.num_adapters}x{self.width}"
-
-    def num_params(self) -> int:
-        kt, kh, kw = self.kernel
-        per = (self.dim * self.width + self.width) + (self.width * kt * kh * kw + self.width) \
-            + (self.width * self.dim + self.dim)
-        return self.num_adapters * per + self.num_classes * self.dim + self.num_classes
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["kernel"], d["pre_attn"], d["pre_mlp"] = list(self.kernel), list(self.pre_attn), list(self.pre_mlp)
-        d["layout"] = self.layout
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AdapterSpec":
-        return cls(dim=d["dim"], width=d["width"], kernel=tuple(d["kernel"]), pre_attn=tuple(d["pre_attn"]),
-                   pre_mlp=tuple(d["pre_mlp"]), num_classes=d["num_classes"])
 
 
 @dataclass
@@ -93,14 +57,6 @@ def _load_file(path: Path) -> object:
         )
     except Exception as e:  # noqa: BLE001
         raise StexportError(f"{path}: not a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def unwrap(obj: object, where: str) -> dict[str, torch.Tensor]:
@@ -184,7 +140,7 @@ def load_deltas(path: str | Path) -> Deltas:
     path = Path(path)
     sd = unwrap(_load_file(path), str(path))
     spec = infer_spec(sd, str(path))
-    return Deltas(spec=spec, state_dict={k: v.float() for k, v in sd.items()}, path=str(path), sha256=_sha256(path))
+    return Deltas(spec=spec, state_dict={k: v.float() for k, v in sd.items()}, path=str(path), sha256=sha256_file(path))
 
 
 def save_official(path: str | Path, state_dict: dict[str, torch.Tensor], next_epoch: int = 1,

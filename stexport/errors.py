@@ -3,3 +3,7 @@
 
 class StexportError(Exception):
     """Bad input or an impossible request. The message names the file and the fix."""
+
+
+class BundleChanged(StexportError):
+    """A bundle file no longer matches the sha256 its manifest recorded: no runtime may run it."""

@@ -7,20 +7,18 @@ from pathlib import Path
 
 from stexport.backbone import Backbone, load_backbone, random_backbone
 from stexport.bundle import Bundle
-from stexport.deltas import Deltas, check_fits, infer_spec, load_deltas
+from stexport.deltas import Deltas, infer_spec
 from stexport.errors import StexportError
+from stexport.manifest import BackboneRecord, WeightsSource
 from stexport.reference import STAdapterViT, build_reference
 
 
-def load_pair(adapter: str | Path, backbone: str, pretrained: str) -> tuple[Backbone, Deltas]:
-    deltas = load_deltas(adapter)  # cheap and most likely to be wrong: check it before loading a backbone
-    bb = load_backbone(backbone, pretrained)
-    check_fits(deltas.spec, bb.config, backbone)
-    return bb, deltas
-
-
-def backbone_record(bb: Backbone) -> dict:
-    return {"name": bb.name, "config": bb.config.to_dict(), **bb.source}
+def backbone_record(bb: Backbone) -> BackboneRecord:
+    """The manifest's record of a loaded backbone: name, config, where its weights came from, activation."""
+    weights = {k: v for k, v in bb.source.items() if k in WeightsSource.model_fields}
+    weights.setdefault("pretrained", "none")
+    return BackboneRecord(name=bb.name, config=bb.config, weights=WeightsSource(**weights),
+                          activation_reason=bb.source.get("activation_reason"))
 
 
 def deltas_from_bundle(bundle: Bundle) -> Deltas:
@@ -31,17 +29,18 @@ def deltas_from_bundle(bundle: Bundle) -> Deltas:
     return Deltas(spec=infer_spec(sd, str(path)), state_dict=sd, path=str(path))
 
 
-def backbone_from_record(rec: dict, pretrained: str | None = None) -> Backbone:
+def backbone_from_record(rec: BackboneRecord, pretrained: str | None = None) -> Backbone:
     """Reload the backbone a bundle was built from (or the one given by `pretrained`)."""
-    spec = pretrained or rec.get("file") or rec.get("pretrained", "none")
+    w = rec.weights
+    spec = pretrained or w.file or w.pretrained or "none"
     if spec in (None, "", "none"):
-        return random_backbone(rec["name"], seed=int(rec.get("seed", 0)))
-    if rec.get("file") and spec == rec["file"] and not Path(spec).exists():
+        return random_backbone(rec.name, seed=int(w.seed or 0))
+    if w.file and spec == w.file and not Path(spec).exists():
         raise StexportError(f"backbone weights {spec} (recorded in the bundle) are gone; pass --pretrained FILE")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bb = load_backbone(rec["name"], spec)
-    want = rec.get("sha256")
+        bb = load_backbone(rec.name, spec)
+    want = w.sha256
     if want and bb.source.get("sha256") and bb.source["sha256"] != want:
         raise StexportError(f"backbone weights {spec} differ from the ones the bundle was built from "
                             f"(sha256 {bb.source['sha256'][:12]}… vs {want[:12]}…)")
@@ -49,5 +48,5 @@ def backbone_from_record(rec: dict, pretrained: str | None = None) -> Backbone:
 
 
 def reference_for_bundle(bundle: Bundle, pretrained: str | None = None) -> STAdapterViT:
-    bb = backbone_from_record(bundle.manifest["backbone"], pretrained)
+    bb = backbone_from_record(bundle.manifest.model.backbone, pretrained)
     return build_reference(bb, deltas_from_bundle(bundle))

@@ -13,11 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stexport.backbone import Backbone, ViTConfig
-from stexport.deltas import AdapterSpec, Deltas, check_fits
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from stexport.backbone import Backbone
+from stexport.deltas import Deltas, check_fits
+from stexport.manifest import CLIP_MEAN, CLIP_STD, AdapterSpec, ViTConfig
 
 
 class QuickGELU(nn.Module):

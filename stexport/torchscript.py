@@ -13,32 +13,21 @@ marks torch.jit deprecated; its warnings are silenced here. AOTInductor (`torch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from stexport.bundle import Bundle
 from stexport.errors import StexportError
+from stexport.manifest import TorchScriptRecord
+from stexport.ts_runtime import EXTRA, load, quiet  # noqa: F401 - load: re-exported for tests and tools
 
 FILE = "model.ts"
-EXTRA = "stexport.json"  # the extra file inside the .ts archive
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 TRACE_BATCH = 2
 CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # traced+frozen vs eager deploy model, on a batch of one
-
-
-@contextlib.contextmanager
-def quiet():
-    """torch 2.14 warns on every torch.jit call that TorchScript is deprecated; users need not see it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*torch.jit.*")
-        yield
 
 
 def default_precision(bundle: Bundle) -> str:
@@ -47,7 +36,7 @@ def default_precision(bundle: Bundle) -> str:
 
 
 def export_torchscript(model: torch.nn.Module, path: str | Path, frames: int, size: int,
-                       manifest: dict | None = None, precision: str = "fp32") -> dict:
+                       manifest: dict | None = None, precision: str = "fp32") -> TorchScriptRecord:
     """Trace `model` (uint8 (B, T, H, W, 3) → logits), freeze it and save it to `path` in one rename, with
     `manifest` as the extra file `stexport.json`. The frozen module is checked against `model` on a batch size
     other than the traced one. Returns a record of the export (embedded in the manifest too)."""
@@ -67,12 +56,9 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, frames: int, si
     if not diff <= tol:  # also catches NaN
         raise StexportError(f"the traced TorchScript module differs from the deploy model by {diff:.3g} "
                             f"(> {tol:g}) at batch size 1; please report this model configuration")
-    record = {"file": path.name, "precision": precision, "frozen": True, "extra_file": EXTRA,
-              "input": {"dtype": "uint8", "layout": "BTHWC", "shape": [-1, frames, size, size, 3],
-                        "normalized_in_graph": True},
-              "output": {"dtype": "float32", "shape": [-1, "classes"]},
-              "trace_check_max_abs": diff, "torch": torch.__version__}
-    extra = {**(manifest or {}), "torchscript": record}
+    record = TorchScriptRecord(file=path.name, precision=precision, frozen=True, trace_check_max_abs=diff,
+                               torch=torch.__version__)
+    extra = {**(manifest or {}), "torchscript": record.model_dump(mode="json")}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with quiet():
@@ -84,33 +70,16 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, frames: int, si
 
 
 def embedded_manifest(bundle: Bundle, precision: str) -> dict:
-    """What a host needs, without Python: the bundle's manifest with the class names, its input and precision
-    those of the .ts module (not the ONNX graph's), less the ONNX opset and the file hashes (which would
-    include the .ts itself)."""
+    """What a host needs, without Python: the bundle's manifest (format 2) with the class names, its input
+    (uint8 (B, T, S, S, 3): the traced module normalises itself) and precision those of the .ts module (not
+    the ONNX graph's), less the ONNX opset and the file hashes (which would include the .ts itself)."""
     from stexport.build import input_record
 
-    m = {k: v for k, v in bundle.manifest.items() if k not in ("files", "opset")}
-    m.update(precision=precision, input=input_record("uint8"), class_names=bundle.labels)
+    m = bundle.manifest.model_dump(mode="json", exclude_none=True, exclude={"files", "opset", "engines"})
+    m.update(precision=precision, class_names=bundle.labels,
+             input=input_record("uint8", bundle.frames, bundle.size).model_dump(mode="json"))
     m["artifacts"] = {**m.get("artifacts", {}), "torchscript": FILE}
     return m
-
-
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
-    """The module (its constants placed on `device`) and its embedded manifest."""
-    path = Path(path)
-    extra = {EXTRA: ""}
-    try:
-        with quiet():
-            module = torch.jit.load(str(path), map_location=torch.device(device), _extra_files=extra)
-    except (RuntimeError, ValueError) as e:
-        raise StexportError(f"{path}: not a loadable TorchScript module ({str(e).splitlines()[0][:160]}); "
-                            "re-export it with `stexport export-torchscript BUNDLE --force`") from e
-    try:
-        manifest = json.loads(extra[EXTRA] or b"{}")
-    except json.JSONDecodeError as e:
-        raise StexportError(f"{path}: its embedded {EXTRA} is not JSON ({e}); re-export it with "
-                            "`stexport export-torchscript BUNDLE --force`") from e
-    return module.eval(), manifest
 
 
 def add_to_bundle(bundle: Bundle | str | Path, force: bool = False, precision: str | None = None,

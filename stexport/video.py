@@ -88,11 +88,12 @@ class Sampling:
                 "temporal_views": self.temporal_views, "spatial_views": self.spatial_views}
 
     @classmethod
-    def from_manifest(cls, manifest: dict, **overrides) -> "Sampling":
-        """Sampling a bundle was made for; `overrides` set to None are ignored."""
-        s = manifest.get("sampling", {}) or {}
-        base = {"frames": manifest.get("frames", cls.frames), "size": manifest.get("size", cls.size),
-                **{k: s[k] for k in ("rate", "temporal_views", "spatial_views") if k in s}}
+    def from_manifest(cls, manifest, **overrides) -> "Sampling":
+        """Sampling a bundle (its stexport.manifest.Manifest) was made for; `overrides` set to None are
+        ignored."""
+        s = manifest.sampling
+        base = {"frames": manifest.input.frames, "size": manifest.input.size, "rate": s.rate,
+                "temporal_views": s.temporal_views, "spatial_views": s.spatial_views}
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**{k: int(v) for k, v in base.items()})
 

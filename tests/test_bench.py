@@ -45,7 +45,8 @@ def test_flops_hand_count(tiny):
     assert f["parts"] == hand
     assert f["total"] == sum(hand.values()) == 17_681_664
     assert f["quantizable"] == hand["qkv"] + hand["attn_out"] + hand["mlp"] + hand["adapter_fc"]
-    scores = model_flops({**tiny.manifest, "calibration": {"attention_scores_int8": True}})
+    scores = model_flops(tiny.manifest.with_(calibration={"method": "minmax", "clips": 1,
+                                                           "attention_scores_int8": True}))
     assert scores["quantizable"] == f["quantizable"] + hand["attn_scores"] and scores["total"] == f["total"]
 
 
@@ -85,8 +86,9 @@ def test_summary_roofline_arithmetic():
     roof_s = 280 / 700 + 20 / 175  # quantized GEMMs at the int8 rate, the rest at the fp32 rate
     assert s["roofline_clips_per_s"] == pytest.approx(1 / roof_s)
     assert s["fraction_of_roofline"]["latency"] == pytest.approx(2.0 * roof_s)
-    assert compute_precision("fp32", {"precision": "fp32", "inference_precision": "bf16"}) == ("bf16", "bf16")
-    assert compute_precision("fp16", {"precision": "fp16"}) == ("fp32", "fp32")
+    assert compute_precision("fp32", {"precision": "fp32", "compute_precision": "bf16"}) == ("bf16", "bf16")
+    assert compute_precision("fp16", {"precision": "fp16", "compute_precision": "fp16"}) == ("fp32", "fp32")
+    assert compute_precision("int8", {"precision": "int8", "compute_precision": "bf16"}) == ("int8", "bf16")
 
 
 def test_time_runner_percentiles():
@@ -143,4 +145,4 @@ def test_bench_cli_text_and_errors(tiny):
     assert r.exit_code == 2 and "KEY=VALUE" in r.output
     r = CliRunner().invoke(app, ["bench", str(tiny.path), "--backend", "openvino", "-o", "hint=fast",
                                  "--iters", "1", "--no-peaks"])
-    assert r.exit_code == 2 and "hint 'fast'" in r.output
+    assert r.exit_code == 2 and "hint='fast': choose one of latency, throughput" in r.output

@@ -49,16 +49,17 @@ def videos(tmp_path_factory):
 def test_bundle_round_trip_through_files(tiny_bundle):
     b = Bundle.load(tiny_bundle.path)
     m = b.manifest
-    for key in ("name", "backbone", "adapter", "precision", "frames", "size", "input", "output", "opset",
-                "sampling", "labels", "artifacts", "files", "stexport_version"):
-        assert key in m, key
-    assert m["input"] == {"name": "frames", "dtype": "uint8", "layout": "BTHWC", "mean": m["input"]["mean"],
-                          "std": m["input"]["std"], "normalized_in_graph": True}
-    assert m["output"] == {"name": "logits", "dtype": "float32"}
-    assert m["sampling"] == {"rate": 16, "temporal_views": 3, "spatial_views": 1}  # K400 style
-    assert m["labels"] == {"source": "generic", "count": 10} and b.labels[3] == "class_3"
-    assert m["adapter"]["spec"]["layout"] == "2x32" and len(m["adapter"]["sha256"]) == 64
-    assert set(m["artifacts"]) == {"onnx", "deltas", "labels"} and b.check_files() == []
+    raw = json.loads((b.path / "stexport.json").read_text())
+    assert {"format", "format_version", "name", "created", "provenance", "model", "input", "output", "sampling",
+            "precision", "opset", "artifacts", "files"} <= set(raw)
+    assert raw["format_version"] == 2 and m.provenance.stexport and "torch" in m.provenance.libraries
+    assert m.input.model_dump() == {"name": "frames", "dtype": "uint8", "layout": "BTHWC", "frames": 8, "size": 32,
+                                    "mean": m.input.mean, "std": m.input.std}
+    assert m.output.model_dump() == {"name": "logits", "dtype": "float32", "classes": 10, "labels_source": "generic"}
+    assert m.sampling.model_dump() == {"rate": 16, "temporal_views": 3, "spatial_views": 1}  # K400 style
+    assert b.labels[3] == "class_3"
+    assert m.spec.layout == "2x32" and len(m.model.adapter.sha256) == 64
+    assert set(m.artifacts) == {"onnx", "deltas", "labels"} and b.changed_files() == []
     ref = reference_for_bundle(b)  # rebuilt from the bundle's deltas and backbone record alone
     clips = smooth_clips(3, 32)
     with torch.no_grad():
@@ -71,10 +72,10 @@ def test_ssv2_style_sampling_and_labels(tmp_path):
     bb = random_backbone(TINY)
     sd = random_deltas(bb.config, width=16, num_classes=174, pre_attn=True)
     b = build_bundle(sd, backbone=bb, out=tmp_path / "b")
-    assert b.manifest["sampling"] == {"rate": 0, "temporal_views": 1, "spatial_views": 3}
-    assert b.manifest["labels"]["source"] == "something-something-v2" and len(b.labels) == 174
+    assert b.manifest.sampling.model_dump() == {"rate": 0, "temporal_views": 1, "spatial_views": 3}
+    assert b.manifest.output.labels_source == "something-something-v2" and len(b.labels) == 174
     b2 = build_bundle(sd, backbone=bb, out=tmp_path / "b2", sampling={"spatial_views": 1})
-    assert b2.manifest["sampling"]["spatial_views"] == 1
+    assert b2.manifest.sampling.spatial_views == 1
 
 
 def test_build_refuses_to_clobber_and_force_replaces(tiny_adapter, tmp_path):
@@ -82,11 +83,11 @@ def test_build_refuses_to_clobber_and_force_replaces(tiny_adapter, tmp_path):
     args = ["build", "--adapter", tiny_adapter, "--backbone", TINY, "--pretrained", "none", "--out", out]
     r = cli(*args)
     assert r.exit_code == 0, r.output
-    first = Bundle.load(out).manifest["created"]
+    first = Bundle.load(out).manifest.created
     r = cli(*args)
     assert r.exit_code == 2 and "already exists; pass --force" in r.output
     assert len(r.output.strip().splitlines()) == 1
-    assert Bundle.load(out).manifest["created"] == first
+    assert Bundle.load(out).manifest.created == first
     r = cli(*args, "--force", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output[r.output.index("{"):])["precision"] == "fp32"
@@ -97,7 +98,8 @@ def test_build_records_views_and_rate_for_infer(tiny_adapter, tmp_path):
     base = ["build", "--adapter", tiny_adapter, "--backbone", TINY, "--pretrained", "none"]
     r = cli(*base, "--views", "1x3", "--rate", "0", "--out", tmp_path / "b", "--json")
     assert r.exit_code == 0, r.output
-    assert Bundle.load(tmp_path / "b").manifest["sampling"] == {"rate": 0, "temporal_views": 1, "spatial_views": 3}
+    assert Bundle.load(tmp_path / "b").manifest.sampling.model_dump() == {"rate": 0, "temporal_views": 1,
+                                                                          "spatial_views": 3}
     for i, (bad_args, why) in enumerate(((["--views", "2x2"], "2 spatial views: use 1"),
                                     (["--views", "3by1"], "TEMPORALxSPATIAL"), (["--views", "0x1"], "at least 1"),
                                     (["--rate", "0"], "temporal views with rate 0"))):
@@ -123,14 +125,14 @@ def test_int8_build_calibrates_on_videos_and_caches(tiny_adapter, videos, tmp_pa
     r = cli(*args, "--out", tmp_path / "a", home=home)
     assert r.exit_code == 0, r.output
     a = Bundle.load(tmp_path / "a")
-    cal = a.manifest["calibration"]
-    assert cal["clips"] == 4 and cal["method"] == "percentile" and cal["cached"] is False
-    assert cal["sampling"]["temporal_views"] == 3 and len(list((home / "calibration").glob("*.json"))) == 1
+    cal = a.manifest.calibration
+    assert cal.clips == 4 and cal.method == "percentile" and cal.cached is False
+    assert cal.sampling["temporal_views"] == 3 and len(list((home / "calibration").glob("*.json"))) == 1
     r = cli(*args, "--out", tmp_path / "b", home=home)
     assert r.exit_code == 0 and "(cached)" in r.output
     b = Bundle.load(tmp_path / "b")
-    assert b.manifest["calibration"]["cached"] is True
-    assert a.manifest["files"]["model.onnx"]["sha256"] == b.manifest["files"]["model.onnx"]["sha256"]
+    assert b.manifest.calibration.cached is True
+    assert a.manifest.files["model.onnx"].sha256 == b.manifest.files["model.onnx"].sha256
     # a different seed picks other clips: a different cache entry
     r = cli(*args, "--out", tmp_path / "c", "--calib-method", "minmax", home=home)
     assert r.exit_code == 0 and len(list((home / "calibration").glob("*.json"))) == 2

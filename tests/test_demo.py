@@ -136,7 +136,7 @@ def test_demo_bundle_passes_verify(clips, precision, gate, tmp_path):
     b = build_bundle(DEMO / "motion_adapter.pt", backbone=BACKBONE, pretrained=str(DEMO / "backbone.safetensors"),
                      precision=precision, labels=DEMO / "labels.txt", sampling=DEMO_VIEWS, out=tmp_path / "b",
                      calib=clips / "train.txt" if precision == "int8" else None, calib_clips=9)
-    assert b.manifest["sampling"] == DEMO_VIEWS and b.labels == list(gen.CLASSES)
+    assert b.manifest.sampling.model_dump() == DEMO_VIEWS and b.labels == list(gen.CLASSES)
     r = CliRunner().invoke(app, ["verify", str(b.path), "--clips", str(clips / "test.txt"), "--json", "-",
                                  *gate])
     assert r.exit_code == 0, r.output

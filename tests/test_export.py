@@ -8,12 +8,13 @@ import pytest
 import torch
 from conftest import smooth_clips, trained_like
 from onnx import TensorProto
+from stexport.trt_engines.onnx_support import tensor_types
 
 from stexport.backbone import random_backbone
 from stexport.backends import create
 from stexport.bundle import Bundle
 from stexport.errors import StexportError
-from stexport.export import export_onnx, external_files, tensor_types
+from stexport.export import export_onnx, external_files
 from stexport.fold import fold
 from stexport.reference import normalize
 
@@ -37,7 +38,7 @@ def test_fp32_matches_reference_at_any_batch(onnx_variants):
 
 def test_float_input_variant_normalises_host_side(onnx_variants):
     bundle, ref = onnx_variants["fp32-float-input"]
-    assert bundle.manifest["input"]["layout"] == "BTCHW"
+    assert bundle.manifest.input.layout == "BTCHW"
     clips = smooth_clips(2, 32)
     with create("onnxruntime", bundle) as b:
         assert np.abs(b.run(clips) - reference_logits(ref, clips)).max() <= 1e-4
@@ -68,7 +69,7 @@ def test_fp16_graph_is_strongly_typed_and_close(onnx_variants, variant):
 @pytest.mark.parametrize("variant", ["int8", "int8-gelu-float-input", "int8-attention"])
 def test_int8_close_to_reference(onnx_variants, variant):
     bundle, ref = onnx_variants[variant]
-    cal = bundle.manifest["calibration"]
+    cal = bundle.manifest.calibration.model_dump()
     assert cal["method"] == "minmax" and cal["clips"] == 6 and cal["quantized_layers"] > 0
     clips = smooth_clips(8, 32, seed=5)
     with create("onnxruntime", bundle) as b:
@@ -104,9 +105,9 @@ def test_ort_backend_options(tiny_bundle):
         assert d["optimization"] == "basic" and d["threads"] == 1
         with pytest.raises(StexportError, match="shape"):
             b.run(np.zeros((1, 4, 32, 32, 3), np.uint8))
-    with pytest.raises(StexportError, match="optimisation level"):
+    with pytest.raises(StexportError, match="opt_level='max': choose one of disable, basic, extended, all"):
         create("onnxruntime", tiny_bundle, opt_level="max")
-    from stexport.backends.ort import gpu_visible
+    from stexport.device import gpu_visible
 
     if not gpu_visible():
         with pytest.raises(StexportError, match="--device cuda"):
@@ -118,5 +119,8 @@ def test_ort_backend_names_a_broken_model(tiny_bundle, tmp_path):
 
     shutil.copytree(tiny_bundle.path, tmp_path / "b")
     (tmp_path / "b" / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(StexportError, match="model.onnx changed since the bundle was built"):
+        create("onnxruntime", Bundle.load(tmp_path / "b"))
+    Bundle.load(tmp_path / "b").update()  # a bundle built (recorded) with a broken model
     with pytest.raises(StexportError, match="model.onnx: onnxruntime cannot load it"):
         create("onnxruntime", Bundle.load(tmp_path / "b"))

@@ -96,9 +96,9 @@ def test_parity_gate(bundles, clips, reference, precision):
 def test_bf16_only_when_asked(bundles, clips, reference):
     if "BF16" not in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         with pytest.raises(StexportError, match="cannot compute in BF16"):
-            OpenVINOBackend(bundles["fp32"], precision="bf16")
+            OpenVINOBackend(bundles["fp32"], compute="bf16")
         return
-    with OpenVINOBackend(bundles["fp32"], precision="bf16") as be:
+    with OpenVINOBackend(bundles["fp32"], compute="bf16") as be:
         out = be.run(clips)
         d = be.describe()
     assert d["inference_precision"] == "bf16" and "bf16" in d["gemm_precisions"]
@@ -153,7 +153,7 @@ def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
     with OpenVINOBackend(b) as be:
         be.run(x)
     assert sorted(cache.glob("*/*.blob")) == blobs  # second start reused it
-    assert not b.check_files()  # the bundle itself is untouched
+    assert not b.changed_files()  # the bundle itself is untouched
 
     # a rebuild (other weights, same size, maybe the same second) gets a new folder; the old one is dropped
     stale = cache.parent / "0123456789abcdef"
@@ -163,8 +163,9 @@ def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
     mine = cache.parent / "notes"  # not a cache folder: kept
     mine.mkdir()
     (mine / "a.txt").write_text("keep")
-    changed = Bundle(path=b.path, manifest={**b.manifest, "files": {**b.manifest["files"], "model.onnx": {
-        **b.manifest["files"]["model.onnx"], "sha256": "0" * 64}}})
+    files = b.manifest.model_dump(mode="json")["files"]
+    changed = Bundle(path=b.path, manifest=b.manifest.with_(files={**files, "model.onnx": {
+        **files["model.onnx"], "sha256": "0" * 64}}))
     assert default_cache_dir(changed) != cache and default_cache_dir(changed).parent == cache.parent
     with OpenVINOBackend(b):
         pass
@@ -191,14 +192,14 @@ def test_cache_keeps_compile_settings_apart(bundles, clips, reference, tmp_path)
     (wrong logits, sometimes NaN): each precision / hint / thread count gets its own folder."""
     b = bundles["fp32"]
     caps = import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    with OpenVINOBackend(b, precision="bf16" if "BF16" in caps else "f32", cache=False) as be:
+    with OpenVINOBackend(b, compute="bf16" if "BF16" in caps else "f32", cache=False) as be:
         uncached = be.run(clips)
     dirs = set()
-    for options in ({}, {"precision": "bf16"} if "BF16" in caps else {}, {"hint": "throughput"}, {"threads": 1}):
+    for options in ({}, {"compute": "bf16"} if "BF16" in caps else {}, {"hint": "throughput"}, {"threads": 1}):
         with OpenVINOBackend(b, cache_dir=tmp_path, **options) as be:
             out = be.run(clips)
             dirs.add(be.describe()["cache_dir"])
-        if options.get("precision") == "bf16":
+        if options.get("compute") == "bf16":
             np.testing.assert_allclose(out, uncached, atol=1e-5)
         else:
             np.testing.assert_allclose(out, reference, atol=1e-3)
@@ -227,8 +228,8 @@ def test_static_batch_sizes(bundles, clips, reference):
 
 
 def test_bad_options(bundles):
-    with pytest.raises(StexportError, match="precision 'int4'"):
-        OpenVINOBackend(bundles["fp32"], precision="int4")
+    with pytest.raises(StexportError, match="compute precision 'int4'"):
+        OpenVINOBackend(bundles["fp32"], compute="int4")
     with pytest.raises(StexportError, match="hint 'fast'"):
         OpenVINOBackend(bundles["fp32"], hint="fast")
     with pytest.raises(StexportError, match="--device npu9: OpenVINO here offers only CPU"):
@@ -292,6 +293,9 @@ def test_unreadable_model_is_one_line_error(bundles, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(bundles["fp32"].path, broken)
     (broken / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(StexportError, match=r"model.onnx changed since the bundle was built"):
+        OpenVINOBackend(Bundle.load(broken), cache=False)
+    Bundle.load(broken).update()  # a bundle built (recorded) with a broken model
     with pytest.raises(StexportError, match=r"broken/model.onnx: OpenVINO cannot compile it \(.+\); rebuild"):
         OpenVINOBackend(Bundle.load(broken), cache=False)
     e = RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\nException from x.cpp:54:\n"
@@ -316,7 +320,7 @@ def test_int8_graph_fuses_its_quantizations(onnx_variants, precision):
     def fused(op):
         return op.get_rt_info()["originalLayersNames"].astype(str)
 
-    layers = bundle.manifest["backbone"]["config"]["layers"]
+    layers = bundle.manifest.model.backbone.config.layers
     assert sum(kind(op) == "MVN" for op in ops) >= 2 * layers
     for op in ops:
         if kind(op) == "FakeQuantize":
@@ -343,8 +347,8 @@ def test_benchmark_scripts_read_an_int8_bundle(onnx_variants):
     """benchmarks/openvino_profile.py attributes every integer GEMM to its role; roofline.py and
     openvino_static.py give their ratios."""
     bundle, _ = onnx_variants["int8"]
-    layers = bundle.manifest["backbone"]["config"]["layers"]
-    spec = bundle.manifest["adapter"]["spec"]
+    layers = bundle.manifest.model.backbone.config.layers
+    spec = bundle.manifest.spec.to_dict()
     adapters = len(spec["pre_attn"]) + len(spec["pre_mlp"])
     out = _script("openvino_profile.py", bundle.path, "--batch", 1, "--iters", 1)
     roles = {m[1].rstrip("*"): int(m[2]) for m in re.finditer(r"^  (\S.*?)\s+(\d+) layers ", out, re.MULTILINE)}

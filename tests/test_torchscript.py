@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import smooth_clips, trained_like, write_video
+from stexport.cli.app import app
 from typer.testing import CliRunner
 
-from conftest import smooth_clips, trained_like, write_video
 from stexport import backends
 from stexport.backbone import random_backbone
 from stexport.bundle import Bundle
-from stexport.cli.app import app
 from stexport.deltas import Deltas, infer_spec
 from stexport.errors import StexportError
 from stexport.fold import fold
@@ -65,8 +65,8 @@ def test_frozen_module_equals_reference_any_batch(tmp_path, name, delta_kw):
     size = ref.cfg.image_size
     rec = export_torchscript(fold(ref), tmp_path / FILE, frames=8, size=size, manifest={"frames": 8})
     module, embedded = load(tmp_path / FILE)
-    assert rec["precision"] == "fp32" and rec["trace_check_max_abs"] <= 1e-4
-    assert embedded == {"frames": 8, "torchscript": rec}
+    assert rec.precision == "fp32" and rec.trace_check_max_abs <= 1e-4
+    assert embedded == {"frames": 8, "torchscript": rec.model_dump(mode="json")}
     for batch in (1, 2, 3):  # traced at 2: the batch stays free
         u = torch.from_numpy(smooth_clips(batch, size, seed=batch))
         with torch.no_grad():
@@ -80,7 +80,7 @@ def test_fp16_module(tmp_path):
     ref = reference("stexport-tiny-vit", width=32, pre_attn=True)
     rec = export_torchscript(fold(ref, compute_dtype=torch.float16), tmp_path / FILE, 8, 32, precision="fp16")
     module, embedded = load(tmp_path / FILE)
-    assert rec["precision"] == embedded["torchscript"]["precision"] == "fp16"
+    assert rec.precision == embedded["torchscript"]["precision"] == "fp16"
     u = torch.from_numpy(smooth_clips(4, 32))
     with torch.no_grad():
         got, want = module(u), ref(normalize(u))
@@ -91,16 +91,18 @@ def test_fp16_module(tmp_path):
 
 def test_bundle_records_and_embeds_the_manifest(ts_bundle):
     b = Bundle.load(ts_bundle.path)  # what is on disk, not the object add_to_bundle changed
-    assert b.manifest["artifacts"]["torchscript"] == FILE and b.check_files() == []
-    rec = b.manifest["torchscript"]
-    assert rec["input"]["shape"] == [-1, 8, 32, 32, 3] and rec["precision"] == "fp32"
+    assert b.manifest.artifacts["torchscript"] == FILE and b.changed_files() == []
+    rec = b.manifest.torchscript.model_dump()
+    assert rec["precision"] == "fp32" and rec["frozen"] is True
     with zipfile.ZipFile(b.file("torchscript")) as z:  # a plain zip entry any host can read
         raw = [n for n in z.namelist() if n.endswith(f"extra/{EXTRA}")]
         assert len(raw) == 1
         embedded = json.loads(z.read(raw[0]).decode("utf-8"))
     assert embedded == load(b.file("torchscript"))[1]
     assert embedded["class_names"] == LABELS
-    assert (embedded["frames"], embedded["size"], embedded["sampling"]) == (8, 32, b.manifest["sampling"])
+    assert embedded["format_version"] == 2
+    assert (embedded["input"]["frames"], embedded["input"]["size"]) == (8, 32)
+    assert embedded["sampling"] == b.manifest.sampling.model_dump()
     assert embedded["input"]["dtype"] == "uint8" and embedded["input"]["layout"] == "BTHWC"
     assert embedded["torchscript"] == rec and "files" not in embedded
     with pytest.raises(StexportError, match="already exported; pass --force"):
@@ -135,6 +137,9 @@ def test_backend_errors(ts_bundle, tiny_bundle, tmp_path):
     broken = tmp_path / "b"
     shutil.copytree(ts_bundle.path, broken)
     (broken / FILE).write_bytes(b"not a zip")
+    with pytest.raises(StexportError, match="model.ts changed since the bundle was built"):
+        backends.create("torchscript", Bundle.load(broken))
+    Bundle.load(broken).update()  # a bundle recorded with a broken module
     with pytest.raises(StexportError, match="not a loadable TorchScript module"):
         backends.create("torchscript", Bundle.load(broken))
 
@@ -155,7 +160,7 @@ def test_cli_export_and_dump_clip(ts_bundle, video, tmp_path):
     assert r.exit_code == 2 and "already exported; pass --force" in r.output
     r = runner.invoke(app, ["export-torchscript", str(b), "--force", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["path"] == str(b / FILE) and Bundle.load(b).check_files() == []
+    assert json.loads(r.stdout)["path"] == str(b / FILE) and Bundle.load(b).changed_files() == []
 
     out = tmp_path / "clip.npy"
     r = runner.invoke(app, ["dump-clip", str(video), "-m", str(b), "-o", str(out)])
@@ -184,7 +189,7 @@ def test_cli_build_with_torchscript(tiny_adapter, tmp_path):
     assert r.exit_code == 0, r.output
     assert "torchscript: model.ts (fp32)" in r.stdout
     b = Bundle.load(out)
-    assert b.has("onnx") and b.has("torchscript") and b.check_files() == []
+    assert b.has("onnx") and b.has("torchscript") and b.changed_files() == []
     clips = smooth_clips(2, 32, seed=9)
     with backends.create("torchscript", b) as ts, backends.create("onnxruntime", b) as ort:
         assert np.abs(ts.run(clips) - ort.run(clips)).max() <= 1e-4
@@ -239,7 +244,7 @@ def test_cpp_host_matches_python(cpp_host, ts_bundle, video, tmp_path):
     ranked = re.findall(r"^\s+\d+\. (.+?)\s+(\d\.\d{4})$", p.stdout, re.MULTILINE)
     assert [name for name, _ in ranked] == [LABELS[i] for i in np.argsort(-probs, kind="stable")]
     np.testing.assert_allclose([float(v) for _, v in ranked], np.sort(probs)[::-1], atol=1e-4)
-    assert f"{ts_bundle.manifest['name']} (fp32, 8 frames of 32 px, 10 classes) on cpu" in p.stdout
+    assert f"{ts_bundle.manifest.name} (fp32, 8 frames of 32 px, 10 classes) on cpu" in p.stdout
 
     raw = tmp_path / "clip.u8"  # headerless bytes: views counted from the file size
     clips[:2].tofile(raw)

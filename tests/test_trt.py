@@ -21,20 +21,31 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from stexport.bundle import Bundle
-from stexport.errors import StexportError
 from stexport.trt_engines import record as rec_mod
 from stexport.trt_engines.build import strongly_typed_flags, version_major
 from stexport.trt_engines.cache import ensure_engine, onnx_identity, records, write_atomic
-from stexport.trt_engines.record import (Host, choose, engine_key, input_shape, make_record, mismatches,
-                                         profile_for, replaces, settings, timing_cache_file)
+from stexport.trt_engines.record import (
+    Host,
+    choose,
+    engine_key,
+    input_shape,
+    make_record,
+    mismatches,
+    profile_for,
+    replaces,
+    settings,
+    timing_cache_file,
+)
 from stexport.trt_engines.runtime import engine_input, io_names, spans
+
+from stexport.bundle import Bundle
+from stexport.errors import StexportError
+from stexport.manifest import InputRecord
 
 DATA = Path(__file__).parent / "data"
 H100 = Host("10.16.1.11", "NVIDIA H100 80GB HBM3", "9.0")
-MANIFEST = {"frames": 8, "size": 224, "input": {"name": "frames", "dtype": "uint8", "layout": "BTHWC"},
-            "output": {"name": "logits"}}
+INPUT = InputRecord(name="frames", dtype="uint8", layout="BTHWC", frames=8, size=224)
+MANIFEST = INPUT  # profiles are made from the manifest's input record
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -68,15 +79,15 @@ def test_profile_over_batch_axis_only():
     assert p == {"input": "frames", "min": [1, 8, 224, 224, 3], "opt": [32, 8, 224, 224, 3],
                  "max": [32, 8, 224, 224, 3]}
     assert profile_for(MANIFEST, 4)["opt"][0] == profile_for(MANIFEST, 4)["max"][0] == 4
-    float_in = {**MANIFEST, "input": {"name": "x", "dtype": "float32", "layout": "BTCHW"}}
+    float_in = InputRecord(name="x", dtype="float32", layout="BTCHW", frames=8, size=224)
     assert profile_for(float_in, 2) == {"input": "x", "min": [1, 8, 3, 224, 224], "opt": [2, 8, 3, 224, 224],
                                         "max": [2, 8, 3, 224, 224]}
-    assert input_shape({**MANIFEST, "input": {"dtype": "float32"}}) == (8, 3, 224, 224)  # layout from dtype
+    assert input_shape(float_in) == (8, 3, 224, 224)
     for bad in (0, -1, 1025):
         with pytest.raises(StexportError, match="--batch"):
             profile_for(MANIFEST, bad)
-    with pytest.raises(StexportError, match="layout"):
-        input_shape({**MANIFEST, "input": {"layout": "BHWC"}})
+    with pytest.raises(ValueError, match="layout"):  # the manifest record refuses other layouts
+        InputRecord(layout="BHWC", frames=8, size=224)
 
 
 def test_settings_merge_explicit_saved_and_defaults():
@@ -180,16 +191,19 @@ def test_network_flags_strongly_typed_on_10_and_11():
 def test_runtime_helpers():
     assert spans(0, 4) == [] and spans(5, 4) == [(0, 4), (4, 5)] and spans(8, 4) == [(0, 4), (4, 8)]
     clips = np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
-    assert engine_input(clips, MANIFEST, np.dtype(np.uint8)) is clips  # uint8 goes to the GPU as uint8
+    u8 = InputRecord(frames=3, size=8)
+    assert engine_input(clips, u8, np.dtype(np.uint8)) is clips  # uint8 goes to the GPU as uint8
     with pytest.raises(StexportError, match="rebuild the engine"):
-        engine_input(clips, MANIFEST, np.dtype(np.float32))
-    float_m = {"input": {"dtype": "float32", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}}
-    x = engine_input(clips, float_m, np.dtype(np.float32))
+        engine_input(clips, u8, np.dtype(np.float32))
+    float_in = InputRecord(dtype="float32", layout="BTCHW", frames=3, size=8, mean=(0.5, 0.4, 0.3),
+                           std=(0.2, 0.25, 0.3))
+    x = engine_input(clips, float_in, np.dtype(np.float32))
     assert x.shape == (2, 3, 3, 8, 8) and x.dtype == np.float32
     np.testing.assert_allclose(x[1, 2, 1, 5, 7], (clips[1, 2, 5, 7, 1] / 255 - 0.4) / 0.25, rtol=1e-6)
-    assert io_names(["frames"], ["logits"], MANIFEST) == ("frames", "logits")
+    m = SimpleNamespace(input=u8, output=SimpleNamespace(name="logits"))
+    assert io_names(["frames"], ["logits"], m) == ("frames", "logits")
     with pytest.raises(StexportError, match="not the bundle's"):
-        io_names(["input"], ["logits"], MANIFEST)
+        io_names(["input"], ["logits"], m)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -435,13 +449,13 @@ def test_build_is_strongly_typed_from_file_with_profile_workspace_level_and_timi
 
     # the engine and the timing cache are in the bundle, recorded and hashed; nothing half-written is left
     b = Bundle.load(bundle.path)
-    assert b.manifest["artifacts"]["engines"] == "engines"
+    assert b.manifest.artifacts["engines"] == "engines"
     assert records(b) == [rec] and rec["onnx"] == onnx_identity(b)
     assert (rec["tensorrt"], rec["gpu"], rec["capability"]) == (H100.tensorrt, H100.gpu, H100.capability)
     assert rec["profile"]["max"][0] == 8 and rec["precision"] == "fp16" and rec["workspace_gb"] == 2
     assert (b.path / rec["file"]).read_bytes().startswith(b'{"fake-plan"')
     assert (b.path / timing_cache_file(H100)).read_bytes() == b"+1"
-    assert b.check_files() == [] and rec["file"] in b.manifest["files"]
+    assert b.changed_files() == [] and rec["file"] in b.manifest.files
     assert not [p for p in (b.path / "engines").iterdir() if p.name.startswith(".")]
 
     # a second build finds the cached engine; --force rebuilds and reuses the stored timing cache
@@ -599,11 +613,11 @@ def test_usable_is_false_without_gpu_and_never_raises(bundle, monkeypatch):
     from stexport.trt_engines import runtime
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # pretend it is installed
-    monkeypatch.setattr("stexport.backends.ort.gpu_visible", lambda: False)
+    monkeypatch.setattr("stexport.device.gpu_visible", lambda: False)
     assert runtime.TensorRTBackend.usable(bundle) is False
-    monkeypatch.setattr("stexport.backends.ort.gpu_visible", lambda: 1 / 0)
+    monkeypatch.setattr("stexport.device.gpu_visible", lambda: 1 / 0)
     assert runtime.TensorRTBackend.usable(bundle) is False
-    monkeypatch.setattr("stexport.backends.ort.gpu_visible", lambda: True)
+    monkeypatch.setattr("stexport.device.gpu_visible", lambda: True)
     assert runtime.TensorRTBackend.usable(bundle) is False  # no engine recorded and none requested
     build_with_fake(bundle, FakeTensorRT())
     assert runtime.TensorRTBackend.usable(Bundle.load(bundle.path)) is True
@@ -652,6 +666,7 @@ def test_auto_falls_back_with_the_reason(bundle, monkeypatch, caplog):
 
 def test_verify_auto_falls_back_too(bundle, monkeypatch, caplog, make_video):
     from stexport.trt_engines.runtime import TensorRTBackend
+
     from stexport.verify import verify
 
     build_with_fake(bundle, FakeTensorRT(version="10.3.0.26"), host=Host("10.3.0.26", "NVIDIA A100", "8.0"))
@@ -681,7 +696,7 @@ def test_build_or_defer_saves_the_request(bundle, no_tensorrt, monkeypatch):
                    "(TensorRT is not available here)")
     b = Bundle.load(bundle.path)
     assert rec_mod.request(b.manifest) == {"batch": 8, "workspace_gb": None, "opt_level": 4}
-    assert b.check_files() == []
+    assert b.changed_files() == []
     # on a GPU host, first use builds with the saved settings
     memory: dict = {}
     trt = FakeTensorRT(memory=memory)
@@ -690,10 +705,10 @@ def test_build_or_defer_saves_the_request(bundle, no_tensorrt, monkeypatch):
 
 
 def test_build_engine_flag_without_tensorrt_writes_the_bundle_and_says_so(tmp_path, no_tensorrt):
+    from stexport.cli.app import app
     from typer.testing import CliRunner
 
     from stexport.backbone import random_backbone
-    from stexport.cli.app import app
     from stexport.deltas import save_official
     from stexport.synthetic import random_deltas
 
@@ -708,7 +723,7 @@ def test_build_engine_flag_without_tensorrt_writes_the_bundle_and_says_so(tmp_pa
     assert notes == ["TensorRT engine: will be built on first use on a GPU host with stexport[tensorrt] "
                      "(TensorRT is not available here)"]
     b = Bundle.load(out)
-    assert b.has("onnx") and rec_mod.request(b.manifest)["batch"] == 32 and b.check_files() == []
+    assert b.has("onnx") and rec_mod.request(b.manifest)["batch"] == 32 and b.changed_files() == []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -816,7 +831,7 @@ def test_real_engine_builds_runs_and_passes_verify(tmp_path, demo_clips, precisi
     rec = json.loads(r.output[r.output.index("{"):])
     assert rec["built"] and rec["precision"] == precision and rec["profile"]["max"][0] == 4
     b = Bundle.load(b.path)
-    assert b.check_files() == []
+    assert b.changed_files() == []
     clips = np.random.default_rng(0).integers(0, 256, (6, 8, 96, 96, 3), dtype=np.uint8)
     with create("tensorrt", b) as trt_be, create("onnxruntime", b, device="cpu") as ort_be:
         got, ref = trt_be.run(clips), ort_be.run(clips)

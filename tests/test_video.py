@@ -12,8 +12,16 @@ import torch
 from stexport import video
 from stexport.errors import StexportError
 from stexport.reference import CLIP_MEAN, CLIP_STD
-from stexport.video import (Sampling, VideoError, decode, decode_clips, decode_windows, frame_indices,
-                            read_clip_list, with_views)
+from stexport.video import (
+    Sampling,
+    VideoError,
+    decode,
+    decode_clips,
+    decode_windows,
+    frame_indices,
+    read_clip_list,
+    with_views,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # The official eval transform (linziyi96/st-adapter video_dataset/dataset.py, random_sample=False),
@@ -117,12 +125,19 @@ def test_rate_zero_covers_whole_video_and_views_order(make_video):
 
 
 def test_sampling_from_manifest_and_overrides():
-    m = {"frames": 8, "size": 224, "sampling": {"rate": 0, "temporal_views": 1, "spatial_views": 3}}
+    from types import SimpleNamespace
+
+    from stexport.manifest import InputRecord, SamplingRecord
+
+    m = SimpleNamespace(input=InputRecord(frames=8, size=224),
+                        sampling=SamplingRecord(rate=0, temporal_views=1, spatial_views=3))
     s = Sampling.from_manifest(m)
     assert (s.frames, s.size, s.rate, s.temporal_views, s.spatial_views, s.views) == (8, 224, 0, 1, 3, 3)
     assert Sampling.from_manifest(m, rate=None, frames=16).frames == 16
     assert with_views(s, "3x1", rate=16) == Sampling(8, 224, 16, 3, 1)
-    assert Sampling.from_manifest({"frames": 8, "size": 96}) == Sampling(8, 96, 16, 3, 1)
+    k400 = SimpleNamespace(input=InputRecord(frames=8, size=96),
+                           sampling=SamplingRecord(rate=16, temporal_views=3, spatial_views=1))
+    assert Sampling.from_manifest(k400) == Sampling(8, 96, 16, 3, 1)
     with pytest.raises(StexportError, match="rate 0"):
         with_views(s, "3x1")
     with pytest.raises(StexportError, match="spatial views"):

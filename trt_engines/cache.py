@@ -8,65 +8,58 @@ lose each other's record.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import time
 from pathlib import Path
 
-from stexport.bundle import Bundle, sha256_file
+from stexport.trt_engines.record import (
+    ENGINE_DIR,
+    Host,
+    make_record,
+    make_request,
+    mismatches,
+    profile_for,
+    replaces,
+    request,
+    settings,
+    timing_cache_file,
+)
+
+from stexport.bundle import Bundle, locked_dir
 from stexport.errors import StexportError
-from stexport.trt_engines.record import (ENGINE_DIR, Host, make_record, make_request, mismatches, profile_for,
-                                         replaces, request, settings, timing_cache_file)
+from stexport.fileutil import atomic_write_bytes, sha256_file
 
 log = logging.getLogger("stexport")
 
 
 def records(bundle: Bundle) -> list[dict]:
-    """The engine records whose engine file is still there."""
-    return [r for r in bundle.manifest.get("engines") or [] if (bundle.path / r["file"]).is_file()]
+    """The engine records (as dicts) whose engine file is still there."""
+    return [r.model_dump(mode="json") for r in bundle.manifest.engines if (bundle.path / r.file).is_file()]
 
 
 def onnx_identity(bundle: Bundle) -> dict:
     """sha256 of the bundle's ONNX file (and of its external data file, when it has one)."""
     ident = {}
     for key, field in (("onnx", "sha256"), ("onnx_data", "data_sha256")):
-        rel = bundle.manifest.get("artifacts", {}).get(key)
+        rel = bundle.manifest.artifacts.get(key)
         if not rel:
             continue
-        rec = bundle.manifest.get("files", {}).get(rel)
-        ident[field] = rec["sha256"] if rec else sha256_file(bundle.file(key))
+        rec = bundle.manifest.files.get(rel)
+        ident[field] = rec.sha256 if rec else sha256_file(bundle.file(key))
     if "sha256" not in ident:
         bundle.file("onnx")  # raises the standard "no onnx artifact" error
     return ident
 
 
 def write_atomic(path: Path, data) -> None:
-    """Write bytes (or any buffer) to `path` through a temporary sibling and one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write bytes (or any buffer) to `path` through a temporary sibling and one rename, synced to disk."""
+    atomic_write_bytes(path, data, fsync=True)
 
 
-@contextlib.contextmanager
 def locked(bundle: Bundle):
     """Exclusive lock on the bundle directory (flock on its descriptor: no lock file lands in the bundle)."""
-    fd = os.open(bundle.path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return locked_dir(bundle.path)
 
 
 def writable(bundle: Bundle) -> str | None:
@@ -109,7 +102,7 @@ def ensure_engine(bundle: Bundle, trt, host: Host, batch: int | None = None,
 
     req = settings(request(bundle.manifest), batch, workspace_gb, opt_level)
     onnx = onnx_identity(bundle)
-    profile = profile_for(bundle.manifest, req["batch"])
+    profile = profile_for(bundle.manifest.input, req["batch"])
     cached = [r for r in records(bundle) if r["profile"] == profile and not mismatches(r, host, onnx)]
     if cached and not force:
         return cached[0], False

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from stexport.bundle import Bundle
-from stexport.errors import StexportError
 from stexport.trt_engines.build import import_tensorrt
 from stexport.trt_engines.cache import ensure_engine, record_request
 from stexport.trt_engines.cuda import open_device
 from stexport.trt_engines.record import Host, request, settings
+
+from stexport.bundle import Bundle
+from stexport.errors import StexportError
 
 DEFERRED = "TensorRT engine: will be built on first use on a GPU host with stexport[tensorrt] ({why})"
 

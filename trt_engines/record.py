@@ -1,6 +1,6 @@
 """What a TensorRT engine was built for, and whether it may run here.
 
-Pure functions over plain dicts: no TensorRT, no GPU. An engine is only valid for the exact combination it
+Pure functions over plain dicts (the manifest's EngineRecords dumped): no TensorRT, no GPU. An engine is only valid for the exact combination it
 was built for: TensorRT version, GPU (name and compute capability) and ONNX file (sha256); its optimisation
 profile says which batch sizes it takes. Records live in the bundle's manifest under "engines".
 """
@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from stexport.errors import StexportError
+from stexport.manifest import InputRecord, Manifest
 
 ENGINE_DIR = "engines"
 DEFAULT_BATCH = 32
@@ -34,23 +35,17 @@ class Host:
         return f"{self.gpu} (compute {self.capability}) with TensorRT {self.tensorrt}"
 
 
-def input_shape(manifest: dict) -> tuple[int, ...]:
-    """One sample's input shape (no batch axis) from the manifest's frames, size and input layout."""
-    inp = manifest.get("input", {})
-    layout = inp.get("layout") or ("BTHWC" if inp.get("dtype", "uint8") == "uint8" else "BTCHW")
-    dims = {"T": int(manifest["frames"]), "H": int(manifest["size"]), "W": int(manifest["size"]), "C": 3}
-    if layout[0] != "B" or sorted(layout[1:]) != sorted(dims):
-        raise StexportError(f"unsupported input layout '{layout}' in the bundle's manifest")
-    return tuple(dims[c] for c in layout[1:])
+def input_shape(inp: InputRecord) -> tuple[int, ...]:
+    """One sample's input shape (no batch axis), in the graph's layout, from the manifest's input record."""
+    return tuple(inp.shape(1)[1:])
 
 
-def profile_for(manifest: dict, batch: int = DEFAULT_BATCH) -> dict:
+def profile_for(inp: InputRecord, batch: int = DEFAULT_BATCH) -> dict:
     """The optimisation profile over the batch axis: min 1, opt and max `batch`; other axes fixed."""
     if not 1 <= batch <= MAX_BATCH:
         raise StexportError(f"--batch {batch}: choose a batch size from 1 to {MAX_BATCH}")
-    s = list(input_shape(manifest))
-    return {"input": manifest.get("input", {}).get("name", "frames"),
-            "min": [1, *s], "opt": [batch, *s], "max": [batch, *s]}
+    s = list(input_shape(inp))
+    return {"input": inp.name, "min": [1, *s], "opt": [batch, *s], "max": [batch, *s]}
 
 
 def max_batch(record: dict) -> int:
@@ -121,9 +116,10 @@ def timing_cache_file(host: Host) -> str:
     return f"{ENGINE_DIR}/timing-{slug}.cache"
 
 
-def request(manifest: dict) -> dict | None:
+def request(manifest: Manifest) -> dict | None:
     """Build settings recorded by `stexport build --engine` on a host that could not build then."""
-    return manifest.get("tensorrt_request")
+    req = manifest.tensorrt_request
+    return req.model_dump(mode="json") if req is not None else None
 
 
 def make_request(batch: int = DEFAULT_BATCH, workspace_gb: float | None = None,

@@ -13,13 +13,14 @@ import importlib.util
 import logging
 
 import numpy as np
-
-from stexport.backends.base import Backend, feed
-from stexport.errors import StexportError
 from stexport.trt_engines.build import import_tensorrt, last_error, logger_for
 from stexport.trt_engines.cache import ensure_engine, onnx_identity, records
 from stexport.trt_engines.cuda import open_device
 from stexport.trt_engines.record import Host, choose, input_shape, max_batch, request
+
+from stexport.backends.base import Backend, Option
+from stexport.errors import StexportError
+from stexport.manifest import InputRecord, Manifest
 
 log = logging.getLogger("stexport")
 
@@ -29,21 +30,17 @@ def spans(n: int, size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def engine_input(clips: np.ndarray, manifest: dict, dtype: np.dtype) -> np.ndarray:
+def engine_input(clips: np.ndarray, inp: InputRecord, dtype: np.dtype) -> np.ndarray:
     """What the engine's input tensor takes: uint8 clips unchanged (normalisation is in the graph), or for
     float-input bundles normalised (B, T, 3, H, W) computed on the host."""
-    inp = manifest.get("input", {})
-    if inp.get("dtype", "uint8") == "uint8":
-        if dtype != np.uint8:
-            raise StexportError(f"the engine takes {dtype} input but the bundle says uint8; "
-                                "rebuild the engine with `stexport engine BUNDLE --force`")
-        return clips
-    return feed(clips, inp).astype(dtype, copy=False)
+    if inp.dtype == "uint8" and dtype != np.uint8:
+        raise StexportError(f"the engine takes {dtype} input but the bundle says uint8; "
+                            "rebuild the engine with `stexport engine BUNDLE --force`")
+    return inp.feed(clips).astype(dtype, copy=False)
 
 
-def io_names(inputs: list[str], outputs: list[str], manifest: dict) -> tuple[str, str]:
-    want_in = manifest.get("input", {}).get("name", "frames")
-    want_out = manifest.get("output", {}).get("name", "logits")
+def io_names(inputs: list[str], outputs: list[str], manifest: Manifest) -> tuple[str, str]:
+    want_in, want_out = manifest.input.name, manifest.output.name
     if inputs != [want_in] or outputs != [want_out]:
         raise StexportError(f"the engine's tensors {inputs} → {outputs} are not the bundle's "
                             f"{want_in} → {want_out}; rebuild it with `stexport engine BUNDLE --force`")
@@ -52,6 +49,13 @@ def io_names(inputs: list[str], outputs: list[str], manifest: dict) -> tuple[str
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    OPTIONS = (
+        Option("batch", int, None, "largest batch the engine takes when one is built here (default: the "
+               "bundle's saved setting, else 32)"),
+        Option("build", bool, True, "build an engine for this GPU when the bundle has none that fits"),
+        Option("cuda", str, None, "CUDA binding: cuda-python (default) or pycuda", ("cuda-python", "pycuda")),
+        Option("gpu", int, 0, "CUDA device index"),
+    )
 
     def __init__(self, bundle, batch: int | None = None, build: bool = True, cuda: str | None = None,
                  gpu: int = 0, progress: bool = False, **options):
@@ -71,7 +75,7 @@ class TensorRTBackend(Backend):
         try:
             if importlib.util.find_spec("tensorrt") is None:
                 return False
-            from stexport.backends.ort import gpu_visible
+            from stexport.device import gpu_visible
 
             return bundle.has("onnx") and gpu_visible() and bool(records(bundle) or request(bundle.manifest))
         except Exception:  # noqa: BLE001 - `auto` must never fail here
@@ -118,7 +122,7 @@ class TensorRTBackend(Backend):
         self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.in_name)))
         self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.out_name)))
         self.max_batch = max_batch(self.record)
-        self.sample = input_shape(b.manifest)
+        self.sample = input_shape(b.manifest.input)
         out_max = self._set_batch(self.max_batch)
         in_bytes = self.max_batch * int(np.prod(self.sample)) * self.in_dtype.itemsize
         out_bytes = int(np.prod(out_max)) * self.out_dtype.itemsize
@@ -151,7 +155,7 @@ class TensorRTBackend(Backend):
         return host_out.astype(np.float32)  # a copy: the pinned buffer is reused by the next chunk
 
     def run(self, clips: np.ndarray) -> np.ndarray:
-        x = engine_input(self.check_input(clips), self.bundle.manifest, self.in_dtype)
+        x = engine_input(clips, self.input, self.in_dtype)
         outs = [self._run_chunk(x[lo:hi]) for lo, hi in spans(len(x), self.max_batch)]
         if not outs:
             return np.zeros((0, *self._set_batch(1)[1:]), np.float32)
@@ -159,8 +163,8 @@ class TensorRTBackend(Backend):
 
     def describe(self) -> dict:
         r = self.record
-        return {"backend": self.name, "device": f"{self.host.gpu} (compute {self.host.capability})",
-                "tensorrt": self.host.tensorrt, "precision": self.bundle.precision, "engine": r["file"],
+        return {**super().describe(), "device": f"{self.host.gpu} (compute {self.host.capability})",
+                "tensorrt": self.host.tensorrt, "engine": r["file"],
                 "profile_batch": [r["profile"]["min"][0], r["profile"]["max"][0]], "cuda": self.cuda.kind}
 
     def close(self) -> None:

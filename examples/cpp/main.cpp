@@ -176,7 +176,10 @@ int main(int argc, char** argv) {
     if (extra["stexport.json"].empty())
       throw std::runtime_error(args.model + ": no embedded stexport.json; export it with stexport");
     const mini_json::Value manifest = mini_json::parse(extra["stexport.json"]);
-    const std::int64_t frames = manifest["frames"].as_int(), size = manifest["size"].as_int();
+    // manifest format 2 keeps frames and size in the input record; format 1 (older exports) at the top
+    const mini_json::Value& input = manifest.has("input") && manifest["input"].has("frames") ? manifest["input"]
+                                                                                            : manifest;
+    const std::int64_t frames = input["frames"].as_int(), size = input["size"].as_int();
     std::vector<std::string> labels;
     for (const auto& name : manifest["class_names"].array) labels.push_back(name.as_string());
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 import logging
 
-from stexport.backends.base import Backend
+from stexport.backends.base import Backend, Option
 from stexport.bundle import Bundle
-from stexport.errors import StexportError
+from stexport.errors import BundleChanged, StexportError
 
 log = logging.getLogger("stexport")
 
@@ -32,14 +32,16 @@ def load_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(mod), cls)
 
 
-def resolve(name: str, bundle: Bundle, skip: tuple[str, ...] = ()) -> str:
-    """Turn 'auto' into a concrete backend name for this machine and bundle (passing over `skip`)."""
+def resolve(name: str, bundle: Bundle, skip: tuple[str, ...] = ()) -> str | None:
+    """Turn 'auto' into a concrete backend name for this machine and bundle (passing over `skip`); None when
+    no runtime here can run it. 'auto' never picks the PyTorch reference: a bundle whose model cannot run is an
+    error, not a 10x slower answer."""
     if name != "auto":
         return name
     for candidate in AUTO_ORDER:
         if candidate in REGISTRY and candidate not in skip and load_class(candidate).usable(bundle):
             return candidate
-    return "torch"
+    return None
 
 
 # Tried in order by `auto`; each backend class has `usable(bundle) -> bool` (cheap, no model load).
@@ -48,20 +50,60 @@ def resolve(name: str, bundle: Bundle, skip: tuple[str, ...] = ()) -> str:
 AUTO_ORDER: list[str] = ["tensorrt", "openvino", "onnxruntime"]
 
 
+def options_of(name: str) -> tuple[Option, ...]:
+    """The options backend `name` declares (importing only its module)."""
+    return load_class(name).OPTIONS
+
+
+def options_help() -> str:
+    """Every backend's options, one line each (for --help); imports the backend modules that import cheaply."""
+    lines = []
+    for name in REGISTRY:
+        try:
+            opts = options_of(name)
+        except ImportError:
+            continue
+        lines.append(f"{name}: " + "; ".join(o.describe() for o in opts))
+    return "\n".join(lines)
+
+
 def create(name: str, bundle: Bundle, **options) -> Backend:
-    """A backend for `bundle`. With 'auto', one that fails to open (e.g. a TensorRT engine built for another GPU
-    that cannot be rebuilt here) is reported with its reason and the next usable one is tried."""
+    """A backend for `bundle` with `options` (checked against its declared OPTIONS first: StexportError for
+    an unknown or malformed one). With 'auto', a backend that fails to open (e.g. a TensorRT engine built for
+    another GPU that cannot be rebuilt here) is reported with its reason and the next usable one is tried;
+    options the chosen backend does not take are dropped with a note (so `--threads` works with any)."""
     failed: tuple[str, ...] = ()
+    reasons: list[str] = []
+    if name != "auto":
+        options = load_class(name).check_options(options)
     while True:
         chosen = resolve(name, bundle, skip=failed)
+        if chosen is None:
+            why = "; ".join(reasons) or "none of " + ", ".join(AUTO_ORDER) + " is installed or can run it"
+            raise StexportError(f"{bundle.path}: no runtime here can run this bundle ({why}); install one "
+                                "(pip install onnxruntime) or pass --backend NAME")
         try:
-            return load_class(chosen)(bundle, **options)
+            cls = load_class(chosen)
+            opts = options
+            if name == "auto":
+                known = {o.name for o in cls.OPTIONS} | set(cls.ALIASES)
+                dropped = sorted(set(options) - known)
+                if dropped:
+                    log.info("%s does not take option(s) %s; ignoring them", chosen, ", ".join(dropped))
+                opts = cls.check_options({k: v for k, v in options.items() if k in known})
+            log.info("backend %s on %s, options %s", chosen, bundle.path.name, opts or "default")
+            return cls(bundle, **opts)
+        except BundleChanged:
+            raise  # the bundle is not what was built: no runtime may run it
         except StexportError as e:
-            if name != "auto" or chosen == "torch":
+            if name != "auto":
                 raise
             failed += (chosen,)
-            log.warning(f"{chosen} cannot run {bundle.path.name}: {e}; "
-                        f"falling back to {resolve(name, bundle, failed)}")
+            reasons.append(f"{chosen}: {e}")
+            nxt = resolve(name, bundle, failed)
+            if nxt is not None:
+                log.warning(f"{chosen} cannot run {bundle.path.name}: {e}; falling back to {nxt}")
 
 
-__all__ = ["Backend", "REGISTRY", "AUTO_ORDER", "create", "resolve", "names", "load_class"]
+__all__ = ["Backend", "Option", "REGISTRY", "AUTO_ORDER", "create", "resolve", "names", "load_class", "options_of",
+           "options_help"]

@@ -1,32 +1,106 @@
-"""The one interface every runtime implements."""
+"""The one interface every runtime implements, and the options each declares."""
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 
 from stexport.bundle import Bundle
+from stexport.errors import StexportError
+
+# Compute precisions a backend reports (describe()["compute_precision"]): the float format its GEMMs run in.
+# Distinct from the bundle's precision (fp32 | fp16 | int8: what the graph holds). INT8 bundles run their
+# quantized GEMMs in int8 and the rest in this precision.
+COMPUTE_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
-def feed(clips: np.ndarray, spec: dict) -> np.ndarray:
-    """uint8 (B, T, H, W, 3) clips → what the graph takes, per the manifest's "input" record `spec`: unchanged
-    for uint8 graphs, else float (B, T, 3, H, W) normalised host-side with the recorded mean/std."""
-    if spec.get("dtype", "uint8") == "uint8":
-        return np.ascontiguousarray(clips)
-    mean = np.asarray(spec["mean"], np.float32).reshape(1, 1, 3, 1, 1)
-    std = np.asarray(spec["std"], np.float32).reshape(1, 1, 3, 1, 1)
-    return np.ascontiguousarray((clips.transpose(0, 1, 4, 2, 3).astype(np.float32) / 255.0 - mean) / std)
+@dataclass(frozen=True)
+class Option:
+    """A backend option (`-o NAME=VALUE` on the command line, a keyword in Python)."""
+
+    name: str
+    type: type  # int, float, bool or str
+    default: object
+    help: str
+    choices: tuple | None = None
+
+    def coerce(self, value, backend: str):
+        """`value` (from the command line: a string) as this option's type; StexportError if it is not one."""
+        kind = self.type.__name__
+        if value is None:
+            return None
+        try:
+            if self.type is bool:
+                if isinstance(value, str):
+                    low = value.strip().lower()
+                    if low not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    value = low in ("true", "1", "yes")
+                elif not isinstance(value, bool):
+                    raise ValueError(value)
+            elif self.type is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError(value)
+                value = int(value)
+            elif self.type is float:
+                value = float(value)
+            else:
+                value = str(value)
+        except (TypeError, ValueError):
+            raise StexportError(f"{backend} option {self.name}={value!r}: expected {kind} ({self.help})") from None
+        if self.choices and value not in self.choices:
+            raise StexportError(f"{backend} option {self.name}={value!r}: choose one of "
+                                f"{', '.join(map(str, self.choices))}")
+        return value
+
+    def describe(self) -> str:
+        what = "|".join(map(str, self.choices)) if self.choices else self.type.__name__
+        return f"{self.name}={what} (default {self.default}): {self.help}"
+
+
+THREADS = Option("threads", int, None, "CPU threads for inference (default: the runtime's)")
 
 
 class Backend(ABC):
-    """Runs a bundle: uint8 RGB clips (B, T, H, W, 3) in, float32 logits (B, classes) out."""
+    """Runs a bundle: uint8 RGB clips (B, T, H, W, 3) in, float32 logits (B, classes) out.
+
+    Subclasses declare OPTIONS; `backends.create` checks user options against them (an unknown or mistyped
+    option is a one-line error listing the valid ones) before constructing the backend."""
 
     name: str = "?"
+    OPTIONS: tuple[Option, ...] = ()
+    ALIASES: dict[str, str] = {}  # old option name -> new name (accepted with a deprecation warning)
 
     def __init__(self, bundle: Bundle, **options):
         self.bundle = bundle
         self.options = options
+        self.input = bundle.manifest.input
+
+    @classmethod
+    def check_options(cls, options: dict) -> dict:
+        """`options` coerced to their declared types, defaults not filled in. Raises StexportError naming the
+        unknown or malformed option and the valid ones."""
+        import logging
+
+        known = {o.name: o for o in cls.OPTIONS}
+        out = {}
+        for key, value in options.items():
+            if key in cls.ALIASES:
+                new = cls.ALIASES[key]
+                logging.getLogger("stexport").warning("%s option '%s' is deprecated; use '%s'", cls.name, key, new)
+                key = new
+            opt = known.get(key)
+            if opt is None:
+                near = difflib.get_close_matches(key, list(known), n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                valid = ", ".join(known) or "none"
+                raise StexportError(f"{cls.name} has no option '{key}'{hint}; its options: {valid} "
+                                    f"(see `stexport bench --help`)")
+            out[key] = opt.coerce(value, cls.name)
+        return out
 
     @classmethod
     def usable(cls, bundle: Bundle) -> bool:
@@ -35,11 +109,18 @@ class Backend(ABC):
 
     @abstractmethod
     def run(self, clips: np.ndarray) -> np.ndarray:
-        """clips: uint8 array (B, T, H, W, 3) in the bundle's size and frame count."""
+        """clips: uint8 array (B, T, H, W, 3) in the bundle's size and frame count → float32 logits (B, classes).
+        Raises StexportError for clips of another shape or dtype."""
+
+    def compute_precision(self) -> str:
+        """The float precision this runtime computes in (one of COMPUTE_PRECISIONS); INT8 bundles run their
+        quantized GEMMs in int8 on top of it."""
+        return "fp16" if self.bundle.precision == "fp16" else "fp32"
 
     def describe(self) -> dict:
-        """What actually runs: runtime, device/provider, precision."""
-        return {"backend": self.name, "precision": self.bundle.precision}
+        """What actually runs: runtime, device/provider, the bundle's precision and the compute precision."""
+        return {"backend": self.name, "precision": self.bundle.precision,
+                "compute_precision": self.compute_precision()}
 
     def close(self) -> None:
         pass
@@ -51,10 +132,8 @@ class Backend(ABC):
         self.close()
 
     def check_input(self, clips: np.ndarray) -> np.ndarray:
-        from stexport.errors import StexportError
-
-        b = self.bundle
-        want = (b.frames, b.size, b.size, 3)
+        """uint8 (B, T, H, W, 3) clips of the bundle's frames and size, C-contiguous; StexportError otherwise."""
+        want = (self.bundle.frames, self.bundle.size, self.bundle.size, 3)
         if clips.ndim != 5 or tuple(clips.shape[1:]) != want:
             raise StexportError(f"clips must have shape (B, {', '.join(map(str, want))}), got {tuple(clips.shape)}")
         if clips.dtype != np.uint8:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stexport.backends.base import Backend, feed
+from stexport.backends.base import THREADS, Backend, Option
 from stexport.errors import StexportError
 
 log = logging.getLogger("stexport")
@@ -69,9 +69,9 @@ def model_key(bundle) -> str:
     """Identity of the bundle's ONNX (and external data) from the manifest's sha256 records. OpenVINO checks
     a cached blob against the file's path, size and mtime in whole seconds only, which a rebuild with the same
     architecture can match; a folder per model content cannot go stale."""
-    files = bundle.manifest.get("files", {})
-    arts = bundle.manifest.get("artifacts", {})
-    parts = [files.get(arts.get(k, ""), {}).get("sha256", "") for k in ("onnx", "onnx_data")]
+    m = bundle.manifest
+    recs = [m.files.get(m.artifacts.get(k, "")) for k in ("onnx", "onnx_data")]
+    parts = [r.sha256 if r else "" for r in recs]
     if not parts[0]:
         st = bundle.file("onnx").stat()
         parts = [str(st.st_size), str(st.st_mtime_ns)]
@@ -115,10 +115,11 @@ def only_blobs(folder: Path) -> bool:
 
 
 class OpenVINOBackend(Backend):
-    """options: precision ('f32' | 'bf16' | 'f16'; default f32), hint ('latency' | 'throughput'),
-    threads, device ('auto' = 'CPU', or an OpenVINO device name), cache (False: no compiled-model cache),
-    cache_dir (a folder instead of the default), static (default True: compile the model for each of the
-    first KEEP batch sizes it runs, any other size runs on one dynamic-batch model; False: that model only).
+    """options: compute ('f32' | 'bf16' | 'f16'; default f32: OpenVINO's inference precision), hint
+    ('latency' | 'throughput'), threads, device ('auto' = 'CPU', or an OpenVINO device name), cache (False: no
+    compiled-model cache), cache_dir (a folder instead of the default), static (default True: compile the model
+    for each of the first KEEP batch sizes it runs, any other size runs on one dynamic-batch model; False: that
+    model only).
 
     Static shapes let the CPU plugin fuse what it keeps as separate layers under a dynamic batch: every
     activation quantization into its producer, and the adds, multiplies and reorders between the GEMMs into
@@ -126,8 +127,20 @@ class OpenVINOBackend(Backend):
     splits a batch over streams, so it keeps one dynamic-batch model."""
 
     name = "openvino"
+    OPTIONS = (
+        Option("device", str, "auto", "OpenVINO device: auto (= CPU) or a device name"),
+        THREADS,
+        Option("compute", str, "f32", "inference precision of the float parts: f32, bf16 (AMX/AVX512-BF16 "
+               "CPUs) or f16 (AVX512-FP16 CPUs); never chosen silently", tuple(PRECISIONS)),
+        Option("hint", str, "latency", "latency: one request, a model per batch size; throughput: streams",
+               HINTS),
+        Option("cache", bool, True, "keep compiled models beside the bundle"),
+        Option("cache_dir", str, None, "folder for the compiled-model cache instead of the default"),
+        Option("static", bool, True, "compile a fixed-shape model per batch size (~8% faster on INT8)"),
+    )
+    ALIASES = {"precision": "compute"}
 
-    def __init__(self, bundle, device: str = "auto", threads: int | None = None, precision: str | None = None,
+    def __init__(self, bundle, device: str = "auto", threads: int | None = None, compute: str | None = None,
                  hint: str = "latency", cache: bool = True, cache_dir: str | Path | None = None,
                  static: bool = True, **options):
         super().__init__(bundle, **options)
@@ -140,16 +153,16 @@ class OpenVINOBackend(Backend):
         if self.device not in self.core.available_devices:
             raise StexportError(f"--device {device}: OpenVINO here offers only "
                                f"{', '.join(self.core.available_devices)}; use --device cpu")
-        want = PRECISIONS.get(str(precision or "f32").lower())
+        want = PRECISIONS.get(str(compute or "f32").lower())
         if want is None:
-            raise StexportError(f"OpenVINO precision '{precision}': choose f32 or bf16 "
+            raise StexportError(f"OpenVINO compute precision '{compute}': choose f32 or bf16 "
                                 "(f16 on CPUs with AVX512-FP16)")
         caps = self.core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")
         cap = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}[want]
         if cap not in caps:
-            raise StexportError(f"OpenVINO precision {want}: this {self.device} cannot compute in {cap} "
-                                f"(it offers {', '.join(c for c in caps if c in ('FP32', 'BF16', 'FP16'))}); "
-                                "use precision f32")
+            raise StexportError(f"OpenVINO compute precision {want}: this {self.device} cannot compute in "
+                                f"{cap} (it offers {', '.join(c for c in caps if c in ('FP32', 'BF16', 'FP16'))}); "
+                                "use -o compute=f32")
         if hint not in HINTS:
             raise StexportError(f"OpenVINO hint '{hint}': choose one of {', '.join(HINTS)}")
         config = {
@@ -177,8 +190,7 @@ class OpenVINOBackend(Backend):
             compiled, _ = self.compiled_for(None)
             self.streams = int(compiled.get_property(props.optimal_number_of_infer_requests))
         self.stream_requests: list | None = None
-        self.hint, self.threads = hint, threads
-        self.input = bundle.manifest.get("input", {})
+        self.hint, self.threads, self.want = hint, threads, want
 
     def _attempt(self, step):
         try:
@@ -217,7 +229,7 @@ class OpenVINOBackend(Backend):
             return False
 
     def run(self, clips: np.ndarray) -> np.ndarray:
-        x = feed(self.check_input(clips), self.input)
+        x = self.input.feed(clips)
         if self.streams > 1 and len(x) > 1:
             return self._run_streams(x)
         _, request = self.compiled_for(len(x))
@@ -246,7 +258,7 @@ class OpenVINOBackend(Backend):
         """A model compiled so far (they share their layer precisions), or None before the first run."""
         return next(iter(self.models.values()))[0] if self.models else None
 
-    def compute_precisions(self) -> tuple[dict[str, int], dict[str, int]]:
+    def layer_precisions(self) -> tuple[dict[str, int], dict[str, int]]:
         """How many GEMM layers (FullyConnected, MatMul, Convolution) and how many fused subgraphs (attention
         blocks, elementwise chains) run in each precision, read from the compiled model itself."""
         gemm: Counter = Counter()
@@ -261,6 +273,10 @@ class OpenVINOBackend(Backend):
                 fused[rt["runtimePrecision"].astype(str)] += 1
         return dict(sorted(gemm.items())), dict(sorted(fused.items()))
 
+    def compute_precision(self) -> str:
+        """fp32, bf16 or fp16: the inference precision the models are compiled with."""
+        return {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}[self.want]
+
     def describe(self) -> dict:
         """Layer precisions are read from a compiled model: None before the first run (the models are compiled
         per batch size on first use, and describing must not compile one that may never run)."""
@@ -269,11 +285,10 @@ class OpenVINOBackend(Backend):
 
         ov = import_openvino()
         c = self.any_compiled()
-        gemm, fused = self.compute_precisions() if c else (None, None)
-        return {"backend": self.name, "device": self.device,
+        gemm, fused = self.layer_precisions() if c else (None, None)
+        return {**super().describe(), "device": self.device,
                 "device_name": self.core.get_property(self.device, props.device.full_name),
                 "openvino": ov.get_version().split("-")[0],
-                "precision": self.bundle.precision,
                 "inference_precision": (c.get_property(hints.inference_precision) if c
                                         else self.config[hints.inference_precision]).to_string(),
                 "gemm_precisions": gemm, "subgraph_precisions": fused,

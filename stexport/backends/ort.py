@@ -4,27 +4,17 @@ installed onnxruntime has them and a GPU is visible."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-from pathlib import Path
 
 import numpy as np
 
-from stexport.backends.base import Backend, feed
+from stexport.backends.base import THREADS, Backend, Option
+from stexport.device import gpu_visible
 from stexport.errors import StexportError
 
 log = logging.getLogger("stexport")
 
 LEVELS = ("disable", "basic", "extended", "all")
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
-
-
-def gpu_visible() -> bool:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    if Path("/dev/nvidia0").exists():
-        return True
-    return Path("/dev/nvidiactl").exists() and shutil.which("nvidia-smi") is not None
 
 
 def providers_for(device: str, available: list[str]) -> list[str]:
@@ -44,6 +34,12 @@ def providers_for(device: str, available: list[str]) -> list[str]:
 
 class OrtBackend(Backend):
     name = "onnxruntime"
+    OPTIONS = (
+        Option("device", str, "auto", "execution provider: auto (CUDA/TensorRT providers when a GPU is visible), "
+               "cpu, cuda or tensorrt", DEVICES),
+        THREADS,
+        Option("opt_level", str, "all", "graph optimisation level (FP16 graphs on CPU use extended)", LEVELS),
+    )
 
     def __init__(self, bundle, device: str = "auto", threads: int | None = None, opt_level: str | None = None,
                  **options):
@@ -78,8 +74,6 @@ class OrtBackend(Backend):
         except Exception as e:  # noqa: BLE001
             raise StexportError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); "
                                 "rebuild the bundle with `stexport build --force`") from e
-        self.input = bundle.manifest.get("input", {})
-        self.input_name = self.input.get("name", "frames")
 
     @classmethod
     def usable(cls, bundle) -> bool:
@@ -90,12 +84,11 @@ class OrtBackend(Backend):
         return bundle.has("onnx")
 
     def run(self, clips: np.ndarray) -> np.ndarray:
-        x = feed(self.check_input(clips), self.input)
-        return self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
+        x = self.input.feed(clips)
+        return self.session.run(None, {self.input.name: x})[0].astype(np.float32, copy=False)
 
     def describe(self) -> dict:
-        return {"backend": self.name, "providers": self.session.get_providers(),
-                "precision": self.bundle.precision, "optimization": self.level,
+        return {**super().describe(), "providers": self.session.get_providers(), "optimization": self.level,
                 "threads": self.threads or "default"}
 
     def close(self) -> None:

@@ -1,30 +1,49 @@
-"""The PyTorch reference as a backend: what every exported artifact is compared with."""
+"""The PyTorch reference as a backend: what every exported artifact is compared with (needs stexport[export])."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from stexport.backends.base import Backend
-from stexport.reference import normalize
+from stexport.backends.base import THREADS, Backend, Option
 
 
 class TorchBackend(Backend):
     name = "torch"
+    OPTIONS = (
+        Option("device", str, "cpu", "torch device: cpu or cuda"),
+        THREADS,
+        Option("pretrained", str, None, "backbone weights for the reference, if the file the bundle was built "
+               "from has moved"),
+    )
 
-    def __init__(self, bundle, device: str = "cpu", model=None, threads: int | None = None, **options):
+    def __init__(self, bundle, device: str = "cpu", model=None, threads: int | None = None,
+                 pretrained: str | None = None, **options):
+        """model: an already-built reference (tests, verify); else it is rebuilt from the bundle's deltas and
+        backbone record (`pretrained` overrides where the backbone weights are)."""
         super().__init__(bundle, **options)
+        from stexport.extras import require
+
+        require("torch backend", "torch", "open_clip")
+        import torch
+
         from stexport.loaders import reference_for_bundle
 
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.model = (model or reference_for_bundle(bundle, options.get("pretrained"))).to(self.device)
+        self.model = (model or reference_for_bundle(bundle, pretrained)).to(self.device)
 
-    @torch.inference_mode()
     def run(self, clips: np.ndarray) -> np.ndarray:
-        x = normalize(torch.from_numpy(self.check_input(clips))).to(self.device)
-        return self.model(x).float().cpu().numpy()
+        import torch
+
+        from stexport.reference import normalize
+
+        with torch.inference_mode():
+            x = normalize(torch.from_numpy(self.check_input(clips))).to(self.device)
+            return self.model(x).float().cpu().numpy()
+
+    def compute_precision(self) -> str:
+        return "fp32"
 
     def describe(self) -> dict:
-        return {"backend": self.name, "device": str(self.device), "precision": "fp32 (reference)"}
+        return {**super().describe(), "device": str(self.device), "reference": True}

@@ -4,15 +4,18 @@ CPU by default; CUDA when a GPU is visible to torch."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from stexport.backends.base import Backend
+from stexport.backends.base import THREADS, Backend, Option
 from stexport.errors import StexportError
+from stexport.ts_runtime import embedded_input
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def pick_device(device: str) -> torch.device:
+def pick_device(device: str):
+    """The torch device for `device` (auto: CUDA when torch sees a GPU); StexportError if unusable."""
+    import torch
+
     if device not in DEVICES and not device.startswith("cuda:"):
         raise StexportError(f"unknown device '{device}' for torchscript; choose one of: {', '.join(DEVICES)}")
     if device == "auto":
@@ -24,38 +27,55 @@ def pick_device(device: str) -> torch.device:
 
 class TorchScriptBackend(Backend):
     name = "torchscript"
+    OPTIONS = (Option("device", str, "auto", "torch device: auto (CUDA when visible), cpu, cuda or cuda:N"), THREADS)
 
     def __init__(self, bundle, device: str = "auto", threads: int | None = None, **options):
         super().__init__(bundle, **options)
-        from stexport.torchscript import load
+        from stexport.extras import require
+
+        require("the torchscript backend", "torch")
+        import torch
+
+        from stexport.ts_runtime import load
 
         if threads:
             torch.set_num_threads(int(threads))
         self.device, self.threads = pick_device(device), threads
         path = bundle.file("torchscript")
         self.module, embedded = load(path, self.device)
-        record = embedded.get("torchscript")
-        if not record:
+        record = bundle.manifest.torchscript
+        if record is None or not isinstance(embedded.get("torchscript"), dict):
             raise StexportError(f"{path}: has no stexport record (not exported by stexport); re-export it "
                                 f"with `stexport export-torchscript {bundle.path} --force`")
-        shape = record.get("input", {}).get("shape", [])
-        if shape[1:4] != [bundle.frames, bundle.size, bundle.size]:
-            raise StexportError(f"{path}: made for clips of shape {shape}, not the bundle's {bundle.frames} "
-                                f"frames of {bundle.size} px; re-export it with "
+        try:
+            inp = embedded_input(embedded)
+        except StexportError as e:
+            raise StexportError(f"{path}: {e}; re-export it with `stexport export-torchscript {bundle.path} "
+                                "--force`") from None
+        if (inp.frames, inp.size) != (bundle.frames, bundle.size):
+            raise StexportError(f"{path}: made for {inp.frames} frames of {inp.size} px, not the bundle's "
+                                f"{bundle.frames} frames of {bundle.size} px; re-export it with "
                                 f"`stexport export-torchscript {bundle.path} --force`")
-        self.precision = record.get("precision", "fp32")
+        self.precision = record.precision
 
     @classmethod
     def usable(cls, bundle) -> bool:
         return bundle.has("torchscript")
 
-    @torch.inference_mode()
     def run(self, clips: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(self.check_input(clips)).to(self.device)
-        return self.module(x).float().cpu().numpy()
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(self.check_input(clips)).to(self.device)
+            return self.module(x).float().cpu().numpy()
+
+    def compute_precision(self) -> str:
+        return self.precision
 
     def describe(self) -> dict:
-        return {"backend": self.name, "device": str(self.device), "precision": self.precision,
+        import torch
+
+        return {**super().describe(), "device": str(self.device), "module_precision": self.precision,
                 "threads": self.threads or torch.get_num_threads()}
 
     def close(self) -> None:

@@ -1,0 +1,66 @@
+"""File helpers every stage shares: one sha256, one atomic write (bytes, text, JSON), the user's file modes.
+
+Atomic writes go to a temporary sibling and one `os.replace`, so a reader never sees a half-written file and
+a killed writer leaves at most a `.NAME.tmpPID` file that the next writer of the same name removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def umask() -> int:
+    """This process's umask (reading it needs setting it: restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data, fsync: bool = False) -> None:
+    """Write bytes (or any buffer) to `path` through a temporary sibling and one rename. The file gets the
+    mode a plain open() would give it (0666 less the umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data) -> None:
+    """Strict JSON (NaN/Infinity refused: ValueError), indented, through one rename."""
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def apply_umask(root: str | Path) -> None:
+    """Give `root` and everything below it the modes a plain mkdir/open would (0777/0666 less the umask):
+    tempfile.mkdtemp makes 0700 directories, which would otherwise leak into a finished bundle."""
+    mask = umask()
+    root = Path(root)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
