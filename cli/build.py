@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import handle_errors, print_json
+from stexport.cli.common import Flag, handle_errors, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -32,10 +32,12 @@ Examples:
 def build(
     adapter: Path = typer.Option(..., "--adapter", "-a",
                                  help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
-    backbone: str = typer.Option("ViT-B-16", "--backbone", "-b",
-                                 help="open_clip ViT the adapters were trained on."),
-    pretrained: str = typer.Option("openai", "--pretrained", help="Backbone weights: an open_clip tag, a "
-                                   "file, or 'none' (random, for smoke tests)."),
+    backbone: str = typer.Option("ViT-B-16", "--backbone",
+                                 help="open_clip ViT the adapters were trained on (`stexport inspect` names the "
+                                 "ones an adapter fits)."),
+    pretrained: str = typer.Option("openai", "--pretrained", help="Backbone weights: an open_clip tag (from "
+                                   "the local model-hub cache, else downloaded), a file, or 'none' (random, for "
+                                   "smoke tests)."),
     precision: str = typer.Option("fp32", "--precision", "-p", help="fp32, fp16 (strongly typed) or int8 "
                                   "(explicit Q/DQ; needs --calib)."),
     frames: int = typer.Option(8, "--frames", "-t", help="Frames per clip (T), fixed in the graph."),
@@ -54,16 +56,16 @@ def build(
                                 "400 classes, SSv2 for 174, else class_i)."),
     out: Path = typer.Option(None, "--out", "-o",
                              help="Bundle directory (default: ~/.cache/stexport/bundles/NAME)."),
-    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle at --out."),
+    force: bool = Flag(False, "--force", "-f", help="Replace an existing bundle at --out."),
     input_format: str = typer.Option("uint8", "--input", help="uint8 (B,T,H,W,3 RGB; normalised in the "
                                      "graph) or float (B,T,3,H,W, normalised by the host)."),
-    int8_attention: bool = typer.Option(False, "--int8-attention", help="INT8 also for the attention scores "
+    int8_attention: bool = Flag(False, "--int8-attention", help="INT8 also for the attention scores "
                                         "(q·kᵀ inputs; softmax stays float): a few % faster on CPU."),
-    engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
+    engine: bool = Flag(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
-    torchscript: bool = typer.Option(False, "--torchscript", help="Also write model.ts, a frozen TorchScript "
+    torchscript: bool = Flag(False, "--torchscript", help="Also write model.ts, a frozen TorchScript "
                                      "module for libtorch hosts (see `stexport export-torchscript`)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    as_json: bool = Flag(False, "--json", help="Print the manifest as JSON."),
 ):
     """Build a bundle: load the CLIP backbone and the adapter deltas, fold them into a standard-operator
     graph (normalisation folded into the patch embedding, attention as MatMul/Softmax, adapters as GEMMs and a
@@ -75,19 +77,10 @@ def build(
     tensor) with ranges calibrated on real videos decoded exactly as `stexport infer` decodes them; results
     are cached by model and clip set.
     """
+    sampling = precheck(adapter, backbone, pretrained, precision, input_format, calib, calib_method, labels,
+                        out, force, views, rate)
     from stexport.build import build_bundle
-    from stexport.errors import StexportError
-    from stexport.fold import INPUT_FORMATS
 
-    if input_format not in INPUT_FORMATS:
-        raise StexportError(f"--input {input_format}: choose one of {', '.join(INPUT_FORMATS)}")
-    sampling = {} if rate is None else {"rate": rate}
-    if views:
-        from stexport.video import parse_views
-
-        sampling["temporal_views"], sampling["spatial_views"] = parse_views(views)
-    if calib is not None and not calib.exists():
-        raise StexportError(f"{calib}: no such clip list or directory (--calib)")
     b = build_bundle(adapter, backbone=backbone, pretrained=pretrained, precision=precision, frames=frames,
                      size=size, out=out, force=force, calib=calib, labels=labels, calib_clips=calib_clips,
                      calib_method=calib_method, input_format=input_format, int8_attention=int8_attention,
@@ -126,5 +119,51 @@ def build(
     typer.echo(f"next: stexport verify {b.path} --clips VIDEOS   |   stexport infer VIDEO -m {b.path}")
 
 
+def precheck(adapter: Path, backbone: str, pretrained: str, precision: str, input_format: str,
+             calib: Path | None, calib_method: str, labels: Path | None, out: Path | None, force: bool,
+             views: str | None, rate: int | None) -> dict:
+    """Every check that needs no model, before torch is imported: names (with the closest valid ones), input
+    files, and an existing --out. Returns the sampling overrides."""
+    from stexport.errors import StexportError
+    from stexport.names import (CALIB_METHODS, INPUT_FORMATS, PRECISIONS, WEIGHT_SUFFIXES, check_backbone,
+                                check_weights_file)
+
+    def choice(flag, value, allowed):
+        if value not in allowed:
+            import difflib
+
+            close = difflib.get_close_matches(value.lower(), allowed, n=1, cutoff=0.4)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise StexportError(f"{flag} {value}: {hint}choose one of {', '.join(allowed)}")
+
+    choice("--precision", precision, PRECISIONS)
+    choice("--input", input_format, INPUT_FORMATS)
+    choice("--calib-method", calib_method, CALIB_METHODS)
+    if adapter.is_dir():
+        raise StexportError(f"{adapter}: is a directory; --adapter takes the checkpoint file (.pt/.pth/.safetensors)")
+    if not adapter.is_file():
+        raise StexportError(f"{adapter}: no such adapter checkpoint (--adapter)")
+    check_backbone(backbone)
+    if pretrained not in ("", "none"):
+        p = Path(pretrained)
+        if p.exists() or p.suffix in WEIGHT_SUFFIXES:
+            check_weights_file(p)
+    if precision == "int8" and calib is None:
+        raise StexportError("--precision int8 needs --calib CLIPS (a '<video> <label>' list or a directory "
+                            "of videos) to calibrate activation ranges")
+    if calib is not None and not calib.exists():
+        raise StexportError(f"{calib}: no such clip list or directory (--calib)")
+    if labels is not None and not labels.is_file():
+        raise StexportError(f"{labels}: no such labels file (one class name per line)")
+    if out is not None and out.exists() and not force:
+        raise StexportError(f"{out}: already exists; pass --force to replace it, or choose another --out")
+    sampling: dict = {} if rate is None else {"rate": rate}
+    if views:
+        from stexport.video import parse_views
+
+        sampling["temporal_views"], sampling["spatial_views"] = parse_views(views)
+    return sampling
+
+
 def register(app: typer.Typer) -> None:
-    app.command("build", epilog=EXAMPLES)(build)
+    add_command(app, "build", build, EXAMPLES)

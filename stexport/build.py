@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from stexport import interrupt
 from stexport.backbone import Backbone, load_backbone
 from stexport.bundle import Bundle, default_home, finish_manifest, writing
 from stexport.deltas import Deltas, check_fits, infer_spec, load_deltas, unwrap
@@ -22,12 +24,12 @@ from stexport.export import DTYPES, INPUT, OPSET, OUTPUT, export_onnx, external_
 from stexport.fold import fold
 from stexport.labels import resolve_labels
 from stexport.loaders import backbone_record
+from stexport.names import PRECISIONS
 from stexport.reference import CLIP_MEAN, CLIP_STD, build_reference
 from stexport.video import Sampling
 
 log = logging.getLogger("stexport")
 
-PRECISIONS = ("fp32", "fp16", "int8")
 ARTIFACTS = {"onnx": "model.onnx", "deltas": "deltas.safetensors", "labels": "labels.txt"}
 SSV2_CLASSES = 174
 
@@ -95,12 +97,29 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
     steps = ["load", "fold", "export", *(["calibrate", "quantize"] if precision == "int8" else []), "write"]
     # progress bars only on a terminal (disable=None), so logs and pipes stay clean
     bar = tqdm(total=len(steps), desc="build", unit="step", disable=None if progress else True, leave=False)
-    with bar:
-        def step(name: str):
-            bar.set_postfix_str(name)
+    started: list = []  # (stage, perf_counter) of the stage running
 
+    def step(name: str | None):
+        interrupt.check()
+        now = time.perf_counter()
+        if started:
+            log.info("%s: done in %.2f s", started[0][0], now - started[0][1])
+            started.clear()
+        if name:
+            bar.set_postfix_str(name)
+            started.append((name, now))
+
+    with bar:
         step("load")
         deltas = _deltas(adapter)
+        log.info("adapter: %s (%s adapters, kernel %s, %d classes)", deltas.path or "in memory",
+                 deltas.spec.layout, "x".join(map(str, deltas.spec.kernel)), deltas.spec.num_classes)
+        if not isinstance(backbone, Backbone):
+            from stexport.backbone import shape_config
+
+            shape = shape_config(backbone)  # the fit from the config file, before any weights are fetched
+            if shape is not None:
+                check_fits(deltas.spec, shape, backbone)
         if isinstance(backbone, Backbone):
             bb = backbone
         else:
@@ -125,9 +144,14 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
             step("fold")
             dtype = DTYPES.get(precision, torch.float32)
             deploy = fold(ref, input_format, compute_dtype=dtype)
+            log.info("graph: %s input (%s), %s compute, %s, attention as MatMul/Softmax, adapters as "
+                     "Gemm + depth-wise Conv (%s)", input_format,
+                     "B,T,H,W,3 RGB normalised in the graph" if input_format == "uint8" else "B,T,3,H,W normalised",
+                     str(dtype).replace("torch.", ""), bb.config.act, precision)
             bar.update()
             step("export")
             onnx_path = tmp / ARTIFACTS["onnx"]
+            log.info("export: ONNX opset %d, dynamic batch, %d frames x %d px", OPSET, frames, size)
             export_onnx(deploy, onnx_path, frames, external_data=external_data)
             bar.update()
             calibration = None
@@ -140,6 +164,9 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
                     method=calib_method, seed=calib_seed, input_spec=input_record(input_format),
                     progress=progress, external_data=external_data, on_calibrated=lambda: step("quantize"),
                     attention=int8_attention)
+                log.info("calibration: %s ranges from %s clips of %s%s; %s layers quantized",
+                         calibration.get("method"), calibration.get("clips"), calibration.get("source", calib),
+                         " (cached)" if calibration.get("cached") else "", calibration.get("quantized_layers"))
                 bar.update(2)
             step("write")
             from safetensors.torch import save_file
@@ -170,4 +197,6 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
                 manifest["calibration"] = calibration
             finish_manifest(tmp, manifest)
             bar.update()
+            step(None)
+        log.info("bundle: %s", out)
         return Bundle.load(out)

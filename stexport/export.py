@@ -18,6 +18,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from stexport import interrupt
 from stexport.errors import StexportError
 
 log = logging.getLogger("stexport")
@@ -54,6 +55,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, frames: int,
                 optimize=True,
             )
         except Exception as e:  # noqa: BLE001 - exporter failures are bugs or unsupported configs
+            interrupt.reraise(e)  # the exporter wraps a Ctrl-C in its own error
             why = str(e).splitlines()[0][:200] if str(e) else ""
             raise StexportError(f"ONNX export failed ({type(e).__name__}: {why})") from e
     proto = program.model_proto
@@ -112,6 +114,7 @@ def check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001
+        interrupt.reraise(e)
         why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise StexportError(f"{path}: the exported graph fails onnx.checker ({why})") from e
 

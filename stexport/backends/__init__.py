@@ -27,7 +27,11 @@ def names() -> list[str]:
 
 def load_class(name: str) -> type[Backend]:
     if name not in REGISTRY:
-        raise StexportError(f"unknown backend '{name}'; choose one of: {', '.join(names())}")
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), names(), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise StexportError(f"unknown backend '{name}'; {hint}choose one of: {', '.join(names())}")
     mod, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(mod), cls)
 
@@ -55,7 +59,10 @@ def create(name: str, bundle: Bundle, **options) -> Backend:
     while True:
         chosen = resolve(name, bundle, skip=failed)
         try:
-            return load_class(chosen)(bundle, **options)
+            backend = load_class(chosen)(bundle, **options)
+            log.info("backend: %s%s, options %s: %s", chosen, " (picked by auto)" if name == "auto" else "",
+                     options or "defaults", backend.describe())
+            return backend
         except StexportError as e:
             if name != "auto" or chosen == "torch":
                 raise

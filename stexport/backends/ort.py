@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from stexport.backends.base import Backend, feed
+from stexport import interrupt
 from stexport.errors import StexportError
 
 log = logging.getLogger("stexport")
@@ -76,6 +77,7 @@ class OrtBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # noqa: BLE001
+            interrupt.reraise(e)
             raise StexportError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); "
                                 "rebuild the bundle with `stexport build --force`") from e
         self.input = bundle.manifest.get("input", {})
