@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import Flag, handle_errors, print_json, register as add_command
+from stexport.cli.common import Flag, check_adapter_file, handle_errors, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -139,10 +139,7 @@ def precheck(adapter: Path, backbone: str, pretrained: str, precision: str, inpu
     choice("--precision", precision, PRECISIONS)
     choice("--input", input_format, INPUT_FORMATS)
     choice("--calib-method", calib_method, CALIB_METHODS)
-    if adapter.is_dir():
-        raise StexportError(f"{adapter}: is a directory; --adapter takes the checkpoint file (.pt/.pth/.safetensors)")
-    if not adapter.is_file():
-        raise StexportError(f"{adapter}: no such adapter checkpoint (--adapter)")
+    check_adapter_file(adapter)
     check_backbone(backbone)
     if pretrained not in ("", "none"):
         p = Path(pretrained)

@@ -59,6 +59,14 @@ def handle_errors(fn):
     return wrapper
 
 
+def check_adapter_file(path) -> None:
+    """--adapter must name a checkpoint file (checked before torch is imported)."""
+    if path.is_dir():
+        raise StexportError(f"{path}: is a directory; --adapter takes the checkpoint file (.pt/.pth/.safetensors)")
+    if not path.is_file():
+        raise StexportError(f"{path}: no such file (--adapter takes the ST-Adapter checkpoint)")
+
+
 def print_json(obj) -> None:
     """Strict JSON on stdout: NaN/Infinity become null (json.loads elsewhere would reject them)."""
     typer.echo(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False))
@@ -108,10 +116,10 @@ def setup_logging(verbose: bool = False) -> None:
     h.setFormatter(logging.Formatter("stexport: %(message)s"))
     own.addHandler(h)
     own.setLevel(logging.INFO if verbose else logging.WARNING)
-    own.propagate = False
     _HANDLERS.append((own, h))
     root = logging.getLogger()
     other = _StderrHandler()
+    other.addFilter(lambda r: not r.name.startswith("stexport"))  # those went out above
     other.setFormatter(logging.Formatter("stexport: %(name)s: %(message)s"))
     other.setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
     root.addHandler(other)  # also stops Python's last-resort handler printing other libraries' warnings

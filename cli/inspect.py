@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import Flag, handle_errors, print_json, register as add_command
+from stexport.cli.common import Flag, check_adapter_file, handle_errors, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -29,10 +29,7 @@ def inspect(
     from stexport.names import check_backbone, fitting_backbones
 
     check_backbone(backbone)
-    if adapter.is_dir():
-        raise StexportError(f"{adapter}: is a directory; --adapter takes the checkpoint file (.pt/.pth/.safetensors)")
-    if not adapter.is_file():
-        raise StexportError(f"{adapter}: no such adapter checkpoint (--adapter)")
+    check_adapter_file(adapter)
     from stexport.backbone import model_config, register_configs
     from stexport.deltas import check_fits, load_deltas
 

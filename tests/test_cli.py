@@ -150,7 +150,7 @@ def test_cheap_refusals_come_before_torch(tiny_adapter, tmp_path):
          "unknown backbone 'ViT-B16': did you mean ViT-B-16?"),
         (["build", "--adapter", tiny_adapter, "--backbone", "ViT-L-14-SigLIP"], "did you mean ViT-L-14"),
         (["build", "--adapter", tiny_adapter, "--out", tmp_path / "exists"], "already exists; pass --force"),
-        (["build", "--adapter", tmp_path / "nope.pt"], "no such adapter checkpoint"),
+        (["build", "--adapter", tmp_path / "nope.pt"], "no such file (--adapter"),
         (["build", "--adapter", tiny_adapter, "--precision", "int4"], "did you mean int8?"),
         (["build", "--adapter", tiny_adapter, "--pretrained", tmp_path / "weights"],
          "is a directory, not a weights file (found vit.safetensors in it)"),
