@@ -68,18 +68,7 @@ def check_adapter_file(path) -> None:
 
 
 def print_json(obj) -> None:
-    """Strict JSON on stdout: NaN/Infinity become null (json.loads elsewhere would reject them)."""
-    typer.echo(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False))
-
-
-def _finite(obj):
-    if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    typer.echo(json.dumps(obj, indent=2, default=str))
 
 
 # ----------------------------------------------------------------------------------------------------------

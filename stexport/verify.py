@@ -146,6 +146,8 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     from stexport.classify import _prefetched
     from stexport.video import Sampling, VideoError, decode_clips, read_clip_list
 
+    if backend not in backends.names():
+        backends.load_class(backend)  # an unknown name: refused (with the closest one) before any work
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     precision = b.precision
     gate = gate or GATES.get(precision, GATES["fp32"])

@@ -139,7 +139,7 @@ def test_verbose_tells_each_stage(tiny_adapter, videos, tmp_path):
 
 # --- 3. refusals before torch, with suggestions -------------------------------------------------------
 
-def test_cheap_refusals_come_before_torch(tiny_adapter, tmp_path):
+def test_cheap_refusals_come_before_torch(tiny_adapter, tiny_bundle, videos, tmp_path):
     """Mistyped names, missing inputs and an existing --out are refused without importing torch or
     open_clip, and unknown names get the closest accepted ones."""
     (tmp_path / "exists").mkdir()
@@ -156,6 +156,9 @@ def test_cheap_refusals_come_before_torch(tiny_adapter, tmp_path):
          "is a directory, not a weights file (found vit.safetensors in it)"),
         (["build", "--adapter", tiny_adapter, "--backbone", "RN50"], "is a ResNet"),
         (["inspect", "--adapter", tiny_adapter, "--backbone", "vit-b-16"], "did you mean ViT-B-16?"),
+        (["verify", tiny_bundle.path, "--clips", videos / "list.txt", "-b", "onnxrntime"],
+         "unknown backend 'onnxrntime'; did you mean onnxruntime?"),
+        (["infer", videos / "v0.mp4", "-m", tiny_bundle.path, "-b", "openvno"], "did you mean openvino?"),
     ]
     code = """
 import json, sys
