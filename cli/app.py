@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from stexport import __version__
@@ -13,9 +15,11 @@ from stexport.cli import export_torchscript as export_torchscript_cmd
 from stexport.cli import infer as infer_cmd
 from stexport.cli import inspect as inspect_cmd
 from stexport.cli import verify as verify_cmd
+from stexport.cli.common import EXIT_INTERRUPTED, Flag, Group
 
 app = typer.Typer(
     name="stexport",
+    cls=Group,
     help="Ship ST-Adapter video classifiers: fold a CLIP ViT + ST-Adapter deltas into ONNX (FP32/FP16/INT8), "
     "TensorRT or TorchScript bundles, classify videos, and verify every artifact against the PyTorch reference.",
     no_args_is_help=True,
@@ -37,8 +41,11 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (to stderr)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.",
+                                 metavar=""),
+    verbose: bool = Flag(False, "--verbose", "-v", help="Say what each stage does and how long it takes "
+                         "(weights, activation, graph, calibration, backend and its options), on stderr; "
+                         "also show other libraries' warnings."),
 ):
     from stexport.cli.common import setup_logging
 
@@ -46,7 +53,21 @@ def _root(
 
 
 def main() -> None:
-    app()
+    """The console script: Ctrl-C anywhere ends with one line and exit code 130."""
+    import click
+
+    from stexport import interrupt
+
+    interrupt.install()
+    try:
+        code = app(standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        typer.echo("stexport: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

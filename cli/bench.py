@@ -6,16 +6,16 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import OPTION_HELP, handle_errors, parse_options, print_json
+from stexport.cli.common import OPTION_HELP, Flag, handle_errors, parse_options, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
 
   stexport bench BUNDLE                                  # auto backend, batch 1 and 32
 
-  stexport bench BUNDLE --backend openvino -o compute=bf16 --batch 1,8 --iters 5
+  stexport bench BUNDLE --backend openvino --option compute=bf16 --batch 1,8 --iters 5
 
-  stexport bench --list-options                          # every backend's -o options
+  stexport bench --list-options                          # every backend's --option settings
 
   stexport bench BUNDLE --backend onnxruntime --threads 2 --json > ort.json
 """
@@ -49,12 +49,14 @@ def show(r: dict) -> None:
     typer.echo(f"memory        peak RSS {r['peak_rss_mb']:.0f} MiB ({r['rss_before_mb']:.0f} MiB before the "
                f"model loaded); load {r['load_s']:.1f} s")
     ach = r["achieved_gflops"]["throughput"]
-    line = f"compute       {r['gflop_per_clip']:.1f} GFLOP per clip -> {ach:.0f} GFLOP/s at batch " \
+    # INT8 GEMMs do integer operations: the rate and the peak are in GOP/s (same count: 2 per multiply-add)
+    unit = "GOP/s" if r.get("compute_precision") == "int8" else "GFLOP/s"
+    line = f"compute       {r['gflop_per_clip']:.1f} GFLOP per clip -> {ach:.0f} {unit} at batch " \
            f"{r['throughput']['batch']}"
     if r.get("peak_gflops"):
         peak, roof = r["fraction_of_peak"]["throughput"], r["fraction_of_roofline"]["throughput"]
         line += (f" = {100 * peak:.0f}% of this CPU's {r['compute_precision']} GEMM peak "
-                 f"({r['peak_gflops']:.0f}); {100 * roof:.0f}% of the mixed-precision roofline "
+                 f"({r['peak_gflops']:.0f} {unit}); {100 * roof:.0f}% of the mixed-precision roofline "
                  f"({r['roofline_clips_per_s']:.2f} clips/s)")
     typer.echo(line)
 
@@ -70,12 +72,12 @@ def bench(
     warmup: int = typer.Option(2, "--warmup", help="Untimed calls per batch size first."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the backend."),
     option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
-    list_options: bool = typer.Option(False, "--list-options", help="List every backend's options and exit."),
-    peaks: bool = typer.Option(True, "--peaks/--no-peaks", help="Measure this CPU's GEMM peak for the "
+    list_options: bool = Flag(False, "--list-options", help="List every backend's options and exit."),
+    peaks: bool = typer.Option(True, "--peaks/--no-peaks", metavar="", help="Measure this CPU's GEMM peak for the "
                                "precision in use (a few seconds) and report the fraction reached."),
-    in_process: bool = typer.Option(False, "--in-process", help="Measure in this process instead of a fresh "
+    in_process: bool = Flag(False, "--in-process", help="Measure in this process instead of a fresh "
                                     "one (peak memory then includes whatever ran before)."),
-    as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON."),
+    as_json: bool = Flag(False, "--json", help="Print every figure as JSON."),
 ):
     """Measure a bundle on one backend: warm-up, then per-clip latency at batch 1 (p50/p90/p99), clips/s at
     the largest batch, peak memory, model FLOPs and the achieved rate as a fraction of this CPU's GEMM peak.
@@ -104,8 +106,11 @@ that stay float (patch embedding, attention, head) at the float rate.
     opts = parse_options(option)
     if threads:
         opts["threads"] = threads
+    import logging
+
     result = run(bundle, backend, opts, parse_batches(batch), iters, warmup, peaks=peaks,
-                 isolated=not in_process, progress=not as_json)
+                 isolated=not in_process, progress=not as_json,
+                 verbose=logging.getLogger("stexport").isEnabledFor(logging.INFO))
     if as_json:
         print_json(result)
     else:
@@ -113,4 +118,4 @@ that stay float (patch embedding, attention, head) at the float rate.
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bench", epilog=EXAMPLES)(bench)
+    add_command(app, "bench", bench, EXAMPLES)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import handle_errors, print_json
+from stexport.cli.common import Flag, handle_errors, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -32,10 +32,12 @@ Examples:
 def build(
     adapter: Path = typer.Option(..., "--adapter", "-a",
                                  help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
-    backbone: str = typer.Option("ViT-B-16", "--backbone", "-b",
-                                 help="open_clip ViT the adapters were trained on."),
-    pretrained: str = typer.Option("openai", "--pretrained", help="Backbone weights: an open_clip tag, a "
-                                   "file, or 'none' (random, for smoke tests)."),
+    backbone: str = typer.Option("ViT-B-16", "--backbone",
+                                 help="open_clip ViT the adapters were trained on (`stexport inspect` names the "
+                                 "ones an adapter fits)."),
+    pretrained: str = typer.Option("openai", "--pretrained", help="Backbone weights: an open_clip tag (from "
+                                   "the local model-hub cache, else downloaded), a file, or 'none' (random, for "
+                                   "smoke tests)."),
     precision: str = typer.Option("fp32", "--precision", "-p", help="fp32, fp16 (strongly typed) or int8 "
                                   "(explicit Q/DQ; needs --calib)."),
     frames: int = typer.Option(8, "--frames", "-t", help="Frames per clip (T), fixed in the graph."),
@@ -54,16 +56,16 @@ def build(
                                 "400 classes, SSv2 for 174, else class_i)."),
     out: Path = typer.Option(None, "--out", "-o",
                              help="Bundle directory (default: ~/.cache/stexport/bundles/NAME)."),
-    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle at --out."),
+    force: bool = Flag(False, "--force", "-f", help="Replace an existing bundle at --out."),
     input_format: str = typer.Option("uint8", "--input", help="uint8 (B,T,H,W,3 RGB; normalised in the "
                                      "graph) or float (B,T,3,H,W, normalised by the host)."),
-    int8_attention: bool = typer.Option(False, "--int8-attention", help="INT8 also for the attention scores "
+    int8_attention: bool = Flag(False, "--int8-attention", help="INT8 also for the attention scores "
                                         "(q·kᵀ inputs; softmax stays float): a few % faster on CPU."),
-    engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
+    engine: bool = Flag(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
-    torchscript: bool = typer.Option(False, "--torchscript", help="Also write model.ts, a frozen TorchScript "
+    torchscript: bool = Flag(False, "--torchscript", help="Also write model.ts, a frozen TorchScript "
                                      "module for libtorch hosts (see `stexport export-torchscript`)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    as_json: bool = Flag(False, "--json", help="Print the manifest as JSON."),
 ):
     """Build a bundle: load the CLIP backbone and the adapter deltas, fold them into a standard-operator
     graph (normalisation folded into the patch embedding, attention as MatMul/Softmax, adapters as GEMMs and a
@@ -75,7 +77,7 @@ def build(
     tensor) with ranges calibrated on real videos decoded exactly as `stexport infer` decodes them; results
     are cached by model and clip set.
     """
-    from stexport.build import BuildOptions, build_bundle
+    from stexport.build_options import BuildOptions
 
     sampling = {} if rate is None else {"rate": rate}
     if views:
@@ -86,6 +88,8 @@ def build(
                            frames=frames, size=size, out=out, force=force, calib=calib, labels=labels,
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
                            int8_attention=int8_attention, sampling=sampling or None, progress=True)
+    from stexport.build import build_bundle  # torch and open_clip load here, after every cheap check
+
     b = build_bundle(options=options)
     if torchscript:
         from stexport.torchscript import add_to_bundle
@@ -124,4 +128,4 @@ def build(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("build", epilog=EXAMPLES)(build)
+    add_command(app, "build", build, EXAMPLES)

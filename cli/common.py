@@ -1,18 +1,21 @@
-"""Shared CLI plumbing: one-line errors with exit code 2, JSON output, logging."""
+"""Shared CLI plumbing: one-line errors with exit code 2, Ctrl-C as exit 130, JSON output, logging, help text,
+and the flag spellings kept for one release."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
-import logging
-import sys
-import warnings
+import re
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from stexport import interrupt
 from stexport.errors import StexportError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
@@ -20,23 +23,45 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
+def interrupted() -> None:
+    typer.echo("stexport: interrupted", err=True)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
 def handle_errors(fn):
-    """Turn StexportError (and a few OS errors) into one line on stderr and exit code 2, never a traceback."""
+    """Turn StexportError (and a few OS errors) into one line on stderr and exit code 2, never a traceback;
+    Ctrl-C, whatever exception a library wrapped it in, into "stexport: interrupted" and exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except StexportError as e:
-            fail(str(e))
-        except FileNotFoundError as e:
-            fail(f"{e.filename}: no such file")
-        except PermissionError as e:
-            fail(f"{e.filename}: permission denied")
         except KeyboardInterrupt:
-            fail("interrupted", 130)
+            interrupted()
+        except typer.Exit:
+            raise
+        except Exception as e:
+            if interrupt.interrupted() or interrupt.caused_by_interrupt(e):
+                interrupted()
+            if isinstance(e, StexportError):
+                fail(str(e))
+            if isinstance(e, IsADirectoryError):
+                fail(f"{e.filename}: is a directory, not a file")
+            if isinstance(e, FileNotFoundError):
+                fail(f"{e.filename}: no such file")
+            if isinstance(e, PermissionError):
+                fail(f"{e.filename}: permission denied")
+            raise
 
     return wrapper
+
+
+def check_adapter_file(path) -> None:
+    """--adapter must name a checkpoint file (checked before torch is imported)."""
+    if path.is_dir():
+        raise StexportError(f"{path}: is a directory; --adapter takes the checkpoint file (.pt/.pth/.safetensors)")
+    if not path.is_file():
+        raise StexportError(f"{path}: no such file (--adapter takes the ST-Adapter checkpoint)")
 
 
 def print_json(obj) -> None:
@@ -60,7 +85,117 @@ OPTION_HELP = ("Backend option KEY=VALUE (repeatable), checked against the backe
                "any. `stexport bench --list-options` lists them all.")
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="stexport: %(message)s",
-                        stream=sys.stderr)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"stexport: warning: {msg}\n"
+# ----------------------------------------------------------------------------------------------------------
+# Logging: stexport's own records on stderr ("stexport: …", INFO with -v); other libraries' records (the model
+# hub's download retries, the ONNX optimizer's notes) only with -v, and then named.
+
+from stexport.logs import QUIET_LIBRARIES, setup_logging  # noqa: E402,F401 - the CLI's entry point sets it up
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Help text
+
+def command_help(doc: str | None) -> str:
+    """A docstring as typer's rich help shows it well: paragraphs (blank-line separated) joined into one line
+    each so the terminal wraps them, rich markup brackets escaped. A paragraph starting with a line holding
+    only \\b keeps its line breaks (click's convention)."""
+    text = inspect.cleandoc(doc or "").replace("\\\n", "")
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        if para.startswith("\b"):
+            out.append(para)
+        else:
+            out.append(" ".join(line.strip() for line in para.splitlines()))
+    return escape("\n\n".join(out))
+
+
+def escape(text: str) -> str:
+    """Keep '[tensorrt]'-style text literal under rich markup."""
+    return re.sub(r"(?<!\\)\[([A-Za-z0-9_,\- ]+)\]", r"\\[\1]", text)
+
+
+def Flag(default: bool, *decls: str, help: str) -> bool:  # noqa: N802 - reads like typer.Option
+    """An on/off option, shown without a value placeholder."""
+    return typer.Option(default, *decls, help=escape(help), metavar="")
+
+
+def _no_placeholder(option):
+    if option is not None:
+        option.metavar = ""  # -h/--help is a flag: no <bool> in the help table
+    return option
+
+
+class Command(TyperCommand):
+    def get_help_option(self, ctx):
+        return _no_placeholder(super().get_help_option(ctx))
+
+
+def register(app: typer.Typer, name: str, fn, examples: str = "") -> None:
+    app.command(name, cls=Command, help=command_help(fn.__doc__), epilog=examples or None)(fn)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Old spellings, kept for one release: (command, token) -> new token, and the verify --json FILE form.
+
+LEGACY_FLAGS = {
+    ("build", "-b"): "--backbone",
+    ("inspect", "-b"): "--backbone",
+    ("engine", "-b"): "--batch",
+    ("bench", "-o"): "--option",
+}
+MEANINGS = "-b means --backend in every command"
+
+
+def modernize(args: list[str], commands) -> tuple[list[str], list[str]]:
+    """Rewrite old flag spellings in `args` (the words after `stexport`); returns (args, deprecation notes)."""
+    args = list(args)
+    cmd_at = next((i for i, a in enumerate(args) if a in commands), None)
+    if cmd_at is None:
+        return args, []
+    cmd = args[cmd_at]
+    notes = []
+    i = cmd_at + 1
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            break
+        new = LEGACY_FLAGS.get((cmd, a))
+        if new:
+            args[i] = new
+            why = MEANINGS if a == "-b" else "-o means --out in every command"
+            notes.append(f"`{cmd} {a}` is deprecated ({why}); use {new}")
+        elif cmd == "verify" and a == "--json" and i + 1 < len(args):
+            nxt = args[i + 1]
+            if nxt == "-":
+                del args[i + 1]
+                notes.append("`verify --json -` is deprecated; --json alone prints the report as JSON")
+            elif _looks_like_report_path(nxt):
+                args[i] = "--report"
+                notes.append(f"`verify --json FILE` is deprecated (--json is an on/off flag in every command); "
+                             f"use --report {nxt}")
+        i += 1
+    return args, notes
+
+
+def _looks_like_report_path(word: str) -> bool:
+    from pathlib import Path
+
+    if word.startswith("-"):
+        return False
+    p = Path(word)
+    if p.is_dir() or p.name == "stexport.json":  # a bundle: the positional argument
+        return False
+    return p.suffix.lower() == ".json"
+
+
+class Group(TyperGroup):
+    """The stexport command group: rewrites old flag spellings (with a deprecation line) before parsing."""
+
+    def get_help_option(self, ctx):
+        return _no_placeholder(super().get_help_option(ctx))
+
+    def parse_args(self, ctx, args):
+        args, notes = modernize(args, self.commands)
+        for note in notes:
+            typer.echo(f"stexport: warning: {note}", err=True)
+        return super().parse_args(ctx, args)

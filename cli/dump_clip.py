@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import handle_errors, print_json
+from stexport.cli.common import Flag, handle_errors, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -50,9 +50,9 @@ def dump_clip(
                               "bundle's."),
     rate: int = typer.Option(None, "--rate", min=0, help="Take every N-th frame; 0 spreads the frames over "
                              "the whole video. Default: the bundle's."),
-    raw: bool = typer.Option(False, "--raw", help="Write headerless bytes instead of .npy."),
-    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out file."),
-    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+    raw: bool = Flag(False, "--raw", help="Write headerless bytes instead of .npy."),
+    force: bool = Flag(False, "--force", "-f", help="Replace an existing --out file."),
+    as_json: bool = Flag(False, "--json", help="Print what was written as JSON."),
 ):
     """Decode VIDEO into the uint8 RGB clips a bundle's model takes and write them to --out.
 
@@ -89,4 +89,4 @@ def dump_clip(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("dump-clip", epilog=EXAMPLES)(dump_clip)
+    add_command(app, "dump-clip", dump_clip, EXAMPLES)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from stexport.cli.common import handle_errors, print_json
+from stexport.cli.common import Flag, handle_errors, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -21,26 +21,25 @@ Examples:
 @handle_errors
 def engine(
     bundle: Path = typer.Argument(..., help="Bundle directory (from `stexport build`)."),
-    batch: int = typer.Option(None, "--batch", "-b", help="Largest batch the engine takes (its profile is "
+    batch: int = typer.Option(None, "--batch", help="Largest batch the engine takes (its profile is "
                               "1..BATCH, tuned for BATCH). Default: the bundle's saved setting, else 32."),
     workspace_gb: float = typer.Option(None, "--workspace-gb", help="Scratch memory limit for the builder's "
                                        "tactics, GiB. Default: TensorRT's (all of the GPU's memory)."),
     opt_level: int = typer.Option(None, "--opt-level", min=0, max=5, help="Builder optimisation level 0-5: "
                                   "higher searches longer for faster kernels. Default: saved, else 3."),
-    force: bool = typer.Option(False, "--force", help="Rebuild even if a matching engine is cached."),
+    force: bool = Flag(False, "--force", "-f", help="Rebuild even if a matching engine is cached."),
     cuda: str = typer.Option(None, "--cuda", help="CUDA binding: cuda-python (default) or pycuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print the engine's record as JSON."),
+    as_json: bool = Flag(False, "--json", help="Print the engine's record as JSON."),
 ):
     """Build a TensorRT engine from the bundle's typed ONNX (FP32, FP16 or INT8 Q/DQ: the precision is in the
     graph; networks are strongly typed) and store it in the bundle with a record of what it was built for.
 
-    The record holds the TensorRT version, the GPU and its compute capability,
-    the batch profile and the ONNX file's sha256: an engine only runs there.
-    A matching cached engine is reused; `infer` and `verify` rebuild one that
-    does not match on first use. Builds take minutes; a timing cache kept
-    beside the engines makes later builds on the same GPU faster.
+    The record holds the TensorRT version, the GPU and its compute capability, the batch profile and the
+    ONNX file's sha256: an engine only runs there. A matching cached engine is reused; `infer` and `verify`
+    rebuild one that does not match on first use. Builds take minutes; a timing cache kept beside the engines
+    makes later builds on the same GPU faster.
 
-    Needs TensorRT (pip install 'stexport\\[tensorrt]') and an NVIDIA GPU.
+    Needs TensorRT (pip install 'stexport[tensorrt]') and an NVIDIA GPU.
     """
     from stexport.trt_engines.engine import build_for_bundle
 
@@ -61,4 +60,4 @@ def engine(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("engine", epilog=EXAMPLES)(engine)
+    add_command(app, "engine", engine, EXAMPLES)

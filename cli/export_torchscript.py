@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import handle_errors, print_json
+from stexport.cli.common import Flag, handle_errors, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -30,8 +30,8 @@ def export_torchscript(
                                   "for an fp16 bundle, else fp32."),
     pretrained: str = typer.Option(None, "--pretrained", help="Backbone weights, if the file the bundle was "
                                    "built from has moved."),
-    force: bool = typer.Option(False, "--force", "-f", help="Replace the bundle's existing model.ts."),
-    as_json: bool = typer.Option(False, "--json", help="Print the TorchScript record as JSON."),
+    force: bool = Flag(False, "--force", "-f", help="Replace the bundle's existing model.ts."),
+    as_json: bool = Flag(False, "--json", help="Print the TorchScript record as JSON."),
 ):
     """Add BUNDLE/model.ts, a frozen TorchScript module of the deploy model, for libtorch (C++) hosts.
 
@@ -59,4 +59,4 @@ def export_torchscript(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("export-torchscript", epilog=EXAMPLES)(export_torchscript)
+    add_command(app, "export-torchscript", export_torchscript, EXAMPLES)

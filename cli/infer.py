@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import EXIT_BAD_INPUT, OPTION_HELP, handle_errors, parse_options
+from stexport.cli.common import EXIT_BAD_INPUT, OPTION_HELP, Flag, handle_errors, parse_options, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -57,6 +57,21 @@ def pick_bundle(model: Path | None):
     return Bundle.load(found)
 
 
+def labels_note(bundle, labels: Path | None) -> str:
+    """Where the class names come from, as a path that is right from any working directory."""
+    if labels is not None:
+        return str(labels.resolve())
+    if not bundle.has("labels"):
+        return "generic (class_0, class_1, …)"
+    own = bundle.file("labels").resolve()
+    source = bundle.manifest.output.labels_source or ""
+    if source in ("", "generic"):
+        return str(own)
+    if "/" in source or "\\" in source or source.endswith(".txt"):  # the file build copied the names from
+        return f"{own} (copied from {source})"
+    return f"{own} ({source})"  # a shipped dataset list, e.g. kinetics-400
+
+
 def show(result, as_json: bool, write) -> None:
     if as_json:
         write(json.dumps(result.to_dict()))
@@ -93,7 +108,7 @@ def infer(
                                  "seconds."),
     stride: float = typer.Option(None, "--stride", help="Timeline mode: seconds between window starts "
                                  "(default: --window, no overlap)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per line: per video, or per window."),
+    as_json: bool = Flag(False, "--json", help="One JSON object per line: per video, or per window."),
 ):
     """Classify videos the way the official ST-Adapter evaluation does: sample each video's views (the
     bundle's frames, rate and TEMPORALxSPATIAL crops), softmax each view, average, and print the top classes.
@@ -134,7 +149,7 @@ each window is sampled like a whole video of its length.
         d = clf.describe()
         where = ", ".join(str(x) for x in d.get("providers", [d.get("device", "")]) if x)
         err(f"stexport: {bundle.path} on {d['backend']}{f' ({where})' if where else ''}, "
-            f"{clf.sampling.describe()}, labels: {clf.labels_source}")
+            f"{clf.sampling.describe()}, labels: {labels_note(bundle, labels)}")
 
         def report(item) -> None:
             nonlocal failed
@@ -170,4 +185,4 @@ each window is sampled like a whole video of its length.
 
 
 def register(app: typer.Typer) -> None:
-    app.command("infer", epilog=EXAMPLES)(infer)
+    add_command(app, "infer", infer, EXAMPLES)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import handle_errors, print_json
+from stexport.cli.common import Flag, check_adapter_file, handle_errors, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -20,13 +20,18 @@ Examples:
 @handle_errors
 def inspect(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
-    backbone: str = typer.Option("ViT-B-16", "--backbone", "-b", help="open_clip ViT name to check the fit against."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    backbone: str = typer.Option("ViT-B-16", "--backbone", help="open_clip ViT name to check the fit against."),
+    as_json: bool = Flag(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Print the adapter spec inferred from the checkpoint's tensors, delta vs backbone parameters, and the fit."""
+    """Print the adapter spec inferred from the checkpoint's tensors, delta vs backbone parameters, whether it
+    fits --backbone, and the accepted backbones whose width and depth it fits."""
+    from stexport.errors import StexportError
+    from stexport.names import check_backbone, fitting_backbones
+
+    check_backbone(backbone)
+    check_adapter_file(adapter)
     from stexport.backbone import model_config, register_configs
     from stexport.deltas import check_fits, load_deltas
-    from stexport.errors import StexportError
 
     deltas = load_deltas(adapter)
     spec = deltas.spec
@@ -53,6 +58,7 @@ def inspect(
         "delta_fraction": spec.num_params() / bb_params if bb_params else None,
         "fits": fit_error is None,
         "fit_error": fit_error,
+        "fits_backbones": fitting_backbones(spec.dim, max(spec.pre_attn + spec.pre_mlp) + 1),
         "quick_gelu": bool(cfg.get("quick_gelu", False)),
     }
     if as_json:
@@ -69,9 +75,12 @@ def inspect(
             typer.echo(f"backbone       {backbone}: {bb_params / 1e6:.2f} M frozen params "
                        f"(deltas are {100 * report['delta_fraction']:.1f}%)")
         typer.echo(f"fits backbone  {'yes' if fit_error is None else 'NO: ' + fit_error}")
+        fits = report["fits_backbones"]
+        typer.echo(f"fits           {', '.join(fits[:6]) + (' …' if len(fits) > 6 else '') if fits else 'no known backbone'}"
+                   f"  (width {spec.dim}, {max(spec.pre_attn + spec.pre_mlp) + 1}+ blocks)")
     if fit_error:
         raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("inspect", epilog=EXAMPLES)(inspect)
+    add_command(app, "inspect", inspect, EXAMPLES)

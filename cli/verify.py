@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from stexport.cli.common import OPTION_HELP, handle_errors, parse_options
+from stexport.cli.common import OPTION_HELP, Flag, handle_errors, parse_options, print_json, register as add_command
 
 EXIT_GATE_FAILED = 1
 
@@ -14,7 +14,9 @@ Examples:
 
   stexport verify ~/.cache/stexport/bundles/k400-ViT-B-16-fp32-8x224 --clips val_list.txt
 
-  stexport verify BUNDLE --clips videos/ --max-clips 20 --json report.json
+  stexport verify BUNDLE --clips videos/ --max-clips 20 --report report.json
+
+  stexport verify BUNDLE --clips val_list.txt --json > report.json     # the report as JSON on stdout
 
   stexport verify BUNDLE --clips val_list.txt --backend onnxruntime --min-agreement 0.98
 
@@ -31,13 +33,15 @@ def verify(
                                 "OpenVINO on x86-64, else ONNX Runtime) or a backend name: openvino, "
                                 "onnxruntime, torchscript, tensorrt."),
     max_clips: int = typer.Option(None, "--max-clips", help="Use only the first N videos of the list."),
-    json_path: Path = typer.Option(None, "--json", help="Also write the full report as JSON to this file "
-                                   "('-' for stdout)."),
+    as_json: bool = Flag(False, "--json", help="Print the full report as JSON (stdout) instead of the table."),
+    report_path: Path = typer.Option(None, "--report", help="Also write the full report as JSON to this file."),
     max_abs: float = typer.Option(None, "--max-abs", help="Gate: max |Δlogit| (default: 1e-3 for fp32)."),
     min_agreement: float = typer.Option(None, "--min-agreement", help="Gate: top-1 agreement, 0–1 "
                                         "(default: 1.0 fp32, 0.99 fp16, 0.95 int8 without labels)."),
     max_drop: float = typer.Option(None, "--max-drop", help="Gate: top-1 accuracy drop in points "
                                    "(default: 1.0 for int8 with labels)."),
+    no_cache: bool = Flag(False, "--no-cache", help="Run the PyTorch reference even if its logits for this "
+                          "model, sampling and these videos are cached."),
     pretrained: str = typer.Option(None, "--pretrained", help="Backbone weights for the reference if the "
                                    "file the bundle was built from has moved."),
     device: str = typer.Option(None, "--device", help="Backend device (e.g. cpu, cuda, tensorrt)."),
@@ -64,19 +68,23 @@ def verify(
     gate = dataclasses.replace(gate, **changes)
     options = parse_options(option)
     options.update({k: v for k, v in {"device": device, "threads": threads}.items() if v is not None})
+    if report_path is not None and report_path.is_dir():
+        from stexport.errors import StexportError
+
+        raise StexportError(f"{report_path}: is a directory; --report takes a file name, e.g. report.json")
     report = run_verify(b, clips, backend=backend, max_clips=max_clips, gate=gate, pretrained=pretrained,
-                        progress=True, **options)
-    if json_path is not None and str(json_path) == "-":
-        typer.echo(json.dumps(report, indent=2, default=str))
+                        progress=True, use_cache=not no_cache, **options)
+    if report_path is not None:
+        from stexport.bundle import atomic_write_json
+
+        atomic_write_json(report_path, json.loads(json.dumps(report, default=str)))
+    if as_json:
+        print_json(report)
     else:
         typer.echo(format_report(report))
-        if json_path is not None:
-            from stexport.fileutil import atomic_write_json
-
-            atomic_write_json(json_path, json.loads(json.dumps(report, default=str)))
     if not report["passed"]:
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("verify", epilog=EXAMPLES)(verify)
+    add_command(app, "verify", verify, EXAMPLES)

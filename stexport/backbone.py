@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from stexport import interrupt, names
 from stexport.errors import StexportError
 from stexport.fileutil import sha256_file
 from stexport.manifest import ViTConfig
@@ -25,6 +26,7 @@ log = logging.getLogger("stexport")
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Keys OpenAI's released CLIP files carry besides the weights; open_clip checkpoints never do.
 OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
+WEIGHT_SUFFIXES = names.WEIGHT_SUFFIXES
 
 
 @dataclass
@@ -52,29 +54,26 @@ def register_configs() -> None:
 
 
 def model_config(name: str) -> dict:
+    """open_clip's config for `name`; StexportError for unknown names (with the closest accepted ones) and for
+    towers that are not plain CLIP ViTs."""
+    names.check_backbone(name)  # cheap: the config files themselves, with "did you mean"
     import open_clip
 
     register_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        vits = [m for m in open_clip.list_models() if m.startswith("ViT-")][:12]
-        raise StexportError(
-            f"unknown backbone '{name}': use an open_clip model name such as {', '.join(vits)} …"
-        )
-    vision = cfg.get("vision_cfg", {})
-    if "timm_model_name" in vision or "hf_model_name" in vision:
-        raise StexportError(f"backbone '{name}' is a timm/HF tower; ST-Adapter needs an open_clip CLIP ViT")
-    if isinstance(vision.get("layers"), (list, tuple)):
-        raise StexportError(f"backbone '{name}' is a ResNet; ST-Adapter needs a ViT backbone (e.g. ViT-B-16)")
-    unsupported = {
-        "attentional_pool": False, "ls_init_value": None, "no_ln_pre": False, "final_ln_after_pool": False,
-        "pool_type": "tok", "pos_embed_type": "learnable", "norm_kwargs": {}, "act_kwargs": None,
-    }
-    for key, ok in unsupported.items():
-        if vision.get(key) is not None and vision.get(key) != ok:
-            raise StexportError(f"backbone '{name}' sets vision_cfg.{key}={vision[key]!r}; "
-                                "ST-Adapter supports plain CLIP ViTs only")
+        raise StexportError(f"--backbone {name}: open_clip cannot resolve it")
+    why = names.refusal(name, cfg)
+    if why:
+        raise StexportError(why)
     return cfg
+
+
+def shape_config(name: str) -> ViTConfig | None:
+    """The backbone's shapes read from its config file alone (no torch model built); None for names only
+    open_clip resolves ('hf-hub:…'). The activation is left as 'gelu': only shapes are meant."""
+    cfg = names.check_backbone(name)
+    return None if cfg is None else ViTConfig(**names.vit_shape(cfg), act="gelu")
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -86,8 +85,7 @@ def _is_torchscript(path: Path) -> bool:
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """Read a weights file of any supported format. Returns (state_dict, looks_like_openai)."""
-    if not path.is_file():
-        raise StexportError(f"{path}: no such file")
+    names.check_weights_file(path)
     openai = False
     try:
         if path.suffix == ".safetensors":
@@ -103,6 +101,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     except StexportError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+        interrupt.reraise(e)
         raise StexportError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})")
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
@@ -160,63 +159,168 @@ def _official_state(visual) -> dict[str, torch.Tensor]:
 def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None = None) -> Backbone:
     """Resolve `name` through open_clip and load its vision tower.
 
-    pretrained: "openai" or another open_clip tag (downloads), a local file (OpenAI JIT archive, OpenAI-style or
-    open_clip state dict, safetensors, or a vision-only state dict), or "none" (random init).
+    pretrained: "openai" or another open_clip tag (taken from the local model-hub / open_clip cache when there,
+    else downloaded), a local file (OpenAI JIT archive, OpenAI-style or open_clip state dict, safetensors, or a
+    vision-only state dict), or "none" (random init). Raises StexportError with one line for unknown names,
+    unreadable or mismatched files, and tags that cannot be fetched (offline: "pass --pretrained FILE").
     """
-    import open_clip
-    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
-
     cfg = model_config(name)
     quick_gelu = bool(cfg.get("quick_gelu", False))
-    source: dict = {"pretrained": pretrained}
+    why_act = f"the {name} config" if quick_gelu else f"the {name} config (no -quickgelu)"
 
     if pretrained in (None, "", "none"):
         warnings.warn(
             f"backbone {name} is randomly initialised (--pretrained none): predictions are meaningless",
             stacklevel=2,
         )
+        log.info("weights: %s randomly initialised (seed 0)", name)
+        log.info("activation: %s (from %s)", "QuickGELU" if quick_gelu else "GELU", why_act)
         return random_backbone(name, seed=0)
-    elif os.path.exists(pretrained) or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+    if os.path.exists(pretrained) or Path(pretrained).suffix in WEIGHT_SUFFIXES:
         path = Path(pretrained)
         sd, openai = read_state_dict(path)
+        log.info("weights: file %s (%s)", path, "OpenAI CLIP" if openai else "open_clip / plain state dict")
         if openai and not quick_gelu:
             log.warning("%s holds OpenAI CLIP weights (trained with QuickGELU): using QuickGELU for %s", path, name)
-            quick_gelu = True
-        visual = _build_tower(cfg, quick_gelu)
-        vis = vision_keys(sd)
-        own = visual.state_dict()
-        for k, v in vis.items():
-            if k in own and tuple(own[k].shape) != tuple(v.shape):
-                raise StexportError(f"{path}: '{k}' has shape {tuple(v.shape)} but backbone {name} needs "
-                                    f"{tuple(own[k].shape)}: pick the matching --backbone")
-        missing = [k for k in own if k.startswith(KEEP) and k not in vis]
-        if missing:
-            raise StexportError(f"{path}: no vision tensor '{missing[0]}' (+{len(missing) - 1} more): "
-                                f"not weights for backbone {name}")
-        visual.load_state_dict({k: v for k, v in vis.items() if k in own}, strict=False)
-        source.update(sha256=sha256_file(path), openai=openai, file=str(path.resolve()))
+            quick_gelu, why_act = True, "OpenAI weights"
+        source = {"pretrained": pretrained, "sha256": sha256_file(path), "openai": openai,
+                  "file": str(path.resolve())}
     else:
-        tag_cfg = get_pretrained_cfg(name, pretrained)
-        if not tag_cfg:
-            tags = list_pretrained_tags_by_model(name)
-            raise StexportError(
-                f"--pretrained '{pretrained}' is neither a file nor an open_clip tag for {name} "
-                f"(tags: {', '.join(tags) or 'none'}); or pass 'none' for random weights"
-            )
+        tag_cfg = tag_config(name, pretrained)
+        path = fetch_weights(name, pretrained, tag_cfg, cache_dir)
         if tag_cfg.get("quick_gelu", False) and not quick_gelu:
             log.warning("weights '%s' were trained with QuickGELU: using QuickGELU for %s", pretrained, name)
-            quick_gelu = True
-        try:
-            model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,
-                                           cache_dir=cache_dir)
-        except Exception as e:  # noqa: BLE001
-            raise StexportError(f"could not load {name} weights '{pretrained}': {str(e).splitlines()[0]}")
-        visual = model.visual
-        source.update(openai=pretrained == "openai", tag=pretrained)
-
+            quick_gelu, why_act = True, f"the '{pretrained}' weights"
+        sd, _ = read_state_dict(path)
+        source = {"pretrained": pretrained, "tag": pretrained, "openai": pretrained == "openai",
+                  "sha256": sha256_file(path)}
+    log.info("activation: %s (from %s)", "QuickGELU" if quick_gelu else "GELU", why_act)
+    source["activation_reason"] = f"{'QuickGELU' if quick_gelu else 'GELU'} from {why_act}"
+    visual = _build_tower(cfg, quick_gelu)
+    vis = vision_keys(sd)
+    own = visual.state_dict()
+    for k, v in vis.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            fits = names.fitting_backbones(int(v.shape[-1]), 0) if k == "class_embedding" else []
+            hint = f"pick the matching --backbone ({', '.join(fits[:3])}?)" if fits else "pick the matching --backbone"
+            raise StexportError(f"{path}: '{k}' has shape {tuple(v.shape)} but backbone {name} needs "
+                                f"{tuple(own[k].shape)}: {hint}")
+    missing = [k for k in own if k.startswith(KEEP) and k not in vis]
+    if missing:
+        raise StexportError(f"{path}: no vision tensor '{missing[0]}' (+{len(missing) - 1} more): "
+                            f"not weights for backbone {name}")
+    visual.load_state_dict({k: v for k, v in vis.items() if k in own}, strict=False)
     visual.eval()
     config = _config_of(visual, quick_gelu)
     return Backbone(name=name, config=config, state_dict=_official_state(visual), source=source)
+
+
+def tag_config(name: str, tag: str) -> dict:
+    """open_clip's pretrained record for (name, tag): where the weights live (hf_hub / url) and their traits."""
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    tag_cfg = get_pretrained_cfg(name, tag)
+    if not tag_cfg:
+        tags = list_pretrained_tags_by_model(name)
+        raise StexportError(
+            f"--pretrained '{tag}' is neither a file nor an open_clip tag for {name} "
+            f"(tags: {', '.join(tags) or 'none'}); or pass 'none' for random weights"
+        )
+    return tag_cfg
+
+
+def _hub_files(tag_cfg: dict) -> list[tuple[str, str]]:
+    """(repo_id, filename) candidates on the model hub, in the order open_clip tries them (safetensors first)."""
+    hub = tag_cfg.get("hf_hub", "")
+    if not hub:
+        return []
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+    repo, filename = os.path.split(hub)
+    filename = filename or HF_WEIGHTS_NAME
+    return [(repo, f) for f in [*_get_safe_alternatives(filename), filename]]
+
+
+def cached_weights(tag_cfg: dict, cache_dir: str | None = None) -> Path | None:
+    """The tag's weights file if the model hub's cache (or open_clip's URL cache, ~/.cache/clip) has it."""
+    if tag_cfg.get("file"):
+        return Path(tag_cfg["file"])
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo, filename in _hub_files(tag_cfg):
+        hit = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return Path(hit)
+    url = tag_cfg.get("url")
+    if url:
+        p = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if p.is_file():
+            return p
+    return None
+
+
+def _offline_env() -> str | None:
+    for var in ("HF_HUB_OFFLINE", "STEXPORT_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    return None
+
+
+def unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """Why `url`'s host cannot be reached (a TCP connect, DNS included, bounded by `timeout`), or None."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if not host:
+        return f"bad URL {url!r}"
+    result: list[str | None] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{host}: {e.strerror or e}")
+
+    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    t.start()
+    t.join(timeout + 1)
+    return result[0] if result else f"{host}: no answer in {timeout:g} s"
+
+
+def fetch_weights(name: str, tag: str, tag_cfg: dict, cache_dir: str | None = None) -> Path:
+    """The local file of open_clip tag `tag` for `name`: from the cache when there; else downloaded, after a
+    quick check that the hub is reachable, so an offline machine gets one line at once instead of minutes
+    of retries."""
+    hit = cached_weights(tag_cfg, cache_dir)
+    if hit is not None:
+        log.info("weights: %s '%s' from the local cache %s", name, tag, hit)
+        return hit
+    advice = f"could not download '{tag}' weights for {name}"
+    fix = "pass --pretrained FILE (a local weights file), or run once with network access to fill the cache"
+    why = _offline_env()
+    if why is None:
+        from huggingface_hub import constants
+
+        url = constants.ENDPOINT if _hub_files(tag_cfg) else tag_cfg.get("url", "")
+        why = unreachable(url) if url else "no download location"
+    if why:
+        raise StexportError(f"{advice} (offline? {why}); {fix}")
+    from open_clip.pretrained import download_pretrained
+
+    log.info("weights: downloading %s '%s' (%s)", name, tag, tag_cfg.get("hf_hub") or tag_cfg.get("url"))
+    try:
+        path = download_pretrained(tag_cfg, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - any download failure is reported the same way
+        interrupt.reraise(e)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise StexportError(f"{advice} ({first}); {fix}") from e
+    if not path or not os.path.isfile(path):
+        raise StexportError(f"{advice}; {fix}")
+    return Path(path)
 
 
 def random_backbone(name: str, seed: int = 0, fp16_round: bool = True) -> Backbone:

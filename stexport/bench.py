@@ -247,7 +247,8 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
     be = create(backend, bundle, **(options or {}))
     load_s = time.perf_counter() - t
     total = sum(calls(iters, b) for b in batches)
-    bar = tqdm(total=total, desc=f"bench {be.name}", unit="call", disable=not progress, leave=False)
+    # on a terminal only (disable=None): a redirected stderr gets no progress frames
+    bar = tqdm(total=total, desc=f"bench {be.name}", unit="call", disable=None if progress else True, leave=False)
     with be, bar:
         res = time_runner(be.run, lambda b: clips_for(bundle, b), batches, iters, warmup, bar.update)
         res["described"] = be.describe()
@@ -262,10 +263,11 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
 
 def measure_isolated(bundle_path: str, backend: str = "auto", options: dict | None = None, batches=(1, 32),
                      iters: int = 10, warmup: int = 2, progress: bool = False,
-                     probe: tuple[str, str] | None = None) -> dict:
-    """`measure` in a fresh Python process, so the peak RSS is this run's own."""
+                     probe: tuple[str, str] | None = None, verbose: bool = False) -> dict:
+    """`measure` in a fresh Python process, so the peak RSS is this run's own. The child shares this
+    process's stderr when `progress` (its bar shows only on a terminal) and logs at INFO when `verbose`."""
     job = {"bundle": str(bundle_path), "backend": backend, "options": options or {}, "batches": list(batches),
-           "iters": iters, "warmup": warmup, "progress": progress, "probe": probe}
+           "iters": iters, "warmup": warmup, "progress": progress, "probe": probe, "verbose": verbose}
     env = {**os.environ, "STEXPORT_BENCH_CHILD": "1"}
     proc = subprocess.run([sys.executable, "-m", "stexport.bench", json.dumps(job)], stdout=subprocess.PIPE,
                           stderr=None if progress else subprocess.PIPE, text=True, env=env, check=False)
@@ -319,7 +321,8 @@ def machine() -> dict:
 
 
 def bench(bundle_path, backend: str = "auto", options: dict | None = None, batches=(1, 32), iters: int = 10,
-          warmup: int = 2, peaks: bool | dict = True, isolated: bool = True, progress: bool = False) -> dict:
+          warmup: int = 2, peaks: bool | dict = True, isolated: bool = True, progress: bool = False,
+          verbose: bool = False) -> dict:
     """Everything `stexport bench` prints: timings, memory, FLOPs, and the fraction of the GEMM roofline."""
     from stexport.backends import load_class
     from stexport.bundle import Bundle
@@ -329,8 +332,11 @@ def bench(bundle_path, backend: str = "auto", options: dict | None = None, batch
         raise StexportError("--iters must be ≥1, --warmup ≥0 and every --batch ≥1")
     if backend != "auto":  # a mistyped option is refused here, before a child process starts
         options = load_class(backend).check_options(options or {})
-    run = measure_isolated if isolated else measure
-    res = run(str(bundle.path), backend, options, tuple(batches), iters, warmup, progress)
+    if isolated:
+        res = measure_isolated(str(bundle.path), backend, options, tuple(batches), iters, warmup, progress,
+                               verbose=verbose)
+    else:
+        res = measure(str(bundle.path), backend, options, tuple(batches), iters, warmup, progress)
     flops = model_flops(bundle.manifest)
     if peaks is True:
         q, fl = compute_precision(bundle.precision, res.get("described", {}))
@@ -341,10 +347,10 @@ def bench(bundle_path, backend: str = "auto", options: dict | None = None, batch
 
 
 def _child(job: str) -> None:
-    import logging
+    from stexport.logs import setup_logging
 
-    logging.basicConfig(level=logging.WARNING, format="stexport: %(message)s", stream=sys.stderr)
     j = json.loads(job)
+    setup_logging(bool(j.get("verbose")))
     try:
         res = measure(j["bundle"], j["backend"], j["options"], tuple(j["batches"]), j["iters"], j["warmup"],
                       j["progress"], j.get("probe"))

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from stexport import interrupt
 from stexport.backbone import Backbone, load_backbone
-from stexport.bundle import Bundle, default_home, finish, refuse_existing, writing
+from stexport.bundle import Bundle, default_home, finish, writing
 from stexport.deltas import Deltas, check_fits, infer_spec, load_deltas, unwrap
 from stexport.errors import StexportError
 from stexport.export import DTYPES, INPUT, OPSET, OUTPUT, export_onnx, external_files
@@ -34,13 +35,12 @@ from stexport.manifest import (
     OutputRecord,
     SamplingRecord,
 )
+from stexport.build_options import BuildOptions  # noqa: F401 - part of this module's API
 from stexport.reference import build_reference
 from stexport.video import Sampling
 
 log = logging.getLogger("stexport")
 
-PRECISIONS = ("fp32", "fp16", "int8")
-INPUT_FORMATS = ("uint8", "float")
 ARTIFACTS = {"onnx": "model.onnx", "deltas": "deltas.safetensors", "labels": "labels.txt"}
 SSV2_CLASSES = 174
 
@@ -63,73 +63,6 @@ def input_record(input_format: str, frames: int, size: int) -> InputRecord:
 def bundle_name(adapter, backbone: str, precision: str, frames: int, size: int) -> str:
     stem = Path(adapter).stem if isinstance(adapter, (str, Path)) else "stadapter"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}-{backbone}-{precision}-{frames}x{size}")
-
-
-@dataclass
-class BuildOptions:
-    """Everything `stexport build` takes, validated in one place (cheap checks only: no model is loaded).
-
-    adapter: checkpoint path, a `Deltas`, or a delta state dict. backbone: open_clip name (loaded with
-    `pretrained`: an open_clip tag, a file, or "none") or a loaded `Backbone`. size: must equal the backbone's
-    resolution (its positional embedding is fixed); None takes it. calib: clip list, directory, video or
-    uint8 array (N, T, S, S, 3) (INT8 only; required there). sampling: overrides of the default
-    {rate, temporal_views, spatial_views}. int8_attention: also quantize the attention-score MatMul's inputs
-    (q and kᵀ; softmax stays float). progress: tqdm bars on stderr when it is a terminal.
-
-    Raises StexportError naming the option and the fix.
-    """
-
-    adapter: object = None
-    backbone: object = "ViT-B-16"
-    pretrained: str = "openai"
-    precision: str = "fp32"
-    frames: int = 8
-    size: int | None = None
-    out: Path | None = None
-    force: bool = False
-    calib: object = None
-    labels: str | Path | None = None
-    calib_clips: int = 32
-    calib_method: str = "minmax"
-    calib_seed: int = 0
-    input_format: str = "uint8"
-    sampling: dict | None = None
-    external_data: bool | None = None
-    int8_attention: bool = False
-    progress: bool = False
-
-    def __post_init__(self):
-        if self.adapter is None:
-            raise StexportError("no adapter given: pass --adapter CHECKPOINT")
-        if self.precision not in PRECISIONS:
-            raise StexportError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
-        if self.input_format not in INPUT_FORMATS:
-            raise StexportError(f"--input {self.input_format}: choose one of {', '.join(INPUT_FORMATS)}")
-        if self.frames < 1:
-            raise StexportError(f"--frames {self.frames}: need at least one frame")
-        if self.size is not None and self.size < 1:
-            raise StexportError(f"--size {self.size}: must be a positive number of pixels")
-        if self.precision == "int8":
-            from stexport.calibration.ranges import METHODS
-
-            if self.calib is None:
-                raise StexportError("--precision int8 needs --calib CLIPS (a '<video> <label>' list, a directory "
-                                    "of videos or a video) to calibrate activation ranges")
-            if self.calib_method not in METHODS:
-                raise StexportError(f"--calib-method {self.calib_method}: choose one of {', '.join(METHODS)}")
-            if self.calib_clips < 1:
-                raise StexportError(f"--calib-clips {self.calib_clips}: must be at least 1")
-        elif self.calib is not None:
-            log.warning("--calib is only used for --precision int8; ignoring it")
-        if self.int8_attention and self.precision != "int8":
-            raise StexportError("--int8-attention needs --precision int8")
-        if isinstance(self.calib, (str, Path)) and not Path(self.calib).exists():
-            raise StexportError(f"{self.calib}: no such clip list, directory or video (--calib)")
-        if self.labels is not None and not Path(self.labels).is_file():
-            raise StexportError(f"{self.labels}: no such labels file (--labels: one class name per line)")
-        if self.out is not None:
-            self.out = Path(self.out)
-            refuse_existing(self.out, self.force)  # before the slow part; writing() checks again at the rename
 
 
 def _deltas(adapter) -> Deltas:
@@ -155,15 +88,31 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
     steps = ["load", "fold", "export", *(["calibrate", "quantize"] if o.precision == "int8" else []), "write"]
     # progress bars only on a terminal (disable=None), so logs and pipes stay clean
     bar = tqdm(total=len(steps), desc="build", unit="step", disable=None if o.progress else True, leave=False)
-    with bar:
-        def step(name: str):
-            bar.set_postfix_str(name)
+    started: list = []  # (stage, perf_counter) of the stage running
 
+    def step(name: str | None):
+        interrupt.check()
+        now = time.perf_counter()
+        if started:
+            log.info("%s: done in %.2f s", started[0][0], now - started[0][1])
+            started.clear()
+        if name:
+            bar.set_postfix_str(name)
+            started.append((name, now))
+
+    with bar:
         step("load")
         deltas = _deltas(o.adapter)
+        log.info("adapter: %s (%s adapters, kernel %s, %d classes)", deltas.path or "in memory",
+                 deltas.spec.layout, "x".join(map(str, deltas.spec.kernel)), deltas.spec.num_classes)
         if isinstance(o.backbone, Backbone):
             bb = o.backbone
         else:
+            from stexport.backbone import shape_config
+
+            shape = shape_config(o.backbone)  # the fit from the config file, before any weights are fetched
+            if shape is not None:
+                check_fits(deltas.spec, shape, o.backbone)
             with warnings.catch_warnings():
                 if o.pretrained in (None, "", "none"):
                     warnings.simplefilter("ignore")
@@ -184,10 +133,16 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
 
         with writing(out, force=o.force) as tmp:
             step("fold")
-            deploy = fold(ref, o.input_format, compute_dtype=DTYPES.get(o.precision, torch.float32))
+            dtype = DTYPES.get(o.precision, torch.float32)
+            deploy = fold(ref, o.input_format, compute_dtype=dtype)
+            log.info("graph: %s input (%s), %s compute, %s, attention as MatMul/Softmax, adapters as "
+                     "Gemm + depth-wise Conv (%s)", o.input_format,
+                     "B,T,H,W,3 RGB normalised in the graph" if o.input_format == "uint8"
+                     else "B,T,3,H,W normalised", str(dtype).replace("torch.", ""), bb.config.act, o.precision)
             bar.update()
             step("export")
             onnx_path = tmp / ARTIFACTS["onnx"]
+            log.info("export: ONNX opset %d, dynamic batch, %d frames x %d px", OPSET, o.frames, size)
             export_onnx(deploy, onnx_path, o.frames, external_data=o.external_data)
             bar.update()
             calibration = None
@@ -200,6 +155,9 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                     method=o.calib_method, seed=o.calib_seed, input_spec=inp, progress=o.progress,
                     external_data=o.external_data, on_calibrated=lambda: step("quantize"),
                     attention=o.int8_attention)
+                log.info("calibration: %s ranges from %s clips of %s%s; %s layers quantized",
+                         calibration.get("method"), calibration.get("clips"), calibration.get("source", calib),
+                         " (cached)" if calibration.get("cached") else "", calibration.get("quantized_layers"))
                 bar.update(2)
             step("write")
             from safetensors.torch import save_file
@@ -226,6 +184,8 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
             )
             finish(tmp, manifest)
             bar.update()
+            step(None)
+        log.info("bundle: %s", out)
         bundle = Bundle.load(out)
         bundle.changed_files()  # prime the verified-hash cache: the first `infer` need not hash the model
         return bundle

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from stexport import interrupt
 from stexport.errors import StexportError
 from stexport.fileutil import sha256_file
 from stexport.manifest import AdapterSpec, ViTConfig
@@ -45,6 +46,7 @@ def _load_file(path: Path) -> object:
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001
+            interrupt.reraise(e)
             raise StexportError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -56,6 +58,7 @@ def _load_file(path: Path) -> object:
             "ST-Adapter checkpoints hold only tensors, so re-save it with torch.save(state_dict)"
         )
     except Exception as e:  # noqa: BLE001
+        interrupt.reraise(e)
         raise StexportError(f"{path}: not a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
 
 
@@ -121,17 +124,28 @@ def infer_spec(sd: dict[str, torch.Tensor], where: str = "checkpoint") -> Adapte
                        pre_mlp=tuple(sorted(blocks["pre_mlp"])), num_classes=num_classes)
 
 
+def matching_backbones(spec: AdapterSpec) -> str:
+    """'use --backbone X (or Y, Z)': the accepted backbones whose width and depth this adapter fits."""
+    from stexport.names import fitting_backbones
+
+    found = fitting_backbones(spec.dim, max(spec.pre_attn + spec.pre_mlp) + 1)
+    if not found:
+        return f"no known backbone has width {spec.dim} and {max(spec.pre_attn + spec.pre_mlp) + 1}+ blocks"
+    more = f" (or {', '.join(found[1:4])}{' …' if len(found) > 4 else ''})" if found[1:] else ""
+    return f"use --backbone {found[0]}{more}"
+
+
 def check_fits(spec: AdapterSpec, cfg: ViTConfig, backbone: str = "backbone") -> None:
     """Raise a clear error if the deltas cannot sit on this backbone."""
+    top = max(spec.pre_attn + spec.pre_mlp)
     if spec.dim != cfg.width:
         raise StexportError(
             f"adapter width mismatch: 'fc.weight' and the adapters expect a width-{spec.dim} ViT, but {backbone} has "
-            f"width {cfg.width} (shape (…, {spec.dim}) vs (…, {cfg.width})); pick the matching --backbone"
+            f"width {cfg.width} (shape (…, {spec.dim}) vs (…, {cfg.width})); {matching_backbones(spec)}"
         )
-    top = max(spec.pre_attn + spec.pre_mlp)
     if top >= cfg.layers:
         raise StexportError(f"adapter on block {top} but {backbone} has only {cfg.layers} blocks; "
-                            "pick the matching --backbone")
+                            f"{matching_backbones(spec)}")
     if spec.kernel[1] > cfg.grid or spec.kernel[2] > cfg.grid:
         raise StexportError(f"adapter kernel {spec.kernel} is larger than the {cfg.grid}x{cfg.grid} token grid")
 

@@ -16,6 +16,7 @@ import onnx
 import torch
 from onnx import helper
 
+from stexport import interrupt
 from stexport.errors import StexportError
 from stexport.onnx_graph import perm_of, stable_topo, swaps_last_axes
 
@@ -53,6 +54,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, frames: int,
                 optimize=True,
             )
         except Exception as e:  # noqa: BLE001 - exporter failures are bugs or unsupported configs
+            interrupt.reraise(e)  # the exporter wraps a Ctrl-C in its own error
             why = str(e).splitlines()[0][:200] if str(e) else ""
             raise StexportError(f"ONNX export failed ({type(e).__name__}: {why})") from e
     proto = program.model_proto
@@ -111,6 +113,7 @@ def check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001
+        interrupt.reraise(e)
         why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise StexportError(f"{path}: the exported graph fails onnx.checker ({why})") from e
 

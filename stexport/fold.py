@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from stexport.reference import CLIP_MEAN, CLIP_STD, STAdapterViT
 
-INPUT_FORMATS = ("uint8", "float")
+from stexport.names import INPUT_FORMATS  # noqa: E402 - one list for the CLI and the graph
 SQRT2 = 1.4142135623730951
 
 

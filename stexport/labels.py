@@ -39,7 +39,7 @@ def resolve_labels(path: str | None, num_classes: int) -> tuple[list[str], str]:
         if len(names) != num_classes:
             raise StexportError(f"{p}: {len(names)} labels but the model has {num_classes} classes; "
                                 f"pass a file with one name per class, in class order")
-        return names, str(p)
+        return names, str(p.resolve())
     if num_classes in KNOWN:
         file, source = KNOWN[num_classes]
         return builtin(file), source

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from stexport.bundle import Bundle
+from stexport import interrupt
 from stexport.errors import StexportError
 from stexport.manifest import TorchScriptRecord
 from stexport.ts_runtime import EXTRA, load, quiet  # noqa: F401 - load: re-exported for tests and tools
@@ -49,6 +50,7 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, frames: int, si
         try:
             frozen = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
         except Exception as e:  # noqa: BLE001 - tracer failures are bugs or unsupported configs
+            interrupt.reraise(e)
             why = str(e).splitlines()[0][:200] if str(e) else ""
             raise StexportError(f"TorchScript trace failed ({type(e).__name__}: {why})") from e
         diff = (frozen(probe).float() - model(probe).float()).abs().max().item()

@@ -8,9 +8,13 @@ fail.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -86,18 +90,64 @@ def judge(precision: str, metrics: dict, gate: Gate) -> list[dict]:
     return checks
 
 
+REFERENCE_BATCH_ELEMENTS = 1 << 24  # views per reference call: about this many activations (tokens × width)
+MAX_REFERENCE_BATCH = 64
+
+
+def reference_cache_dir() -> Path:
+    """Where the reference's logits are kept (`<stexport home>/reference`, or $STEXPORT_REFERENCE_CACHE)."""
+    from stexport.bundle import default_home
+
+    return Path(os.environ.get("STEXPORT_REFERENCE_CACHE", default_home().parent / "reference"))
+
+
+def reference_key(b: Bundle, entries, sampling, pretrained: str | None) -> str:
+    """What the reference's logits depend on: the deltas (their bytes' hash), the backbone record (name,
+    config, weights source and hash, seed), a --pretrained override (path, size, mtime), the sampling, and
+    each video (resolved path, size, mtime)."""
+    from stexport.fileutil import sha256_file
+
+    def stamp(p: Path):
+        try:
+            st = p.stat()
+            return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+        except OSError:
+            return [str(p), None, None]
+
+    src = {"deltas": sha256_file(b.file("deltas", verify=False)),
+           "backbone": b.manifest.model.backbone.model_dump(mode="json"),
+           "pretrained": stamp(Path(pretrained)) if pretrained and os.path.exists(pretrained) else pretrained,
+           "sampling": sampling.to_dict(), "videos": [stamp(Path(p)) for p, _ in entries], "format": 1}
+    return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _reference_batch(b: Bundle) -> int:
+    cfg = b.manifest.model.backbone.config
+    per_view = b.frames * (cfg.grid * cfg.grid + 1) * cfg.mlp_width
+    return max(1, min(MAX_REFERENCE_BATCH, REFERENCE_BATCH_ELEMENTS // max(per_view, 1)))
+
+
 def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | None = None,
            gate: Gate | None = None, pretrained: str | None = None, progress: bool = False,
-           reference=None, **backend_options) -> dict:
+           reference=None, use_cache: bool = True, **backend_options) -> dict:
     """Compare `backend` on `bundle` with the PyTorch reference on the videos of `clips` (a '<video> <label>'
     list or a directory). Returns the report; report['passed'] is the gate's verdict.
 
-    reference: an already-built reference model (tests); otherwise it is rebuilt from the bundle's deltas and
-    backbone record (`pretrained` overrides where the backbone weights are now).
+    The backend runs each video's views as `infer` does (one call per video). The reference runs views of
+    several videos per call (same logits, far fewer calls), and its logits are cached by model, sampling and
+    videos (see `reference_key`; `use_cache=False` recomputes), so verifying another runtime or precision of
+    the same model on the same videos skips it.
+
+    reference: an already-built reference model (tests; never cached); otherwise it is rebuilt from the
+    bundle's deltas and backbone record (`pretrained` overrides where the backbone weights are now).
+    Raises StexportError for bad input (no decodable video, labels outside the classes, …).
     """
     from stexport import backends
+    from stexport.classify import _prefetched
     from stexport.video import Sampling, VideoError, decode_clips, read_clip_list
 
+    if backend not in backends.names():
+        backends.load_class(backend)  # an unknown name: refused (with the closest one) before any work
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     b.check_hashes = False  # verify looks at the bundle as it is; changed files fail its gate instead
     precision = b.precision
@@ -117,37 +167,95 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
                             "install one: pip install onnxruntime")
     if name == "torch":
         raise StexportError("--backend torch is the reference itself; verify another (e.g. onnxruntime)")
-    test = backends.create(backend, b, **backend_options)  # 'auto' falls back past a backend that cannot open
-    from stexport.backends.torch_ref import TorchBackend
 
-    ref = TorchBackend(b, model=reference, pretrained=pretrained)
-    ref_logits, out_logits, ref_probs, out_probs, labels, failed = [], [], [], [], [], []
-    t_ref = t_out = 0.0
-    try:
-        bar = tqdm(entries, desc="verify", unit="video", disable=None if progress else True, leave=False)
-        for path, label in bar:
+    cache = None
+    stored: dict[str, np.ndarray] = {}
+    if reference is None and use_cache:
+        cache = reference_cache_dir() / f"{reference_key(b, entries, sampling, pretrained)}.npz"
+        if cache.is_file():
             try:
-                views = decode_clips(str(path), sampling)
-            except VideoError as e:
-                failed.append({"video": str(path), "error": str(e)})
+                with np.load(cache) as z:
+                    stored = {k: z[k] for k in z.files}
+                log.info("reference: logits from the cache %s", cache)
+            except (OSError, ValueError) as e:
+                log.warning("%s: unreadable reference cache entry (%s); recomputing", cache, e)
+                stored = {}
+    ref = None
+    t_ref = 0.0
+    if not stored:
+        from stexport.backends.torch_ref import TorchBackend
+
+        t = time.perf_counter()
+        ref = TorchBackend(b, model=reference, pretrained=pretrained)
+        log.info("reference: PyTorch model rebuilt from the bundle's deltas and backbone record in %.2f s",
+                 time.perf_counter() - t)
+    test = backends.create(backend, b, **backend_options)  # 'auto' falls back past a backend that cannot open
+    batch = _reference_batch(b)
+    ref_logits, out_logits, labels, failed, done = [], [], [], [], []
+    pending: list[tuple[int, np.ndarray]] = []  # (index in done, views) waiting for the reference
+    t_out = 0.0
+
+    def flush():
+        nonlocal t_ref
+        if not pending:
+            return
+        t = time.perf_counter()
+        logits = ref.run(np.concatenate([v for _, v in pending]))
+        t_ref += time.perf_counter() - t
+        at = 0
+        for i, v in pending:
+            ref_logits[i] = logits[at:at + len(v)]
+            at += len(v)
+        pending.clear()
+
+    def work(path):
+        return decode_clips(str(path), sampling)
+
+    try:
+        bar = tqdm(total=len(entries), desc="verify", unit="video", disable=None if progress else True,
+                   leave=False)
+        tasks = (((path, label), lambda path=path: work(path)) for path, label in entries)
+        for (path, label), views in _prefetched(tasks, 2):
+            bar.update()
+            if isinstance(views, Exception):
+                if not isinstance(views, VideoError):
+                    raise views
+                failed.append({"video": str(path), "error": str(views)})
                 continue
             t = time.perf_counter()
-            o = test.run(views)
+            out_logits.append(test.run(views))
             t_out += time.perf_counter() - t
-            t = time.perf_counter()
-            r = ref.run(views)
-            t_ref += time.perf_counter() - t
-            ref_logits.append(r)
-            out_logits.append(o)
-            ref_probs.append(softmax(r).mean(0))
-            out_probs.append(softmax(o).mean(0))
             labels.append(label)
+            done.append(str(path))
+            if stored:
+                key = str(len(done) - 1)
+                if key not in stored or len(stored[key]) != len(views):
+                    raise StexportError(f"{cache}: reference cache entry does not match the videos; delete it "
+                                        "or pass --no-cache")
+                ref_logits.append(stored[key])
+                continue
+            ref_logits.append(None)
+            pending.append((len(ref_logits) - 1, views))
+            if sum(len(v) for _, v in pending) >= batch:
+                flush()
+        flush()
+        bar.close()
         described = test.describe()
     finally:
         test.close()
-    if not ref_logits:
+    if not out_logits:
         raise StexportError(f"{clips}: none of the {len(entries)} videos could be decoded "
                             f"(first error: {failed[0]['error'] if failed else 'none'})")
+    if cache is not None and not stored:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.stem}.tmp{os.getpid()}.npz")
+        try:
+            np.savez(tmp, **{str(i): r for i, r in enumerate(ref_logits)})
+            os.replace(tmp, cache)
+        finally:
+            tmp.unlink(missing_ok=True)
+    ref_probs = [softmax(r).mean(0) for r in ref_logits]
+    out_probs = [softmax(o).mean(0) for o in out_logits]
     metrics = compare(np.concatenate(ref_logits), np.concatenate(out_logits))
     metrics["accuracy"] = None
     n = len(ref_probs)
@@ -169,17 +277,23 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     if modified:
         checks.insert(0, {"check": "files unchanged since the build", "value": len(modified), "limit": "0 changed",
                           "passed": False})
+    ref_described = (ref.describe() if ref is not None
+                     else {"backend": "torch", "device": "cpu", "precision": "fp32 (reference)"})
+    ref_described["cached"] = bool(stored)
+    if cache is not None:
+        ref_described["cache"] = str(cache)
     return {
         "bundle": str(b.path),
         "precision": precision,
         "backend": described,
-        "reference": ref.describe(),
+        "reference": ref_described,
         "sampling": sampling.to_dict(),
         "videos": n,
         "failed": failed,
         "modified_files": modified,
         "metrics": metrics,
         "seconds_per_video": {"backend": t_out / n, "reference": t_ref / n},
+        "reference_batch": batch,
         "gate": {"precision": precision, **gate.to_dict()},
         "checks": checks,
         "passed": all(c["passed"] for c in checks),
@@ -210,7 +324,9 @@ def format_report(report: dict) -> str:
             f"Δ {acc['top5_difference']:+.1f} pt",
         ]
     s = report["seconds_per_video"]
-    lines.append(f"seconds/video    backend {s['backend']:.3f}  reference {s['reference']:.3f}")
+    cached = report.get("reference", {}).get("cached")
+    lines.append(f"seconds/video    backend {s['backend']:.3f}  reference "
+                 + ("(cached logits)" if cached else f"{s['reference']:.3f} (batched)"))
     for c in report["checks"]:
         v = c["value"]
         shown = f"{v:.1%}" if "agreement" in c["check"] else f"{v:.3g}"

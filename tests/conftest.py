@@ -27,6 +27,20 @@ def write_video(path, frames: int = 40, width: int = 160, height: int = 120, fps
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _reference_cache(tmp_path_factory):
+    """verify caches the reference's logits; tests keep theirs out of the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("STEXPORT_REFERENCE_CACHE")
+    os.environ["STEXPORT_REFERENCE_CACHE"] = str(tmp_path_factory.mktemp("reference_cache"))
+    yield
+    if old is None:
+        os.environ.pop("STEXPORT_REFERENCE_CACHE", None)
+    else:
+        os.environ["STEXPORT_REFERENCE_CACHE"] = old
+
+
 @pytest.fixture
 def make_video(tmp_path):
     """make_video(name, frames=40, width=160, height=120, fps=25, fourcc=None) -> Path in tmp_path."""

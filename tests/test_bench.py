@@ -133,7 +133,7 @@ def test_bench_cli_json(tiny):
 
 
 def test_bench_cli_text_and_errors(tiny):
-    r = CliRunner().invoke(app, ["bench", str(tiny.path), "--backend", "openvino", "-o", "precision=f32",
+    r = CliRunner().invoke(app, ["bench", str(tiny.path), "--backend", "openvino", "--option", "precision=f32",
                                  "--batch", "1", "--iters", "2", "--no-peaks"])
     if r.exit_code == 2 and "openvino" in r.output.lower() and "import" in r.output.lower():
         pytest.skip("OpenVINO not installed")
@@ -141,8 +141,8 @@ def test_bench_cli_text_and_errors(tiny):
     assert "p50" in r.output and "peak RSS" in r.output and "GFLOP per clip" in r.output
     r = CliRunner().invoke(app, ["bench", str(tiny.path), "--batch", "0,x"])
     assert r.exit_code == 2 and "--batch" in r.output and "Traceback" not in r.output
-    r = CliRunner().invoke(app, ["bench", str(tiny.path), "-o", "precision"])
+    r = CliRunner().invoke(app, ["bench", str(tiny.path), "--option", "precision"])
     assert r.exit_code == 2 and "KEY=VALUE" in r.output
-    r = CliRunner().invoke(app, ["bench", str(tiny.path), "--backend", "openvino", "-o", "hint=fast",
+    r = CliRunner().invoke(app, ["bench", str(tiny.path), "--backend", "openvino", "--option", "hint=fast",
                                  "--iters", "1", "--no-peaks"])
     assert r.exit_code == 2 and "hint='fast': choose one of latency, throughput" in r.output

@@ -165,7 +165,7 @@ def test_bad_calib_input_is_one_line_exit_2(tiny_adapter, videos, tmp_path):
 
 def test_verify_passes_with_report(tiny_bundle, videos, tmp_path):
     report_path = tmp_path / "report.json"
-    r = cli("verify", tiny_bundle.path, "--clips", videos / "list.txt", "--json", report_path)
+    r = cli("verify", tiny_bundle.path, "--clips", videos / "list.txt", "--report", report_path)
     assert r.exit_code == 0, r.output
     assert "PASS" in r.output and "top-1 agreement  100.0%" in r.output
     report = json.loads(report_path.read_text())
@@ -175,9 +175,9 @@ def test_verify_passes_with_report(tiny_bundle, videos, tmp_path):
     assert m["max_abs"] <= 1e-4 and m["cosine_min"] > 0.999999 and m["top5_agreement"] == 1.0
     acc = m["accuracy"]
     assert acc["reference_top1"] == acc["backend_top1"] and acc["top1_difference"] == 0
-    r = cli("verify", tiny_bundle.path, "--clips", videos, "--max-clips", 2, "--json", "-")
+    r = cli("verify", tiny_bundle.path, "--clips", videos, "--max-clips", 2, "--json")
     assert r.exit_code == 0
-    out = json.loads(r.output[r.output.index("{"):])
+    out = json.loads(r.stdout)
     assert out["videos"] == 2 and out["metrics"]["accuracy"] is None
 
 

@@ -137,10 +137,10 @@ def test_demo_bundle_passes_verify(clips, precision, gate, tmp_path):
                      precision=precision, labels=DEMO / "labels.txt", sampling=DEMO_VIEWS, out=tmp_path / "b",
                      calib=clips / "train.txt" if precision == "int8" else None, calib_clips=9)
     assert b.manifest.sampling.model_dump() == DEMO_VIEWS and b.labels == list(gen.CLASSES)
-    r = CliRunner().invoke(app, ["verify", str(b.path), "--clips", str(clips / "test.txt"), "--json", "-",
+    r = CliRunner().invoke(app, ["verify", str(b.path), "--clips", str(clips / "test.txt"), "--json",
                                  *gate])
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output[r.output.index("{"):])
+    report = json.loads(r.stdout)
     acc = report["metrics"]["accuracy"]
     assert report["videos"] == 27 and report["passed"]
     assert acc["reference_top1"] >= 100 * GATE

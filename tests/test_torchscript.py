@@ -184,7 +184,7 @@ def test_cli_export_and_dump_clip(ts_bundle, video, tmp_path):
 
 def test_cli_build_with_torchscript(tiny_adapter, tmp_path):
     out = tmp_path / "b"
-    r = runner.invoke(app, ["build", "-a", str(tiny_adapter), "-b", "stexport-tiny-vit", "--pretrained",
+    r = runner.invoke(app, ["build", "-a", str(tiny_adapter), "--backbone", "stexport-tiny-vit", "--pretrained",
                             "none", "-o", str(out), "--torchscript"])
     assert r.exit_code == 0, r.output
     assert "torchscript: model.ts (fp32)" in r.stdout

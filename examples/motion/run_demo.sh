@@ -31,4 +31,4 @@ top=$($STEXPORT infer "$CLIP" -m "$WORK/motion-int8" --top-k 1 --json \
 echo "predicted: $top (right)"
 
 echo "== verify the bundle against the PyTorch reference on $WORK/val.txt"
-$STEXPORT verify "$WORK/motion-int8" --clips "$WORK/val.txt" --json "$WORK/verify-int8.json"
+$STEXPORT verify "$WORK/motion-int8" --clips "$WORK/val.txt" --report "$WORK/verify-int8.json"

@@ -27,7 +27,11 @@ def names() -> list[str]:
 
 def load_class(name: str) -> type[Backend]:
     if name not in REGISTRY:
-        raise StexportError(f"unknown backend '{name}'; choose one of: {', '.join(names())}")
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), names(), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise StexportError(f"unknown backend '{name}'; {hint}choose one of: {', '.join(names())}")
     mod, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(mod), cls)
 
@@ -91,8 +95,10 @@ def create(name: str, bundle: Bundle, **options) -> Backend:
                 if dropped:
                     log.info("%s does not take option(s) %s; ignoring them", chosen, ", ".join(dropped))
                 opts = cls.check_options({k: v for k, v in options.items() if k in known})
-            log.info("backend %s on %s, options %s", chosen, bundle.path.name, opts or "default")
-            return cls(bundle, **opts)
+            backend = cls(bundle, **opts)
+            log.info("backend: %s%s, options %s: %s", chosen, " (picked by auto)" if name == "auto" else "",
+                     opts or "defaults", backend.describe())
+            return backend
         except BundleChanged:
             raise  # the bundle is not what was built: no runtime may run it
         except StexportError as e:

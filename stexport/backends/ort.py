@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 
+from stexport import interrupt
 from stexport.backends.base import THREADS, Backend, Option
 from stexport.device import gpu_visible
 from stexport.errors import StexportError
@@ -72,6 +73,7 @@ class OrtBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # noqa: BLE001
+            interrupt.reraise(e)
             raise StexportError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); "
                                 "rebuild the bundle with `stexport build --force`") from e
 
