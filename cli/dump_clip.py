@@ -3,7 +3,6 @@ without Python (the C++ example) or for comparing runtimes on identical input.""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -25,19 +24,18 @@ Examples:
 
 def write_clips(clips, out: Path, raw: bool = False) -> None:
     """.npy (or headerless with raw=True) written to a temporary sibling and renamed into place."""
+    import io
+
     import numpy as np
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            if raw:
-                f.write(np.ascontiguousarray(clips).tobytes())
-            else:
-                np.save(f, np.ascontiguousarray(clips), allow_pickle=False)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from stexport.fileutil import atomic_write_bytes
+
+    if raw:
+        atomic_write_bytes(out, np.ascontiguousarray(clips).tobytes())
+        return
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(clips), allow_pickle=False)
+    atomic_write_bytes(out, buf.getbuffer())
 
 
 @handle_errors

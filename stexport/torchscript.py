@@ -13,8 +13,8 @@ marks torch.jit deprecated; its warnings are silenced here. AOTInductor (`torch.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ import torch
 from stexport.bundle import Bundle
 from stexport import interrupt
 from stexport.errors import StexportError
+from stexport.fileutil import atomic_write_bytes
 from stexport.manifest import TorchScriptRecord
 from stexport.ts_runtime import EXTRA, load, quiet  # noqa: F401 - load: re-exported for tests and tools
 
@@ -61,13 +62,10 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, frames: int, si
     record = TorchScriptRecord(file=path.name, precision=precision, frozen=True, trace_check_max_abs=diff,
                                torch=torch.__version__)
     extra = {**(manifest or {}), "torchscript": record.model_dump(mode="json")}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with quiet():
-            torch.jit.save(frozen, str(tmp), _extra_files={EXTRA: json.dumps(extra, indent=1)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    with quiet():
+        torch.jit.save(frozen, buf, _extra_files={EXTRA: json.dumps(extra, indent=1)})
+    atomic_write_bytes(path, buf.getbuffer())
     return record
 
 
@@ -79,8 +77,8 @@ def embedded_manifest(bundle: Bundle, precision: str) -> dict:
 
     m = bundle.manifest.model_dump(mode="json", exclude_none=True, exclude={"files", "opset", "engines"})
     m.update(precision=precision, class_names=bundle.labels,
-             input=input_record("uint8", bundle.frames, bundle.size).model_dump(mode="json"))
-    m["artifacts"] = {**m.get("artifacts", {}), "torchscript": FILE}
+             input=input_record("uint8", bundle.frames, bundle.size).model_dump(mode="json"),
+             artifacts={**bundle.manifest.artifacts, "torchscript": FILE})
     return m
 
 

@@ -247,13 +247,13 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
         raise StexportError(f"{clips}: none of the {len(entries)} videos could be decoded "
                             f"(first error: {failed[0]['error'] if failed else 'none'})")
     if cache is not None and not stored:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.stem}.tmp{os.getpid()}.npz")
-        try:
-            np.savez(tmp, **{str(i): r for i, r in enumerate(ref_logits)})
-            os.replace(tmp, cache)
-        finally:
-            tmp.unlink(missing_ok=True)
+        import io
+
+        from stexport.fileutil import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, **{str(i): r for i, r in enumerate(ref_logits)})
+        atomic_write_bytes(cache, buf.getbuffer())
     ref_probs = [softmax(r).mean(0) for r in ref_logits]
     out_probs = [softmax(o).mean(0) for o in out_logits]
     metrics = compare(np.concatenate(ref_logits), np.concatenate(out_logits))
