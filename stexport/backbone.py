@@ -50,7 +50,8 @@ class Backbone:
     name: str
     config: ViTConfig
     state_dict: dict[str, torch.Tensor]
-    source: dict = field(default_factory=dict)  # {"pretrained": ..., "sha256": ..., "openai": bool}
+    # {"pretrained": ..., "sha256": ..., "openai": bool, "activation": "quick_gelu"|"gelu", "activation_reason": ...}
+    source: dict = field(default_factory=dict)
 
     def num_params(self) -> int:
         return sum(t.numel() for t in self.state_dict.values())
@@ -140,6 +141,21 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     return sd, openai
 
 
+def check_tensors(sd: dict[str, torch.Tensor], where: str, what: str = "weights") -> None:
+    """Refuse integer-typed and non-finite (NaN/±Inf) tensors, naming the first one: such weights build a
+    model that computes NaN or nonsense without a word."""
+    for k, v in sd.items():
+        if not (v.is_floating_point()):
+            raise StexportError(f"{where}: tensor '{k}' has dtype {str(v.dtype).replace('torch.', '')}; {what} "
+                                "are floating point (float32/float16/bfloat16): the file is not a trained "
+                                "checkpoint or was saved wrongly; re-export it from the training run")
+        if v.numel() and not bool(torch.isfinite(v).all()):
+            nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+            raise StexportError(f"{where}: tensor '{k}' {tuple(v.shape)} holds {nan} NaN and {inf} ±Inf values; "
+                                f"the {what} are damaged (a diverged training run or a bad conversion): use an "
+                                "earlier checkpoint or re-export it")
+
+
 def vision_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The vision tower's tensors, without the `visual.` prefix a full CLIP state dict has."""
     if any(k.startswith("visual.") for k in sd):
@@ -194,6 +210,7 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
 
     cfg = model_config(name)
     quick_gelu = bool(cfg.get("quick_gelu", False))
+    reason = config_activation_reason(name, quick_gelu)
     source: dict = {"pretrained": pretrained}
 
     if pretrained in (None, "", "none"):
@@ -208,9 +225,15 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
         if openai and not quick_gelu:
             log.warning("%s holds OpenAI CLIP weights (trained with QuickGELU): using QuickGELU for %s", path, name)
             quick_gelu = True
+            reason = (f"{path.name} is an OpenAI CLIP file (JIT archive or OpenAI's state-dict entries), trained "
+                      "with QuickGELU")
+        elif not quick_gelu:
+            reason += (f"; nothing in {path.name} marks it as OpenAI's weights (a re-saved open_clip state dict "
+                       "does not): if it is OpenAI CLIP, use the -quickgelu name")
         visual = _build_tower(cfg, quick_gelu)
         vis = vision_keys(sd)
         own = visual.state_dict()
+        check_tensors({k: v for k, v in vis.items() if k in own}, str(path), "backbone weights")
         for k, v in vis.items():
             if k in own and tuple(own[k].shape) != tuple(v.shape):
                 raise StexportError(f"{path}: '{k}' has shape {tuple(v.shape)} but backbone {name} needs "
@@ -232,6 +255,7 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
         if tag_cfg.get("quick_gelu", False) and not quick_gelu:
             log.warning("weights '%s' were trained with QuickGELU: using QuickGELU for %s", pretrained, name)
             quick_gelu = True
+            reason = f"open_clip tag '{pretrained}' was trained with QuickGELU"
         try:
             model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu,
                                            cache_dir=cache_dir)
@@ -242,7 +266,37 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
 
     visual.eval()
     config = _config_of(visual, quick_gelu)
-    return Backbone(name=name, config=config, state_dict=_official_state(visual), source=source)
+    state = _official_state(visual)
+    check_tensors(state, f"backbone {name} ({pretrained})", "backbone weights")
+    source.update(activation=config.act, activation_reason=reason)
+    return Backbone(name=name, config=config, state_dict=state, source=source)
+
+
+def config_activation_reason(name: str, quick_gelu: bool) -> str:
+    """Why the model config alone gives this activation."""
+    if quick_gelu:
+        return f"model config {name} sets quick_gelu"
+    return f"model config {name} uses exact GELU"
+
+
+def has_quickgelu_variant(name: str) -> bool:
+    """Whether open_clip also knows `name`-quickgelu: an architecture OpenAI released CLIP weights for."""
+    import open_clip
+
+    register_configs()
+    return not name.endswith("-quickgelu") and f"{name}-quickgelu" in open_clip.list_models()
+
+
+def official_layout_warning(name: str, act: str, reason: str) -> str | None:
+    """The warning for an adapter in the official checkpoint layout on a backbone resolved to exact GELU.
+
+    The official ST-Adapter code always runs OpenAI CLIP with QuickGELU; the same weights re-saved through
+    open_clip carry nothing that says so."""
+    if act != "gelu" or not has_quickgelu_variant(name):
+        return None
+    return (f"the adapter is in the official ST-Adapter checkpoint layout, whose code runs OpenAI CLIP with "
+            f"QuickGELU, but backbone {name} resolved to exact GELU ({reason}); if the backbone weights are "
+            f"OpenAI's (also when re-saved through open_clip), pass --backbone {name}-quickgelu")
 
 
 def random_backbone(name: str, seed: int = 0, fp16_round: bool = True) -> Backbone:
@@ -254,5 +308,7 @@ def random_backbone(name: str, seed: int = 0, fp16_round: bool = True) -> Backbo
     sd = _official_state(visual)
     if fp16_round:
         sd = {k: v.half().float() for k, v in sd.items()}
-    return Backbone(name=name, config=_config_of(visual, quick_gelu), state_dict=sd,
-                    source={"pretrained": "none", "seed": seed})
+    config = _config_of(visual, quick_gelu)
+    return Backbone(name=name, config=config, state_dict=sd,
+                    source={"pretrained": "none", "seed": seed, "activation": config.act,
+                            "activation_reason": config_activation_reason(name, quick_gelu) + " (random weights)"})

@@ -49,6 +49,16 @@ def _deltas(adapter) -> Deltas:
     return load_deltas(adapter)
 
 
+def warn_activation(deltas: Deltas, bb: Backbone) -> None:
+    """Warn when an official-layout adapter sits on a backbone resolved to exact GELU (see backbone)."""
+    from stexport.backbone import official_layout_warning
+
+    if deltas.official_layout:
+        msg = official_layout_warning(bb.name, bb.config.act, bb.source.get("activation_reason", ""))
+        if msg:
+            log.warning(msg)
+
+
 def input_record(input_format: str) -> dict:
     uint8 = input_format == "uint8"
     return {"name": INPUT, "dtype": "uint8" if uint8 else "float32", "layout": "BTHWC" if uint8 else "BTCHW",
@@ -82,8 +92,8 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
     if precision == "int8" and calib is None:
         raise StexportError("--precision int8 needs --calib CLIPS (a '<video> <label>' list or a directory "
                             "of videos) to calibrate activation ranges")
-    if precision != "int8" and calib is not None:
-        log.warning("--calib is only used for --precision int8; ignoring it")
+    if precision == "fp32" and calib is not None:
+        log.warning("--calib is only used for --precision int8 (and to check fp16); ignoring it")
     if precision == "int8":  # cheap checks of the calibration input before the slow part
         from stexport.calibration import METHODS, choose
 
@@ -109,6 +119,7 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
                     warnings.simplefilter("ignore")
                 bb = load_backbone(backbone, pretrained)
         check_fits(deltas.spec, bb.config, bb.name)
+        warn_activation(deltas, bb)
         size = size or bb.config.image_size
         if size != bb.config.image_size:
             raise StexportError(f"--size {size}: {bb.name} was trained at {bb.config.image_size} px and its "
@@ -129,6 +140,11 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
             step("export")
             onnx_path = tmp / ARTIFACTS["onnx"]
             export_onnx(deploy, onnx_path, frames, external_data=external_data)
+            fp16_check = None
+            if precision == "fp16":  # FP16 must hold the activations: checked on the graph just written
+                from stexport.fp16_check import check_fp16_graph
+
+                fp16_check = check_fp16_graph(ref, onnx_path, input_format, frames, size, views, calib)
             bar.update()
             calibration = None
             if precision == "int8":
@@ -168,6 +184,8 @@ def build_bundle(adapter, backbone: str | Backbone = "ViT-B-16", pretrained: str
             }
             if calibration is not None:
                 manifest["calibration"] = calibration
+            if fp16_check is not None:
+                manifest["fp16_check"] = fp16_check
             finish_manifest(tmp, manifest)
             bar.update()
         return Bundle.load(out)

@@ -70,17 +70,19 @@ def test_softmax_is_stable():
 
 
 def test_decoding_overlaps_inference(bundle, videos, monkeypatch):
-    """The next video decodes in a background thread while the backend runs on the current one."""
+    """The next video decodes (driven by a background thread, in the decode worker's process) while the
+    backend runs on the current one."""
     events = []
-    real = classify.decode
 
-    def slow_decode(source, sampling, threads=None):
-        events.append(("decode", str(source), threading.current_thread().name, time.perf_counter()))
-        time.sleep(0.2)
-        return real(source, sampling, threads)
-
-    monkeypatch.setattr(classify, "decode", slow_decode)
     with Classifier(bundle, backend="onnxruntime") as clf:
+        real = clf.decoder.decode
+
+        def slow_decode(source, sampling):
+            events.append(("decode", str(source), threading.current_thread().name, time.perf_counter()))
+            time.sleep(0.2)
+            return real(source, sampling)
+
+        clf.decoder.decode = slow_decode
         run = clf.backend.run
 
         def slow_run(clips):
@@ -92,6 +94,7 @@ def test_decoding_overlaps_inference(bundle, videos, monkeypatch):
         t = time.perf_counter()
         results = list(clf.classify_many(list(videos)))
         wall = time.perf_counter() - t
+        assert clf.decoder._proc.pid != os.getpid() and clf.decoder._proc.poll() is None
     assert [r.source for r in results] == [str(v) for v in videos]
     assert all(e[2] == "stexport-decode" for e in events if e[0] == "decode")
     runs = [e[3] for e in events if e[0] == "run"]
@@ -211,7 +214,8 @@ def test_cli_timeline_json(bundle, tmp_path):
     r = invoke(long, "-m", bundle.path, "--window", "1", "--stride", "0.5", "--json", "-k", "1")
     assert r.exit_code == 0, r.output
     rows = [json.loads(ln) for ln in r.stdout.splitlines()]
-    assert [(d["start"], d["end"]) for d in rows] == [(0.0, 1.0), (0.52, 1.52), (1.04, 2.04), (1.56, 2.56)]
+    # seconds of the file's timestamps (75 frames at 25 fps: 3 s), not strides rounded to 13 frames
+    assert [(d["start"], d["end"]) for d in rows] == [(0.0, 1.0), (0.5, 1.5), (1.0, 2.0), (1.5, 2.5), (2.0, 3.0)]
     assert all(len(d["top"]) == 1 and d["path"] == str(long) for d in rows)
     r = invoke(long, "-m", bundle.path, "--window", "2")
     assert r.exit_code == 0 and "0.00-2.00" in r.stdout
