@@ -30,7 +30,7 @@ Examples:
 
 @handle_errors
 def build(
-    adapter: Path = typer.Option(..., "--adapter", "-a",
+    adapter: Path = typer.Option(..., "--adapter", "-a", readable=False,  # the loader names the fix
                                  help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
     backbone: str = typer.Option("ViT-B-16", "--backbone", "-b",
                                  help="open_clip ViT the adapters were trained on."),
@@ -111,6 +111,14 @@ def build(
     spec = m["adapter"]["spec"]
     typer.echo(f"  {m['backbone']['name']} + {spec['layout']} adapters, {m['precision']}, {m['frames']}x"
                f"{m['size']}px, {spec['num_classes']} classes ({m['labels']['source']})")
+    bb = m["backbone"]
+    if bb.get("activation"):
+        typer.echo(f"  activation: {bb['activation']} ({bb.get('activation_reason', 'model config')})")
+    if "fp16_check" in m:
+        c = m["fp16_check"]
+        typer.echo(f"  fp16 check: largest activation {c['max_abs_activation']:,.1f} ({c['layer']}) of "
+                   f"{c['fp16_max']:,.0f} on {c['clips']} {c['source']}; max |Δlogit| vs fp32 "
+                   f"{c['max_abs_logit_diff']:.3g}")
     s = m["sampling"]
     typer.echo(f"  sampling: rate {s['rate']}, {s['temporal_views']}x{s['spatial_views']} views; "
                f"{len(m['files'])} files, {size_mb:.1f} MB")

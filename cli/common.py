@@ -40,7 +40,8 @@ def handle_errors(fn):
 
 
 def print_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+    """Strict JSON (no NaN/Infinity: ValueError rather than write them)."""
+    typer.echo(json.dumps(obj, indent=2, default=str, allow_nan=False))
 
 
 def setup_logging(verbose: bool = False) -> None:

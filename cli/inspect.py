@@ -19,12 +19,14 @@ Examples:
 
 @handle_errors
 def inspect(
-    adapter: Path = typer.Option(..., "--adapter", "-a", help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
+    adapter: Path = typer.Option(..., "--adapter", "-a", readable=False,  # the loader names the fix
+                                 help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
     backbone: str = typer.Option("ViT-B-16", "--backbone", "-b", help="open_clip ViT name to check the fit against."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Print the adapter spec inferred from the checkpoint's tensors, delta vs backbone parameters, and the fit."""
-    from stexport.backbone import model_config, register_configs
+    from stexport.backbone import (config_activation_reason, model_config, official_layout_warning,
+                                   register_configs)
     from stexport.deltas import check_fits, load_deltas
     from stexport.errors import StexportError
 
@@ -54,7 +56,14 @@ def inspect(
         "fits": fit_error is None,
         "fit_error": fit_error,
         "quick_gelu": bool(cfg.get("quick_gelu", False)),
+        "activation": "quick_gelu" if cfg.get("quick_gelu", False) else "gelu",
+        "official_layout": deltas.official_layout,
     }
+    report["activation_reason"] = (config_activation_reason(backbone, report["quick_gelu"]) + "; inspect reads no "
+                                   "backbone weights: build also detects OpenAI files (JIT archive, OpenAI "
+                                   "state-dict entries, the 'openai' tag) and then uses QuickGELU")
+    report["warning"] = (official_layout_warning(backbone, report["activation"], report["activation_reason"])
+                         if deltas.official_layout else None)
     if as_json:
         print_json(report)
     else:
@@ -68,7 +77,10 @@ def inspect(
         if bb_params:
             typer.echo(f"backbone       {backbone}: {bb_params / 1e6:.2f} M frozen params "
                        f"(deltas are {100 * report['delta_fraction']:.1f}%)")
+        typer.echo(f"activation     {report['activation']} ({report['activation_reason']})")
         typer.echo(f"fits backbone  {'yes' if fit_error is None else 'NO: ' + fit_error}")
+        if report["warning"]:
+            typer.echo(f"stexport: warning: {report['warning']}", err=True)
     if fit_error:
         raise typer.Exit(1)
 

@@ -16,6 +16,8 @@ Examples:
 
   stexport verify BUNDLE --clips videos/ --max-clips 20 --json report.json
 
+  stexport verify BUNDLE --clips a.mp4 --clips b.mp4
+
   stexport verify BUNDLE --clips val_list.txt --backend onnxruntime --min-agreement 0.98
 
 Exit status: 0 all gates pass, 1 a gate failed, 2 bad input.
@@ -25,8 +27,9 @@ Exit status: 0 all gates pass, 1 a gate failed, 2 bad input.
 @handle_errors
 def verify(
     bundle: Path = typer.Argument(..., help="Bundle directory (or its stexport.json)."),
-    clips: Path = typer.Option(..., "--clips", "-c", help="Videos: a '<video> <label>' list (labels give "
-                               "accuracy) or a directory."),
+    clips: list[Path] = typer.Option(..., "--clips", "-c", help="Videos: a '<video> <label>' list (labels "
+                                     "give accuracy), a directory, or a video file; repeat for more (the same "
+                                     "inputs as build --calib)."),
     backend: str = typer.Option("auto", "--backend", "-b", help="Runtime to check: auto (the one `infer` picks: "
                                 "OpenVINO on x86-64, else ONNX Runtime) or a backend name: openvino, "
                                 "onnxruntime, torchscript, tensorrt."),
@@ -62,16 +65,17 @@ def verify(
                                  "max_accuracy_drop": max_drop}.items() if v is not None}
     gate = dataclasses.replace(gate, **changes)
     options = {k: v for k, v in {"device": device, "threads": threads}.items() if v is not None}
-    report = run_verify(b, clips, backend=backend, max_clips=max_clips, gate=gate, pretrained=pretrained,
+    report = run_verify(b, clips if len(clips) != 1 else clips[0], backend=backend, max_clips=max_clips,
+                        gate=gate, pretrained=pretrained,
                         progress=True, **options)
     if json_path is not None and str(json_path) == "-":
-        typer.echo(json.dumps(report, indent=2, default=str))
+        typer.echo(json.dumps(report, indent=2, default=str, allow_nan=False))
     else:
         typer.echo(format_report(report))
         if json_path is not None:
             from stexport.bundle import atomic_write_json
 
-            atomic_write_json(json_path, json.loads(json.dumps(report, default=str)))
+            atomic_write_json(json_path, json.loads(json.dumps(report, default=str, allow_nan=False)))
     if not report["passed"]:
         raise typer.Exit(EXIT_GATE_FAILED)
 

@@ -129,6 +129,9 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except StexportError:
         raise
+    except PermissionError:
+        raise StexportError(f"{path}: permission denied: the weights file cannot be read; `chmod a+r` it or run "
+                            "as its owner") from None
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
         raise StexportError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})")
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -90,18 +91,22 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
            gate: Gate | None = None, pretrained: str | None = None, progress: bool = False,
            reference=None, **backend_options) -> dict:
     """Compare `backend` on `bundle` with the PyTorch reference on the videos of `clips` (a '<video> <label>'
-    list or a directory). Returns the report; report['passed'] is the gate's verdict.
+    list, a directory, a video file, or a list of those). Returns the report; report['passed'] is the gate's
+    verdict. Videos are decoded in a child process (stexport.decode_worker): one that cannot be decoded is
+    listed in report['failed'] and the rest go on. Non-finite logits fail the gate ("finite logits").
 
     reference: an already-built reference model (tests); otherwise it is rebuilt from the bundle's deltas and
     backbone record (`pretrained` overrides where the backbone weights are now).
     """
     from stexport import backends
-    from stexport.video import Sampling, VideoError, decode_clips, read_clip_list
+    from stexport.decode_worker import DecodeWorker
+    from stexport.video import Sampling, VideoError, display, read_clip_lists
 
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     precision = b.precision
     gate = gate or GATES.get(precision, GATES["fp32"])
-    entries = read_clip_list(clips)
+    entries = read_clip_lists(clips)
+    where = display(clips) if isinstance(clips, (str, Path)) else ", ".join(display(c) for c in clips)
     if max_clips is not None:
         if max_clips < 1:
             raise StexportError(f"--max-clips {max_clips}: must be at least 1")
@@ -122,13 +127,14 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     ref = TorchBackend(b, model=reference, pretrained=pretrained)
     ref_logits, out_logits, ref_probs, out_probs, labels, failed = [], [], [], [], [], []
     t_ref = t_out = 0.0
+    decoder = DecodeWorker(threads=None)
     try:
         bar = tqdm(entries, desc="verify", unit="video", disable=None if progress else True, leave=False)
         for path, label in bar:
             try:
-                views = decode_clips(str(path), sampling)
+                views = decoder.decode(str(path), sampling).clips
             except VideoError as e:
-                failed.append({"video": str(path), "error": str(e)})
+                failed.append({"video": display(path), "error": str(e)})
                 continue
             t = time.perf_counter()
             o = test.run(views)
@@ -143,11 +149,16 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
             labels.append(label)
         described = test.describe()
     finally:
+        decoder.close()
         test.close()
     if not ref_logits:
-        raise StexportError(f"{clips}: none of the {len(entries)} videos could be decoded "
+        raise StexportError(f"{where}: none of the {len(entries)} videos could be decoded "
                             f"(first error: {failed[0]['error'] if failed else 'none'})")
-    metrics = compare(np.concatenate(ref_logits), np.concatenate(out_logits))
+    ref_all, out_all = np.concatenate(ref_logits), np.concatenate(out_logits)
+    non_finite = {"reference": int((~np.isfinite(ref_all)).any(axis=1).sum()),
+                  "backend": int((~np.isfinite(out_all)).any(axis=1).sum())}
+    metrics = compare(np.nan_to_num(ref_all, nan=0.0), np.nan_to_num(out_all, nan=0.0))
+    metrics["non_finite_views"] = non_finite
     metrics["accuracy"] = None
     n = len(ref_probs)
     if all(lb is not None for lb in labels):
@@ -155,7 +166,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
         classes = ref_probs[0].shape[0]
         if y.min() < 0 or y.max() >= classes:
             bad = int(y.max() if y.max() >= classes else y.min())
-            raise StexportError(f"{clips}: label {bad} is outside the model's {classes} classes")
+            raise StexportError(f"{where}: label {bad} is outside the model's {classes} classes")
         rp, op = np.stack(ref_probs), np.stack(out_probs)
         acc = {"reference_top1": accuracy(rp, y, 1), "backend_top1": accuracy(op, y, 1),
                "reference_top5": accuracy(rp, y, 5), "backend_top5": accuracy(op, y, 5)}
@@ -163,8 +174,11 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
         acc["top5_difference"] = acc["backend_top5"] - acc["reference_top5"]
         metrics["accuracy"] = acc
     elif any(lb is not None for lb in labels):
-        log.warning("%s: only some videos have labels; accuracy is not reported", clips)
+        log.warning("%s: only some videos have labels; accuracy is not reported", where)
     checks = judge(precision, metrics, gate)
+    if any(non_finite.values()):  # never a pass on NaN/Inf, whatever the other numbers say
+        checks.insert(0, {"check": "finite logits", "value": non_finite["backend"] + non_finite["reference"],
+                          "limit": "0 non-finite views", "passed": False})
     return {
         "bundle": str(b.path),
         "precision": precision,
@@ -210,6 +224,9 @@ def format_report(report: dict) -> str:
     for c in report["checks"]:
         v = c["value"]
         shown = f"{v:.1%}" if "agreement" in c["check"] else f"{v:.3g}"
+        if c["check"] == "finite logits":
+            nf = m["non_finite_views"]
+            shown = f"{nf['backend']} backend / {nf['reference']} reference views with NaN/Inf"
         lines.append(f"gate             {c['check']} = {shown} (limit {c['limit']}): "
                      f"{'pass' if c['passed'] else 'FAIL'}")
     if report["modified_files"]:
