@@ -379,3 +379,24 @@ def test_nan_logits_are_an_error_never_a_ranking(bundle, videos, tmp_path):
     assert r.exit_code == 2 and "nan" not in r.stdout.lower() and " 1. " not in r.stdout
     r = invoke(videos[0], "-m", tmp_path / "b", "--window", "1", "--json", "--backend", "onnxruntime")
     assert r.exit_code == 2 and "non-finite logits" in strict_loads(r.stdout.splitlines()[-1])["error"]
+
+
+def test_cli_says_how_each_source_was_sampled(bundle, tmp_path, http_dir):
+    """An http:// link to a file is the whole file (it used to be read as a live stream: the first seconds,
+    while the output said "whole video"); a stream that cannot be counted is live, and says so."""
+    import shutil
+
+    write_video(tmp_path / "clip.mp4", frames=60)
+    r = invoke(f"{http_dir}/clip.mp4", tmp_path / "clip.mp4", "-m", bundle.path, "--json", "-k", "1")
+    assert r.exit_code == 0, r.output
+    url, local = [strict_loads(ln) for ln in r.stdout.splitlines()]
+    assert url["sampled"] == local["sampled"] == "whole file" and url["frames"] == local["frames"] == 60
+    assert url["top"] == local["top"]
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("needs the ffmpeg CLI for an MPEG-TS stream (apt-get install -y ffmpeg)")
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(tmp_path / "clip.mp4"), "-c:v", "mpeg4", "-q:v", "2",
+                    "-f", "mpegts", str(tmp_path / "cam.ts")], check=True, timeout=120)
+    r = invoke(f"{http_dir}/live/cam.ts", "-m", bundle.path, "-k", "1", "--rate", "2")
+    assert r.exit_code == 0, r.output
+    assert f"{http_dir}/live/cam.ts  (3 views, 45 frames, live stream: the first 45 frames as they arrived, 1.8 s;" \
+        in r.stdout

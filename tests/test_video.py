@@ -278,38 +278,6 @@ def test_read_clip_list(tmp_path, make_video):
         read_clip_list(tmp_path / "missing.txt")
 
 
-@pytest.fixture
-def http_dir(tmp_path):
-    """Serve tmp_path over HTTP on 127.0.0.1: /NAME as a file (with its length), /live/NAME as a stream
-    (no length, the connection closed at the end: what a live source looks like to FFmpeg)."""
-    import functools
-    import http.server
-    import socketserver
-    import threading
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            if not self.path.startswith("/live/"):
-                return super().do_GET()
-            data = (tmp_path / self.path[len("/live/"):]).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Type", "video/mp2t")
-            self.end_headers()
-            self.wfile.write(data)
-            self.close_connection = True
-
-    Handler.protocol_version = "HTTP/1.0"
-    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-
-
 def test_url_to_a_file_is_sampled_as_a_file(make_video, http_dir):
     """An http:// link to a finite file is counted and sampled as the whole file, like the file itself."""
     path = make_video("stream.avi", frames=60)
@@ -347,13 +315,11 @@ def test_uncountable_stream_is_sampled_live(make_video, http_dir, tmp_path):
 @needs_ffmpeg
 def test_timeline_times_are_presentation_timestamps(tmp_path):
     """Variable frame rate: 40 frames, the first 20 at 8 fps (0–2.5 s), the rest at 1 fps (2.5–22.5 s).
-    frame / average fps (40 / 22.5 s = 1.78 fps) would put frame 20 at 11.25 s instead of 2.5 s."""
+    frame / average fps (40 / 22.5 s = 1.78 fps, what OpenCV 5 reports; OpenCV 4.8 says 8) would put frame 20 at
+    11.25 s (or 2.5 s and frame 39 at 4.9 s instead of 21.5 s)."""
     vfr = tmp_path / "vfr.mp4"
     ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=8", "-frames:v", "40",
            "-vf", "setpts='if(lt(N,20),N/8,2.5+(N-20))/TB'", "-fps_mode", "vfr", "-c:v", "mpeg4", vfr)
-    cap = cv2.VideoCapture(str(vfr), cv2.CAP_FFMPEG)
-    assert abs(cap.get(cv2.CAP_PROP_FPS) - 40 / 22.5) < 0.1  # the average rate the old code divided by
-    cap.release()
     s = Sampling(frames=4, size=32, rate=0, temporal_views=1)
     wins = list(decode_windows(vfr, s, window=2.5, stride=2.5))
     # [0, 2.5): the 20 frames at 8 fps; then one frame a second (the frame on screen at each start counts)
@@ -457,6 +423,6 @@ def test_clip_lists_take_videos_and_refuse_what_is_not_text(tmp_path, make_video
 
 def test_cv2_without_utils_logging_still_decodes(make_video, monkeypatch):
     """opencv-python-headless 4.11.0.86 has no cv2.utils.logging: decoding must not depend on it."""
-    monkeypatch.delattr(cv2.utils, "logging")
+    monkeypatch.delattr(cv2.utils, "logging", raising=False)  # OpenCV 4.8 has none either
     d = decode(make_video("c.mp4", frames=9), Sampling(frames=4, size=32, rate=0, temporal_views=1))
     assert d.frames == 9
