@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_video
-from stexport import backends, classify
+from stexport import backends
 from stexport.classify import Classifier, Failure, softmax
 from stexport.cli.app import app
 from stexport.errors import StexportError

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import tracemalloc
-from pathlib import Path
 
 import cv2
 import numpy as np
