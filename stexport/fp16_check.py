@@ -63,8 +63,8 @@ def _to_input(clips: np.ndarray, input_format: str) -> np.ndarray:
 
 
 def activation_peaks(reference, clips: np.ndarray, input_format: str) -> tuple[dict[str, float], np.ndarray]:
-    """Largest |output| of each module the FP16 graph runs in FP16, from the FP32 folded model; and its
-    logits (N, classes)."""
+    """Largest |output| of each module the FP16 graph runs in FP16 (and of each weight it stores in FP16),
+    from the FP32 folded model; and its logits (N, classes)."""
     from stexport.fold import Norm, fold
 
     model = fold(reference, input_format, compute_dtype=torch.float32)
@@ -73,6 +73,8 @@ def activation_peaks(reference, clips: np.ndarray, input_format: str) -> tuple[d
     for name, mod in model.named_modules():
         if not name or name.startswith(("ln_", "head")) or isinstance(mod, Norm) or name == "blocks":
             continue
+        for pname, param in mod.named_parameters(recurse=False):  # weights FP16 must store too
+            peaks[f"{name}.{pname} (weight)"] = float(param.detach().abs().max())
 
         def hook(_m, _inp, out, name=name):
             if isinstance(out, torch.Tensor) and out.is_floating_point():
@@ -121,16 +123,24 @@ def check_fp16_graph(reference, onnx_path: Path, input_format: str, frames: int,
     peaks, ref_logits = activation_peaks(reference, clips, input_format)
     out = run_onnx(Path(onnx_path), clips, input_format)
     over = sorted(((v, k) for k, v in peaks.items() if not v <= FP16_MAX), reverse=True)
+    weights = [(v, k[: -len(" (weight)")]) for v, k in over if k.endswith(" (weight)")]
+    acts = [(v, k) for v, k in over if not k.endswith(" (weight)")]
     finite = bool(np.isfinite(out).all())
     if over or not finite:
-        named = ", ".join(f"{_layer(k)} reaches {v:,.0f}" for v, k in over[:4]) + (" …" if len(over) > 4 else "")
-        what = (f"activations leave FP16's range (±{FP16_MAX:,.0f}): {named}, so runtimes that compute in FP16 "
-                "(GPUs, TensorRT) get ±Inf and then NaN logits" if over else "")
+        def listed(items):
+            return ", ".join(f"{_layer(k)} reaches {v:,.0f}" for v, k in items[:4]) + (" …" if len(items) > 4 else "")
+
+        what = []
+        if weights:
+            what.append(f"weights FP16 cannot store (they become ±Inf): {listed(weights)}")
+        if acts:
+            what.append(f"activations leave FP16's range (±{FP16_MAX:,.0f}): {listed(acts)}, so runtimes that "
+                        "compute in FP16 (GPUs, TensorRT) get ±Inf and then NaN logits")
         if not finite:
             bad = int((~np.isfinite(out)).any(axis=1).sum())
-            what += ("; " if what else "") + f"the FP16 graph returned NaN/Inf logits on ONNX Runtime for {bad}"
-        raise StexportError(f"--precision fp16 refused: {what} (checked on {len(clips)} {source}). The "
-                            "backbone's activations (typical of weights trained in BF16) do not fit FP16; "
+            what.append(f"the FP16 graph returned NaN/Inf logits on ONNX Runtime for {bad} of {len(out)} clips")
+        raise StexportError(f"--precision fp16 refused: {'; '.join(what)} (checked on {len(clips)} {source}). "
+                            "The backbone's values (typical of weights trained in BF16) do not fit FP16; "
                             "build --precision fp32, or int8 (its float parts are FP32; check it with verify)")
     top = peaks and max(peaks.items(), key=lambda kv: kv[1])
     return {"clips": len(clips), "source": source, "max_abs_activation": round(top[1], 3),

@@ -267,10 +267,11 @@ def test_verify_takes_the_inputs_build_calib_takes(tiny_bundle, videos, tmp_path
     (one line naming the line and the fix)."""
     r = cli("verify", tiny_bundle.path, "--clips", videos / "v0.mp4", "--json", "-")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output[r.output.index("{"):])
+    out = json.loads(r.stdout)
     assert out["videos"] == 1 and out["metrics"]["views"] == 3 and out["passed"]
     r = cli("verify", tiny_bundle.path, "--clips", videos / "v0.mp4", "--clips", videos / "list.txt", "--json", "-")
-    assert r.exit_code == 0 and json.loads(r.output[r.output.index("{"):])["videos"] == 7
+    assert r.exit_code == 0 and json.loads(r.stdout)["videos"] == 7
+    assert "only some videos have labels; accuracy is not reported" in r.stderr
     latin = tmp_path / "liste.txt"
     latin.write_bytes(f"{videos / 'v0.mp4'} 1\n{videos}/vidéo.mp4 2\n".encode("latin-1"))
     r = cli("verify", tiny_bundle.path, "--clips", latin)
@@ -284,7 +285,7 @@ def test_verify_fails_the_gate_on_nan_logits_with_strict_json(tiny_bundle, video
     nan_weight(tmp_path / "b")
     r = cli("verify", tmp_path / "b", "--clips", videos / "list.txt", "--json", "-")
     assert r.exit_code == 1, r.output
-    out = strict_loads(r.output[r.output.index("{"):])
+    out = strict_loads(r.stdout)
     assert out["metrics"]["non_finite_views"] == {"reference": 0, "backend": 18}
     assert out["checks"][0] == {"check": "finite logits", "value": 18, "limit": "0 non-finite views",
                                 "passed": False}
@@ -361,3 +362,14 @@ def test_fp16_build_records_its_check_on_calibration_videos(tmp_path, videos):
     c = b.manifest["fp16_check"]
     assert c["passed"] and c["source"] == "calibration videos" and c["clips"] == 4
     assert 0 < c["max_abs_activation"] < 65504 and c["top1_agreement"] == 1.0 and c["max_abs_logit_diff"] < 0.05
+
+
+def test_fp16_build_refuses_weights_beyond_fp16(tmp_path):
+    """A weight FP16 cannot store (it would become Inf in the graph) is named like an activation."""
+    bb = random_backbone(TINY)
+    bb.state_dict["transformer.resblocks.1.attn.out_proj.weight"][2, 3] = 70000.0
+    sd = random_deltas(bb.config, width=32, num_classes=10)
+    with pytest.raises(StexportError, match=r"refused: weights FP16 cannot store \(they become ±Inf\): block 1 "
+                                            r"attn.out.weight reaches 70,000; activations leave"):
+        build_bundle(sd, backbone=bb, precision="fp16", out=tmp_path / "fp16")
+    assert not (tmp_path / "fp16").exists()
