@@ -91,16 +91,14 @@ def test_decoding_overlaps_inference(bundle, videos, monkeypatch):
             return run(clips)
 
         clf.backend.run = slow_run
-        t = time.perf_counter()
         results = list(clf.classify_many(list(videos)))
-        wall = time.perf_counter() - t
         assert clf.decoder._proc.pid != os.getpid() and clf.decoder._proc.poll() is None
     assert [r.source for r in results] == [str(v) for v in videos]
     assert all(e[2] == "stexport-decode" for e in events if e[0] == "decode")
     runs = [e[3] for e in events if e[0] == "run"]
     decodes = [e[3] for e in events if e[0] == "decode"]
-    assert decodes[1] < runs[0] + 0.2  # video 2 was being decoded while video 1 ran
-    assert wall < 3 * 0.4 - 0.15, wall  # serial would be ≥ 1.2 s
+    # video i+1 was being decoded while video i ran (each run sleeps 0.2 s): ordering, not a wall-clock bound
+    assert all(decodes[i + 1] < runs[i] + 0.2 for i in range(len(runs) - 1)), (decodes, runs)
 
 
 def test_failures_are_per_video(bundle, videos, tmp_path):
