@@ -30,7 +30,7 @@ Examples:
 
 @handle_errors
 def build(
-    adapter: Path = typer.Option(..., "--adapter", "-a",
+    adapter: Path = typer.Option(..., "--adapter", "-a", readable=False,  # the loader names the fix
                                  help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
     backbone: str = typer.Option("ViT-B-16", "--backbone",
                                  help="open_clip ViT the adapters were trained on (`stexport inspect` names the "
@@ -110,8 +110,11 @@ def build(
     spec, bb = m.spec, m.model.backbone
     typer.echo(f"  {bb.name} + {spec.layout} adapters, {m.precision}, {m.frames}x{m.size}px, "
                f"{spec.num_classes} classes ({m.output.labels_source})")
-    why = f" ({bb.activation_reason})" if bb.activation_reason else ""
-    typer.echo(f"  activation: {bb.activation}{why}")
+    typer.echo(f"  activation: {bb.activation} ({bb.activation_reason or 'model config'})")
+    if m.fp16_check is not None:
+        c = m.fp16_check
+        typer.echo(f"  fp16 check: largest activation {c.max_abs_activation:,.1f} ({c.layer}) of "
+                   f"{c.fp16_max:,.0f} on {c.clips} {c.source}; max |Δlogit| vs fp32 {c.max_abs_logit_diff:.3g}")
     s = m.sampling
     typer.echo(f"  sampling: rate {s.rate}, {s.temporal_views}x{s.spatial_views} views; "
                f"{len(m.files)} files, {size_mb:.1f} MB")

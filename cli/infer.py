@@ -27,7 +27,11 @@ Examples:
 
 
 def expand(inputs: list[str]) -> list[str]:
-    """Files, directories (videos below them, sorted), globs and live sources, in the order given."""
+    """Files, directories (videos below them, sorted), globs and live sources, in the order given.
+
+    Never raises for one input: what is not a video (a directory without videos, a FIFO, a missing file) stays
+    in the list and is reported in its turn, so the other videos still run."""
+    from stexport.errors import StexportError
     from stexport.video import is_live, read_clip_list
 
     out: list[str] = []
@@ -36,7 +40,10 @@ def expand(inputs: list[str]) -> list[str]:
         if is_live(item) or p.is_file():
             out.append(item)
         elif p.is_dir():
-            out.extend(str(f) for f, _ in read_clip_list(p))
+            try:
+                out.extend(str(f) for f, _ in read_clip_list(p))
+            except (StexportError, OSError):
+                out.append(item)  # no videos below it: reported as a directory in its turn
         elif any(c in item for c in "*?["):
             out.extend(sorted(glob.glob(item, recursive=True)) or [item])
         else:
@@ -72,15 +79,21 @@ def labels_note(bundle, labels: Path | None) -> str:
     return f"{own} ({source})"  # a shipped dataset list, e.g. kinetics-400
 
 
+def strict_json(obj) -> str:
+    """One line of strict JSON (RFC 8259: no NaN/Infinity; ValueError rather than write them)."""
+    return json.dumps(obj, allow_nan=False)
+
+
 def show(result, as_json: bool, write) -> None:
     if as_json:
-        write(json.dumps(result.to_dict()))
+        write(strict_json(result.to_dict()))
         return
     if result.start is not None:
         tops = ", ".join(f"{name} {p:.3f}" for _, name, p in result.top)
         write(f"{result.start:8.2f}-{result.end:<8.2f} {tops}")
         return
-    write(f"{result.source}  ({result.views} views, {result.frames} frames; decode {result.decode_s:.2f} s, "
+    live = f", {result.sampled}" if result.sampled != "whole file" else ""
+    write(f"{result.source}  ({result.views} views, {result.frames} frames{live}; decode {result.decode_s:.2f} s, "
           f"model {result.infer_s:.2f} s)")
     for rank, (i, name, p) in enumerate(result.top, 1):
         write(f"  {rank}. {name:<40} {p:.4f}")
@@ -108,22 +121,30 @@ def infer(
                                  "seconds."),
     stride: float = typer.Option(None, "--stride", help="Timeline mode: seconds between window starts "
                                  "(default: --window, no overlap)."),
-    as_json: bool = Flag(False, "--json", help="One JSON object per line: per video, or per window."),
+    decode_timeout: float = typer.Option(60.0, "--decode-timeout", min=0.1, help="Seconds a video's decoder "
+                                         "may read no frame before that video is given up (a stalled stream)."),
+    as_json: bool = Flag(False, "--json", help="One JSON object per line: per video, or per window; "
+                         "an input that fails gets {\"path\", \"error\"}."),
 ):
     """Classify videos the way the official ST-Adapter evaluation does: sample each video's views (the
     bundle's frames, rate and TEMPORALxSPATIAL crops), softmax each view, average, and print the top classes.
 
-    Every input gets one result, or one error line on stderr naming the file (missing, not a video, no \
-decodable frames, …); the other videos still run, and the exit code is 2 if any failed. A video whose \
+    Every input gets one result, or one error line on stderr naming the file and the fix (missing, a \
+directory, a FIFO or device, an unreadable file, a name that is not UTF-8, not a video, no decodable frames, \
+a decoder that crashed or stalled, NaN logits, …); the other videos still run, and the exit code is 2 if any \
+failed. Videos are decoded in a separate process, so no input can crash or block the others. Inputs that \
+cannot be counted (cameras, live streams) are sampled live, and the output says so; an http:// link to a \
+file is sampled as a file. A video whose \
 header claims frames that do not decode, or that is shorter than a clip, still gets a result, with a \
 warning. The next video is decoded while the model runs on the current one.
 
     Timeline mode (--window, --stride) classifies consecutive windows of a long video or a live stream; \
-each window is sampled like a whole video of its length.
+each window is sampled like a whole video of its length. Window times are the video's presentation \
+timestamps, so variable-frame-rate files get true times.
     """
     from tqdm import tqdm
 
-    from stexport.classify import Classifier, Failure
+    from stexport.classify import Classifier, Failure, NonFiniteOutput
     from stexport.errors import StexportError
     from stexport.video import Sampling, VideoError, with_views
 
@@ -137,7 +158,7 @@ each window is sampled like a whole video of its length.
     sources = expand(videos)
     failed = 0
     with Classifier(bundle, backend=backend, labels=str(labels) if labels else None, sampling=sampling,
-                    top_k=top_k, **options) as clf:
+                    top_k=top_k, decode_timeout=decode_timeout, **options) as clf:
         bar = tqdm(total=len(sources), desc="infer", unit="video", file=sys.stderr, disable=None, leave=False)
 
         def out(line: str) -> None:
@@ -157,7 +178,7 @@ each window is sampled like a whole video of its length.
                 failed += 1
                 err(f"stexport: error: {item.error}")
                 if as_json:
-                    out(json.dumps(item.to_dict()))
+                    out(strict_json(item.to_dict()))
                 return
             for note in item.notes:
                 err(f"stexport: warning: {item.source}: {note}")
@@ -168,15 +189,17 @@ each window is sampled like a whole video of its length.
                 report(item)
                 bar.update()
         else:
+            from stexport.video import display
+
             for source in sources:
                 if not as_json:
-                    out(f"{source}  (windows of {window:g} s every {stride or window:g} s, "
+                    out(f"{display(source)}  (windows of {window:g} s every {stride or window:g} s, "
                         f"{clf.sampling.describe()})")
                 try:
                     for item in clf.timeline(source, window, stride or window):
                         report(item)
-                except VideoError as e:
-                    report(Failure(str(source), str(e)))
+                except (VideoError, NonFiniteOutput) as e:
+                    report(Failure(display(source), str(e)))
                 bar.update()
         bar.close()
     if failed:

@@ -19,18 +19,20 @@ Examples:
 
 @handle_errors
 def inspect(
-    adapter: Path = typer.Option(..., "--adapter", "-a", help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
+    adapter: Path = typer.Option(..., "--adapter", "-a", readable=False,  # the loader names the fix
+                                 help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
     backbone: str = typer.Option("ViT-B-16", "--backbone", help="open_clip ViT name to check the fit against."),
     as_json: bool = Flag(False, "--json", help="Print JSON instead of a table."),
 ):
     """Print the adapter spec inferred from the checkpoint's tensors, delta vs backbone parameters, whether it
-    fits --backbone, and the accepted backbones whose width and depth it fits."""
+    fits --backbone, the accepted backbones whose width and depth it fits, and the activation and why."""
     from stexport.errors import StexportError
     from stexport.names import check_backbone, fitting_backbones
 
     check_backbone(backbone)
     check_adapter_file(adapter)
-    from stexport.backbone import model_config, register_configs
+    from stexport.backbone import (config_activation_reason, model_config, official_layout_warning,
+                                   register_configs)
     from stexport.deltas import check_fits, load_deltas
 
     deltas = load_deltas(adapter)
@@ -60,7 +62,14 @@ def inspect(
         "fit_error": fit_error,
         "fits_backbones": fitting_backbones(spec.dim, max(spec.pre_attn + spec.pre_mlp) + 1),
         "quick_gelu": bool(cfg.get("quick_gelu", False)),
+        "activation": "quick_gelu" if cfg.get("quick_gelu", False) else "gelu",
+        "official_layout": deltas.official_layout,
     }
+    report["activation_reason"] = (config_activation_reason(backbone, report["quick_gelu"]) + "; inspect reads no "
+                                   "backbone weights: build also detects OpenAI files (JIT archive, OpenAI "
+                                   "state-dict entries, the 'openai' tag) and then uses QuickGELU")
+    report["warning"] = (official_layout_warning(backbone, report["activation"], report["activation_reason"])
+                         if deltas.official_layout else None)
     if as_json:
         print_json(report)
     else:
@@ -74,10 +83,13 @@ def inspect(
         if bb_params:
             typer.echo(f"backbone       {backbone}: {bb_params / 1e6:.2f} M frozen params "
                        f"(deltas are {100 * report['delta_fraction']:.1f}%)")
+        typer.echo(f"activation     {report['activation']} ({report['activation_reason']})")
         typer.echo(f"fits backbone  {'yes' if fit_error is None else 'NO: ' + fit_error}")
         fits = report["fits_backbones"]
         typer.echo(f"fits           {', '.join(fits[:6]) + (' …' if len(fits) > 6 else '') if fits else 'no known backbone'}"
                    f"  (width {spec.dim}, {max(spec.pre_attn + spec.pre_mlp) + 1}+ blocks)")
+        if report["warning"]:
+            typer.echo(f"stexport: warning: {report['warning']}", err=True)
     if fit_error:
         raise typer.Exit(1)
 

@@ -18,6 +18,8 @@ Examples:
 
   stexport verify BUNDLE --clips val_list.txt --json > report.json     # the report as JSON on stdout
 
+  stexport verify BUNDLE --clips a.mp4 --clips b.mp4
+
   stexport verify BUNDLE --clips val_list.txt --backend onnxruntime --min-agreement 0.98
 
 Exit status: 0 all gates pass, 1 a gate failed, 2 bad input.
@@ -27,8 +29,9 @@ Exit status: 0 all gates pass, 1 a gate failed, 2 bad input.
 @handle_errors
 def verify(
     bundle: Path = typer.Argument(..., help="Bundle directory (or its stexport.json)."),
-    clips: Path = typer.Option(..., "--clips", "-c", help="Videos: a '<video> <label>' list (labels give "
-                               "accuracy) or a directory."),
+    clips: list[Path] = typer.Option(..., "--clips", "-c", help="Videos: a '<video> <label>' list (labels "
+                                     "give accuracy), a directory, or a video file; repeat for more (the same "
+                                     "inputs as build --calib)."),
     backend: str = typer.Option("auto", "--backend", "-b", help="Runtime to check: auto (the one `infer` picks: "
                                 "OpenVINO on x86-64, else ONNX Runtime) or a backend name: openvino, "
                                 "onnxruntime, torchscript, tensorrt."),
@@ -72,12 +75,12 @@ def verify(
         from stexport.errors import StexportError
 
         raise StexportError(f"{report_path}: is a directory; --report takes a file name, e.g. report.json")
-    report = run_verify(b, clips, backend=backend, max_clips=max_clips, gate=gate, pretrained=pretrained,
-                        progress=True, use_cache=not no_cache, **options)
+    report = run_verify(b, clips if len(clips) != 1 else clips[0], backend=backend, max_clips=max_clips,
+                        gate=gate, pretrained=pretrained, progress=True, use_cache=not no_cache, **options)
     if report_path is not None:
-        from stexport.bundle import atomic_write_json
+        from stexport.fileutil import atomic_write_json
 
-        atomic_write_json(report_path, json.loads(json.dumps(report, default=str)))
+        atomic_write_json(report_path, json.loads(json.dumps(report, default=str, allow_nan=False)))
     if as_json:
         print_json(report)
     else:

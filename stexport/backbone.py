@@ -34,7 +34,8 @@ class Backbone:
     name: str
     config: ViTConfig
     state_dict: dict[str, torch.Tensor]
-    source: dict = field(default_factory=dict)  # {"pretrained": ..., "sha256": ..., "openai": bool}
+    # {"pretrained": ..., "sha256": ..., "openai": bool, "activation": "quick_gelu"|"gelu", "activation_reason": ...}
+    source: dict = field(default_factory=dict)
 
     def num_params(self) -> int:
         return sum(t.numel() for t in self.state_dict.values())
@@ -100,6 +101,9 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except StexportError:
         raise
+    except PermissionError:
+        raise StexportError(f"{path}: permission denied: the weights file cannot be read; `chmod a+r` it or run "
+                            "as its owner") from None
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
         interrupt.reraise(e)
         raise StexportError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})")
@@ -111,6 +115,21 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         openai = True
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     return sd, openai
+
+
+def check_tensors(sd: dict[str, torch.Tensor], where: str, what: str = "weights") -> None:
+    """Refuse integer-typed and non-finite (NaN/±Inf) tensors, naming the first one: such weights build a
+    model that computes NaN or nonsense without a word."""
+    for k, v in sd.items():
+        if not (v.is_floating_point()):
+            raise StexportError(f"{where}: tensor '{k}' has dtype {str(v.dtype).replace('torch.', '')}; {what} "
+                                "are floating point (float32/float16/bfloat16): the file is not a trained "
+                                "checkpoint or was saved wrongly; re-export it from the training run")
+        if v.numel() and not bool(torch.isfinite(v).all()):
+            nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+            raise StexportError(f"{where}: tensor '{k}' {tuple(v.shape)} holds {nan} NaN and {inf} ±Inf values; "
+                                f"the {what} are damaged (a diverged training run or a bad conversion): use an "
+                                "earlier checkpoint or re-export it")
 
 
 def vision_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,12 +180,14 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
 
     pretrained: "openai" or another open_clip tag (taken from the local model-hub / open_clip cache when there,
     else downloaded), a local file (OpenAI JIT archive, OpenAI-style or open_clip state dict, safetensors, or a
-    vision-only state dict), or "none" (random init). Raises StexportError with one line for unknown names,
-    unreadable or mismatched files, and tags that cannot be fetched (offline: "pass --pretrained FILE").
+    vision-only state dict), or "none" (random init). The activation (QuickGELU or GELU) and why it was chosen
+    are recorded in the returned Backbone's source. Raises StexportError with one line for unknown names,
+    unreadable, mismatched, integer-typed or non-finite weights, and tags that cannot be fetched (offline:
+    "pass --pretrained FILE").
     """
     cfg = model_config(name)
     quick_gelu = bool(cfg.get("quick_gelu", False))
-    why_act = f"the {name} config" if quick_gelu else f"the {name} config (no -quickgelu)"
+    reason = config_activation_reason(name, quick_gelu)
 
     if pretrained in (None, "", "none"):
         warnings.warn(
@@ -174,7 +195,7 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
             stacklevel=2,
         )
         log.info("weights: %s randomly initialised (seed 0)", name)
-        log.info("activation: %s (from %s)", "QuickGELU" if quick_gelu else "GELU", why_act)
+        log.info("activation: %s (%s)", "QuickGELU" if quick_gelu else "GELU", reason)
         return random_backbone(name, seed=0)
     if os.path.exists(pretrained) or Path(pretrained).suffix in WEIGHT_SUFFIXES:
         path = Path(pretrained)
@@ -182,7 +203,12 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
         log.info("weights: file %s (%s)", path, "OpenAI CLIP" if openai else "open_clip / plain state dict")
         if openai and not quick_gelu:
             log.warning("%s holds OpenAI CLIP weights (trained with QuickGELU): using QuickGELU for %s", path, name)
-            quick_gelu, why_act = True, "OpenAI weights"
+            quick_gelu = True
+            reason = (f"{path.name} is an OpenAI CLIP file (JIT archive or OpenAI's state-dict entries), trained "
+                      "with QuickGELU")
+        elif not quick_gelu:
+            reason += (f"; nothing in {path.name} marks it as OpenAI's weights (a re-saved open_clip state dict "
+                       "does not): if it is OpenAI CLIP, use the -quickgelu name")
         source = {"pretrained": pretrained, "sha256": sha256_file(path), "openai": openai,
                   "file": str(path.resolve())}
     else:
@@ -190,15 +216,16 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
         path = fetch_weights(name, pretrained, tag_cfg, cache_dir)
         if tag_cfg.get("quick_gelu", False) and not quick_gelu:
             log.warning("weights '%s' were trained with QuickGELU: using QuickGELU for %s", pretrained, name)
-            quick_gelu, why_act = True, f"the '{pretrained}' weights"
+            quick_gelu = True
+            reason = f"open_clip tag '{pretrained}' was trained with QuickGELU"
         sd, _ = read_state_dict(path)
         source = {"pretrained": pretrained, "tag": pretrained, "openai": pretrained == "openai",
                   "sha256": sha256_file(path)}
-    log.info("activation: %s (from %s)", "QuickGELU" if quick_gelu else "GELU", why_act)
-    source["activation_reason"] = f"{'QuickGELU' if quick_gelu else 'GELU'} from {why_act}"
+    log.info("activation: %s (%s)", "QuickGELU" if quick_gelu else "GELU", reason)
     visual = _build_tower(cfg, quick_gelu)
     vis = vision_keys(sd)
     own = visual.state_dict()
+    check_tensors({k: v for k, v in vis.items() if k in own}, str(path), "backbone weights")
     for k, v in vis.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):
             fits = names.fitting_backbones(int(v.shape[-1]), 0) if k == "class_embedding" else []
@@ -212,7 +239,35 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
     visual.load_state_dict({k: v for k, v in vis.items() if k in own}, strict=False)
     visual.eval()
     config = _config_of(visual, quick_gelu)
+    source.update(activation_reason=reason)
     return Backbone(name=name, config=config, state_dict=_official_state(visual), source=source)
+
+
+def config_activation_reason(name: str, quick_gelu: bool) -> str:
+    """Why the model config alone gives this activation."""
+    if quick_gelu:
+        return f"model config {name} sets quick_gelu"
+    return f"model config {name} uses exact GELU"
+
+
+def has_quickgelu_variant(name: str) -> bool:
+    """Whether open_clip also knows `name`-quickgelu: an architecture OpenAI released CLIP weights for."""
+    import open_clip
+
+    register_configs()
+    return not name.endswith("-quickgelu") and f"{name}-quickgelu" in open_clip.list_models()
+
+
+def official_layout_warning(name: str, act: str, reason: str) -> str | None:
+    """The warning for an adapter in the official checkpoint layout on a backbone resolved to exact GELU.
+
+    The official ST-Adapter code always runs OpenAI CLIP with QuickGELU; the same weights re-saved through
+    open_clip carry nothing that says so."""
+    if act != "gelu" or not has_quickgelu_variant(name):
+        return None
+    return (f"the adapter is in the official ST-Adapter checkpoint layout, whose code runs OpenAI CLIP with "
+            f"QuickGELU, but backbone {name} resolved to exact GELU ({reason}); if the backbone weights are "
+            f"OpenAI's (also when re-saved through open_clip), pass --backbone {name}-quickgelu")
 
 
 def tag_config(name: str, tag: str) -> dict:
@@ -332,5 +387,7 @@ def random_backbone(name: str, seed: int = 0, fp16_round: bool = True) -> Backbo
     sd = _official_state(visual)
     if fp16_round:
         sd = {k: v.half().float() for k, v in sd.items()}
-    return Backbone(name=name, config=_config_of(visual, quick_gelu), state_dict=sd,
-                    source={"pretrained": "none", "seed": seed})
+    config = _config_of(visual, quick_gelu)
+    return Backbone(name=name, config=config, state_dict=sd,
+                    source={"pretrained": "none", "seed": seed, "activation": config.act,
+                            "activation_reason": config_activation_reason(name, quick_gelu) + " (random weights)"})

@@ -29,6 +29,7 @@ from stexport.manifest import (
     AdapterRecord,
     AdapterSpec,
     CalibrationRecord,
+    FP16CheckRecord,
     InputRecord,
     Manifest,
     ModelRecord,
@@ -72,6 +73,16 @@ def _deltas(adapter) -> Deltas:
         sd = unwrap(adapter, "deltas")
         return Deltas(spec=infer_spec(sd, "deltas"), state_dict={k: v.float() for k, v in sd.items()})
     return load_deltas(adapter)
+
+
+def warn_activation(deltas: Deltas, bb: Backbone) -> None:
+    """Warn when an official-layout adapter sits on a backbone resolved to exact GELU (see backbone)."""
+    from stexport.backbone import official_layout_warning
+
+    if deltas.official_layout:
+        msg = official_layout_warning(bb.name, bb.config.act, bb.source.get("activation_reason", ""))
+        if msg:
+            log.warning(msg)
 
 
 def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) -> Bundle:
@@ -118,6 +129,7 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                     warnings.simplefilter("ignore")
                 bb = load_backbone(o.backbone, o.pretrained)
         check_fits(deltas.spec, bb.config, bb.name)
+        warn_activation(deltas, bb)
         size = o.size or bb.config.image_size
         if size != bb.config.image_size:
             raise StexportError(f"--size {size}: {bb.name} was trained at {bb.config.image_size} px and its "
@@ -144,6 +156,11 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
             onnx_path = tmp / ARTIFACTS["onnx"]
             log.info("export: ONNX opset %d, dynamic batch, %d frames x %d px", OPSET, o.frames, size)
             export_onnx(deploy, onnx_path, o.frames, external_data=o.external_data)
+            fp16_check = None
+            if o.precision == "fp16":  # FP16 must hold the activations: checked on the graph just written
+                from stexport.fp16_check import check_fp16_graph
+
+                fp16_check = check_fp16_graph(ref, onnx_path, o.input_format, o.frames, size, views, o.calib)
             bar.update()
             calibration = None
             if o.precision == "int8":
@@ -181,6 +198,7 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                 opset=OPSET,
                 artifacts=artifacts,
                 calibration=CalibrationRecord(**calibration) if calibration else None,
+                fp16_check=FP16CheckRecord(**fp16_check) if fp16_check else None,
             )
             finish(tmp, manifest)
             bar.update()

@@ -86,8 +86,8 @@ class BuildOptions:
             choice("--calib-method", self.calib_method, CALIB_METHODS)
             if self.calib_clips < 1:
                 raise StexportError(f"--calib-clips {self.calib_clips}: must be at least 1")
-        elif self.calib is not None:
-            log.warning("--calib is only used for --precision int8; ignoring it")
+        elif self.calib is not None and self.precision == "fp32":
+            log.warning("--calib is only used for --precision int8 (and to check fp16); ignoring it")
         if self.int8_attention and self.precision != "int8":
             raise StexportError("--int8-attention needs --precision int8")
         if isinstance(self.calib, (str, Path)) and not Path(self.calib).exists():

@@ -2,8 +2,10 @@
 
 Each video's views (spatial × temporal) run as one batch; each view's logits go through a softmax and the
 probabilities are averaged over views (linziyi96/st-adapter main.py `evaluate`), then the top k are named.
-A background thread decodes the next videos while the backend runs the current one, so decoding overlaps
-inference instead of adding to it.
+Videos are decoded in a child process (stexport.decode_worker), driven by a background thread that decodes the
+next videos while the backend runs the current one: decoding overlaps inference instead of adding to it, and
+a decoder that crashes or hangs on one input costs that input only. Logits that are not finite (NaN, ±Inf) are
+that input's error, never a ranking.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from stexport import backends
 from stexport.bundle import Bundle
 from stexport.errors import StexportError
 from stexport.labels import resolve_labels
-from stexport.video import Sampling, VideoError, decode, decode_windows
+from stexport.decode_worker import DEFAULT_STALL_S, DecodeWorker
+from stexport.video import Sampling, VideoError, display
 
 DECODE_THREADS = 1  # beside inference, single-threaded FFmpeg decoding costs the least CPU
 
@@ -38,13 +41,14 @@ class Result:
     start: float | None = None  # timeline windows only (seconds)
     end: float | None = None
     backend: str = ""
+    sampled: str = "whole file"  # or "live stream: the first N frames …" (see video.Decoded.sampled)
 
     def to_dict(self) -> dict:
         d = {"path": self.source}
         if self.start is not None:
             d.update(start=round(self.start, 3), end=round(self.end, 3))
         d["top"] = [{"label": name, "score": round(p, 6), "index": i} for i, name, p in self.top]
-        d.update(views=self.views, frames=self.frames, backend=self.backend,
+        d.update(views=self.views, frames=self.frames, sampled=self.sampled, backend=self.backend,
                  timing={"decode_s": round(self.decode_s, 4), "infer_s": round(self.infer_s, 4)})
         if self.notes:
             d["notes"] = self.notes
@@ -60,6 +64,10 @@ class Failure:
         return {"path": self.source, "error": self.error}
 
 
+class NonFiniteOutput(StexportError):
+    """The model returned NaN or ±Inf logits for an input; the message names the likely cause."""
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -70,7 +78,11 @@ class Classifier:
     """Classify videos with a bundle. `backend`: a registry name or 'auto'; `labels`: a names file or None."""
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", labels: str | None = None,
-                 sampling: Sampling | None = None, top_k: int = 5, **backend_options):
+                 sampling: Sampling | None = None, top_k: int = 5, decode_timeout: float = DEFAULT_STALL_S,
+                 **backend_options):
+        """decode_timeout: seconds a video's decoder may go without reading a frame before that video is
+        given up (its decoder process is killed and restarted for the next)."""
+        self.decoder = DecodeWorker(DECODE_THREADS, decode_timeout)
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
         self.num_classes = m.output.classes
@@ -92,56 +104,91 @@ class Classifier:
         return {**self.backend.describe(), "sampling": self.sampling.to_dict(), "labels": self.labels_source}
 
     def probabilities(self, clips: np.ndarray) -> np.ndarray:
-        """Softmax of each view's logits, averaged over views: (classes,)."""
+        """Softmax of each view's logits, averaged over views: (classes,). NonFiniteOutput if any logit is
+        NaN or ±Inf."""
         logits = self.backend.run(clips)
         if logits.shape != (len(clips), self.num_classes):
             raise StexportError(f"backend {self.backend.name} returned logits of shape {logits.shape}, "
                                 f"expected ({len(clips)}, {self.num_classes})")
+        bad = ~np.isfinite(logits)
+        if bad.any():
+            raise NonFiniteOutput(self._non_finite(bad))
         return softmax(logits).mean(axis=0)
+
+    def _non_finite(self, bad: np.ndarray) -> str:
+        views = int(bad.any(axis=1).sum())
+        precision = self.bundle.precision
+        if precision == "fp16":
+            cause = ("likely an FP16 overflow: an activation beyond FP16's ±65,504 (backbones trained in BF16 "
+                     "have such channels); rebuild with --precision fp32 (or int8)")
+        else:
+            cause = (f"the {precision} model computes NaN/Inf on this input: check the bundle with `stexport "
+                     "verify` and rebuild it from finite weights")
+        return (f"the model returned non-finite logits (NaN/Inf) for {views} of {len(bad)} views on backend "
+                f"{self.backend.name}: {cause}")
 
     def top(self, probs: np.ndarray) -> list[tuple[int, str, float]]:
         best = np.argsort(-probs, kind="stable")[: self.top_k]
         return [(int(i), self.labels[i], float(probs[i])) for i in best]
 
     def _result(self, source: str, clips: np.ndarray, frames: int, decode_s: float, notes,
-                start: float | None = None, end: float | None = None) -> Result:
+                start: float | None = None, end: float | None = None, sampled: str = "whole file") -> Result:
         t = time.perf_counter()
         probs = self.probabilities(clips)
-        return Result(source, self.top(probs), len(clips), frames, decode_s, time.perf_counter() - t,
-                      list(notes), start, end, self.backend.name)
+        return Result(display(source), self.top(probs), len(clips), frames, decode_s, time.perf_counter() - t,
+                      list(notes), start, end, self.backend.name, sampled)
+
+    def _checked(self, source: str, fn):
+        """fn(), with the input's name put before a NonFiniteOutput's message."""
+        try:
+            return fn()
+        except NonFiniteOutput as e:
+            raise NonFiniteOutput(f"{display(source)}: {e}") from None
 
     def classify(self, source) -> Result:
-        """One video, decoded and run in this thread; raises VideoError for a bad video."""
+        """One video, decoded (in the decode worker) and run; raises VideoError for a bad video and
+        NonFiniteOutput for NaN/Inf logits."""
         t = time.perf_counter()
-        d = decode(source, self.sampling)
-        return self._result(d.source, d.clips, d.frames, time.perf_counter() - t, d.notes)
+        d = self.decoder.decode(source, self.sampling)
+        return self._checked(d.source, lambda: self._result(d.source, d.clips, d.frames, time.perf_counter() - t,
+                                                            d.notes, sampled=d.sampled))
 
     def classify_many(self, sources: Iterable, prefetch: int = 2) -> Iterator[Result | Failure]:
-        """Results in input order; a video that cannot be decoded gives a Failure and the rest go on."""
+        """Results in input order; a video that cannot be decoded, or whose logits are not finite, gives a
+        Failure and the rest go on."""
 
         def work(source):
             t = time.perf_counter()
-            d = decode(source, self.sampling, DECODE_THREADS)
+            d = self.decoder.decode(source, self.sampling)
             return d, time.perf_counter() - t
 
         for source, item in _prefetched(((s, lambda s=s: work(s)) for s in sources), prefetch):
             if isinstance(item, Exception):
-                yield Failure(str(source), _message(source, item))
-            else:
-                d, decode_s = item
-                yield self._result(d.source, d.clips, d.frames, decode_s, d.notes)
+                yield Failure(display(source), _message(source, item))
+                continue
+            d, decode_s = item
+            try:
+                out = self._checked(d.source, lambda: self._result(d.source, d.clips, d.frames, decode_s,
+                                                                   d.notes, sampled=d.sampled))
+            except NonFiniteOutput as e:
+                out = Failure(display(source), str(e))
+            yield out
 
     def timeline(self, source, window: float, stride: float, prefetch: int = 2) -> Iterator[Result]:
-        """Top classes for windows of `window` seconds every `stride` seconds (VideoError for a bad video)."""
-        windows = decode_windows(source, self.sampling, window, stride, DECODE_THREADS)
+        """Top classes for windows of `window` seconds every `stride` seconds of the video's presentation
+        timestamps (VideoError for a bad video, NonFiniteOutput for NaN/Inf logits)."""
+        windows = self.decoder.windows(source, self.sampling, window, stride)
 
         def items():
-            while True:
-                t = time.perf_counter()
-                w = next(windows, None)
-                if w is None:
-                    return
-                yield w, time.perf_counter() - t
+            try:
+                while True:
+                    t = time.perf_counter()
+                    w = next(windows, None)
+                    if w is None:
+                        return
+                    yield w, time.perf_counter() - t
+            finally:
+                windows.close()  # a timeline left early stops its decoder too
 
         tasks = ((source, lambda it=it: it) for it in items())
         for _, item in _prefetched(tasks, prefetch):
@@ -150,9 +197,11 @@ class Classifier:
             if isinstance(item, Exception):
                 raise VideoError(_message(source, item)) from item
             w, decode_s = item
-            yield self._result(str(source), w.clips, w.frames, decode_s, [], w.start, w.end)
+            yield self._checked(source, lambda: self._result(str(source), w.clips, w.frames, decode_s, w.notes,
+                                                             w.start, w.end))
 
     def close(self) -> None:
+        self.decoder.close()
         self.backend.close()
 
     def __enter__(self):
@@ -166,7 +215,7 @@ def _message(source, e: Exception) -> str:
     if isinstance(e, StexportError):
         return str(e)
     first = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"{source}: cannot decode ({type(e).__name__}: {first})"
+    return f"{display(source)}: cannot decode ({type(e).__name__}: {first})"
 
 
 _DONE = object()
@@ -197,6 +246,10 @@ def _prefetched(tasks: Iterator, depth: int) -> Iterator[tuple[object, object]]:
                     return
         except Exception as e:  # noqa: BLE001 - a failing task generator ends the stream with its error
             put((None, e))
+        finally:
+            close = getattr(tasks, "close", None)
+            if close is not None:
+                close()  # in this thread, which ran it: releases what the tasks hold (a decoder)
         put(_DONE)
 
     thread = threading.Thread(target=producer, name="stexport-decode", daemon=True)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from stexport import interrupt
+from stexport.backbone import check_tensors
 from stexport.errors import StexportError
 from stexport.fileutil import sha256_file
 from stexport.manifest import AdapterSpec, ViTConfig
@@ -33,6 +35,7 @@ class Deltas:
     state_dict: dict[str, torch.Tensor]
     path: str | None = None
     sha256: str | None = None
+    official_layout: bool = False  # saved as the official code saves it (trained on OpenAI CLIP, QuickGELU)
 
 
 def _load_file(path: Path) -> object:
@@ -49,29 +52,74 @@ def _load_file(path: Path) -> object:
             interrupt.reraise(e)
             raise StexportError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except PermissionError:
+        raise StexportError(f"{path}: permission denied: the checkpoint cannot be read; `chmod a+r` it or run "
+                            "as its owner") from None
+    except OSError as e:
+        raise StexportError(f"{path}: cannot be read ({e.strerror}); re-copy the checkpoint") from None
+    if not head:
+        raise StexportError(f"{path}: empty file (0 bytes); the checkpoint was not written completely, re-copy it")
+    # torch.save writes a zip archive (PK\x03\x04); legacy torch.save a pickle (protocol 2+: \x80)
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise StexportError(f"{path}: not a torch checkpoint: it is neither a zip archive nor a pickle (first "
+                            f"bytes {head.hex()}); check that this is the file torch.save wrote, or use "
+                            ".safetensors")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about odd pickle protocols of damaged files
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
-        why = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        why = next((ln for ln in first if "GLOBAL" in ln or "Unsupported global" in ln
+                    or "Unsupported class" in ln), None)
+        if why is None:  # not the weights-only refusal: the pickle itself is broken
+            detail = next((ln for ln in first if "operand" in ln or "load key" in ln or "EOF" in ln or
+                           "truncated" in ln), first[0] if first else "")
+            raise StexportError(f"{path}: not a readable torch checkpoint, truncated or corrupt "
+                                f"({detail.strip()[:160]}); re-copy or re-save it") from None
         raise StexportError(
             f"{path}: refused: the file would run code when unpickled ({why.strip()[:160]}); "
             "ST-Adapter checkpoints hold only tensors, so re-save it with torch.save(state_dict)"
-        )
+        ) from None
+    except PermissionError:
+        raise StexportError(f"{path}: permission denied: the checkpoint cannot be read") from None
     except Exception as e:  # noqa: BLE001
         interrupt.reraise(e)
-        raise StexportError(f"{path}: not a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise StexportError(f"{path}: not a readable torch checkpoint, truncated or corrupt ({type(e).__name__}: "
+                            f"{first}); re-copy or re-save it") from None
+
+
+OFFICIAL_KEYS = {"model", "optimizer", "lr_sched", "loss_scaler", "next_epoch"}
+WRAPPERS = ("model", "state_dict", "module")  # trainers nest the weights under these names
+
+
+def is_official_layout(obj: object) -> bool:
+    """The official release layout: {model, optimizer, lr_sched, loss_scaler, next_epoch}."""
+    return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and len(OFFICIAL_KEYS & obj.keys()) >= 3
 
 
 def unwrap(obj: object, where: str) -> dict[str, torch.Tensor]:
-    """The delta state dict inside an official checkpoint or a plain state dict."""
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
+    """The delta state dict inside an official checkpoint, a `{"state_dict": …}` wrapper or a plain state
+    dict, with a `module.` prefix (DataParallel) removed. Raises StexportError naming the entry that is not a
+    floating-point, finite tensor."""
+    for _ in range(3):
+        inner = next((obj[w] for w in WRAPPERS if isinstance(obj, dict) and isinstance(obj.get(w), dict)), None)
+        if inner is None or any(isinstance(v, torch.Tensor) and k.startswith("fc.") for k, v in obj.items()):
+            break
+        obj = inner
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise StexportError(f"{where}: expected an ST-Adapter checkpoint (a dict with 'model') or a state dict")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise StexportError(f"{where}: entry '{bad[0]}' is not a tensor")
+        found = ", ".join(f"'{k}'" for k in list(obj)[:6])
+        raise StexportError(f"{where}: entry '{bad[0]}' ({type(sd[bad[0]]).__name__}) is not a tensor; expected "
+                            f"the official checkpoint ({{'model': state dict, …}}), {{'state_dict': …}} or a "
+                            f"state dict of tensors (found {found})")
+    check_tensors(sd, where, "adapter weights")
     return sd
 
 
@@ -151,10 +199,14 @@ def check_fits(spec: AdapterSpec, cfg: ViTConfig, backbone: str = "backbone") ->
 
 
 def load_deltas(path: str | Path) -> Deltas:
+    """Deltas from a checkpoint file (see the module docstring); StexportError naming the cause and fix for
+    unreadable, damaged, code-running, integer-typed or non-finite files."""
     path = Path(path)
-    sd = unwrap(_load_file(path), str(path))
+    obj = _load_file(path)
+    sd = unwrap(obj, str(path))
     spec = infer_spec(sd, str(path))
-    return Deltas(spec=spec, state_dict={k: v.float() for k, v in sd.items()}, path=str(path), sha256=sha256_file(path))
+    return Deltas(spec=spec, state_dict={k: v.float() for k, v in sd.items()}, path=str(path),
+                  sha256=sha256_file(path), official_layout=is_official_layout(obj))
 
 
 def save_official(path: str | Path, state_dict: dict[str, torch.Tensor], next_epoch: int = 1,

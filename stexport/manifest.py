@@ -237,6 +237,20 @@ class CalibrationRecord(Record):
     attention_scores_int8: bool = False
 
 
+class FP16CheckRecord(Record):
+    """What `build --precision fp16` checked on the FP16 graph it wrote (stexport.fp16_check): the largest FP32
+    activation against FP16's range, and the FP16 logits against FP32's."""
+
+    clips: int
+    source: str
+    max_abs_activation: float
+    layer: str
+    fp16_max: float
+    max_abs_logit_diff: float
+    top1_agreement: float
+    passed: bool = True
+
+
 class TorchScriptRecord(Record):
     model_config = ConfigDict(extra="allow", frozen=True)
     file: str
@@ -293,6 +307,7 @@ class Manifest(Record):
     artifacts: dict[str, str] = {}
     files: dict[str, FileRecord] = {}
     calibration: CalibrationRecord | None = None
+    fp16_check: FP16CheckRecord | None = None
     torchscript: TorchScriptRecord | None = None
     engines: list[EngineRecord] = []
     tensorrt_request: EngineRequest | None = None
@@ -483,5 +498,5 @@ def save(manifest: Manifest, root: str | Path) -> Path:
 
 __all__ = ["Manifest", "ModelRecord", "BackboneRecord", "WeightsSource", "ViTConfig", "AdapterSpec",
            "AdapterRecord", "InputRecord", "OutputRecord", "SamplingRecord", "FileRecord", "Provenance",
-           "CalibrationRecord", "TorchScriptRecord", "EngineRecord", "EngineProfile", "EngineRequest",
+           "CalibrationRecord", "FP16CheckRecord", "TorchScriptRecord", "EngineRecord", "EngineProfile", "EngineRequest",
            "load", "save", "parse", "migrate", "MANIFEST", "FORMAT", "FORMAT_VERSION", "CLIP_MEAN", "CLIP_STD"]

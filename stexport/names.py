@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 from stexport.errors import StexportError
@@ -36,9 +37,21 @@ def open_clip_config_dir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "model_configs"
 
 
-@functools.lru_cache(maxsize=1)
 def all_configs() -> dict[str, dict]:
-    """{name: config} of every model config open_clip would list, stexport's own included (they win)."""
+    """{name: config} of every model config open_clip would list, stexport's own included (they win), plus
+    those registered at run time with open_clip.add_model_config when open_clip is already imported (it is
+    never imported here)."""
+    out = dict(_file_configs())
+    live = getattr(sys.modules.get("open_clip.factory"), "_MODEL_CONFIGS", None)
+    if isinstance(live, dict):
+        for k, v in live.items():
+            if k not in out and isinstance(v, dict) and "vision_cfg" in v:
+                out[k] = v
+    return {k: out[k] for k in sorted(out, key=lambda n: (_rank(n), _natural(n)))}
+
+
+@functools.lru_cache(maxsize=1)
+def _file_configs() -> dict[str, dict]:
     out: dict[str, dict] = {}
     for folder in (open_clip_config_dir(), CONFIG_DIR):
         if folder is None or not folder.is_dir():

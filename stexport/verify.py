@@ -131,7 +131,9 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
            gate: Gate | None = None, pretrained: str | None = None, progress: bool = False,
            reference=None, use_cache: bool = True, **backend_options) -> dict:
     """Compare `backend` on `bundle` with the PyTorch reference on the videos of `clips` (a '<video> <label>'
-    list or a directory). Returns the report; report['passed'] is the gate's verdict.
+    list, a directory, a video file, or a list of those). Returns the report; report['passed'] is the gate's
+    verdict. Videos are decoded in a child process (stexport.decode_worker): one that cannot be decoded is
+    listed in report['failed'] and the rest go on. Non-finite logits fail the gate ("finite logits").
 
     The backend runs each video's views as `infer` does (one call per video). The reference runs views of
     several videos per call (same logits, far fewer calls), and its logits are cached by model, sampling and
@@ -144,7 +146,8 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     """
     from stexport import backends
     from stexport.classify import _prefetched
-    from stexport.video import Sampling, VideoError, decode_clips, read_clip_list
+    from stexport.decode_worker import DecodeWorker
+    from stexport.video import Sampling, VideoError, display, read_clip_lists
 
     if backend not in backends.names():
         backends.load_class(backend)  # an unknown name: refused (with the closest one) before any work
@@ -152,7 +155,8 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     b.check_hashes = False  # verify looks at the bundle as it is; changed files fail its gate instead
     precision = b.precision
     gate = gate or GATES.get(precision, GATES["fp32"])
-    entries = read_clip_list(clips)
+    entries = read_clip_lists(clips)
+    where = display(clips) if isinstance(clips, (str, Path)) else ", ".join(display(c) for c in clips)
     if max_clips is not None:
         if max_clips < 1:
             raise StexportError(f"--max-clips {max_clips}: must be at least 1")
@@ -208,8 +212,10 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
             at += len(v)
         pending.clear()
 
+    decoder = DecodeWorker(threads=None)  # a child process: a decoder crash or stall costs one video
+
     def work(path):
-        return decode_clips(str(path), sampling)
+        return decoder.decode(str(path), sampling).clips
 
     try:
         bar = tqdm(total=len(entries), desc="verify", unit="video", disable=None if progress else True,
@@ -220,7 +226,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
             if isinstance(views, Exception):
                 if not isinstance(views, VideoError):
                     raise views
-                failed.append({"video": str(path), "error": str(views)})
+                failed.append({"video": display(path), "error": str(views)})
                 continue
             t = time.perf_counter()
             out_logits.append(test.run(views))
@@ -242,9 +248,10 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
         bar.close()
         described = test.describe()
     finally:
+        decoder.close()
         test.close()
     if not out_logits:
-        raise StexportError(f"{clips}: none of the {len(entries)} videos could be decoded "
+        raise StexportError(f"{where}: none of the {len(entries)} videos could be decoded "
                             f"(first error: {failed[0]['error'] if failed else 'none'})")
     if cache is not None and not stored:
         import io
@@ -256,7 +263,11 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
         atomic_write_bytes(cache, buf.getbuffer())
     ref_probs = [softmax(r).mean(0) for r in ref_logits]
     out_probs = [softmax(o).mean(0) for o in out_logits]
-    metrics = compare(np.concatenate(ref_logits), np.concatenate(out_logits))
+    ref_all, out_all = np.concatenate(ref_logits), np.concatenate(out_logits)
+    non_finite = {"reference": int((~np.isfinite(ref_all)).any(axis=1).sum()),
+                  "backend": int((~np.isfinite(out_all)).any(axis=1).sum())}
+    metrics = compare(np.nan_to_num(ref_all, nan=0.0), np.nan_to_num(out_all, nan=0.0))
+    metrics["non_finite_views"] = non_finite
     metrics["accuracy"] = None
     n = len(ref_probs)
     if all(lb is not None for lb in labels):
@@ -264,7 +275,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
         classes = ref_probs[0].shape[0]
         if y.min() < 0 or y.max() >= classes:
             bad = int(y.max() if y.max() >= classes else y.min())
-            raise StexportError(f"{clips}: label {bad} is outside the model's {classes} classes")
+            raise StexportError(f"{where}: label {bad} is outside the model's {classes} classes")
         rp, op = np.stack(ref_probs), np.stack(out_probs)
         acc = {"reference_top1": accuracy(rp, y, 1), "backend_top1": accuracy(op, y, 1),
                "reference_top5": accuracy(rp, y, 5), "backend_top5": accuracy(op, y, 5)}
@@ -272,7 +283,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
         acc["top5_difference"] = acc["backend_top5"] - acc["reference_top5"]
         metrics["accuracy"] = acc
     elif any(lb is not None for lb in labels):
-        log.warning("%s: only some videos have labels; accuracy is not reported", clips)
+        log.warning("%s: only some videos have labels; accuracy is not reported", where)
     checks = judge(precision, metrics, gate)
     if modified:
         checks.insert(0, {"check": "files unchanged since the build", "value": len(modified), "limit": "0 changed",
@@ -282,6 +293,9 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     ref_described["cached"] = bool(stored)
     if cache is not None:
         ref_described["cache"] = str(cache)
+    if any(non_finite.values()):  # never a pass on NaN/Inf, whatever the other numbers say
+        checks.insert(0, {"check": "finite logits", "value": non_finite["backend"] + non_finite["reference"],
+                          "limit": "0 non-finite views", "passed": False})
     return {
         "bundle": str(b.path),
         "precision": precision,
@@ -330,6 +344,9 @@ def format_report(report: dict) -> str:
     for c in report["checks"]:
         v = c["value"]
         shown = f"{v:.1%}" if "agreement" in c["check"] else f"{v:.3g}"
+        if c["check"] == "finite logits":
+            nf = m["non_finite_views"]
+            shown = f"{nf['backend']} backend / {nf['reference']} reference views with NaN/Inf"
         lines.append(f"gate             {c['check']} = {shown} (limit {c['limit']}): "
                      f"{'pass' if c['passed'] else 'FAIL'}")
     if report["modified_files"]:

@@ -152,3 +152,35 @@ def onnx_variants(tmp_path_factory):
             os.environ.pop("STEXPORT_CALIB_CACHE", None)
         else:
             os.environ["STEXPORT_CALIB_CACHE"] = old
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """Serve tmp_path over HTTP on 127.0.0.1: /NAME as a file (with its length), /live/NAME as a stream
+    (no length, the connection closed at the end: what a live source looks like to FFmpeg)."""
+    import functools
+    import http.server
+    import socketserver
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if not self.path.startswith("/live/"):
+                return super().do_GET()
+            data = (tmp_path / self.path[len("/live/"):]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp2t")
+            self.end_headers()
+            self.wfile.write(data)
+            self.close_connection = True
+
+    Handler.protocol_version = "HTTP/1.0"
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()

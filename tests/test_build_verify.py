@@ -260,3 +260,118 @@ def test_vit_b16_parity_per_precision(tmp_path, monkeypatch):
     assert results["fp32"]["max_abs"] <= 1e-4
     assert results["fp16"]["top1_agreement"] == 1.0 and results["fp16"]["cosine_min"] > 0.9999
     assert results["int8"]["top1_agreement"] >= 0.75 and results["int8"]["cosine_min"] > 0.99, results
+
+
+# --- issue 18 ------------------------------------------------------------------------------------------------
+
+def test_verify_takes_the_inputs_build_calib_takes(tiny_bundle, videos, tmp_path):
+    """A video file (was a 49-line UnicodeDecodeError traceback), several --clips, and a list that is not UTF-8
+    (one line naming the line and the fix)."""
+    r = cli("verify", tiny_bundle.path, "--clips", videos / "v0.mp4", "--json", "-")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["videos"] == 1 and out["metrics"]["views"] == 3 and out["passed"]
+    r = cli("verify", tiny_bundle.path, "--clips", videos / "v0.mp4", "--clips", videos / "list.txt", "--json", "-")
+    assert r.exit_code == 0 and json.loads(r.stdout)["videos"] == 7
+    assert "only some videos have labels; accuracy is not reported" in r.stderr
+    latin = tmp_path / "liste.txt"
+    latin.write_bytes(f"{videos / 'v0.mp4'} 1\n{videos}/vidéo.mp4 2\n".encode("latin-1"))
+    r = cli("verify", tiny_bundle.path, "--clips", latin)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.strip() == (f"stexport: error: {latin}: line 2 is not UTF-8 text (byte 0xe9); save the list as "
+                                "UTF-8, e.g. `iconv -f latin1 -t utf-8 LIST > LIST.utf8`")
+
+
+def test_verify_fails_the_gate_on_nan_logits_with_strict_json(tiny_bundle, videos, tmp_path):
+    shutil.copytree(tiny_bundle.path, tmp_path / "b")
+    nan_weight(tmp_path / "b")
+    r = cli("verify", tmp_path / "b", "--clips", videos / "list.txt", "--json", "-")
+    assert r.exit_code == 1, r.output
+    out = strict_loads(r.stdout)
+    assert out["metrics"]["non_finite_views"] == {"reference": 0, "backend": 18}
+    assert out["checks"][0] == {"check": "finite logits", "value": 18, "limit": "0 non-finite views",
+                                "passed": False}
+
+
+def strict_loads(text: str):
+    """json.loads that refuses NaN and ±Infinity (Python's json accepts them; JSON does not)."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def nan_weight(bundle_path) -> None:
+    """Set one value of the head's bias to NaN in model.onnx and re-stamp the manifest: a self-consistent
+    bundle whose logits are NaN (what a NaN adapter weight built into a graph looked like)."""
+    path = bundle_path / "model.onnx"
+    model = onnx.load(str(path))
+    b = next(t for t in model.graph.initializer if tuple(t.dims) == (10,))
+    arr = numpy_helper.to_array(b).copy()
+    arr[0] = np.nan
+    b.CopyFrom(numpy_helper.from_array(arr, b.name))
+    onnx.save(model, str(path))
+    Bundle.load(bundle_path).update()
+
+
+def test_build_refuses_nan_adapter_in_one_line(tiny_adapter, tmp_path):
+    sd = torch.load(tiny_adapter, weights_only=True)
+    sd["model"]["transformer.resblocks.0.adapter_pre_mlp.fc2.weight"][4, 2] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    r = cli("build", "--adapter", tmp_path / "nan.pt", "--backbone", TINY, "--pretrained", "none",
+            "--out", tmp_path / "o")
+    assert r.exit_code == 2 and not (tmp_path / "o").exists()
+    assert r.output.strip().splitlines()[-1] == (
+        f"stexport: error: {tmp_path / 'nan.pt'}: tensor 'transformer.resblocks.0.adapter_pre_mlp.fc2.weight' "
+        "(64, 32) holds 1 NaN and 0 ±Inf values; the adapter weights are damaged (a diverged training run or a "
+        "bad conversion): use an earlier checkpoint or re-export it")
+
+
+def huge_activation_backbone():
+    """A tiny backbone with one MLP channel far beyond FP16's range, as in backbones trained in BF16: block 0's
+    ln_2 bias at 10 and c_fc row 0 at 200 make that channel 200 * 10 * 64 ≈ 128,000 on every token."""
+    bb = random_backbone(TINY)
+    bb.state_dict["transformer.resblocks.0.ln_2.bias"][:] = 10.0
+    bb.state_dict["transformer.resblocks.0.mlp.c_fc.weight"][0, :] = 200.0
+    return bb
+
+
+def test_fp16_build_refuses_activations_beyond_fp16(tmp_path):
+    from stexport.fold import fold
+    from stexport.fp16_check import generated_clips
+
+    bb = huge_activation_backbone()
+    sd = random_deltas(bb.config, width=32, num_classes=10)
+    ref = build_reference(bb, Deltas(infer_spec(sd), sd))
+    clips = torch.from_numpy(generated_clips(8, 32))
+    with torch.no_grad():  # the premise: computed in FP16, this model gives NaN; in FP32 it is fine
+        assert torch.isnan(fold(ref, "uint8", torch.float16)(clips[:1])).all()
+        assert torch.isfinite(fold(ref, "uint8", torch.float32)(clips)).all()
+    with pytest.raises(StexportError) as e:
+        build_bundle(sd, backbone=bb, precision="fp16", out=tmp_path / "fp16")
+    msg = str(e.value)
+    assert msg.startswith("--precision fp16 refused: activations leave FP16's range (±65,504): block 0 fc reaches "
+                          "128,")
+    assert "checked on 4 generated clips" in msg and "build --precision fp32" in msg
+    assert not (tmp_path / "fp16").exists()
+    fp32 = build_bundle(sd, backbone=bb, precision="fp32", out=tmp_path / "fp32")
+    assert "fp16_check" not in fp32.manifest
+
+
+def test_fp16_build_records_its_check_on_calibration_videos(tmp_path, videos):
+    bb = trained_like(random_backbone(TINY))
+    sd = random_deltas(bb.config, width=32, num_classes=10)
+    b = build_bundle(sd, backbone=bb, precision="fp16", out=tmp_path / "fp16", calib=videos / "list.txt")
+    c = b.manifest["fp16_check"]
+    assert c["passed"] and c["source"] == "calibration videos" and c["clips"] == 4
+    assert 0 < c["max_abs_activation"] < 65504 and c["top1_agreement"] == 1.0 and c["max_abs_logit_diff"] < 0.05
+
+
+def test_fp16_build_refuses_weights_beyond_fp16(tmp_path):
+    """A weight FP16 cannot store (it would become Inf in the graph) is named like an activation."""
+    bb = random_backbone(TINY)
+    bb.state_dict["transformer.resblocks.1.attn.out_proj.weight"][2, 3] = 70000.0
+    sd = random_deltas(bb.config, width=32, num_classes=10)
+    with pytest.raises(StexportError, match=r"refused: weights FP16 cannot store \(they become ±Inf\): block 1 "
+                                            r"attn.out.weight reaches 70,000; activations leave"):
+        build_bundle(sd, backbone=bb, precision="fp16", out=tmp_path / "fp16")
+    assert not (tmp_path / "fp16").exists()

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +364,153 @@ def test_help_lists_commands():
     r = run_cli("inspect", "--help")
     assert "Examples" in r.stdout
 
+
+
+# --- issue 18: numbers that are not numbers, errors that name the cause, the activation chosen and why -----
+
+@pytest.mark.parametrize("bad, message", [
+    (float("nan"), "holds 1 NaN and 0 ±Inf values; the adapter weights are damaged"),
+    (float("inf"), "holds 0 NaN and 1 ±Inf values; the adapter weights are damaged"),
+])
+@pytest.mark.parametrize("key", ["fc.weight", "transformer.resblocks.1.adapter_pre_mlp.conv.weight"])
+def test_non_finite_adapter_weights_are_refused(tmp_path, tiny, bad, message, key):
+    sd = random_deltas(tiny.config, width=8, num_classes=3)
+    sd[key].view(-1)[1] = bad
+    save_official(tmp_path / "nan.pt", sd)
+    with pytest.raises(StexportError) as e:
+        load_deltas(tmp_path / "nan.pt")
+    assert f"nan.pt: tensor '{key}' {tuple(sd[key].shape)} {message}" in str(e.value)
+    from safetensors.torch import save_file
+
+    save_file(sd, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(StexportError, match=f"tensor '{key}'"):
+        load_deltas(tmp_path / "nan.safetensors")
+
+
+def test_integer_adapter_weights_are_refused(tmp_path, tiny):
+    sd = random_deltas(tiny.config, width=8, num_classes=3)
+    sd["fc.bias"] = torch.zeros(3, dtype=torch.int64)
+    torch.save(sd, tmp_path / "int.pt")
+    with pytest.raises(StexportError, match="int.pt: tensor 'fc.bias' has dtype int64; adapter weights are "
+                                            "floating point"):
+        load_deltas(tmp_path / "int.pt")
+
+
+def test_non_finite_or_integer_backbone_weights_are_refused(tmp_path):
+    bb = random_backbone(TINY)
+    sd = {f"visual.{k}": v.clone() for k, v in bb.state_dict.items()}
+    sd["visual.transformer.resblocks.0.mlp.c_fc.weight"][3, 5] = float("nan")
+    torch.save(sd, tmp_path / "nan_backbone.pt")
+    with pytest.raises(StexportError, match=r"nan_backbone.pt: tensor 'transformer.resblocks.0.mlp.c_fc.weight' "
+                                            r"\(256, 64\) holds 1 NaN and 0 ±Inf values; the backbone weights"):
+        load_backbone(TINY, str(tmp_path / "nan_backbone.pt"))
+    sd = {f"visual.{k}": v.clone() for k, v in bb.state_dict.items()}
+    sd["visual.ln_post.weight"] = torch.ones(64, dtype=torch.int32)
+    torch.save(sd, tmp_path / "int_backbone.pt")
+    with pytest.raises(StexportError, match="tensor 'ln_post.weight' has dtype int32; backbone weights"):
+        load_backbone(TINY, str(tmp_path / "int_backbone.pt"))
+
+
+def test_state_dict_wrapper_is_unwrapped(tmp_path, tiny):
+    """{"state_dict": …} (what Lightning and many trainers save), also with DataParallel's module. prefix."""
+    sd = random_deltas(tiny.config, width=8, num_classes=3)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "wrapped.pt")
+    d = load_deltas(tmp_path / "wrapped.pt")
+    assert d.spec.num_classes == 3 and all(torch.equal(d.state_dict[k], v) for k, v in sd.items())
+    assert not d.official_layout
+    torch.save({"weights": sd, "epoch": 3}, tmp_path / "other.pt")
+    with pytest.raises(StexportError, match=r"other.pt: entry 'weights' \(dict\) is not a tensor; expected the "
+                                            r"official checkpoint"):
+        load_deltas(tmp_path / "other.pt")
+
+
+def test_damaged_checkpoints_name_their_cause(tmp_path, tiny):
+    rng = torch.Generator().manual_seed(0)
+    (tmp_path / "random.pt").write_bytes(bytes(torch.randint(0, 256, (4096,), generator=rng).tolist()))
+    with pytest.raises(StexportError, match="random.pt: not a torch checkpoint: it is neither a zip archive "
+                                            "nor a pickle"):
+        load_deltas(tmp_path / "random.pt")
+    (tmp_path / "random_pickle.pt").write_bytes(b"\x80" + bytes(range(256)) * 4)
+    with pytest.raises(StexportError, match="random_pickle.pt: not a readable torch checkpoint, truncated or "
+                                            "corrupt"):
+        load_deltas(tmp_path / "random_pickle.pt")
+    save_official(tmp_path / "ok.pt", random_deltas(tiny.config, width=8, num_classes=3))
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "half.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(StexportError, match="half.pt: not a readable torch checkpoint, truncated or corrupt"):
+        load_deltas(tmp_path / "half.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(StexportError, match="empty.pt: empty file"):
+        load_deltas(tmp_path / "empty.pt")
+
+
+def test_unreadable_checkpoint_says_permission_denied(tmp_path, tiny):
+    from test_video import without_root_powers
+
+    save_official(tmp_path / "locked.pt", random_deltas(tiny.config, width=8, num_classes=3))
+    (tmp_path / "locked.pt").chmod(0)
+    r = subprocess.run(without_root_powers(sys.executable, "-m", "stexport.cli.app", "inspect", "--adapter",
+                                           str(tmp_path / "locked.pt"), "--backbone", TINY),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{tmp_path / 'locked.pt'}: permission denied: the checkpoint cannot be read; `chmod a+r` it" in r.stderr
+
+
+@pytest.fixture
+def clip_arch(tmp_path):
+    """A tiny architecture registered as open_clip registers OpenAI's: NAME (exact GELU) and NAME-quickgelu."""
+    import json
+
+    import open_clip
+
+    cfg = json.loads((Path(__file__).parents[1] / "stexport/model_configs/stexport-tiny-vit-gelu.json").read_text())
+    d = tmp_path / "configs"
+    d.mkdir()
+    (d / "t18-ViT.json").write_text(json.dumps({**cfg, "quick_gelu": False}))
+    (d / "t18-ViT-quickgelu.json").write_text(json.dumps({**cfg, "quick_gelu": True}))
+    open_clip.add_model_config(d)
+    return "t18-ViT"
+
+
+def test_resaved_openai_weights_with_an_official_adapter_warn_about_quickgelu(tmp_path, tiny, clip_arch, caplog):
+    """OpenAI CLIP re-saved through open_clip is a plain open_clip state dict: nothing says QuickGELU. An adapter
+    in the official layout (whose code always runs OpenAI CLIP with QuickGELU) then gets a warning naming the
+    -quickgelu model, and the build summary, manifest and inspect say which activation was chosen and why."""
+    import json
+
+    import open_clip
+    from typer.testing import CliRunner
+
+    from stexport.cli.app import app
+
+    full = open_clip.create_model(clip_arch).state_dict()  # what open_clip's save of a CLIP model holds
+    torch.save(full, tmp_path / "openclip_resaved.pt")
+    official_checkpoint(tmp_path / "k.pt", random_deltas(tiny.config, width=8, num_classes=3))
+    torch.save(random_deltas(tiny.config, width=8, num_classes=3), tmp_path / "plain.pt")
+    runner = CliRunner()
+    with caplog.at_level("WARNING", logger="stexport"):
+        r = runner.invoke(app, ["build", "--adapter", str(tmp_path / "k.pt"), "--backbone", clip_arch,
+                                "--pretrained", str(tmp_path / "openclip_resaved.pt"), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert f"pass --backbone {clip_arch}-quickgelu" in caplog.text
+    reason = (f"model config {clip_arch} uses exact GELU; nothing in openclip_resaved.pt marks it as OpenAI's "
+              "weights (a re-saved open_clip state dict does not): if it is OpenAI CLIP, use the -quickgelu name")
+    assert f"  activation: gelu ({reason})" in r.stdout
+    rec = json.loads((tmp_path / "b" / "stexport.json").read_text())["model"]["backbone"]
+    assert rec["config"]["act"] == "gelu" and rec["activation_reason"] == reason
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stexport"):
+        r = runner.invoke(app, ["build", "--adapter", str(tmp_path / "k.pt"), "--backbone",
+                                f"{clip_arch}-quickgelu", "--pretrained", str(tmp_path / "openclip_resaved.pt"),
+                                "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0 and "-quickgelu" not in caplog.text
+    assert f"  activation: quick_gelu (model config {clip_arch}-quickgelu sets quick_gelu)" in r.stdout
+
+    r = runner.invoke(app, ["inspect", "--adapter", str(tmp_path / "k.pt"), "--backbone", clip_arch, "--json"])
+    rep = json.loads(r.stdout)
+    assert rep["activation"] == "gelu" and rep["official_layout"] is True
+    assert rep["activation_reason"].startswith(f"model config {clip_arch} uses exact GELU")
+    assert f"pass --backbone {clip_arch}-quickgelu" in rep["warning"]
+    r = runner.invoke(app, ["inspect", "--adapter", str(tmp_path / "plain.pt"), "--backbone", clip_arch])
+    assert "activation     gelu (model config" in r.stdout and "-quickgelu" not in r.output  # not official

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_video
-from stexport import backends, classify
+from stexport import backends
 from stexport.classify import Classifier, Failure, softmax
 from stexport.cli.app import app
 from stexport.errors import StexportError
@@ -68,27 +68,28 @@ def test_softmax_is_stable():
     np.testing.assert_allclose(p, [[1, 0], [0.5, 0.5]])
 
 
-def test_decoding_overlaps_inference(bundle, videos, monkeypatch):
-    """Decoding of video k+1 starts, in the background thread, before inference of video k ends: proven by
-    the order of events, not by timing. Each backend call waits for the next video's decoding to start; a
-    serial pipeline never starts it during the call (the wait gives up after 60 s and the order check
-    fails). Speed is measured in benchmarks/infer.py."""
+def test_decoding_overlaps_inference(bundle, videos):
+    """Decoding of video k+1 starts (driven by a background thread, in the decode worker's process) before
+    inference of video k ends: proven by the order of events, not by timing. Each backend call waits for the
+    next video's decoding to start; a serial pipeline never starts it during the call (the wait gives up after
+    60 s and the order check fails). Speed is measured in benchmarks/infer.py."""
     n = len(videos)
     index = {str(v): i for i, v in enumerate(videos)}
     started = [threading.Event() for _ in range(n)]
     events = []
     lock = threading.Lock()
-    real = classify.decode
 
-    def decode(source, sampling, threads=None):
-        i = index[str(source)]
-        with lock:
-            events.append(("decode starts", i, threading.current_thread().name))
-        started[i].set()
-        return real(source, sampling, threads)
-
-    monkeypatch.setattr(classify, "decode", decode)
     with Classifier(bundle, backend="onnxruntime") as clf:
+        real = clf.decoder.decode
+
+        def decode(source, sampling):
+            i = index[str(source)]
+            with lock:
+                events.append(("decode starts", i, threading.current_thread().name))
+            started[i].set()
+            return real(source, sampling)
+
+        clf.decoder.decode = decode
         run = clf.backend.run
         calls = iter(range(n))
 
@@ -103,6 +104,7 @@ def test_decoding_overlaps_inference(bundle, videos, monkeypatch):
 
         clf.backend.run = run_waiting_for_the_next_decode
         results = list(clf.classify_many(list(videos)))
+        assert clf.decoder._proc.pid != os.getpid() and clf.decoder._proc.poll() is None
     assert [r.source for r in results] == [str(v) for v in videos]
     assert {name for kind, _, name in events if kind == "decode starts"} == {"stexport-decode"}
     order = [(kind, i) for kind, i, _ in events]
@@ -221,7 +223,8 @@ def test_cli_timeline_json(bundle, tmp_path):
     r = invoke(long, "-m", bundle.path, "--window", "1", "--stride", "0.5", "--json", "-k", "1")
     assert r.exit_code == 0, r.output
     rows = [json.loads(ln) for ln in r.stdout.splitlines()]
-    assert [(d["start"], d["end"]) for d in rows] == [(0.0, 1.0), (0.52, 1.52), (1.04, 2.04), (1.56, 2.56)]
+    # seconds of the file's timestamps (75 frames at 25 fps: 3 s), not strides rounded to 13 frames
+    assert [(d["start"], d["end"]) for d in rows] == [(0.0, 1.0), (0.5, 1.5), (1.0, 2.0), (1.5, 2.5), (2.0, 3.0)]
     assert all(len(d["top"]) == 1 and d["path"] == str(long) for d in rows)
     r = invoke(long, "-m", bundle.path, "--window", "2")
     assert r.exit_code == 0 and "0.00-2.00" in r.stdout
@@ -250,3 +253,159 @@ def test_cli_labels_file(bundle, videos, tmp_path):
 def test_failure_record():
     f = Failure("x.mp4", "x.mp4: no such file")
     assert f.to_dict() == {"path": "x.mp4", "error": "x.mp4: no such file"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 18: one bad input never costs the batch, and no wrong answer is silent.
+
+def strict_loads(text: str):
+    """json.loads that refuses NaN and ±Infinity (Python's json accepts them; JSON does not)."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_cli_mixed_batch_every_input_one_strict_json_line(bundle, videos, tmp_path):
+    """Good videos, a directory named like a video, an empty directory, a FIFO, a non-UTF-8 name, a damaged
+    file, a missing one and a character device through ONE `stexport infer --json` call, under a timeout (a FIFO
+    used to block OpenCV forever, a non-UTF-8 name to crash it, a directory to abort the whole call)."""
+    (tmp_path / "x.mp4").mkdir()
+    (tmp_path / "nothing").mkdir()
+    os.mkfifo(tmp_path / "pipe.mp4")
+    bad_name = os.fsencode(tmp_path) + b"/caf\xe9.mp4"
+    with open(bad_name, "wb") as f:
+        f.write(videos[0].read_bytes())
+    data = videos[0].read_bytes()
+    (tmp_path / "damaged.mp4").write_bytes(data[: len(data) // 2])  # cut: MP4's index (moov) is at the end
+    inputs = [os.fsencode(videos[0]), os.fsencode(tmp_path / "x.mp4"), os.fsencode(tmp_path / "nothing"),
+              os.fsencode(tmp_path / "pipe.mp4"), bad_name, os.fsencode(videos[1]),
+              os.fsencode(tmp_path / "damaged.mp4"), os.fsencode(tmp_path / "missing.mp4"), b"/dev/zero",
+              os.fsencode(videos[2])]
+    env = {**os.environ, "STEXPORT_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable.encode(), b"-m", b"stexport.cli.app", b"infer", *inputs, b"-m",
+                        os.fsencode(bundle.path), b"--json", b"-k", b"2"], capture_output=True, env=env,
+                       timeout=300)
+    stdout, stderr = r.stdout.decode("utf-8"), r.stderr.decode("utf-8")  # both UTF-8: no raw bytes leak
+    assert r.returncode == 2, stderr
+    assert "Traceback" not in stdout + stderr
+    lines = [strict_loads(ln) for ln in stdout.splitlines()]
+    shown = [os.fsdecode(i).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for i in inputs]
+    assert [d["path"] for d in lines] == shown  # exactly one line per input, in order
+    by = dict(zip(shown, lines))
+    for v in videos:
+        d = by[str(v)]
+        assert len(d["top"]) == 2 and d["views"] == 3 and d["sampled"] == "whole file" and "error" not in d
+        assert all(0 <= t["score"] <= 1 for t in d["top"])
+    errors = {
+        "x.mp4": "is a directory, not a video, and holds no video files",
+        "nothing": "is a directory, not a video, and holds no video files",
+        "pipe.mp4": "is a FIFO (named pipe), not a regular file",
+        "caf\\xe9.mp4": "the file name is not valid UTF-8",
+        "damaged.mp4": "not a video OpenCV/FFmpeg can read",
+        "missing.mp4": "no such file",
+        "/dev/zero": "is a character device, not a regular file",
+    }
+    for tail, msg in errors.items():
+        (d,) = [d for p, d in by.items() if p.endswith(tail)]
+        assert set(d) == {"path", "error"} and msg in d["error"], (tail, d)
+        assert sum(msg in ln and tail in ln for ln in stderr.splitlines()) == 1, (tail, stderr)
+    assert "7 of 10 inputs failed" in stderr
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts HTTP requests and never answers: a stalled stream."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    connected = threading.Event()
+    held = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            held.append(conn)
+            connected.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}/live.ts", connected
+    srv.close()
+    for c in held:
+        c.close()
+
+
+def test_stalled_decoder_costs_only_its_input(bundle, videos, silent_server):
+    url, _ = silent_server
+    with Classifier(bundle, backend="onnxruntime", top_k=1, decode_timeout=2.0) as clf:
+        out = list(clf.classify_many([videos[0], url, videos[1]]))
+    assert [type(r).__name__ for r in out] == ["Result", "Failure", "Result"]
+    assert out[1].error.startswith(f"{url}: decoding stalled: no frame for 2 s")
+    assert "--decode-timeout" in out[1].error
+
+
+def test_crashed_decoder_costs_only_its_input(bundle, videos, silent_server):
+    """The decode worker dies of a segfault mid-input (what OpenCV does on some inputs): that input gets an
+    error naming the signal, a new worker takes the next input."""
+    import signal
+
+    url, connected = silent_server
+    with Classifier(bundle, backend="onnxruntime", top_k=1, decode_timeout=120.0) as clf:
+
+        def crash():
+            assert connected.wait(60)  # the worker is inside FFmpeg, reading the stalled stream
+            os.kill(clf.decoder._proc.pid, signal.SIGSEGV)
+
+        killer = threading.Thread(target=crash)
+        killer.start()
+        out = list(clf.classify_many([videos[0], url, videos[1]], prefetch=1))
+        killer.join()
+    assert [type(r).__name__ for r in out] == ["Result", "Failure", "Result"]
+    assert out[1].error.startswith(f"{url}: the decoder crashed (signal SIGSEGV) on this input")
+
+
+def test_nan_logits_are_an_error_never_a_ranking(bundle, videos, tmp_path):
+    """A bundle whose graph computes NaN (one NaN weight) used to print `1. class_3 nan` and exit 0; --json
+    wrote bare NaN."""
+    import shutil
+
+    from test_build_verify import nan_weight
+
+    shutil.copytree(bundle.path, tmp_path / "b")
+    nan_weight(tmp_path / "b")
+    r = invoke(videos[0], videos[1], "-m", tmp_path / "b", "--json", "--backend", "onnxruntime")
+    assert r.exit_code == 2
+    lines = [strict_loads(ln) for ln in r.stdout.splitlines()]
+    assert [set(d) for d in lines] == [{"path", "error"}] * 2
+    assert lines[0]["error"] == (f"{videos[0]}: the model returned non-finite logits (NaN/Inf) for 3 of 3 views "
+                                 "on backend onnxruntime: the fp32 model computes NaN/Inf on this input: check the "
+                                 "bundle with `stexport verify` and rebuild it from finite weights")
+    r = invoke(videos[0], "-m", tmp_path / "b", "--backend", "onnxruntime")
+    assert r.exit_code == 2 and "nan" not in r.stdout.lower() and " 1. " not in r.stdout
+    r = invoke(videos[0], "-m", tmp_path / "b", "--window", "1", "--json", "--backend", "onnxruntime")
+    assert r.exit_code == 2 and "non-finite logits" in strict_loads(r.stdout.splitlines()[-1])["error"]
+
+
+def test_cli_says_how_each_source_was_sampled(bundle, tmp_path, http_dir):
+    """An http:// link to a file is the whole file (it used to be read as a live stream: the first seconds,
+    while the output said "whole video"); a stream that cannot be counted is live, and says so."""
+    import shutil
+
+    write_video(tmp_path / "clip.mp4", frames=60)
+    r = invoke(f"{http_dir}/clip.mp4", tmp_path / "clip.mp4", "-m", bundle.path, "--json", "-k", "1")
+    assert r.exit_code == 0, r.output
+    url, local = [strict_loads(ln) for ln in r.stdout.splitlines()]
+    assert url["sampled"] == local["sampled"] == "whole file" and url["frames"] == local["frames"] == 60
+    assert url["top"] == local["top"]
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("needs the ffmpeg CLI for an MPEG-TS stream (apt-get install -y ffmpeg)")
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(tmp_path / "clip.mp4"), "-c:v", "mpeg4", "-q:v", "2",
+                    "-f", "mpegts", str(tmp_path / "cam.ts")], check=True, timeout=120)
+    r = invoke(f"{http_dir}/live/cam.ts", "-m", bundle.path, "-k", "1", "--rate", "2")
+    assert r.exit_code == 0, r.output
+    assert f"{http_dir}/live/cam.ts  (3 views, 45 frames, live stream: the first 45 frames as they arrived, 1.8 s;" \
+        in r.stdout

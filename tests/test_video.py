@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import tracemalloc
 
 import cv2
@@ -256,18 +261,23 @@ def test_windows_sample_each_window_like_a_video(make_video):
     assert len(short) == 1 and short[0].end == 10.0
 
 
+def live(path, s):
+    """A file's frames read the way a live source is read."""
+    return video._decode_live(video.open_capture(str(path)), str(path), s)
+
+
 def test_live_reads_consecutive_windows(make_video):
     path = make_video("live.avi", frames=60)
     s = Sampling(frames=4, size=48, rate=3, temporal_views=2)
-    d = video._decode_live(str(path), s)
+    d = live(path, s)
     rgb = all_frames(path)
     span = 10
     idx = [[t * span + j * 3 for j in range(4)] for t in range(2)]
     ref = to_pixels(official_eval(rgb[idx[0][0]:idx[0][-1] + 1], Sampling(4, 48, 3, 1, 1)))
     assert_same(d.clips[:1], ref)
     assert d.frames == 20 and not d.notes
-    ended = video._decode_live(str(make_video("few.avi", frames=5)), s)
-    assert ended.frames == 5 and ended.notes
+    ended = live(make_video("few.avi", frames=5), s)
+    assert ended.frames == 5 and ended.notes and d.live and d.sampled.startswith("live stream: the first 20")
 
 
 def test_read_clip_list(tmp_path, make_video):
@@ -282,32 +292,151 @@ def test_read_clip_list(tmp_path, make_video):
         read_clip_list(tmp_path / "missing.txt")
 
 
-@pytest.fixture
-def http_dir(tmp_path):
-    """Serve tmp_path over HTTP on localhost: a stream URL FFmpeg reads but cannot count up front."""
-    import functools
-    import http.server
-    import socketserver
-    import threading
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    srv = socketserver.TCPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_stream_url_is_read_live(make_video, http_dir):
+def test_url_to_a_file_is_sampled_as_a_file(make_video, http_dir):
+    """An http:// link to a finite file is counted and sampled as the whole file, like the file itself."""
     path = make_video("stream.avi", frames=60)
     url = f"{http_dir}/stream.avi"
-    assert video.is_live(url) and video.is_live("0") and not video.is_live(str(path))
+    s = Sampling(frames=4, size=48, rate=3, temporal_views=2)
+    d, local = decode(url, s), decode(path, s)
+    assert not d.live and d.sampled == "whole file" and d.header_frames == 60 and d.frames == 60
+    assert np.array_equal(d.clips, local.clips)
+    wins = list(decode_windows(url, Sampling(frames=4, size=48, rate=0, temporal_views=1), 1.0, 1.0))
+    assert [(w.start, w.end) for w in wins] == [(0.0, 1.0), (1.0, 2.0)]  # 60 frames at 25 fps: 2.4 s
+
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI "
+                                  "(apt-get install -y ffmpeg; .ci/run installs it)")
+
+
+def ffmpeg(*args) -> None:
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *map(str, args)], check=True, timeout=120)
+
+
+@needs_ffmpeg
+def test_uncountable_stream_is_sampled_live(make_video, http_dir, tmp_path):
+    """An MPEG-TS stream served without a length reports no frame count: live, and the result says so."""
+    src = make_video("src.avi", frames=60)
+    ffmpeg("-i", src, "-c:v", "mpeg4", "-q:v", "2", "-f", "mpegts", tmp_path / "cam.ts")
+    url = f"{http_dir}/live/cam.ts"
     s = Sampling(frames=4, size=48, rate=3, temporal_views=2)
     d = decode(url, s)
-    assert d.header_frames is None and d.frames == 20  # two consecutive windows of 10 frames, no more read
-    assert np.array_equal(d.clips, video._decode_live(str(path), s).clips)
+    assert d.live and d.header_frames is None and d.frames == 20  # two windows of 10 frames, no more read
+    assert d.sampled == "live stream: the first 20 frames as they arrived, 0.8 s"
     wins = list(decode_windows(url, Sampling(frames=4, size=48, rate=0, temporal_views=1), 1.0, 1.0))
-    assert [(w.start, w.end) for w in wins] == [(0.0, 1.0), (1.0, 2.0)]  # 60 frames at 25 fps
+    assert [(w.start, w.end) for w in wins] == [(0.0, 1.0), (1.0, 2.0)]
+
+
+@needs_ffmpeg
+def test_timeline_times_are_presentation_timestamps(tmp_path):
+    """Variable frame rate: 40 frames, the first 20 at 8 fps (0–2.5 s), the rest at 1 fps (2.5–22.5 s).
+    frame / average fps (40 / 22.5 s = 1.78 fps, what OpenCV 5 reports; OpenCV 4.8 says 8) would put frame 20 at
+    11.25 s (or 2.5 s and frame 39 at 4.9 s instead of 21.5 s)."""
+    vfr = tmp_path / "vfr.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=8", "-frames:v", "40",
+           "-vf", "setpts='if(lt(N,20),N/8,2.5+(N-20))/TB'", "-fps_mode", "vfr", "-c:v", "mpeg4", vfr)
+    s = Sampling(frames=4, size=32, rate=0, temporal_views=1)
+    wins = list(decode_windows(vfr, s, window=2.5, stride=2.5))
+    # [0, 2.5): the 20 frames at 8 fps; then one frame a second (the frame on screen at each start counts)
+    assert [(w.start, w.end, w.frames) for w in wins] == [
+        (0.0, 2.5, 20), (2.5, 5.0, 3), (5.0, 7.5, 3), (7.5, 10.0, 3), (10.0, 12.5, 3), (12.5, 15.0, 3),
+        (15.0, 17.5, 3), (17.5, 20.0, 3), (20.0, 22.5, 3)]
+    rgb = all_frames(vfr)
+    assert_same(wins[0].clips, to_pixels(official_eval(rgb[:20], s)))
+    assert_same(wins[1].clips, to_pixels(official_eval(rgb[20:23], s)))  # frames at 2.5, 3.5, 4.5 s
+
+
+def test_special_files_are_refused_before_the_decoder(tmp_path, make_video):
+    """Nothing but a regular, readable file with a UTF-8 name reaches OpenCV (which blocks forever on a FIFO
+    and crashes on a non-UTF-8 name); each gets its own message naming the fix."""
+    s = Sampling(size=32)
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    empty_dir = tmp_path / "x.mp4"
+    empty_dir.mkdir()
+    good = make_video("good.mp4", frames=10)
+    bad_name = os.fsdecode(tmp_path.as_posix().encode() + b"/caf\xe9.mp4")
+    os.rename(good, bad_name)
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock.mp4"))
+    cases = {
+        fifo: "pipe.mp4: is a FIFO (named pipe), not a regular file",
+        empty_dir: "x.mp4: is a directory, not a video, and holds no video files",
+        bad_name: "caf\\xe9.mp4: the file name is not valid UTF-8",
+        tmp_path / "zero.mp4": "zero.mp4: empty file (0 bytes)",
+        tmp_path / "sock.mp4": "sock.mp4: is a socket, not a regular file",
+        "/dev/null": "/dev/null: is a character device, not a regular file",
+    }
+    for path, msg in cases.items():
+        with pytest.raises(VideoError) as e:
+            decode(path, s)
+        assert msg in str(e.value) and "\n" not in str(e.value), (path, str(e.value))
+        str(e.value).encode("utf-8")  # printable: no lone surrogates
+    sock.close()
+    # a file whose name FFmpeg would read as a protocol (stdin) is handed to it as an absolute path
+    odd = tmp_path / "pipe:0"
+    make_video("odd.mp4", frames=3).rename(odd)
+    rel = os.path.relpath(odd)
+    assert video.check_source(rel) == str(odd) and decode(rel, s).frames == 3
+
+
+def without_root_powers(*cmd) -> list[str]:
+    """`cmd` as root without the capabilities that let root read any file (tests run as root)."""
+    if os.geteuid() != 0:
+        return list(cmd)
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): cannot make a file unreadable")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *cmd]
+
+
+def test_unreadable_file_is_named(tmp_path, make_video):
+    path = make_video("locked.mp4", frames=5)
+    path.chmod(0)
+    code = ("import sys; from stexport.video import check_source, VideoError\n"
+            "try: check_source(sys.argv[1])\nexcept VideoError as e: print(e)")
+    r = subprocess.run(without_root_powers(sys.executable, "-c", code, str(path)), capture_output=True,
+                       text=True, timeout=120)
+    assert f"{path}: permission denied: the file cannot be read; `chmod a+r` it" in r.stdout, r.stdout + r.stderr
+
+
+@needs_ffmpeg
+def test_codec_this_opencv_cannot_decode_is_named(tmp_path, make_video):
+    av1 = tmp_path / "av1.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=8", "-frames:v", "10", "-c:v", "libaom-av1",
+           "-cpu-used", "8", av1)
+    try:
+        d = decode(av1, Sampling(size=32))
+    except VideoError as e:
+        assert str(e).startswith(f"{av1}: no decodable video frames: its video is AV1 ('AV01'), which the FFmpeg "
+                                 "inside this OpenCV build cannot decode; re-encode it (ffmpeg -i FILE -c:v libx264")
+    else:  # an OpenCV build with an AV1 decoder: then it must decode all of it
+        assert d.frames == 10
+    avi = make_video("z.avi", frames=20).read_bytes()
+    empty = tmp_path / "empty.avi"
+    empty.write_bytes(avi[: avi.find(b"movi") + 4])
+    with pytest.raises(VideoError, match=r"no decodable video frames \(codec 'MJPG', the header claims 20 frames\): "
+                       r"the video data is missing or damaged"):
+        decode(empty, Sampling(size=32))
+
+
+def test_clip_lists_take_videos_and_refuse_what_is_not_text(tmp_path, make_video):
+    a = make_video("a.mp4", frames=2)
+    assert read_clip_list(a) == [(a, None)]
+    assert video.read_clip_lists([a, tmp_path]) == [(a, None), (a, None)]
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("a.mp4 1\ncaf\xe9.mp4 2\n".encode("latin-1"))
+    with pytest.raises(StexportError, match=r"latin1.txt: line 2 is not UTF-8 text \(byte 0xe9\); save the list "
+                       r"as UTF-8, e.g. `iconv -f latin1 -t utf-8"):
+        read_clip_list(latin)
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(b"\x00\x01" * 100)
+    with pytest.raises(StexportError, match="weights.bin: binary data, not a clip list"):
+        read_clip_list(blob)
+
+
+def test_cv2_without_utils_logging_still_decodes(make_video, monkeypatch):
+    """opencv-python-headless 4.11.0.86 has no cv2.utils.logging: decoding must not depend on it."""
+    monkeypatch.delattr(cv2.utils, "logging", raising=False)  # OpenCV 4.8 has none either
+    d = decode(make_video("c.mp4", frames=9), Sampling(frames=4, size=32, rate=0, temporal_views=1))
+    assert d.frames == 9
