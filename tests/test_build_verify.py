@@ -354,14 +354,14 @@ def test_fp16_build_refuses_activations_beyond_fp16(tmp_path):
     assert "checked on 4 generated clips" in msg and "build --precision fp32" in msg
     assert not (tmp_path / "fp16").exists()
     fp32 = build_bundle(sd, backbone=bb, precision="fp32", out=tmp_path / "fp32")
-    assert "fp16_check" not in fp32.manifest
+    assert fp32.manifest.fp16_check is None
 
 
 def test_fp16_build_records_its_check_on_calibration_videos(tmp_path, videos):
     bb = trained_like(random_backbone(TINY))
     sd = random_deltas(bb.config, width=32, num_classes=10)
     b = build_bundle(sd, backbone=bb, precision="fp16", out=tmp_path / "fp16", calib=videos / "list.txt")
-    c = b.manifest["fp16_check"]
+    c = b.manifest.fp16_check.model_dump()
     assert c["passed"] and c["source"] == "calibration videos" and c["clips"] == 4
     assert 0 < c["max_abs_activation"] < 65504 and c["top1_agreement"] == 1.0 and c["max_abs_logit_diff"] < 0.05
 
