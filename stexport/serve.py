@@ -136,6 +136,11 @@ def confine(path: str, roots: tuple[str, ...]) -> str:
     return real
 
 
+def _warm_decoder() -> None:
+    """A decoding process's start: import the decoder before any request's time limit runs."""
+    import stexport.video  # noqa: F401
+
+
 def _decode_worker(path: str, sampling: dict, name: str):
     """Runs in a decoding process: (source name, clips, frames decoded, notes)."""
     from stexport.video import Sampling, decode
@@ -253,7 +258,7 @@ def deployment(cfg: ServeConfig):
             self.views = self.model.sampling.views
             # decoding in processes that can be killed (time limit, crashes); spawned, never forked from a
             # threaded actor
-            self.decoders = ProcessPool(max_workers=self.cfg.decode_workers,
+            self.decoders = ProcessPool(max_workers=self.cfg.decode_workers, initializer=_warm_decoder,
                                         context=multiprocessing.get_context("spawn"))
             self.runner = ThreadPoolExecutor(1, thread_name_prefix="stexport-model")  # one backend call at a time
             self.tmp = tempfile.mkdtemp(prefix="stexport-serve-")
