@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import OPTION_HELP, handle_errors, parse_options, register as add_command
+from stexport.cli.common import OPTION_HELP, Flag, handle_errors, parse_options, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -51,6 +51,8 @@ def serve(
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Classes per answer."),
     ray_address: str = typer.Option(None, "--ray-address", help="Join a running Ray cluster instead of "
                                     "starting a local one on 127.0.0.1."),
+    as_json: bool = Flag(False, "--json", help="Once the server answers, print its URL and routes as JSON on "
+                         "stdout (for scripts that start it)."),
 ):
     """Serve BUNDLE over HTTP on Ray Serve: POST a video to PREFIX/classify (raw body or multipart) and get
     the JSON `stexport infer --json` prints for it.
@@ -73,6 +75,9 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"stexport: warning: binding {host}: the server is reachable from other machines", err=True)
     url = srv.start(cfg, ray_address)
+    if as_json:
+        print_json({"url": url, "classify": f"{url}/classify", "healthz": f"{url}/healthz",
+                    "metadata": f"{url}/metadata", "stats": f"{url}/stats", "bundle": cfg.bundle})
     typer.echo(f"stexport: serving {cfg.bundle} at {url}/classify (health {url}/healthz, metadata "
                f"{url}/metadata); Ctrl-C stops", err=True)
     try:

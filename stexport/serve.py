@@ -435,8 +435,12 @@ def start(cfg: ServeConfig, ray_address: str | None = None) -> str:
             ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(deployment(cfg), name="stexport", route_prefix=cfg.route_prefix)
+    import logging
+
+    # Ray Serve's INFO lines stay out of stderr unless stexport runs with -v
+    level = "INFO" if logging.getLogger("stexport").isEnabledFor(logging.INFO) else "WARNING"
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": level})
+    serve.run(deployment(cfg), name="stexport", route_prefix=cfg.route_prefix, logging_config={"log_level": level})
     host = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
     return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
