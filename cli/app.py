@@ -12,8 +12,10 @@ from stexport.cli import build as build_cmd
 from stexport.cli import dump_clip as dump_clip_cmd
 from stexport.cli import engine as engine_cmd
 from stexport.cli import export_torchscript as export_torchscript_cmd
+from stexport.cli import export_triton as export_triton_cmd
 from stexport.cli import infer as infer_cmd
 from stexport.cli import inspect as inspect_cmd
+from stexport.cli import serve as serve_cmd
 from stexport.cli import verify as verify_cmd
 from stexport.cli.common import EXIT_INTERRUPTED, Flag, Group
 
@@ -29,7 +31,7 @@ app = typer.Typer(
 )
 
 for module in (inspect_cmd, build_cmd, verify_cmd, engine_cmd, infer_cmd, bench_cmd, export_torchscript_cmd,
-               dump_clip_cmd):
+               dump_clip_cmd, export_triton_cmd, serve_cmd):
     module.register(app)
 
 

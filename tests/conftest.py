@@ -184,3 +184,14 @@ def http_dir(tmp_path):
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (127.0.0.1, 2 CPUs, no dashboard), started by the first test that
+    asks for it and shut down at the end. Yields the `ray` module."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,93 @@
+"""`stexport serve`: classify uploaded videos over HTTP on Ray Serve."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from stexport.cli.common import OPTION_HELP, Flag, handle_errors, parse_options, print_json, register as add_command
+
+EXAMPLES = """
+Examples:
+
+  stexport serve BUNDLE                                   # http://127.0.0.1:8000, auto backend
+
+  curl --data-binary @clip.mp4 -H 'Content-Type: video/mp4' http://127.0.0.1:8000/classify
+
+  curl -F video=@clip.mp4 http://127.0.0.1:8000/classify  # multipart upload
+
+  stexport serve BUNDLE --allow-path /data/videos         # also {"path": "/data/videos/a.mp4"}
+
+  stexport serve BUNDLE --replicas 2 --threads 4 --max-batch 16 --port 9000
+
+  curl http://127.0.0.1:8000/metadata
+"""
+
+
+@handle_errors
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle directory (from `stexport build`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Default: loopback only; 0.0.0.0 "
+                             "exposes the server to the network."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="HTTP port."),
+    route: str = typer.Option("/", "--route", help="Route prefix, e.g. /stexport (routes: PREFIX/classify, "
+                              "/healthz, /metadata, /stats)."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto (as `infer` picks) or a backend name."),
+    option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
+    threads: int = typer.Option(None, "--threads", min=1, help="Backend CPU threads per replica."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="Model replicas (Ray Serve num_replicas)."),
+    replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0, help="CPUs Ray reserves per replica."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Videos from different callers run together "
+                                  "in one backend call (serve.batch)."),
+    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0, help="How long a batch waits to fill."),
+    max_upload_mb: float = typer.Option(100.0, "--max-upload-mb", min=0.001, help="Larger uploads get 413."),
+    decode_timeout: float = typer.Option(30.0, "--decode-timeout", min=0.01, help="Seconds a video may take to "
+                                         "decode; its decoding process is killed after that (422)."),
+    decode_workers: int = typer.Option(1, "--decode-workers", min=1, help="Decoding processes per replica."),
+    allow_path: list[Path] = typer.Option([], "--allow-path", help="Directory whose files callers may name "
+                                          "with {\"path\": ...} (repeatable). Default: none, paths are refused."),
+    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Classes per answer."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Join a running Ray cluster instead of "
+                                    "starting a local one on 127.0.0.1."),
+    as_json: bool = Flag(False, "--json", help="Once the server answers, print its URL and routes as JSON on "
+                         "stdout (for scripts that start it)."),
+):
+    """Serve BUNDLE over HTTP on Ray Serve: POST a video to PREFIX/classify (raw body or multipart) and get
+    the JSON `stexport infer --json` prints for it.
+
+    Requests from different callers are batched into one backend call. Safe defaults: binds 127.0.0.1; no
+    server-side paths (--allow-path DIR enables them, confined to those directories: no '..', no symlinks out);
+    no URL fetching; uploads over --max-upload-mb and videos that decode longer than --decode-timeout are
+    refused. Every bad request gets a 4xx JSON {"error": ...}; the server keeps serving. Ctrl-C stops it.
+    Needs `pip install 'stexport[serve]'`.
+    """
+    from stexport import serve as srv
+
+    srv.require_serve()
+    options = parse_options(option)
+    cfg = srv.check_config(srv.ServeConfig(
+        bundle=str(bundle), backend=backend, options=options, top_k=top_k, host=host, port=port,
+        route_prefix=route, replicas=replicas, replica_cpus=replica_cpus, threads=threads, max_batch=max_batch,
+        batch_wait_s=batch_wait_ms / 1000, max_upload_mb=max_upload_mb, decode_timeout_s=decode_timeout,
+        decode_workers=decode_workers, allow_paths=tuple(str(p) for p in allow_path)))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"stexport: warning: binding {host}: the server is reachable from other machines", err=True)
+    url = srv.start(cfg, ray_address)
+    if as_json:
+        print_json({"url": url, "classify": f"{url}/classify", "healthz": f"{url}/healthz",
+                    "metadata": f"{url}/metadata", "stats": f"{url}/stats", "bundle": cfg.bundle})
+    typer.echo(f"stexport: serving {cfg.bundle} at {url}/classify (health {url}/healthz, metadata "
+               f"{url}/metadata); Ctrl-C stops", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stexport: stopping", err=True)
+    finally:
+        srv.stop(shutdown_ray=ray_address is None)
+
+
+def register(app: typer.Typer) -> None:
+    add_command(app, "serve", serve, EXAMPLES)

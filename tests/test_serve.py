@@ -1,0 +1,236 @@
+"""`stexport serve` (issue 21): a real Ray Serve endpoint on 127.0.0.1, one per test module. Concurrent
+callers get what `stexport infer --json` prints; every kind of bad request gets a 4xx JSON error and the
+server keeps answering."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import write_video
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("pebble")
+pytest.importorskip("python_multipart")
+requests = pytest.importorskip("requests")
+
+from stexport.serve import ServeConfig, start, stop  # noqa: E402
+
+UPLOAD_LIMIT_MB = 2.0
+DECODE_TIMEOUT_S = 3.0
+
+
+def strict_json(text: str):
+    def bad(name):
+        raise ValueError(f"non-finite number {name} in JSON")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Videos inside the allowed root, a secret file outside it, and a symlink in the root pointing at it."""
+    root = tmp_path_factory.mktemp("serve_media")
+    allowed = root / "allowed"
+    allowed.mkdir()
+    videos = [write_video(allowed / f"v{i}.mp4", frames=20 + 9 * i, width=64 + 16 * i, height=48) for i in range(4)]
+    videos.append(write_video(allowed / "v4.avi", frames=12, width=48, height=64))
+    secret = root / "secret.mp4"
+    shutil.copy(videos[0], secret)
+    (allowed / "link.mp4").symlink_to(secret)
+    (allowed / "sub").mkdir()
+    return {"root": root, "allowed": allowed, "videos": videos, "secret": secret}
+
+
+@pytest.fixture(scope="module")
+def slow_video(media):
+    """~10,000 black 1080p frames in under 1 MB (one H.264 key frame per 100 s, copied 100 times): seconds of
+    decoding, past the test server's decode limit."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("needs ffmpeg to make a slow-decoding video")
+    d = media["root"]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "color=black:s=1920x1080:r=25:d=4",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-g", "100000", str(d / "seg.mp4")], check=True)
+    (d / "list.txt").write_text("".join(f"file '{d / 'seg.mp4'}'\n" for _ in range(100)))
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "concat", "-safe", "0", "-i", str(d / "list.txt"),
+                    "-c", "copy", str(d / "slow.mp4")], check=True)
+    path = d / "slow.mp4"
+    assert path.stat().st_size < UPLOAD_LIMIT_MB * 1e6
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(tiny_bundle, media):
+    """What `stexport infer --json` prints for each video, by path (same auto backend)."""
+    r = subprocess.run([sys.executable, "-m", "stexport.cli.app", "infer", *map(str, media["videos"]),
+                        "-m", str(tiny_bundle.path), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return {d["path"]: d for d in map(strict_json, r.stdout.splitlines())}
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_bundle, media):
+    cfg = ServeConfig(bundle=str(tiny_bundle.path), port=free_port(), route_prefix="/stexport",
+                      allow_paths=(str(media["allowed"]),), max_upload_mb=UPLOAD_LIMIT_MB,
+                      decode_timeout_s=DECODE_TIMEOUT_S, decode_workers=2, max_batch=8, batch_wait_s=0.2,
+                      replica_cpus=0.5)
+    url = start(cfg)
+    yield url
+    stop(shutdown_ray=False)
+
+
+def same_result(got: dict, want: dict) -> None:
+    """Equal to infer --json but for timing, and for scores within 2e-6 (batched across videos, the backend
+    runs other batch sizes than infer's one video at a time)."""
+    assert [t["index"] for t in got["top"]] == [t["index"] for t in want["top"]]
+    assert [t["label"] for t in got["top"]] == [t["label"] for t in want["top"]]
+    for a, b in zip(got["top"], want["top"]):
+        assert abs(a["score"] - b["score"]) <= 2e-6
+    for key in ("views", "frames", "backend", "notes"):
+        assert got.get(key) == want.get(key), key
+    assert set(got) == set(want) and set(got["timing"]) == {"decode_s", "infer_s"}
+
+
+def post_video(url: str, path: Path, how: str):
+    if how == "raw":
+        return requests.post(f"{url}/classify", data=path.read_bytes(), timeout=120,
+                             headers={"Content-Type": "video/mp4", "X-Filename": str(path)})
+    if how == "multipart":
+        return requests.post(f"{url}/classify", files={"video": (str(path), path.read_bytes(), "video/mp4")},
+                             timeout=120)
+    return requests.post(f"{url}/classify", json={"path": str(path)}, timeout=120)
+
+
+def test_concurrent_callers_get_what_infer_prints(server, media, local):
+    """40 requests (5 videos × raw, multipart and path), 8 callers at a time; batched across callers."""
+    before = requests.get(f"{server}/stats", timeout=30).json()
+    jobs = [(v, how) for how in ("raw", "multipart", "path") for v in media["videos"]] * 2
+    jobs = jobs[:40]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda job: (job, post_video(server, *job)), jobs))
+    for (video, how), r in answers:
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/json"
+        got = strict_json(r.text)
+        assert got["path"] == str(video)
+        same_result(got, local[str(video)])
+    stats = requests.get(f"{server}/stats", timeout=30).json()
+    assert stats["requests"] - before["requests"] == len(jobs)
+    assert stats["batches"] - before["batches"] < len(jobs), "no request was batched with another"
+    assert stats["largest_batch"] > 1
+
+
+def test_health_and_metadata(server, tiny_bundle, local):
+    assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
+    meta = strict_json(requests.get(f"{server}/metadata", timeout=30).text)
+    m = tiny_bundle.manifest
+    assert meta["labels"] == tiny_bundle.labels and meta["precision"] == m.precision
+    assert meta["model"]["backbone"] == m.model.backbone.name and meta["model"]["classes"] == m.output.classes
+    assert meta["backend"]["backend"] == next(iter(local.values()))["backend"]  # the same auto choice
+    assert meta["backend"]["compute_precision"]
+    assert meta["sampling"]["temporal_views"] == m.sampling.temporal_views
+    assert meta["limits"]["max_upload_bytes"] == int(UPLOAD_LIMIT_MB * 1e6) and meta["limits"]["urls"] is False
+
+
+def bad_requests(server, media, slow_video):
+    """(what, response, expected status, words in the error) for every kind of bad request."""
+    url = f"{server}/classify"
+    text = media["root"] / "notes.txt"
+    text.write_text("not a video\n" * 50)
+    video = media["videos"][0].read_bytes()
+    boundary = "XyZ"
+    two_files = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"a\"; filename=\"a.mp4\"\r\n\r\n".encode()
+                 + video + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"b\"; filename=\"b.mp4\""
+                 f"\r\n\r\n".encode() + video + f"\r\n--{boundary}--\r\n".encode())
+    cases = [
+        ("corrupt video", lambda: requests.post(url, data=os.urandom(50_000), headers={"Content-Type": "video/mp4"}),
+         422, "not a video"),
+        ("truncated video", lambda: requests.post(url, data=video[: len(video) // 5],
+                                                  headers={"Content-Type": "video/mp4"}), 422, ""),
+        ("text as a video", lambda: requests.post(url, files={"video": ("n.mp4", text.read_bytes())}), 422, ""),
+        ("empty upload", lambda: requests.post(url, data=b"", headers={"Content-Type": "video/mp4"}), 400,
+         "empty"),
+        ("oversized upload", lambda: requests.post(url, data=b"\0" * int(UPLOAD_LIMIT_MB * 1e6 + 1),
+                                                   headers={"Content-Type": "video/mp4"}), 413, "limit"),
+        ("oversized, chunked", lambda: requests.post(
+            url, data=iter([b"\0" * 500_000] * 5), headers={"Content-Type": "video/mp4"}), 413, "limit"),
+        ("wrong type", lambda: requests.post(url, data=video, headers={"Content-Type": "text/plain"}), 415,
+         "content type"),
+        ("no type", lambda: requests.post(url, data=video, headers={"Content-Type": ""}), 415, ""),
+        ("two files", lambda: requests.post(url, data=two_files,
+                                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}),
+         400, "exactly one"),
+        ("multipart without a boundary", lambda: requests.post(
+            url, data=video, headers={"Content-Type": "multipart/form-data"}), 400, "boundary"),
+        ("bad JSON", lambda: requests.post(url, data=b"{nope", headers={"Content-Type": "application/json"}), 400,
+         "JSON"),
+        ("JSON not an object", lambda: requests.post(url, json=["a"]), 400, "path"),
+        ("URL", lambda: requests.post(url, json={"url": "http://127.0.0.1:1/x.mp4"}), 403, "URLs is off"),
+        ("path outside the roots", lambda: requests.post(url, json={"path": str(media["secret"])}), 403,
+         "outside"),
+        ("/etc/passwd", lambda: requests.post(url, json={"path": "/etc/passwd"}), 403, "outside"),
+        ("'..' in the path", lambda: requests.post(
+            url, json={"path": str(media["allowed"] / ".." / "secret.mp4")}), 403, "'..'"),
+        ("symlink out of the root", lambda: requests.post(url, json={"path": str(media["allowed"] / "link.mp4")}),
+         403, "outside"),
+        ("missing file", lambda: requests.post(url, json={"path": str(media["allowed"] / "nope.mp4")}), 404,
+         "no such file"),
+        ("directory", lambda: requests.post(url, json={"path": str(media["allowed"] / "sub")}), 400,
+         "regular file"),
+        ("relative path", lambda: requests.post(url, json={"path": "v0.mp4"}), 403, "outside"),
+        ("slow decoding", lambda: requests.post(url, data=slow_video.read_bytes(),
+                                                headers={"Content-Type": "video/mp4"}), 422, "longer than"),
+        ("unknown route", lambda: requests.get(f"{server}/admin"), 404, "no route"),
+        ("wrong method", lambda: requests.get(url), 405, "POST"),
+    ]
+    return [(what, call(), status, words) for what, call, status, words in cases]
+
+
+def test_every_bad_request_is_a_4xx_json_error_and_the_server_keeps_serving(server, media, slow_video, local):
+    for what, r, status, words in bad_requests(server, media, slow_video):
+        assert r.status_code == status, (what, r.status_code, r.text)
+        body = strict_json(r.text)
+        assert set(body) == {"error"} and words in body["error"], (what, body)
+        assert "stexport-serve-" not in body["error"], (what, body)  # no server-side temporary path leaks
+    assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
+    video = media["videos"][1]
+    r = post_video(server, video, "raw")
+    assert r.status_code == 200, r.text
+    same_result(strict_json(r.text), local[str(video)])
+
+
+def test_serve_refuses_bad_input_before_starting(tiny_bundle, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "stexport.cli.app", "serve", *map(str, args)],
+                              capture_output=True, text=True, timeout=120)
+
+    r = run(tiny_bundle.path, "--allow-path", tmp_path / "nope")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"stexport: error: --allow-path {tmp_path / 'nope'}: no such directory (name directories whose files "
+        "callers may classify by path)"]
+    r = run(tmp_path / "no-bundle")
+    assert r.returncode == 2 and "no such bundle" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run(tiny_bundle.path, "--route", "stexport/")
+    assert r.returncode == 2 and "--route" in r.stderr
+
+
+def test_missing_extra_names_the_pip_install(tiny_bundle):
+    code = ("import sys; sys.modules['pebble'] = None; sys.argv = ['stexport', 'serve', "
+            f"{str(tiny_bundle.path)!r}]; from stexport.cli.app import main; main()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["stexport: error: serve needs pebble, which this installation lacks; "
+                                             "install it with: pip install 'stexport[serve]'"]
