@@ -64,7 +64,7 @@ def main() -> None:
     except (KeyboardInterrupt, click.exceptions.Abort):
         typer.echo("stexport: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except click.exceptions.ClickException as e:
+    except (click.exceptions.ClickException, getattr(typer, "_click", click).exceptions.ClickException) as e:
         e.show()
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
