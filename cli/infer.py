@@ -134,7 +134,9 @@ def infer(
                                     "cluster; HOST:PORT or ray://HOST:PORT: that cluster. Needs pip install "
                                     "'stexport[ray]'.")),
     workers: int = typer.Option(1, "--workers", min=1, help="With --ray: inference actors, each loading the "
-                                "backend once (one CPU each)."),
+                                "backend once."),
+    worker_cpus: float = typer.Option(1.0, "--worker-cpus", min=0.01, help="With --ray: CPUs each inference "
+                                      "actor reserves (match the backend's threads); the rest decode."),
     ship_bundle: bool = Flag(False, "--ship-bundle", help="With --ray: send the bundle's files through Ray's "
                              "object store, for nodes that do not see the bundle's path."),
 ):
@@ -182,7 +184,7 @@ paths, or --ship-bundle), with results identical to a local run.
     sources = expand(videos)
     if window is None and (output is not None or ray_address is not None or batch or decode_threads):
         return corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch,
-                      decode_threads, ray_address, workers, ship_bundle)
+                      decode_threads, ray_address, workers, worker_cpus, ship_bundle)
     failed = 0
     with Classifier(bundle, backend=backend, labels=str(labels) if labels else None, sampling=sampling,
                     top_k=top_k, **options) as clf:
@@ -233,7 +235,7 @@ paths, or --ship-bundle), with results identical to a local run.
 
 
 def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch, decode_threads,
-           ray_address, workers, ship_bundle) -> None:
+           ray_address, workers, worker_cpus, ship_bundle) -> None:
     """infer over many inputs: batched locally or on Ray, to stdout or a resumable JSON Lines file."""
     from tqdm import tqdm
 
@@ -244,6 +246,13 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
                           labels=str(labels.resolve()) if labels else None, sampling=sampling, top_k=top_k,
                           batch_size=batch or (DEFAULT_BATCH if ray_address else 1),
                           decode_threads=decode_threads or 1)
+    if ray_address is not None:  # what the workers would refuse, refused here before Ray starts
+        from stexport import backends
+
+        if backend != "auto":
+            backends.load_class(backend).check_options(options)
+        elif backends.resolve("auto", bundle) is None:
+            backends.create("auto", bundle)  # raises, naming why no runtime here can run it
     results = ResultsFile(output) if output is not None else None
     todo = results.remaining(sources) if results else list(enumerate(map(str, sources)))
     bar = tqdm(total=len(sources), initial=len(sources) - len(todo), desc="infer", unit="video",
@@ -265,7 +274,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
             from stexport import ray_infer
 
             started = ray_infer.connect(None if ray_address == "local" else ray_address)
-            items = (row for _, row in ray_infer.classify(spec, todo, workers, ship_bundle=ship_bundle))
+            items = (row for _, row in ray_infer.classify(spec, todo, workers, worker_cpus, ship_bundle))
         else:
             clf = spec.open()
             items = (item.to_dict() for item in _closing(clf, clf.classify_batch(s for _, s in todo)))

@@ -74,6 +74,11 @@ def classify(spec: ClassifierSpec, sources: Sequence[tuple[int, str]], workers: 
         from stexport.bundle import Bundle
 
         spec = spec.replace(sampling=Sampling.from_manifest(Bundle.load(spec.bundle).manifest))
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if workers * cpus_per_worker > cpus - 1:
+        raise StexportError(f"--workers {workers} × --worker-cpus {cpus_per_worker:g} leaves none of this "
+                            f"cluster's {cpus:g} CPUs for decoding; pass fewer --workers or a smaller "
+                            "--worker-cpus")
     shipped = ray.put(_bundle_files(spec.bundle)) if ship_bundle else None
     sampling = spec.sampling
     per_call = max(1, spec.batch_size // sampling.views)

@@ -152,3 +152,16 @@ def onnx_variants(tmp_path_factory):
             os.environ.pop("STEXPORT_CALIB_CACHE", None)
         else:
             os.environ["STEXPORT_CALIB_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster on 127.0.0.1 (2 CPUs, no dashboard), started on first use and shared by the whole
+    test session (Ray takes 4-36 s to start here). Yields its GCS address HOST:PORT, which subprocesses join
+    (`stexport infer --ray ADDRESS`, `ray.init(address=ADDRESS)`); in this process Ray is already initialised.
+    Needs `ray` (the dev extra installs it)."""
+    import ray
+
+    ctx = ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False)
+    yield "127.0.0.1:" + ctx.address_info["gcs_address"].rsplit(":", 1)[1]
+    ray.shutdown()
