@@ -54,7 +54,10 @@ def _root(
 
 def main() -> None:
     """The console script: Ctrl-C anywhere ends with one line and exit code 130."""
-    import click
+    try:
+        import click
+    except ImportError:  # typer 0.2x vendors click and no longer depends on it
+        from typer import _click as click
 
     from stexport import interrupt
 

@@ -30,6 +30,9 @@ def inspect(
 
     check_backbone(backbone)
     check_adapter_file(adapter)
+    from stexport.extras import require
+
+    require("stexport inspect (reading checkpoints)", "torch", "safetensors")
     from stexport.backbone import model_config, register_configs
     from stexport.deltas import check_fits, load_deltas
 
