@@ -166,7 +166,8 @@ def test_every_backend_reports_the_compute_precision(tiny_bundle):
 
 RUNTIME = ["stexport/__init__.py", "stexport/errors.py", "stexport/fileutil.py", "stexport/manifest.py",
            "stexport/bundle.py", "stexport/device.py", "stexport/extras.py", "stexport/labels.py",
-           "stexport/video.py", "stexport/classify.py", "stexport/batch.py", "stexport/bench.py", "stexport/ts_runtime.py",
+           "stexport/video.py", "stexport/classify.py", "stexport/bench.py", "stexport/ts_runtime.py",
+           "stexport/batch.py", "stexport/results.py", "stexport/ray_infer.py",
            "stexport/logs.py", "stexport/interrupt.py", "stexport/names.py",
            "stexport/backends/__init__.py", "stexport/backends/base.py", "stexport/backends/ort.py",
            "stexport/backends/openvino.py", "stexport/backends/torchscript.py",
