@@ -56,7 +56,10 @@ def _root(
 
 def main() -> None:
     """The console script: Ctrl-C anywhere ends with one line and exit code 130."""
-    import click
+    try:
+        import click
+    except ImportError:  # typer 0.2x vendors click and no longer depends on it
+        from typer import _click as click
 
     from stexport import interrupt
 
@@ -66,7 +69,7 @@ def main() -> None:
     except (KeyboardInterrupt, click.exceptions.Abort):
         typer.echo("stexport: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except click.exceptions.ClickException as e:
+    except (click.exceptions.ClickException, getattr(typer, "_click", click).exceptions.ClickException) as e:
         e.show()
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

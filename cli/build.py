@@ -88,6 +88,9 @@ def build(
                            frames=frames, size=size, out=out, force=force, calib=calib, labels=labels,
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
                            int8_attention=int8_attention, sampling=sampling or None, progress=True)
+    from stexport.extras import require
+
+    require("stexport build", "torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors")
     from stexport.build import build_bundle  # torch and open_clip load here, after every cheap check
 
     b = build_bundle(options=options)

@@ -188,6 +188,24 @@ def _looks_like_report_path(word: str) -> bool:
     return p.suffix.lower() == ".json"
 
 
+# Options whose value may be left out (click cannot parse that here): (command, flag) -> (value when left
+# out, pattern a given value matches). `infer --ray` alone means a local cluster; `--ray auto`, `--ray HOST:PORT`.
+OPTIONAL_VALUES = {("infer", "--ray"): ("local", re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9_.\-]+:\d+)$"))}
+
+
+def optional_values(args: list[str], commands) -> list[str]:
+    """`--ray` followed by no value (the end, another option, an input) becomes `--ray=local`."""
+    cmd = next((a for a in args if a in commands), None)
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        spec = OPTIONAL_VALUES.get((cmd, a))
+        if spec and (i + 1 == len(out) or not spec[1].match(out[i + 1])):
+            out[i] = f"{a}={spec[0]}"
+    return out
+
+
 class Group(TyperGroup):
     """The stexport command group: rewrites old flag spellings (with a deprecation line) before parsing."""
 
@@ -196,6 +214,7 @@ class Group(TyperGroup):
 
     def parse_args(self, ctx, args):
         args, notes = modernize(args, self.commands)
+        args = optional_values(args, self.commands)
         for note in notes:
             typer.echo(f"stexport: warning: {note}", err=True)
         return super().parse_args(ctx, args)

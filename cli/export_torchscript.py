@@ -42,6 +42,9 @@ def export_torchscript(
     backbone, and the traced module is checked against it before the file appears (in one rename).
     """
     from stexport.bundle import Bundle
+    from stexport.extras import require
+
+    require("stexport export-torchscript", "torch", "torchvision", "open_clip", "safetensors")
     from stexport.torchscript import add_to_bundle
 
     b = add_to_bundle(Bundle.load(bundle), force=force, precision=precision, pretrained=pretrained)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import sys
 from pathlib import Path
 
 import typer
 
-from stexport.cli.common import EXIT_BAD_INPUT, OPTION_HELP, Flag, handle_errors, parse_options, register as add_command
+from stexport.cli.common import EXIT_BAD_INPUT, OPTION_HELP, Flag, escape, handle_errors, parse_options
+from stexport.cli.common import register as add_command
 
 EXAMPLES = """
 Examples:
@@ -23,7 +25,15 @@ Examples:
   stexport infer match.mp4 --window 4 --stride 2   # timeline of 4 s windows every 2 s
 
   stexport infer rtsp://camera.local/stream --window 4 --backend onnxruntime
+
+  stexport infer corpus/ -m BUNDLE --output results.jsonl      # JSON Lines; rerun to resume
+
+  stexport infer corpus/ -m BUNDLE --output results.jsonl --ray --workers 2   # local Ray cluster
+
+  stexport infer 'corpus/**/*.mp4' -m BUNDLE --output r.jsonl --ray auto       # the running cluster
 """
+
+RAY_ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9_.\-]+:\d+)$")
 
 
 def expand(inputs: list[str]) -> list[str]:
@@ -101,8 +111,8 @@ def show(result, as_json: bool, write) -> None:
 
 @handle_errors
 def infer(
-    videos: list[str] = typer.Argument(..., help="Video files, directories, globs ('clips/*.mp4'), stream "
-                                       "URLs (rtsp://…) or camera indices (0)."),
+    videos: list[str] = typer.Argument(None, help="Video files, directories, globs ('clips/*.mp4'), stream "
+                                       "URLs (rtsp://…) or camera indices (0).", show_default=False),
     model: Path = typer.Option(None, "--model", "-m", help="Bundle directory. Default: the newest bundle in "
                                "$STEXPORT_HOME/bundles (~/.cache/stexport/bundles)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="How many classes to show per video."),
@@ -125,6 +135,26 @@ def infer(
                                          "may read no frame before that video is given up (a stalled stream)."),
     as_json: bool = Flag(False, "--json", help="One JSON object per line: per video, or per window; "
                          "an input that fails gets {\"path\", \"error\"}."),
+    output: Path = typer.Option(None, "--output", help="Write the results as JSON Lines (--json's schema, one "
+                                "line per input in input order, failures included) to this file instead of "
+                                "stdout. Rerunning with the same file resumes: inputs already in it are "
+                                "skipped."),
+    batch: int = typer.Option(None, "--batch", min=1, help="Views per backend call, packing the views of "
+                              "several videos into one call (same scores). Default: one video per call; 32 "
+                              "with --ray."),
+    decode_threads: int = typer.Option(None, "--decode-threads", min=1, help="Videos decoded at the same "
+                                       "time (threads, one FFmpeg thread each). Default 1."),
+    ray_address: str = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                    help=escape("Run as a Ray Data pipeline (decode tasks → an actor pool of "
+                                    "backends). Alone: start a local Ray on 127.0.0.1; auto: join the running "
+                                    "cluster; HOST:PORT or ray://HOST:PORT: that cluster. Needs pip install "
+                                    "'stexport[ray]'.")),
+    workers: int = typer.Option(1, "--workers", min=1, help="With --ray: inference actors, each loading the "
+                                "backend once."),
+    worker_cpus: float = typer.Option(1.0, "--worker-cpus", min=0.01, help="With --ray: CPUs each inference "
+                                      "actor reserves (match the backend's threads); the rest decode."),
+    ship_bundle: bool = Flag(False, "--ship-bundle", help="With --ray: send the bundle's files through Ray's "
+                             "object store, for nodes that do not see the bundle's path."),
 ):
     """Classify videos the way the official ST-Adapter evaluation does: sample each video's views (the
     bundle's frames, rate and TEMPORALxSPATIAL crops), softmax each view, average, and print the top classes.
@@ -141,6 +171,10 @@ warning. The next video is decoded while the model runs on the current one.
     Timeline mode (--window, --stride) classifies consecutive windows of a long video or a live stream; \
 each window is sampled like a whole video of its length. Window times are the video's presentation \
 timestamps, so variable-frame-rate files get true times.
+
+    Corpora: --output FILE writes JSON Lines and resumes; --batch packs views of several videos per call; \
+--ray runs the same classification on a Ray cluster (every node needs the videos and the bundle at the same \
+paths, or --ship-bundle), with results identical to a local run.
     """
     from tqdm import tqdm
 
@@ -148,14 +182,30 @@ timestamps, so variable-frame-rate files get true times.
     from stexport.errors import StexportError
     from stexport.video import Sampling, VideoError, with_views
 
+    videos = list(videos or [])
+    if ray_address is not None and not RAY_ADDRESS.match(ray_address):
+        raise StexportError(f"--ray {ray_address}: expected nothing (a local cluster), auto, HOST:PORT or "
+                            "ray://HOST:PORT")
+    if not videos:
+        raise StexportError("no inputs: pass video files, directories or globs, e.g. stexport infer clip.mp4")
     if stride is not None and window is None:
         raise StexportError("--stride needs --window (timeline mode)")
+    if window is not None and (output or ray_address or batch or decode_threads):
+        raise StexportError("--window (timeline mode) runs one video at a time: drop --output, --ray, --batch "
+                            "and --decode-threads, or --window")
+    if ray_address is not None:
+        from stexport.extras import require
+
+        require("--ray", "ray")
     bundle = pick_bundle(model)
     sampling = with_views(Sampling.from_manifest(bundle.manifest), views, rate)
     options = parse_options(option)
     if threads:
         options["threads"] = threads
     sources = expand(videos)
+    if window is None and (output is not None or ray_address is not None or batch or decode_threads):
+        return corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch,
+                      decode_threads, ray_address, workers, worker_cpus, ship_bundle, decode_timeout)
     failed = 0
     with Classifier(bundle, backend=backend, labels=str(labels) if labels else None, sampling=sampling,
                     top_k=top_k, decode_timeout=decode_timeout, **options) as clf:
@@ -205,6 +255,94 @@ timestamps, so variable-frame-rate files get true times.
     if failed:
         err(f"stexport: {failed} of {len(sources)} input{'s' * (len(sources) != 1)} failed")
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch, decode_threads,
+           ray_address, workers, worker_cpus, ship_bundle, decode_timeout: float = 60.0) -> None:
+    """infer over many inputs: batched locally or on Ray, to stdout or a resumable JSON Lines file."""
+    from tqdm import tqdm
+
+    from stexport.batch import DEFAULT_BATCH, ClassifierSpec
+    from stexport.results import ResultsFile
+
+    spec = ClassifierSpec(str(bundle.path), backend=backend, options=options,
+                          labels=str(labels.resolve()) if labels else None, sampling=sampling, top_k=top_k,
+                          batch_size=batch or (DEFAULT_BATCH if ray_address else 1),
+                          decode_threads=decode_threads or 1, decode_timeout=decode_timeout)
+    if ray_address is not None:  # what the workers would refuse, refused here before Ray starts
+        from stexport import backends
+
+        if backend != "auto":
+            backends.load_class(backend).check_options(options)
+        elif backends.resolve("auto", bundle) is None:
+            backends.create("auto", bundle)  # raises, naming why no runtime here can run it
+    results = ResultsFile(output) if output is not None else None
+    todo = results.remaining(sources) if results else list(enumerate(map(str, sources)))
+    bar = tqdm(total=len(sources), initial=len(sources) - len(todo), desc="infer", unit="video",
+               file=sys.stderr, disable=None, leave=False)
+
+    def err(line: str) -> None:
+        tqdm.write(line, file=sys.stderr)
+
+    if results and len(todo) < len(sources):
+        err(f"stexport: {output}: {len(sources) - len(todo)} of {len(sources)} inputs already done; resuming")
+    where = f"Ray ({ray_address if ray_address != 'local' else 'local cluster on 127.0.0.1'}, {workers} " \
+            f"worker{'s' * (workers != 1)})" if ray_address else "this process"
+    err(f"stexport: {bundle.path} on {backend}, {sampling.describe()}, {spec.batch_size} views per call, "
+        f"in {where}, labels: {labels_note(bundle, labels)}")
+    failed = 0
+    started = False
+    try:
+        if ray_address is not None:
+            from stexport import ray_infer
+
+            started = ray_infer.connect(None if ray_address == "local" else ray_address)
+            items = (row for _, row in ray_infer.classify(spec, todo, workers, worker_cpus, ship_bundle))
+        else:
+            clf = spec.open()
+            items = (item.to_dict() for item in _closing(clf, clf.classify_batch(s for _, s in todo)))
+        for row in items:
+            if "error" in row:
+                failed += 1
+                err(f"stexport: error: {row['error']}")
+            for note in row.get("notes", []):
+                err(f"stexport: warning: {row['path']}: {note}")
+            if results:
+                results.write(row)
+            elif as_json:
+                tqdm.write(json.dumps(row, allow_nan=False), file=sys.stdout)
+            else:
+                show_dict(row, tqdm.write)
+            bar.update()
+    finally:
+        bar.close()
+        if results:
+            results.close()
+        if started:
+            import ray
+
+            ray.shutdown()
+    if results:
+        err(f"stexport: {len(todo)} result{'s' * (len(todo) != 1)} written to {output} ({results.lines} lines)")
+    if failed:
+        err(f"stexport: {failed} of {len(todo)} input{'s' * (len(todo) != 1)} failed")
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _closing(clf, items):
+    with clf:
+        yield from items
+
+
+def show_dict(row: dict, write) -> None:
+    """The human-readable form of one result dict (as show() prints a Result)."""
+    if "error" in row:
+        return
+    t = row["timing"]
+    write(f"{row['path']}  ({row['views']} views, {row['frames']} frames; decode {t['decode_s']:.2f} s, "
+          f"model {t['infer_s']:.2f} s)")
+    for rank, top in enumerate(row["top"], 1):
+        write(f"  {rank}. {top['label']:<40} {top['score']:.4f}")
 
 
 def register(app: typer.Typer) -> None:

@@ -31,6 +31,9 @@ def inspect(
 
     check_backbone(backbone)
     check_adapter_file(adapter)
+    from stexport.extras import require
+
+    require("stexport inspect (reading checkpoints)", "torch", "safetensors")
     from stexport.backbone import (config_activation_reason, model_config, official_layout_warning,
                                    register_configs)
     from stexport.deltas import check_fits, load_deltas

@@ -61,6 +61,9 @@ def verify(
     import json
 
     from stexport.bundle import Bundle
+    from stexport.extras import require
+
+    require("stexport verify (the PyTorch reference)", "torch", "torchvision", "open_clip", "safetensors")
     from stexport.verify import GATES, format_report
     from stexport.verify import verify as run_verify
 

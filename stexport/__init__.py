@@ -1,7 +1,56 @@
-"""stexport: ship ST-Adapter video models (fold, export, classify, verify)."""
+"""stexport: ship ST-Adapter video models (fold, export, classify, verify).
+
+The Python API for classifying videos (imports no torch; heavy modules load on first use):
+
+    import stexport
+
+    spec = stexport.ClassifierSpec("path/to/bundle", backend="auto", options={"threads": 2},
+                                   batch_size=32, decode_threads=2)
+    with spec.open() as clf:                          # or stexport.open("path/to/bundle", ...)
+        for item in clf.classify_batch(["a.mp4", "b.mp4"]):
+            print(item.to_dict())                     # the schema of `stexport infer --json`
+
+- `ClassifierSpec`: frozen, picklable "bundle + backend + options" (ship it to workers; `.open()` there once).
+- `Classifier`: an open bundle + backend. `classify(source) -> Result` (raises VideoError for a bad video),
+  `classify_batch(sources) -> Iterator[Result | Failure]` (input order, views of several videos per backend
+  call, never raises for one bad input), `timeline(source, window, stride)`.
+- `Result` (`top`: [(class index, label, probability)], best first; `views`, `frames`, timings) and `Failure`
+  (`source`, `error`: one line naming the input); both have `to_dict()`.
+- `Sampling`: frames, size, rate, temporal × spatial views (default: the bundle's).
+- `StexportError`: every error stexport raises on purpose (bad input, bundle, backend, option).
+"""
 
 __version__ = "0.1.0"
 
 from stexport.errors import StexportError  # noqa: E402
 
-__all__ = ["StexportError", "__version__"]
+_LAZY = {
+    "ClassifierSpec": "stexport.batch",
+    "Classifier": "stexport.classify",
+    "Result": "stexport.classify",
+    "Failure": "stexport.classify",
+    "Sampling": "stexport.video",
+    "VideoError": "stexport.video",
+}
+
+
+def open(bundle, backend: str = "auto", **kw):  # noqa: A001 - stexport.open(bundle) reads as intended
+    """An open Classifier: `stexport.open(bundle, backend, labels=, sampling=, top_k=, batch_size=,
+    decode_threads=, **backend_options)`; the same as ClassifierSpec(...).open() with options as keywords."""
+    from stexport.batch import spec_from
+
+    return spec_from(bundle, backend=backend, **kw).open()
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'stexport' has no attribute {name!r}")
+
+
+__all__ = ["ClassifierSpec", "Classifier", "Result", "Failure", "Sampling", "VideoError", "StexportError",
+           "open", "__version__"]

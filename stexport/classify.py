@@ -75,14 +75,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Classifier:
-    """Classify videos with a bundle. `backend`: a registry name or 'auto'; `labels`: a names file or None."""
+    """Classify videos with a bundle. `backend`: a registry name or 'auto'; `labels`: a names file or None;
+    `batch_size` (views per backend call) and `decode_threads` (videos decoded at once) are classify_batch's;
+    other keywords are backend options. Build one from a picklable stexport.ClassifierSpec in workers."""
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", labels: str | None = None,
-                 sampling: Sampling | None = None, top_k: int = 5, decode_timeout: float = DEFAULT_STALL_S,
-                 **backend_options):
+                 sampling: Sampling | None = None, top_k: int = 5, batch_size: int = 32,
+                 decode_threads: int = 1, decode_timeout: float = DEFAULT_STALL_S, **backend_options):
         """decode_timeout: seconds a video's decoder may go without reading a frame before that video is
         given up (its decoder process is killed and restarted for the next)."""
+        self.decode_timeout = decode_timeout
         self.decoder = DecodeWorker(DECODE_THREADS, decode_timeout)
+        self._decoders = [self.decoder]  # decode_threads > 1: one decoder process per decoding thread
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
         self.num_classes = m.output.classes
@@ -94,6 +98,9 @@ class Classifier:
         if top_k < 1:
             raise StexportError(f"--top-k {top_k}: must be at least 1")
         self.top_k = min(top_k, self.num_classes)
+        if batch_size < 1 or decode_threads < 1:
+            raise StexportError(f"batch_size {batch_size}, decode_threads {decode_threads}: must be at least 1")
+        self.batch_size, self.decode_threads = int(batch_size), int(decode_threads)
         own = str(self.bundle.file("labels")) if self.bundle.has("labels") else None
         self.labels, self.labels_source = resolve_labels(labels or own, self.num_classes)
         if not labels and own:  # the bundle's labels.txt: say where build took the names from
@@ -174,6 +181,14 @@ class Classifier:
                 out = Failure(display(source), str(e))
             yield out
 
+    def classify_batch(self, sources: Iterable) -> Iterator[Result | Failure]:
+        """Many videos: a Result or Failure per source in input order, never raising for one bad input; views
+        of several videos per backend call (up to batch_size), decode_threads decoding ahead. Same numbers as
+        classify(). See stexport.batch."""
+        from stexport.batch import classify_batch
+
+        return classify_batch(self, sources)
+
     def timeline(self, source, window: float, stride: float, prefetch: int = 2) -> Iterator[Result]:
         """Top classes for windows of `window` seconds every `stride` seconds of the video's presentation
         timestamps (VideoError for a bad video, NonFiniteOutput for NaN/Inf logits)."""
@@ -200,8 +215,16 @@ class Classifier:
             yield self._checked(source, lambda: self._result(str(source), w.clips, w.frames, decode_s, w.notes,
                                                              w.start, w.end))
 
+    def decoders(self) -> list[DecodeWorker]:
+        """decode_threads decoder processes (started lazily, each on first use), the first the one
+        classify() and timeline() use."""
+        while len(self._decoders) < self.decode_threads:
+            self._decoders.append(DecodeWorker(DECODE_THREADS, self.decode_timeout))
+        return self._decoders
+
     def close(self) -> None:
-        self.decoder.close()
+        for d in self._decoders:
+            d.close()
         self.backend.close()
 
     def __enter__(self):

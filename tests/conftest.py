@@ -188,10 +188,11 @@ def http_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session (127.0.0.1, 2 CPUs, no dashboard), started by the first test that
-    asks for it and shut down at the end. Yields the `ray` module."""
+    """A local Ray cluster on 127.0.0.1 (2 CPUs, no dashboard), started on first use and shared by the whole
+    test session (Ray takes 4-36 s to start here). Yields its GCS address HOST:PORT, which subprocesses join
+    (`stexport infer --ray ADDRESS`, `ray.init(address=ADDRESS)`); in this process Ray is already initialised.
+    Needs `ray` (the dev extra installs it)."""
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+    ctx = ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield "127.0.0.1:" + ctx.address_info["gcs_address"].rsplit(":", 1)[1]
     ray.shutdown()

@@ -123,7 +123,7 @@ def test_verbose_tells_each_stage(tiny_adapter, videos, tmp_path):
     assert r.exit_code == 0, r.output
     err = r.stderr
     for expected in ("stexport: adapter: ", "stexport: weights: stexport-tiny-vit randomly initialised",
-                     "stexport: activation: QuickGELU (from the stexport-tiny-vit config)",
+                     "stexport: activation: QuickGELU (model config stexport-tiny-vit sets quick_gelu)",
                      "stexport: graph: uint8 input", "stexport: export: ONNX opset 18",
                      "stexport: load: done in ", "stexport: export: done in ", "stexport: bundle: "):
         assert expected in err, (expected, err)

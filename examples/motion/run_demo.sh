@@ -10,7 +10,7 @@ DEMO=examples/motion
 
 echo "== install"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e .
+.venv/bin/pip install -q -e ".[export]"   # build and verify need torch; infer alone needs only `pip install .`
 PY=.venv/bin/python
 STEXPORT=.venv/bin/stexport
 

@@ -1,0 +1,85 @@
+"""A JSON Lines results file (`stexport infer --output FILE`) that a rerun resumes.
+
+One line per source, `infer --json`'s schema ({"path", "top", …} or {"path", "error"}), written in input order
+and flushed line by line. Reopening the file reads the sources already done (failures count as done: a damaged
+file stays damaged); a last line cut short by a kill is dropped. `remaining(sources)` then leaves out what is
+done, counting repeats (a source listed twice needs two lines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from stexport.errors import StexportError
+
+
+class ResultsFile:
+    """Open (creating it, or resuming it) a results file. Raises StexportError for a file that is not
+    stexport's JSON Lines (a line that does not parse, or lacks "path") or a directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.done: Counter[str] = Counter()
+        self.lines = 0
+        if self.path.is_dir():
+            raise StexportError(f"{self.path}: is a directory; --output takes a file (JSON Lines)")
+        if self.path.exists():
+            self._read()
+        self._fh = None
+
+    def _read(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a line cut short by a kill: drop it, the source runs again
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        for n, line in enumerate(data[:end].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                path = row["path"]
+            except (ValueError, KeyError, TypeError):
+                raise StexportError(f"{self.path}: line {n} is not a stexport result; --output resumes only "
+                                    "files stexport wrote: pass another file or remove this one") from None
+            self.done[str(path)] += 1
+            self.lines += 1
+
+    def remaining(self, sources: Sequence) -> list[tuple[int, str]]:
+        """(index in `sources`, source) for each source not yet done, in input order."""
+        left = Counter(self.done)
+        out = []
+        for i, s in enumerate(sources):
+            if left[str(s)] > 0:
+                left[str(s)] -= 1
+            else:
+                out.append((i, str(s)))
+        return out
+
+    def write(self, row: dict) -> None:
+        """Append one result (a to_dict()) and flush it to the OS, so a kill loses at most the line being
+        written. Strict JSON (NaN/Infinity raise ValueError)."""
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh.write(json.dumps(row, allow_nan=False) + "\n")
+        self._fh.flush()
+        self.done[str(row["path"])] += 1
+        self.lines += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
