@@ -94,9 +94,14 @@ that stay float (patch embedding, attention, head) at the float rate.
     Timings on a shared machine are noisy: compare backends in one run, quote medians.
     """
     if list_options:
-        from stexport.backends import options_help
+        from stexport.backends import REGISTRY, options_help, options_of
 
-        typer.echo(options_help())
+        if as_json:
+            print_json({name: [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help,
+                                "choices": list(o.choices) if o.choices else None, "minimum": o.minimum}
+                               for o in options_of(name)] for name in REGISTRY})
+        else:
+            typer.echo(options_help())
         return
     from stexport.bench import bench as run
     from stexport.errors import StexportError

@@ -39,9 +39,9 @@ def verify(
     as_json: bool = Flag(False, "--json", help="Print the full report as JSON (stdout) instead of the table."),
     report_path: Path = typer.Option(None, "--report", help="Also write the full report as JSON to this file."),
     max_abs: float = typer.Option(None, "--max-abs", help="Gate: max |Δlogit| (default: 1e-3 for fp32)."),
-    min_agreement: float = typer.Option(None, "--min-agreement", help="Gate: top-1 agreement, 0–1 "
+    min_agreement: float = typer.Option(None, "--min-agreement", min=0.0, max=1.0, help="Gate: top-1 agreement, 0–1 "
                                         "(default: 1.0 fp32, 0.99 fp16, 0.95 int8 without labels)."),
-    max_drop: float = typer.Option(None, "--max-drop", help="Gate: top-1 accuracy drop in points "
+    max_drop: float = typer.Option(None, "--max-drop", min=0.0, max=100.0, help="Gate: top-1 accuracy drop in points "
                                    "(default: 1.0 for int8 with labels)."),
     no_cache: bool = Flag(False, "--no-cache", help="Run the PyTorch reference even if its logits for this "
                           "model, sampling and these videos are cached."),

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from stexport.errors import StexportError
+from stexport.fileutil import python_child
 
 PEAK_SIZE = 2048
 
@@ -277,7 +278,7 @@ def measure_isolated(bundle_path: str, backend: str = "auto", options: dict | No
     job = {"bundle": str(bundle_path), "backend": backend, "options": options or {}, "batches": list(batches),
            "iters": iters, "warmup": warmup, "progress": progress, "probe": probe, "verbose": verbose}
     env = {**os.environ, "STEXPORT_BENCH_CHILD": "1"}
-    proc = subprocess.run([sys.executable, "-m", "stexport.bench", json.dumps(job)], stdout=subprocess.PIPE,
+    proc = subprocess.run(python_child("stexport.bench", "_child", json.dumps(job)), stdout=subprocess.PIPE,
                           stderr=None if progress else subprocess.PIPE, text=True, env=env, check=False)
     lines = proc.stdout.strip().splitlines()
     res = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}

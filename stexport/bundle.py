@@ -58,7 +58,7 @@ def _hash_cache_file(bundle_path: Path) -> Path:
 
 def _stamp(p: Path) -> list[int]:
     st = p.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]  # ctime: an mtime set back is still seen
 
 
 def _read_cache(bundle_path: Path) -> dict:
@@ -114,6 +114,9 @@ class Bundle:
         p = self.path / rel
         if not p.exists():
             raise StexportError(f"{p}: missing from the bundle; rebuild it with `stexport build --force`")
+        if verify and self.check_hashes and rel not in self.manifest.files:
+            raise BundleChanged(f"{self.path}: {rel} is not among the files the manifest recorded (stexport.json "
+                                f"was edited?); rebuild the bundle with `stexport build --force`")
         if verify and self.check_hashes:
             self.verify_files([rel, *([self.manifest.artifacts["onnx_data"]]
                                      if role == "onnx" and "onnx_data" in self.manifest.artifacts else [])])
@@ -156,8 +159,9 @@ class Bundle:
 
     @property
     def labels(self) -> list[str]:
-        """Class names, in class order: the bundle's labels file, else class_0 … class_{N-1}."""
-        if not self.has("labels"):
+        """Class names, in class order: the bundle's labels file, else class_0 … class_{N-1} (only for a bundle
+        built without one: a recorded labels file that is gone is an error)."""
+        if "labels" not in self.manifest.artifacts:
             return [f"class_{i}" for i in range(self.manifest.output.classes)]
         return [ln.strip() for ln in self.file("labels").read_text(encoding="utf-8").splitlines() if ln.strip()]
 
@@ -173,9 +177,15 @@ class Bundle:
     def precision(self) -> str:
         return self.manifest.precision
 
-    def update(self, artifacts: dict[str, str] | None = None, **fields) -> None:
+    def update(self, artifacts: dict[str, str] | None = None, written: tuple[str, ...] | list[str] = (),
+               **fields) -> None:
         """Record new artifacts (already written into the bundle) and manifest fields; refresh the file hashes;
-        write the manifest in one rename."""
+        write the manifest in one rename.
+
+        written: bundle-relative files the caller (re)wrote or removed. Every other recorded file must still
+        match its sha256 (BundleChanged otherwise): an update never records a changed model as built."""
+        if self.check_hashes:
+            self.verify_files([rel for rel in self.manifest.files if rel not in set(written)])
         m = self.manifest.with_(artifacts={**self.manifest.artifacts, **(artifacts or {})}, **fields)
         m = m.with_(files=file_records(self.path))
         mf.save(m, self.path)

@@ -101,7 +101,9 @@ class Classifier:
         if batch_size < 1 or decode_threads < 1:
             raise StexportError(f"batch_size {batch_size}, decode_threads {decode_threads}: must be at least 1")
         self.batch_size, self.decode_threads = int(batch_size), int(decode_threads)
-        own = str(self.bundle.file("labels")) if self.bundle.has("labels") else None
+        # a labels file the manifest records must be there (bundle.file says so); generic names only for a
+        # bundle built without one
+        own = str(self.bundle.file("labels")) if "labels" in m.artifacts else None
         self.labels, self.labels_source = resolve_labels(labels or own, self.num_classes)
         if not labels and own:  # the bundle's labels.txt: say where build took the names from
             self.labels_source = m.output.labels_source

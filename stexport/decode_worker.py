@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 
 from stexport.errors import StexportError
+from stexport.fileutil import python_child
 from stexport.video import Decoded, Sampling, VideoError, Window, check_source, display
 
 DEFAULT_STALL_S = 60.0  # a decoder that reads no frame for this long is taken as hung
@@ -60,7 +61,7 @@ class DecodeWorker:
         # shared with the child: appending, so truncating it between inputs leaves no hole
         fcntl.fcntl(self._err.fileno(), fcntl.F_SETFL, fcntl.fcntl(self._err.fileno(), fcntl.F_GETFL) | os.O_APPEND)
         env = {**os.environ, "OPENCV_FFMPEG_LOGLEVEL": os.environ.get("OPENCV_FFMPEG_LOGLEVEL", "-8")}
-        self._proc = subprocess.Popen([sys.executable, "-m", "stexport.decode_worker"], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen(python_child("stexport.decode_worker", "_serve"), stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._err, env=env, close_fds=True,
                                       bufsize=0)
 

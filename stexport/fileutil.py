@@ -64,3 +64,13 @@ def apply_umask(root: str | Path) -> None:
         if p.is_symlink():
             continue
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def python_child(module: str, function: str, *args: str) -> list[str]:
+    """The command that runs `module.function(*args)` in a fresh interpreter. Not `python -m module`: that puts
+    the working directory first on sys.path, so a folder named `stexport` there (a clone's parent directory)
+    would shadow the installed package."""
+    import sys
+
+    call = f"import sys; del sys.path[0]; from {module} import {function}; {function}(*sys.argv[1:])"
+    return [sys.executable, "-c", call, *args]

@@ -24,7 +24,7 @@ import json
 import platform
 from dataclasses import asdict
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -163,10 +163,17 @@ class InputRecord(Record):
     name: str = "frames"
     dtype: Literal["uint8", "float32"] = "uint8"
     layout: Literal["BTHWC", "BTCHW"] = "BTHWC"
-    frames: int = Field(gt=0)
-    size: int = Field(gt=0)
+    frames: int = Field(gt=0, le=4096, strict=True)
+    size: int = Field(gt=0, le=8192, strict=True)
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _finite(cls, v, info):
+        if not all(np.isfinite(x) for x in v) or (info.field_name == "std" and min(v) <= 0):
+            raise ValueError("must be finite" + (" and positive" if info.field_name == "std" else ""))
+        return v
 
     @property
     def normalized_in_graph(self) -> bool:
@@ -311,6 +318,15 @@ class Manifest(Record):
     torchscript: TorchScriptRecord | None = None
     engines: list[EngineRecord] = []
     tensorrt_request: EngineRequest | None = None
+
+    @field_validator("artifacts", "files")
+    @classmethod
+    def _inside_the_bundle(cls, v: dict, info) -> dict:
+        for rel in (v.values() if info.field_name == "artifacts" else v.keys()):
+            p = PurePosixPath(rel)
+            if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel:
+                raise ValueError(f"{rel!r} is not a path inside the bundle")
+        return v
 
     @property
     def frames(self) -> int:
@@ -457,9 +473,12 @@ def parse(data: Any, where: str | Path) -> Manifest:
     if data.get("format") != FORMAT:
         raise StexportError(f"{where}: not a stexport manifest (format is {data.get('format')!r}, not "
                             f"{FORMAT!r})")
-    version = data.get("format_version", 1)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise StexportError(f"{where}: field 'format_version' is wrong: {version!r} is not an integer; {fix}")
+    if "format_version" not in data:
+        raise StexportError(f"{where}: field 'format_version' is missing; {fix}")
+    version = data["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise StexportError(f"{where}: field 'format_version' is wrong: {version!r} is not a format (1 or more); "
+                            f"{fix}")
     if version > FORMAT_VERSION:
         raise StexportError(f"{where}: bundle format {version} is newer than this stexport ({__version__}) "
                             "understands; upgrade stexport")
@@ -467,6 +486,15 @@ def parse(data: Any, where: str | Path) -> Manifest:
         return Manifest.model_validate(migrate(data))
     except ValidationError as e:
         raise StexportError(f"{where}: {describe_error(e)}; {fix}") from None
+
+
+def _no_duplicates(pairs: list) -> dict:
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise json.JSONDecodeError(f"key {k!r} appears twice", "", 0)
+        seen[k] = v
+    return seen
 
 
 def load(path: str | Path) -> Manifest:
@@ -482,7 +510,7 @@ def load(path: str | Path) -> Manifest:
         raise StexportError(f"{mf}: unreadable manifest ({getattr(e, 'strerror', None) or e}); "
                             "rebuild the bundle with `stexport build --force`") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
         raise StexportError(f"{mf}: not valid JSON ({e}); rebuild the bundle with `stexport build --force`") \
             from None

@@ -102,5 +102,5 @@ def add_to_bundle(bundle: Bundle | str | Path, force: bool = False, precision: s
     deploy = fold(ref, "uint8", compute_dtype=PRECISIONS[precision])
     manifest = embedded_manifest(b, precision)
     record = export_torchscript(deploy, b.path / FILE, b.frames, b.size, manifest, precision)
-    b.update(artifacts={"torchscript": FILE}, torchscript=record)
+    b.update(artifacts={"torchscript": FILE}, written=[FILE], torchscript=record)
     return b

@@ -227,6 +227,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
                 if not isinstance(views, VideoError):
                     raise views
                 failed.append({"video": display(path), "error": str(views)})
+                log.warning("%s", views)  # one line per video that could not be decoded (the report counts them)
                 continue
             t = time.perf_counter()
             out_logits.append(test.run(views))

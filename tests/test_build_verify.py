@@ -197,7 +197,7 @@ def test_verify_fails_on_a_corrupted_weight(tiny_bundle, videos, tmp_path):
     r = cli("verify", tmp_path / "b", "--clips", videos / "list.txt")
     assert r.exit_code == 1, r.output
     assert "FAIL" in r.output and "files changed since the build: model.onnx" in r.output
-    Bundle.load(tmp_path / "b").update()  # fresh hashes: a wrong but self-consistent bundle fails the same
+    Bundle.load(tmp_path / "b").update(written=["model.onnx"])  # a wrong but self-consistent bundle fails the same
     r = cli("verify", tmp_path / "b", "--clips", videos / "list.txt")
     assert r.exit_code == 1 and "max |Δlogit|" in r.output and "files changed" not in r.output
 
@@ -310,7 +310,7 @@ def nan_weight(bundle_path) -> None:
     arr[0] = np.nan
     b.CopyFrom(numpy_helper.from_array(arr, b.name))
     onnx.save(model, str(path))
-    Bundle.load(bundle_path).update()
+    Bundle.load(bundle_path).update(written=["model.onnx"])
 
 
 def test_build_refuses_nan_adapter_in_one_line(tiny_adapter, tmp_path):

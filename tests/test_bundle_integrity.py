@@ -177,3 +177,84 @@ def test_json_output_is_strict(tiny_bundle, tmp_path, make_video):
     for line in r.stdout.strip().splitlines():
         json.loads(line, parse_constant=refuse)
     assert np.isfinite(json.loads(r.stdout.splitlines()[0])["top"][0]["score"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# found by trying it as a new user: edits of the manifest or the files never make a changed bundle run
+
+
+def test_adding_an_artifact_never_records_a_changed_model(tiny_bundle, tmp_path):
+    """Updating the manifest (as export-torchscript and the engine cache do) re-hashes only what the caller
+    wrote: a changed model.onnx stays refused instead of being recorded as built."""
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, b)
+    flip_one_initializer(b / "model.onnx")
+    (b / "extra.bin").write_bytes(b"x")
+    with pytest.raises(BundleChanged, match="model.onnx changed"):
+        Bundle.load(b).update(artifacts={"extra": "extra.bin"}, written=["extra.bin"])
+    with pytest.raises(BundleChanged):
+        create("onnxruntime", Bundle.load(b))
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["artifacts"].update(onnx="/etc/hostname"), "is not a path inside the bundle"),
+    (lambda m: m["artifacts"].update(onnx="../other/model.onnx"), "is not a path inside the bundle"),
+    (lambda m: m["files"].pop("model.onnx"), "model.onnx is not among the files the manifest recorded"),
+    (lambda m: m.pop("files"), "is not among the files the manifest recorded"),
+    (lambda m: m["input"].update(frames=4), "the graph takes 'frames' of shape (B, 8, 32, 32, 3)"),
+    (lambda m: m["input"].update(frames=True), "field 'input.frames' is wrong"),
+    (lambda m: m["input"].update(frames=10 ** 12), "field 'input.frames' is wrong"),
+    (lambda m: m["input"].update(std=[0.0, 1.0, 1.0]), "field 'input.std' is wrong"),
+    (lambda m: m.pop("format_version"), "field 'format_version' is missing"),
+    (lambda m: m.update(format_version=0), "field 'format_version' is wrong"),
+])
+def test_edited_manifests_never_run(tiny_bundle, tmp_path, make_video, edit, words):
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, b)
+    m = json.loads((b / "stexport.json").read_text())
+    edit(m)
+    (b / "stexport.json").write_text(json.dumps(m))
+    video = make_video("v.mp4", frames=20, width=64, height=48)
+    for backend in ("auto", "onnxruntime"):
+        r = CliRunner().invoke(app, ["infer", str(video), "-m", str(b), "-b", backend])
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and words in lines[0], (backend, r.output)
+
+
+def test_a_manifest_with_a_key_twice_is_refused(tiny_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, b)
+    text = (b / "stexport.json").read_text()
+    (b / "stexport.json").write_text(text.replace('"precision": "fp32"', '"precision": "fp32", "precision": "int8"'))
+    with pytest.raises(StexportError, match="appears twice"):
+        Bundle.load(b)
+
+
+def test_missing_model_or_labels_is_named_not_a_runtime_problem(tiny_bundle, tmp_path, make_video):
+    video = make_video("v.mp4", frames=20, width=64, height=48)
+    for gone, words in (("model.onnx", "model.onnx: missing from the bundle"),
+                        ("labels.txt", "labels.txt: missing from the bundle")):
+        b = tmp_path / gone
+        shutil.copytree(tiny_bundle.path, b)
+        (b / gone).unlink()
+        r = CliRunner().invoke(app, ["infer", str(video), "-m", str(b)])
+        assert r.exit_code == 2 and words in r.output and "install one" not in r.output, r.output
+
+
+def test_auto_refuses_a_misspelt_option_and_never_drops_a_bad_value(tiny_bundle):
+    with pytest.raises(StexportError, match="no backend has an option 'compte' \\(did you mean 'compute'\\?\\)"):
+        create("auto", tiny_bundle, compte="bf16")
+    with pytest.raises(StexportError, match="threads=0: must be at least 1"):
+        create("auto", tiny_bundle, threads="0")
+
+
+def test_bench_runs_from_a_folder_holding_a_stexport_directory(tiny_bundle, tmp_path):
+    """The measuring child must import the installed stexport, not a `stexport` folder in the working directory
+    (a clone's parent directory)."""
+    (tmp_path / "stexport").mkdir()
+    r = subprocess.run([sys.executable, "-c", "import sys; del sys.path[0]; from stexport.cli.app import main; "
+                        "main()", "bench", str(tiny_bundle.path), "-b", "onnxruntime", "--batch", "1", "--iters",
+                        "1", "--warmup", "0", "--no-peaks", "--json"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["backend"] == "onnxruntime"

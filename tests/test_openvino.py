@@ -295,7 +295,9 @@ def test_unreadable_model_is_one_line_error(bundles, tmp_path):
     (broken / "model.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(StexportError, match=r"model.onnx changed since the bundle was built"):
         OpenVINOBackend(Bundle.load(broken), cache=False)
-    Bundle.load(broken).update()  # a bundle built (recorded) with a broken model
+    b = Bundle.load(broken)
+    b.check_hashes = False
+    b.update()  # a bundle built (recorded) with a broken model
     with pytest.raises(StexportError, match=r"broken/model.onnx: OpenVINO cannot compile it \(.+\); rebuild"):
         OpenVINOBackend(Bundle.load(broken), cache=False)
     e = RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\nException from x.cpp:54:\n"

@@ -66,7 +66,7 @@ def engine_bundle(tmp_path_factory, tiny_bundle):
                       seconds=1.0, size=4096)
     (root / rec["file"]).parent.mkdir(parents=True, exist_ok=True)
     (root / rec["file"]).write_bytes(os.urandom(4096))
-    b.update(engines=[rec])
+    b.update(engines=[rec], written=[rec["file"]])
     return b
 
 

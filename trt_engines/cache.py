@@ -89,7 +89,8 @@ def save(bundle: Bundle, record: dict, plan, timing: bytes | None, host: Host) -
         for r in drop:
             if r["file"] != record["file"]:
                 (bundle.path / r["file"]).unlink(missing_ok=True)
-        fresh.update(artifacts={"engines": ENGINE_DIR}, engines=[*keep, record])
+        written = [record["file"], timing_cache_file(host), *(r["file"] for r in drop)]
+        fresh.update(artifacts={"engines": ENGINE_DIR}, written=written, engines=[*keep, record])
         bundle.manifest = fresh.manifest
     return record
 

@@ -73,42 +73,71 @@ def options_help() -> str:
 
 def create(name: str, bundle: Bundle, **options) -> Backend:
     """A backend for `bundle` with `options` (checked against its declared OPTIONS first: StexportError for
-    an unknown or malformed one). With 'auto', a backend that fails to open (e.g. a TensorRT engine built for
-    another GPU that cannot be rebuilt here) is reported with its reason and the next usable one is tried;
-    options the chosen backend does not take are dropped with a note (so `--threads` works with any)."""
+    an unknown or malformed one).
+
+    With 'auto': an option no backend declares is refused like a misspelt one; options the chosen backend
+    does not declare are dropped with a note (so `--threads` works with any); a backend that fails to open
+    (e.g. a TensorRT engine built for another GPU that cannot be rebuilt here) is reported with its reason and
+    the next usable one is tried, unless options were given for it (they were meant for that runtime: its
+    refusal is the answer, not another runtime that ignores them). A bundle whose model file is missing is
+    that error, never a fall-back."""
     failed: tuple[str, ...] = ()
     reasons: list[str] = []
     if name != "auto":
         options = load_class(name).check_options(options)
+    else:
+        _check_auto_options(options)
     while True:
         chosen = resolve(name, bundle, skip=failed)
         if chosen is None:
+            if not reasons:
+                bundle.file("onnx")  # a missing or changed model file says so itself
             why = "; ".join(reasons) or "none of " + ", ".join(AUTO_ORDER) + " is installed or can run it"
             raise StexportError(f"{bundle.path}: no runtime here can run this bundle ({why}); install one "
                                 "(pip install onnxruntime) or pass --backend NAME")
+        cls = load_class(chosen)
+        opts = options
+        if name == "auto":
+            known = {o.name for o in cls.OPTIONS} | set(cls.ALIASES)
+            dropped = sorted(set(options) - known)
+            if dropped:
+                log.info("%s does not take option(s) %s; ignoring them", chosen, ", ".join(dropped))
+            opts = cls.check_options({k: v for k, v in options.items() if k in known})
         try:
-            cls = load_class(chosen)
-            opts = options
-            if name == "auto":
-                known = {o.name for o in cls.OPTIONS} | set(cls.ALIASES)
-                dropped = sorted(set(options) - known)
-                if dropped:
-                    log.info("%s does not take option(s) %s; ignoring them", chosen, ", ".join(dropped))
-                opts = cls.check_options({k: v for k, v in options.items() if k in known})
             backend = cls(bundle, **opts)
-            log.info("backend: %s%s, options %s: %s", chosen, " (picked by auto)" if name == "auto" else "",
-                     opts or "defaults", backend.describe())
-            return backend
         except BundleChanged:
             raise  # the bundle is not what was built: no runtime may run it
         except StexportError as e:
-            if name != "auto":
+            if name != "auto" or set(opts) - {"threads"}:
                 raise
             failed += (chosen,)
             reasons.append(f"{chosen}: {e}")
             nxt = resolve(name, bundle, failed)
             if nxt is not None:
                 log.warning(f"{chosen} cannot run {bundle.path.name}: {e}; falling back to {nxt}")
+            continue
+        log.info("backend: %s%s, options %s: %s", chosen, " (picked by auto)" if name == "auto" else "",
+                 opts or "defaults", backend.describe())
+        return backend
+
+
+def _check_auto_options(options: dict) -> None:
+    """Refuse an option that no backend declares (a misspelling), naming the closest ones."""
+    import difflib
+
+    known: set[str] = set()
+    for n in REGISTRY:
+        try:
+            cls = load_class(n)
+        except ImportError:
+            continue
+        known |= {o.name for o in cls.OPTIONS} | set(cls.ALIASES)
+    for key in options:
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise StexportError(f"no backend has an option '{key}'{hint}; `stexport bench --list-options` lists "
+                                "each backend's options")
 
 
 __all__ = ["Backend", "Option", "REGISTRY", "AUTO_ORDER", "create", "resolve", "names", "load_class", "options_of",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stexport.bundle import Bundle
-from stexport.errors import StexportError
+from stexport.errors import BundleChanged, StexportError
 
 # Compute precisions a backend reports (describe()["compute_precision"]): the float format its GEMMs run in.
 # Distinct from the bundle's precision (fp32 | fp16 | int8: what the graph holds). INT8 bundles run their
@@ -26,6 +26,7 @@ class Option:
     default: object
     help: str
     choices: tuple | None = None
+    minimum: float | None = None  # numbers below it are refused
 
     def coerce(self, value, backend: str):
         """`value` (from the command line: a string) as this option's type; StexportError if it is not one."""
@@ -51,6 +52,8 @@ class Option:
                 value = str(value)
         except (TypeError, ValueError):
             raise StexportError(f"{backend} option {self.name}={value!r}: expected {kind} ({self.help})") from None
+        if self.minimum is not None and value < self.minimum:
+            raise StexportError(f"{backend} option {self.name}={value!r}: must be at least {self.minimum:g}")
         if self.choices and value not in self.choices:
             raise StexportError(f"{backend} option {self.name}={value!r}: choose one of "
                                 f"{', '.join(map(str, self.choices))}")
@@ -61,7 +64,7 @@ class Option:
         return f"{self.name}={what} (default {self.default}): {self.help}"
 
 
-THREADS = Option("threads", int, None, "CPU threads for inference (default: the runtime's)")
+THREADS = Option("threads", int, None, "CPU threads for inference, 1 or more (default: the runtime's)", minimum=1)
 
 
 class Backend(ABC):
@@ -98,7 +101,7 @@ class Backend(ABC):
                 hint = f" (did you mean '{near[0]}'?)" if near else ""
                 valid = ", ".join(known) or "none"
                 raise StexportError(f"{cls.name} has no option '{key}'{hint}; its options: {valid} "
-                                    f"(see `stexport bench --help`)")
+                                    f"(see `stexport bench --list-options`)")
             out[key] = opt.coerce(value, cls.name)
         return out
 
@@ -130,6 +133,16 @@ class Backend(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+    def check_graph(self, path, name: str, dims: list) -> None:
+        """The model file's input (`name`, `dims` after the batch axis) must be the manifest's: a manifest that
+        disagrees with its graph is refused in one line before anything runs."""
+        want = list(self.input.shape(1)[1:])
+        got = [int(d) if str(d).isdigit() else d for d in dims]
+        if name != self.input.name or got != want:
+            raise BundleChanged(f"{path}: the graph takes '{name}' of shape (B, {', '.join(map(str, got))}) but "
+                                f"stexport.json says '{self.input.name}' (B, {', '.join(map(str, want))}); "
+                                "rebuild the bundle with `stexport build --force`")
 
     def check_input(self, clips: np.ndarray) -> np.ndarray:
         """uint8 (B, T, H, W, 3) clips of the bundle's frames and size, C-contiguous; StexportError otherwise."""

@@ -162,7 +162,7 @@ class OpenVINOBackend(Backend):
         if cap not in caps:
             raise StexportError(f"OpenVINO compute precision {want}: this {self.device} cannot compute in "
                                 f"{cap} (it offers {', '.join(c for c in caps if c in ('FP32', 'BF16', 'FP16'))}); "
-                                "use -o compute=f32")
+                                "use --option compute=f32")
         if hint not in HINTS:
             raise StexportError(f"OpenVINO hint '{hint}': choose one of {', '.join(HINTS)}")
         config = {
@@ -185,10 +185,13 @@ class OpenVINOBackend(Backend):
         if self.static:
             self.model = self._attempt(lambda: self.core.read_model(str(self.path)))
             self.streams = 1
+            graph_in = self.model.inputs[0]
         else:
             self.model = None
             compiled, _ = self.compiled_for(None)
             self.streams = int(compiled.get_property(props.optimal_number_of_infer_requests))
+            graph_in = compiled.inputs[0]
+        self.check_graph(self.path, graph_in.get_any_name(), [str(d) for d in graph_in.get_partial_shape()[1:]])
         self.stream_requests: list | None = None
         self.hint, self.threads, self.want = hint, threads, want
 

@@ -76,6 +76,8 @@ class OrtBackend(Backend):
             interrupt.reraise(e)
             raise StexportError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); "
                                 "rebuild the bundle with `stexport build --force`") from e
+        graph_in = self.session.get_inputs()[0]
+        self.check_graph(path, graph_in.name, list(graph_in.shape[1:]))
 
     @classmethod
     def usable(cls, bundle) -> bool:
