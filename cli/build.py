@@ -24,6 +24,8 @@ Examples:
 
   stexport build --adapter k400.pt --precision fp16 --engine    # + a TensorRT engine (now on a GPU host)
 
+  stexport build --adapter k400.pt --precision int8 --calib val_list.txt --engine   # INT8 + FP16 float parts
+
   stexport build --adapter k400.pt --torchscript                # + model.ts for C++ hosts (examples/cpp)
 """
 
@@ -61,6 +63,9 @@ def build(
                                      "graph) or float (B,T,3,H,W, normalised by the host)."),
     int8_attention: bool = Flag(False, "--int8-attention", help="INT8 also for the attention scores "
                                         "(q·kᵀ inputs; softmax stays float): a few % faster on CPU."),
+    int8_float: str = typer.Option(None, "--int8-float", help="Float type of an INT8 graph's other layers: "
+                                   "fp16 (what TensorRT then runs them in; LayerNorm/Softmax statistics stay "
+                                   "FP32) or fp32. Default: fp16 with --engine, else fp32."),
     engine: bool = Flag(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
     torchscript: bool = Flag(False, "--torchscript", help="Also write model.ts, a frozen TorchScript "
@@ -87,7 +92,8 @@ def build(
     options = BuildOptions(adapter=adapter, backbone=backbone, pretrained=pretrained, precision=precision,
                            frames=frames, size=size, out=out, force=force, calib=calib, labels=labels,
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
-                           int8_attention=int8_attention, sampling=sampling or None, progress=True)
+                           int8_attention=int8_attention, int8_float=int8_float, for_tensorrt=engine,
+                           sampling=sampling or None, progress=True)
     from stexport.build import build_bundle  # torch and open_clip load here, after every cheap check
 
     b = build_bundle(options=options)
@@ -118,7 +124,7 @@ def build(
     if m.calibration is not None:
         c = m.calibration
         typer.echo(f"  calibration: {c.method} on {c.clips} clips{' (cached)' if c.cached else ''}, "
-                   f"{c.quantized_layers} layers quantized")
+                   f"{c.quantized_layers} layers quantized, {c.float_precision} float parts")
     if engine_note:
         typer.echo(f"  {engine_note}")
     if torchscript and m.torchscript is not None:

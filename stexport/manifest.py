@@ -235,6 +235,9 @@ class CalibrationRecord(Record):
     cached: bool = False
     scheme: str | None = None
     attention_scores_int8: bool = False
+    # the float type around the Q/DQ pairs: fp32, or fp16 (dequantized tensors, scales and the float layers in
+    # FP16; LayerNorm/Softmax statistics in FP32), what a strongly typed TensorRT network then runs them in
+    float_precision: Literal["fp32", "fp16"] = "fp32"
 
 
 class TorchScriptRecord(Record):
@@ -312,6 +315,13 @@ class Manifest(Record):
     @property
     def num_classes(self) -> int:
         return self.output.classes
+
+    @property
+    def float_precision(self) -> str:
+        """The float type the graph computes its non-INT8 parts in: fp32 or fp16."""
+        if self.precision == "int8":
+            return self.calibration.float_precision if self.calibration is not None else "fp32"
+        return self.precision
 
     def with_(self, **fields: Any) -> "Manifest":
         """A copy with `fields` replaced, validated (model_copy alone would not validate)."""

@@ -106,6 +106,8 @@ ONNX_VARIANTS = {
     "fp16-gelu-3x3x3": ("stexport-tiny-vit-gelu", "fp16", "uint8", dict(width=16, kernel=(3, 3, 3))),
     "int8-gelu-float-input": ("stexport-tiny-vit-gelu", "int8", "float", dict(width=16)),
     "int8-attention": ("stexport-tiny-vit", "int8", "uint8", dict(width=32), {"int8_attention": True}),
+    "int8-fp16": ("stexport-tiny-vit", "int8", "uint8", dict(width=32, pre_attn=True, pre_mlp=True),
+                  {"int8_float": "fp16"}),
 }
 
 
