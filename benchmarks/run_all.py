@@ -55,6 +55,8 @@ ROWS = [
     ("OpenVINO", "ONNX Q/DQ", "int8 + int8 q·kᵀ (+ f32)", "int8att", "openvino", {}),
     ("OpenVINO, BF16 hint", "ONNX Q/DQ", "int8 + int8 q·kᵀ (+ bf16)", "int8att", "openvino",
      {"compute": "bf16"}),
+    ("ONNX Runtime", "ONNX Q/DQ", "int8 (+ fp16 float parts)", "int8f16", "onnxruntime", {}),
+    ("OpenVINO", "ONNX Q/DQ", "int8 (+ fp16 float parts → f32)", "int8f16", "openvino", {}),
     ("TensorRT", "engine", "fp16 / int8", "fp16", "tensorrt", {}),
 ]
 
@@ -126,7 +128,7 @@ def make_bundles(work: Path, backbone: str, videos: Path, rebuild: bool) -> dict
     from stexport.synthetic import random_deltas
 
     bb, out = None, {}
-    for p in ("fp32", "fp16", "int8", "int8att"):
+    for p in ("fp32", "fp16", "int8", "int8att", "int8f16"):
         path = work / f"{backbone}-{p}"
         if path.is_dir() and not rebuild:
             out[p] = Bundle.load(path)
@@ -137,7 +139,8 @@ def make_bundles(work: Path, backbone: str, videos: Path, rebuild: bool) -> dict
         deltas = random_deltas(bb.config, width=bb.config.width // 2, num_classes=400)
         out[p] = build_bundle(deltas, backbone=bb, precision=p[:4], frames=8, out=path, force=True,
                               calib=videos if int8 else None,
-                              calib_clips=2, int8_attention=p == "int8att", progress=True)
+                              calib_clips=2, int8_attention=p == "int8att",
+                              int8_float="fp16" if p == "int8f16" else None, progress=True)
         print(f"built {path.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return out
 
@@ -205,8 +208,9 @@ def demo_accuracy(work: Path, count: int, model: Path = DEMO) -> tuple[dict, str
                                precision=p[:4], frames=8, out=work / f"motion-{p}", force=True,
                                sampling=DEMO_VIEWS,
                                calib=data / "train.txt" if p.startswith("int8") else None, calib_clips=64,
-                               int8_attention=p == "int8att", labels=data / "labels.txt")
-               for p in ("fp32", "fp16", "int8", "int8att")}
+                               int8_attention=p == "int8att", labels=data / "labels.txt",
+                               int8_float="fp16" if p == "int8f16" else None)
+               for p in ("fp32", "fp16", "int8", "int8att", "int8f16")}
     if "torchscript" in REGISTRY:
         from stexport.torchscript import add_to_bundle
 

@@ -267,7 +267,8 @@ class EngineRecord(Record):
     capability: str
     onnx: dict[str, str]
     precision: str
-    profile: EngineProfile
+    profile: EngineProfile  # the whole batch range (min of the first profile .. max of the last)
+    profiles: list[EngineProfile] = []  # TensorRT's optimisation profiles in index order (empty: [profile])
     workspace_gb: float | None = None
     opt_level: int | None = None
     build_seconds: float | None = None

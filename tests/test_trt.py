@@ -327,16 +327,25 @@ class FakeTensorRT:
                 if fail_build:
                     self.logger.log(Severity.ERROR, fail_build)
                     return None
-                name, _, _, hi = config.profiles[0].shape
-                return json.dumps({"fake-plan": fake.__version__, "input": name, "max": hi}).encode()
+                name = config.profiles[0].shape[0]
+                ranges = [[p.shape[1][0], p.shape[3][0]] for p in config.profiles]
+                return json.dumps({"fake-plan": fake.__version__, "input": name, "ranges": ranges}).encode()
 
         class Context:
             def __init__(self, plan):
-                self.plan, self.shape, self.addr = plan, None, {}
+                self.plan, self.shape, self.addr, self.profile = plan, None, {}, 0
+
+            def set_optimization_profile_async(self, index, stream):
+                fake.calls.append(("set_optimization_profile_async", index, stream))
+                if not 0 <= index < len(self.plan["ranges"]):
+                    return False
+                self.profile, self.shape, self.addr = index, None, {}  # as documented: shapes/addresses reset
+                return True
 
             def set_input_shape(self, name, shape):
                 fake.calls.append(("set_input_shape", name, tuple(shape)))
-                ok = name == self.plan["input"] and 1 <= shape[0] <= self.plan["max"][0]
+                lo, hi = self.plan["ranges"][self.profile]
+                ok = name == self.plan["input"] and lo <= shape[0] <= hi
                 self.shape = tuple(shape) if ok else self.shape
                 return ok
 
@@ -362,6 +371,7 @@ class FakeTensorRT:
 
             def __init__(self, plan):
                 self.plan = plan
+                self.num_optimization_profiles = len(plan["ranges"])
 
             def get_tensor_name(self, i):
                 return ["frames", "logits"][i]
@@ -442,7 +452,10 @@ def test_build_is_strongly_typed_from_file_with_profile_workspace_level_and_timi
     assert ("create_network", 1 << 1) in calls  # STRONGLY_TYPED
     assert not [c for c in calls if c[0] == "set_flag"]  # no FP16 / INT8 flags: precision is in the graph
     assert ("parse_from_file", str(bundle.path / "model.onnx")) in calls
-    assert ("set_shape", "frames", [1, 4, 32, 32, 3], [8, 4, 32, 32, 3], [8, 4, 32, 32, 3]) in calls
+    # two profiles: 1..3 tuned for the 3 views infer sends per video, 4..8 tuned for the largest batch
+    assert [c for c in calls if c[0] == "set_shape"] == [
+        ("set_shape", "frames", [1, 4, 32, 32, 3], [3, 4, 32, 32, 3], [3, 4, 32, 32, 3]),
+        ("set_shape", "frames", [4, 4, 32, 32, 3], [8, 4, 32, 32, 3], [8, 4, 32, 32, 3])]
     assert ("set_memory_pool_limit", "workspace", 2 << 30) in calls
     assert ("config.builder_optimization_level", 5) in calls
     assert ("set_timing_cache", b"", False) in calls  # first build: an empty cache, mismatches refused
@@ -453,6 +466,8 @@ def test_build_is_strongly_typed_from_file_with_profile_workspace_level_and_timi
     assert records(b) == [rec] and rec["onnx"] == onnx_identity(b)
     assert (rec["tensorrt"], rec["gpu"], rec["capability"]) == (H100.tensorrt, H100.gpu, H100.capability)
     assert rec["profile"]["max"][0] == 8 and rec["precision"] == "fp16" and rec["workspace_gb"] == 2
+    assert rec["profile"]["opt"][0] == 3 and [p["opt"][0] for p in rec["profiles"]] == [3, 8]
+    assert [p.opt[0] for p in b.manifest.engines[0].profiles] == [3, 8]  # typed in the manifest
     assert (b.path / rec["file"]).read_bytes().startswith(b'{"fake-plan"')
     assert (b.path / timing_cache_file(H100)).read_bytes() == b"+1"
     assert b.changed_files() == [] and rec["file"] in b.manifest.files
@@ -541,10 +556,14 @@ def test_backend_io_buffers_and_chunks_with_fakes(bundle, monkeypatch):
     assert set(cuda.h2d_dtypes) == {np.dtype(np.uint8)}  # uint8 crosses to the GPU as uint8
     shapes = [c[2][0] for c in trt.calls if c[0] == "set_input_shape"]
     assert shapes == [4, 4, 4, 2, 4, 4, 2]  # sizing at open, then chunks of the profile's max batch
+    # profiles 1..3 (tuned for infer's 3 views) and 4..4: each chunk runs on the profile made for it
+    switches = [c[1] for c in trt.calls if c[0] == "set_optimization_profile_async"]
+    assert switches == [1, 0, 1, 0] and all(c[2] == 7 for c in trt.calls if c[0].startswith("set_optim"))
     assert all(c[1] == 7 for c in trt.calls if c[0] == "execute_async_v3")  # one stream
     assert be.run(clips[:0]).shape == (0, 5)
     d = be.describe()
     assert d["backend"] == "tensorrt" and d["profile_batch"] == [1, 4] and d["tensorrt"] == "10.16.1.11"
+    assert d["profiles"] == [[1, 3, 3], [4, 4, 4]]
     be.close()
     assert cuda.closed
 
