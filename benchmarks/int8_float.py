@@ -50,7 +50,7 @@ def main() -> None:
                 continue
             rep = verify(b, data / "val.txt", backend=backend)
             with create(backend, b) as be:
-                t = time_runner(be.run, lambda n: clips_for(b, n), batches=(1, 4), iters=args.iters)
+                t = time_runner(be.run, lambda n, b=b: clips_for(b, n), batches=(1, 4), iters=args.iters)
                 compute = be.describe().get("compute_precision")
             rows.append((backend, fl, compute, rep, t))
     print(f"demo model, val clips: {args.val}; reference top-1 from verify\n")

@@ -27,6 +27,8 @@ Examples:
   stexport build --adapter k400.pt --precision int8 --calib val_list.txt --engine   # INT8 + FP16 float parts
 
   stexport build --adapter k400.pt --torchscript                # + model.ts for C++ hosts (examples/cpp)
+
+  stexport build --adapter k400.pt --aoti                       # + model.pt2 (AOTInductor) for C++ hosts
 """
 
 
@@ -70,6 +72,8 @@ def build(
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
     torchscript: bool = Flag(False, "--torchscript", help="Also write model.ts, a frozen TorchScript "
                                      "module for libtorch hosts (see `stexport export-torchscript`)."),
+    aoti: bool = Flag(False, "--aoti", help="Also write model.pt2, an AOTInductor package (CPU) for "
+                      "libtorch hosts (see `stexport export-aoti`)."),
     as_json: bool = Flag(False, "--json", help="Print the manifest as JSON."),
 ):
     """Build a bundle: load the CLIP backbone and the adapter deltas, fold them into a standard-operator
@@ -101,6 +105,10 @@ def build(
         from stexport.torchscript import add_to_bundle
 
         add_to_bundle(b)
+    if aoti:
+        from stexport.aoti import add_to_bundle as add_aoti
+
+        add_aoti(b)
     engine_note = None
     if engine:
         from stexport.trt_engines.engine import build_or_defer
@@ -130,6 +138,8 @@ def build(
     if torchscript and m.torchscript is not None:
         ts = m.torchscript
         typer.echo(f"  torchscript: {ts.file} ({ts.precision}) for libtorch hosts (examples/cpp)")
+    if aoti and m.aoti is not None:
+        typer.echo(f"  aoti: {m.aoti.file} ({m.aoti.precision}, {m.aoti.device}) for libtorch hosts (examples/cpp)")
     typer.echo(f"next: stexport verify {b.path} --clips VIDEOS   |   stexport infer VIDEO -m {b.path}")
 
 

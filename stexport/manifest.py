@@ -11,9 +11,9 @@ format 2 (format 1, written by stexport before the typed manifest, is migrated o
     output       graph output: name, dtype, classes; where the class names came from
     sampling     default rate and views for infer/verify (linziyi96/st-adapter main.py evaluation)
     precision    the bundle's graph precision: fp32 | fp16 | int8 (not a runtime's compute precision)
-    artifacts    role → file (onnx, onnx_data, deltas, labels, torchscript, engines)
+    artifacts    role → file (onnx, onnx_data, deltas, labels, torchscript, aoti, engines)
     files        file → {sha256, bytes}, every file of the bundle
-    calibration, torchscript, engines, tensorrt_request: records added by the stages that made them
+    calibration, torchscript, aoti, engines, tensorrt_request: records added by the stages that made them
 
 Imports no torch and nothing from the build stage: runtime hosts read manifests with numpy and pydantic only.
 """
@@ -249,6 +249,18 @@ class TorchScriptRecord(Record):
     torch: str | None = None
 
 
+class AOTIRecord(Record):
+    """An AOTInductor package of the deploy model (stexport.aoti): `model.pt2` for libtorch hosts."""
+
+    file: str
+    precision: Literal["fp32", "fp16"]
+    device: Literal["cpu", "cuda"]  # the device kind it was compiled for (it runs only there)
+    batch: list[int] = [1, 1024]  # the dynamic batch axis' range
+    torch: str | None = None
+    check_max_abs: float | None = None  # compiled vs eager deploy model at batch 1 and 3
+    compile_seconds: float | None = None
+
+
 class EngineProfile(Record):
     input: str
     min: list[int]
@@ -298,6 +310,7 @@ class Manifest(Record):
     files: dict[str, FileRecord] = {}
     calibration: CalibrationRecord | None = None
     torchscript: TorchScriptRecord | None = None
+    aoti: AOTIRecord | None = None
     engines: list[EngineRecord] = []
     tensorrt_request: EngineRequest | None = None
 
@@ -494,5 +507,5 @@ def save(manifest: Manifest, root: str | Path) -> Path:
 
 __all__ = ["Manifest", "ModelRecord", "BackboneRecord", "WeightsSource", "ViTConfig", "AdapterSpec",
            "AdapterRecord", "InputRecord", "OutputRecord", "SamplingRecord", "FileRecord", "Provenance",
-           "CalibrationRecord", "TorchScriptRecord", "EngineRecord", "EngineProfile", "EngineRequest",
+           "CalibrationRecord", "TorchScriptRecord", "AOTIRecord", "EngineRecord", "EngineProfile", "EngineRequest",
            "load", "save", "parse", "migrate", "MANIFEST", "FORMAT", "FORMAT_VERSION", "CLIP_MEAN", "CLIP_STD"]

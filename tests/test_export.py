@@ -104,7 +104,9 @@ def test_int8_with_fp16_float_parts_is_typed_so(onnx_variants):
         if n.op_type in ("LayerNormalization", "Softmax", "ReduceMean"):
             assert types[n.input[0]] == TensorProto.FLOAT, n.name
     fp32_qdq = onnx.load(str(onnx_variants["int8"][0].file("onnx")))
-    count = lambda m, op: sum(n.op_type == op for n in m.graph.node)  # noqa: E731
+    def count(m, op):
+        return sum(n.op_type == op for n in m.graph.node)
+
     assert count(model, "QuantizeLinear") == count(fp32_qdq, "QuantizeLinear")  # the same layers quantized
     clips = smooth_clips(8, 32, seed=5)
     want = reference_logits(ref, clips)

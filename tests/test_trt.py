@@ -673,7 +673,7 @@ def test_batch_capped_by_the_models_largest_tensor(bundle):
 
 
 def test_corrupt_stored_timing_cache_starts_fresh(bundle, caplog):
-    rec, _ = build_with_fake(bundle, FakeTensorRT(), batch=2)
+    build_with_fake(bundle, FakeTensorRT(), batch=2)
     (bundle.path / timing_cache_file(H100)).write_bytes(b"\x00garbage")
     trt = FakeTensorRT(timing_cache_reads="empty")  # create_timing_cache(stored) returns None
     with caplog.at_level(logging.WARNING, logger="stexport"):
@@ -734,7 +734,7 @@ def test_ctrl_c_during_a_build_cancels_it_as_an_interruption(bundle, monkeypatch
     assert ("cancelled", 1) in trt.calls
     armed.clear()
     assert (bundle.path / "stexport.json").read_text() == before and not (bundle.path / "engines").exists()
-    rec, built = build_with_fake(bundle, FakeTensorRT(build_steps=5))  # nothing sticks: the next build runs
+    _, built = build_with_fake(bundle, FakeTensorRT(build_steps=5))  # nothing sticks: the next build runs
     assert built
 
 
@@ -807,7 +807,7 @@ def test_pycuda_releases_the_primary_context(monkeypatch):
 
 
 def test_driver_cuda_mismatch_is_named():
-    from stexport.trt_engines.cuda import cuda_mismatch, driver_version
+    from stexport.trt_engines.cuda import cuda_mismatch
 
     cu13 = {"tensorrt-cu13 11.4.0.106": 13, "cuda-python 13.0.1": 13}
     why = cuda_mismatch(12040, cu13, "550.54.15")
@@ -849,8 +849,9 @@ def cuda13_on_a_cuda12_driver(monkeypatch):
 
 def test_cuda_mismatch_is_an_error_for_tensorrt_and_a_warning_for_auto(bundle, cuda13_on_a_cuda12_driver,
                                                                         caplog):
-    from stexport.backends import create
     from stexport.trt_engines import runtime
+
+    from stexport.backends import create
 
     build_with_fake(bundle, FakeTensorRT())  # an engine, so only the driver stands in the way
     b = Bundle.load(bundle.path)
