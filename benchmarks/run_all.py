@@ -42,6 +42,7 @@ ROWS = [
     ("PyTorch eager, BF16 autocast", "PyTorch", "bf16 autocast", "fp32", "eager-bf16", {}),
     ("Folded deploy model in PyTorch", "PyTorch", "fp32", "fp32", "folded", {}),
     ("TorchScript (traced, frozen)", "TorchScript", "fp32", "fp32", "torchscript", {}),
+    ("AOTInductor (model.pt2)", "AOTI package", "fp32", "fp32", "aoti", {}),
     ("ONNX Runtime", "ONNX", "fp32", "fp32", "onnxruntime", {}),
     ("ONNX Runtime", "ONNX", "fp16", "fp16", "onnxruntime", {}),
     ("ONNX Runtime", "ONNX Q/DQ", "int8", "int8", "onnxruntime", {}),
@@ -86,6 +87,15 @@ def torch_runner(kind: str, bundle: Bundle):
             with torch.inference_mode():
                 return model(torch.from_numpy(clips)).numpy()
         return run, {"backend": "torch (folded)", "precision": "fp32", "compute_precision": "fp32"}
+    if kind == "aoti":
+        from torch._inductor import aoti_load_package
+
+        compiled = aoti_load_package(str(bundle.file("aoti")))
+
+        def run(clips):
+            with torch.inference_mode():
+                return compiled(torch.from_numpy(np.ascontiguousarray(clips))).numpy()
+        return run, {"backend": "aoti", "precision": "fp32", "compute_precision": "fp32"}
     raise ValueError(kind)
 
 
@@ -160,6 +170,19 @@ def add_torchscript(bundle: Bundle) -> str | None:
     return None
 
 
+def add_aoti(bundle: Bundle) -> str | None:
+    """Add model.pt2 (AOTInductor, CPU) to the FP32 bundle (minutes for ViT-B/16); the reason when it cannot."""
+    if bundle.has("aoti"):
+        return None
+    try:
+        from stexport.aoti import add_to_bundle
+
+        add_to_bundle(bundle)
+    except Exception as e:  # noqa: BLE001 - the row says why instead of ending the run
+        return f"cannot add an AOTInductor package to the bundle ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
 def probe_clips(work: Path, videos: list[Path], bundle: Bundle) -> Path:
     """The first view of each generated video, decoded: the inputs every row's logits are compared on."""
     from stexport.video import Sampling, decode_clips
@@ -171,7 +194,7 @@ def probe_clips(work: Path, videos: list[Path], bundle: Bundle) -> Path:
 
 
 def size_mb(bundle: Bundle, kind: str) -> float | None:
-    keys = {"torchscript": ["torchscript"], "tensorrt": []}.get(kind, ["onnx", "onnx_data"])
+    keys = {"torchscript": ["torchscript"], "aoti": ["aoti"], "tensorrt": []}.get(kind, ["onnx", "onnx_data"])
     if kind in ("eager", "eager-bf16", "folded"):
         return None
     files = [bundle.file(k) for k in keys if bundle.has(k)]
@@ -336,6 +359,7 @@ def main() -> None:
     bundles = make_bundles(args.work, backbone, vids, args.rebuild)
     flops = bench.model_flops(bundles["fp32"].manifest)
     ts_reason = add_torchscript(bundles["fp32"])
+    aoti_reason = add_aoti(bundles["fp32"]) if not args.only or "aoti" in args.only.split(",") else None
 
     probe_in, ref_logits = probe_clips(args.work, videos, bundles["fp32"]), None
 
@@ -351,6 +375,8 @@ def main() -> None:
             row["skipped"] = "no NVIDIA GPU here, and TensorRT's libraries cannot be installed from PyPI here"
         elif kind == "torchscript" and ts_reason:
             row["skipped"] = ts_reason
+        elif kind == "aoti" and aoti_reason:
+            row["skipped"] = aoti_reason
         if "skipped" in row:
             rows.append(row)
             continue
