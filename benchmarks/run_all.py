@@ -42,6 +42,7 @@ ROWS = [
     ("PyTorch eager, BF16 autocast", "PyTorch", "bf16 autocast", "fp32", "eager-bf16", {}),
     ("Folded deploy model in PyTorch", "PyTorch", "fp32", "fp32", "folded", {}),
     ("TorchScript (traced, frozen)", "TorchScript", "fp32", "fp32", "torchscript", {}),
+    ("AOTInductor (model.pt2)", "AOTI package", "fp32", "fp32", "aoti", {}),
     ("ONNX Runtime", "ONNX", "fp32", "fp32", "onnxruntime", {}),
     ("ONNX Runtime", "ONNX", "fp16", "fp16", "onnxruntime", {}),
     ("ONNX Runtime", "ONNX Q/DQ", "int8", "int8", "onnxruntime", {}),
@@ -55,6 +56,8 @@ ROWS = [
     ("OpenVINO", "ONNX Q/DQ", "int8 + int8 q·kᵀ (+ f32)", "int8att", "openvino", {}),
     ("OpenVINO, BF16 hint", "ONNX Q/DQ", "int8 + int8 q·kᵀ (+ bf16)", "int8att", "openvino",
      {"compute": "bf16"}),
+    ("ONNX Runtime", "ONNX Q/DQ", "int8 (+ fp16 float parts)", "int8f16", "onnxruntime", {}),
+    ("OpenVINO", "ONNX Q/DQ", "int8 (+ fp16 float parts → f32)", "int8f16", "openvino", {}),
     ("TensorRT", "engine", "fp16 / int8", "fp16", "tensorrt", {}),
 ]
 
@@ -84,6 +87,15 @@ def torch_runner(kind: str, bundle: Bundle):
             with torch.inference_mode():
                 return model(torch.from_numpy(clips)).numpy()
         return run, {"backend": "torch (folded)", "precision": "fp32", "compute_precision": "fp32"}
+    if kind == "aoti":
+        from torch._inductor import aoti_load_package
+
+        compiled = aoti_load_package(str(bundle.file("aoti")))
+
+        def run(clips):
+            with torch.inference_mode():
+                return compiled(torch.from_numpy(np.ascontiguousarray(clips))).numpy()
+        return run, {"backend": "aoti", "precision": "fp32", "compute_precision": "fp32"}
     raise ValueError(kind)
 
 
@@ -126,7 +138,7 @@ def make_bundles(work: Path, backbone: str, videos: Path, rebuild: bool) -> dict
     from stexport.synthetic import random_deltas
 
     bb, out = None, {}
-    for p in ("fp32", "fp16", "int8", "int8att"):
+    for p in ("fp32", "fp16", "int8", "int8att", "int8f16"):
         path = work / f"{backbone}-{p}"
         if path.is_dir() and not rebuild:
             out[p] = Bundle.load(path)
@@ -137,7 +149,8 @@ def make_bundles(work: Path, backbone: str, videos: Path, rebuild: bool) -> dict
         deltas = random_deltas(bb.config, width=bb.config.width // 2, num_classes=400)
         out[p] = build_bundle(deltas, backbone=bb, precision=p[:4], frames=8, out=path, force=True,
                               calib=videos if int8 else None,
-                              calib_clips=2, int8_attention=p == "int8att", progress=True)
+                              calib_clips=2, int8_attention=p == "int8att",
+                              int8_float="fp16" if p == "int8f16" else None, progress=True)
         print(f"built {path.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return out
 
@@ -157,6 +170,19 @@ def add_torchscript(bundle: Bundle) -> str | None:
     return None
 
 
+def add_aoti(bundle: Bundle) -> str | None:
+    """Add model.pt2 (AOTInductor, CPU) to the FP32 bundle (minutes for ViT-B/16); the reason when it cannot."""
+    if bundle.has("aoti"):
+        return None
+    try:
+        from stexport.aoti import add_to_bundle
+
+        add_to_bundle(bundle)
+    except Exception as e:  # noqa: BLE001 - the row says why instead of ending the run
+        return f"cannot add an AOTInductor package to the bundle ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
 def probe_clips(work: Path, videos: list[Path], bundle: Bundle) -> Path:
     """The first view of each generated video, decoded: the inputs every row's logits are compared on."""
     from stexport.video import Sampling, decode_clips
@@ -168,7 +194,7 @@ def probe_clips(work: Path, videos: list[Path], bundle: Bundle) -> Path:
 
 
 def size_mb(bundle: Bundle, kind: str) -> float | None:
-    keys = {"torchscript": ["torchscript"], "tensorrt": []}.get(kind, ["onnx", "onnx_data"])
+    keys = {"torchscript": ["torchscript"], "aoti": ["aoti"], "tensorrt": []}.get(kind, ["onnx", "onnx_data"])
     if kind in ("eager", "eager-bf16", "folded"):
         return None
     files = [bundle.file(k) for k in keys if bundle.has(k)]
@@ -205,8 +231,9 @@ def demo_accuracy(work: Path, count: int, model: Path = DEMO) -> tuple[dict, str
                                precision=p[:4], frames=8, out=work / f"motion-{p}", force=True,
                                sampling=DEMO_VIEWS,
                                calib=data / "train.txt" if p.startswith("int8") else None, calib_clips=64,
-                               int8_attention=p == "int8att", labels=data / "labels.txt")
-               for p in ("fp32", "fp16", "int8", "int8att")}
+                               int8_attention=p == "int8att", labels=data / "labels.txt",
+                               int8_float="fp16" if p == "int8f16" else None)
+               for p in ("fp32", "fp16", "int8", "int8att", "int8f16")}
     if "torchscript" in REGISTRY:
         from stexport.torchscript import add_to_bundle
 
@@ -332,6 +359,7 @@ def main() -> None:
     bundles = make_bundles(args.work, backbone, vids, args.rebuild)
     flops = bench.model_flops(bundles["fp32"].manifest)
     ts_reason = add_torchscript(bundles["fp32"])
+    aoti_reason = add_aoti(bundles["fp32"]) if not args.only or "aoti" in args.only.split(",") else None
 
     probe_in, ref_logits = probe_clips(args.work, videos, bundles["fp32"]), None
 
@@ -347,6 +375,8 @@ def main() -> None:
             row["skipped"] = "no NVIDIA GPU here, and TensorRT's libraries cannot be installed from PyPI here"
         elif kind == "torchscript" and ts_reason:
             row["skipped"] = ts_reason
+        elif kind == "aoti" and aoti_reason:
+            row["skipped"] = aoti_reason
         if "skipped" in row:
             rows.append(row)
             continue

@@ -28,15 +28,26 @@ def quant_targets(proto: onnx.ModelProto, attention: bool = False) -> list[onnx.
     return out
 
 
+FLOAT_TYPES = {"fp32": np.float32, "fp16": np.float16}
+QDQ_OPSET_FP16 = 19  # QuantizeLinear/DequantizeLinear take FP16 scales and tensors from opset 19 on
+
+
 def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
-               targets: list[str] | None = None) -> onnx.ModelProto:
+               targets: list[str] | None = None, float_precision: str = "fp32") -> onnx.ModelProto:
     """Explicit INT8 quantization, TensorRT style.
 
     For each target MatMul/Gemm, each activation input → QuantizeLinear → DequantizeLinear (per-tensor,
     scale amax/127, zero point 0) and each weight stored as INT8 with a per-output-channel DequantizeLinear
     (the N axis of the (K, N) or, with transB, (N, K) weight). Outputs stay float, so bias, residuals,
     LayerNorm and Softmax run in float. `amax[name]`: calibrated |max| of the activation tensor `name`.
+
+    float_precision: the graph's float type around the Q/DQ pairs, "fp32" or "fp16" (an FP16 graph from
+    fold(compute_dtype=float16): scales are FP16, dequantized tensors FP16, and the opset is raised to 19,
+    the first with FP16 Q/DQ). A strongly typed TensorRT network runs the float parts in exactly this type.
     """
+    if float_precision not in FLOAT_TYPES:
+        raise StexportError(f"--int8-float {float_precision}: choose one of {', '.join(FLOAT_TYPES)}")
+    ftype = FLOAT_TYPES[float_precision]
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     nodes = {n.name: n for n in g.node}
@@ -54,14 +65,14 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
         for i in (0, 1):
             t = node.input[i]
             if t in inits:
-                node.input[i] = _quantize_weight(node, t, inits, done_weights, new_inits, added)
+                node.input[i] = _quantize_weight(node, t, inits, done_weights, new_inits, added, ftype)
                 continue
             if t not in amax:
                 raise StexportError(f"no calibration range for '{t}' (input {i} of {name})")
             key = f"{t}@{name}"
-            scale = max(float(amax[t]), 1e-8) / 127.0
+            scale = scale_as(np.array(max(float(amax[t]), 1e-8) / 127.0), ftype)
             s_name, z_name, q, dq = f"{key}_scale", f"{key}_zero", f"{key}_q", f"{key}_dq"
-            new_inits += [numpy_helper.from_array(np.array(scale, np.float32), s_name),
+            new_inits += [numpy_helper.from_array(scale, s_name),
                           numpy_helper.from_array(np.array(0, np.int8), z_name)]
             # Q/DQ go above the Transposes and Reshapes between the tensor's producer and the GEMM (the
             # per-tensor scale commutes with them: same numbers). OpenVINO then fuses the quantization into
@@ -95,7 +106,52 @@ def insert_qdq(proto: onnx.ModelProto, amax: dict[str, float],
     g.node.extend(ordered)
     del g.initializer[:]
     g.initializer.extend(kept + new_inits)
+    if ftype is np.float16:
+        for op in proto.opset_import:
+            if op.domain in ("", "ai.onnx") and op.version < QDQ_OPSET_FP16:
+                op.version = QDQ_OPSET_FP16  # 18 → 19 changes no op this graph uses except Q/DQ's types
     return proto
+
+
+def scale_as(scale: np.ndarray, ftype) -> np.ndarray:
+    """`scale` (float64/32) in the graph's float type, never rounded below its value (so |x| ≤ amax still
+    quantizes into [-127, 127]) and never 0 (FP16 underflows below 6e-8)."""
+    s = np.asarray(scale, np.float64)
+    out = s.astype(ftype)
+    low = out.astype(np.float64) < s
+    if low.any():
+        out = np.where(low, np.nextafter(out, ftype(np.inf)), out).astype(ftype)
+    tiny = np.finfo(ftype).smallest_subnormal
+    return np.maximum(out, tiny).astype(ftype)
+
+
+def ranges_by_node(proto: onnx.ModelProto, amax: dict[str, float], targets: list[str]) -> dict[tuple, float]:
+    """{(node name, input index): amax} for the activation inputs of `targets`: calibration ranges keyed by
+    the layer that reads them, so they carry over to another export of the same model (the FP16 graph)."""
+    nodes = {n.name: n for n in proto.graph.node}
+    inits = {t.name for t in proto.graph.initializer}
+    return {(name, i): amax[nodes[name].input[i]] for name in targets for i in (0, 1)
+            if nodes[name].input[i] not in inits and nodes[name].input[i] in amax}
+
+
+def ranges_for(proto: onnx.ModelProto, by_node: dict[tuple, float], targets: list[str]) -> dict[str, float]:
+    """The tensor-keyed ranges of `proto` (another export of the model `ranges_by_node` read) for `targets`.
+    Raises StexportError when a target layer is missing or reads a tensor with two different ranges."""
+    nodes = {n.name: n for n in proto.graph.node}
+    out: dict[str, float] = {}
+    for (name, i), value in by_node.items():
+        if name not in nodes:
+            raise StexportError(f"the FP16 graph has no layer '{name}' to quantize (the FP32 graph has); "
+                                "please report this model configuration")
+        t = nodes[name].input[i]
+        if t in out and out[t] != value:
+            raise StexportError(f"tensor '{t}' of the FP16 graph has two calibration ranges; please report this "
+                                "model configuration")
+        out[t] = value
+    missing = [n for n in targets if n not in nodes]
+    if missing:
+        raise StexportError(f"the FP16 graph lacks the layers {missing[:3]}; please report this model configuration")
+    return out
 
 
 def _layout_tops(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -117,7 +173,7 @@ def _layout_tops(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def _quantize_weight(node: onnx.NodeProto, wname: str, inits: dict, done: set[str], new_inits: list,
-                     added: list) -> str:
+                     added: list, ftype=np.float32) -> str:
     """INT8 copy of weight `wname` with per-output-channel scales and its DequantizeLinear; the DQ's output."""
     trans = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
     axis = 0 if trans else 1
@@ -125,10 +181,10 @@ def _quantize_weight(node: onnx.NodeProto, wname: str, inits: dict, done: set[st
     if wname in done:  # an initializer the exporter shared between identical layers
         return wdq
     done.add(wname)
-    w = numpy_helper.to_array(inits[wname]).astype(np.float32)
-    wscale = (np.maximum(np.abs(w).max(axis=1 - axis), 1e-12) / 127.0).astype(np.float32)
+    w = numpy_helper.to_array(inits[wname]).astype(np.float64)
+    wscale = scale_as(np.maximum(np.abs(w).max(axis=1 - axis), 1e-12) / 127.0, ftype)
     shape = (-1, 1) if axis == 0 else (1, -1)
-    wq = np.clip(np.round(w / wscale.reshape(shape)), -127, 127).astype(np.int8)
+    wq = np.clip(np.round(w / wscale.astype(np.float64).reshape(shape)), -127, 127).astype(np.int8)
     wq_name, ws_name, wz_name = f"{wname}_int8", f"{wname}_wscale", f"{wname}_wzero"
     new_inits += [numpy_helper.from_array(wq, wq_name), numpy_helper.from_array(wscale, ws_name),
                   numpy_helper.from_array(np.zeros(w.shape[axis], np.int8), wz_name)]

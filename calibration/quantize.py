@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 from stexport.calibration.clips import ClipSet, batches, choose
-from stexport.calibration.qdq import insert_qdq, quant_targets
+from stexport.calibration.qdq import insert_qdq, quant_targets, ranges_by_node, ranges_for
 from stexport.calibration.ranges import PERCENTILE, RangeCollector
 from tqdm import tqdm
 
@@ -71,8 +71,13 @@ def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling
 def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampling: dict, clips: int = 32,
                           method: str = "minmax", seed: int = 0, input_spec: InputRecord | None = None,
                           progress: bool = False, external_data: bool | None = None, use_cache: bool = True,
-                          on_calibrated=None, attention: bool = False) -> dict:
-    """Rewrite the FP32 graph at `onnx_path` as INT8 Q/DQ in place; returns the manifest's `calibration`."""
+                          on_calibrated=None, attention: bool = False, float_graph: Path | None = None) -> dict:
+    """Rewrite the FP32 graph at `onnx_path` as INT8 Q/DQ in place; returns the manifest's `calibration`.
+
+    float_graph: an FP16 export of the same model (fold(compute_dtype=float16)). Ranges are calibrated on the
+    FP32 graph (as TensorRT's ModelOpt does), then the Q/DQ pairs go into the FP16 graph, which replaces the
+    one at `onnx_path`: INT8 GEMMs with FP16 float parts (LayerNorm/Softmax statistics stay FP32 as the FP16
+    graph has them). The file at `float_graph` is removed."""
     from stexport.video import Sampling
 
     view = Sampling(frames=frames, size=size, **{k: sampling[k] for k in ("rate", "temporal_views",
@@ -109,7 +114,16 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
             atomic_write_json(cache, {"key": key_src, "amax": amax, "videos": videos})
     if on_calibrated:
         on_calibrated()
-    insert_qdq(proto, amax, [n.name for n in targets])
+    names = [n.name for n in targets]
+    float_precision = "fp32"
+    if float_graph is not None:
+        by_node = ranges_by_node(proto, amax, names)
+        proto = onnx.load(str(float_graph))
+        amax, float_precision = ranges_for(proto, by_node, names), "fp16"
+        float_graph.unlink()
+        data = float_graph.with_name(float_graph.name + ".data")
+        data.unlink(missing_ok=True)
+    insert_qdq(proto, amax, names, float_precision=float_precision)
     save(proto, onnx_path, external_data if external_data is not None else proto.ByteSize() > (1 << 30))
     check(onnx_path)
     return {
@@ -119,4 +133,5 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
         "cached": cached,
         "scheme": "int8 symmetric Q/DQ, zero point 0; weights per output channel, activations per tensor",
         "attention_scores_int8": attention,
+        "float_precision": float_precision,
     }

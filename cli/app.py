@@ -11,6 +11,7 @@ from stexport.cli import bench as bench_cmd
 from stexport.cli import build as build_cmd
 from stexport.cli import dump_clip as dump_clip_cmd
 from stexport.cli import engine as engine_cmd
+from stexport.cli import export_aoti as export_aoti_cmd
 from stexport.cli import export_torchscript as export_torchscript_cmd
 from stexport.cli import export_triton as export_triton_cmd
 from stexport.cli import infer as infer_cmd
@@ -31,7 +32,7 @@ app = typer.Typer(
 )
 
 for module in (inspect_cmd, build_cmd, verify_cmd, engine_cmd, infer_cmd, bench_cmd, export_torchscript_cmd,
-               dump_clip_cmd, export_triton_cmd, serve_cmd):
+               export_aoti_cmd, dump_clip_cmd, export_triton_cmd, serve_cmd):
     module.register(app)
 
 

@@ -24,7 +24,11 @@ Examples:
 
   stexport build --adapter k400.pt --precision fp16 --engine    # + a TensorRT engine (now on a GPU host)
 
+  stexport build --adapter k400.pt --precision int8 --calib val_list.txt --engine   # INT8 + FP16 float parts
+
   stexport build --adapter k400.pt --torchscript                # + model.ts for C++ hosts (examples/cpp)
+
+  stexport build --adapter k400.pt --aoti                       # + model.pt2 (AOTInductor) for C++ hosts
 """
 
 
@@ -61,10 +65,15 @@ def build(
                                      "graph) or float (B,T,3,H,W, normalised by the host)."),
     int8_attention: bool = Flag(False, "--int8-attention", help="INT8 also for the attention scores "
                                         "(q·kᵀ inputs; softmax stays float): a few % faster on CPU."),
+    int8_float: str = typer.Option(None, "--int8-float", help="Float type of an INT8 graph's other layers: "
+                                   "fp16 (what TensorRT then runs them in; LayerNorm/Softmax statistics stay "
+                                   "FP32) or fp32. Default: fp16 with --engine, else fp32."),
     engine: bool = Flag(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
     torchscript: bool = Flag(False, "--torchscript", help="Also write model.ts, a frozen TorchScript "
                                      "module for libtorch hosts (see `stexport export-torchscript`)."),
+    aoti: bool = Flag(False, "--aoti", help="Also write model.pt2, an AOTInductor package (CPU) for "
+                      "libtorch hosts (see `stexport export-aoti`)."),
     as_json: bool = Flag(False, "--json", help="Print the manifest as JSON."),
 ):
     """Build a bundle: load the CLIP backbone and the adapter deltas, fold them into a standard-operator
@@ -87,7 +96,8 @@ def build(
     options = BuildOptions(adapter=adapter, backbone=backbone, pretrained=pretrained, precision=precision,
                            frames=frames, size=size, out=out, force=force, calib=calib, labels=labels,
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
-                           int8_attention=int8_attention, sampling=sampling or None, progress=True)
+                           int8_attention=int8_attention, int8_float=int8_float, for_tensorrt=engine,
+                           sampling=sampling or None, progress=True)
     from stexport.extras import require
 
     require("stexport build", "torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors")
@@ -98,6 +108,10 @@ def build(
         from stexport.torchscript import add_to_bundle
 
         add_to_bundle(b)
+    if aoti:
+        from stexport.aoti import add_to_bundle as add_aoti
+
+        add_aoti(b)
     engine_note = None
     if engine:
         from stexport.trt_engines.engine import build_or_defer
@@ -124,12 +138,14 @@ def build(
     if m.calibration is not None:
         c = m.calibration
         typer.echo(f"  calibration: {c.method} on {c.clips} clips{' (cached)' if c.cached else ''}, "
-                   f"{c.quantized_layers} layers quantized")
+                   f"{c.quantized_layers} layers quantized, {c.float_precision} float parts")
     if engine_note:
         typer.echo(f"  {engine_note}")
     if torchscript and m.torchscript is not None:
         ts = m.torchscript
         typer.echo(f"  torchscript: {ts.file} ({ts.precision}) for libtorch hosts (examples/cpp)")
+    if aoti and m.aoti is not None:
+        typer.echo(f"  aoti: {m.aoti.file} ({m.aoti.precision}, {m.aoti.device}) for libtorch hosts (examples/cpp)")
     typer.echo(f"next: stexport verify {b.path} --clips VIDEOS   |   stexport infer VIDEO -m {b.path}")
 
 

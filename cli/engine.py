@@ -21,8 +21,10 @@ Examples:
 @handle_errors
 def engine(
     bundle: Path = typer.Argument(..., help="Bundle directory (from `stexport build`)."),
-    batch: int = typer.Option(None, "--batch", help="Largest batch the engine takes (its profile is "
-                              "1..BATCH, tuned for BATCH). Default: the bundle's saved setting, else 32."),
+    batch: int = typer.Option(None, "--batch", help="Largest batch the engine takes. Two profiles: 1..V "
+                              "tuned for V, the clips `infer` sends per video (its temporal x spatial views), "
+                              "and V+1..BATCH tuned for BATCH. Default: the bundle's saved setting, else 32; "
+                              "at most what keeps every tensor under 2^31 elements (443 for ViT-B/16 8x224)."),
     workspace_gb: float = typer.Option(None, "--workspace-gb", help="Scratch memory limit for the builder's "
                                        "tactics, GiB. Default: TensorRT's (all of the GPU's memory)."),
     opt_level: int = typer.Option(None, "--opt-level", min=0, max=5, help="Builder optimisation level 0-5: "
@@ -54,7 +56,10 @@ def engine(
     what = (f"built in {rec['build_seconds']:.0f} s" if built
             else "up to date (a matching engine is cached; --force rebuilds)")
     typer.echo(f"{b.path / rec['file']}: {what}")
-    typer.echo(f"  {rec['precision']}, batch {rec['profile']['min'][0]}-{rec['profile']['max'][0]}, "
+    from stexport.trt_engines.engine import profile_opts
+
+    typer.echo(f"  {rec['precision']}, batch {rec['profile']['min'][0]}-{rec['profile']['max'][0]} "
+               f"(tuned for {profile_opts(rec)}), "
                f"{rec['bytes'] / 1e6:.1f} MB, {rec['gpu']} (compute {rec['capability']}), "
                f"TensorRT {rec['tensorrt']}")
 

@@ -163,6 +163,13 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                 fp16_check = check_fp16_graph(ref, onnx_path, o.input_format, o.frames, size, views, o.calib)
             bar.update()
             calibration = None
+            float_graph = None
+            if o.precision == "int8" and o.int8_float == "fp16":
+                # the same model folded in FP16 (LayerNorm/Softmax in FP32): Q/DQ go into it after calibration
+                float_graph = tmp / ".model-fp16.onnx"
+                log.info("export: FP16 graph for the INT8 bundle's float parts")
+                export_onnx(fold(ref, o.input_format, compute_dtype=torch.float16), float_graph, o.frames,
+                            external_data=o.external_data)
             if o.precision == "int8":
                 from stexport.calibration import quantize_bundle_model
 
@@ -171,7 +178,7 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                     onnx_path, calib, frames=o.frames, size=size, sampling=views, clips=o.calib_clips,
                     method=o.calib_method, seed=o.calib_seed, input_spec=inp, progress=o.progress,
                     external_data=o.external_data, on_calibrated=lambda: step("quantize"),
-                    attention=o.int8_attention)
+                    attention=o.int8_attention, float_graph=float_graph)
                 log.info("calibration: %s ranges from %s clips of %s%s; %s layers quantized",
                          calibration.get("method"), calibration.get("clips"), calibration.get("source", calib),
                          " (cached)" if calibration.get("cached") else "", calibration.get("quantized_layers"))

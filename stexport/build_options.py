@@ -15,6 +15,8 @@ from stexport.names import (CALIB_METHODS, INPUT_FORMATS, PRECISIONS, WEIGHT_SUF
 
 log = logging.getLogger("stexport")
 
+INT8_FLOATS = ("fp32", "fp16")
+
 
 def choice(flag: str, value: str, allowed) -> None:
     """StexportError naming the closest allowed value when `value` is not one of `allowed`."""
@@ -33,7 +35,9 @@ class BuildOptions:
     resolution (its positional embedding is fixed); None takes it. calib: clip list, directory, video or
     uint8 array (N, T, S, S, 3) (INT8 only; required there). sampling: overrides of the default
     {rate, temporal_views, spatial_views}. int8_attention: also quantize the attention-score MatMul's inputs
-    (q and kᵀ; softmax stays float). progress: tqdm bars on stderr when it is a terminal.
+    (q and kᵀ; softmax stays float). int8_float: the float type of an INT8 graph's non-quantized parts, "fp32"
+    or "fp16" (default: fp16 when `for_tensorrt`, i.e. `--engine`, else fp32). progress: tqdm bars on stderr
+    when it is a terminal.
 
     Raises StexportError naming the option and the fix.
     """
@@ -55,6 +59,8 @@ class BuildOptions:
     sampling: dict | None = None
     external_data: bool | None = None
     int8_attention: bool = False
+    int8_float: str | None = None
+    for_tensorrt: bool = False
     progress: bool = False
 
     def __post_init__(self):
@@ -90,6 +96,14 @@ class BuildOptions:
             log.warning("--calib is only used for --precision int8 (and to check fp16); ignoring it")
         if self.int8_attention and self.precision != "int8":
             raise StexportError("--int8-attention needs --precision int8")
+        if self.int8_float is not None:
+            choice("--int8-float", self.int8_float, INT8_FLOATS)
+            if self.precision != "int8":
+                raise StexportError(f"--int8-float {self.int8_float} needs --precision int8 (use --precision "
+                                    f"{self.int8_float} for a float bundle)")
+        elif self.precision == "int8":
+            # TensorRT runs an INT8 graph's float parts in the graph's float type (strongly typed): FP16 there
+            self.int8_float = "fp16" if self.for_tensorrt else "fp32"
         if isinstance(self.calib, (str, Path)) and not Path(self.calib).exists():
             raise StexportError(f"{self.calib}: no such clip list, directory or video (--calib)")
         if self.labels is not None and not Path(self.labels).is_file():

@@ -9,7 +9,7 @@ from stexport.errors import StexportError
 # module -> the extra that installs it
 EXTRA_OF = {
     "torch": "export", "torchvision": "export", "open_clip": "export", "onnxscript": "export",
-    "safetensors": "export", "onnx": "export", "tensorrt": "tensorrt-cu13", "ray": "ray", "tritonclient": "triton",
+    "safetensors": "export", "onnx": "export", "tensorrt": "tensorrt", "ray": "ray", "tritonclient": "triton",
 }
 
 

@@ -11,9 +11,9 @@ format 2 (format 1, written by stexport before the typed manifest, is migrated o
     output       graph output: name, dtype, classes; where the class names came from
     sampling     default rate and views for infer/verify (linziyi96/st-adapter main.py evaluation)
     precision    the bundle's graph precision: fp32 | fp16 | int8 (not a runtime's compute precision)
-    artifacts    role → file (onnx, onnx_data, deltas, labels, torchscript, engines)
+    artifacts    role → file (onnx, onnx_data, deltas, labels, torchscript, aoti, engines)
     files        file → {sha256, bytes}, every file of the bundle
-    calibration, torchscript, engines, tensorrt_request: records added by the stages that made them
+    calibration, torchscript, aoti, engines, tensorrt_request: records added by the stages that made them
 
 Imports no torch and nothing from the build stage: runtime hosts read manifests with numpy and pydantic only.
 """
@@ -242,6 +242,9 @@ class CalibrationRecord(Record):
     cached: bool = False
     scheme: str | None = None
     attention_scores_int8: bool = False
+    # the float type around the Q/DQ pairs: fp32, or fp16 (dequantized tensors, scales and the float layers in
+    # FP16; LayerNorm/Softmax statistics in FP32), what a strongly typed TensorRT network then runs them in
+    float_precision: Literal["fp32", "fp16"] = "fp32"
 
 
 class FP16CheckRecord(Record):
@@ -267,6 +270,18 @@ class TorchScriptRecord(Record):
     torch: str | None = None
 
 
+class AOTIRecord(Record):
+    """An AOTInductor package of the deploy model (stexport.aoti): `model.pt2` for libtorch hosts."""
+
+    file: str
+    precision: Literal["fp32", "fp16"]
+    device: Literal["cpu", "cuda"]  # the device kind it was compiled for (it runs only there)
+    batch: list[int] = [1, 1024]  # the dynamic batch axis' range
+    torch: str | None = None
+    check_max_abs: float | None = None  # compiled vs eager deploy model at batch 1 and 3
+    compile_seconds: float | None = None
+
+
 class EngineProfile(Record):
     input: str
     min: list[int]
@@ -285,7 +300,8 @@ class EngineRecord(Record):
     capability: str
     onnx: dict[str, str]
     precision: str
-    profile: EngineProfile
+    profile: EngineProfile  # the whole batch range (min of the first profile .. max of the last)
+    profiles: list[EngineProfile] = []  # TensorRT's optimisation profiles in index order (empty: [profile])
     workspace_gb: float | None = None
     opt_level: int | None = None
     build_seconds: float | None = None
@@ -316,6 +332,7 @@ class Manifest(Record):
     calibration: CalibrationRecord | None = None
     fp16_check: FP16CheckRecord | None = None
     torchscript: TorchScriptRecord | None = None
+    aoti: AOTIRecord | None = None
     engines: list[EngineRecord] = []
     tensorrt_request: EngineRequest | None = None
 
@@ -343,6 +360,13 @@ class Manifest(Record):
     @property
     def num_classes(self) -> int:
         return self.output.classes
+
+    @property
+    def float_precision(self) -> str:
+        """The float type the graph computes its non-INT8 parts in: fp32 or fp16."""
+        if self.precision == "int8":
+            return self.calibration.float_precision if self.calibration is not None else "fp32"
+        return self.precision
 
     def with_(self, **fields: Any) -> "Manifest":
         """A copy with `fields` replaced, validated (model_copy alone would not validate)."""
@@ -526,5 +550,6 @@ def save(manifest: Manifest, root: str | Path) -> Path:
 
 __all__ = ["Manifest", "ModelRecord", "BackboneRecord", "WeightsSource", "ViTConfig", "AdapterSpec",
            "AdapterRecord", "InputRecord", "OutputRecord", "SamplingRecord", "FileRecord", "Provenance",
-           "CalibrationRecord", "FP16CheckRecord", "TorchScriptRecord", "EngineRecord", "EngineProfile", "EngineRequest",
+           "CalibrationRecord", "FP16CheckRecord", "TorchScriptRecord", "AOTIRecord", "EngineRecord",
+           "EngineProfile", "EngineRequest",
            "load", "save", "parse", "migrate", "MANIFEST", "FORMAT", "FORMAT_VERSION", "CLIP_MEAN", "CLIP_STD"]

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -106,6 +112,8 @@ ONNX_VARIANTS = {
     "fp16-gelu-3x3x3": ("stexport-tiny-vit-gelu", "fp16", "uint8", dict(width=16, kernel=(3, 3, 3))),
     "int8-gelu-float-input": ("stexport-tiny-vit-gelu", "int8", "float", dict(width=16)),
     "int8-attention": ("stexport-tiny-vit", "int8", "uint8", dict(width=32), {"int8_attention": True}),
+    "int8-fp16": ("stexport-tiny-vit", "int8", "uint8", dict(width=32, pre_attn=True, pre_mlp=True),
+                  {"int8_float": "fp16"}),
 }
 
 
@@ -196,3 +204,38 @@ def ray_cluster():
     ctx = ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield "127.0.0.1:" + ctx.address_info["gcs_address"].rsplit(":", 1)[1]
     ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The C++ host in examples/cpp (built once per session; test_torchscript.py and test_aoti.py run it)
+
+@pytest.fixture(scope="session")
+def cpp_host(tmp_path_factory):
+    """examples/cpp built with cmake as its README says (the path of the stexport-host executable)."""
+    import torch
+
+    cmake, cxx = shutil.which("cmake"), shutil.which("c++") or shutil.which("g++")
+    if not cmake or not cxx:
+        pytest.skip(f"building the C++ host needs cmake and a C++ compiler (cmake: {cmake}, c++: {cxx})")
+    build = tmp_path_factory.mktemp("cpp_host")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    source = Path(__file__).resolve().parents[1] / "examples" / "cpp"
+    steps = [[cmake, "-S", str(source), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+             [cmake, "--build", str(build), "-j", str(os.cpu_count() or 2)]]
+    for cmd in steps:  # the README's two commands, nothing more
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    exe = build / "stexport-host"
+    assert exe.is_file()
+    return exe
+
+
+def host(exe, *args):
+    """Run stexport-host with `args` (its stdout, stderr and exit code)."""
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def logits_of(stdout: str) -> np.ndarray:
+    """The logits rows stexport-host prints with --logits."""
+    rows = [ln.split()[1:] for ln in stdout.splitlines() if re.match(r"logits\[\d+\] ", ln)]
+    return np.asarray(rows, dtype=np.float64)

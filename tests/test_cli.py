@@ -358,7 +358,7 @@ def test_bench_writes_no_progress_frames_into_a_redirected_stderr(tiny_bundle, t
 
 
 @pytest.mark.parametrize("command", ["build", "inspect", "verify", "engine", "infer", "bench",
-                                     "export-torchscript", "dump-clip"])
+                                     "export-torchscript", "export-aoti", "dump-clip"])
 def test_help_keeps_paragraphs_whole_and_flags_without_placeholders(command):
     import typer.main
 

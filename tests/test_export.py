@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import onnx
 import pytest
@@ -66,7 +68,7 @@ def test_fp16_graph_is_strongly_typed_and_close(onnx_variants, variant):
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
-@pytest.mark.parametrize("variant", ["int8", "int8-gelu-float-input", "int8-attention"])
+@pytest.mark.parametrize("variant", ["int8", "int8-gelu-float-input", "int8-attention", "int8-fp16"])
 def test_int8_close_to_reference(onnx_variants, variant):
     bundle, ref = onnx_variants[variant]
     cal = bundle.manifest.calibration.model_dump()
@@ -78,6 +80,70 @@ def test_int8_close_to_reference(onnx_variants, variant):
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() > 0.999
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.875
+
+
+def test_int8_with_fp16_float_parts_is_typed_so(onnx_variants):
+    """INT8 GEMMs with FP16 around them (what TensorRT then runs the rest in): FP16 scales and dequantized
+    tensors, FP16 float layers, LayerNorm/Softmax/temporal mean in FP32, opset 19 (FP16 Q/DQ); the same
+    accuracy gate as the FP32-float INT8 bundle on ONNX Runtime and OpenVINO."""
+    bundle, ref = onnx_variants["int8-fp16"]
+    assert bundle.manifest.calibration.float_precision == "fp16" and bundle.manifest.float_precision == "fp16"
+    assert onnx_variants["int8"][0].manifest.float_precision == "fp32"
+    model = onnx.load(str(bundle.file("onnx")))
+    assert [o.version for o in model.opset_import] == [19]
+    types = tensor_types(model)
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(qdq) > 20
+    for n in qdq:
+        assert types[n.input[1]] == TensorProto.FLOAT16, n.name  # scales
+        float_side = n.input[0] if n.op_type == "QuantizeLinear" else n.output[0]
+        assert types[float_side] == TensorProto.FLOAT16, n.name
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm") and n.name != "head":
+            assert {types[i] for i in n.input if i} == {TensorProto.FLOAT16}, n.name
+        if n.op_type in ("LayerNormalization", "Softmax", "ReduceMean"):
+            assert types[n.input[0]] == TensorProto.FLOAT, n.name
+    fp32_qdq = onnx.load(str(onnx_variants["int8"][0].file("onnx")))
+    def count(m, op):
+        return sum(n.op_type == op for n in m.graph.node)
+
+    assert count(model, "QuantizeLinear") == count(fp32_qdq, "QuantizeLinear")  # the same layers quantized
+    clips = smooth_clips(8, 32, seed=5)
+    want = reference_logits(ref, clips)
+    for name in ("onnxruntime", "openvino"):
+        if name == "openvino" and importlib.util.find_spec("openvino") is None:
+            continue
+        with create(name, bundle) as b:
+            got = b.run(clips)
+            if name == "onnxruntime":
+                assert b.level == "extended"
+            assert b.describe()["compute_precision"] in ("fp16", "fp32")
+        cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        assert cos.min() > 0.999, name
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.875, name
+
+
+def test_fp16_scales_never_round_below_or_to_zero():
+    from stexport.calibration.qdq import scale_as
+
+    s = np.array([1 / 127, 3e-9, 0.3e-4, 1000.0 / 127])
+    got = scale_as(s, np.float16)
+    assert got.dtype == np.float16 and (got.astype(np.float64) >= s).all() and (got > 0).all()
+    assert np.allclose(got.astype(np.float64)[[0, 3]], s[[0, 3]], rtol=1e-3)
+    assert scale_as(np.array(0.5), np.float32).dtype == np.float32
+
+
+def test_int8_float_option_defaults_and_checks(tiny_adapter):
+    from stexport.build_options import BuildOptions
+
+    base = dict(adapter=tiny_adapter, backbone="stexport-tiny-vit", pretrained="none", calib=tiny_adapter)
+    assert BuildOptions(precision="int8", **base).int8_float == "fp32"  # CPU runtimes
+    assert BuildOptions(precision="int8", for_tensorrt=True, **base).int8_float == "fp16"  # --engine
+    assert BuildOptions(precision="int8", int8_float="fp32", for_tensorrt=True, **base).int8_float == "fp32"
+    with pytest.raises(StexportError, match="--int8-float fp8: .*choose one of fp32, fp16"):
+        BuildOptions(precision="int8", int8_float="fp8", **base)
+    with pytest.raises(StexportError, match="--int8-float fp16 needs --precision int8"):
+        BuildOptions(precision="fp32", int8_float="fp16", adapter=tiny_adapter)
 
 
 def test_external_data_round_trip(tmp_path):

@@ -176,7 +176,7 @@ RUNTIME = ["stexport/__init__.py", "stexport/errors.py", "stexport/fileutil.py",
            "trt_engines/cuda.py", "trt_engines/build.py", "trt_engines/engine.py"]
 BUILD = ("stexport.build", "stexport.export", "stexport.fold", "stexport.reference", "stexport.backbone",
          "stexport.deltas", "stexport.loaders", "stexport.torchscript", "stexport.synthetic", "stexport.verify",
-         "stexport.calibration", "stexport.cli", "stexport.backends.torch_ref")
+         "stexport.calibration", "stexport.cli", "stexport.backends.torch_ref", "stexport.aoti")
 HEAVY = ("torch", "torchvision", "open_clip", "onnxscript")
 
 

@@ -4,17 +4,15 @@ backend, and the C++ host in examples/cpp builds here and prints the same logits
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import smooth_clips, trained_like, write_video
+from conftest import host, logits_of, smooth_clips, trained_like, write_video
 from stexport.cli.app import app
 from typer.testing import CliRunner
 
@@ -199,33 +197,6 @@ def test_cli_build_with_torchscript(tiny_adapter, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # The C++ host (examples/cpp), built once per session against the installed torch's libtorch.
-
-
-@pytest.fixture(scope="session")
-def cpp_host(tmp_path_factory):
-    cmake, cxx = shutil.which("cmake"), shutil.which("c++") or shutil.which("g++")
-    if not cmake or not cxx:
-        pytest.skip(f"building the C++ host needs cmake and a C++ compiler (cmake: {cmake}, c++: {cxx})")
-    build = tmp_path_factory.mktemp("cpp_host")
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    steps = [[cmake, "-S", str(ROOT / "examples" / "cpp"), "-B", str(build), *gen,
-              "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
-             [cmake, "--build", str(build), "-j", str(os.cpu_count() or 2)]]
-    for cmd in steps:  # the README's two commands, nothing more
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    exe = build / "stexport-host"
-    assert exe.is_file()
-    return exe
-
-
-def host(exe, *args):
-    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
-def logits_of(stdout: str) -> np.ndarray:
-    rows = [ln.split()[1:] for ln in stdout.splitlines() if re.match(r"logits\[\d+\] ", ln)]
-    return np.asarray(rows, dtype=np.float64)
 
 
 def test_cpp_host_matches_python(cpp_host, ts_bundle, video, tmp_path):

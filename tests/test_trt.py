@@ -214,7 +214,8 @@ class FakeTensorRT:
     can see they are never set); version 11 lacks them, as the real 11.x does."""
 
     def __init__(self, version: str = "10.16.1.11", memory: dict | None = None, fail_build: str | None = None,
-                 fail_parse: str | None = None, strongly_typed: int | None = 1):
+                 fail_parse: str | None = None, strongly_typed: int | None = 1, timing_cache_reads: str = "all",
+                 build_steps: int = 0, on_step=None):
         self.__version__ = version
         self.calls: list[tuple] = []
         self.memory = memory if memory is not None else {}
@@ -298,6 +299,9 @@ class FakeTensorRT:
 
             def create_timing_cache(self, data):
                 fake.calls.append(("create_timing_cache", bytes(data)))
+                # "all", "empty" (a stored cache is unreadable: None, as the real one does) or "none"
+                if timing_cache_reads == "none" or (timing_cache_reads == "empty" and bytes(data)):
+                    return None
                 return SimpleNamespace(data=bytes(data))
 
             def set_timing_cache(self, cache, ignore_mismatch):
@@ -324,19 +328,38 @@ class FakeTensorRT:
 
             def build_serialized_network(self, network, config):
                 fake.calls.append(("build_serialized_network",))
+                monitor = getattr(config, "progress_monitor", None)
+                if build_steps and monitor is not None:  # drive the monitor as TensorRT's build does
+                    monitor.phase_start("Building engine", None, build_steps)
+                    for i in range(build_steps):
+                        if on_step:
+                            on_step(i)
+                        if not monitor.step_complete("Building engine", i):
+                            fake.calls.append(("cancelled", i))
+                            return None
+                    monitor.phase_finish("Building engine")
                 if fail_build:
                     self.logger.log(Severity.ERROR, fail_build)
                     return None
-                name, _, _, hi = config.profiles[0].shape
-                return json.dumps({"fake-plan": fake.__version__, "input": name, "max": hi}).encode()
+                name = config.profiles[0].shape[0]
+                ranges = [[p.shape[1][0], p.shape[3][0]] for p in config.profiles]
+                return json.dumps({"fake-plan": fake.__version__, "input": name, "ranges": ranges}).encode()
 
         class Context:
             def __init__(self, plan):
-                self.plan, self.shape, self.addr = plan, None, {}
+                self.plan, self.shape, self.addr, self.profile = plan, None, {}, 0
+
+            def set_optimization_profile_async(self, index, stream):
+                fake.calls.append(("set_optimization_profile_async", index, stream))
+                if not 0 <= index < len(self.plan["ranges"]):
+                    return False
+                self.profile, self.shape, self.addr = index, None, {}  # as documented: shapes/addresses reset
+                return True
 
             def set_input_shape(self, name, shape):
                 fake.calls.append(("set_input_shape", name, tuple(shape)))
-                ok = name == self.plan["input"] and 1 <= shape[0] <= self.plan["max"][0]
+                lo, hi = self.plan["ranges"][self.profile]
+                ok = name == self.plan["input"] and lo <= shape[0] <= hi
                 self.shape = tuple(shape) if ok else self.shape
                 return ok
 
@@ -362,6 +385,7 @@ class FakeTensorRT:
 
             def __init__(self, plan):
                 self.plan = plan
+                self.num_optimization_profiles = len(plan["ranges"])
 
             def get_tensor_name(self, i):
                 return ["frames", "logits"][i]
@@ -442,7 +466,10 @@ def test_build_is_strongly_typed_from_file_with_profile_workspace_level_and_timi
     assert ("create_network", 1 << 1) in calls  # STRONGLY_TYPED
     assert not [c for c in calls if c[0] == "set_flag"]  # no FP16 / INT8 flags: precision is in the graph
     assert ("parse_from_file", str(bundle.path / "model.onnx")) in calls
-    assert ("set_shape", "frames", [1, 4, 32, 32, 3], [8, 4, 32, 32, 3], [8, 4, 32, 32, 3]) in calls
+    # two profiles: 1..3 tuned for the 3 views infer sends per video, 4..8 tuned for the largest batch
+    assert [c for c in calls if c[0] == "set_shape"] == [
+        ("set_shape", "frames", [1, 4, 32, 32, 3], [3, 4, 32, 32, 3], [3, 4, 32, 32, 3]),
+        ("set_shape", "frames", [4, 4, 32, 32, 3], [8, 4, 32, 32, 3], [8, 4, 32, 32, 3])]
     assert ("set_memory_pool_limit", "workspace", 2 << 30) in calls
     assert ("config.builder_optimization_level", 5) in calls
     assert ("set_timing_cache", b"", False) in calls  # first build: an empty cache, mismatches refused
@@ -453,6 +480,8 @@ def test_build_is_strongly_typed_from_file_with_profile_workspace_level_and_timi
     assert records(b) == [rec] and rec["onnx"] == onnx_identity(b)
     assert (rec["tensorrt"], rec["gpu"], rec["capability"]) == (H100.tensorrt, H100.gpu, H100.capability)
     assert rec["profile"]["max"][0] == 8 and rec["precision"] == "fp16" and rec["workspace_gb"] == 2
+    assert rec["profile"]["opt"][0] == 3 and [p["opt"][0] for p in rec["profiles"]] == [3, 8]
+    assert [p.opt[0] for p in b.manifest.engines[0].profiles] == [3, 8]  # typed in the manifest
     assert (b.path / rec["file"]).read_bytes().startswith(b'{"fake-plan"')
     assert (b.path / timing_cache_file(H100)).read_bytes() == b"+1"
     assert b.changed_files() == [] and rec["file"] in b.manifest.files
@@ -541,10 +570,14 @@ def test_backend_io_buffers_and_chunks_with_fakes(bundle, monkeypatch):
     assert set(cuda.h2d_dtypes) == {np.dtype(np.uint8)}  # uint8 crosses to the GPU as uint8
     shapes = [c[2][0] for c in trt.calls if c[0] == "set_input_shape"]
     assert shapes == [4, 4, 4, 2, 4, 4, 2]  # sizing at open, then chunks of the profile's max batch
+    # profiles 1..3 (tuned for infer's 3 views) and 4..4: each chunk runs on the profile made for it
+    switches = [c[1] for c in trt.calls if c[0] == "set_optimization_profile_async"]
+    assert switches == [1, 0, 1, 0] and all(c[2] == 7 for c in trt.calls if c[0].startswith("set_optim"))
     assert all(c[1] == 7 for c in trt.calls if c[0] == "execute_async_v3")  # one stream
     assert be.run(clips[:0]).shape == (0, 5)
     d = be.describe()
     assert d["backend"] == "tensorrt" and d["profile_batch"] == [1, 4] and d["tensorrt"] == "10.16.1.11"
+    assert d["profiles"] == [[1, 3, 3], [4, 4, 4]]
     be.close()
     assert cuda.closed
 
@@ -576,6 +609,311 @@ def test_engine_that_tensorrt_rejects_is_reported(bundle, monkeypatch):
     (bundle.path / rec["file"]).write_bytes(b'{"fake-plan": "other"}')  # as if written by another TensorRT
     with pytest.raises(StexportError, match="cannot load this engine .version tag mismatch.*--force"):
         open_fake_backend(bundle, monkeypatch, FakeTensorRT(), FakeCuda({}))
+
+
+def test_profiles_for_infer_calls_and_large_batches():
+    from stexport.trt_engines.record import pick_profile, profiles_for, record_profiles
+
+    s = [8, 224, 224, 3]
+    two = profiles_for(MANIFEST, 32, views=3)
+    assert two == [{"input": "frames", "min": [1, *s], "opt": [3, *s], "max": [3, *s]},
+                   {"input": "frames", "min": [4, *s], "opt": [32, *s], "max": [32, *s]}]
+    assert profile_for(MANIFEST, 32, views=3) == {"input": "frames", "min": [1, *s], "opt": [3, *s], "max": [32, *s]}
+    assert profiles_for(MANIFEST, 3, views=3) == [profile_for(MANIFEST, 3)]  # nothing past the views: one
+    assert profiles_for(MANIFEST, 2, views=3) == [profile_for(MANIFEST, 2)]
+    assert [pick_profile(two, n) for n in (1, 2, 3, 4, 17, 32)] == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(StexportError, match="batch 33 is outside the engine's profiles .1-3, 4-32."):
+        pick_profile(two, 33)
+    # overlapping profiles (another tool's engine): the one tuned nearest the batch
+    over = [{"min": [1], "opt": [1], "max": [64]}, {"min": [1], "opt": [32], "max": [64]}]
+    assert [pick_profile(over, n) for n in (1, 8, 16, 17, 40)] == [0, 0, 0, 1, 1]
+    old = {"profile": profile_for(MANIFEST, 32)}  # a record from before multi-profile engines
+    assert record_profiles(old) == [old["profile"]]
+    a = make_record(H100, {"sha256": "a" * 64}, profile_for(MANIFEST, 32, 3), "fp16", workspace_gb=None,
+                    opt_level=3, seconds=1, size=1, profiles=two)
+    b = make_record(H100, {"sha256": "a" * 64}, profile_for(MANIFEST, 32, 3), "fp16", workspace_gb=None,
+                    opt_level=3, seconds=1, size=1)
+    assert a["key"] != b["key"] and a["profiles"] == two and b["profiles"] == [b["profile"]]
+
+
+def test_engine_profile_follows_the_bundles_views(bundle):
+    m = bundle.manifest.with_(sampling={"rate": 0, "temporal_views": 1, "spatial_views": 1})
+    bundle.manifest = m
+    trt = FakeTensorRT()
+    rec, _ = build_with_fake(bundle, trt, batch=8)
+    assert [(p["min"][0], p["opt"][0], p["max"][0]) for p in rec["profiles"]] == [(1, 1, 1), (2, 8, 8)]
+
+
+def _vit_b16(manifest):
+    d = manifest.model_dump(mode="json")
+    d["model"]["backbone"]["name"] = "ViT-B-16"
+    d["model"]["backbone"]["config"].update(width=768, layers=12, heads=12, patch_size=16, image_size=224,
+                                            mlp_width=3072)
+    d["input"].update(frames=8, size=224)
+    return type(manifest).model_validate(d)
+
+
+def test_batch_capped_by_the_models_largest_tensor(bundle):
+    from stexport.trt_engines.record import batch_limit, check_batch, largest_tensor
+
+    vit = _vit_b16(bundle.manifest)
+    per, what = largest_tensor(vit)
+    assert (per, what) == (8 * 197 * 3072, "the MLP's hidden layer")  # > the 8*12*197*197 attention scores
+    assert batch_limit(vit) == (2**31 - 1) // per == 443
+    check_batch(vit, 443)
+    with pytest.raises(StexportError, match=r"--batch 1024: ViT-B-16 at 8x224 px holds 4.84 M elements per clip "
+                                            r"in the MLP's hidden layer.*choose --batch 443 or less"):
+        check_batch(vit, 1024)
+    assert batch_limit(bundle.manifest) == rec_mod.MAX_BATCH  # the tiny model: the export's own limit
+    bundle.manifest = vit
+    trt = FakeTensorRT()
+    with pytest.raises(StexportError, match="choose --batch 443"):
+        build_with_fake(bundle, trt, batch=500)
+    assert not trt.calls  # refused before TensorRT is asked anything
+
+
+def test_corrupt_stored_timing_cache_starts_fresh(bundle, caplog):
+    build_with_fake(bundle, FakeTensorRT(), batch=2)
+    (bundle.path / timing_cache_file(H100)).write_bytes(b"\x00garbage")
+    trt = FakeTensorRT(timing_cache_reads="empty")  # create_timing_cache(stored) returns None
+    with caplog.at_level(logging.WARNING, logger="stexport"):
+        _, built = build_with_fake(Bundle.load(bundle.path), trt, batch=2, force=True)
+    assert built and "cannot use the stored timing cache" in caplog.text
+    assert ("create_timing_cache", b"\x00garbage") in trt.calls and ("set_timing_cache", b"", False) in trt.calls
+    assert (bundle.path / timing_cache_file(H100)).read_bytes() == b"+1"  # the fresh one, stored
+    trt = FakeTensorRT(timing_cache_reads="none")  # not even an empty one: build without a cache
+    with caplog.at_level(logging.WARNING, logger="stexport"):
+        _, built = build_with_fake(Bundle.load(bundle.path), trt, batch=2, force=True)
+    assert built and "building without one" in caplog.text
+    assert not [c for c in trt.calls if c[0] == "set_timing_cache"]
+    assert (bundle.path / timing_cache_file(H100)).read_bytes() == b"+1"  # kept, not overwritten by nothing
+
+
+def test_tensorrt_warnings_reach_the_user_at_warning_level(caplog):
+    from stexport.trt_engines.build import logger_for
+
+    trt = FakeTensorRT()
+    logger = logger_for(trt)
+    with caplog.at_level(logging.DEBUG, logger="stexport"):
+        logger.log(trt.ILogger.Severity.WARNING, "Using a slower tactic: not enough workspace")
+        logger.log(trt.ILogger.Severity.INFO, "loaded")
+        logger.log(trt.ILogger.Severity.ERROR, "bad")
+    levels = {r.getMessage(): r.levelno for r in caplog.records}
+    assert levels["TensorRT: Using a slower tactic: not enough workspace"] == logging.WARNING
+    assert levels["TensorRT: loaded"] == logging.DEBUG and logger.errors[-1] == "bad"
+
+
+def test_ctrl_c_during_a_build_cancels_it_as_an_interruption(bundle, monkeypatch):
+    """A SIGINT during build_serialized_network reaches Python inside TensorRT's callbacks, where the bindings
+    would swallow the KeyboardInterrupt ("no message from TensorRT"). The monitor cancels the build instead and
+    build_plan raises KeyboardInterrupt; the bundle is unchanged."""
+    from stexport import interrupt
+
+    before = (bundle.path / "stexport.json").read_text()
+    monkeypatch.setattr(interrupt, "_seen", __import__("threading").Event())
+    trt = FakeTensorRT(build_steps=5, on_step=lambda i: i == 2 and interrupt._seen.set())  # as the CLI's handler
+    with pytest.raises(KeyboardInterrupt):
+        build_with_fake(bundle, trt)
+    assert ("cancelled", 2) in trt.calls
+    interrupt._seen.clear()
+    # the KeyboardInterrupt raised inside the callback itself (here in the progress bar's refresh, from step 1)
+    import tqdm
+
+    armed = []
+    real_refresh = tqdm.tqdm.refresh
+
+    def refresh(self, *a, **k):
+        if armed:
+            raise KeyboardInterrupt
+        return real_refresh(self, *a, **k)
+
+    monkeypatch.setattr(tqdm.tqdm, "refresh", refresh)
+    trt = FakeTensorRT(build_steps=5, on_step=lambda i: i == 1 and armed.append(i))
+    with pytest.raises(KeyboardInterrupt):
+        build_with_fake(bundle, trt, progress=True)
+    assert ("cancelled", 1) in trt.calls
+    armed.clear()
+    assert (bundle.path / "stexport.json").read_text() == before and not (bundle.path / "engines").exists()
+    _, built = build_with_fake(bundle, FakeTensorRT(build_steps=5))  # nothing sticks: the next build runs
+    assert built
+
+
+def test_engine_cli_on_a_read_only_bundle_says_so_before_writing(bundle, monkeypatch):
+    from stexport.cli.app import app
+    from stexport.trt_engines import cache, engine
+    from typer.testing import CliRunner
+
+    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK)  # read-only (tests may run as root)
+
+    def write(*a, **k):  # what writing into a read-only bundle does
+        raise PermissionError(13, "Permission denied", str(bundle.path / "stexport.json"))
+
+    monkeypatch.setattr(cache, "record_request", write)
+    monkeypatch.setattr(engine, "record_request", write)
+    for args in (["--batch", "4"], []):
+        r = CliRunner().invoke(app, ["engine", str(bundle.path), *args])
+        assert r.exit_code == 2, r.output
+        assert r.output.strip().splitlines() == [r.output.strip()] and "Traceback" not in r.output
+        assert "is not writable by this user; copy the bundle somewhere writable" in r.output
+
+
+def test_pycuda_releases_the_primary_context(monkeypatch):
+    """FAKE pycuda.driver (pycuda needs a CUDA toolkit to install): close() pops the context and detaches it,
+    so repeated opens do not leak retains; a failed push detaches too."""
+    from stexport.trt_engines.cuda import PyCuda
+
+    log_: list = []
+
+    class Error(Exception):
+        pass
+
+    class Ctx:
+        def push(self):
+            log_.append("push")
+            if fail_push:
+                raise Error("push failed")
+
+        def pop(self):
+            log_.append("pop")
+
+        def detach(self):
+            log_.append("detach")
+
+    class Device:
+        @staticmethod
+        def count():
+            return 1
+
+        def __init__(self, i):
+            pass
+
+        def retain_primary_context(self):
+            log_.append("retain")
+            return Ctx()
+
+    drv = SimpleNamespace(Error=Error, init=lambda: None, Device=Device)
+    monkeypatch.setitem(sys.modules, "pycuda", SimpleNamespace(driver=drv))
+    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
+    fail_push = False
+    c = PyCuda(0)
+    c.close()
+    c.close()  # idempotent
+    assert log_ == ["retain", "push", "pop", "detach"]
+    log_.clear()
+    fail_push = True
+    with pytest.raises(StexportError, match="push failed"):
+        PyCuda(0)
+    assert log_ == ["retain", "push", "detach"]
+
+
+def test_driver_cuda_mismatch_is_named():
+    from stexport.trt_engines.cuda import cuda_mismatch
+
+    cu13 = {"tensorrt-cu13 11.4.0.106": 13, "cuda-python 13.0.1": 13}
+    why = cuda_mismatch(12040, cu13, "550.54.15")
+    assert why == ("tensorrt-cu13 11.4.0.106 is built for CUDA 13, but this host's NVIDIA driver 550.54.15 "
+                   "supports CUDA 12.4 at most: pip install 'stexport[tensorrt-cu12]' (TensorRT and cuda-python "
+                   "for CUDA 12), or update the driver to 580.65.06 or newer")
+    assert cuda_mismatch(13000, cu13) is None and cuda_mismatch(None, cu13) is None
+    assert cuda_mismatch(12080, {"tensorrt-cu12 10.16.1.11": 12, "cuda-python 12.9.0": 12}) is None
+    assert "cuda-python 13.0.1 is built for CUDA 13" in cuda_mismatch(12020, {"cuda-python 13.0.1": 13})
+    assert cuda_mismatch(11080, {"tensorrt-cu12 10.1": 12}).endswith("update the driver to 525.60.13 or newer")
+
+
+def test_driver_version_is_read_from_proc(tmp_path):
+    from stexport.trt_engines.cuda import driver_version
+
+    f = tmp_path / "version"
+    f.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.133.20  Release Build  "
+                 "(dvs-builder@U16-I3-B03-4-3)  Tue Mar 25 2025\nGCC version:  gcc version 12.2.0\n")
+    assert driver_version(f) == "570.133.20"
+    f.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n")
+    assert driver_version(f) == "550.54.15"
+    assert driver_version(tmp_path / "missing") is None
+
+
+@pytest.fixture
+def cuda13_on_a_cuda12_driver(monkeypatch):
+    """TensorRT 'installed' (find_spec), a GPU 'visible', a CUDA 12.4 driver and CUDA 13 wheels: FAKE driver
+    facts (nothing here has a GPU)."""
+    from stexport.trt_engines import cuda
+
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, _real=importlib.util.find_spec: object() if name == "tensorrt"
+                        else _real(name, *a))
+    monkeypatch.setattr("stexport.device.gpu_visible", lambda: True)
+    monkeypatch.setattr(cuda, "driver_cuda_version", lambda: 12040)
+    monkeypatch.setattr(cuda, "driver_version", lambda: "550.54.15")
+    monkeypatch.setattr(cuda, "wheel_cuda_majors", lambda: {"tensorrt-cu13 10.16.1.11": 13})
+
+
+def test_cuda_mismatch_is_an_error_for_tensorrt_and_a_warning_for_auto(bundle, cuda13_on_a_cuda12_driver,
+                                                                        caplog):
+    from stexport.trt_engines import runtime
+
+    from stexport.backends import create
+
+    build_with_fake(bundle, FakeTensorRT())  # an engine, so only the driver stands in the way
+    b = Bundle.load(bundle.path)
+    runtime._said.clear()
+    with pytest.raises(StexportError) as e:
+        create("tensorrt", b)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("TensorRT cannot run here: tensorrt-cu13 10.16.1.11 is built for "
+                                              "CUDA 13, but this host's NVIDIA driver 550.54.15 supports CUDA 12.4")
+    assert "stexport[tensorrt-cu12]" in msg
+    with caplog.at_level(logging.WARNING, logger="stexport"):
+        be = create("auto", b)
+        create("auto", b).close()  # said once per bundle and reason
+    assert be.name in ("onnxruntime", "openvino")
+    said = [r.getMessage() for r in caplog.records if "not using TensorRT" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"auto: not using TensorRT for {b.path.name}: tensorrt-cu13")
+    be.close()
+
+
+def test_auto_says_why_it_passed_tensorrt_over_on_a_gpu_host(bundle, monkeypatch, caplog):
+    from stexport.trt_engines import runtime
+
+    monkeypatch.setattr("stexport.device.gpu_visible", lambda: True)
+    monkeypatch.setattr("stexport.trt_engines.cuda.host_mismatch", lambda: None)
+    runtime._said.clear()
+    with caplog.at_level(logging.WARNING, logger="stexport"):
+        assert runtime.TensorRTBackend.usable(bundle) is False
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "not using TensorRT for bundle: TensorRT is not installed (pip install 'stexport[tensorrt]')" \
+            in caplog.text
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stexport"):
+        assert runtime.TensorRTBackend.usable(bundle) is False
+    assert "the bundle has no TensorRT engine yet (build one: stexport engine" in caplog.text
+    monkeypatch.setattr("stexport.device.gpu_visible", lambda: False)  # a CPU host: nothing to fix, no warning
+    runtime._said.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stexport"):
+        assert runtime.TensorRTBackend.usable(bundle) is False
+    assert "TensorRT" not in caplog.text
+
+
+def test_build_engine_defers_with_the_mismatch(bundle, cuda13_on_a_cuda12_driver):
+    from stexport.trt_engines.engine import build_for_bundle, build_or_defer
+
+    msg = build_or_defer(bundle)
+    assert msg.startswith("TensorRT engine: will be built on first use on a GPU host with stexport[tensorrt] "
+                          "(tensorrt-cu13 10.16.1.11 is built for CUDA 13")
+    with pytest.raises(StexportError, match="TensorRT cannot build here: tensorrt-cu13"):
+        build_for_bundle(bundle)
+
+
+def test_tensorrt_extras_for_both_cuda_majors():
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    cu12, cu13 = extras["tensorrt-cu12"], extras["tensorrt-cu13"]
+    assert any(r.startswith("tensorrt-cu12") for r in cu12) and "cuda-python>=12.0,<13" in cu12
+    assert any(r.startswith("tensorrt-cu13") for r in cu13) and any(r.startswith("cuda-python>=13") for r in cu13)
+    assert extras["tensorrt"] == ["stexport[tensorrt-cu12]"]  # the alias: runs on 525+ drivers, 580+ included
 
 
 # ---------------------------------------------------------------------------------------------------------

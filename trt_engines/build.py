@@ -8,10 +8,12 @@ created strongly typed, so none is set on either. The ONNX is parsed from its pa
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from tqdm import tqdm
 
+from stexport import interrupt
 from stexport.errors import StexportError
 
 log = logging.getLogger("stexport")
@@ -57,6 +59,7 @@ def workspace_bytes(workspace_gb: float | None) -> int | None:
 
 
 _loggers: dict[int, object] = {}
+_cancel = threading.Event()  # Ctrl-C landed in a TensorRT callback: the running build cancels itself
 
 
 def logger_for(trt):
@@ -72,13 +75,16 @@ def logger_for(trt):
                 self.errors: list[str] = []
 
             def log(self, severity, msg):
-                if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                    self.errors.append(str(msg))
-                    log.debug("TensorRT error: %s", msg)
-                elif severity == trt.ILogger.Severity.WARNING:
-                    log.info("TensorRT: %s", msg)
-                else:
-                    log.debug("TensorRT: %s", msg)
+                try:
+                    if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                        self.errors.append(str(msg))
+                        log.debug("TensorRT error: %s", msg)
+                    elif severity == trt.ILogger.Severity.WARNING:
+                        log.warning("TensorRT: %s", msg)  # e.g. slower kernels chosen: users should see it
+                    else:
+                        log.debug("TensorRT: %s", msg)
+                except KeyboardInterrupt:  # raised into a callback, it would be swallowed: cancel instead
+                    _cancel.set()
 
         _loggers[id(trt)] = Logger()
     return _loggers[id(trt)]
@@ -89,25 +95,37 @@ def last_error(logger, mark: int) -> str:
     return logger.errors[-1] if len(logger.errors) > mark else "no message from TensorRT"
 
 
-def make_progress(trt, bar: tqdm):
-    """Feed TensorRT's build phases into a tqdm bar (top-level phase steps)."""
+def make_progress(trt, bar: tqdm | None):
+    """A progress monitor: feeds TensorRT's build phases into a tqdm bar (top-level phase steps, when `bar`)
+    and cancels the build on Ctrl-C. A KeyboardInterrupt raised inside a callback would be swallowed by the
+    bindings (the build then fails with no message), so the callback records it and returns False, which
+    cancels the build; build_plan raises KeyboardInterrupt afterwards."""
 
     class Progress(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
             self.top = None
+            self.cancelled = False
 
         def phase_start(self, phase_name, parent_phase, num_steps):
-            if parent_phase is None:
-                self.top = phase_name
-                bar.reset(total=max(int(num_steps), 1))
-                bar.set_description(f"TensorRT: {phase_name}")
+            try:
+                if parent_phase is None and bar is not None:
+                    self.top = phase_name
+                    bar.reset(total=max(int(num_steps), 1))
+                    bar.set_description(f"TensorRT: {phase_name}")
+            except KeyboardInterrupt:
+                self.cancelled = True
 
         def step_complete(self, phase_name, step):
-            if phase_name == self.top:
-                bar.n = int(step) + 1
-                bar.refresh()
-            return True  # False would cancel the build
+            try:
+                if phase_name == self.top and bar is not None:
+                    bar.n = int(step) + 1
+                    bar.refresh()
+                if interrupt.interrupted() or _cancel.is_set():
+                    self.cancelled = True
+            except KeyboardInterrupt:
+                self.cancelled = True
+            return not self.cancelled  # False cancels the build
 
         def phase_finish(self, phase_name):
             pass
@@ -115,11 +133,31 @@ def make_progress(trt, bar: tqdm):
     return Progress()
 
 
-def build_plan(trt, onnx_path: Path, profile: dict, workspace_gb: float | None, opt_level: int,
-               timing_cache: bytes | None, progress: bool = False) -> tuple[memoryview, bytes]:
-    """Build a serialized engine from `onnx_path`; return it and the updated timing cache."""
+def set_timing_cache(config, stored: bytes | None) -> str:
+    """Give the builder the stored timing cache, or a fresh one when TensorRT cannot read it (a corrupt or
+    foreign file: create_timing_cache returns None, or set_timing_cache refuses it). Returns what was used:
+    "stored", "fresh" or "none" (TensorRT could not even make an empty one; the build runs without)."""
+    if stored:
+        cache = config.create_timing_cache(stored)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return "stored"
+        log.warning("TensorRT cannot use the stored timing cache (corrupt, or from another TensorRT/GPU); "
+                    "starting a fresh one")
+    cache = config.create_timing_cache(b"")
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return "fresh"
+    log.warning("TensorRT could not create a timing cache; building without one")
+    return "none"
+
+
+def build_plan(trt, onnx_path: Path, profiles: list[dict], workspace_gb: float | None, opt_level: int,
+               timing_cache: bytes | None, progress: bool = False) -> tuple[memoryview, bytes | None]:
+    """Build a serialized engine from `onnx_path` with `profiles` (optimisation profiles in index order);
+    return it and the updated timing cache (None when the build ran without one). Raises StexportError with
+    TensorRT's reason, KeyboardInterrupt when Ctrl-C cancelled the build."""
     logger = logger_for(trt)
     mark = len(logger.errors)
+    _cancel.clear()
     builder = trt.Builder(logger)
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     bit = None if strongly_typed is None else int(strongly_typed)
@@ -131,33 +169,34 @@ def build_plan(trt, onnx_path: Path, profile: dict, workspace_gb: float | None, 
         errors = errors or logger.errors[mark:] or ["no message"]
         raise StexportError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse it: {errors[0]}"
                             + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""))
+    name = profiles[0]["input"]
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
-    if inputs != [profile["input"]]:
-        raise StexportError(f"{onnx_path}: expected one input '{profile['input']}', the network has {inputs}")
+    if inputs != [name]:
+        raise StexportError(f"{onnx_path}: expected one input '{name}', the network has {inputs}")
 
     config = builder.create_builder_config()
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes(workspace_gb))
     config.builder_optimization_level = opt_level
-    shapes = builder.create_optimization_profile()
-    shapes.set_shape(profile["input"], profile["min"], profile["opt"], profile["max"])
-    config.add_optimization_profile(shapes)
-    tcache = config.create_timing_cache(timing_cache or b"")
-    if not config.set_timing_cache(tcache, ignore_mismatch=False):
-        log.info("TensorRT refused the stored timing cache; starting a fresh one")
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    for p in profiles:
+        shapes = builder.create_optimization_profile()
+        shapes.set_shape(p["input"], p["min"], p["opt"], p["max"])
+        config.add_optimization_profile(shapes)
+    cached = set_timing_cache(config, timing_cache)
 
     bar = tqdm(desc="TensorRT build", unit="step", disable=not progress, leave=False)
-    monitor = make_progress(trt, bar) if progress else None  # referenced here for as long as the build runs
-    if monitor is not None:
-        config.progress_monitor = monitor
+    monitor = make_progress(trt, bar if progress else None)  # referenced here for as long as the build runs
+    config.progress_monitor = monitor
     try:
         plan = builder.build_serialized_network(network, config)
     finally:
         bar.close()
+    if monitor.cancelled or _cancel.is_set() or interrupt.interrupted():
+        _cancel.clear()
+        raise KeyboardInterrupt
     if plan is None:
         reason = last_error(logger, mark)
         raise StexportError(f"TensorRT {trt.__version__} could not build an engine from {onnx_path.name}: "
                             f"{reason}")
-    timing = bytes(memoryview(config.get_timing_cache().serialize()))
+    timing = bytes(memoryview(config.get_timing_cache().serialize())) if cached != "none" else None
     return memoryview(plan), timing

@@ -19,7 +19,11 @@ from stexport.trt_engines.record import (
     make_record,
     make_request,
     mismatches,
+    views_per_call,
+    check_batch,
     profile_for,
+    profiles_for,
+    record_profiles,
     replaces,
     request,
     settings,
@@ -102,21 +106,35 @@ def ensure_engine(bundle: Bundle, trt, host: Host, batch: int | None = None,
     from stexport.trt_engines.build import build_plan
 
     req = settings(request(bundle.manifest), batch, workspace_gb, opt_level)
+    check_batch(bundle.manifest, req["batch"])
     onnx = onnx_identity(bundle)
-    profile = profile_for(bundle.manifest.input, req["batch"])
-    cached = [r for r in records(bundle) if r["profile"] == profile and not mismatches(r, host, onnx)]
+    views = views_per_call(bundle.manifest)
+    profile = profile_for(bundle.manifest.input, req["batch"], views)
+    profiles = profiles_for(bundle.manifest.input, req["batch"], views)
+    cached = [r for r in records(bundle) if r["profile"] == profile and record_profiles(r) == profiles
+              and not mismatches(r, host, onnx)]
     if cached and not force:
         return cached[0], False
+    refuse_unwritable(bundle)
+    if bundle.precision == "int8" and bundle.manifest.float_precision == "fp32":
+        log.warning("%s: an INT8 bundle with FP32 float parts: TensorRT runs its LayerNorm, Softmax, GELU and "
+                    "residuals in FP32 (the network is strongly typed). For FP16 ones rebuild it with "
+                    "`stexport build --precision int8 --int8-float fp16`", bundle.path.name)
+    onnx_path = bundle.file("onnx")
+    t0 = time.perf_counter()
+    plan, timing = build_plan(trt, onnx_path, profiles, req["workspace_gb"], req["opt_level"],
+                              load_timing(bundle, host), progress=progress)
+    rec = make_record(host, onnx, profile, bundle.precision, workspace_gb=req["workspace_gb"],
+                      opt_level=req["opt_level"], seconds=time.perf_counter() - t0, size=plan.nbytes,
+                      profiles=profiles)
+    return save(bundle, rec, plan, timing, host), True
+
+
+def refuse_unwritable(bundle: Bundle) -> None:
+    """StexportError (one line, with the fix) when engines or settings cannot be written into the bundle."""
     why_not = writable(bundle)
     if why_not:
         raise StexportError(f"cannot store a TensorRT engine: {why_not}; copy the bundle somewhere writable")
-    onnx_path = bundle.file("onnx")
-    t0 = time.perf_counter()
-    plan, timing = build_plan(trt, onnx_path, profile, req["workspace_gb"], req["opt_level"],
-                              load_timing(bundle, host), progress=progress)
-    rec = make_record(host, onnx, profile, bundle.precision, workspace_gb=req["workspace_gb"],
-                      opt_level=req["opt_level"], seconds=time.perf_counter() - t0, size=plan.nbytes)
-    return save(bundle, rec, plan, timing, host), True
 
 
 def record_request(bundle: Bundle, **values) -> dict:

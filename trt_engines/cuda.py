@@ -9,12 +9,81 @@ context, the one the CUDA runtime and TensorRT use.
 from __future__ import annotations
 
 import ctypes
+import re
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
 from stexport.errors import StexportError
 
 KINDS = ("cuda-python", "pycuda")
+
+# The oldest Linux driver of each CUDA major (NVIDIA's CUDA compatibility tables): a CUDA 13 build of TensorRT
+# or cuda-python cannot run on a 570 driver, which supports CUDA 12 only.
+MIN_DRIVER = {12: "525.60.13", 13: "580.65.06"}
+# Wheels whose name says the CUDA major they are built for; cuda-python's major is its version's major.
+CUDA_WHEELS = ("tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu12-libs", "tensorrt-cu13-libs",
+               "tensorrt-cu12-bindings", "tensorrt-cu13-bindings")
+CUDA_PYTHON = ("cuda-python", "cuda-bindings")
+
+
+def driver_cuda_version() -> int | None:
+    """The CUDA version the installed NVIDIA driver supports (e.g. 12040 for 12.4), from libcuda's
+    cuDriverGetVersion (no CUDA context is made); None without a driver."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    v = ctypes.c_int(0)
+    return v.value if lib.cuDriverGetVersion(ctypes.byref(v)) == 0 and v.value > 0 else None
+
+
+def driver_version(proc: Path = Path("/proc/driver/nvidia/version")) -> str | None:
+    """The NVIDIA kernel driver's version ("550.54.15"), or None."""
+    try:
+        m = re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", proc.read_text())
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def wheel_cuda_majors() -> dict[str, int]:
+    """{distribution: CUDA major it is built for} for the installed TensorRT and cuda-python wheels."""
+    out = {}
+    for name in (*CUDA_WHEELS, *CUDA_PYTHON):
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        m = re.search(r"-cu(\d+)", name)
+        major = int(m.group(1)) if m else int(re.match(r"\d+", version).group(0)) if re.match(r"\d+", version) else 0
+        if major:
+            out[f"{name} {version}"] = major
+    return out
+
+
+def cuda_mismatch(driver_cuda: int | None, wheels: dict[str, int], driver: str | None = None) -> str | None:
+    """Why the installed wheels cannot run on this driver (one line naming both and the fix), or None.
+
+    driver_cuda: driver_cuda_version() (12040 = CUDA 12.4); wheels: wheel_cuda_majors()."""
+    if not driver_cuda:
+        return None
+    have = driver_cuda // 1000
+    newer = {w: m for w, m in wheels.items() if m > have}
+    if not newer:
+        return None
+    wheel, want = max(newer.items(), key=lambda kv: kv[1])
+    shown = f"{have}.{driver_cuda % 1000 // 10}"
+    extra = f"stexport[tensorrt-cu{have}]" if have in MIN_DRIVER else "a TensorRT build for this CUDA"
+    return (f"{wheel} is built for CUDA {want}, but this host's NVIDIA driver{' ' + driver if driver else ''} "
+            f"supports CUDA {shown} at most: pip install '{extra}' (TensorRT and cuda-python for CUDA {have}), "
+            f"or update the driver to {MIN_DRIVER.get(want, 'a newer one')} or newer")
+
+
+def host_mismatch() -> str | None:
+    """cuda_mismatch for this host (None where there is no driver or nothing mismatches)."""
+    return cuda_mismatch(driver_cuda_version(), wheel_cuda_majors(), driver_version())
 
 
 def cudart():
@@ -101,6 +170,8 @@ class PyCuda:
         import pycuda.driver as drv
 
         self.drv = drv
+        self._keep: list = []
+        self.ctx = None
         try:
             drv.init()
             count = drv.Device.count()
@@ -108,10 +179,14 @@ class PyCuda:
                 raise StexportError(f"no CUDA device {device} (this host has {count})")
             self.dev = drv.Device(device)
             self.ctx = self.dev.retain_primary_context()
-            self.ctx.push()
+            try:
+                self.ctx.push()
+            except drv.Error:
+                self.ctx.detach()
+                self.ctx = None
+                raise
         except drv.Error as e:
             raise StexportError(f"CUDA (pycuda) failed: {e}") from e
-        self._keep: list = []
 
     def info(self) -> tuple[str, str]:
         major, minor = self.dev.compute_capability()
@@ -150,8 +225,13 @@ class PyCuda:
                 obj.free()
         self._keep = []
         if getattr(self, "ctx", None) is not None:
-            self.ctx.pop()
-            self.ctx = None
+            # pop it off this thread, then release the retain (retain_primary_context holds a reference
+            # until detach(): without it every open leaks one and the primary context is never freed)
+            ctx, self.ctx = self.ctx, None
+            try:
+                ctx.pop()
+            finally:
+                ctx.detach()
 
 
 def open_device(kind: str | None = None, device: int = 0):

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from stexport.trt_engines.build import import_tensorrt
-from stexport.trt_engines.cache import ensure_engine, record_request
-from stexport.trt_engines.cuda import open_device
-from stexport.trt_engines.record import Host, request, settings
+from stexport.trt_engines.cache import ensure_engine, record_request, refuse_unwritable
+from stexport.trt_engines.cuda import host_mismatch, open_device
+from stexport.trt_engines.record import Host, check_batch, request, settings
 
 from stexport.bundle import Bundle
 from stexport.errors import StexportError
@@ -19,12 +19,18 @@ def build_for_bundle(bundle: Bundle, batch: int | None = None, workspace_gb: flo
                      cuda: str | None = None, gpu: int = 0) -> tuple[dict, bool]:
     """Build (or find the cached) engine for this GPU; returns (record, built). The settings are saved in the
     bundle, so a later rebuild on another GPU uses them. Raises StexportError with the reason when this host
-    cannot build (no TensorRT, no GPU, a failed build)."""
+    cannot build (no TensorRT, no GPU, a failed build, a read-only bundle, a batch too large for the model)."""
+    req = settings(request(bundle.manifest), batch, workspace_gb, opt_level)
+    check_batch(bundle.manifest, req["batch"])
+    if req != request(bundle.manifest):
+        refuse_unwritable(bundle)  # before anything is written (or TensorRT loads)
+    why = host_mismatch()
+    if why:
+        raise StexportError(f"TensorRT cannot build here: {why}")
     trt = import_tensorrt()
     device = open_device(cuda, gpu)
     try:
         host = Host(trt.__version__, *device.info())
-        req = settings(request(bundle.manifest), batch, workspace_gb, opt_level)
         if req != request(bundle.manifest):
             record_request(bundle, **req)
         return ensure_engine(bundle, trt, host, force=force, progress=progress)
@@ -36,12 +42,26 @@ def build_or_defer(bundle: Bundle, batch: int | None = None, workspace_gb: float
                    opt_level: int | None = None, progress: bool = False) -> str:
     """For `stexport build --engine`: build the engine here if this host can, else save the settings so the
     first use on a GPU host builds it. Returns one line for the user."""
-    record_request(bundle, **settings(request(bundle.manifest), batch, workspace_gb, opt_level))
+    req = settings(request(bundle.manifest), batch, workspace_gb, opt_level)
+    check_batch(bundle.manifest, req["batch"])
+    refuse_unwritable(bundle)
+    record_request(bundle, **req)
     try:
+        why = host_mismatch()
+        if why:
+            raise StexportError(why)
         import_tensorrt()
         open_device().close()
     except StexportError as e:
         return DEFERRED.format(why=str(e).split(" (")[0].split(";")[0])
     rec, _ = build_for_bundle(bundle, progress=progress)  # this host can build: a failure here is an error
     return (f"TensorRT engine: {rec['file']} for {rec['gpu']} (compute {rec['capability']}), TensorRT "
-            f"{rec['tensorrt']}, batch 1-{rec['profile']['max'][0]}, {rec['bytes'] / 1e6:.1f} MB")
+            f"{rec['tensorrt']}, batch 1-{rec['profile']['max'][0]} (tuned for {profile_opts(rec)}), "
+            f"{rec['bytes'] / 1e6:.1f} MB")
+
+
+def profile_opts(rec: dict) -> str:
+    """'3 and 32': the batch sizes the engine's profiles are tuned for."""
+    from stexport.trt_engines.record import record_profiles
+
+    return " and ".join(str(p["opt"][0]) for p in record_profiles(rec))

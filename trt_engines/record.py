@@ -40,30 +40,100 @@ def input_shape(inp: InputRecord) -> tuple[int, ...]:
     return tuple(inp.shape(1)[1:])
 
 
-def profile_for(inp: InputRecord, batch: int = DEFAULT_BATCH) -> dict:
-    """The optimisation profile over the batch axis: min 1, opt and max `batch`; other axes fixed."""
+def profile_for(inp: InputRecord, batch: int = DEFAULT_BATCH, views: int | None = None) -> dict:
+    """The engine's whole batch range (its profiles together): min 1, max `batch`, opt `views` (the clips
+    `infer` sends per call: a video's temporal × spatial views) when given, else `batch`; other axes fixed."""
     if not 1 <= batch <= MAX_BATCH:
         raise StexportError(f"--batch {batch}: choose a batch size from 1 to {MAX_BATCH}")
     s = list(input_shape(inp))
-    return {"input": inp.name, "min": [1, *s], "opt": [batch, *s], "max": [batch, *s]}
+    opt = min(views, batch) if views else batch
+    return {"input": inp.name, "min": [1, *s], "opt": [opt, *s], "max": [batch, *s]}
+
+
+def profiles_for(inp: InputRecord, batch: int = DEFAULT_BATCH, views: int | None = None) -> list[dict]:
+    """TensorRT optimisation profiles, in index order. Kernels are chosen for a profile's opt shape, so one
+    profile for 1..batch tuned at `batch` runs infer's few clips per call with kernels made for 32. With
+    `views` below `batch`: profile 0 covers 1..views tuned at views (what infer and verify send), profile 1
+    covers views+1..batch tuned at batch (bench, batch jobs). Otherwise one profile 1..batch at batch."""
+    whole = profile_for(inp, batch)
+    if not views or views >= batch:
+        return [whole]
+    s = whole["min"][1:]
+    return [{"input": inp.name, "min": [1, *s], "opt": [views, *s], "max": [views, *s]},
+            {"input": inp.name, "min": [views + 1, *s], "opt": [batch, *s], "max": [batch, *s]}]
+
+
+def pick_profile(profiles: list[dict], n: int) -> int:
+    """Index of the profile to run a batch of `n` with: among those whose min..max covers n, the one whose opt
+    is nearest to n (ties: the lower index). Raises StexportError when none covers n."""
+    covering = [i for i, p in enumerate(profiles) if p["min"][0] <= n <= p["max"][0]]
+    if not covering:
+        ranges = ", ".join(f"{p['min'][0]}-{p['max'][0]}" for p in profiles)
+        raise StexportError(f"batch {n} is outside the engine's profiles ({ranges})")
+    return min(covering, key=lambda i: (abs(profiles[i]["opt"][0] - n), i))
+
+
+def views_per_call(manifest: Manifest) -> int:
+    """Clips per `infer` call: one video's temporal × spatial views."""
+    return manifest.sampling.temporal_views * manifest.sampling.spatial_views
+
+
+TENSOR_LIMIT = 2**31 - 1  # elements: TensorRT's tensors (and the volumes of their shapes) are 32-bit indexed
+
+
+def largest_tensor(manifest: Manifest) -> tuple[int, str]:
+    """Elements per clip of the model's largest activation tensor, and what it is (from the ViT config)."""
+    cfg, T = manifest.model.backbone.config, manifest.input.frames
+    L = cfg.grid ** 2 + 1
+    spec = manifest.model.adapter.spec
+    sizes = {"the attention scores": T * cfg.heads * L * L, "the MLP's hidden layer": T * L * cfg.mlp_width,
+             "the token stream": T * L * cfg.width, "the adapters' bottleneck": T * L * spec.width,
+             "the input": T * manifest.input.size ** 2 * 3}
+    what = max(sizes, key=sizes.get)
+    return sizes[what], what
+
+
+def batch_limit(manifest: Manifest) -> int:
+    """The largest batch whose every tensor stays within TensorRT's 2^31 elements (at most MAX_BATCH)."""
+    return max(1, min(MAX_BATCH, TENSOR_LIMIT // largest_tensor(manifest)[0]))
+
+
+def check_batch(manifest: Manifest, batch: int) -> None:
+    """StexportError naming the model's limit when `batch` clips would overflow a tensor."""
+    limit = batch_limit(manifest)
+    if batch > limit:
+        per, what = largest_tensor(manifest)
+        raise StexportError(f"--batch {batch}: {manifest.model.backbone.name} at {manifest.input.frames}x"
+                            f"{manifest.input.size} px holds {per / 1e6:.2f} M elements per clip in {what}, and "
+                            f"TensorRT tensors hold at most 2^31 elements: choose --batch {limit} or less")
 
 
 def max_batch(record: dict) -> int:
     return int(record["profile"]["max"][0])
 
 
-def engine_key(host: Host, onnx: dict, profile: dict, precision: str) -> str:
+def record_profiles(record: dict) -> list[dict]:
+    """The record's TensorRT profiles in index order (records from before multi-profile engines: one)."""
+    return record.get("profiles") or [record["profile"]]
+
+
+def engine_key(host: Host, onnx: dict, profile: dict, precision: str, profiles: list[dict] | None = None) -> str:
     """Cache key: everything an engine's validity depends on (not build options like workspace)."""
-    blob = json.dumps({"tensorrt": host.tensorrt, "gpu": host.gpu, "capability": host.capability,
-                       "onnx": onnx, "profile": profile, "precision": precision}, sort_keys=True)
+    key = {"tensorrt": host.tensorrt, "gpu": host.gpu, "capability": host.capability,
+           "onnx": onnx, "profile": profile, "precision": precision}
+    if profiles and profiles != [profile]:
+        key["profiles"] = profiles
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def make_record(host: Host, onnx: dict, profile: dict, precision: str, *, workspace_gb: float | None,
-                opt_level: int, seconds: float, size: int) -> dict:
-    key = engine_key(host, onnx, profile, precision)
+                opt_level: int, seconds: float, size: int, profiles: list[dict] | None = None) -> dict:
+    profiles = profiles or [profile]
+    key = engine_key(host, onnx, profile, precision, profiles)
     return {"key": key, "file": f"{ENGINE_DIR}/{key}.engine", "tensorrt": host.tensorrt, "gpu": host.gpu,
             "capability": host.capability, "onnx": onnx, "precision": precision, "profile": profile,
+            "profiles": profiles,
             "workspace_gb": workspace_gb, "opt_level": opt_level, "build_seconds": round(seconds, 1),
             "bytes": size, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -107,7 +177,7 @@ def choose(records: list[dict], host: Host, onnx: dict, batch: int | None = None
 def replaces(old: dict, new: dict) -> bool:
     """Whether `new` makes `old` useless: same host and profile, or `old` was built from another ONNX."""
     same_host = all(old.get(k) == new.get(k) for k in ("tensorrt", "gpu", "capability"))
-    return old.get("onnx") != new["onnx"] or (same_host and old.get("profile") == new["profile"])
+    return old.get("onnx") != new["onnx"] or (same_host and record_profiles(old) == record_profiles(new))
 
 
 def timing_cache_file(host: Host) -> str:

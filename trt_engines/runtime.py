@@ -15,8 +15,10 @@ import logging
 import numpy as np
 from stexport.trt_engines.build import import_tensorrt, last_error, logger_for
 from stexport.trt_engines.cache import ensure_engine, onnx_identity, records
+from stexport.trt_engines import cuda as cuda_mod
 from stexport.trt_engines.cuda import open_device
-from stexport.trt_engines.record import Host, choose, input_shape, max_batch, request
+from stexport.trt_engines.record import (Host, choose, input_shape, max_batch, pick_profile, record_profiles,
+                                         request)
 
 from stexport.backends.base import Backend, Option
 from stexport.errors import StexportError
@@ -47,6 +49,26 @@ def io_names(inputs: list[str], outputs: list[str], manifest: Manifest) -> tuple
     return want_in, want_out
 
 
+_said: set[tuple[str, str]] = set()
+
+
+def passed_over(bundle, why: str) -> None:
+    """Log why `auto` did not pick TensorRT: a warning where a GPU is visible (the user may expect it), once per
+    bundle and reason; debug elsewhere (a CPU host has nothing to fix)."""
+    try:
+        from stexport.device import gpu_visible
+
+        gpu = gpu_visible()
+    except Exception:  # noqa: BLE001
+        gpu = False
+    key = (str(bundle.path), why)
+    if gpu and key not in _said:
+        _said.add(key)
+        log.warning("auto: not using TensorRT for %s: %s", bundle.path.name, why)
+    else:
+        log.debug("auto: not using TensorRT for %s: %s", bundle.path.name, why)
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
     OPTIONS = (
@@ -60,9 +82,12 @@ class TensorRTBackend(Backend):
     def __init__(self, bundle, batch: int | None = None, build: bool = True, cuda: str | None = None,
                  gpu: int = 0, progress: bool = False, **options):
         super().__init__(bundle, **options)
+        why = cuda_mod.host_mismatch()  # before importing a TensorRT that cannot load on this driver
+        if why:
+            raise StexportError(f"TensorRT cannot run here: {why}")
         trt = import_tensorrt()
         self.cuda = open_device(cuda, gpu)
-        self.context = self.engine = self.runtime = None
+        self.context = self.engine = self.runtime = self.dev_in = None
         try:
             self._open(trt, batch, build, progress)
         except BaseException:
@@ -70,16 +95,34 @@ class TensorRTBackend(Backend):
             raise
 
     @classmethod
-    def usable(cls, bundle) -> bool:
-        """TensorRT importable, a GPU visible, and the bundle has an engine or asked for one (`--engine`)."""
-        try:
-            if importlib.util.find_spec("tensorrt") is None:
-                return False
-            from stexport.device import gpu_visible
+    def unusable_reason(cls, bundle) -> str | None:
+        """Why `auto` cannot pick TensorRT for `bundle` here (cheap: no TensorRT import, no CUDA context), or
+        None: TensorRT installed, a GPU visible, a driver for the wheels' CUDA, and an engine or a request."""
+        from stexport.device import gpu_visible
 
-            return bundle.has("onnx") and gpu_visible() and bool(records(bundle) or request(bundle.manifest))
-        except Exception:  # noqa: BLE001 - `auto` must never fail here
-            return False
+        if importlib.util.find_spec("tensorrt") is None:
+            return "TensorRT is not installed (pip install 'stexport[tensorrt]')"
+        if not gpu_visible():
+            return "no NVIDIA GPU is visible"
+        why = cuda_mod.host_mismatch()
+        if why:
+            return why
+        if not bundle.has("onnx"):
+            return "the bundle has no ONNX model"
+        if not (records(bundle) or request(bundle.manifest)):
+            return f"the bundle has no TensorRT engine yet (build one: stexport engine {bundle.path})"
+        return None
+
+    @classmethod
+    def usable(cls, bundle) -> bool:
+        """Whether `auto` may pick TensorRT; when not and a GPU is visible, says why once (warning)."""
+        try:
+            why = cls.unusable_reason(bundle)
+        except Exception as e:  # noqa: BLE001 - `auto` must never fail here
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            passed_over(bundle, why)
+        return why is None
 
     def _select(self, trt, batch: int | None, build: bool, progress: bool) -> dict:
         b = self.bundle
@@ -122,22 +165,40 @@ class TensorRTBackend(Backend):
         self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.in_name)))
         self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.out_name)))
         self.max_batch = max_batch(self.record)
+        self.profiles = record_profiles(self.record)
+        count = getattr(self.engine, "num_optimization_profiles", len(self.profiles))
+        if count != len(self.profiles):
+            raise StexportError(f"{path}: the engine has {count} optimisation profiles, its record "
+                                f"{len(self.profiles)}; rebuild it with `stexport engine {b.path} --force`")
+        self.active = 0  # a new execution context starts on profile 0
         self.sample = input_shape(b.manifest.input)
+        self.stream = self.cuda.stream()
         out_max = self._set_batch(self.max_batch)
         in_bytes = self.max_batch * int(np.prod(self.sample)) * self.in_dtype.itemsize
         out_bytes = int(np.prod(out_max)) * self.out_dtype.itemsize
         self.host_in, self.dev_in = self.cuda.pinned(in_bytes), self.cuda.malloc(in_bytes)
         self.host_out, self.dev_out = self.cuda.pinned(out_bytes), self.cuda.malloc(out_bytes)
-        self.stream = self.cuda.stream()
+        self._bind()
+
+    def _bind(self) -> None:
         for name, ptr in ((self.in_name, self.dev_in), (self.out_name, self.dev_out)):
             if not self.context.set_tensor_address(name, ptr):
                 raise StexportError(f"TensorRT refused the device address for tensor '{name}'")
 
     def _set_batch(self, n: int) -> tuple[int, ...]:
-        """Set the input shape for a batch of n; return the output shape it gives."""
+        """Switch to the profile made for a batch of n (the one tuned nearest n), set the input shape; return
+        the output shape it gives."""
+        want = pick_profile(self.profiles, n)
+        if want != self.active:
+            if not self.context.set_optimization_profile_async(want, self.stream):
+                raise StexportError(f"TensorRT refused to switch to optimisation profile {want} (batch {n})")
+            self.active = want
+            if getattr(self, "dev_in", None) is not None:
+                self._bind()
         if not self.context.set_input_shape(self.in_name, (n, *self.sample)):
-            raise StexportError(f"TensorRT refused input shape {(n, *self.sample)} "
-                                f"(engine profile: batch 1 to {self.max_batch})")
+            p = self.profiles[want]
+            raise StexportError(f"TensorRT refused input shape {(n, *self.sample)} (engine profile {want}: "
+                                f"batch {p['min'][0]} to {p['max'][0]})")
         return tuple(self.context.get_tensor_shape(self.out_name))
 
     def _run_chunk(self, x: np.ndarray) -> np.ndarray:
@@ -165,7 +226,9 @@ class TensorRTBackend(Backend):
         r = self.record
         return {**super().describe(), "device": f"{self.host.gpu} (compute {self.host.capability})",
                 "tensorrt": self.host.tensorrt, "engine": r["file"],
-                "profile_batch": [r["profile"]["min"][0], r["profile"]["max"][0]], "cuda": self.cuda.kind}
+                "profile_batch": [r["profile"]["min"][0], r["profile"]["max"][0]],
+                "profiles": [[p["min"][0], p["opt"][0], p["max"][0]] for p in self.profiles],
+                "cuda": self.cuda.kind}
 
     def close(self) -> None:
         # Release in dependency order: context before engine before runtime, then the CUDA memory.

@@ -1,17 +1,20 @@
-// stexport-host: run a stexport TorchScript module (BUNDLE/model.ts) on a clip and print the top classes.
+// stexport-host: run a stexport model for libtorch (BUNDLE/model.ts, TorchScript, or BUNDLE/model.pt2, an
+// AOTInductor package) on a clip and print the top classes.
 //
-//   stexport-host MODEL.ts CLIP [--top-k K] [--device auto|cpu|cuda] [--threads N] [--logits]
+//   stexport-host MODEL.ts|MODEL.pt2 CLIP [--top-k K] [--device auto|cpu|cuda] [--threads N] [--logits]
 //
 // CLIP is what `stexport dump-clip VIDEO -m BUNDLE -o clip.npy` writes: a NumPy .npy file holding uint8 RGB
 // (V, T, S, S, 3) — V views of T frames, S×S pixels — or (T, S, S, 3) for one view. A headerless file of
 // V·T·S·S·3 bytes in that order works too. Like `stexport infer`, each view's logits go through a softmax and
 // the views are averaged. --logits also prints every view's raw logits (one line each).
 //
-// The module takes the clips as they are (normalisation is inside it) and returns float32 logits
-// (V, classes). Labels, frames and size come from the manifest stexport embeds in the .ts file (the extra
-// file "stexport.json").
+// The model takes the clips as they are (normalisation is inside it) and returns float32 logits
+// (V, classes). Labels, frames and size come from the manifest stexport embeds: the extra file
+// "stexport.json" of a .ts module, the metadata key "stexport.json" of a .pt2 package. A .pt2 package runs
+// on the device kind it was compiled for (its manifest's aoti.device); --device must agree.
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/cuda.h>
 #include <torch/script.h>
 
@@ -24,6 +27,7 @@
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <memory>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -40,10 +44,12 @@ struct Args {
 };
 
 const char* kUsage =
-    "usage: stexport-host MODEL.ts CLIP [--top-k K] [--device auto|cpu|cuda] [--threads N] [--logits]\n"
-    "  MODEL.ts  a bundle's TorchScript module (stexport export-torchscript BUNDLE)\n"
-    "  CLIP      uint8 RGB clips (V, T, S, S, 3) as .npy (stexport dump-clip VIDEO -m BUNDLE -o CLIP)\n"
-    "            or headerless bytes in that order\n";
+    "usage: stexport-host MODEL.ts|MODEL.pt2 CLIP [--top-k K] [--device auto|cpu|cuda] [--threads N] "
+    "[--logits]\n"
+    "  MODEL.ts   a bundle's TorchScript module (stexport export-torchscript BUNDLE)\n"
+    "  MODEL.pt2  or its AOTInductor package (stexport export-aoti BUNDLE)\n"
+    "  CLIP       uint8 RGB clips (V, T, S, S, 3) as .npy (stexport dump-clip VIDEO -m BUNDLE -o CLIP)\n"
+    "             or headerless bytes in that order\n";
 
 Args parse_args(int argc, char** argv) {
   Args a;
@@ -71,7 +77,7 @@ Args parse_args(int argc, char** argv) {
       positional.push_back(s);
     }
   }
-  if (positional.size() != 2) throw std::invalid_argument("expected MODEL.ts and CLIP");
+  if (positional.size() != 2) throw std::invalid_argument("expected MODEL.ts (or MODEL.pt2) and CLIP");
   a.model = positional[0];
   a.clip = positional[1];
   if (a.top_k < 1) throw std::invalid_argument("--top-k must be at least 1");
@@ -144,6 +150,53 @@ std::vector<std::int64_t> read_clip(const std::string& path, std::int64_t frames
   return shape;
 }
 
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// One interface over the two kinds of model file: load, read the embedded manifest, run.
+struct Model {
+  virtual ~Model() = default;
+  virtual std::string manifest_json() = 0;
+  virtual torch::Tensor forward(const torch::Tensor& clips) = 0;
+};
+
+struct TorchScriptModel : Model {
+  torch::jit::script::Module module;
+  std::string json;
+  TorchScriptModel(const std::string& path, torch::Device device) {
+    torch::jit::ExtraFilesMap extra{{"stexport.json", ""}};
+    try {
+      module = torch::jit::load(path, device, extra);
+    } catch (const c10::Error& e) {
+      throw std::runtime_error(path + ": not a loadable TorchScript module (" +
+                               std::string(e.what_without_backtrace()).substr(0, 200) + ")");
+    }
+    module.eval();
+    json = extra["stexport.json"];
+  }
+  std::string manifest_json() override { return json; }
+  torch::Tensor forward(const torch::Tensor& clips) override { return module.forward({clips}).toTensor(); }
+};
+
+struct AotiModel : Model {
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+  explicit AotiModel(const std::string& path) {
+    try {
+      loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(path + ": not a loadable AOTInductor package (" +
+                               std::string(e.what()).substr(0, 200) + ")");
+    }
+  }
+  std::string manifest_json() override {
+    auto meta = loader->get_metadata();
+    auto it = meta.find("stexport.json");
+    return it == meta.end() ? std::string() : it->second;
+  }
+  torch::Tensor forward(const torch::Tensor& clips) override { return loader->run({clips}).at(0); }
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -164,18 +217,27 @@ int main(int argc, char** argv) {
       throw std::runtime_error("--device " + args.device + ": choose auto, cpu or cuda");
     }
 
-    torch::jit::ExtraFilesMap extra{{"stexport.json", ""}};
-    torch::jit::script::Module module;
-    try {
-      module = torch::jit::load(args.model, device, extra);
-    } catch (const c10::Error& e) {
-      throw std::runtime_error(args.model + ": not a loadable TorchScript module (" +
-                               std::string(e.what_without_backtrace()).substr(0, 200) + ")");
+    const bool aoti = ends_with(args.model, ".pt2");
+    std::unique_ptr<Model> model;
+    if (aoti) {
+      model = std::make_unique<AotiModel>(args.model);
+    } else {
+      model = std::make_unique<TorchScriptModel>(args.model, device);
     }
-    module.eval();
-    if (extra["stexport.json"].empty())
-      throw std::runtime_error(args.model + ": no embedded stexport.json; export it with stexport");
-    const mini_json::Value manifest = mini_json::parse(extra["stexport.json"]);
+    const std::string json = model->manifest_json();
+    if (json.empty()) throw std::runtime_error(args.model + ": no embedded stexport.json; export it with stexport");
+    const mini_json::Value manifest = mini_json::parse(json);
+    if (aoti) {  // a package runs on the device kind it was compiled for
+      const std::string built = manifest.has("aoti") && manifest["aoti"].has("device")
+                                    ? manifest["aoti"]["device"].as_string() : "cpu";
+      if (args.device == "auto") {
+        device = built == "cuda" ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+      } else if (args.device != built) {
+        throw std::runtime_error("--device " + args.device + ": " + args.model + " was compiled for " + built);
+      }
+      if (device.is_cuda() && !torch::cuda::is_available())
+        throw std::runtime_error(args.model + " was compiled for cuda: libtorch sees no CUDA GPU");
+    }
     // manifest format 2 keeps frames and size in the input record; format 1 (older exports) at the top
     const mini_json::Value& input = manifest.has("input") && manifest["input"].has("frames") ? manifest["input"]
                                                                                             : manifest;
@@ -189,7 +251,7 @@ int main(int argc, char** argv) {
 
     torch::InferenceMode guard;
     const auto start = std::chrono::steady_clock::now();
-    torch::Tensor logits = module.forward({clips}).toTensor().to(torch::kCPU, torch::kFloat).contiguous();
+    torch::Tensor logits = model->forward(clips).to(torch::kCPU, torch::kFloat).contiguous();
     const std::chrono::duration<double, std::milli> ms = std::chrono::steady_clock::now() - start;
     const auto classes = static_cast<std::int64_t>(labels.size());
     if (logits.dim() != 2 || logits.size(0) != shape[0] || logits.size(1) != classes)

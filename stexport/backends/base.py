@@ -118,7 +118,7 @@ class Backend(ABC):
     def compute_precision(self) -> str:
         """The float precision this runtime computes in (one of COMPUTE_PRECISIONS); INT8 bundles run their
         quantized GEMMs in int8 on top of it."""
-        return "fp16" if self.bundle.precision == "fp16" else "fp32"
+        return self.bundle.manifest.float_precision
 
     def describe(self) -> dict:
         """What actually runs: runtime, device/provider, the bundle's precision and the compute precision."""

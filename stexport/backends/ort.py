@@ -52,10 +52,11 @@ class OrtBackend(Backend):
         if level not in LEVELS:
             raise StexportError(f"unknown optimisation level '{level}'; choose one of: {', '.join(LEVELS)}")
         on_cpu = self.providers[0] == "CPUExecutionProvider"
-        if level == "all" and on_cpu and bundle.precision == "fp16":
+        if level == "all" and on_cpu and bundle.manifest.float_precision == "fp16":
             # ORT 1.32's CPU provider segfaults on FP16 ViT graphs at ORT_ENABLE_ALL.
             if opt_level == "all":
-                log.warning("ORT's CPU provider cannot run FP16 graphs at level 'all'; using 'extended'")
+                log.warning("ORT's CPU provider cannot run FP16 graphs (or INT8 ones with FP16 float parts) at "
+                            "level 'all'; using 'extended'")
             level = "extended"
         so = ort.SessionOptions()
         so.graph_optimization_level = {
