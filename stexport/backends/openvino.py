@@ -114,6 +114,33 @@ def only_blobs(folder: Path) -> bool:
     return all(only_blobs(f) if f.is_dir() else f.suffix == ".blob" for f in folder.iterdir())
 
 
+def replace_constants(model, tensors: dict) -> None:
+    """Replace the constants of `model` (an ov.Model read from ONNX) named like the keys of `tensors` (ONNX
+    initializer names) with those arrays; StexportError when one is missing or has another shape or type."""
+    ov = import_openvino()
+    found = {}
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant":
+            for n in op.output(0).get_names() | {op.get_friendly_name()}:
+                if n in tensors:
+                    found[n] = op
+    missing = sorted(set(tensors) - set(found))
+    if missing:
+        raise StexportError(f"OpenVINO's model has no constant '{missing[0]}' to replace; rebuild the bundle "
+                            "with `stexport build --swappable`")
+    for n, old in found.items():
+        new = ov.op.Constant(np.array(tensors[n], order="C"), shared_memory=False)
+        if (list(new.get_output_shape(0)) != list(old.get_output_shape(0))
+                or new.get_output_element_type(0) != old.get_output_element_type(0)):
+            raise StexportError(f"task tensor '{n}' is {new.get_output_element_type(0)}"
+                                f"{list(new.get_output_shape(0))}, the model's {old.get_output_element_type(0)}"
+                                f"{list(old.get_output_shape(0))}")
+        new.set_friendly_name(old.get_friendly_name())
+        new.output(0).set_names(old.output(0).get_names())
+        old.output(0).replace(new.output(0))
+    model.validate_nodes_and_infer_types()
+
+
 class OpenVINOBackend(Backend):
     """options: compute ('f32' | 'bf16' | 'f16'; default f32: OpenVINO's inference precision), hint
     ('latency' | 'throughput'), threads, device ('auto' = 'CPU', or an OpenVINO device name), cache (False: no
@@ -127,6 +154,7 @@ class OpenVINOBackend(Backend):
     splits a batch over streams, so it keeps one dynamic-batch model."""
 
     name = "openvino"
+    SWAPS_TASKS = True  # a task: its tensors replace the model's constants before compiling (prepare_task)
     OPTIONS = (
         Option("device", str, "auto", "OpenVINO device: auto (= CPU) or a device name"),
         THREADS,
@@ -142,13 +170,19 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, bundle, device: str = "auto", threads: int | None = None, compute: str | None = None,
                  hint: str = "latency", cache: bool = True, cache_dir: str | Path | None = None,
-                 static: bool = True, **options):
+                 static: bool = True, _core=None, _constants: dict | None = None, **options):
         super().__init__(bundle, **options)
         ov = import_openvino()
         import openvino.properties as props
         import openvino.properties.hint as hints
 
-        self.core = ov.Core()
+        # a task's backend (prepare_task): the parent's Core, and the pack's tensors replacing the graph's
+        self.core = _core or ov.Core()
+        self._constants = _constants
+        self._init_options = dict(device=device, threads=threads, compute=compute, hint=hint, cache=cache,
+                                  cache_dir=cache_dir, static=static)
+        if _constants is not None:
+            cache = False  # a compiled blob per task would be keyed by a hash of the whole model: not worth it
         self.device = "CPU" if device in ("auto", "cpu", None) else str(device).upper()
         if self.device not in self.core.available_devices:
             raise StexportError(f"--device {device}: OpenVINO here offers only "
@@ -183,7 +217,7 @@ class OpenVINOBackend(Backend):
         self.static = bool(static) and hint == "latency"
         self.models: dict[int | None, tuple] = {}  # batch (None: any) -> (compiled model, infer request)
         if self.static:
-            self.model = self._attempt(lambda: self.core.read_model(str(self.path)))
+            self.model = self._attempt(self._read)
             self.streams = 1
         else:
             self.model = None
@@ -199,6 +233,18 @@ class OpenVINOBackend(Backend):
             raise StexportError(f"{self.path}: OpenVINO cannot compile it ({reason(e)}); "
                                 "rebuild the bundle with `stexport build --force`") from e
 
+    def _read(self):
+        """The bundle's model as OpenVINO reads it, with a task's tensors in place of its constants."""
+        model = self.core.read_model(str(self.path))
+        if self._constants is not None:
+            replace_constants(model, self._constants)
+        return model
+
+    def prepare_task(self, pack):
+        """A backend of this one's options whose model has the pack's tensors as constants: its models are
+        compiled on first use (per batch size, as this one's) and kept while this backend lives."""
+        return OpenVINOBackend(self.bundle, _core=self.core, _constants=pack.tensors, **self._init_options)
+
     def compiled_for(self, batch: int | None) -> tuple:
         """(compiled model, infer request) for `batch` clips per call, compiled on first use; batch None: the
         dynamic-batch model."""
@@ -208,7 +254,8 @@ class OpenVINOBackend(Backend):
             return self.models[key]
         if key is None:
             # from the path, not a read Model: a cache hit then skips reading and hashing the graph
-            compiled = self._attempt(lambda: self.core.compile_model(str(self.path), self.device, self.config))
+            source = self._read() if self._constants is not None else str(self.path)
+            compiled = self._attempt(lambda: self.core.compile_model(source, self.device, self.config))
         else:
             def fixed():
                 x = self.model.inputs[0]
@@ -228,7 +275,12 @@ class OpenVINOBackend(Backend):
         except Exception:
             return False
 
-    def run(self, clips: np.ndarray) -> np.ndarray:
+    def run(self, clips: np.ndarray, task=None) -> np.ndarray:
+        pack, child = self.task_state(task)
+        return self.trim((child or self)._infer(clips), pack)
+
+    def _infer(self, clips: np.ndarray) -> np.ndarray:
+        """The graph's output for `clips` (every head row of a swappable graph)."""
         x = self.input.feed(clips)
         if self.streams > 1 and len(x) > 1:
             return self._run_streams(x)
@@ -299,5 +351,8 @@ class OpenVINOBackend(Backend):
                 "cache_dir": str(self.cache_dir) if self.cache_dir else None}
 
     def close(self) -> None:
+        for child in self._tasks.values():
+            child.close()
+        self._tasks.clear()
         self.stream_requests = self.model = None
         self.models.clear()
