@@ -24,6 +24,8 @@ Examples:
 
   stexport build --adapter k400.pt --precision fp16 --engine    # + a TensorRT engine (now on a GPU host)
 
+  stexport build --adapter k400.pt --swappable --max-classes 400   # a base for task packs (stexport pack)
+
   stexport build --adapter k400.pt --torchscript                # + model.ts for C++ hosts (examples/cpp)
 """
 
@@ -63,6 +65,11 @@ def build(
                                         "(q·kᵀ inputs; softmax stays float): a few % faster on CPU."),
     engine: bool = Flag(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
+    swappable: bool = Flag(False, "--swappable", help="Keep the per-task tensors (adapters, head, INT8 adapter "
+                           "scales) separate and overridable, so task packs (`stexport pack`) run on this "
+                           "bundle without re-export."),
+    max_classes: int = typer.Option(None, "--max-classes", help="With --swappable: head rows, the most "
+                                    "classes a task pack may have (default: the adapter's)."),
     torchscript: bool = Flag(False, "--torchscript", help="Also write model.ts, a frozen TorchScript "
                                      "module for libtorch hosts (see `stexport export-torchscript`)."),
     as_json: bool = Flag(False, "--json", help="Print the manifest as JSON."),
@@ -87,7 +94,8 @@ def build(
     options = BuildOptions(adapter=adapter, backbone=backbone, pretrained=pretrained, precision=precision,
                            frames=frames, size=size, out=out, force=force, calib=calib, labels=labels,
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
-                           int8_attention=int8_attention, sampling=sampling or None, progress=True)
+                           int8_attention=int8_attention, sampling=sampling or None, swappable=swappable,
+                           max_classes=max_classes, progress=True)
     from stexport.build import build_bundle  # torch and open_clip load here, after every cheap check
 
     b = build_bundle(options=options)
@@ -119,6 +127,9 @@ def build(
         c = m.calibration
         typer.echo(f"  calibration: {c.method} on {c.clips} clips{' (cached)' if c.cached else ''}, "
                    f"{c.quantized_layers} layers quantized")
+    if m.tasks is not None:
+        typer.echo(f"  swappable: {len(m.tasks.tensors)} per-task tensors, head of {m.tasks.head_rows} rows "
+                   f"(add tasks with `stexport pack --adapter CKPT --base {b.path}`)")
     if engine_note:
         typer.echo(f"  {engine_note}")
     if torchscript and m.torchscript is not None:

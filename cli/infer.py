@@ -108,6 +108,8 @@ def infer(
                                  "seconds."),
     stride: float = typer.Option(None, "--stride", help="Timeline mode: seconds between window starts "
                                  "(default: --window, no overlap)."),
+    task: Path = typer.Option(None, "--task", help="A task pack (`stexport pack`) to run on the swappable "
+                              "bundle: its classes, labels and sampling."),
     as_json: bool = Flag(False, "--json", help="One JSON object per line: per video, or per window."),
 ):
     """Classify videos the way the official ST-Adapter evaluation does: sample each video's views (the
@@ -130,14 +132,24 @@ each window is sampled like a whole video of its length.
     if stride is not None and window is None:
         raise StexportError("--stride needs --window (timeline mode)")
     bundle = pick_bundle(model)
-    sampling = with_views(Sampling.from_manifest(bundle.manifest), views, rate)
+    pack = None
+    if task is not None:
+        from stexport.taskpack import TaskPack
+
+        pack = TaskPack.load(task)
+        pack.check_fits(bundle)
+        m = bundle.manifest
+        sampling = with_views(Sampling(frames=m.input.frames, size=m.input.size,
+                                       **pack.record.sampling.model_dump()), views, rate)
+    else:
+        sampling = with_views(Sampling.from_manifest(bundle.manifest), views, rate)
     options = parse_options(option)
     if threads:
         options["threads"] = threads
     sources = expand(videos)
     failed = 0
     with Classifier(bundle, backend=backend, labels=str(labels) if labels else None, sampling=sampling,
-                    top_k=top_k, **options) as clf:
+                    top_k=top_k, task=pack, **options) as clf:
         bar = tqdm(total=len(sources), desc="infer", unit="video", file=sys.stderr, disable=None, leave=False)
 
         def out(line: str) -> None:
@@ -148,8 +160,10 @@ each window is sampled like a whole video of its length.
 
         d = clf.describe()
         where = ", ".join(str(x) for x in d.get("providers", [d.get("device", "")]) if x)
-        err(f"stexport: {bundle.path} on {d['backend']}{f' ({where})' if where else ''}, "
-            f"{clf.sampling.describe()}, labels: {labels_note(bundle, labels)}")
+        on = f"task {pack.name} ({pack.path}) on {bundle.path}" if pack else str(bundle.path)
+        names = labels_note(bundle, labels) if pack is None or labels else clf.labels_source
+        err(f"stexport: {on} on {d['backend']}{f' ({where})' if where else ''}, "
+            f"{clf.sampling.describe()}, labels: {names}")
 
         def report(item) -> None:
             nonlocal failed

@@ -284,6 +284,10 @@ class TaskTensor(Record):
     name: str
     shape: tuple[int, ...]
     dtype: Literal["float32", "float16", "int8"]
+    # also a graph input with this default (ONNX Runtime overrides it per run call); False: the INT8 backbone
+    # GEMMs' activation scales, which runtimes that rebuild constants (OpenVINO) take from the pack but ONNX
+    # Runtime keeps constant, since it fuses Q/DQ into integer GEMMs only around constant scales
+    overridable: bool = True
 
 
 class TasksRecord(Record):

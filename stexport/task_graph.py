@@ -92,6 +92,14 @@ def task_tensor_names(proto: onnx.ModelProto, params: list[str]) -> list[str]:
     return out
 
 
+def backbone_scales(proto: onnx.ModelProto, task: list[str]) -> list[str]:
+    """The activation scales of the backbone's GEMMs in an INT8 graph: the ranges they were calibrated for
+    change with the task's adapters too (every adapter adds to the token stream the backbone reads)."""
+    taken = set(task)
+    return [t.name for t in proto.graph.initializer
+            if "@" in t.name and t.name.endswith("_scale") and t.name not in taken]
+
+
 def structure_hash(proto: onnx.ModelProto) -> str:
     """sha256 of the graph without its weights' values: nodes, inputs, outputs, and each initializer's name,
     type and shape. Two exports of the same backbone and adapter layout have the same structure whatever the
@@ -107,11 +115,11 @@ def structure_hash(proto: onnx.ModelProto) -> str:
     return h.hexdigest()
 
 
-def records(proto: onnx.ModelProto, names: list[str]) -> list[TaskTensor]:
+def records(proto: onnx.ModelProto, names: list[str], fixed: list[str] = ()) -> list[TaskTensor]:
     inits = {t.name: t for t in proto.graph.initializer}
     return [TaskTensor(name=n, shape=tuple(inits[n].dims),
-                       dtype=str(helper.tensor_dtype_to_np_dtype(inits[n].data_type)))
-            for n in names]
+                       dtype=str(helper.tensor_dtype_to_np_dtype(inits[n].data_type)), overridable=n not in fixed)
+            for n in [*names, *fixed]]
 
 
 def mark_overridable(proto: onnx.ModelProto, names: list[str]) -> None:
@@ -130,7 +138,8 @@ SCALAR_SHAPE = "task_scalar_shape"
 
 def scales_as_vectors(proto: onnx.ModelProto, names: list[str]) -> None:
     """Per-task scalars (INT8 activation scales) stored as 1-element vectors, each Reshaped to the scalar its
-    QuantizeLinear/DequantizeLinear read: ONNX Runtime's adapters refuse 0-d parameters."""
+    QuantizeLinear/DequantizeLinear read: ONNX Runtime's adapters refuse 0-d parameters, and OpenVINO can then
+    replace them (see finalize). Constant ones are folded back by every runtime before it fuses Q/DQ."""
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     scalars = [n for n in names if len(inits[n].dims) == 0]
@@ -159,11 +168,14 @@ def finalize(onnx_path: Path, params: list[str], external_data: bool | None = No
 
     proto = onnx.load(str(onnx_path))
     names = task_tensor_names(proto, params)
-    scales_as_vectors(proto, names)
+    fixed = backbone_scales(proto, names)
+    # every scale as a vector + Reshape: OpenVINO's ONNX reader folds a constant scalar scale into its
+    # FakeQuantize's limits, where replacing the scale's constant afterwards would reach the DequantizeLinear only
+    scales_as_vectors(proto, [*names, *fixed])
     mark_overridable(proto, names)
     save(proto, onnx_path, external_data if external_data is not None else proto.ByteSize() > (1 << 30))
     check(onnx_path)
-    return records(proto, names), structure_hash(proto)
+    return records(proto, names, fixed), structure_hash(proto)
 
 
 def tensors(proto_or_path, names: list[str]) -> dict[str, np.ndarray]:

@@ -167,14 +167,15 @@ def test_every_backend_reports_the_compute_precision(tiny_bundle):
 RUNTIME = ["stexport/__init__.py", "stexport/errors.py", "stexport/fileutil.py", "stexport/manifest.py",
            "stexport/bundle.py", "stexport/device.py", "stexport/extras.py", "stexport/labels.py",
            "stexport/video.py", "stexport/classify.py", "stexport/bench.py", "stexport/ts_runtime.py",
-           "stexport/logs.py", "stexport/interrupt.py", "stexport/names.py",
+           "stexport/logs.py", "stexport/interrupt.py", "stexport/names.py", "stexport/taskpack.py",
            "stexport/backends/__init__.py", "stexport/backends/base.py", "stexport/backends/ort.py",
            "stexport/backends/openvino.py", "stexport/backends/torchscript.py",
            "trt_engines/__init__.py", "trt_engines/runtime.py", "trt_engines/cache.py", "trt_engines/record.py",
            "trt_engines/cuda.py", "trt_engines/build.py", "trt_engines/engine.py"]
 BUILD = ("stexport.build", "stexport.export", "stexport.fold", "stexport.reference", "stexport.backbone",
          "stexport.deltas", "stexport.loaders", "stexport.torchscript", "stexport.synthetic", "stexport.verify",
-         "stexport.calibration", "stexport.cli", "stexport.backends.torch_ref")
+         "stexport.calibration", "stexport.cli", "stexport.backends.torch_ref", "stexport.task_graph",
+         "stexport.packing")
 HEAVY = ("torch", "torchvision", "open_clip", "onnxscript")
 
 

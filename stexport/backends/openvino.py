@@ -114,31 +114,30 @@ def only_blobs(folder: Path) -> bool:
     return all(only_blobs(f) if f.is_dir() else f.suffix == ".blob" for f in folder.iterdir())
 
 
-def replace_constants(model, tensors: dict) -> None:
-    """Replace the constants of `model` (an ov.Model read from ONNX) named like the keys of `tensors` (ONNX
-    initializer names) with those arrays; StexportError when one is missing or has another shape or type."""
-    ov = import_openvino()
-    found = {}
-    for op in model.get_ops():
-        if op.get_type_name() == "Constant":
-            for n in op.output(0).get_names() | {op.get_friendly_name()}:
-                if n in tensors:
-                    found[n] = op
-    missing = sorted(set(tensors) - set(found))
-    if missing:
-        raise StexportError(f"OpenVINO's model has no constant '{missing[0]}' to replace; rebuild the bundle "
-                            "with `stexport build --swappable`")
-    for n, old in found.items():
-        new = ov.op.Constant(np.array(tensors[n], order="C"), shared_memory=False)
-        if (list(new.get_output_shape(0)) != list(old.get_output_shape(0))
-                or new.get_output_element_type(0) != old.get_output_element_type(0)):
-            raise StexportError(f"task tensor '{n}' is {new.get_output_element_type(0)}"
-                                f"{list(new.get_output_shape(0))}, the model's {old.get_output_element_type(0)}"
-                                f"{list(old.get_output_shape(0))}")
-        new.set_friendly_name(old.get_friendly_name())
-        new.output(0).set_names(old.output(0).get_names())
-        old.output(0).replace(new.output(0))
-    model.validate_nodes_and_infer_types()
+def patched_onnx(source: Path, tensors: dict, out: Path) -> Path:
+    """A copy of the ONNX model at `source` with the initializers named like the keys of `tensors` holding
+    those arrays instead, written to `out`. (Replacing constants in the model OpenVINO reads is not enough:
+    its ONNX reader folds a QuantizeLinear's constant scale into the FakeQuantize limits it makes.)
+    StexportError when one is missing or has another shape or type."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(source))
+    inits = {t.name: t for t in proto.graph.initializer}
+    for name, value in tensors.items():
+        old = inits.get(name)
+        if old is None:
+            raise StexportError(f"{source}: no initializer '{name}' to replace; rebuild the bundle with "
+                                "`stexport build --swappable`")
+        value = np.array(value, order="C")
+        if list(old.dims) != list(value.shape) or numpy_helper.to_array(old).dtype != value.dtype:
+            raise StexportError(f"task tensor '{name}' is {value.dtype}{list(value.shape)}, the model's "
+                                f"{numpy_helper.to_array(old).dtype}{list(old.dims)}")
+        old.CopyFrom(numpy_helper.from_array(value, name))
+    big = proto.ByteSize() > (1 << 30)
+    onnx.save_model(proto, str(out), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=out.name + ".data")
+    return out
 
 
 class OpenVINOBackend(Backend):
@@ -154,7 +153,7 @@ class OpenVINOBackend(Backend):
     splits a batch over streams, so it keeps one dynamic-batch model."""
 
     name = "openvino"
-    SWAPS_TASKS = True  # a task: its tensors replace the model's constants before compiling (prepare_task)
+    SWAPS_TASKS = True  # a task: its tensors replace the graph's before OpenVINO reads it (prepare_task)
     OPTIONS = (
         Option("device", str, "auto", "OpenVINO device: auto (= CPU) or a device name"),
         THREADS,
@@ -170,19 +169,19 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, bundle, device: str = "auto", threads: int | None = None, compute: str | None = None,
                  hint: str = "latency", cache: bool = True, cache_dir: str | Path | None = None,
-                 static: bool = True, _core=None, _constants: dict | None = None, **options):
+                 static: bool = True, _core=None, _path: Path | None = None, **options):
         super().__init__(bundle, **options)
         ov = import_openvino()
         import openvino.properties as props
         import openvino.properties.hint as hints
 
-        # a task's backend (prepare_task): the parent's Core, and the pack's tensors replacing the graph's
+        # a task's backend (prepare_task): the parent's Core, and the bundle's graph with the pack's tensors
         self.core = _core or ov.Core()
-        self._constants = _constants
+        self._task_path = _path
         self._init_options = dict(device=device, threads=threads, compute=compute, hint=hint, cache=cache,
                                   cache_dir=cache_dir, static=static)
-        if _constants is not None:
-            cache = False  # a compiled blob per task would be keyed by a hash of the whole model: not worth it
+        if _path is not None:
+            cache = False  # the task's graph is a scratch file: OpenVINO keys blobs by path and mtime
         self.device = "CPU" if device in ("auto", "cpu", None) else str(device).upper()
         if self.device not in self.core.available_devices:
             raise StexportError(f"--device {device}: OpenVINO here offers only "
@@ -213,7 +212,7 @@ class OpenVINOBackend(Backend):
             self.cache_dir = open_cache(folder, f"{want}-{hint}-{int(threads or 0)}t")
             if self.cache_dir:
                 config[props.cache_dir] = str(self.cache_dir)
-        self.config, self.path = config, bundle.file("onnx")
+        self.config, self.path = config, _path or bundle.file("onnx")
         self.static = bool(static) and hint == "latency"
         self.models: dict[int | None, tuple] = {}  # batch (None: any) -> (compiled model, infer request)
         if self.static:
@@ -234,16 +233,18 @@ class OpenVINOBackend(Backend):
                                 "rebuild the bundle with `stexport build --force`") from e
 
     def _read(self):
-        """The bundle's model as OpenVINO reads it, with a task's tensors in place of its constants."""
-        model = self.core.read_model(str(self.path))
-        if self._constants is not None:
-            replace_constants(model, self._constants)
-        return model
+        return self.core.read_model(str(self.path))
 
     def prepare_task(self, pack):
-        """A backend of this one's options whose model has the pack's tensors as constants: its models are
-        compiled on first use (per batch size, as this one's) and kept while this backend lives."""
-        return OpenVINOBackend(self.bundle, _core=self.core, _constants=pack.tensors, **self._init_options)
+        """A backend of this one's options on the bundle's graph with the pack's tensors for its constants
+        (a scratch ONNX this backend owns): its models are compiled on first use, per batch size as this
+        one's, and kept while this backend lives."""
+        import tempfile
+
+        if getattr(self, "_task_dir", None) is None:
+            self._task_dir = Path(tempfile.mkdtemp(prefix="stexport-openvino-tasks-"))
+        path = patched_onnx(self.path, pack.tensors, self._task_dir / f"{pack.key[:32]}.onnx")
+        return OpenVINOBackend(self.bundle, _core=self.core, _path=path, **self._init_options)
 
     def compiled_for(self, batch: int | None) -> tuple:
         """(compiled model, infer request) for `batch` clips per call, compiled on first use; batch None: the
@@ -254,8 +255,7 @@ class OpenVINOBackend(Backend):
             return self.models[key]
         if key is None:
             # from the path, not a read Model: a cache hit then skips reading and hashing the graph
-            source = self._read() if self._constants is not None else str(self.path)
-            compiled = self._attempt(lambda: self.core.compile_model(source, self.device, self.config))
+            compiled = self._attempt(lambda: self.core.compile_model(str(self.path), self.device, self.config))
         else:
             def fixed():
                 x = self.model.inputs[0]
@@ -354,5 +354,8 @@ class OpenVINOBackend(Backend):
         for child in self._tasks.values():
             child.close()
         self._tasks.clear()
+        if getattr(self, "_task_dir", None) is not None:
+            shutil.rmtree(self._task_dir, ignore_errors=True)
+            self._task_dir = None
         self.stream_requests = self.model = None
         self.models.clear()

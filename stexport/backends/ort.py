@@ -37,7 +37,8 @@ class OrtBackend(Backend):
     """Task packs on a swappable bundle run through ONNX Runtime's adapter mechanism: each pack's tensors are
     written once as an ORT adapter file and activated per run call (RunOptions.add_active_adapter), overriding
     the graph's overridable initializers for that call only, so calls for different tasks interleave on one
-    session (also from several threads)."""
+    session (also from several threads). On INT8 bundles the backbone GEMMs' activation scales stay the base
+    task's here (ORT fuses Q/DQ into integer GEMMs only around constant scales); OpenVINO takes the pack's."""
 
     name = "onnxruntime"
     SWAPS_TASKS = True
@@ -103,7 +104,8 @@ class OrtBackend(Backend):
             self._adapter_dir = tempfile.mkdtemp(prefix="stexport-ort-adapters-")
         path = os.path.join(self._adapter_dir, f"{pack.key[:32]}.onnx_adapter")
         # an OrtValue made from numpy reads the array's memory without owning it: keep the arrays alive
-        arrays = {n: np.array(a, order="C") for n, a in pack.tensors.items()}  # copies (0-d stays 0-d)
+        over = {t.name for t in pack.record.tensors if t.overridable}  # the graph's overridable initializers
+        arrays = {n: np.array(a, order="C") for n, a in pack.tensors.items() if n in over}  # copies; 0-d stays
         fmt = ort.AdapterFormat()
         fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()})
         fmt.export_adapter(path)
