@@ -36,8 +36,10 @@ def dir_bytes(p: Path) -> int:
 
 
 def rss_child(code: str) -> float:
-    """Peak RSS (MB) of a fresh Python running `code`."""
-    full = code + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    """Peak RSS (MB) of a fresh Python running `code`: VmHWM (ru_maxrss would carry the forking parent's over
+    exec)."""
+    full = code + ("\nprint(next(int(ln.split()[1]) for ln in open('/proc/self/status') "
+                   "if ln.startswith('VmHWM')) / 1024)")
     out = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
