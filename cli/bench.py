@@ -77,6 +77,8 @@ def bench(
                                "precision in use (a few seconds) and report the fraction reached."),
     in_process: bool = Flag(False, "--in-process", help="Measure in this process instead of a fresh "
                                     "one (peak memory then includes whatever ran before)."),
+    task: Path = typer.Option(None, "--task", help="Time a task pack (`stexport pack`) on this swappable "
+                              "bundle."),
     as_json: bool = Flag(False, "--json", help="Print every figure as JSON."),
 ):
     """Measure a bundle on one backend: warm-up, then per-clip latency at batch 1 (p50/p90/p99), clips/s at
@@ -111,6 +113,12 @@ that stay float (patch embedding, attention, head) at the float rate.
     opts = parse_options(option)
     if threads:
         opts["threads"] = threads
+    if task is not None:
+        from stexport.bundle import Bundle
+        from stexport.taskpack import TaskPack
+
+        TaskPack.load(task).check_fits(Bundle.load(bundle))  # refused here, in one line, before the child
+        opts["task"] = str(task.resolve())
     import logging
 
     result = run(bundle, backend, opts, parse_batches(batch), iters, warmup, peaks=peaks,

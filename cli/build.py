@@ -26,6 +26,8 @@ Examples:
 
   stexport build --adapter k400.pt --precision int8 --calib val_list.txt --engine   # INT8 + FP16 float parts
 
+  stexport build --adapter k400.pt --swappable --max-classes 400   # a base for task packs (stexport pack)
+
   stexport build --adapter k400.pt --torchscript                # + model.ts for C++ hosts (examples/cpp)
 
   stexport build --adapter k400.pt --aoti                       # + model.pt2 (AOTInductor) for C++ hosts
@@ -70,6 +72,11 @@ def build(
                                    "FP32) or fp32. Default: fp16 with --engine, else fp32."),
     engine: bool = Flag(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
+    swappable: bool = Flag(False, "--swappable", help="Keep the per-task tensors (adapters, head, INT8 adapter "
+                           "scales) separate and overridable, so task packs (`stexport pack`) run on this "
+                           "bundle without re-export."),
+    max_classes: int = typer.Option(None, "--max-classes", help="With --swappable: head rows, the most "
+                                    "classes a task pack may have (default: the adapter's)."),
     torchscript: bool = Flag(False, "--torchscript", help="Also write model.ts, a frozen TorchScript "
                                      "module for libtorch hosts (see `stexport export-torchscript`)."),
     aoti: bool = Flag(False, "--aoti", help="Also write model.pt2, an AOTInductor package (CPU) for "
@@ -97,7 +104,8 @@ def build(
                            frames=frames, size=size, out=out, force=force, calib=calib, labels=labels,
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
                            int8_attention=int8_attention, int8_float=int8_float, for_tensorrt=engine,
-                           sampling=sampling or None, progress=True)
+                           sampling=sampling or None, swappable=swappable, max_classes=max_classes,
+                           progress=True)
     from stexport.extras import require
 
     require("stexport build", "torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors")
@@ -139,6 +147,9 @@ def build(
         c = m.calibration
         typer.echo(f"  calibration: {c.method} on {c.clips} clips{' (cached)' if c.cached else ''}, "
                    f"{c.quantized_layers} layers quantized, {c.float_precision} float parts")
+    if m.tasks is not None:
+        typer.echo(f"  swappable: {len(m.tasks.tensors)} per-task tensors, head of {m.tasks.head_rows} rows "
+                   f"(add tasks with `stexport pack --adapter CKPT --base {b.path}`)")
     if engine_note:
         typer.echo(f"  {engine_note}")
     if torchscript and m.torchscript is not None:

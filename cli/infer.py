@@ -155,6 +155,8 @@ def infer(
                                       "actor reserves (match the backend's threads); the rest decode."),
     ship_bundle: bool = Flag(False, "--ship-bundle", help="With --ray: send the bundle's files through Ray's "
                              "object store, for nodes that do not see the bundle's path."),
+    task: Path = typer.Option(None, "--task", help="A task pack (`stexport pack`) to run on the swappable "
+                              "bundle: its classes, labels and sampling."),
 ):
     """Classify videos the way the official ST-Adapter evaluation does: sample each video's views (the
     bundle's frames, rate and TEMPORALxSPATIAL crops), softmax each view, average, and print the top classes.
@@ -198,17 +200,30 @@ paths, or --ship-bundle), with results identical to a local run.
 
         require("--ray", "ray")
     bundle = pick_bundle(model)
-    sampling = with_views(Sampling.from_manifest(bundle.manifest), views, rate)
+    pack = None
+    if task is not None:
+        from stexport.taskpack import TaskPack
+
+        pack = TaskPack.load(task)
+        pack.check_fits(bundle)
+        m = bundle.manifest
+        sampling = with_views(Sampling(frames=m.input.frames, size=m.input.size,
+                                       **pack.record.sampling.model_dump()), views, rate)
+    else:
+        sampling = with_views(Sampling.from_manifest(bundle.manifest), views, rate)
     options = parse_options(option)
     if threads:
         options["threads"] = threads
     sources = expand(videos)
     if window is None and (output is not None or ray_address is not None or batch or decode_threads):
+        if pack is not None:
+            raise StexportError("--task runs one video at a time for now: leave out --output, --ray, --batch and "
+                                "--decode-threads, or build a full bundle for the task")
         return corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch,
                       decode_threads, ray_address, workers, worker_cpus, ship_bundle, decode_timeout)
     failed = 0
     with Classifier(bundle, backend=backend, labels=str(labels) if labels else None, sampling=sampling,
-                    top_k=top_k, decode_timeout=decode_timeout, **options) as clf:
+                    top_k=top_k, decode_timeout=decode_timeout, task=pack, **options) as clf:
         bar = tqdm(total=len(sources), desc="infer", unit="video", file=sys.stderr, disable=None, leave=False)
 
         def out(line: str) -> None:
@@ -219,8 +234,10 @@ paths, or --ship-bundle), with results identical to a local run.
 
         d = clf.describe()
         where = ", ".join(str(x) for x in d.get("providers", [d.get("device", "")]) if x)
-        err(f"stexport: {bundle.path} on {d['backend']}{f' ({where})' if where else ''}, "
-            f"{clf.sampling.describe()}, labels: {labels_note(bundle, labels)}")
+        on = f"task {pack.name} ({pack.path}) on {bundle.path}" if pack else str(bundle.path)
+        names = labels_note(bundle, labels) if pack is None or labels else clf.labels_source
+        err(f"stexport: {on} on {d['backend']}{f' ({where})' if where else ''}, "
+            f"{clf.sampling.describe()}, labels: {names}")
 
         def report(item) -> None:
             nonlocal failed

@@ -14,19 +14,30 @@ Examples:
   stexport inspect --adapter k400.pt
 
   stexport inspect --adapter ssv2.pt --backbone ViT-B-16 --json
+
+  stexport inspect --task ssv2.stpack --base bundles/base      # what a task pack fits
 """
 
 
 @handle_errors
 def inspect(
-    adapter: Path = typer.Option(..., "--adapter", "-a", readable=False,  # the loader names the fix
+    adapter: Path = typer.Option(None, "--adapter", "-a", readable=False,  # the loader names the fix
                                  help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
     backbone: str = typer.Option("ViT-B-16", "--backbone", help="open_clip ViT name to check the fit against."),
+    task: Path = typer.Option(None, "--task", help="A task pack (`stexport pack`): the base it was made for."),
+    base: Path = typer.Option(None, "--base", help="With --task or --adapter: a swappable bundle to check the "
+                              "fit against."),
     as_json: bool = Flag(False, "--json", help="Print JSON instead of a table."),
 ):
     """Print the adapter spec inferred from the checkpoint's tensors, delta vs backbone parameters, whether it
-    fits --backbone, the accepted backbones whose width and depth it fits, and the activation and why."""
+    fits --backbone, the accepted backbones whose width and depth it fits, and the activation and why. With
+    --task: what the pack holds and the base bundle it fits (and, with --base, whether it fits that one)."""
     from stexport.errors import StexportError
+
+    if task is not None:
+        return _inspect_task(task, base, as_json)
+    if adapter is None:
+        raise StexportError("pass --adapter CHECKPOINT (or --task PACK)")
     from stexport.names import check_backbone, fitting_backbones
 
     check_backbone(backbone)
@@ -94,6 +105,37 @@ def inspect(
         if report["warning"]:
             typer.echo(f"stexport: warning: {report['warning']}", err=True)
     if fit_error:
+        raise typer.Exit(1)
+
+
+def _inspect_task(task: Path, base: Path | None, as_json: bool) -> None:
+    from stexport.taskpack import TaskPack
+
+    p = TaskPack.load(task)
+    r = p.record
+    why = None
+    if base is not None:
+        from stexport.bundle import Bundle
+
+        why = p.mismatch(Bundle.load(base))
+    spec, b = r.adapter.spec, r.base
+    report = {"task": str(task), "sha256": p.key, "bytes": task.stat().st_size, "name": r.name,
+              "spec": spec.to_dict(), "classes": r.classes, "labels": r.labels, "tensors": len(r.tensors),
+              "tensor_bytes": p.nbytes(), "fits_base": b.model_dump(mode="json", exclude_none=True),
+              "base": str(base) if base else None, "fits": (why is None) if base else None, "fit_error": why}
+    if as_json:
+        print_json(report)
+    else:
+        typer.echo(f"task pack      {task}  ({report['bytes'] / 1e6:.2f} MB; {r.name})")
+        typer.echo(f"adapter        {spec.layout}, kernel {'x'.join(map(str, spec.kernel))}, {r.classes} classes "
+                   f"({', '.join(r.labels[:4])}{' …' if len(r.labels) > 4 else ''})")
+        typer.echo(f"tensors        {len(r.tensors)} per-task tensors, {p.nbytes() / 1e6:.2f} MB")
+        typer.echo(f"fits bases     {b.backbone} ({b.weights_sha256[:12] + '…' if b.weights_sha256 else 'seed ' + str(b.weights_seed)}), "
+                   f"{b.precision}, {b.frames}x{b.size}px {b.input_dtype}, adapters {b.spec.layout} "
+                   f"{b.spec.positions}, head rows {b.head_rows}, graph {b.structure[:12]}… (made on {b.bundle})")
+        if base is not None:
+            typer.echo(f"fits {base}  {'yes' if why is None else 'NO: ' + why}")
+    if why:
         raise typer.Exit(1)
 
 

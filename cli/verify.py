@@ -50,6 +50,8 @@ def verify(
     device: str = typer.Option(None, "--device", help="Backend device (e.g. cpu, cuda, tensorrt)."),
     threads: int = typer.Option(None, "--threads", help="Backend CPU threads."),
     option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
+    task: Path = typer.Option(None, "--task", help="Verify a task pack (`stexport pack`) on this swappable "
+                              "bundle: the reference is the backbone with the pack's deltas."),
 ):
     """Decode each video as `infer` does, run the bundle's backend and the PyTorch reference on the same
     clips, and report max/mean |Δlogit|, cosine similarity, top-1 and top-5 agreement and, when the list has
@@ -79,7 +81,8 @@ def verify(
 
         raise StexportError(f"{report_path}: is a directory; --report takes a file name, e.g. report.json")
     report = run_verify(b, clips if len(clips) != 1 else clips[0], backend=backend, max_clips=max_clips,
-                        gate=gate, pretrained=pretrained, progress=True, use_cache=not no_cache, **options)
+                        gate=gate, pretrained=pretrained, progress=True, use_cache=not no_cache, task=task,
+                        **options)
     if report_path is not None:
         from stexport.fileutil import atomic_write_json
 

@@ -251,9 +251,13 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
     from stexport.bundle import Bundle
 
     bundle = Bundle.load(bundle_path)
+    options = dict(options or {})
+    task = options.pop("task", None)  # a task pack's path (`bench --task`): timed as the backend runs it
     base = rss_mb()
     t = time.perf_counter()
-    be = create(backend, bundle, **(options or {}))
+    be = create(backend, bundle, **options)
+    if task:
+        be.set_task(task)
     load_s = time.perf_counter() - t
     total = sum(calls(iters, b) for b in batches)
     # on a terminal only (disable=None): a redirected stderr gets no progress frames
@@ -264,6 +268,8 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
         if probe:
             np.save(probe[1], be.run(np.load(probe[0])))
     alone = os.environ.get("STEXPORT_BENCH_CHILD")
+    if task:
+        res["task"] = str(task)
     res.update(backend=be.name, load_s=load_s, rss_before_mb=base, peak_rss_mb=peak_rss_mb(),
                memory_method="RSS high-water mark of a process that ran only this measurement" if alone
                else "RSS high-water mark of this process (includes earlier work)")

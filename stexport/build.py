@@ -85,6 +85,12 @@ def warn_activation(deltas: Deltas, bb: Backbone) -> None:
             log.warning(msg)
 
 
+def _nbytes(t) -> int:
+    import numpy as np
+
+    return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+
+
 def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) -> Bundle:
     """Build a bundle and return it: `options`, or a BuildOptions made of `adapter` and `fields` (its field
     names). The bundle appears at options.out (default: default_home()/NAME) in one rename, or not at all.
@@ -147,6 +153,13 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
             step("fold")
             dtype = DTYPES.get(o.precision, torch.float32)
             deploy = fold(ref, o.input_format, compute_dtype=dtype)
+            head_rows = None
+            if o.swappable:
+                head_rows = o.max_classes or deltas.spec.num_classes
+                if head_rows < deltas.spec.num_classes:
+                    raise StexportError(f"--max-classes {head_rows}: the adapter has {deltas.spec.num_classes} "
+                                        f"classes; pass at least {deltas.spec.num_classes}")
+                deploy.pad_head(head_rows)
             log.info("graph: %s input (%s), %s compute, %s, attention as MatMul/Softmax, adapters as "
                      "Gemm + depth-wise Conv (%s)", o.input_format,
                      "B,T,H,W,3 RGB normalised in the graph" if o.input_format == "uint8"
@@ -155,7 +168,7 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
             step("export")
             onnx_path = tmp / ARTIFACTS["onnx"]
             log.info("export: ONNX opset %d, dynamic batch, %d frames x %d px", OPSET, o.frames, size)
-            export_onnx(deploy, onnx_path, o.frames, external_data=o.external_data)
+            export_onnx(deploy, onnx_path, o.frames, external_data=o.external_data, swappable=o.swappable)
             fp16_check = None
             if o.precision == "fp16":  # FP16 must hold the activations: checked on the graph just written
                 from stexport.fp16_check import check_fp16_graph
@@ -184,6 +197,15 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                          " (cached)" if calibration.get("cached") else "", calibration.get("quantized_layers"))
                 bar.update(2)
             step("write")
+            tasks = None
+            if o.swappable:
+                from stexport.manifest import TasksRecord
+                from stexport.task_graph import finalize
+
+                tensors, structure = finalize(onnx_path, deploy.task_parameters(), o.external_data)
+                tasks = TasksRecord(head_rows=head_rows, structure=structure, tensors=tensors)
+                log.info("swappable: %d per-task tensors (%.1f MB), head of %d rows", len(tensors),
+                         sum(_nbytes(t) for t in tensors) / 1e6, head_rows)
             from safetensors.torch import save_file
 
             tensors = {k: v.contiguous() for k, v in deltas.state_dict.items()}
@@ -206,6 +228,7 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                 artifacts=artifacts,
                 calibration=CalibrationRecord(**calibration) if calibration else None,
                 fp16_check=FP16CheckRecord(**fp16_check) if fp16_check else None,
+                tasks=tasks,
             )
             finish(tmp, manifest)
             bar.update()

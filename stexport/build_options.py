@@ -36,8 +36,10 @@ class BuildOptions:
     uint8 array (N, T, S, S, 3) (INT8 only; required there). sampling: overrides of the default
     {rate, temporal_views, spatial_views}. int8_attention: also quantize the attention-score MatMul's inputs
     (q and kᵀ; softmax stays float). int8_float: the float type of an INT8 graph's non-quantized parts, "fp32"
-    or "fp16" (default: fp16 when `for_tensorrt`, i.e. `--engine`, else fp32). progress: tqdm bars on stderr
-    when it is a terminal.
+    or "fp16" (default: fp16 when `for_tensorrt`, i.e. `--engine`, else fp32). swappable: export the per-task
+    tensors (adapters, head, INT8 adapter scales) as named overridable initializers, so task packs
+    (`stexport pack`) can replace them at run time; max_classes: the head's rows in a swappable graph (default:
+    the adapter's classes). progress: tqdm bars on stderr when it is a terminal.
 
     Raises StexportError naming the option and the fix.
     """
@@ -61,6 +63,8 @@ class BuildOptions:
     int8_attention: bool = False
     int8_float: str | None = None
     for_tensorrt: bool = False
+    swappable: bool = False
+    max_classes: int | None = None
     progress: bool = False
 
     def __post_init__(self):
@@ -94,6 +98,11 @@ class BuildOptions:
                 raise StexportError(f"--calib-clips {self.calib_clips}: must be at least 1")
         elif self.calib is not None and self.precision == "fp32":
             log.warning("--calib is only used for --precision int8 (and to check fp16); ignoring it")
+        if self.max_classes is not None:
+            if not self.swappable:
+                raise StexportError("--max-classes needs --swappable (it sizes the head task packs replace)")
+            if self.max_classes < 1:
+                raise StexportError(f"--max-classes {self.max_classes}: must be at least 1")
         if self.int8_attention and self.precision != "int8":
             raise StexportError("--int8-attention needs --precision int8")
         if self.int8_float is not None:

@@ -81,15 +81,26 @@ class Classifier:
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", labels: str | None = None,
                  sampling: Sampling | None = None, top_k: int = 5, batch_size: int = 32,
-                 decode_threads: int = 1, decode_timeout: float = DEFAULT_STALL_S, **backend_options):
+                 decode_threads: int = 1, decode_timeout: float = DEFAULT_STALL_S, task=None, **backend_options):
         """decode_timeout: seconds a video's decoder may go without reading a frame before that video is
-        given up (its decoder process is killed and restarted for the next)."""
+        given up (its decoder process is killed and restarted for the next). task: a task pack (TaskPack or
+        path) for a swappable bundle: its classes, labels and sampling replace the bundle's; `set_task`
+        switches later, and `classify(..., task=)` picks one per call."""
         self.decode_timeout = decode_timeout
         self.decoder = DecodeWorker(DECODE_THREADS, decode_timeout)
         self._decoders = [self.decoder]  # decode_threads > 1: one decoder process per decoding thread
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
         self.num_classes = m.output.classes
+        pack = None
+        if task is not None:
+            from stexport.taskpack import as_pack
+
+            pack = as_pack(task)
+            pack.check_fits(self.bundle)
+            self.num_classes = pack.classes
+            if sampling is None:
+                sampling = Sampling(frames=m.input.frames, size=m.input.size, **pack.record.sampling.model_dump())
         self.sampling = sampling or Sampling.from_manifest(m)
         if (self.sampling.frames, self.sampling.size) != (self.bundle.frames, self.bundle.size):
             b, s = self.bundle, self.sampling
@@ -104,21 +115,49 @@ class Classifier:
         # a labels file the manifest records must be there (bundle.file says so); generic names only for a
         # bundle built without one
         own = str(self.bundle.file("labels")) if "labels" in m.artifacts else None
-        self.labels, self.labels_source = resolve_labels(labels or own, self.num_classes)
+        self.user_labels = labels
+        self.labels, self.labels_source = resolve_labels(labels or own, m.output.classes)
         if not labels and own:  # the bundle's labels.txt: say where build took the names from
             self.labels_source = m.output.labels_source
+        self.own_labels = (self.labels, self.labels_source, m.output.classes)
+        if pack is not None:
+            if labels:
+                self.labels, self.labels_source = resolve_labels(labels, pack.classes)
+            else:
+                self.labels, self.labels_source = pack.labels, f"task pack {pack.name} ({pack.record.labels_source})"
         self.backend = backends.create(backend, self.bundle, **backend_options)
+        self.task = self.backend.set_task(pack) if pack is not None else None
 
     def describe(self) -> dict:
         return {**self.backend.describe(), "sampling": self.sampling.to_dict(), "labels": self.labels_source}
 
-    def probabilities(self, clips: np.ndarray) -> np.ndarray:
-        """Softmax of each view's logits, averaged over views: (classes,). NonFiniteOutput if any logit is
-        NaN or ±Inf."""
-        logits = self.backend.run(clips)
-        if logits.shape != (len(clips), self.num_classes):
+    def set_task(self, task) -> None:
+        """Switch the task (a TaskPack, a pack path, or None: the bundle's own) for the calls that follow: one
+        backend call, no reload. Its labels replace the current ones unless labels were given; the sampling
+        stays what this Classifier was made with."""
+        pack = self.backend.set_task(task)
+        self.task = pack
+        if pack is None:
+            self.labels, self.labels_source, self.num_classes = self.own_labels
+        else:
+            self.num_classes = pack.classes
+            if self.user_labels:
+                self.labels, self.labels_source = resolve_labels(self.user_labels, pack.classes)
+            else:
+                self.labels, self.labels_source = pack.labels, f"task pack {pack.name}"
+        self.top_k = max(1, min(self.top_k, self.num_classes))
+
+    def _labels_for(self, task) -> list[str]:
+        return self.labels if task is None else task.labels
+
+    def probabilities(self, clips: np.ndarray, task=None) -> np.ndarray:
+        """Softmax of each view's logits, averaged over views: (classes,). task: a TaskPack for this call
+        (None: the current task). NonFiniteOutput if any logit is NaN or ±Inf."""
+        logits = self.backend.run(clips, task=task) if task is not None else self.backend.run(clips)
+        want = task.classes if task is not None else self.num_classes
+        if logits.shape != (len(clips), want):
             raise StexportError(f"backend {self.backend.name} returned logits of shape {logits.shape}, "
-                                f"expected ({len(clips)}, {self.num_classes})")
+                                f"expected ({len(clips)}, {want})")
         bad = ~np.isfinite(logits)
         if bad.any():
             raise NonFiniteOutput(self._non_finite(bad))
@@ -136,16 +175,18 @@ class Classifier:
         return (f"the model returned non-finite logits (NaN/Inf) for {views} of {len(bad)} views on backend "
                 f"{self.backend.name}: {cause}")
 
-    def top(self, probs: np.ndarray) -> list[tuple[int, str, float]]:
-        best = np.argsort(-probs, kind="stable")[: self.top_k]
-        return [(int(i), self.labels[i], float(probs[i])) for i in best]
+    def top(self, probs: np.ndarray, labels: list[str] | None = None) -> list[tuple[int, str, float]]:
+        labels = labels or self.labels
+        best = np.argsort(-probs, kind="stable")[: min(self.top_k, len(probs))]
+        return [(int(i), labels[i], float(probs[i])) for i in best]
 
     def _result(self, source: str, clips: np.ndarray, frames: int, decode_s: float, notes,
-                start: float | None = None, end: float | None = None, sampled: str = "whole file") -> Result:
+                start: float | None = None, end: float | None = None, sampled: str = "whole file",
+                task=None) -> Result:
         t = time.perf_counter()
-        probs = self.probabilities(clips)
-        return Result(display(source), self.top(probs), len(clips), frames, decode_s, time.perf_counter() - t,
-                      list(notes), start, end, self.backend.name, sampled)
+        probs = self.probabilities(clips, task)
+        return Result(display(source), self.top(probs, self._labels_for(task)), len(clips), frames, decode_s,
+                      time.perf_counter() - t, list(notes), start, end, self.backend.name, sampled)
 
     def _checked(self, source: str, fn):
         """fn(), with the input's name put before a NonFiniteOutput's message."""
@@ -154,13 +195,17 @@ class Classifier:
         except NonFiniteOutput as e:
             raise NonFiniteOutput(f"{display(source)}: {e}") from None
 
-    def classify(self, source) -> Result:
+    def classify(self, source, task=None) -> Result:
         """One video, decoded (in the decode worker) and run; raises VideoError for a bad video and
-        NonFiniteOutput for NaN/Inf logits."""
+        NonFiniteOutput for NaN/Inf logits. task: a task pack (TaskPack or path) for this call only, named
+        with its own labels (for servers taking a task per request; calls for different tasks may
+        interleave)."""
+        if task is not None:
+            task = self.backend.load_task(task)
         t = time.perf_counter()
         d = self.decoder.decode(source, self.sampling)
         return self._checked(d.source, lambda: self._result(d.source, d.clips, d.frames, time.perf_counter() - t,
-                                                            d.notes, sampled=d.sampled))
+                                                            d.notes, sampled=d.sampled, task=task))
 
     def classify_many(self, sources: Iterable, prefetch: int = 2) -> Iterator[Result | Failure]:
         """Results in input order; a video that cannot be decoded, or whose logits are not finite, gives a

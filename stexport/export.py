@@ -40,24 +40,41 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, frames: int,
-                external_data: bool | None = None) -> Path:
-    """Export a folded `DeployViT` to `path` (opset 18, dynamic batch); checked and shape-inferred."""
+                external_data: bool | None = None, swappable: bool = False) -> Path:
+    """Export a folded `DeployViT` to `path` (opset 18, dynamic batch); checked and shape-inferred.
+
+    swappable: every per-task parameter (model.task_parameters()) stays a distinct initializer named after
+    it, in the layout its operator reads, that no exporter pass can fold or share (stexport.task_graph)."""
     path = Path(path)
     x = example_input(model, frames)
+    batch = {0: torch.export.Dim("batch", min=1, max=1024)}
+    task = None
+    if swappable:
+        params = dict(model.named_parameters())
+        task = {n: params[n].detach().clone() for n in model.task_parameters()}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
-            program = torch.onnx.export(
-                model, (x,), dynamo=True, opset_version=OPSET, input_names=[INPUT], output_names=[OUTPUT],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), verbose=False,
-                optimize=True,
-            )
+            if task:  # per-task parameters in as graph inputs: the optimizer cannot fold or deduplicate them
+                program = torch.onnx.export(
+                    model, (x,), kwargs={"task": task}, dynamo=True, opset_version=OPSET,
+                    input_names=[INPUT, *task], output_names=[OUTPUT],
+                    dynamic_shapes={"x": batch, "task": {n: None for n in task}}, verbose=False, optimize=True)
+            else:
+                program = torch.onnx.export(
+                    model, (x,), dynamo=True, opset_version=OPSET, input_names=[INPUT], output_names=[OUTPUT],
+                    dynamic_shapes=(batch,), verbose=False, optimize=True,
+                )
         except Exception as e:  # noqa: BLE001 - exporter failures are bugs or unsupported configs
             interrupt.reraise(e)  # the exporter wraps a Ctrl-C in its own error
             why = str(e).splitlines()[0][:200] if str(e) else ""
             raise StexportError(f"ONNX export failed ({type(e).__name__}: {why})") from e
     proto = program.model_proto
+    if task:
+        from stexport.task_graph import inputs_to_initializers
+
+        inputs_to_initializers(proto, {n: v.numpy() for n, v in task.items()})
     name_linear_nodes(proto)
     split_key_transposes(proto)
     _tidy(proto)

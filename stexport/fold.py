@@ -61,16 +61,18 @@ class TemporalShift(nn.Module):
         keep = torch.ones(tokens, 1)
         keep[0] = 0
         taps = conv.weight.detach()[:, 0, :, 0, 0].t()  # (kt, C): tap k multiplies frame t + k - pad
-        self.taps = nn.Parameter(taps[:, None, :] * keep, requires_grad=False)  # (kt, L, C)
+        # one (L, C) tensor per tap, not a (kt, L, C) one indexed in forward: in a swappable graph the taps are
+        # graph inputs, which an index would turn into a Gather at every run
+        self.taps = nn.ParameterList(nn.Parameter(t[None, :] * keep, requires_grad=False) for t in taps)
         self.bias = nn.Parameter(conv.bias.detach()[None, :] * keep, requires_grad=False)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         T = y.shape[1]
         p = F.pad(y, (0, 0, 0, 0, self.pad, self.pad)) if self.pad else y
         out = y * self.taps[self.pad] + self.bias
-        for k in range(self.taps.shape[0]):
+        for k, tap in enumerate(self.taps):
             if k != self.pad:
-                out = out + p[:, k:k + T] * self.taps[k]
+                out = out + p[:, k:k + T] * tap
         return out
 
 
@@ -231,7 +233,26 @@ class DeployViT(nn.Module):
             x = x.reshape(-1, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(-1, g * g, 3 * p * p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def task_parameters(self) -> list[str]:
+        """Names of the per-task parameters, in module order: every adapter's (fc1, temporal conv taps and bias,
+        fc2) and the head's. Everything else is the backbone's, shared by every task."""
+        return [n for n, _ in self.named_parameters() if n.startswith("head.") or ".pre_attn." in n
+                or ".pre_mlp." in n]
+
+    def pad_head(self, rows: int) -> None:
+        """Give the head `rows` output rows (zero beyond the task's classes), so tasks with fewer classes fit
+        the same graph; the runtimes keep the first `classes` logits."""
+        w, b = self.head.weight.detach(), self.head.bias.detach()
+        if rows < w.shape[0]:
+            raise ValueError(f"head has {w.shape[0]} rows, cannot pad it to {rows}")
+        self.head = _linear(torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])]),
+                            torch.cat([b, b.new_zeros(rows - b.shape[0])]))
+
+    def forward(self, x: torch.Tensor, task: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x → logits; `task` replaces per-task parameters for this call (a swappable export passes them as
+        graph inputs this way, so no exporter pass can fold them into the backbone's constants)."""
+        if task:
+            return torch.func.functional_call(self, task, (x,), strict=False)
         T = x.shape[1]
         x = self.patches(x.to(self.dtype))
         x = self.embed(x) + self.embed_bias

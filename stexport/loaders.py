@@ -50,3 +50,14 @@ def backbone_from_record(rec: BackboneRecord, pretrained: str | None = None) -> 
 def reference_for_bundle(bundle: Bundle, pretrained: str | None = None) -> STAdapterViT:
     bb = backbone_from_record(bundle.manifest.model.backbone, pretrained)
     return build_reference(bb, deltas_from_bundle(bundle))
+
+
+def task_reference(bundle: Bundle, pack, pretrained: str | None = None) -> STAdapterViT:
+    """The reference model of a task pack on `bundle`'s backbone: the pack's own delta state dict."""
+    import torch
+
+    if not pack.deltas:
+        raise StexportError(f"{pack.path}: holds no delta state dict; rebuild it with `stexport pack --force`")
+    sd = {k: torch.from_numpy(v.copy()) for k, v in pack.deltas.items()}
+    bb = backbone_from_record(bundle.manifest.model.backbone, pretrained)
+    return build_reference(bb, Deltas(spec=infer_spec(sd, str(pack.path)), state_dict=sd, path=str(pack.path)))

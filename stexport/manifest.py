@@ -315,6 +315,63 @@ class EngineRequest(Record):
     opt_level: int = 3
 
 
+class TaskTensor(Record):
+    """One per-task tensor of a swappable graph: its ONNX initializer name, shape and numpy dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: Literal["float32", "float16", "int8"]
+    # also a graph input with this default (ONNX Runtime overrides it per run call); False: the INT8 backbone
+    # GEMMs' activation scales, which runtimes that rebuild constants (OpenVINO) take from the pack but ONNX
+    # Runtime keeps constant, since it fuses Q/DQ into integer GEMMs only around constant scales
+    overridable: bool = True
+
+
+class TasksRecord(Record):
+    """A swappable bundle (`stexport build --swappable`): which tensors a task pack replaces (stexport.task_graph).
+
+    head_rows: the head's output rows (≥ every task's classes; runtimes keep a task's first `classes` logits).
+    structure: sha256 of the graph without its weights' values (a pack is built against an equal one)."""
+
+    head_rows: int = Field(gt=0)
+    structure: str
+    tensors: list[TaskTensor]
+
+
+class PackBase(Record):
+    """What a task pack was built against: the base bundle's backbone, adapter layout and graph."""
+
+    bundle: str  # the base bundle's name when the pack was built
+    backbone: str
+    weights_sha256: str | None = None
+    weights_seed: int | None = None
+    spec: AdapterSpec  # the base's adapter layout (its num_classes may differ from the pack's)
+    precision: Precision
+    frames: int = Field(gt=0)
+    size: int = Field(gt=0)
+    input_dtype: Literal["uint8", "float32"] = "uint8"
+    head_rows: int = Field(gt=0)
+    structure: str
+
+
+class TaskPackRecord(Record):
+    """The manifest of a task pack (a safetensors file of per-task tensors, stexport.taskpack)."""
+
+    format: Literal["stexport-task-pack"] = "stexport-task-pack"
+    format_version: int = 1
+    name: str
+    created: str = Field(default_factory=lambda: now())
+    provenance: Provenance = Field(default_factory=lambda: provenance())
+    adapter: AdapterRecord
+    classes: int = Field(gt=0)
+    labels: list[str]
+    labels_source: str = "generic"
+    sampling: SamplingRecord
+    base: PackBase
+    tensors: list[TaskTensor]
+    calibration: CalibrationRecord | None = None
+
+
 class Manifest(Record):
     format: Literal["stexport-bundle"] = FORMAT
     format_version: int = FORMAT_VERSION
@@ -335,6 +392,7 @@ class Manifest(Record):
     aoti: AOTIRecord | None = None
     engines: list[EngineRecord] = []
     tensorrt_request: EngineRequest | None = None
+    tasks: TasksRecord | None = None
 
     @field_validator("artifacts", "files")
     @classmethod
@@ -551,5 +609,5 @@ def save(manifest: Manifest, root: str | Path) -> Path:
 __all__ = ["Manifest", "ModelRecord", "BackboneRecord", "WeightsSource", "ViTConfig", "AdapterSpec",
            "AdapterRecord", "InputRecord", "OutputRecord", "SamplingRecord", "FileRecord", "Provenance",
            "CalibrationRecord", "FP16CheckRecord", "TorchScriptRecord", "AOTIRecord", "EngineRecord",
-           "EngineProfile", "EngineRequest",
+           "EngineProfile", "EngineRequest", "TaskTensor", "TasksRecord", "PackBase", "TaskPackRecord",
            "load", "save", "parse", "migrate", "MANIFEST", "FORMAT", "FORMAT_VERSION", "CLIP_MEAN", "CLIP_STD"]

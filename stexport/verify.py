@@ -129,7 +129,7 @@ def _reference_batch(b: Bundle) -> int:
 
 def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | None = None,
            gate: Gate | None = None, pretrained: str | None = None, progress: bool = False,
-           reference=None, use_cache: bool = True, **backend_options) -> dict:
+           reference=None, use_cache: bool = True, task=None, **backend_options) -> dict:
     """Compare `backend` on `bundle` with the PyTorch reference on the videos of `clips` (a '<video> <label>'
     list, a directory, a video file, or a list of those). Returns the report; report['passed'] is the gate's
     verdict. Videos are decoded in a child process (stexport.decode_worker): one that cannot be decoded is
@@ -142,6 +142,8 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
 
     reference: an already-built reference model (tests; never cached); otherwise it is rebuilt from the
     bundle's deltas and backbone record (`pretrained` overrides where the backbone weights are now).
+    task: a task pack (TaskPack or path) of a swappable bundle: the backend runs it, the reference is the
+    backbone with the pack's deltas, and the pack's sampling is used.
     Raises StexportError for bad input (no decodable video, labels outside the classes, …).
     """
     from stexport import backends
@@ -165,6 +167,13 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     if modified:
         log.warning("%s: files changed since the build: %s", b.path, ", ".join(modified))
     sampling = Sampling.from_manifest(b.manifest)
+    pack = None
+    if task is not None:
+        from stexport.taskpack import as_pack
+
+        pack = as_pack(task)
+        pack.check_fits(b)
+        sampling = Sampling(frames=b.frames, size=b.size, **pack.record.sampling.model_dump())
     name = backends.resolve(backend, b)
     if name is None:
         raise StexportError("no runtime to verify on this machine (auto found neither OpenVINO nor ONNX Runtime); "
@@ -175,7 +184,8 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     cache = None
     stored: dict[str, np.ndarray] = {}
     if reference is None and use_cache:
-        cache = reference_cache_dir() / f"{reference_key(b, entries, sampling, pretrained)}.npz"
+        cache = reference_cache_dir() / (f"{reference_key(b, entries, sampling, pretrained)}"
+                                         f"{'-' + pack.key[:16] if pack else ''}.npz")
         if cache.is_file():
             try:
                 with np.load(cache) as z:
@@ -190,10 +200,16 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
         from stexport.backends.torch_ref import TorchBackend
 
         t = time.perf_counter()
+        if reference is None and pack is not None:
+            from stexport.loaders import task_reference
+
+            reference = task_reference(b, pack, pretrained)
         ref = TorchBackend(b, model=reference, pretrained=pretrained)
         log.info("reference: PyTorch model rebuilt from the bundle's deltas and backbone record in %.2f s",
                  time.perf_counter() - t)
     test = backends.create(backend, b, **backend_options)  # 'auto' falls back past a backend that cannot open
+    if pack is not None:
+        test.set_task(pack)
     batch = _reference_batch(b)
     ref_logits, out_logits, labels, failed, done = [], [], [], [], []
     pending: list[tuple[int, np.ndarray]] = []  # (index in done, views) waiting for the reference
@@ -299,6 +315,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
                           "limit": "0 non-finite views", "passed": False})
     return {
         "bundle": str(b.path),
+        **({"task": {"pack": str(pack.path), "name": pack.name, "sha256": pack.key}} if pack else {}),
         "precision": precision,
         "backend": described,
         "reference": ref_described,
@@ -321,6 +338,7 @@ def format_report(report: dict) -> str:
     where = ", ".join(be.get("providers", [])[:1]) or be.get("device", "")
     lines = [
         f"bundle           {report['bundle']} ({report['precision']})",
+        *([f"task             {report['task']['name']} ({report['task']['pack']})"] if report.get("task") else []),
         f"backend          {be.get('backend')}{f' ({where})' if where else ''} vs PyTorch reference",
         f"videos           {report['videos']} ({m['views']} views)"
         + (f", {len(report['failed'])} could not be decoded" if report["failed"] else ""),

@@ -169,14 +169,15 @@ RUNTIME = ["stexport/__init__.py", "stexport/errors.py", "stexport/fileutil.py",
            "stexport/video.py", "stexport/classify.py", "stexport/bench.py", "stexport/ts_runtime.py",
            "stexport/logs.py", "stexport/interrupt.py", "stexport/names.py", "stexport/decode_worker.py",
            "stexport/triton.py", "stexport/serve.py", "stexport/batch.py", "stexport/results.py",
-           "stexport/ray_infer.py",
+           "stexport/ray_infer.py", "stexport/taskpack.py",
            "stexport/backends/__init__.py", "stexport/backends/base.py", "stexport/backends/ort.py",
            "stexport/backends/openvino.py", "stexport/backends/torchscript.py",
            "trt_engines/__init__.py", "trt_engines/runtime.py", "trt_engines/cache.py", "trt_engines/record.py",
            "trt_engines/cuda.py", "trt_engines/build.py", "trt_engines/engine.py"]
 BUILD = ("stexport.build", "stexport.export", "stexport.fold", "stexport.reference", "stexport.backbone",
          "stexport.deltas", "stexport.loaders", "stexport.torchscript", "stexport.synthetic", "stexport.verify",
-         "stexport.calibration", "stexport.cli", "stexport.backends.torch_ref", "stexport.aoti")
+         "stexport.calibration", "stexport.cli", "stexport.backends.torch_ref", "stexport.aoti",
+         "stexport.task_graph", "stexport.packing")
 HEAVY = ("torch", "torchvision", "open_clip", "onnxscript")
 
 

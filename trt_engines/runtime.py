@@ -215,12 +215,13 @@ class TensorRTBackend(Backend):
         self.cuda.sync(self.stream)
         return host_out.astype(np.float32)  # a copy: the pinned buffer is reused by the next chunk
 
-    def run(self, clips: np.ndarray) -> np.ndarray:
+    def run(self, clips: np.ndarray, task=None) -> np.ndarray:
+        pack, _ = self.task_state(task)  # task packs are refused until refittable engines land (load_task)
         x = engine_input(clips, self.input, self.in_dtype)
         outs = [self._run_chunk(x[lo:hi]) for lo, hi in spans(len(x), self.max_batch)]
         if not outs:
             return np.zeros((0, *self._set_batch(1)[1:]), np.float32)
-        return np.concatenate(outs)
+        return self.trim(np.concatenate(outs), pack)
 
     def describe(self) -> dict:
         r = self.record

@@ -76,11 +76,67 @@ class Backend(ABC):
     name: str = "?"
     OPTIONS: tuple[Option, ...] = ()
     ALIASES: dict[str, str] = {}  # old option name -> new name (accepted with a deprecation warning)
+    SWAPS_TASKS = False  # whether run() takes task packs (stexport.taskpack) on a swappable bundle
 
     def __init__(self, bundle: Bundle, **options):
         self.bundle = bundle
         self.options = options
         self.input = bundle.manifest.input
+        self.task = None  # the TaskPack run() uses when given none; None: the bundle's own task
+        self._tasks: dict[str, object] = {}  # pack sha256 -> what prepare_task made for it
+        self._packs: dict[tuple, object] = {}  # (path, size, mtime) -> TaskPack, for tasks given by path
+
+    # -- tasks (swappable bundles) ------------------------------------------------------------------------------
+
+    def load_task(self, task):
+        """`task` (a TaskPack or a pack's path) checked against this bundle and prepared for this runtime,
+        once per pack (cached by the file's sha256); returns the TaskPack. Raises StexportError (one line) when
+        this backend cannot swap tasks, the bundle is not swappable, or the pack was made for another base."""
+        from stexport.taskpack import TaskPack
+
+        if not self.SWAPS_TASKS:
+            raise StexportError(f"the {self.name} backend cannot run task packs; use onnxruntime or openvino "
+                                "(or a bundle built for the task)")
+        if isinstance(task, TaskPack):
+            pack = task
+        else:
+            from pathlib import Path
+
+            p = Path(task)
+            st = p.stat() if p.is_file() else None
+            key = (str(p.resolve()), st.st_size, st.st_mtime_ns) if st else None
+            pack = self._packs.get(key) if key else None
+            if pack is None:
+                pack = TaskPack.load(p)
+                self._packs[key] = pack
+        if pack.key not in self._tasks:
+            pack.check_fits(self.bundle)
+            self._tasks[pack.key] = self.prepare_task(pack)
+        return pack
+
+    def set_task(self, task):
+        """Make `task` (a TaskPack, a pack's path, or None: the bundle's own task) the one run() uses when given
+        none; switching is this call (no re-export, no rebuild). Returns the TaskPack (or None)."""
+        self.task = None if task is None else self.load_task(task)
+        return self.task
+
+    def prepare_task(self, pack):
+        """What this runtime needs to run `pack` (an ONNX Runtime adapter, an OpenVINO compiled model, …)."""
+        raise NotImplementedError
+
+    def task_state(self, task=None) -> tuple:
+        """(TaskPack or None, its prepared state or None) for a run with `task` (None: the default task)."""
+        pack = self.load_task(task) if task is not None else self.task
+        return pack, (self._tasks[pack.key] if pack is not None else None)
+
+    def classes(self, pack=None) -> int:
+        """Logits per clip for `pack` (None: the bundle's own task)."""
+        return pack.classes if pack is not None else self.bundle.manifest.output.classes
+
+    def trim(self, logits: np.ndarray, pack=None) -> np.ndarray:
+        """The task's logits: a swappable graph's head has rows for the largest task; keep the task's."""
+        n = self.classes(pack)
+        return logits[:, :n] if logits.ndim == 2 and logits.shape[1] > n else logits
 
     @classmethod
     def check_options(cls, options: dict) -> dict:
@@ -111,9 +167,11 @@ class Backend(ABC):
         return True
 
     @abstractmethod
-    def run(self, clips: np.ndarray) -> np.ndarray:
+    def run(self, clips: np.ndarray, task=None) -> np.ndarray:
         """clips: uint8 array (B, T, H, W, 3) in the bundle's size and frame count → float32 logits (B, classes).
-        Raises StexportError for clips of another shape or dtype."""
+        task: a TaskPack or a pack's path to run this call with (backends with SWAPS_TASKS; see load_task),
+        None for the default (set_task). Raises StexportError for clips of another shape or dtype, or a task
+        this backend or bundle cannot run."""
 
     def compute_precision(self) -> str:
         """The float precision this runtime computes in (one of COMPUTE_PRECISIONS); INT8 bundles run their

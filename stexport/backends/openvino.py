@@ -114,6 +114,32 @@ def only_blobs(folder: Path) -> bool:
     return all(only_blobs(f) if f.is_dir() else f.suffix == ".blob" for f in folder.iterdir())
 
 
+def patched_onnx(source: Path, tensors: dict, out: Path) -> Path:
+    """A copy of the ONNX model at `source` with the initializers named like the keys of `tensors` holding
+    those arrays instead, written to `out`. (Replacing constants in the model OpenVINO reads is not enough:
+    its ONNX reader folds a QuantizeLinear's constant scale into the FakeQuantize limits it makes.)
+    StexportError when one is missing or has another shape or type."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(source))
+    inits = {t.name: t for t in proto.graph.initializer}
+    for name, value in tensors.items():
+        old = inits.get(name)
+        if old is None:
+            raise StexportError(f"{source}: no initializer '{name}' to replace; rebuild the bundle with "
+                                "`stexport build --swappable`")
+        value = np.array(value, order="C")
+        if list(old.dims) != list(value.shape) or numpy_helper.to_array(old).dtype != value.dtype:
+            raise StexportError(f"task tensor '{name}' is {value.dtype}{list(value.shape)}, the model's "
+                                f"{numpy_helper.to_array(old).dtype}{list(old.dims)}")
+        old.CopyFrom(numpy_helper.from_array(value, name))
+    big = proto.ByteSize() > (1 << 30)
+    onnx.save_model(proto, str(out), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=out.name + ".data")
+    return out
+
+
 class OpenVINOBackend(Backend):
     """options: compute ('f32' | 'bf16' | 'f16'; default f32: OpenVINO's inference precision), hint
     ('latency' | 'throughput'), threads, device ('auto' = 'CPU', or an OpenVINO device name), cache (False: no
@@ -127,6 +153,7 @@ class OpenVINOBackend(Backend):
     splits a batch over streams, so it keeps one dynamic-batch model."""
 
     name = "openvino"
+    SWAPS_TASKS = True  # a task: its tensors replace the graph's before OpenVINO reads it (prepare_task)
     OPTIONS = (
         Option("device", str, "auto", "OpenVINO device: auto (= CPU) or a device name"),
         THREADS,
@@ -142,13 +169,19 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, bundle, device: str = "auto", threads: int | None = None, compute: str | None = None,
                  hint: str = "latency", cache: bool = True, cache_dir: str | Path | None = None,
-                 static: bool = True, **options):
+                 static: bool = True, _core=None, _path: Path | None = None, **options):
         super().__init__(bundle, **options)
         ov = import_openvino()
         import openvino.properties as props
         import openvino.properties.hint as hints
 
-        self.core = ov.Core()
+        # a task's backend (prepare_task): the parent's Core, and the bundle's graph with the pack's tensors
+        self.core = _core or ov.Core()
+        self._task_path = _path
+        self._init_options = dict(device=device, threads=threads, compute=compute, hint=hint, cache=cache,
+                                  cache_dir=cache_dir, static=static)
+        if _path is not None:
+            cache = False  # the task's graph is a scratch file: OpenVINO keys blobs by path and mtime
         self.device = "CPU" if device in ("auto", "cpu", None) else str(device).upper()
         if self.device not in self.core.available_devices:
             raise StexportError(f"--device {device}: OpenVINO here offers only "
@@ -179,11 +212,11 @@ class OpenVINOBackend(Backend):
             self.cache_dir = open_cache(folder, f"{want}-{hint}-{int(threads or 0)}t")
             if self.cache_dir:
                 config[props.cache_dir] = str(self.cache_dir)
-        self.config, self.path = config, bundle.file("onnx")
+        self.config, self.path = config, _path or bundle.file("onnx")
         self.static = bool(static) and hint == "latency"
         self.models: dict[int | None, tuple] = {}  # batch (None: any) -> (compiled model, infer request)
         if self.static:
-            self.model = self._attempt(lambda: self.core.read_model(str(self.path)))
+            self.model = self._attempt(self._read)
             self.streams = 1
             graph_in = self.model.inputs[0]
         else:
@@ -201,6 +234,20 @@ class OpenVINOBackend(Backend):
         except Exception as e:
             raise StexportError(f"{self.path}: OpenVINO cannot compile it ({reason(e)}); "
                                 "rebuild the bundle with `stexport build --force`") from e
+
+    def _read(self):
+        return self.core.read_model(str(self.path))
+
+    def prepare_task(self, pack):
+        """A backend of this one's options on the bundle's graph with the pack's tensors for its constants
+        (a scratch ONNX this backend owns): its models are compiled on first use, per batch size as this
+        one's, and kept while this backend lives."""
+        import tempfile
+
+        if getattr(self, "_task_dir", None) is None:
+            self._task_dir = Path(tempfile.mkdtemp(prefix="stexport-openvino-tasks-"))
+        path = patched_onnx(self.path, pack.tensors, self._task_dir / f"{pack.key[:32]}.onnx")
+        return OpenVINOBackend(self.bundle, _core=self.core, _path=path, **self._init_options)
 
     def compiled_for(self, batch: int | None) -> tuple:
         """(compiled model, infer request) for `batch` clips per call, compiled on first use; batch None: the
@@ -231,7 +278,12 @@ class OpenVINOBackend(Backend):
         except Exception:
             return False
 
-    def run(self, clips: np.ndarray) -> np.ndarray:
+    def run(self, clips: np.ndarray, task=None) -> np.ndarray:
+        pack, child = self.task_state(task)
+        return self.trim((child or self)._infer(clips), pack)
+
+    def _infer(self, clips: np.ndarray) -> np.ndarray:
+        """The graph's output for `clips` (every head row of a swappable graph)."""
         x = self.input.feed(clips)
         if self.streams > 1 and len(x) > 1:
             return self._run_streams(x)
@@ -302,5 +354,11 @@ class OpenVINOBackend(Backend):
                 "cache_dir": str(self.cache_dir) if self.cache_dir else None}
 
     def close(self) -> None:
+        for child in self._tasks.values():
+            child.close()
+        self._tasks.clear()
+        if getattr(self, "_task_dir", None) is not None:
+            shutil.rmtree(self._task_dir, ignore_errors=True)
+            self._task_dir = None
         self.stream_requests = self.model = None
         self.models.clear()

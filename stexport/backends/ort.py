@@ -34,7 +34,14 @@ def providers_for(device: str, available: list[str]) -> list[str]:
 
 
 class OrtBackend(Backend):
+    """Task packs on a swappable bundle run through ONNX Runtime's adapter mechanism: each pack's tensors are
+    written once as an ORT adapter file and activated per run call (RunOptions.add_active_adapter), overriding
+    the graph's overridable initializers for that call only, so calls for different tasks interleave on one
+    session (also from several threads). On INT8 bundles the backbone GEMMs' activation scales stay the base
+    task's here (ORT fuses Q/DQ into integer GEMMs only around constant scales); OpenVINO takes the pack's."""
+
     name = "onnxruntime"
+    SWAPS_TASKS = True
     OPTIONS = (
         Option("device", str, "auto", "execution provider: auto (CUDA/TensorRT providers when a GPU is visible), "
                "cpu, cuda or tensorrt", DEVICES),
@@ -88,9 +95,39 @@ class OrtBackend(Backend):
             return False
         return bundle.has("onnx")
 
-    def run(self, clips: np.ndarray) -> np.ndarray:
+    def prepare_task(self, pack):
+        """An ORT LoraAdapter holding the pack's tensors (memory-mapped from a file in a folder this backend
+        owns and removes on close)."""
+        import os
+        import tempfile
+
+        import onnxruntime as ort
+
+        if getattr(self, "_adapter_dir", None) is None:
+            self._adapter_dir = tempfile.mkdtemp(prefix="stexport-ort-adapters-")
+        path = os.path.join(self._adapter_dir, f"{pack.key[:32]}.onnx_adapter")
+        # an OrtValue made from numpy reads the array's memory without owning it: keep the arrays alive
+        over = {t.name for t in pack.record.tensors if t.overridable}  # the graph's overridable initializers
+        arrays = {n: np.array(a, order="C") for n, a in pack.tensors.items() if n in over}  # copies; 0-d stays
+        fmt = ort.AdapterFormat()
+        fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()})
+        fmt.export_adapter(path)
+        del fmt, arrays
+        adapter = ort.LoraAdapter()
+        adapter.Load(path)
+        return adapter
+
+    def run(self, clips: np.ndarray, task=None) -> np.ndarray:
         x = self.input.feed(clips)
-        return self.session.run(None, {self.input.name: x})[0].astype(np.float32, copy=False)
+        pack, adapter = self.task_state(task)
+        options = None
+        if adapter is not None:
+            import onnxruntime as ort
+
+            options = ort.RunOptions()
+            options.add_active_adapter(adapter)
+        out = self.session.run(None, {self.input.name: x}, options)[0]
+        return self.trim(out.astype(np.float32, copy=False), pack)
 
     def describe(self) -> dict:
         return {**super().describe(), "providers": self.session.get_providers(), "optimization": self.level,
@@ -98,3 +135,10 @@ class OrtBackend(Backend):
 
     def close(self) -> None:
         self.session = None
+        self._tasks.clear()
+        folder = getattr(self, "_adapter_dir", None)
+        if folder:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+            self._adapter_dir = None

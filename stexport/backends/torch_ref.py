@@ -8,7 +8,10 @@ from stexport.backends.base import THREADS, Backend, Option
 
 
 class TorchBackend(Backend):
+    """A task pack runs as the reference rebuilt with the pack's delta state dict (one model per task)."""
+
     name = "torch"
+    SWAPS_TASKS = True
     OPTIONS = (
         Option("device", str, "cpu", "torch device: cpu or cuda"),
         THREADS,
@@ -31,16 +34,23 @@ class TorchBackend(Backend):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
+        self.pretrained = pretrained
         self.model = (model or reference_for_bundle(bundle, pretrained)).to(self.device)
 
-    def run(self, clips: np.ndarray) -> np.ndarray:
+    def prepare_task(self, pack):
+        from stexport.loaders import task_reference
+
+        return task_reference(self.bundle, pack, self.pretrained).to(self.device)
+
+    def run(self, clips: np.ndarray, task=None) -> np.ndarray:
         import torch
 
         from stexport.reference import normalize
 
+        _, model = self.task_state(task)
         with torch.inference_mode():
             x = normalize(torch.from_numpy(self.check_input(clips))).to(self.device)
-            return self.model(x).float().cpu().numpy()
+            return (model or self.model)(x).float().cpu().numpy()
 
     def compute_precision(self) -> str:
         return "fp32"

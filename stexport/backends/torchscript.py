@@ -62,8 +62,10 @@ class TorchScriptBackend(Backend):
     def usable(cls, bundle) -> bool:
         return bundle.has("torchscript")
 
-    def run(self, clips: np.ndarray) -> np.ndarray:
+    def run(self, clips: np.ndarray, task=None) -> np.ndarray:
         import torch
+
+        self.task_state(task)  # model.ts is frozen: a task pack is refused (load_task) with what to use
 
         with torch.inference_mode():
             x = torch.from_numpy(self.check_input(clips)).to(self.device)
