@@ -245,15 +245,16 @@ def refuse_existing(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def writing(out: str | Path, force: bool = False) -> Iterator[Path]:
+def writing(out: str | Path, force: bool = False, refuse=refuse_existing) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it becomes `out` in one rename, on failure (or
     an interrupt) it is removed.
 
-    The "already exists" check holds at the rename itself (made under a lock on the parent directory): of two
-    builds of the same `out` without force, the second to finish is refused. Temporary directories of killed
-    builds are removed first. The bundle gets the modes the user's umask gives any new folder and file."""
+    The "already exists" check (`refuse(out, force)`, raising StexportError) holds at the rename itself (made
+    under a lock on the parent directory): of two writers of the same `out` without force, the second to finish
+    is refused. Temporary directories of killed writers are removed first. The result gets the modes the
+    user's umask gives any new folder and file."""
     out = Path(out)
-    refuse_existing(out, force)
+    refuse(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_MARK}{os.getpid()}-", dir=out.parent))
@@ -262,7 +263,7 @@ def writing(out: str | Path, force: bool = False) -> Iterator[Path]:
         apply_umask(tmp)
         with locked_dir(out.parent):
             try:
-                refuse_existing(out, force)
+                refuse(out, force)
             except StexportError as e:
                 raise StexportError(f"{e} (it was written by another process while this build ran)") from None
             if out.exists():

@@ -23,17 +23,14 @@ when a config is built.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stexport.bundle import Bundle
+from stexport.bundle import Bundle, writing
 from stexport.errors import StexportError
 from stexport.extras import require
-from stexport.fileutil import apply_umask
 
 # stexport backend name -> (Triton platform or None, Triton backend, model file in the version folder)
 PLATFORMS = {
@@ -299,9 +296,7 @@ def export_repository(bundle: Bundle, repo: str | Path, opts: TritonOptions = Tr
     refuse_existing(repo, force)
     cfg = build_config(bundle, opts)  # every check before any file is written
     _, _, model_file = PLATFORMS[opts.backend]
-    repo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{repo.name}.triton-", dir=repo.parent))
-    try:
+    with writing(repo, force, refuse=refuse_existing) as tmp:
         model_dir = tmp / cfg.name
         _copy_model(bundle, opts, model_dir / "1", model_file)
         text = config_text(cfg)
@@ -313,18 +308,6 @@ def export_repository(bundle: Bundle, repo: str | Path, opts: TritonOptions = Tr
                    "max_batch_size": cfg.max_batch_size, "bundle": str(bundle.path),
                    "files": sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()) + [MARKER]}
         (tmp / MARKER).write_text(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2) + "\n")
-        apply_umask(tmp)
-        if repo.exists():
-            refuse_existing(repo, force)
-            old = repo.with_name(f".{repo.name}.old{os.getpid()}")
-            os.replace(repo, old)
-            os.replace(tmp, repo)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, repo)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["files"] = sorted(summary["files"])
     summary["config"] = text
     return summary
