@@ -103,7 +103,7 @@ def show(result, as_json: bool, write) -> None:
         write(f"{result.start:8.2f}-{result.end:<8.2f} {tops}")
         return
     live = f", {result.sampled}" if result.sampled != "whole file" else ""
-    write(f"{result.source}  ({result.views} views, {result.frames} frames{live}; decode {result.decode_s:.2f} s, "
+    write(f"{result.source}  ({result.views} view{'s' * (result.views != 1)}, {result.frames} frames{live}; decode {result.decode_s:.2f} s, "
           f"model {result.infer_s:.2f} s)")
     for rank, (i, name, p) in enumerate(result.top, 1):
         write(f"  {rank}. {name:<40} {p:.4f}")
@@ -356,7 +356,7 @@ def show_dict(row: dict, write) -> None:
     if "error" in row:
         return
     t = row["timing"]
-    write(f"{row['path']}  ({row['views']} views, {row['frames']} frames; decode {t['decode_s']:.2f} s, "
+    write(f"{row['path']}  ({row['views']} view{'s' * (row['views'] != 1)}, {row['frames']} frames; decode {t['decode_s']:.2f} s, "
           f"model {t['infer_s']:.2f} s)")
     for rank, top in enumerate(row["top"], 1):
         write(f"  {rank}. {top['label']:<40} {top['score']:.4f}")
