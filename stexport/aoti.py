@@ -120,10 +120,7 @@ def add_to_bundle(bundle: Bundle | str | Path, force: bool = False, precision: s
         raise StexportError(f"{b.file('aoti')}: already exported; pass --force to replace it")
     ref = reference if reference is not None else reference_for_bundle(b, pretrained)
     deploy = fold(ref, "uint8", compute_dtype=PRECISIONS[precision])
-    manifest = embedded_manifest(b, precision)
-    manifest["artifacts"] = {**manifest.get("artifacts", {}), "aoti": FILE}
-    manifest["artifacts"].pop("torchscript", None)
-    manifest.pop("torchscript", None)
+    manifest = embedded_manifest(b, precision, role="aoti", file=FILE)
     record = export_aoti(deploy, b.path / FILE, b.frames, b.size, manifest, precision, device)
     b.update(artifacts={"aoti": FILE}, written=[FILE], aoti=record)
     return b

@@ -69,16 +69,20 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, frames: int, si
     return record
 
 
-def embedded_manifest(bundle: Bundle, precision: str) -> dict:
+def embedded_manifest(bundle: Bundle, precision: str, role: str = "torchscript", file: str = FILE) -> dict:
     """What a host needs, without Python: the bundle's manifest (format 2) with the class names, its input
-    (uint8 (B, T, S, S, 3): the traced module normalises itself) and precision those of the .ts module (not
-    the ONNX graph's), less the ONNX opset and the file hashes (which would include the .ts itself)."""
+    (uint8 (B, T, S, S, 3): the compiled module normalises itself) and precision those of the module written
+    as artifact `role` (`file`; not the ONNX graph's), less the ONNX opset, the file hashes (which would include
+    the module itself) and the records of the other compiled modules."""
     from stexport.build import input_record
 
-    m = bundle.manifest.model_dump(mode="json", exclude_none=True, exclude={"files", "opset", "engines"})
+    modules = {"torchscript", "aoti"}
+    m = bundle.manifest.model_dump(mode="json", exclude_none=True,
+                                   exclude={"files", "opset", "engines", *modules})
+    others = {k: v for k, v in bundle.manifest.artifacts.items() if k not in modules}
     m.update(precision=precision, class_names=bundle.labels,
              input=input_record("uint8", bundle.frames, bundle.size).model_dump(mode="json"),
-             artifacts={**bundle.manifest.artifacts, "torchscript": FILE})
+             artifacts={**others, role: file})
     return m
 
 
