@@ -144,4 +144,37 @@ def as_pack(task) -> TaskPack:
     return task if isinstance(task, TaskPack) else TaskPack.load(task)
 
 
-__all__ = ["TaskPack", "as_pack", "METADATA_KEY", "SUFFIX", "DELTAS"]
+def patched_onnx(source: Path, tensors: dict, out: Path, constant: bool = False) -> Path:
+    """A copy of the ONNX model at `source` with the initializers named like the keys of `tensors` (name →
+    array) holding those arrays instead, written to `out` (with its weights beside it as `<out>.data` past
+    1 GiB). constant: also drop every overridable initializer from the graph's inputs, so a runtime treats the
+    task's tensors as constants and folds and fuses around them (ONNX Runtime fuses Q/DQ into integer GEMMs
+    only around constant scales). Raises StexportError when a tensor is missing from the graph or has another
+    shape or dtype. (Replacing constants in a model OpenVINO has read is not enough: its ONNX reader folds a
+    QuantizeLinear's constant scale into the FakeQuantize limits it makes, hence a new file.)"""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(source))
+    inits = {t.name: t for t in proto.graph.initializer}
+    for name, value in tensors.items():
+        old = inits.get(name)
+        if old is None:
+            raise StexportError(f"{source}: no initializer '{name}' to replace; rebuild the bundle with "
+                                "`stexport build --swappable`")
+        value = np.array(value, order="C")
+        if list(old.dims) != list(value.shape) or numpy_helper.to_array(old).dtype != value.dtype:
+            raise StexportError(f"task tensor '{name}' is {value.dtype}{list(value.shape)}, the model's "
+                                f"{numpy_helper.to_array(old).dtype}{list(old.dims)}")
+        old.CopyFrom(numpy_helper.from_array(value, name))
+    if constant:
+        kept = [i for i in proto.graph.input if i.name not in inits]
+        del proto.graph.input[:]
+        proto.graph.input.extend(kept)
+    big = proto.ByteSize() > (1 << 30)
+    onnx.save_model(proto, str(out), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=out.name + ".data")
+    return out
+
+
+__all__ = ["TaskPack", "as_pack", "patched_onnx", "METADATA_KEY", "SUFFIX", "DELTAS"]

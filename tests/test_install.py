@@ -66,3 +66,36 @@ def test_base_install_infers_like_the_full_one_without_torch(base_env, tiny_bund
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("stexport:")]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "pip install 'stexport[export]'" in lines[0], p.stderr
+
+
+def test_base_install_runs_task_packs(base_env, make_video, tmp_path):
+    """A task pack on a swappable base, INT8 and FP32, from the base install (safetensors reads the pack, onnx
+    writes a task's tensors into the graph): the same top-5 as the full install, no torch."""
+    from stexport.build import build_bundle
+    from stexport.packing import build_pack
+    from stexport.synthetic import random_deltas
+    from stexport.backbone import random_backbone
+
+    from conftest import smooth_clips
+
+    bb = random_backbone("stexport-tiny-vit")
+    kw = {"width": 32, "pre_attn": True, "pre_mlp": True}
+    sd_a = random_deltas(bb.config, num_classes=10, seed=0, **kw)
+    sd_b = random_deltas(bb.config, num_classes=7, seed=5, **kw)
+    video = str(make_video("v.mp4", frames=24, width=64, height=48))
+    backends = ["onnxruntime"] + (["openvino"] if platform.machine().lower() in ("x86_64", "amd64") else [])
+    for precision in ("fp32", "int8"):
+        calib = {"calib": smooth_clips(4, 32)} if precision == "int8" else {}
+        base = build_bundle(sd_a, backbone=bb, precision=precision, swappable=True, max_classes=12,
+                            out=tmp_path / f"base-{precision}", **calib)
+        pack = build_pack(sd_b, base, backbone=bb, out=tmp_path / f"b-{precision}.stpack", **calib)
+        args = ["infer", video, "-m", str(base.path), "--task", str(pack.path), "--json", "-k", "5"]
+        for backend in backends:
+            full = subprocess.run([sys.executable, "-m", "stexport.cli.app", *args, "-b", backend],
+                                  capture_output=True, text=True, timeout=300)
+            there = subprocess.run([base_env, "-c", PROBE, *args, "-b", backend], capture_output=True, text=True,
+                                   timeout=300, cwd=tmp_path)
+            assert full.returncode == there.returncode == 0, there.stderr
+            assert "HEAVY []" in there.stderr, there.stderr
+            tops = [[t["index"] for t in json.loads(p.stdout)["top"]] for p in (full, there)]
+            assert tops[0] == tops[1] and max(tops[0]) < 7, (precision, backend, tops)

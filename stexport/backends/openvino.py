@@ -114,32 +114,6 @@ def only_blobs(folder: Path) -> bool:
     return all(only_blobs(f) if f.is_dir() else f.suffix == ".blob" for f in folder.iterdir())
 
 
-def patched_onnx(source: Path, tensors: dict, out: Path) -> Path:
-    """A copy of the ONNX model at `source` with the initializers named like the keys of `tensors` holding
-    those arrays instead, written to `out`. (Replacing constants in the model OpenVINO reads is not enough:
-    its ONNX reader folds a QuantizeLinear's constant scale into the FakeQuantize limits it makes.)
-    StexportError when one is missing or has another shape or type."""
-    import onnx
-    from onnx import numpy_helper
-
-    proto = onnx.load(str(source))
-    inits = {t.name: t for t in proto.graph.initializer}
-    for name, value in tensors.items():
-        old = inits.get(name)
-        if old is None:
-            raise StexportError(f"{source}: no initializer '{name}' to replace; rebuild the bundle with "
-                                "`stexport build --swappable`")
-        value = np.array(value, order="C")
-        if list(old.dims) != list(value.shape) or numpy_helper.to_array(old).dtype != value.dtype:
-            raise StexportError(f"task tensor '{name}' is {value.dtype}{list(value.shape)}, the model's "
-                                f"{numpy_helper.to_array(old).dtype}{list(old.dims)}")
-        old.CopyFrom(numpy_helper.from_array(value, name))
-    big = proto.ByteSize() > (1 << 30)
-    onnx.save_model(proto, str(out), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=out.name + ".data")
-    return out
-
-
 class OpenVINOBackend(Backend):
     """options: compute ('f32' | 'bf16' | 'f16'; default f32: OpenVINO's inference precision), hint
     ('latency' | 'throughput'), threads, device ('auto' = 'CPU', or an OpenVINO device name), cache (False: no
@@ -246,6 +220,8 @@ class OpenVINOBackend(Backend):
 
         if getattr(self, "_task_dir", None) is None:
             self._task_dir = Path(tempfile.mkdtemp(prefix="stexport-openvino-tasks-"))
+        from stexport.taskpack import patched_onnx
+
         path = patched_onnx(self.path, pack.tensors, self._task_dir / f"{pack.key[:32]}.onnx")
         return OpenVINOBackend(self.bundle, _core=self.core, _path=path, **self._init_options)
 

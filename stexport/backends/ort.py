@@ -4,6 +4,7 @@ installed onnxruntime has them and a GPU is visible."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -16,6 +17,7 @@ log = logging.getLogger("stexport")
 
 LEVELS = ("disable", "basic", "extended", "all")
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+TASK_MODES = ("auto", "adapters", "sessions")
 
 
 def providers_for(device: str, available: list[str]) -> list[str]:
@@ -34,11 +36,19 @@ def providers_for(device: str, available: list[str]) -> list[str]:
 
 
 class OrtBackend(Backend):
-    """Task packs on a swappable bundle run through ONNX Runtime's adapter mechanism: each pack's tensors are
-    written once as an ORT adapter file and activated per run call (RunOptions.add_active_adapter), overriding
-    the graph's overridable initializers for that call only, so calls for different tasks interleave on one
-    session (also from several threads). On INT8 bundles the backbone GEMMs' activation scales stay the base
-    task's here (ORT fuses Q/DQ into integer GEMMs only around constant scales); OpenVINO takes the pack's."""
+    """Task packs on a swappable bundle, two ways (option `tasks`):
+
+    - adapters: ONNX Runtime's adapter mechanism. Each pack's tensors are written once as an ORT adapter file
+      and activated per run call (RunOptions.add_active_adapter), overriding the graph's overridable
+      initializers for that call only, so calls for different tasks interleave on one session (also from
+      several threads), at one backbone's memory for all tasks. Exact for FP32/FP16. On INT8 bundles only the
+      adapters' tensors and scales are overridable, so the backbone GEMMs keep the base task's activation
+      scales, and ORT cannot fuse the adapters' Q/DQ around non-constant scales (slower than a plain bundle).
+    - sessions: a session per task, made from the bundle's graph with all of the pack's tensors (for INT8 also
+      its backbone activation scales) as constants: a full export's logits and speed, a backbone's memory per
+      task; calls for different tasks still interleave (each on its task's session).
+
+    auto (the default): adapters for FP32/FP16 bundles, sessions for INT8 ones."""
 
     name = "onnxruntime"
     SWAPS_TASKS = True
@@ -47,10 +57,13 @@ class OrtBackend(Backend):
                "cpu, cuda or tensorrt", DEVICES),
         THREADS,
         Option("opt_level", str, "all", "graph optimisation level (FP16 graphs on CPU use extended)", LEVELS),
+        Option("tasks", str, "auto", "how task packs run on a swappable bundle: adapters (one session, a task "
+               "per run call; INT8 keeps the base's backbone activation scales), sessions (a session per task, "
+               "exact; a backbone's memory each), auto (adapters for FP32/FP16, sessions for INT8)", TASK_MODES),
     )
 
     def __init__(self, bundle, device: str = "auto", threads: int | None = None, opt_level: str | None = None,
-                 **options):
+                 tasks: str = "auto", **options):
         super().__init__(bundle, **options)
         import onnxruntime as ort
 
@@ -76,16 +89,55 @@ class OrtBackend(Backend):
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        self.level, self.threads = level, threads
+        self.so, self.level, self.threads = so, level, threads
+        if tasks not in TASK_MODES:
+            raise StexportError(f"unknown tasks mode '{tasks}'; choose one of: {', '.join(TASK_MODES)}")
+        m = bundle.manifest
+        if tasks == "auto":
+            tasks = "sessions" if m.precision == "int8" else "adapters"
+        self.task_mode = tasks if m.tasks is not None else None
+        self._scratch = None
         path = bundle.file("onnx")
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=self.providers)
-        except Exception as e:  # noqa: BLE001
-            interrupt.reraise(e)
-            raise StexportError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); "
-                                "rebuild the bundle with `stexport build --force`") from e
+        if self.task_mode == "sessions":
+            try:  # the bundle's own task as constants too: Q/DQ fused as in a plain bundle
+                self.session = self._constant_session({}, "own", shown=path)
+            except BaseException:
+                self.close()
+                raise
+        else:
+            self.session = self._session(path)
         graph_in = self.session.get_inputs()[0]
         self.check_graph(path, graph_in.name, list(graph_in.shape[1:]))
+
+    def _session(self, model, shown=None):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(model), self.so, providers=self.providers)
+        except Exception as e:
+            interrupt.reraise(e)
+            raise StexportError(f"{shown or model}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); "
+                                "rebuild the bundle with `stexport build --force`") from e
+
+    def _scratch_dir(self) -> str:
+        """A folder this backend owns (task graphs, adapter files) and removes on close."""
+        import tempfile
+
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="stexport-ort-tasks-")
+        return self._scratch
+
+    def _constant_session(self, tensors: dict, name: str, shown):
+        """A session of the bundle's graph with `tensors` replacing its initializers and no overridable ones."""
+        import os
+
+        from stexport.taskpack import patched_onnx
+
+        out = Path(os.path.join(self._scratch_dir(), f"{name}.onnx"))
+        session = self._session(patched_onnx(self.bundle.file("onnx"), tensors, out, constant=True), shown=shown)
+        if not Path(f"{out}.data").exists():
+            out.unlink()  # parsed into the session; a graph with external weights may be read from its file
+        return session
 
     @classmethod
     def usable(cls, bundle) -> bool:
@@ -96,16 +148,16 @@ class OrtBackend(Backend):
         return bundle.has("onnx")
 
     def prepare_task(self, pack):
-        """An ORT LoraAdapter holding the pack's tensors (memory-mapped from a file in a folder this backend
-        owns and removes on close)."""
+        """sessions: an InferenceSession of the bundle's graph with all of the pack's tensors as constants.
+        adapters: an ORT LoraAdapter holding the pack's overridable tensors (memory-mapped from a file in this
+        backend's scratch folder)."""
         import os
-        import tempfile
 
         import onnxruntime as ort
 
-        if getattr(self, "_adapter_dir", None) is None:
-            self._adapter_dir = tempfile.mkdtemp(prefix="stexport-ort-adapters-")
-        path = os.path.join(self._adapter_dir, f"{pack.key[:32]}.onnx_adapter")
+        if self.task_mode == "sessions":
+            return self._constant_session(pack.tensors, pack.key[:32], shown=pack.path)
+        path = os.path.join(self._scratch_dir(), f"{pack.key[:32]}.onnx_adapter")
         # an OrtValue made from numpy reads the array's memory without owning it: keep the arrays alive
         over = {t.name for t in pack.record.tensors if t.overridable}  # the graph's overridable initializers
         arrays = {n: np.array(a, order="C") for n, a in pack.tensors.items() if n in over}  # copies; 0-d stays
@@ -119,26 +171,27 @@ class OrtBackend(Backend):
 
     def run(self, clips: np.ndarray, task=None) -> np.ndarray:
         x = self.input.feed(clips)
-        pack, adapter = self.task_state(task)
-        options = None
-        if adapter is not None:
+        pack, state = self.task_state(task)
+        session, options = self.session, None
+        if state is not None and self.task_mode == "sessions":
+            session = state
+        elif state is not None:
             import onnxruntime as ort
 
             options = ort.RunOptions()
-            options.add_active_adapter(adapter)
-        out = self.session.run(None, {self.input.name: x}, options)[0]
+            options.add_active_adapter(state)
+        out = session.run(None, {self.input.name: x}, options)[0]
         return self.trim(out.astype(np.float32, copy=False), pack)
 
     def describe(self) -> dict:
         return {**super().describe(), "providers": self.session.get_providers(), "optimization": self.level,
-                "threads": self.threads or "default"}
+                "threads": self.threads or "default", **({"tasks": self.task_mode} if self.task_mode else {})}
 
     def close(self) -> None:
         self.session = None
         self._tasks.clear()
-        folder = getattr(self, "_adapter_dir", None)
-        if folder:
+        if self._scratch:
             import shutil
 
-            shutil.rmtree(folder, ignore_errors=True)
-            self._adapter_dir = None
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
