@@ -87,7 +87,7 @@ def vitb16_setup(a, precision: str, w: Path):
     from stexport.packing import build_pack
     from stexport.synthetic import random_deltas
 
-    bb = random_backbone("ViT-B-16")
+    bb = random_backbone("ViT-B-16-quickgelu")  # OpenAI CLIP, as the official ST-Adapter code runs it
     kw = dict(width=384, kernel=(3, 1, 1), pre_mlp=True)
     w.mkdir(parents=True, exist_ok=True)
     ckpt = {"k400_like": w / "k400_like.pt", "ssv2_like": w / "ssv2_like.pt"}

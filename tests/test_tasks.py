@@ -246,3 +246,26 @@ def test_pack_int8_matches_full_export(tmp_path_factory, name, options):
         assert (got.argmax(1) == exact.argmax(1)).mean() >= (want.argmax(1) == exact.argmax(1)).mean() - 2 / 24
     else:
         assert swap_error <= 1e-5, (swap_error, quant_error)
+
+
+def test_task_scratch_files_go_with_the_backend(tasks):
+    """The scratch files a backend makes for tasks (ORT adapter files or task graphs, OpenVINO task graphs) are
+    removed on close and also when a backend is dropped without close()."""
+    import gc
+    from pathlib import Path
+
+    def scratch(be):
+        return Path(getattr(be, "_scratch", None) or getattr(be, "_task_dir"))
+
+    for name, opts in (("onnxruntime", {}), ("onnxruntime", {"tasks": "sessions"}), ("openvino", {})):
+        be = backends.create(name, tasks["base"], **opts)
+        be.run(tasks["clips"][:1], task=tasks["pack_b"])
+        folder = scratch(be)
+        assert folder.is_dir()
+        del be
+        gc.collect()
+        assert not folder.exists(), (name, opts)
+        with backends.create(name, tasks["base"], **opts) as be:
+            be.run(tasks["clips"][:1], task=tasks["pack_b"])
+            folder = scratch(be)
+        assert not folder.exists(), (name, opts)

@@ -219,7 +219,11 @@ class OpenVINOBackend(Backend):
         import tempfile
 
         if getattr(self, "_task_dir", None) is None:
+            import weakref
+
             self._task_dir = Path(tempfile.mkdtemp(prefix="stexport-openvino-tasks-"))
+            # also when the backend is dropped without close(), and at interpreter exit
+            weakref.finalize(self, shutil.rmtree, self._task_dir, ignore_errors=True)
         from stexport.taskpack import patched_onnx
 
         path = patched_onnx(self.path, pack.tensors, self._task_dir / f"{pack.key[:32]}.onnx")

@@ -124,7 +124,12 @@ class OrtBackend(Backend):
         import tempfile
 
         if self._scratch is None:
+            import shutil
+            import weakref
+
             self._scratch = tempfile.mkdtemp(prefix="stexport-ort-tasks-")
+            # also when the backend is dropped without close(), and at interpreter exit
+            weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
         return self._scratch
 
     def _constant_session(self, tensors: dict, name: str, shown):
