@@ -81,8 +81,8 @@ def classify(spec: ClassifierSpec, sources: Sequence[tuple[int, str]], workers: 
         raise StexportError(f"--workers {workers} × --worker-cpus {cpus_per_worker:g} leaves none of this "
                             f"cluster's {cpus:g} CPUs for decoding; pass fewer --workers or a smaller "
                             "--worker-cpus")
-    shipped = ray.put({"bundle": _bundle_files(spec.bundle),
-                       "task": Path(spec.task).read_bytes() if spec.task else None}) if ship_bundle else None
+    shipped = ray.put(_bundle_files(spec.bundle)) if ship_bundle else None
+    shipped_task = ray.put(Path(spec.task).read_bytes()) if ship_bundle and spec.task else None
     sampling = spec.sampling
     per_call = max(1, spec.batch_size // sampling.views)
     rows = [{"i": i, "source": s} for i, s in sources]
@@ -91,7 +91,7 @@ def classify(spec: ClassifierSpec, sources: Sequence[tuple[int, str]], workers: 
     # also keeps decoding in its own tasks instead of fused into the inference actors.
     clip_bytes = sampling.views * sampling.frames * sampling.size ** 2 * 3
     ds = ds.map(_decode_row, fn_kwargs={"sampling": sampling}, num_cpus=1, memory=2 * clip_bytes + (64 << 20))
-    ds = ds.map_batches(_infer_class(spec, shipped), batch_size=per_call,
+    ds = ds.map_batches(_infer_class(spec, shipped, shipped_task), batch_size=per_call,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
                         num_cpus=cpus_per_worker)
     order = {i: k for k, (i, _) in enumerate(sources)}
@@ -123,16 +123,16 @@ def _decode_row(row: dict, sampling) -> dict:
 class _Infer:
     """A Ray Data actor: one open Classifier, batches of decoded rows in, one JSON line per row out."""
 
-    def __init__(self, spec: ClassifierSpec, shipped=None):
+    def __init__(self, spec: ClassifierSpec, shipped=None, shipped_task=None):
         if shipped is not None and not Path(spec.bundle).is_dir():
             import ray
 
-            spec = spec.replace(bundle=str(_unpack(ray.get(shipped)["bundle"], Path(spec.bundle).name)))
-        if shipped is not None and spec.task and not Path(spec.task).is_file():
+            spec = spec.replace(bundle=str(_unpack(ray.get(shipped), Path(spec.bundle).name)))
+        if shipped_task is not None and spec.task and not Path(spec.task).is_file():
             import ray
 
             name = Path(spec.task).name
-            spec = spec.replace(task=str(_unpack({name: ray.get(shipped)["task"]}, "task") / name))
+            spec = spec.replace(task=str(_unpack({name: ray.get(shipped_task)}, "task") / name))
         self.clf = spec.open()  # loads the bundle, the backend and the task pack, once per actor
 
     def __call__(self, batch: dict) -> dict:
@@ -154,13 +154,14 @@ class _Infer:
         return {"i": batch["i"], "line": np.array(lines, dtype=object)}
 
 
-def _infer_class(spec: ClassifierSpec, shipped):
+def _infer_class(spec: ClassifierSpec, shipped, shipped_task=None):
     """_Infer bound to `spec` (shipped with the class, not as constructor arguments in the object store, which
-    makes Ray warn about restarting the actors)."""
+    makes Ray warn about restarting the actors). shipped / shipped_task: object refs of the bundle's files
+    and of the task pack's bytes (ship_bundle)."""
 
     class Infer(_Infer):
         def __init__(self):
-            super().__init__(spec, shipped)
+            super().__init__(spec, shipped, shipped_task)
 
     return Infer
 

@@ -191,6 +191,35 @@ def test_infer_task_output_batch_and_ray_equal_one_video_at_a_time(packs, ray_cl
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_ray_actor_loads_a_shipped_pack(packs, want, ray_cluster, tmp_path):
+    """--ship-bundle with --task: an actor that sees neither the bundle's nor the pack's path opens the copies
+    sent through the object store (the actor runs in this process after both paths are gone)."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    import ray
+
+    from stexport import ray_infer
+    from stexport.batch import ClassifierSpec
+    from stexport.classify import default_sampling
+
+    bundle = Path(shutil.copytree(packs["base"].path, tmp_path / "base"))
+    pack = Path(shutil.copy(packs["c"].path, tmp_path / "c.stpack"))
+    shipped, shipped_task = ray.put(ray_infer._bundle_files(str(bundle))), ray.put(pack.read_bytes())
+    shutil.rmtree(bundle)
+    pack.unlink()
+    spec = ClassifierSpec(str(bundle), backend=BACKEND, top_k=3, task=str(pack),
+                          sampling=default_sampling(packs["base"], packs["c"]))
+    actor = ray_infer._infer_class(spec, shipped, shipped_task)()
+    rows = [ray_infer._decode_row({"i": i, "source": s}, spec.sampling) for i, s in enumerate(packs["videos"])]
+    batch = {k: np.array([r[k] for r in rows], dtype=object if k in ("source", "notes", "error") else None)
+             for k in rows[0]}
+    for v, line in zip(packs["videos"], actor(batch)["line"]):
+        same(strict(line), want["task_c", v], "task_c")
+    assert not pack.exists() and actor.clf.task.name == "task_c"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # stexport serve --task
 
