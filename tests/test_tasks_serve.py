@@ -156,6 +156,23 @@ def test_batch_with_a_task_per_source_never_mixes_tasks_in_a_call(packs, want):
     assert any(n > views[t] for n, t in calls), calls  # and several videos per call
 
 
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"),
+                    reason="OpenVINO is installed on x86-64 only")
+def test_batch_tasks_per_source_on_openvino(packs):
+    """The same on OpenVINO (a compiled model per task instead of per-call adapters)."""
+    from stexport.classify import Classifier
+
+    vs = packs["videos"][:3]
+    jobs = [(v, t) for v in vs for t in (packs["c"].path, None, packs["b"].path)]
+    with Classifier(packs["base"], backend="openvino", top_k=3, batch_size=6) as clf:
+        got = [r.to_dict() for r in clf.classify_batch(jobs)]
+        expected = [clf.classify(v, task=t).to_dict() for v, t in jobs]
+    for (v, t), row, exp in zip(jobs, got, expected):
+        same(row, exp, {None: None, packs["b"].path: "task_b", packs["c"].path: "task_c"}[t])
+    with Classifier(packs["base"], backend="openvino", top_k=3, task=packs["c"].path) as own:
+        same(got[0], own.classify(vs[0]).to_dict(), "task_c")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # infer --task over a corpus
 
