@@ -21,8 +21,8 @@ sampling, pack file).
 
 Requests from different callers are batched (`serve.batch`): the views of up to `max_batch` clips run in one
 backend call, one call per task in a batch (tasks are never mixed in a call; Ray Serve also splits batches
-by the multiplexing header). A server is an attack surface, so by default it binds 127.0.0.1, reads no server-side path and
-fetches no URL; uploads over `max_upload_mb` are refused before they are read; every video is decoded in a
+by the multiplexing header). A server is an attack surface, so by default it binds 127.0.0.1, reads no
+server-side path and fetches no URL; uploads over `max_upload_mb` are refused before they are read; every video is decoded in a
 separate worker process that is killed after `decode_timeout_s` (a hostile file can neither hang nor crash the
 replica); server-side paths, when enabled with allowed roots, must resolve (symlinks followed) to a regular file
 inside one of them and may not contain `..`. Every bad request gets a 4xx JSON `{"error": ...}` and the server
