@@ -31,6 +31,8 @@ Examples:
   stexport infer corpus/ -m BUNDLE --output results.jsonl --ray --workers 2   # local Ray cluster
 
   stexport infer 'corpus/**/*.mp4' -m BUNDLE --output r.jsonl --ray auto       # the running cluster
+
+  stexport infer corpus/ -m BASE --task ssv2.stpack --output ssv2.jsonl --batch 32   # a task pack
 """
 
 RAY_ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9_.\-]+:\d+)$")
@@ -156,7 +158,8 @@ def infer(
     ship_bundle: bool = Flag(False, "--ship-bundle", help="With --ray: send the bundle's files through Ray's "
                              "object store, for nodes that do not see the bundle's path."),
     task: Path = typer.Option(None, "--task", help="A task pack (`stexport pack`) to run on the swappable "
-                              "bundle: its classes, labels and sampling."),
+                              "bundle: its classes, labels and sampling; results carry its name. Works with "
+                              "--output, --batch, --decode-threads and --ray (each worker loads it once)."),
 ):
     """Classify videos the way the official ST-Adapter evaluation does: sample each video's views (the
     bundle's frames, rate and TEMPORALxSPATIAL crops), softmax each view, average, and print the top classes.
@@ -216,11 +219,8 @@ paths, or --ship-bundle), with results identical to a local run.
         options["threads"] = threads
     sources = expand(videos)
     if window is None and (output is not None or ray_address is not None or batch or decode_threads):
-        if pack is not None:
-            raise StexportError("--task runs one video at a time for now: leave out --output, --ray, --batch and "
-                                "--decode-threads, or build a full bundle for the task")
         return corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch,
-                      decode_threads, ray_address, workers, worker_cpus, ship_bundle, decode_timeout)
+                      decode_threads, ray_address, workers, worker_cpus, ship_bundle, decode_timeout, pack)
     failed = 0
     with Classifier(bundle, backend=backend, labels=str(labels) if labels else None, sampling=sampling,
                     top_k=top_k, decode_timeout=decode_timeout, task=pack, **options) as clf:
@@ -275,17 +275,20 @@ paths, or --ship-bundle), with results identical to a local run.
 
 
 def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch, decode_threads,
-           ray_address, workers, worker_cpus, ship_bundle, decode_timeout: float = 60.0) -> None:
-    """infer over many inputs: batched locally or on Ray, to stdout or a resumable JSON Lines file."""
+           ray_address, workers, worker_cpus, ship_bundle, decode_timeout: float = 60.0, pack=None) -> None:
+    """infer over many inputs: batched locally or on Ray, to stdout or a resumable JSON Lines file. pack: a
+    loaded TaskPack to run (every worker loads it once, by its path)."""
     from tqdm import tqdm
 
     from stexport.batch import DEFAULT_BATCH, ClassifierSpec
+    from stexport.errors import StexportError
     from stexport.results import ResultsFile
 
     spec = ClassifierSpec(str(bundle.path), backend=backend, options=options,
                           labels=str(labels.resolve()) if labels else None, sampling=sampling, top_k=top_k,
                           batch_size=batch or (DEFAULT_BATCH if ray_address else 1),
-                          decode_threads=decode_threads or 1, decode_timeout=decode_timeout)
+                          decode_threads=decode_threads or 1, decode_timeout=decode_timeout,
+                          task=str(pack.path.resolve()) if pack is not None else None)
     if ray_address is not None:  # what the workers would refuse, refused here before Ray starts
         from stexport import backends
 
@@ -293,6 +296,10 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
             backends.load_class(backend).check_options(options)
         elif backends.resolve("auto", bundle) is None:
             backends.create("auto", bundle)  # raises, naming why no runtime here can run it
+        chosen = backends.resolve(backend, bundle)
+        if pack is not None and chosen and not backends.load_class(chosen).SWAPS_TASKS:
+            raise StexportError(f"--task: the {chosen} backend cannot run task packs; pass -b onnxruntime or "
+                                "-b openvino (or use a bundle built for the task)")
     results = ResultsFile(output) if output is not None else None
     todo = results.remaining(sources) if results else list(enumerate(map(str, sources)))
     bar = tqdm(total=len(sources), initial=len(sources) - len(todo), desc="infer", unit="video",
@@ -305,8 +312,10 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
         err(f"stexport: {output}: {len(sources) - len(todo)} of {len(sources)} inputs already done; resuming")
     where = f"Ray ({ray_address if ray_address != 'local' else 'local cluster on 127.0.0.1'}, {workers} " \
             f"worker{'s' * (workers != 1)})" if ray_address else "this process"
-    err(f"stexport: {bundle.path} on {backend}, {sampling.describe()}, {spec.batch_size} views per call, "
-        f"in {where}, labels: {labels_note(bundle, labels)}")
+    on = f"task {pack.name} ({pack.path}) on {bundle.path}" if pack is not None else str(bundle.path)
+    names = labels_note(bundle, labels) if pack is None or labels else f"task pack {pack.name}"
+    err(f"stexport: {on} on {backend}, {sampling.describe()}, {spec.batch_size} views per call, "
+        f"in {where}, labels: {names}")
     failed = 0
     started = False
     try:

@@ -23,6 +23,12 @@ Examples:
   stexport serve BUNDLE --replicas 2 --threads 4 --max-batch 16 --port 9000
 
   curl http://127.0.0.1:8000/metadata
+
+  stexport serve BASE --task ssv2.stpack --task diving.stpack   # task packs on one swappable base
+
+  curl --data-binary @clip.mp4 -H 'Content-Type: video/mp4' 'http://127.0.0.1:8000/classify?task=ssv2'
+
+  curl -F video=@clip.mp4 -F task=diving http://127.0.0.1:8000/classify
 """
 
 
@@ -49,6 +55,13 @@ def serve(
     allow_path: list[Path] = typer.Option([], "--allow-path", help="Directory whose files callers may name "
                                           "with {\"path\": ...} (repeatable). Default: none, paths are refused."),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Classes per answer."),
+    task: list[Path] = typer.Option([], "--task", help="A task pack (`stexport pack`) for the swappable "
+                                    "BUNDLE (repeatable): one backend holds the base and every pack, and each "
+                                    "request names its task (?task=NAME, a \"task\" JSON or form field, or the "
+                                    "serve_multiplexed_model_id header)."),
+    default_task: str = typer.Option(None, "--default-task", metavar="NAME", help="The task of requests that "
+                                     "name none. Default: the bundle's own (named after its adapter "
+                                     "checkpoint's file stem)."),
     ray_address: str = typer.Option(None, "--ray-address", help="Join a running Ray cluster instead of "
                                     "starting a local one on 127.0.0.1."),
     as_json: bool = Flag(False, "--json", help="Once the server answers, print its URL and routes as JSON on "
@@ -57,7 +70,10 @@ def serve(
     """Serve BUNDLE over HTTP on Ray Serve: POST a video to PREFIX/classify (raw body or multipart) and get
     the JSON `stexport infer --json` prints for it.
 
-    Requests from different callers are batched into one backend call. Safe defaults: binds 127.0.0.1; no
+    Requests from different callers are batched into one backend call (one per task: tasks are never mixed
+    in a call). With --task packs, a request runs the task it names, decoded with that task's sampling and
+    answered with its labels and name; an unknown name gets 404 listing the loaded tasks, and GET
+    PREFIX/metadata lists them. Safe defaults: binds 127.0.0.1; no
     server-side paths (--allow-path DIR enables them, confined to those directories: no '..', no symlinks out);
     no URL fetching; uploads over --max-upload-mb and videos that decode longer than --decode-timeout are
     refused. Every bad request gets a 4xx JSON {"error": ...}; the server keeps serving. Ctrl-C stops it.
@@ -71,14 +87,18 @@ def serve(
         bundle=str(bundle), backend=backend, options=options, top_k=top_k, host=host, port=port,
         route_prefix=route, replicas=replicas, replica_cpus=replica_cpus, threads=threads, max_batch=max_batch,
         batch_wait_s=batch_wait_ms / 1000, max_upload_mb=max_upload_mb, decode_timeout_s=decode_timeout,
-        decode_workers=decode_workers, allow_paths=tuple(str(p) for p in allow_path)))
+        decode_workers=decode_workers, allow_paths=tuple(str(p) for p in allow_path),
+        tasks=tuple(str(p) for p in task), default_task=default_task))
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"stexport: warning: binding {host}: the server is reachable from other machines", err=True)
+    names, default = srv.task_list(cfg)
     url = srv.start(cfg, ray_address)
     if as_json:
         print_json({"url": url, "classify": f"{url}/classify", "healthz": f"{url}/healthz",
-                    "metadata": f"{url}/metadata", "stats": f"{url}/stats", "bundle": cfg.bundle})
-    typer.echo(f"stexport: serving {cfg.bundle} at {url}/classify (health {url}/healthz, metadata "
+                    "metadata": f"{url}/metadata", "stats": f"{url}/stats", "bundle": cfg.bundle,
+                    "tasks": names, "default_task": default})
+    on = f" with tasks {', '.join(n + ' (default)' * (n == default) for n in names)}" if cfg.tasks else ""
+    typer.echo(f"stexport: serving {cfg.bundle}{on} at {url}/classify (health {url}/healthz, metadata "
                f"{url}/metadata); Ctrl-C stops", err=True)
     try:
         while True:

@@ -16,6 +16,9 @@ The Python API for classifying videos (imports no torch; heavy modules load on f
   call, never raises for one bad input), `timeline(source, window, stride)`.
 - `Result` (`top`: [(class index, label, probability)], best first; `views`, `frames`, timings) and `Failure`
   (`source`, `error`: one line naming the input); both have `to_dict()`.
+- Task packs on a swappable bundle: `ClassifierSpec(..., task="ssv2.stpack")`, `Classifier(..., task=)`,
+  `classify(source, task=)`, `classify_batch(sources, task=)` or `(source, task)` pairs; results carry the
+  task's name and labels.
 - `Sampling`: frames, size, rate, temporal × spatial views (default: the bundle's).
 - `StexportError`: every error stexport raises on purpose (bad input, bundle, backend, option).
 """

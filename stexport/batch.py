@@ -16,6 +16,12 @@ short videos keep the backend busy.
 processes): ship the spec, call `.open()` once in the worker. A `Classifier` itself does not pickle (an OpenVINO
 Core, an ONNX Runtime session inside).
 
+Task packs (stexport.taskpack) on a swappable bundle: `ClassifierSpec(..., task="ssv2.stpack")` opens a
+Classifier running that task (its labels, classes and default sampling; every result names it), and
+`classify_batch(sources, task=...)` runs one batch with a task, or each source given as a `(source, task)`
+pair with its own. Each pack is loaded and prepared once per Classifier; videos of different tasks are
+decoded with their task's sampling and never share a backend call.
+
 The stages are public so a pipeline can run them apart (stexport/ray_infer.py does): `decode_source` (any
 thread or process; never raises for a bad video) and `run_decoded` (where the backend lives).
 """
@@ -47,9 +53,13 @@ class ClassifierSpec:
     (None: the bundle's). top_k: classes per result. batch_size: views per backend call (≥ 1).
     decode_threads: videos decoded at the same time, each by one FFmpeg thread in a decoder process (≥ 1).
     decode_timeout: seconds a video's decoder may read no frame before that video is given up.
+    task: a task pack's path (a TaskPack is stored as its path) to run on the swappable bundle instead of the
+    bundle's own task: its classes, labels and (unless `sampling` is given) default sampling; every worker
+    reads it by this path and loads it once.
 
     Raises StexportError for a batch_size, decode_threads or top_k below 1; `open()` raises what
-    `Classifier` raises (a missing or changed bundle, an unknown backend or option).
+    `Classifier` raises (a missing or changed bundle, an unknown backend or option, a pack that does not fit
+    the bundle or a backend that cannot swap tasks).
     """
 
     bundle: str
@@ -61,9 +71,12 @@ class ClassifierSpec:
     batch_size: int = DEFAULT_BATCH
     decode_threads: int = 1
     decode_timeout: float = 60.0  # seconds a decoder may read no frame before its video is given up
+    task: str | None = None  # a task pack's path
 
     def __post_init__(self):
         object.__setattr__(self, "bundle", str(getattr(self.bundle, "path", self.bundle)))
+        if self.task is not None:
+            object.__setattr__(self, "task", str(getattr(self.task, "path", self.task)))
         opts = self.options.items() if isinstance(self.options, Mapping) else self.options
         object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in opts)))
         if self.labels is not None:
@@ -78,7 +91,7 @@ class ClassifierSpec:
 
         return Classifier(self.bundle, backend=self.backend, labels=self.labels, sampling=self.sampling,
                           top_k=self.top_k, batch_size=self.batch_size, decode_threads=self.decode_threads,
-                          decode_timeout=self.decode_timeout,
+                          decode_timeout=self.decode_timeout, task=self.task,
                           **dict(self.options))
 
     def replace(self, **changes) -> "ClassifierSpec":
@@ -87,13 +100,14 @@ class ClassifierSpec:
 
 @dataclass
 class Decoding:
-    """One source after decoding: `decoded` (a stexport.video.Decoded) or `failure` (a Failure), and the
-    seconds decoding took."""
+    """One source after decoding: `decoded` (a stexport.video.Decoded) or `failure` (a Failure), the seconds
+    decoding took, and the task pack to run it with (a loaded TaskPack; None: the classifier's current task)."""
     source: str
     decoded: Any = None
     failure: Any = None
     decode_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    task: Any = None
 
 
 def decode_source(source, sampling, threads: int | None = 1, decoder=None) -> Decoding:
@@ -114,57 +128,74 @@ def decode_source(source, sampling, threads: int | None = 1, decoder=None) -> De
 
 
 def run_decoded(clf, items: Sequence[Decoding]) -> list:
-    """Results (stexport.classify.Result) or Failures for `items`, in their order. Views of consecutive
-    decoded items share backend calls of up to clf.batch_size views. Per video: softmax of each view's logits
-    (float64), mean over its views, top k. A video whose logits are not finite is a Failure; a backend that
-    returns the wrong shape raises StexportError (the bundle or runtime is broken, not the input)."""
-    from stexport.classify import Failure, Result, softmax
+    """Results (stexport.classify.Result) or Failures for `items`, in their order. Views of decoded items of the
+    same task share backend calls of up to clf.batch_size views (in input order within a task; tasks are never
+    mixed in one call). Per video: softmax of each view's logits (float64), mean over its views, top k, named
+    with its task's labels. A video whose logits are not finite is a Failure; a backend that returns the wrong
+    shape raises StexportError (the bundle or runtime is broken, not the input)."""
+    from stexport.classify import Result, softmax
 
     out: list = [None] * len(items)
-    group: list[int] = []
-    views = 0
+    groups: dict[object, list[int]] = {}  # task key -> items, in input order
+    for i, item in enumerate(items):
+        if item.failure is not None:
+            out[i] = item.failure
+            continue
+        groups.setdefault(item.task.key if item.task is not None else None, []).append(i)
 
-    def flush():
-        nonlocal group, views
-        if not group:
-            return
+    def flush(group: list[int]) -> None:
+        task = items[group[0]].task
         clips = [items[i].decoded.clips for i in group]
         batch = clips[0] if len(clips) == 1 else np.concatenate(clips)
         t = time.perf_counter()
-        logits = clf.backend.run(batch)
+        logits = clf.backend.run(batch, task=task) if task is not None else clf.backend.run(batch)
         spent = time.perf_counter() - t
-        if logits.shape != (len(batch), clf.num_classes):
+        want = task.classes if task is not None else clf.num_classes
+        if logits.shape != (len(batch), want):
             raise StexportError(f"backend {clf.backend.name} returned logits of shape {logits.shape}, "
-                                f"expected ({len(batch)}, {clf.num_classes})")
+                                f"expected ({len(batch)}, {want})")
+        labels, name = clf._labels_for(task), clf.task_name(task)
         at = 0
         for i in group:
             d = items[i].decoded
             rows = logits[at:at + len(d.clips)]
             at += len(d.clips)
             if not np.isfinite(rows).all():
-                out[i] = Failure(d.source, f"{d.source}: the model gave non-finite logits (NaN/Inf) for this "
-                                 f"video on {clf.backend.name}; check the bundle with `stexport verify`")
+                out[i] = _failure(d.source, f"{d.source}: the model gave non-finite logits (NaN/Inf) for this "
+                                  f"video on {clf.backend.name}; check the bundle with `stexport verify`", name)
                 continue
             probs = softmax(rows).mean(axis=0)
-            out[i] = Result(d.source, clf.top(probs), len(d.clips), d.frames, items[i].decode_s,
-                            spent * len(d.clips) / len(batch), list(d.notes), backend=clf.backend.name)
-        group, views = [], 0
+            out[i] = Result(d.source, clf.top(probs, labels), len(d.clips), d.frames, items[i].decode_s,
+                            spent * len(d.clips) / len(batch), list(d.notes), backend=clf.backend.name, task=name)
 
-    for i, item in enumerate(items):
-        if item.failure is not None:
-            out[i] = item.failure
-            continue
-        v = len(item.decoded.clips)
-        if group and views + v > clf.batch_size:
-            flush()
-        group.append(i)
-        views += v
-    flush()
+    for group in groups.values():
+        call: list[int] = []
+        views = 0
+        for i in group:
+            v = len(items[i].decoded.clips)
+            if call and views + v > clf.batch_size:
+                flush(call)
+                call, views = [], 0
+            call.append(i)
+            views += v
+        if call:
+            flush(call)
     return out
 
 
-def classify_batch(clf, sources: Iterable, lookahead: int | None = None) -> Iterator:
+def _failure(source: str, error: str, task: str | None = None):
+    from stexport.classify import Failure
+
+    return Failure(source, error, task)
+
+
+def classify_batch(clf, sources: Iterable, lookahead: int | None = None, task=None) -> Iterator:
     """Result or Failure per source, in input order, never raising for one bad input (see run_decoded).
+
+    task: a task pack (TaskPack or path) for every source, None for the classifier's current task; loaded
+    here (StexportError, one line, for a pack that does not fit). A source given as a (source, task) pair
+    runs with its own task instead (None: the current one; a pack that cannot be loaded is that source's
+    Failure). Each source is decoded with its task's sampling (clf.sampling_for) and named with its labels.
 
     clf.decode_threads threads decode ahead of the backend (daemon threads: a hung decoder cannot keep the
     process alive); at most `lookahead` decoded videos wait in memory (default: one batch's worth plus
@@ -173,20 +204,42 @@ def classify_batch(clf, sources: Iterable, lookahead: int | None = None) -> Iter
     """
     views = max(1, clf.sampling.views)
     depth = lookahead or (-(-clf.batch_size // views) + clf.decode_threads)
+    common = clf.load_task(task) if task is not None else None
     pending: list[Decoding] = []
     count = 0
     free: queue.Queue = queue.Queue()
     for d in clf.decoders():
         free.put(d)
 
-    def decode(source) -> Decoding:
+    def jobs() -> Iterator[tuple]:
+        """(source, TaskPack or None, error) per source; packs are loaded here, in the consuming thread."""
+        for item in sources:
+            if not isinstance(item, tuple):
+                yield item, common, None
+                continue
+            if len(item) != 2:
+                raise StexportError(f"{item!r}: a source with a task is a (source, task) pair")
+            source, own = item
+            try:
+                yield source, (clf.load_task(own) if own is not None else None), None
+            except StexportError as e:
+                yield source, None, _failure(str(source), str(e), getattr(own, "name", None))
+
+    def decode(job) -> Decoding:
+        source, pack, failed = job
+        if failed is not None:
+            return Decoding(str(source), failure=failed, task=pack)
         worker = free.get()  # each decoding thread drives a decoder process of its own
         try:
-            return decode_source(source, clf.sampling, decoder=worker)
+            d = decode_source(source, clf.sampling_for(pack), decoder=worker)
         finally:
             free.put(worker)
+        d.task = pack
+        if d.failure is not None:
+            d.failure.task = clf.task_name(pack)
+        return d
 
-    for item in _ordered_map(decode, sources, clf.decode_threads, depth):
+    for item in _ordered_map(decode, jobs(), clf.decode_threads, depth):
         if item.failure is None:
             v = len(item.decoded.clips)
             if count and count + v > clf.batch_size:

@@ -42,9 +42,12 @@ class Result:
     end: float | None = None
     backend: str = ""
     sampled: str = "whole file"  # or "live stream: the first N frames …" (see video.Decoded.sampled)
+    task: str | None = None  # the task pack's name, when a pack ran it (its labels name `top`)
 
     def to_dict(self) -> dict:
         d = {"path": self.source}
+        if self.task is not None:
+            d["task"] = self.task
         if self.start is not None:
             d.update(start=round(self.start, 3), end=round(self.end, 3))
         d["top"] = [{"label": name, "score": round(p, 6), "index": i} for i, name, p in self.top]
@@ -59,9 +62,14 @@ class Result:
 class Failure:
     source: str
     error: str
+    task: str | None = None  # the task pack it was to run with, if any
 
     def to_dict(self) -> dict:
-        return {"path": self.source, "error": self.error}
+        d = {"path": self.source}
+        if self.task is not None:
+            d["task"] = self.task
+        d["error"] = self.error
+        return d
 
 
 class NonFiniteOutput(StexportError):
@@ -92,6 +100,7 @@ class Classifier:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
         self.num_classes = m.output.classes
+        self.user_sampling = sampling  # None: each task's own defaults (the bundle's, a pack's)
         pack = None
         if task is not None:
             from stexport.taskpack import as_pack
@@ -99,9 +108,7 @@ class Classifier:
             pack = as_pack(task)
             pack.check_fits(self.bundle)
             self.num_classes = pack.classes
-            if sampling is None:
-                sampling = Sampling(frames=m.input.frames, size=m.input.size, **pack.record.sampling.model_dump())
-        self.sampling = sampling or Sampling.from_manifest(m)
+        self.sampling = default_sampling(self.bundle, pack, sampling)
         if (self.sampling.frames, self.sampling.size) != (self.bundle.frames, self.bundle.size):
             b, s = self.bundle, self.sampling
             raise StexportError(f"{b.path}: built for {b.frames} frames of {b.size} px, not {s.frames} of "
@@ -133,10 +140,12 @@ class Classifier:
 
     def set_task(self, task) -> None:
         """Switch the task (a TaskPack, a pack path, or None: the bundle's own) for the calls that follow: one
-        backend call, no reload. Its labels replace the current ones unless labels were given; the sampling
-        stays what this Classifier was made with."""
+        backend call, no reload. Its labels replace the current ones unless labels were given, and its default
+        sampling the current one unless this Classifier was made with a sampling (so the results equal those
+        of a Classifier made with the task)."""
         pack = self.backend.set_task(task)
         self.task = pack
+        self.sampling = default_sampling(self.bundle, pack, self.user_sampling)
         if pack is None:
             self.labels, self.labels_source, self.num_classes = self.own_labels
         else:
@@ -149,6 +158,24 @@ class Classifier:
 
     def _labels_for(self, task) -> list[str]:
         return self.labels if task is None else task.labels
+
+    def load_task(self, task):
+        """`task` (a TaskPack or a pack's path) checked against the bundle and prepared on the backend once
+        (cached by the file's sha256); returns the TaskPack, for classify(..., task=) and classify_batch.
+        StexportError (one line) for a pack that does not fit or a backend that cannot swap tasks."""
+        return self.backend.load_task(task)
+
+    def sampling_for(self, task=None):
+        """The sampling a video for `task` (a loaded TaskPack; None: the current task) is decoded with: the
+        one this Classifier was made with if given, else the task's own default."""
+        if task is None or self.user_sampling is not None:
+            return self.sampling
+        return default_sampling(self.bundle, task)
+
+    def task_name(self, task=None) -> str | None:
+        """The name results carry: `task`'s, else the current pack's; None on the bundle's own task."""
+        pack = task if task is not None else self.task
+        return pack.name if pack is not None else None
 
     def probabilities(self, clips: np.ndarray, task=None) -> np.ndarray:
         """Softmax of each view's logits, averaged over views: (classes,). task: a TaskPack for this call
@@ -186,7 +213,8 @@ class Classifier:
         t = time.perf_counter()
         probs = self.probabilities(clips, task)
         return Result(display(source), self.top(probs, self._labels_for(task)), len(clips), frames, decode_s,
-                      time.perf_counter() - t, list(notes), start, end, self.backend.name, sampled)
+                      time.perf_counter() - t, list(notes), start, end, self.backend.name, sampled,
+                      self.task_name(task))
 
     def _checked(self, source: str, fn):
         """fn(), with the input's name put before a NonFiniteOutput's message."""
@@ -198,12 +226,13 @@ class Classifier:
     def classify(self, source, task=None) -> Result:
         """One video, decoded (in the decode worker) and run; raises VideoError for a bad video and
         NonFiniteOutput for NaN/Inf logits. task: a task pack (TaskPack or path) for this call only, named
-        with its own labels (for servers taking a task per request; calls for different tasks may
-        interleave)."""
+        with its own labels and sampled with its own defaults (unless this Classifier was made with a
+        sampling): the result equals that of Classifier(bundle, task=pack). Calls for different tasks may
+        interleave (servers taking a task per request)."""
         if task is not None:
             task = self.backend.load_task(task)
         t = time.perf_counter()
-        d = self.decoder.decode(source, self.sampling)
+        d = self.decoder.decode(source, self.sampling_for(task))
         return self._checked(d.source, lambda: self._result(d.source, d.clips, d.frames, time.perf_counter() - t,
                                                             d.notes, sampled=d.sampled, task=task))
 
@@ -218,23 +247,25 @@ class Classifier:
 
         for source, item in _prefetched(((s, lambda s=s: work(s)) for s in sources), prefetch):
             if isinstance(item, Exception):
-                yield Failure(display(source), _message(source, item))
+                yield Failure(display(source), _message(source, item), self.task_name())
                 continue
             d, decode_s = item
             try:
                 out = self._checked(d.source, lambda: self._result(d.source, d.clips, d.frames, decode_s,
                                                                    d.notes, sampled=d.sampled))
             except NonFiniteOutput as e:
-                out = Failure(display(source), str(e))
+                out = Failure(display(source), str(e), self.task_name())
             yield out
 
-    def classify_batch(self, sources: Iterable) -> Iterator[Result | Failure]:
+    def classify_batch(self, sources: Iterable, task=None) -> Iterator[Result | Failure]:
         """Many videos: a Result or Failure per source in input order, never raising for one bad input; views
         of several videos per backend call (up to batch_size), decode_threads decoding ahead. Same numbers as
-        classify(). See stexport.batch."""
+        classify(). task: a task pack (TaskPack or path) for every source (None: the current task); a source
+        given as a (source, task) pair runs with its own task. A backend call never mixes tasks. See
+        stexport.batch."""
         from stexport.batch import classify_batch
 
-        return classify_batch(self, sources)
+        return classify_batch(self, sources, task=task)
 
     def timeline(self, source, window: float, stride: float, prefetch: int = 2) -> Iterator[Result]:
         """Top classes for windows of `window` seconds every `stride` seconds of the video's presentation
@@ -279,6 +310,17 @@ class Classifier:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def default_sampling(bundle: Bundle, pack=None, sampling: Sampling | None = None) -> Sampling:
+    """`sampling` if given, else `pack`'s default sampling (a TaskPack: its rate and views at the bundle's
+    frames and size), else the bundle's."""
+    if sampling is not None:
+        return sampling
+    m = bundle.manifest
+    if pack is not None:
+        return Sampling(frames=m.input.frames, size=m.input.size, **pack.record.sampling.model_dump())
+    return Sampling.from_manifest(m)
 
 
 def _message(source, e: Exception) -> str:

@@ -7,9 +7,10 @@ as a Ray Data pipeline.
 Results come back in input order (Ray Data's preserve_order, and a reorder buffer on top), one dict per
 source in `infer --json`'s schema, failures included. Needs `pip install 'stexport[ray]'`.
 
-Every node that runs a task reads the videos by their paths, and every inference actor opens the bundle by
-its path: use a shared file system, or `ship_bundle=True` to send the bundle's files through Ray's object
-store (an actor that cannot see the path writes them to a temporary directory and opens that).
+Every node that runs a task reads the videos by their paths, and every inference actor opens the bundle (and
+the spec's task pack, if any) by its path: use a shared file system, or `ship_bundle=True` to send the
+bundle's files and the pack through Ray's object store (an actor that cannot see a path writes them to a
+temporary directory and opens that).
 """
 
 from __future__ import annotations
@@ -59,8 +60,6 @@ def classify(spec: ClassifierSpec, sources: Sequence[tuple[int, str]], workers: 
     bundle or backend cannot be opened on a worker (one line, the worker's reason)."""
     import ray
 
-    from stexport.video import Sampling
-
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.print_on_execution_start = False
@@ -70,16 +69,20 @@ def classify(spec: ClassifierSpec, sources: Sequence[tuple[int, str]], workers: 
             logging.getLogger(name).setLevel(logging.ERROR)
     if not sources:
         return
-    if spec.sampling is None:
+    if spec.sampling is None:  # the task's default sampling (a pack's, else the bundle's)
         from stexport.bundle import Bundle
+        from stexport.classify import default_sampling
+        from stexport.taskpack import TaskPack
 
-        spec = spec.replace(sampling=Sampling.from_manifest(Bundle.load(spec.bundle).manifest))
+        spec = spec.replace(sampling=default_sampling(Bundle.load(spec.bundle),
+                                                      TaskPack.load(spec.task) if spec.task else None))
     cpus = ray.cluster_resources().get("CPU", 0)
     if workers * cpus_per_worker > cpus - 1:
         raise StexportError(f"--workers {workers} × --worker-cpus {cpus_per_worker:g} leaves none of this "
                             f"cluster's {cpus:g} CPUs for decoding; pass fewer --workers or a smaller "
                             "--worker-cpus")
     shipped = ray.put(_bundle_files(spec.bundle)) if ship_bundle else None
+    shipped_task = ray.put(Path(spec.task).read_bytes()) if ship_bundle and spec.task else None
     sampling = spec.sampling
     per_call = max(1, spec.batch_size // sampling.views)
     rows = [{"i": i, "source": s} for i, s in sources]
@@ -88,7 +91,7 @@ def classify(spec: ClassifierSpec, sources: Sequence[tuple[int, str]], workers: 
     # also keeps decoding in its own tasks instead of fused into the inference actors.
     clip_bytes = sampling.views * sampling.frames * sampling.size ** 2 * 3
     ds = ds.map(_decode_row, fn_kwargs={"sampling": sampling}, num_cpus=1, memory=2 * clip_bytes + (64 << 20))
-    ds = ds.map_batches(_infer_class(spec, shipped), batch_size=per_call,
+    ds = ds.map_batches(_infer_class(spec, shipped, shipped_task), batch_size=per_call,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
                         num_cpus=cpus_per_worker)
     order = {i: k for k, (i, _) in enumerate(sources)}
@@ -120,12 +123,17 @@ def _decode_row(row: dict, sampling) -> dict:
 class _Infer:
     """A Ray Data actor: one open Classifier, batches of decoded rows in, one JSON line per row out."""
 
-    def __init__(self, spec: ClassifierSpec, shipped=None):
+    def __init__(self, spec: ClassifierSpec, shipped=None, shipped_task=None):
         if shipped is not None and not Path(spec.bundle).is_dir():
             import ray
 
             spec = spec.replace(bundle=str(_unpack(ray.get(shipped), Path(spec.bundle).name)))
-        self.clf = spec.open()
+        if shipped_task is not None and spec.task and not Path(spec.task).is_file():
+            import ray
+
+            name = Path(spec.task).name
+            spec = spec.replace(task=str(_unpack({name: ray.get(shipped_task)}, "task") / name))
+        self.clf = spec.open()  # loads the bundle, the backend and the task pack, once per actor
 
     def __call__(self, batch: dict) -> dict:
         from stexport.classify import Failure
@@ -135,7 +143,8 @@ class _Infer:
         for k in range(len(batch["i"])):
             source, error = str(batch["source"][k]), str(batch["error"][k])
             if error:
-                items.append(Decoding(source, failure=Failure(source, error), decode_s=float(batch["decode_s"][k])))
+                items.append(Decoding(source, failure=Failure(source, error, self.clf.task_name()),
+                                      decode_s=float(batch["decode_s"][k])))
                 continue
             notes = json.loads(str(batch["notes"][k]))
             d = Decoded(source, np.ascontiguousarray(batch["clips"][k]), int(batch["frames"][k]), None, None,
@@ -145,13 +154,14 @@ class _Infer:
         return {"i": batch["i"], "line": np.array(lines, dtype=object)}
 
 
-def _infer_class(spec: ClassifierSpec, shipped):
+def _infer_class(spec: ClassifierSpec, shipped, shipped_task=None):
     """_Infer bound to `spec` (shipped with the class, not as constructor arguments in the object store, which
-    makes Ray warn about restarting the actors)."""
+    makes Ray warn about restarting the actors). shipped / shipped_task: object refs of the bundle's files
+    and of the task pack's bytes (ship_bundle)."""
 
     class Infer(_Infer):
         def __init__(self):
-            super().__init__(spec, shipped)
+            super().__init__(spec, shipped, shipped_task)
 
     return Infer
 

@@ -9,9 +9,20 @@ Routes (under the route prefix, default "/"):
     GET  metadata     the bundle's model, labels, precision, sampling, the backend in use and the server's limits
     GET  stats        requests, batches and the largest batch (videos) this replica ran
 
+Task packs (`tasks`: pack paths, `stexport serve BUNDLE --task PACK ...`): one backend holds the swappable
+base and every pack (prepared once: ONNX Runtime adapters on one session, an OpenVINO compiled model per
+task), and each request names its task by name: the query parameter `?task=NAME`, a "task" field of the JSON
+body or of the multipart form, or Ray Serve's multiplexing header `serve_multiplexed_model_id: NAME` (what
+`handle.options(multiplexed_model_id=NAME)` sends). Without one, a request runs the default task: `default_task`,
+else the bundle's own (named after its adapter checkpoint's file stem, else the bundle's name). An unknown
+name is a 404 naming the loaded tasks. Each task's video is decoded with the task's own default sampling and
+named with its labels; the answer carries "task". GET metadata lists the tasks (name, classes, labels,
+sampling, pack file).
+
 Requests from different callers are batched (`serve.batch`): the views of up to `max_batch` clips run in one
-backend call. A server is an attack surface, so by default it binds 127.0.0.1, reads no server-side path and
-fetches no URL; uploads over `max_upload_mb` are refused before they are read; every video is decoded in a
+backend call, one call per task in a batch (tasks are never mixed in a call; Ray Serve also splits batches
+by the multiplexing header). A server is an attack surface, so by default it binds 127.0.0.1, reads no
+server-side path and fetches no URL; uploads over `max_upload_mb` are refused before they are read; every video is decoded in a
 separate worker process that is killed after `decode_timeout_s` (a hostile file can neither hang nor crash the
 replica); server-side paths, when enabled with allowed roots, must resolve (symlinks followed) to a regular file
 inside one of them and may not contain `..`. Every bad request gets a 4xx JSON `{"error": ...}` and the server
@@ -73,18 +84,66 @@ class ServeConfig(BaseModel):
     decode_timeout_s: float = Field(30.0, gt=0)
     decode_workers: int = Field(1, ge=1)  # decoding processes per replica
     allow_paths: tuple[str, ...] = ()  # roots server-side paths may be read from (realpaths)
+    tasks: tuple[str, ...] = ()  # task pack paths, loaded beside the bundle's own task
+    default_task: str | None = None  # a task name for requests that name none (None: the bundle's own)
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1e6)
 
 
+def own_task_name(bundle) -> str:
+    """The name the bundle's own task goes by among task packs: its adapter checkpoint's file stem (as
+    `stexport pack` names a pack), else the bundle's name."""
+    adapter = bundle.manifest.model.adapter
+    return Path(adapter.file).stem if adapter.file else bundle.manifest.name
+
+
+def task_names(bundle, packs) -> list[str]:
+    """The bundle's own task name, then each pack's; StexportError (one line) when two are the same."""
+    names = [own_task_name(bundle)]
+    for p in packs:
+        if p.name in names:
+            raise StexportError(f"--task {p.path}: a task named '{p.name}' is already loaded ("
+                                + ("the bundle's own" if p.name == names[0] else "another pack")
+                                + "); give the pack another name with `stexport pack --name`")
+        names.append(p.name)
+    return names
+
+
+def task_list(cfg: ServeConfig) -> tuple[list[str], str]:
+    """(the names of the tasks `cfg` loads, the default one's) without starting anything."""
+    from stexport.bundle import Bundle
+    from stexport.taskpack import TaskPack
+
+    names = task_names(Bundle.load(cfg.bundle), [TaskPack.load(t) for t in cfg.tasks])
+    return names, cfg.default_task or names[0]
+
+
 def check_config(cfg: ServeConfig) -> ServeConfig:
-    """Cheap checks before Ray starts: the bundle loads, allowed roots exist (stored as realpaths), the route
-    prefix is a path. Returns the config with roots resolved. Raises StexportError, one line."""
+    """Cheap checks before Ray starts: the bundle loads, task packs load and fit it (and the backend swaps
+    tasks), task names are distinct and the default one of them, allowed roots exist (stored as realpaths),
+    the route prefix is a path. Returns the config with paths resolved. Raises StexportError, one line."""
     from stexport.bundle import Bundle
 
-    Bundle.load(cfg.bundle)
+    bundle = Bundle.load(cfg.bundle)
+    if cfg.tasks:
+        from stexport import backends
+        from stexport.taskpack import TaskPack
+
+        packs = [TaskPack.load(t) for t in cfg.tasks]
+        for p in packs:
+            p.check_fits(bundle)
+        chosen = backends.resolve(cfg.backend, bundle)
+        if chosen and not backends.load_class(chosen).SWAPS_TASKS:
+            raise StexportError(f"--task: the {chosen} backend cannot run task packs; pass -b onnxruntime or "
+                                "-b openvino")
+        names = task_names(bundle, packs)
+        cfg = cfg.model_copy(update={"tasks": tuple(str(p.path.resolve()) for p in packs)})
+    else:
+        names = [own_task_name(bundle)]
+    if cfg.default_task is not None and cfg.default_task not in names:
+        raise StexportError(f"--default-task {cfg.default_task}: no such task; loaded: {', '.join(names)}")
     roots = []
     for r in cfg.allow_paths:
         p = Path(r)
@@ -162,43 +221,92 @@ class Clips:
     frames: int
     decode_s: float
     notes: list[str]
+    task: str | None = None  # a loaded task's name (None: the default task)
+
+
+@dataclass
+class Task:
+    """A task a server runs: its name, its TaskPack (None: the bundle's own), sampling and labels."""
+
+    name: str
+    pack: object
+    sampling: object  # stexport.video.Sampling
+    labels: list[str]
+
+    def describe(self, default: bool) -> dict:
+        return {"name": self.name, "classes": len(self.labels), "labels": self.labels,
+                "sampling": self.sampling.to_dict(), "pack": self.pack.path.name if self.pack else None,
+                "default": default}
 
 
 class ServingClassifier:
-    """Classify many decoded videos in one backend call; results as `stexport infer --json` prints them.
+    """Classify many decoded videos in few backend calls; results as `stexport infer --json` prints them.
 
-    Built on stexport.classify.Classifier (same backend choice, labels, softmax-then-mean over views); when the
-    batch API lands, this class is where serving switches to it."""
+    Built on stexport.classify.Classifier (same backend choice, labels, softmax-then-mean over views). tasks:
+    task pack paths for a swappable bundle, loaded and prepared once beside the bundle's own task; `tasks`
+    maps every task's name to its Task, `default` is the name a request without one gets."""
 
-    def __init__(self, bundle: str, backend: str = "auto", top_k: int = 5, **backend_options):
+    def __init__(self, bundle: str, backend: str = "auto", top_k: int = 5, tasks: tuple[str, ...] = (),
+                 default_task: str | None = None, **backend_options):
         from stexport.classify import Classifier
 
         self.clf = Classifier(bundle, backend=backend, top_k=top_k, **backend_options)
+        self.clf.top_k = top_k  # not capped at the bundle's own classes: a pack may have more
         self.sampling = self.clf.sampling
+        packs = [self.clf.load_task(t) for t in tasks]
+        names = task_names(self.clf.bundle, packs)
+        self.named = bool(packs)  # answers carry "task" only where the server runs task packs
+        self.tasks = {names[0]: Task(names[0], None, self.clf.sampling, self.clf.labels)}
+        for p in packs:
+            self.tasks[p.name] = Task(p.name, p, self.clf.sampling_for(p), p.labels)
+        self.default = default_task or names[0]
+
+    def task(self, name: str | None) -> Task:
+        """The loaded task called `name` (None: the default); RequestError 404 naming the loaded ones."""
+        if name is None:
+            return self.tasks[self.default]
+        if not isinstance(name, str) or name not in self.tasks:
+            shown = name if isinstance(name, str) else json.dumps(name)
+            raise RequestError(404, f"no task {shown[:100]!r} on this server; loaded: "
+                                    + ", ".join(f"{n} (default)" if n == self.default else n for n in self.tasks))
+        return self.tasks[name]
 
     def describe(self) -> dict:
         return self.clf.describe()
 
     def classify(self, items: list[Clips]) -> list[dict]:
-        """One backend call over the views of every item (the views of item i are rows off_i…off_i+V_i of the
-        batch); per item, softmax each view's logits, average over its views, name the top k. Returns the
-        dicts `infer --json` prints (Result.to_dict), in item order."""
+        """One backend call per task over the views of that task's items (the views of item i are rows
+        off_i…off_i+V_i of its call; tasks never share a call); per item, softmax each view's logits, average
+        over its views, name the top k with its task's labels. Returns the dicts `infer --json` prints
+        (Result.to_dict, with "task" where packs are loaded), in item order."""
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(self.task(it.task).name, []).append(i)
+        out: list = [None] * len(items)
+        for name, group in groups.items():
+            for i, row in zip(group, self._run(self.tasks[name], [items[i] for i in group])):
+                out[i] = row
+        return out
+
+    def _run(self, task: Task, items: list[Clips]) -> list[dict]:
         from stexport.classify import Result, softmax
 
         clf = self.clf
         t = time.perf_counter()
-        logits = clf.backend.run(np.concatenate([it.clips for it in items]))
+        x = np.concatenate([it.clips for it in items])
+        logits = clf.backend.run(x, task=task.pack) if task.pack is not None else clf.backend.run(x)
         infer_s = (time.perf_counter() - t) / len(items)
-        total = sum(len(it.clips) for it in items)
-        if logits.shape != (total, clf.num_classes):
+        want = (len(x), len(task.labels))
+        if logits.shape != want:
             raise StexportError(f"backend {clf.backend.name} returned logits of shape {logits.shape}, expected "
-                                f"({total}, {clf.num_classes})")
+                                f"{want}")
         out, at = [], 0
         for it in items:
             probs = softmax(logits[at:at + len(it.clips)]).mean(axis=0)
             at += len(it.clips)
-            out.append(Result(it.source, clf.top(probs), len(it.clips), it.frames, it.decode_s, infer_s,
-                              list(it.notes), backend=clf.backend.name).to_dict())
+            out.append(Result(it.source, clf.top(probs, task.labels), len(it.clips), it.frames, it.decode_s,
+                              infer_s, list(it.notes), backend=clf.backend.name,
+                              task=task.name if self.named else None).to_dict())
         return out
 
     def close(self) -> None:
@@ -209,9 +317,10 @@ class ServingClassifier:
 # the Ray Serve deployment
 
 
-def metadata(bundle_path: str, described: dict, cfg: ServeConfig, labels: list[str]) -> dict:
-    """What GET metadata answers: the manifest's model, labels, precision and sampling, the backend in use,
-    the server's limits."""
+def metadata(bundle_path: str, described: dict, cfg: ServeConfig, labels: list[str],
+             tasks: list[dict] | None = None) -> dict:
+    """What GET metadata answers: the manifest's model, labels, precision and sampling (the bundle's own
+    task), the backend in use, the server's limits, and the tasks requests may name (Task.describe)."""
     from stexport.bundle import Bundle
 
     m = Bundle.load(bundle_path).manifest
@@ -227,6 +336,8 @@ def metadata(bundle_path: str, described: dict, cfg: ServeConfig, labels: list[s
         "limits": {"max_upload_bytes": cfg.max_upload_bytes, "decode_timeout_s": cfg.decode_timeout_s,
                    "max_batch_videos": cfg.max_batch, "server_paths": bool(cfg.allow_paths),
                    "urls": False},
+        "tasks": tasks or [],
+        "default_task": next((t["name"] for t in tasks or [] if t["default"]), None),
     }
 
 
@@ -253,17 +364,19 @@ def deployment(cfg: ServeConfig):
             opts = dict(self.cfg.options)
             if self.cfg.threads:
                 opts["threads"] = self.cfg.threads
-            self.model = ServingClassifier(self.cfg.bundle, self.cfg.backend, self.cfg.top_k, **opts)
-            self.sampling = self.model.sampling.to_dict()
-            self.views = self.model.sampling.views
+            self.model = ServingClassifier(self.cfg.bundle, self.cfg.backend, self.cfg.top_k, self.cfg.tasks,
+                                           self.cfg.default_task, **opts)
             # decoding in processes that can be killed (time limit, crashes); spawned, never forked from a
             # threaded actor
             self.decoders = ProcessPool(max_workers=self.cfg.decode_workers, initializer=_warm_decoder,
                                         context=multiprocessing.get_context("spawn"))
             self.runner = ThreadPoolExecutor(1, thread_name_prefix="stexport-model")  # one backend call at a time
             self.tmp = tempfile.mkdtemp(prefix="stexport-serve-")
-            self.meta = metadata(self.cfg.bundle, self.model.describe(), self.cfg, self.model.clf.labels)
-            self.stats = {"requests": 0, "errors": 0, "batches": 0, "largest_batch": 0}
+            tasks = [t.describe(t.name == self.model.default) for t in self.model.tasks.values()]
+            self.meta = metadata(self.cfg.bundle, self.model.describe(), self.cfg, self.model.clf.labels, tasks)
+            # backend_calls: one per task in each batch; mixed_batches: batches that held several tasks
+            self.stats = {"requests": 0, "errors": 0, "batches": 0, "largest_batch": 0, "backend_calls": 0,
+                          "mixed_batches": 0, "tasks": {name: 0 for name in self.model.tasks}}
             self.run_batch.set_max_batch_size(self.cfg.max_batch)
             self.run_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
 
@@ -286,6 +399,7 @@ def deployment(cfg: ServeConfig):
                     return _json(200, self.stats)
                 self.stats["requests"] += 1
                 clips = await self.decode(request)
+                self.stats["tasks"][clips.task] += 1
                 return _json(200, await self.run_batch(clips))
             except RequestError as e:
                 self.stats["errors"] += 1
@@ -296,6 +410,31 @@ def deployment(cfg: ServeConfig):
                 logging.getLogger("ray.serve").exception("stexport serve: %s %s failed", request.method, path)
                 self.stats["errors"] += 1
                 return _json(500, {"error": f"internal error ({type(e).__name__}); see the server log"})
+
+        # -- tasks --------------------------------------------------------------------------------------------
+
+        @serve.multiplexed(max_num_models_per_replica=max(1, len(cfg.tasks) + 1))
+        async def get_task(self, name: str) -> Task:
+            """Ray Serve's multiplexed loader: every task is loaded when the replica starts (none is ever
+            evicted), so this names the task to Serve, which routes requests carrying its header here."""
+            return self.model.task(name)
+
+        async def request_task(self, request, body_task=None) -> Task:
+            """The task a request names (header, query parameter, body field; all that are given must
+            agree), else the default; RequestError 400 for disagreeing names, 404 for an unknown one."""
+            given = {}
+            header = serve.get_multiplexed_model_id()
+            if header:
+                given["the serve_multiplexed_model_id header"] = header
+            if "task" in request.query_params:
+                given["?task="] = request.query_params["task"]
+            if body_task is not None:
+                given["the body's \"task\""] = body_task
+            if len(set(map(json.dumps, given.values()))) > 1:
+                raise RequestError(400, "the request names different tasks: " + ", ".join(
+                    f"{json.dumps(v)[:60]} ({k})" for k, v in given.items()))
+            task = self.model.task(next(iter(given.values()), None))
+            return await self.get_task(task.name)
 
         # -- reading the request ----------------------------------------------------------------------------
 
@@ -327,40 +466,45 @@ def deployment(cfg: ServeConfig):
                 if "url" in req:
                     raise RequestError(403, "fetching URLs is off on this server (it makes no requests on a "
                                             "caller's behalf); upload the video instead")
-                if set(req) != {"path"}:
-                    raise RequestError(400, 'send {"path": "FILE"}, or upload the video as the body')
+                if "path" not in req or not set(req) <= {"path", "task"}:
+                    raise RequestError(400, 'send {"path": "FILE"} or {"path": "FILE", "task": "NAME"}, or '
+                                            "upload the video as the body")
+                task = await self.request_task(request, req.get("task"))
                 real = confine(req["path"], self.cfg.allow_paths)
-                return await self.decode_file(real, req["path"])
+                return await self.decode_file(real, req["path"], task)
+            form_task = None
             if ctype.startswith("video/") or ctype in RAW_TYPES:
                 data, name = await self.body(request), request.headers.get("x-filename") or "upload"
             elif ctype == "multipart/form-data":
-                data, name = self.multipart(request, await self.body(request))
+                data, name, form_task = self.multipart(request, await self.body(request))
             else:
                 raise RequestError(415, f"content type {ctype or '(none)'!r}: send the video as the body "
                                         "(video/* or application/octet-stream), as a multipart/form-data file, or "
                                         + ('{"path": ...} as application/json' if self.cfg.allow_paths else
                                            "nothing else"))
+            task = await self.request_task(request, form_task)
             if not data:
                 raise RequestError(400, "empty upload")
             fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".video")
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                return await self.decode_file(tmp, name)
+                return await self.decode_file(tmp, name, task)
             finally:
                 os.unlink(tmp)
 
-        def multipart(self, request, body: bytes) -> tuple[bytes, str]:
+        def multipart(self, request, body: bytes) -> tuple[bytes, str, str | None]:
+            """(the one file's bytes, its name, the "task" field's value or None)."""
             from python_multipart import FormParser
             from python_multipart.exceptions import FormParserError
             from python_multipart.multipart import parse_options_header
 
-            files = []
+            files, fields = [], []
             _, params = parse_options_header(request.headers.get("content-type", ""))
             if not params.get(b"boundary"):
                 raise RequestError(400, "multipart body without a boundary in its Content-Type")
             try:
-                parser = FormParser("multipart/form-data", lambda field: None, files.append,
+                parser = FormParser("multipart/form-data", fields.append, files.append,
                                     boundary=params[b"boundary"],
                                     config={"MAX_MEMORY_FILE_SIZE": self.cfg.max_upload_bytes + 1})
                 parser.write(body)
@@ -372,9 +516,13 @@ def deployment(cfg: ServeConfig):
             f = files[0]
             f.file_object.seek(0)
             name = (f.file_name or b"upload").decode("utf-8", "replace")
-            return f.file_object.read(), name
+            tasks = [x.value for x in fields if x.field_name == b"task"]
+            if len(tasks) > 1:
+                raise RequestError(400, f"multipart body with {len(tasks)} 'task' fields; send one")
+            task = tasks[0].decode("utf-8", "replace") if tasks and tasks[0] is not None else None
+            return f.file_object.read(), name, task
 
-        async def decode_file(self, path: str, name: str) -> Clips:
+        async def decode_file(self, path: str, name: str, task: Task) -> Clips:
             from concurrent.futures import TimeoutError as FutureTimeout
 
             from pebble import ProcessExpired
@@ -382,7 +530,7 @@ def deployment(cfg: ServeConfig):
             from stexport.video import VideoError
 
             t = time.perf_counter()
-            future = self.decoders.schedule(_decode_worker, (path, self.sampling, name),
+            future = self.decoders.schedule(_decode_worker, (path, task.sampling.to_dict(), name),
                                             timeout=self.cfg.decode_timeout_s)
             try:
                 source, clips, frames, notes = await asyncio.wrap_future(future)
@@ -396,7 +544,7 @@ def deployment(cfg: ServeConfig):
                 raise RequestError(422, str(e).replace(path, name)) from None
             except StexportError as e:
                 raise RequestError(422, str(e).replace(path, name)) from None
-            return Clips(source, clips, frames, time.perf_counter() - t, notes)
+            return Clips(source, clips, frames, time.perf_counter() - t, notes, task.name)
 
         # -- batched classification -------------------------------------------------------------------------
 
@@ -404,6 +552,9 @@ def deployment(cfg: ServeConfig):
         async def run_batch(self, items: list[Clips]) -> list[dict]:
             self.stats["batches"] += 1
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
+            tasks = len({it.task for it in items})
+            self.stats["backend_calls"] += tasks
+            self.stats["mixed_batches"] += tasks > 1
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.runner, self.model.classify, items)
 
@@ -455,5 +606,5 @@ def stop(shutdown_ray: bool = True) -> None:
         ray.shutdown()
 
 
-__all__ = ["ServeConfig", "ServingClassifier", "Clips", "RequestError", "confine", "check_config", "start",
-           "stop", "deployment", "require_serve"]
+__all__ = ["ServeConfig", "ServingClassifier", "Clips", "Task", "RequestError", "confine", "check_config",
+           "own_task_name", "start", "stop", "deployment", "require_serve"]
