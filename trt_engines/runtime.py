@@ -97,7 +97,7 @@ class TensorRTBackend(Backend):
         self.cuda = open_device(cuda, gpu)
         self.context = self.engine = self.runtime = self.dev_in = None
         self.lock = threading.Lock()  # one task in the engine at a time: runs and refits take turns
-        self.active = None  # the task the engine holds: a pack's key, None for the bundle's own
+        self.holding = None  # the task the engine holds: a pack's key, None for the bundle's own
         self._own: dict | None = None  # the bundle's own per-task tensors, read when first switching away
         try:
             self._open(trt, batch, build, progress)
@@ -264,13 +264,13 @@ class TensorRTBackend(Backend):
         """Refit the engine with `pack`'s tensors (`weights`; pack None: the bundle's own) unless it holds
         them already."""
         key = pack.key if pack is not None else None
-        if not needs_switch(self.active, key):
+        if not needs_switch(self.holding, key):
             return
         weights = weights if pack is not None else self.own_weights()
-        self.active = "?"  # a failed refit may leave a mix of two tasks: never take it for either
+        self.holding = "?"  # a failed refit may leave a mix of two tasks: never take it for either
         label = f"{self.bundle.path.name} ({pack.name if pack is not None else 'its own task'})"
         refit_engine(self.trt, self.engine, logger_for(self.trt), weights, label)
-        self.active = key
+        self.holding = key
 
     def run(self, clips: np.ndarray, task=None) -> np.ndarray:
         pack, weights = self.task_state(task)
