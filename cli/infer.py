@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import EXIT_BAD_INPUT, OPTION_HELP, Flag, escape, handle_errors, parse_options
+from stexport.cli.common import EXIT_BAD_INPUT, OPTION_HELP, TASK_BACKENDS, Flag, escape, handle_errors, parse_options
 from stexport.cli.common import register as add_command
 
 EXAMPLES = """
@@ -156,7 +156,7 @@ def infer(
     ship_bundle: bool = Flag(False, "--ship-bundle", help="With --ray: send the bundle's files through Ray's "
                              "object store, for nodes that do not see the bundle's path."),
     task: Path = typer.Option(None, "--task", help="A task pack (`stexport pack`) to run on the swappable "
-                              "bundle: its classes, labels and sampling."),
+                              "bundle: its classes, labels and sampling. " + TASK_BACKENDS),
 ):
     """Classify videos the way the official ST-Adapter evaluation does: sample each video's views (the
     bundle's frames, rate and TEMPORALxSPATIAL crops), softmax each view, average, and print the top classes.
