@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import OPTION_HELP, Flag, handle_errors, parse_options, print_json, register as add_command
+from stexport.cli.common import OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -78,7 +78,7 @@ def bench(
     in_process: bool = Flag(False, "--in-process", help="Measure in this process instead of a fresh "
                                     "one (peak memory then includes whatever ran before)."),
     task: Path = typer.Option(None, "--task", help="Time a task pack (`stexport pack`) on this swappable "
-                              "bundle."),
+                              "bundle. " + TASK_BACKENDS),
     as_json: bool = Flag(False, "--json", help="Print every figure as JSON."),
 ):
     """Measure a bundle on one backend: warm-up, then per-clip latency at batch 1 (p50/p90/p99), clips/s at

@@ -80,6 +80,8 @@ def parse_options(items: list[str]) -> dict[str, str]:
     return out
 
 
+TASK_BACKENDS = ("Backends that run packs: onnxruntime, openvino, torchscript, torch, and tensorrt on FP32/FP16 "
+                 "bases (a refittable engine; INT8 packs: onnxruntime or openvino).")
 OPTION_HELP = ("Backend option KEY=VALUE (repeatable), checked against the backend's options: e.g. compute=bf16, "
                "hint=throughput or static=false for openvino; opt_level=extended for onnxruntime; threads=N for "
                "any. `stexport bench --list-options` lists them all.")

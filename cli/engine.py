@@ -41,6 +41,11 @@ def engine(
     rebuild one that does not match on first use. Builds take minutes; a timing cache kept beside the engines
     makes later builds on the same GPU faster.
 
+    A swappable FP32/FP16 bundle (`build --swappable`) gets a refittable engine: only its per-task tensors
+    are refittable (REFIT_INDIVIDUAL), so task packs run on it by refitting them (`infer --task PACK`). An
+    INT8 one gets a plain engine: TensorRT cannot refit Q/DQ scales, so its packs run on ONNX Runtime or
+    OpenVINO.
+
     Needs TensorRT (pip install 'stexport[tensorrt]') and an NVIDIA GPU.
     """
     from stexport.trt_engines.engine import build_for_bundle

@@ -40,6 +40,10 @@ def export_torchscript(
     class names, is embedded as the extra file `stexport.json`, so a libtorch host reads labels, frames, size
     and sampling from the .ts file alone (see examples/cpp). The model is rebuilt from the bundle's deltas and
     backbone, and the traced module is checked against it before the file appears (in one rename).
+
+    A swappable bundle's module takes task packs (`infer -b torchscript --task PACK`): its per-task tensors
+    stay preserved attributes of the frozen module (forward: the bundle's own task, what a C++ host calls)
+    and `forward_task(x, tensors)` runs any pack's, per call.
     """
     from stexport.bundle import Bundle
     from stexport.extras import require

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import EXIT_BAD_INPUT, OPTION_HELP, Flag, escape, handle_errors, parse_options
+from stexport.cli.common import EXIT_BAD_INPUT, OPTION_HELP, TASK_BACKENDS, Flag, escape, handle_errors, parse_options
 from stexport.cli.common import register as add_command
 
 EXAMPLES = """
@@ -159,7 +159,8 @@ def infer(
                              "object store, for nodes that do not see the bundle's path."),
     task: Path = typer.Option(None, "--task", help="A task pack (`stexport pack`) to run on the swappable "
                               "bundle: its classes, labels and sampling; results carry its name. Works with "
-                              "--output, --batch, --decode-threads and --ray (each worker loads it once)."),
+                              "--output, --batch, --decode-threads and --ray (each worker loads it once). "
+                              + TASK_BACKENDS),
 ):
     """Classify videos the way the official ST-Adapter evaluation does: sample each video's views (the
     bundle's frames, rate and TEMPORALxSPATIAL crops), softmax each view, average, and print the top classes.

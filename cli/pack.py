@@ -45,7 +45,8 @@ def pack(
     """Make a task pack: the per-task tensors (adapters, head; for INT8 also the adapters' INT8 weights, their
     scales and the adapter GEMMs' activation scales), labels and default sampling of one task, for a bundle
     built with --swappable. Every runtime that swaps tasks (ONNX Runtime per run call, OpenVINO per compiled
-    model) then runs it on the base without re-export: `infer/verify/bench --task PACK`.
+    model, TorchScript per call, TensorRT by refitting its engine; INT8 packs: ONNX Runtime and OpenVINO)
+    then runs it on the base without re-export: `infer/verify/bench --task PACK`.
 
     The tensors come from the same fold, export (and calibration) `stexport build` runs; a checkpoint whose
     spec (adapter positions, widths, kernel) differs from the base's, or with more classes than the base's

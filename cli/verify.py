@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from stexport.cli.common import OPTION_HELP, Flag, handle_errors, parse_options, print_json, register as add_command
+from stexport.cli.common import OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
 
 EXIT_GATE_FAILED = 1
 
@@ -51,7 +51,7 @@ def verify(
     threads: int = typer.Option(None, "--threads", help="Backend CPU threads."),
     option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
     task: Path = typer.Option(None, "--task", help="Verify a task pack (`stexport pack`) on this swappable "
-                              "bundle: the reference is the backbone with the pack's deltas."),
+                              "bundle: the reference is the backbone with the pack's deltas. " + TASK_BACKENDS),
 ):
     """Decode each video as `infer` does, run the bundle's backend and the PyTorch reference on the same
     clips, and report max/mean |Δlogit|, cosine similarity, top-1 and top-5 agreement and, when the list has

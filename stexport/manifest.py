@@ -268,6 +268,9 @@ class TorchScriptRecord(Record):
     frozen: bool = True
     trace_check_max_abs: float | None = None
     torch: str | None = None
+    # a swappable bundle's module: the per-task tensors (ONNX names, graph layout) its `forward_task(x, tensors)`
+    # takes in this order, and `forward(x)` reads from the preserved attributes task_0, task_1, … (the base task)
+    task_tensors: list[str] | None = None
 
 
 class AOTIRecord(Record):
@@ -307,6 +310,8 @@ class EngineRecord(Record):
     build_seconds: float | None = None
     bytes: int | None = None
     built: str | None = None
+    # the per-task tensors built refittable (ONNX initializer names) on a swappable bundle; None: not refittable
+    refit: list[str] | None = None
 
 
 class EngineRequest(Record):

@@ -173,7 +173,7 @@ RUNTIME = ["stexport/__init__.py", "stexport/errors.py", "stexport/fileutil.py",
            "stexport/backends/__init__.py", "stexport/backends/base.py", "stexport/backends/ort.py",
            "stexport/backends/openvino.py", "stexport/backends/torchscript.py",
            "trt_engines/__init__.py", "trt_engines/runtime.py", "trt_engines/cache.py", "trt_engines/record.py",
-           "trt_engines/cuda.py", "trt_engines/build.py", "trt_engines/engine.py"]
+           "trt_engines/cuda.py", "trt_engines/build.py", "trt_engines/engine.py", "trt_engines/refit.py"]
 BUILD = ("stexport.build", "stexport.export", "stexport.fold", "stexport.reference", "stexport.backbone",
          "stexport.deltas", "stexport.loaders", "stexport.torchscript", "stexport.synthetic", "stexport.verify",
          "stexport.calibration", "stexport.cli", "stexport.backends.torch_ref", "stexport.aoti",

@@ -151,9 +151,11 @@ def set_timing_cache(config, stored: bytes | None) -> str:
 
 
 def build_plan(trt, onnx_path: Path, profiles: list[dict], workspace_gb: float | None, opt_level: int,
-               timing_cache: bytes | None, progress: bool = False) -> tuple[memoryview, bytes | None]:
+               timing_cache: bytes | None, progress: bool = False,
+               refit: list[str] | None = None) -> tuple[memoryview, bytes | None]:
     """Build a serialized engine from `onnx_path` with `profiles` (optimisation profiles in index order);
-    return it and the updated timing cache (None when the build ran without one). Raises StexportError with
+    return it and the updated timing cache (None when the build ran without one). `refit`: ONNX initializers
+    to make refittable (a swappable bundle's per-task tensors; see refit.py). Raises StexportError with
     TensorRT's reason, KeyboardInterrupt when Ctrl-C cancelled the build."""
     logger = logger_for(trt)
     mark = len(logger.errors)
@@ -178,6 +180,10 @@ def build_plan(trt, onnx_path: Path, profiles: list[dict], workspace_gb: float |
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes(workspace_gb))
     config.builder_optimization_level = opt_level
+    if refit:
+        from stexport.trt_engines.refit import mark_refittable
+
+        mark_refittable(trt, network, config, refit)
     for p in profiles:
         shapes = builder.create_optimization_profile()
         shapes.set_shape(p["input"], p["min"], p["opt"], p["max"])

@@ -29,6 +29,7 @@ from stexport.trt_engines.record import (
     settings,
     timing_cache_file,
 )
+from stexport.trt_engines.refit import INT8_REFUSED, refit_names
 
 from stexport.bundle import Bundle, locked_dir
 from stexport.errors import StexportError
@@ -111,8 +112,9 @@ def ensure_engine(bundle: Bundle, trt, host: Host, batch: int | None = None,
     views = views_per_call(bundle.manifest)
     profile = profile_for(bundle.manifest.input, req["batch"], views)
     profiles = profiles_for(bundle.manifest.input, req["batch"], views)
+    refit = refit_names(bundle.manifest)
     cached = [r for r in records(bundle) if r["profile"] == profile and record_profiles(r) == profiles
-              and not mismatches(r, host, onnx)]
+              and not mismatches(r, host, onnx, refit)]
     if cached and not force:
         return cached[0], False
     refuse_unwritable(bundle)
@@ -122,11 +124,13 @@ def ensure_engine(bundle: Bundle, trt, host: Host, batch: int | None = None,
                     "`stexport build --precision int8 --int8-float fp16`", bundle.path.name)
     onnx_path = bundle.file("onnx")
     t0 = time.perf_counter()
+    if bundle.manifest.tasks is not None and refit is None:
+        log.warning("%s: %s", bundle.path.name, INT8_REFUSED)
     plan, timing = build_plan(trt, onnx_path, profiles, req["workspace_gb"], req["opt_level"],
-                              load_timing(bundle, host), progress=progress)
+                              load_timing(bundle, host), progress=progress, refit=refit)
     rec = make_record(host, onnx, profile, bundle.precision, workspace_gb=req["workspace_gb"],
                       opt_level=req["opt_level"], seconds=time.perf_counter() - t0, size=plan.nbytes,
-                      profiles=profiles)
+                      profiles=profiles, refit=refit)
     return save(bundle, rec, plan, timing, host), True
 
 

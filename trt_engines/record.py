@@ -117,29 +117,35 @@ def record_profiles(record: dict) -> list[dict]:
     return record.get("profiles") or [record["profile"]]
 
 
-def engine_key(host: Host, onnx: dict, profile: dict, precision: str, profiles: list[dict] | None = None) -> str:
+def engine_key(host: Host, onnx: dict, profile: dict, precision: str, profiles: list[dict] | None = None,
+               refit: list[str] | None = None) -> str:
     """Cache key: everything an engine's validity depends on (not build options like workspace)."""
     key = {"tensorrt": host.tensorrt, "gpu": host.gpu, "capability": host.capability,
            "onnx": onnx, "profile": profile, "precision": precision}
     if profiles and profiles != [profile]:
         key["profiles"] = profiles
+    if refit:
+        key["refit"] = sorted(refit)
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def make_record(host: Host, onnx: dict, profile: dict, precision: str, *, workspace_gb: float | None,
-                opt_level: int, seconds: float, size: int, profiles: list[dict] | None = None) -> dict:
+                opt_level: int, seconds: float, size: int, profiles: list[dict] | None = None,
+                refit: list[str] | None = None) -> dict:
     profiles = profiles or [profile]
-    key = engine_key(host, onnx, profile, precision, profiles)
+    key = engine_key(host, onnx, profile, precision, profiles, refit)
     return {"key": key, "file": f"{ENGINE_DIR}/{key}.engine", "tensorrt": host.tensorrt, "gpu": host.gpu,
             "capability": host.capability, "onnx": onnx, "precision": precision, "profile": profile,
             "profiles": profiles,
             "workspace_gb": workspace_gb, "opt_level": opt_level, "build_seconds": round(seconds, 1),
-            "bytes": size, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "bytes": size, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "refit": list(refit) if refit else None}
 
 
-def mismatches(record: dict, host: Host, onnx: dict) -> list[str]:
-    """Why `record`'s engine cannot run on `host` with this ONNX (empty: it can)."""
+def mismatches(record: dict, host: Host, onnx: dict, refit: list[str] | None = None) -> list[str]:
+    """Why `record`'s engine cannot run on `host` with this ONNX (empty: it can). `refit`: the tensors the
+    bundle wants refittable (refit_names); an engine built with others (or none) does not fit."""
     why = []
     if record.get("tensorrt") != host.tensorrt:
         why.append(f"built with TensorRT {record.get('tensorrt')}, this host has {host.tensorrt}")
@@ -150,17 +156,21 @@ def mismatches(record: dict, host: Host, onnx: dict) -> list[str]:
         old = (record.get("onnx") or {}).get("sha256", "?")
         why.append(f"built from another ONNX model (sha256 {old[:12]}…, "
                    f"the bundle's is {onnx['sha256'][:12]}…)")
+    if (record.get("refit") or None) != (refit or None):
+        why.append("built without refittable task tensors (the bundle is swappable)" if refit else
+                   "built refittable for task packs (the bundle is not swappable)")
     return why
 
 
-def choose(records: list[dict], host: Host, onnx: dict, batch: int | None = None) -> tuple[dict | None, str]:
+def choose(records: list[dict], host: Host, onnx: dict, batch: int | None = None,
+           refit: list[str] | None = None) -> tuple[dict | None, str]:
     """The engine to run here, or None and the reason none fits (for the rebuild / fallback message).
 
     Among valid engines prefer the smallest one whose profile covers `batch`, else the largest (the backend
-    splits bigger batches into chunks it takes)."""
+    splits bigger batches into chunks it takes). `refit`: as in mismatches."""
     if not records:
         return None, "the bundle has no TensorRT engine yet"
-    valid = [r for r in records if not mismatches(r, host, onnx)]
+    valid = [r for r in records if not mismatches(r, host, onnx, refit)]
     if batch is not None and valid:
         covering = [r for r in valid if max_batch(r) >= batch]
         if not covering:
@@ -171,7 +181,7 @@ def choose(records: list[dict], host: Host, onnx: dict, batch: int | None = None
     if valid:
         return max(valid, key=max_batch), ""
     newest = max(records, key=lambda r: r.get("built", ""))
-    return None, "its engine was " + "; ".join(mismatches(newest, host, onnx))
+    return None, "its engine was " + "; ".join(mismatches(newest, host, onnx, refit))
 
 
 def replaces(old: dict, new: dict) -> bool:

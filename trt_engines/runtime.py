@@ -5,12 +5,18 @@ elsewhere is rebuilt here with a message or, when that is impossible, opening fa
 `auto` falls back to the next backend). Running uses the tensor-name I/O API: set_input_shape,
 set_tensor_address, execute_async_v3. uint8 clips go to the GPU as uint8; buffers are sized once for the
 profile's largest batch and reused, and bigger batches run in chunks.
+
+Task packs (swappable FP32/FP16 bundles): the engine is built with the per-task tensors refittable
+(refit.py), holds one task at a time, and run(clips, task=X) refits it when X is not the task it holds; runs
+and refits are serialised by a lock. The bundle's own tensors are read from its ONNX the first time the engine
+switches away from them, to switch back.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 
 import numpy as np
 from stexport.trt_engines.build import import_tensorrt, last_error, logger_for
@@ -19,6 +25,7 @@ from stexport.trt_engines import cuda as cuda_mod
 from stexport.trt_engines.cuda import open_device
 from stexport.trt_engines.record import (Host, choose, input_shape, max_batch, pick_profile, record_profiles,
                                          request)
+from stexport.trt_engines.refit import host_weights, needs_switch, no_tasks_reason, refit_engine, refit_names
 
 from stexport.backends.base import Backend, Option
 from stexport.errors import StexportError
@@ -86,8 +93,12 @@ class TensorRTBackend(Backend):
         if why:
             raise StexportError(f"TensorRT cannot run here: {why}")
         trt = import_tensorrt()
+        self.trt = trt
         self.cuda = open_device(cuda, gpu)
         self.context = self.engine = self.runtime = self.dev_in = None
+        self.lock = threading.Lock()  # one task in the engine at a time: runs and refits take turns
+        self.holding = None  # the task the engine holds: a pack's key, None for the bundle's own
+        self._own: dict | None = None  # the bundle's own per-task tensors, read when first switching away
         try:
             self._open(trt, batch, build, progress)
         except BaseException:
@@ -126,7 +137,7 @@ class TensorRTBackend(Backend):
 
     def _select(self, trt, batch: int | None, build: bool, progress: bool) -> dict:
         b = self.bundle
-        rec, why = choose(records(b), self.host, onnx_identity(b), batch)
+        rec, why = choose(records(b), self.host, onnx_identity(b), batch, refit_names(b.manifest))
         if rec is not None:
             if why:
                 log.info(why)
@@ -145,6 +156,8 @@ class TensorRTBackend(Backend):
         b = self.bundle
         self.host = Host(trt.__version__, *self.cuda.info())
         self.record = self._select(trt, batch, build, progress)
+        self.refit = self.record.get("refit") or None
+        self.SWAPS_TASKS = bool(self.refit)  # task packs need an engine built refittable (refit.py)
         path = b.path / self.record["file"]
         logger = logger_for(trt)
         mark = len(logger.errors)
@@ -215,12 +228,59 @@ class TensorRTBackend(Backend):
         self.cuda.sync(self.stream)
         return host_out.astype(np.float32)  # a copy: the pinned buffer is reused by the next chunk
 
+    # -- task packs: refit the engine's per-task tensors ------------------------------------------------------
+
+    def load_task(self, task):
+        """As Backend.load_task; on an engine that cannot refit (a plain or INT8 bundle, see refit.py) the
+        refusal says why and what to use instead."""
+        if not self.SWAPS_TASKS:
+            raise StexportError(f"{self.bundle.path.name}: TensorRT runs no task packs here: "
+                                f"{no_tasks_reason(self.bundle.manifest)}")
+        return super().load_task(task)
+
+    def _wanted(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name → (shape, dtype) of the tensors the engine refits, as the bundle's tasks record has them."""
+        tensors = {t.name: (tuple(t.shape), t.dtype) for t in self.bundle.manifest.tasks.tensors}
+        return {n: tensors[n] for n in self.refit}
+
+    def prepare_task(self, pack):
+        """The pack's tensors as host arrays of the engine's types (refitted when the task is first run)."""
+        return host_weights(pack.tensors, self._wanted(), str(pack.path))
+
+    def own_weights(self) -> dict:
+        """The bundle's own per-task tensors, read from its ONNX once (to switch the engine back to them)."""
+        if self._own is None:
+            import onnx
+            from onnx import numpy_helper
+
+            path = self.bundle.file("onnx")
+            names = set(self.refit)
+            own = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+                   if t.name in names}
+            self._own = host_weights(own, self._wanted(), str(path))
+        return self._own
+
+    def _hold(self, pack, weights) -> None:
+        """Refit the engine with `pack`'s tensors (`weights`; pack None: the bundle's own) unless it holds
+        them already."""
+        key = pack.key if pack is not None else None
+        if not needs_switch(self.holding, key):
+            return
+        weights = weights if pack is not None else self.own_weights()
+        self.holding = "?"  # a failed refit may leave a mix of two tasks: never take it for either
+        label = f"{self.bundle.path.name} ({pack.name if pack is not None else 'its own task'})"
+        refit_engine(self.trt, self.engine, logger_for(self.trt), weights, label)
+        self.holding = key
+
     def run(self, clips: np.ndarray, task=None) -> np.ndarray:
-        pack, _ = self.task_state(task)  # task packs are refused until refittable engines land (load_task)
+        pack, weights = self.task_state(task)
         x = engine_input(clips, self.input, self.in_dtype)
-        outs = [self._run_chunk(x[lo:hi]) for lo, hi in spans(len(x), self.max_batch)]
-        if not outs:
-            return np.zeros((0, *self._set_batch(1)[1:]), np.float32)
+        with self.lock:
+            if self.SWAPS_TASKS:
+                self._hold(pack, weights)  # every chunk syncs its stream: no work is pending on the engine
+            outs = [self._run_chunk(x[lo:hi]) for lo, hi in spans(len(x), self.max_batch)]
+            if not outs:
+                return np.zeros((0, *self._set_batch(1)[1:]), np.float32)
         return self.trim(np.concatenate(outs), pack)
 
     def describe(self) -> dict:
@@ -229,7 +289,7 @@ class TensorRTBackend(Backend):
                 "tensorrt": self.host.tensorrt, "engine": r["file"],
                 "profile_batch": [r["profile"]["min"][0], r["profile"]["max"][0]],
                 "profiles": [[p["min"][0], p["opt"][0], p["max"][0]] for p in self.profiles],
-                "cuda": self.cuda.kind}
+                "cuda": self.cuda.kind, "refittable": len(self.refit or ())}
 
     def close(self) -> None:
         # Release in dependency order: context before engine before runtime, then the CUDA memory.

@@ -95,8 +95,8 @@ class Backend(ABC):
         from stexport.taskpack import TaskPack
 
         if not self.SWAPS_TASKS:
-            raise StexportError(f"the {self.name} backend cannot run task packs; use onnxruntime or openvino "
-                                "(or a bundle built for the task)")
+            raise StexportError(f"the {self.name} backend cannot run task packs; use onnxruntime, openvino, "
+                                "tensorrt or torchscript (or a bundle built for the task)")
         if isinstance(task, TaskPack):
             pack = task
         else:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # Variables that hold TensorRT objects in trt_engines/*.py (as locals or as self.<name>); `trt` is the module.
 TRT_OBJECTS = {"trt", "builder", "network", "parser", "config", "shapes", "tcache", "runtime", "engine",
-               "context"}
+               "context", "refitter", "prototype"}
 # APIs gone in TensorRT 11 that a strongly typed build must not use; listed to show the wheels tell them apart
 REMOVED = ("FP16", "int8_calibrator", "EXPLICIT_BATCH", "platform_has_fast_fp16", "device_memory_size")
 
