@@ -437,3 +437,27 @@ def test_cpp_host_runs_the_swappable_module(cpp_host, tasks, ts_tasks, tmp_path)
     got = logits_of(p.stdout)
     assert got.shape == (2, 10) and np.abs(got - want).max() <= 1e-4
 
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_packs_on_cuda_equal_their_full_exports(tasks, ts_tasks):  # noqa: F811
+    """TorchScript (forward_task) and the torch reference run a pack on the GPU: the pack's full export's
+    logits (ONNX Runtime, CPU) within 1e-3, back and forth, the task per call."""
+    x = tasks["clips"]
+    with backends.create("onnxruntime", tasks["full_a"], device="cpu") as fa, \
+            backends.create("onnxruntime", tasks["full_b"], device="cpu") as fb:
+        want_a, want_b = fa.run(x), fb.run(x)
+    for name, bundle in (("torchscript", ts_tasks["base"]), ("torch", tasks["base"])):
+        with backends.create(name, bundle, device="cuda") as be:
+            assert be.describe()["device"].startswith("cuda"), be.describe()
+            for _ in range(2):
+                own, swapped = be.run(x), be.run(x, task=tasks["pack_b"])
+                assert np.abs(own - want_a).max() <= 1e-3, (name, np.abs(own - want_a).max())
+                assert np.abs(swapped - want_b).max() <= 1e-3, (name, np.abs(swapped - want_b).max())
