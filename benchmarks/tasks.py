@@ -87,6 +87,13 @@ def vitb16_setup(a, precision: str, w: Path):
     from stexport.packing import build_pack
     from stexport.synthetic import random_deltas
 
+    if a.reuse and (w / "ssv2_like.stpack").exists():
+        from stexport.bundle import Bundle
+        from stexport.taskpack import TaskPack
+
+        full = {k: Bundle.load(w / f"full-{k}") for k in ("k400_like", "ssv2_like")}
+        return (Bundle.load(w / "base"), full, TaskPack.load(w / "ssv2_like.stpack"), smooth_clips(a.clips, 224, seed=7),
+                None, float("nan"))
     bb = random_backbone("ViT-B-16-quickgelu")  # OpenAI CLIP, as the official ST-Adapter code runs it
     kw = dict(width=384, kernel=(3, 1, 1), pre_mlp=True)
     w.mkdir(parents=True, exist_ok=True)
@@ -112,7 +119,10 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--precision", default="fp32,int8")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--backends", default="onnxruntime,openvino")
+    ap.add_argument("--backends", default="onnxruntime,openvino",
+                    help="runtimes, each optionally with options: e.g. onnxruntime:tasks=adapters;threads=2")
+    ap.add_argument("--reuse", action="store_true", help="vit-b16: reuse the bundles and pack of an earlier run in "
+                    "--work (timing again without building)")
     a = ap.parse_args()
     if a.model == "demo" and a.videos is None:
         ap.error("--videos DIR is needed for the demo model (examples/motion/generate.py writes one)")

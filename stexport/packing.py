@@ -3,7 +3,8 @@
 The pack's tensors come from the same fold and export `stexport build` runs (and, for INT8, the same
 calibration and Q/DQ rewrite), made for the new task in a scratch directory; the result must have exactly the
 base graph's structure and per-task tensor list, else nothing is written. So a pack's logits are those of a
-full export of its task, up to the base's backbone activation scales on INT8.
+full export of its task (on INT8, where the runtime takes all of its scales: OpenVINO, ONNX Runtime's
+per-task sessions; ONNX Runtime's adapters keep the base's backbone activation scales).
 """
 
 from __future__ import annotations
