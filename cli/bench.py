@@ -38,6 +38,8 @@ def show(r: dict) -> None:
     typer.echo(f"bundle        {r['bundle']}  ({r['precision']}, {r['frames']}x{r['size']})")
     what = ", ".join(f"{k} {v}" for k, v in d.items() if k != "backend" and not isinstance(v, (dict, list)))
     typer.echo(f"backend       {r['backend']}  ({what})")
+    if r.get("task"):
+        typer.echo(f"task          {r['task']['name']}  ({r['task']['path']})")
     if r.get("latency_ms"):
         lat = r["latency_ms"]
         typer.echo(f"latency       p50 {lat['p50']:.1f} ms   p90 {lat['p90']:.1f} ms   "
@@ -118,12 +120,12 @@ that stay float (patch embedding, attention, head) at the float rate.
         from stexport.taskpack import TaskPack
 
         TaskPack.load(task).check_fits(Bundle.load(bundle))  # refused here, in one line, before the child
-        opts["task"] = str(task.resolve())
     import logging
 
     result = run(bundle, backend, opts, parse_batches(batch), iters, warmup, peaks=peaks,
                  isolated=not in_process, progress=not as_json,
-                 verbose=logging.getLogger("stexport").isEnabledFor(logging.INFO))
+                 verbose=logging.getLogger("stexport").isEnabledFor(logging.INFO),
+                 task=str(task.resolve()) if task is not None else None)
     if as_json:
         print_json(result)
     else:

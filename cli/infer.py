@@ -301,7 +301,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
         if pack is not None and chosen and not backends.load_class(chosen).SWAPS_TASKS:
             raise StexportError(f"--task: the {chosen} backend cannot run task packs; pass -b onnxruntime or "
                                 "-b openvino (or use a bundle built for the task)")
-    results = ResultsFile(output) if output is not None else None
+    results = ResultsFile(output, task=pack.name if pack is not None else None) if output is not None else None
     todo = results.remaining(sources) if results else list(enumerate(map(str, sources)))
     bar = tqdm(total=len(sources), initial=len(sources) - len(todo), desc="infer", unit="video",
                file=sys.stderr, disable=None, leave=False)

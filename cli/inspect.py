@@ -16,6 +16,8 @@ Examples:
   stexport inspect --adapter ssv2.pt --backbone ViT-B-16 --json
 
   stexport inspect --task ssv2.stpack --base bundles/base      # what a task pack fits
+
+  stexport inspect --adapter ssv2.pt --base bundles/base       # can `stexport pack` make it a pack of that base?
 """
 
 
@@ -23,7 +25,8 @@ Examples:
 def inspect(
     adapter: Path = typer.Option(None, "--adapter", "-a", readable=False,  # the loader names the fix
                                  help="ST-Adapter checkpoint (.pt/.pth/.safetensors)."),
-    backbone: str = typer.Option("ViT-B-16", "--backbone", help="open_clip ViT name to check the fit against."),
+    backbone: str = typer.Option(None, "--backbone", help="open_clip ViT name to check the fit against "
+                                 "(default: the --base bundle's backbone, else ViT-B-16)."),
     task: Path = typer.Option(None, "--task", help="A task pack (`stexport pack`): the base it was made for."),
     base: Path = typer.Option(None, "--base", help="With --task or --adapter: a swappable bundle to check the "
                               "fit against."),
@@ -31,7 +34,10 @@ def inspect(
 ):
     """Print the adapter spec inferred from the checkpoint's tensors, delta vs backbone parameters, whether it
     fits --backbone, the accepted backbones whose width and depth it fits, and the activation and why. With
-    --task: what the pack holds and the base bundle it fits (and, with --base, whether it fits that one)."""
+    --task: what the pack holds and the base bundle it fits (and, with --base, whether it fits that one). With
+    --adapter and --base: also whether `stexport pack` can make a pack of it for that swappable bundle (same
+    adapter positions, widths and kernel; no more classes than the base's head has rows). Exit 1 when it does
+    not fit."""
     from stexport.errors import StexportError
 
     if task is not None:
@@ -40,6 +46,12 @@ def inspect(
         raise StexportError("pass --adapter CHECKPOINT (or --task PACK)")
     from stexport.names import check_backbone, fitting_backbones
 
+    base_bundle = None
+    if base is not None:
+        from stexport.bundle import Bundle
+
+        base_bundle = Bundle.load(base)
+    backbone = backbone or (base_bundle.manifest.model.backbone.name if base_bundle else "ViT-B-16")
     check_backbone(backbone)
     check_adapter_file(adapter)
     from stexport.extras import require
@@ -82,6 +94,14 @@ def inspect(
     report["activation_reason"] = (config_activation_reason(backbone, report["quick_gelu"]) + "; inspect reads no "
                                    "backbone weights: build also detects OpenAI files (JIT archive, OpenAI "
                                    "state-dict entries, the 'openai' tag) and then uses QuickGELU")
+    base_error = None
+    if base_bundle is not None:
+        from stexport.packing import spec_mismatch
+
+        m = base_bundle.manifest
+        base_error = ("not a swappable bundle (rebuild it with `stexport build --swappable`)" if m.tasks is None
+                      else spec_mismatch(spec, m.spec, m.tasks.head_rows))
+        report.update(base=str(base), fits_base=base_error is None, base_error=base_error)
     report["warning"] = (official_layout_warning(backbone, report["activation"], report["activation_reason"])
                          if deltas.official_layout else None)
     if as_json:
@@ -102,9 +122,11 @@ def inspect(
         fits = report["fits_backbones"]
         typer.echo(f"fits           {', '.join(fits[:6]) + (' …' if len(fits) > 6 else '') if fits else 'no known backbone'}"
                    f"  (width {spec.dim}, {max(spec.pre_attn + spec.pre_mlp) + 1}+ blocks)")
+        if base_bundle is not None:
+            typer.echo(f"fits {base}  {'yes (`stexport pack` can make its pack)' if base_error is None else 'NO: ' + base_error}")
         if report["warning"]:
             typer.echo(f"stexport: warning: {report['warning']}", err=True)
-    if fit_error:
+    if fit_error or base_error:
         raise typer.Exit(1)
 
 
@@ -120,7 +142,8 @@ def _inspect_task(task: Path, base: Path | None, as_json: bool) -> None:
         why = p.mismatch(Bundle.load(base))
     spec, b = r.adapter.spec, r.base
     report = {"task": str(task), "sha256": p.key, "bytes": task.stat().st_size, "name": r.name,
-              "spec": spec.to_dict(), "classes": r.classes, "labels": r.labels, "tensors": len(r.tensors),
+              "spec": spec.to_dict(), "classes": r.classes, "labels": r.labels,
+              "sampling": r.sampling.model_dump(mode="json"), "tensors": len(r.tensors),
               "tensor_bytes": p.nbytes(), "fits_base": b.model_dump(mode="json", exclude_none=True),
               "base": str(base) if base else None, "fits": (why is None) if base else None, "fit_error": why}
     if as_json:
@@ -129,6 +152,9 @@ def _inspect_task(task: Path, base: Path | None, as_json: bool) -> None:
         typer.echo(f"task pack      {task}  ({report['bytes'] / 1e6:.2f} MB; {r.name})")
         typer.echo(f"adapter        {spec.layout}, kernel {'x'.join(map(str, spec.kernel))}, {r.classes} classes "
                    f"({', '.join(r.labels[:4])}{' …' if len(r.labels) > 4 else ''})")
+        sm = r.sampling
+        typer.echo(f"sampling       rate {sm.rate}, {sm.temporal_views}x{sm.spatial_views} views (infer/verify "
+                   "default with this pack; --views/--rate override)")
         typer.echo(f"tensors        {len(r.tensors)} per-task tensors, {p.nbytes() / 1e6:.2f} MB")
         typer.echo(f"fits bases     {b.backbone} ({b.weights_sha256[:12] + '…' if b.weights_sha256 else 'seed ' + str(b.weights_seed)}), "
                    f"{b.precision}, {b.frames}x{b.size}px {b.input_dtype}, adapters {b.spec.layout} "

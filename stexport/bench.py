@@ -240,11 +240,12 @@ def peak_rss_mb() -> float:
 
 def measure(bundle_path: str, backend: str = "auto", options: dict | None = None, batches=(1, 32),
             iters: int = 10, warmup: int = 2, progress: bool = False,
-            probe: tuple[str, str] | None = None) -> dict:
+            probe: tuple[str, str] | None = None, task: str | None = None) -> dict:
     """Open the backend, time it, and report what ran and this process's memory (in this process).
 
     probe: (clips.npy, logits.npy): after timing, also run those clips and save the logits (for comparing
-    backends with each other on the same inputs)."""
+    backends with each other on the same inputs). task: a task pack's path, timed as the backend runs it
+    (`bench --task`; its preparation counts in load_s)."""
     from tqdm import tqdm
 
     from stexport.backends import create
@@ -252,7 +253,6 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
 
     bundle = Bundle.load(bundle_path)
     options = dict(options or {})
-    task = options.pop("task", None)  # a task pack's path (`bench --task`): timed as the backend runs it
     base = rss_mb()
     t = time.perf_counter()
     be = create(backend, bundle, **options)
@@ -269,7 +269,7 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
             np.save(probe[1], be.run(np.load(probe[0])))
     alone = os.environ.get("STEXPORT_BENCH_CHILD")
     if task:
-        res["task"] = str(task)
+        res["task"] = {"path": str(task), "name": be.task.name if be.task is not None else None}
     res.update(backend=be.name, load_s=load_s, rss_before_mb=base, peak_rss_mb=peak_rss_mb(),
                memory_method="RSS high-water mark of a process that ran only this measurement" if alone
                else "RSS high-water mark of this process (includes earlier work)")
@@ -278,11 +278,12 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
 
 def measure_isolated(bundle_path: str, backend: str = "auto", options: dict | None = None, batches=(1, 32),
                      iters: int = 10, warmup: int = 2, progress: bool = False,
-                     probe: tuple[str, str] | None = None, verbose: bool = False) -> dict:
+                     probe: tuple[str, str] | None = None, verbose: bool = False, task: str | None = None) -> dict:
     """`measure` in a fresh Python process, so the peak RSS is this run's own. The child shares this
     process's stderr when `progress` (its bar shows only on a terminal) and logs at INFO when `verbose`."""
     job = {"bundle": str(bundle_path), "backend": backend, "options": options or {}, "batches": list(batches),
-           "iters": iters, "warmup": warmup, "progress": progress, "probe": probe, "verbose": verbose}
+           "iters": iters, "warmup": warmup, "progress": progress, "probe": probe, "verbose": verbose,
+           "task": task}
     env = {**os.environ, "STEXPORT_BENCH_CHILD": "1"}
     proc = subprocess.run(python_child("stexport.bench", "_child", json.dumps(job)), stdout=subprocess.PIPE,
                           stderr=None if progress else subprocess.PIPE, text=True, env=env, check=False)
@@ -337,8 +338,9 @@ def machine() -> dict:
 
 def bench(bundle_path, backend: str = "auto", options: dict | None = None, batches=(1, 32), iters: int = 10,
           warmup: int = 2, peaks: bool | dict = True, isolated: bool = True, progress: bool = False,
-          verbose: bool = False) -> dict:
-    """Everything `stexport bench` prints: timings, memory, FLOPs, and the fraction of the GEMM roofline."""
+          verbose: bool = False, task: str | None = None) -> dict:
+    """Everything `stexport bench` prints: timings, memory, FLOPs, and the fraction of the GEMM roofline.
+    task: a task pack's path to time on the swappable bundle."""
     from stexport.backends import load_class
     from stexport.bundle import Bundle
 
@@ -349,9 +351,9 @@ def bench(bundle_path, backend: str = "auto", options: dict | None = None, batch
         options = load_class(backend).check_options(options or {})
     if isolated:
         res = measure_isolated(str(bundle.path), backend, options, tuple(batches), iters, warmup, progress,
-                               verbose=verbose)
+                               verbose=verbose, task=task)
     else:
-        res = measure(str(bundle.path), backend, options, tuple(batches), iters, warmup, progress)
+        res = measure(str(bundle.path), backend, options, tuple(batches), iters, warmup, progress, task=task)
     flops = model_flops(bundle.manifest)
     if peaks is True:
         q, fl = compute_precision(bundle.precision, res.get("described", {}))
@@ -368,7 +370,7 @@ def _child(job: str) -> None:
     setup_logging(bool(j.get("verbose")))
     try:
         res = measure(j["bundle"], j["backend"], j["options"], tuple(j["batches"]), j["iters"], j["warmup"],
-                      j["progress"], j.get("probe"))
+                      j["progress"], j.get("probe"), task=j.get("task"))
     except StexportError as e:
         print(json.dumps({"error": str(e)}))
         sys.exit(2)

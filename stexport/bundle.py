@@ -110,7 +110,11 @@ class Bundle:
         build."""
         rel = self.manifest.artifacts.get(role)
         if not rel:
-            raise StexportError(f"{self.path}: bundle has no {role} artifact")
+            how = {"torchscript": f"`stexport export-torchscript {self.path}`",
+                   "aoti": f"`stexport export-aoti {self.path}`",
+                   "onnx": "`stexport build` (this bundle has no ONNX graph)"}.get(role)
+            raise StexportError(f"{self.path}: bundle has no {role} artifact"
+                                + (f"; make it with {how}" if how else ""))
         p = self.path / rel
         if not p.exists():
             raise StexportError(f"{p}: missing from the bundle; rebuild it with `stexport build --force`")

@@ -19,7 +19,7 @@ import numpy as np
 from stexport.bundle import Bundle
 from stexport.errors import StexportError
 from stexport.manifest import AdapterRecord, PackBase, TaskPackRecord
-from stexport.taskpack import DELTAS, METADATA_KEY, SUFFIX, TaskPack
+from stexport.taskpack import CONTENT_KEY, DELTAS, METADATA_KEY, SUFFIX, TaskPack, content_hash
 
 log = logging.getLogger("stexport")
 
@@ -52,6 +52,8 @@ def build_pack(adapter, base, out: str | Path | None = None, backbone=None, pret
     """Make a task pack for `base` (a swappable bundle or its path) from `adapter` (checkpoint path, Deltas or
     state dict) and return it (written to `out`, default beside the base: <adapter>.<base>.stpack).
 
+    sampling: overrides of the task's default sampling (keys rate, temporal_views, spatial_views; the default
+    follows the adapter's layout and classes as `stexport build` does: stexport.build.default_sampling).
     backbone/pretrained: the base's backbone (default: reloaded from its manifest record, checked against its
     sha256). calib: INT8 calibration clips (default: the base's calibration source, same clip count and seed).
     Raises StexportError (one line) for a base that is not swappable, an adapter whose spec (positions,
@@ -132,5 +134,6 @@ def write(out: Path, record: TaskPackRecord, tensors: dict[str, np.ndarray], del
 
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     arrays.update({DELTAS + k: np.ascontiguousarray(v) for k, v in deltas.items()})
-    meta = {METADATA_KEY: json.dumps(record.model_dump(mode="json", exclude_none=True))}
+    meta = {METADATA_KEY: json.dumps(record.model_dump(mode="json", exclude_none=True)),
+            CONTENT_KEY: content_hash(arrays)}
     atomic_write_bytes(out, save(arrays, metadata=meta))

@@ -18,11 +18,14 @@ from stexport.errors import StexportError
 
 
 class ResultsFile:
-    """Open (creating it, or resuming it) a results file. Raises StexportError for a file that is not
-    stexport's JSON Lines (a line that does not parse, or lacks "path") or a directory."""
+    """Open (creating it, or resuming it) a results file for a run of `task` (a task pack's name; None: the
+    bundle's own task). Raises StexportError for a file that is not stexport's JSON Lines (a line that does not
+    parse, or lacks "path"), a directory, or a file holding results of another task (resuming it would mix
+    two tasks' answers in one file)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, task: str | None = None):
         self.path = Path(path)
+        self.task = task
         self.done: Counter[str] = Counter()
         self.lines = 0
         if self.path.is_dir():
@@ -46,6 +49,11 @@ class ResultsFile:
             except (ValueError, KeyError, TypeError):
                 raise StexportError(f"{self.path}: line {n} is not a stexport result; --output resumes only "
                                     "files stexport wrote: pass another file or remove this one") from None
+            if row.get("task") != self.task:
+                def show(t):
+                    return f"task pack {t}" if t else "the bundle's own task"
+                raise StexportError(f"{self.path}: line {n} holds a result of {show(row.get('task'))}, this run is "
+                                    f"{show(self.task)}; pass another --output file (or remove this one)")
             self.done[str(path)] += 1
             self.lines += 1
 

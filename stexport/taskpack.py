@@ -25,6 +25,7 @@ from stexport.fileutil import sha256_file
 from stexport.manifest import TaskPackRecord, describe_error
 
 METADATA_KEY = "stexport_task_pack"
+CONTENT_KEY = "stexport_task_pack_sha256"  # of every tensor (content_hash): a changed value is refused
 SUFFIX = ".stpack"
 DELTAS = "deltas/"  # the checkpoint's own state dict rides along under this prefix (for the torch backend)
 
@@ -44,6 +45,9 @@ class TaskPack:
     def load(cls, path: str | Path) -> "TaskPack":
         """Read and validate a pack. Raises StexportError, one line naming the file and the fix."""
         path = Path(path)
+        if path.is_dir():
+            raise StexportError(f"{path}: is a directory; --task takes a task pack file (`stexport pack` writes "
+                                f"one, <name>{SUFFIX})")
         if not path.is_file():
             raise StexportError(f"{path}: no such task pack (make one with `stexport pack --adapter CKPT "
                                 "--base BUNDLE`)")
@@ -59,6 +63,9 @@ class TaskPack:
         if METADATA_KEY not in meta:
             raise StexportError(f"{path}: not a task pack (a safetensors file without a stexport record); "
                                 "make one with `stexport pack --adapter CKPT --base BUNDLE`")
+        if meta.get(CONTENT_KEY) != content_hash(everything):
+            raise StexportError(f"{path}: its tensors changed since `stexport pack` wrote it (their sha256 is not "
+                                "the one it recorded); rebuild it with `stexport pack --force`")
         try:
             record = TaskPackRecord.model_validate(json.loads(meta[METADATA_KEY]))
         except json.JSONDecodeError as e:
@@ -126,9 +133,27 @@ class TaskPack:
     def check_fits(self, bundle) -> None:
         """StexportError (one line) when this pack was not made for `bundle`'s graph."""
         why = self.mismatch(bundle)
+        if why and bundle.manifest.tasks is None:
+            raise StexportError(f"{self.path}: does not fit {bundle.path}: bundle {bundle.path.name} is not "
+                                f"swappable (its task tensors are folded into the graph); run the pack on the base "
+                                f"it was made for ({self.record.base.bundle}), or build a swappable base with "
+                                "`stexport build --swappable` and make the pack against it")
         if why:
             raise StexportError(f"{self.path}: does not fit {bundle.path}: {why}; make the pack against this "
                                 f"bundle with `stexport pack --adapter CKPT --base {bundle.path}`")
+
+
+def content_hash(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every tensor of a pack: names (sorted), dtypes and bytes (shapes are checked against the
+    record apart: safetensors may store a scalar as one element)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.size};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _show(v) -> str:
