@@ -281,6 +281,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
     loaded TaskPack to run (every worker loads it once, by its path)."""
     from tqdm import tqdm
 
+    from stexport import backends
     from stexport.batch import DEFAULT_BATCH, ClassifierSpec
     from stexport.errors import StexportError
     from stexport.results import ResultsFile
@@ -291,8 +292,6 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
                           decode_threads=decode_threads or 1, decode_timeout=decode_timeout,
                           task=str(pack.path.resolve()) if pack is not None else None)
     if ray_address is not None:  # what the workers would refuse, refused here before Ray starts
-        from stexport import backends
-
         if backend != "auto":
             backends.load_class(backend).check_options(options)
         elif backends.resolve("auto", bundle) is None:
@@ -315,7 +314,9 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
             f"worker{'s' * (workers != 1)})" if ray_address else "this process"
     on = f"task {pack.name} ({pack.path}) on {bundle.path}" if pack is not None else str(bundle.path)
     names = labels_note(bundle, labels) if pack is None or labels else f"task pack {pack.name}"
-    err(f"stexport: {on} on {backend}, {sampling.describe()}, {spec.batch_size} views per call, "
+    shown = backend if backend != "auto" else f"{backends.resolve('auto', bundle) or 'auto'} (auto)"
+    per_call = f"{spec.batch_size} view{'s' * (spec.batch_size != 1)} per call"
+    err(f"stexport: {on} on {shown}, {sampling.describe()}, {per_call}, "
         f"in {where}, labels: {names}")
     failed = 0
     started = False
