@@ -202,4 +202,41 @@ def patched_onnx(source: Path, tensors: dict, out: Path, constant: bool = False)
     return out
 
 
-__all__ = ["TaskPack", "as_pack", "patched_onnx", "METADATA_KEY", "SUFFIX", "DELTAS"]
+def task_graph(source: Path, pack: TaskPack | None, out: Path, constant: bool = False) -> Path:
+    """`patched_onnx(source, pack.tensors, out, constant)` (pack None: no tensors replaced) in a fresh
+    interpreter: onnx reads the whole graph into memory, and that transient (about twice the graph's size)
+    then never counts in the resident memory of a process that serves. The child reads the pack from its file
+    and checks it is the one loaded here. Raises StexportError (one line) as patched_onnx does."""
+    import subprocess
+
+    from stexport.fileutil import python_child
+
+    args = [str(source), str(pack.path) if pack else "", pack.key if pack else "", str(out), "1" if constant else ""]
+    p = subprocess.run(python_child("stexport.taskpack", "_task_graph_child", *args), capture_output=True,
+                       text=True, check=False)
+    if p.returncode != 0:
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit status {p.returncode}"
+        if p.returncode == 2:
+            raise StexportError(why)
+        raise StexportError(f"{source}: writing the task's graph failed ({why[:200]})")
+    return out
+
+
+def _task_graph_child(source: str, pack_path: str, key: str, out: str, constant: str) -> None:
+    import sys
+
+    try:
+        tensors = {}
+        if pack_path:
+            pack = TaskPack.load(pack_path)
+            if pack.key != key:
+                raise StexportError(f"{pack_path}: changed since it was loaded; load the task again")
+            tensors = pack.tensors
+        patched_onnx(Path(source), tensors, Path(out), constant=bool(constant))
+    except StexportError as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ["TaskPack", "as_pack", "patched_onnx", "task_graph", "METADATA_KEY", "SUFFIX", "DELTAS"]

@@ -224,9 +224,9 @@ class OpenVINOBackend(Backend):
             self._task_dir = Path(tempfile.mkdtemp(prefix="stexport-openvino-tasks-"))
             # also when the backend is dropped without close(), and at interpreter exit
             weakref.finalize(self, shutil.rmtree, self._task_dir, ignore_errors=True)
-        from stexport.taskpack import patched_onnx
+        from stexport.taskpack import task_graph
 
-        path = patched_onnx(self.path, pack.tensors, self._task_dir / f"{pack.key[:32]}.onnx")
+        path = task_graph(self.path, pack, self._task_dir / f"{pack.key[:32]}.onnx")
         return OpenVINOBackend(self.bundle, _core=self.core, _path=path, **self._init_options)
 
     def compiled_for(self, batch: int | None) -> tuple:

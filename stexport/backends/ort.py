@@ -100,7 +100,7 @@ class OrtBackend(Backend):
         path = bundle.file("onnx")
         if self.task_mode == "sessions":
             try:  # the bundle's own task as constants too: Q/DQ fused as in a plain bundle
-                self.session = self._constant_session({}, "own", shown=path)
+                self.session = self._constant_session(None, shown=path)
             except BaseException:
                 self.close()
                 raise
@@ -132,14 +132,15 @@ class OrtBackend(Backend):
             weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
         return self._scratch
 
-    def _constant_session(self, tensors: dict, name: str, shown):
-        """A session of the bundle's graph with `tensors` replacing its initializers and no overridable ones."""
+    def _constant_session(self, pack, shown):
+        """A session of the bundle's graph with the pack's tensors (pack None: the bundle's own) replacing its
+        initializers and no overridable ones."""
         import os
 
-        from stexport.taskpack import patched_onnx
+        from stexport.taskpack import task_graph
 
-        out = Path(os.path.join(self._scratch_dir(), f"{name}.onnx"))
-        session = self._session(patched_onnx(self.bundle.file("onnx"), tensors, out, constant=True), shown=shown)
+        out = Path(os.path.join(self._scratch_dir(), f"{pack.key[:32] if pack else 'own'}.onnx"))
+        session = self._session(task_graph(self.bundle.file("onnx"), pack, out, constant=True), shown=shown)
         if not Path(f"{out}.data").exists():
             out.unlink()  # parsed into the session; a graph with external weights may be read from its file
         return session
@@ -161,7 +162,7 @@ class OrtBackend(Backend):
         import onnxruntime as ort
 
         if self.task_mode == "sessions":
-            return self._constant_session(pack.tensors, pack.key[:32], shown=pack.path)
+            return self._constant_session(pack, shown=pack.path)
         path = os.path.join(self._scratch_dir(), f"{pack.key[:32]}.onnx_adapter")
         # an OrtValue made from numpy reads the array's memory without owning it: keep the arrays alive
         over = {t.name for t in pack.record.tensors if t.overridable}  # the graph's overridable initializers
