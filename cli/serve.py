@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import OPTION_HELP, Flag, handle_errors, parse_options, print_json, register as add_command
+from stexport.cli.common import OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -58,12 +58,13 @@ def serve(
     task: list[Path] = typer.Option([], "--task", help="A task pack (`stexport pack`) for the swappable "
                                     "BUNDLE (repeatable): one backend holds the base and every pack, and each "
                                     "request names its task (?task=NAME, a \"task\" JSON or form field, or the "
-                                    "serve_multiplexed_model_id header)."),
+                                    "serve_multiplexed_model_id header). " + TASK_BACKENDS),
     default_task: str = typer.Option(None, "--default-task", metavar="NAME", help="The task of requests that "
                                      "name none. Default: the bundle's own (named after its adapter "
                                      "checkpoint's file stem)."),
     ray_address: str = typer.Option(None, "--ray-address", help="Join a running Ray cluster instead of "
-                                    "starting a local one on 127.0.0.1."),
+                                    "starting a local one on 127.0.0.1 (as its own Ray Serve application, named "
+                                    "after --route; Ctrl-C removes only it)."),
     as_json: bool = Flag(False, "--json", help="Once the server answers, print its URL and routes as JSON on "
                          "stdout (for scripts that start it)."),
 ):
@@ -92,7 +93,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"stexport: warning: binding {host}: the server is reachable from other machines", err=True)
     names, default = srv.task_list(cfg)
-    url = srv.start(cfg, ray_address)
+    url = srv.start(cfg, ray_address, checked=True)
     if as_json:
         print_json({"url": url, "classify": f"{url}/classify", "healthz": f"{url}/healthz",
                     "metadata": f"{url}/metadata", "stats": f"{url}/stats", "bundle": cfg.bundle,
@@ -106,7 +107,7 @@ def serve(
     except KeyboardInterrupt:
         typer.echo("stexport: stopping", err=True)
     finally:
-        srv.stop(shutdown_ray=ray_address is None)
+        srv.stop(app=srv.app_name(cfg) if ray_address else None)  # a joined cluster keeps its other apps
 
 
 def register(app: typer.Typer) -> None:

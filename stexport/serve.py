@@ -11,13 +11,20 @@ Routes (under the route prefix, default "/"):
 
 Task packs (`tasks`: pack paths, `stexport serve BUNDLE --task PACK ...`): one backend holds the swappable
 base and every pack (prepared once: ONNX Runtime adapters on one session, an OpenVINO compiled model per
-task), and each request names its task by name: the query parameter `?task=NAME`, a "task" field of the JSON
+task, a TorchScript module's forward_task tensors, a refittable TensorRT engine's weights; whichever backend
+swaps tasks, see check_backend), and each request names its task by name: the query parameter `?task=NAME`, a "task" field of the JSON
 body or of the multipart form, or Ray Serve's multiplexing header `serve_multiplexed_model_id: NAME` (what
 `handle.options(multiplexed_model_id=NAME)` sends). Without one, a request runs the default task: `default_task`,
 else the bundle's own (named after its adapter checkpoint's file stem, else the bundle's name). An unknown
 name is a 404 naming the loaded tasks. Each task's video is decoded with the task's own default sampling and
-named with its labels; the answer carries "task". GET metadata lists the tasks (name, classes, labels,
-sampling, pack file).
+named with its labels. On a server with task packs every answer carries "task" (the name of the task that
+ran, the bundle's own included); without packs answers are exactly `infer --json`'s, with no "task" (as
+`infer` and Result leave it out for the bundle's own task). A "task" that is not a string, or several names
+that differ (repeated ?task=, form fields, header and body together), is a 400. GET metadata lists the tasks
+(name, classes, labels, sampling, pack file).
+
+A replica that fails to start (the backend cannot open the bundle, a pack cannot be prepared) fails `start`
+with the replica's own one-line reason; backend options and task-pack support are checked before Ray starts.
 
 Requests from different callers are batched (`serve.batch`): the views of up to `max_batch` clips run in one
 backend call, one call per task in a batch (tasks are never mixed in a call; Ray Serve also splits batches
@@ -121,27 +128,21 @@ def task_list(cfg: ServeConfig) -> tuple[list[str], str]:
 
 
 def check_config(cfg: ServeConfig) -> ServeConfig:
-    """Cheap checks before Ray starts: the bundle loads, task packs load and fit it (and the backend swaps
-    tasks), task names are distinct and the default one of them, allowed roots exist (stored as realpaths),
-    the route prefix is a path. Returns the config with paths resolved. Raises StexportError, one line."""
+    """Checks before Ray starts: the bundle loads, task packs load and fit it, task names are distinct and the
+    default one of them, the backend and its options (check_backend), allowed roots exist (stored as
+    realpaths), the route prefix is a path. Returns the config with paths resolved. Raises StexportError, one
+    line."""
     from stexport.bundle import Bundle
+    from stexport.taskpack import TaskPack
 
     bundle = Bundle.load(cfg.bundle)
-    if cfg.tasks:
-        from stexport import backends
-        from stexport.taskpack import TaskPack
-
-        packs = [TaskPack.load(t) for t in cfg.tasks]
-        for p in packs:
-            p.check_fits(bundle)
-        chosen = backends.resolve(cfg.backend, bundle)
-        if chosen and not backends.load_class(chosen).SWAPS_TASKS:
-            raise StexportError(f"--task: the {chosen} backend cannot run task packs; pass -b onnxruntime or "
-                                "-b openvino")
-        names = task_names(bundle, packs)
+    packs = [TaskPack.load(t) for t in cfg.tasks]
+    for p in packs:
+        p.check_fits(bundle)
+    names = task_names(bundle, packs)
+    check_backend(cfg, bundle, packs)
+    if packs:
         cfg = cfg.model_copy(update={"tasks": tuple(str(p.path.resolve()) for p in packs)})
-    else:
-        names = [own_task_name(bundle)]
     if cfg.default_task is not None and cfg.default_task not in names:
         raise StexportError(f"--default-task {cfg.default_task}: no such task; loaded: {', '.join(names)}")
     roots = []
@@ -155,6 +156,81 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
     if not prefix.startswith("/") or (len(prefix) > 1 and prefix.endswith("/")):
         raise StexportError(f"--route {prefix!r}: a path starting with '/' and not ending with one, e.g. /stexport")
     return cfg.model_copy(update={"allow_paths": tuple(roots), "bundle": str(Path(cfg.bundle).resolve())})
+
+
+def backend_options(cfg: ServeConfig) -> dict:
+    """The options each replica opens its backend with (`threads` from cfg.threads)."""
+    return {**cfg.options, **({"threads": cfg.threads} if cfg.threads else {})}
+
+
+def check_backend(cfg: ServeConfig, bundle, packs) -> None:
+    """What a replica would refuse, refused here before Ray starts (StexportError, one line): an unknown
+    backend, an option it does not declare or a malformed value (its check_options, as `infer` checks them),
+    no runtime here for `auto`, and task packs on a backend that cannot run them. A backend class that swaps
+    tasks (SWAPS_TASKS) is trusted to; one whose ability depends on its model file (TorchScript: a module
+    exported with forward_task; TensorRT: a refittable FP32/FP16 engine) is opened once here and asked to load
+    every pack, so its own refusal (and what to do) is the message."""
+    from stexport import backends
+
+    opts = backend_options(cfg)
+    if cfg.backend != "auto":
+        chosen = cfg.backend
+        cls = backends.load_class(chosen)
+        cls.check_options(opts)
+    else:
+        backends._check_auto_options(opts)
+        chosen = backends.resolve("auto", bundle)
+        if chosen is None:
+            backends.create("auto", bundle)  # raises, naming why no runtime here can run it
+        cls = backends.load_class(chosen)
+        known = {o.name for o in cls.OPTIONS} | set(cls.ALIASES)
+        opts = cls.check_options({k: v for k, v in opts.items() if k in known})
+    if packs and not cls.SWAPS_TASKS:
+        try:
+            with backends.create(chosen, bundle, **opts) as backend:
+                for p in packs:
+                    backend.load_task(p)
+        except StexportError as e:
+            raise StexportError(f"--task with -b {chosen}: {with_fix(str(e), bundle.path)}") from None
+
+
+def with_fix(message: str, bundle_path) -> str:
+    """`message`, and for a bundle lacking an artifact that a stexport command makes, that command."""
+    import importlib.util
+    import re
+
+    m = re.search(r"bundle has no (\w+) artifact$", message)
+    if m and importlib.util.find_spec(f"stexport.cli.export_{m[1]}") is not None:
+        return f"{message}; make it with `stexport export-{m[1]} {bundle_path}`"
+    return message
+
+
+def app_name(cfg: ServeConfig) -> str:
+    """The Ray Serve application's name: 'stexport', with the route prefix when there is one, so servers
+    with different prefixes can share a Ray cluster."""
+    return "stexport" + cfg.route_prefix.rstrip("/").replace("/", "-")
+
+
+def replica_failure(serve, app: str, error: Exception, bundle_path) -> str:
+    """One line for a deployment whose replicas failed to start: the StexportError a replica raised (the
+    last one in Ray Serve's deployment status, which holds the replica's traceback), else the last exception
+    line there, pointing at Ray's logs."""
+    import re
+
+    texts = []
+    try:
+        status = serve.status().applications.get(app)
+        texts = [d.message for d in status.deployments.values() if d.message] + [status.message]
+    except Exception:  # noqa: BLE001 - the status is a nicety; the error itself is still reported
+        pass
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join([*texts, str(error)]))
+    ours = re.findall(r"^stexport\.[\w.]+: (.+)$", text, re.MULTILINE)
+    if ours:
+        return with_fix(ours[-1].strip(), bundle_path)
+    other = re.findall(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
+    cause = f"{other[-1][0].rsplit('.', 1)[-1]}: {other[-1][1].strip()}" if other else str(error).splitlines()[0]
+    return (f"the server's replica failed to start ({cause[:300]}); the traceback is in Ray's logs "
+            "(/tmp/ray/session_latest/logs/serve/)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -193,6 +269,13 @@ def confine(path: str, roots: tuple[str, ...]) -> str:
     if not os.path.isfile(real):
         raise RequestError(400, f"{path}: not a regular file")
     return real
+
+
+def json_type(value) -> str:
+    """What a JSON value is, for error messages: 'an array', 'a number', …"""
+    kinds = ((bool, "true/false"), (str, "a string"), (int, "a number"), (float, "a number"), (list, "an array"),
+             (dict, "an object"))
+    return next((name for t, name in kinds if isinstance(value, t)), "null")
 
 
 def _warm_decoder() -> None:
@@ -244,13 +327,15 @@ class ServingClassifier:
 
     Built on stexport.classify.Classifier (same backend choice, labels, softmax-then-mean over views). tasks:
     task pack paths for a swappable bundle, loaded and prepared once beside the bundle's own task; `tasks`
-    maps every task's name to its Task, `default` is the name a request without one gets."""
+    maps every task's name to its Task, `default` is the name a request without one gets. options: the
+    backend's options (a dict, so that an option may share a name with a parameter here, e.g. onnxruntime's
+    `tasks`). Raises StexportError when the backend cannot open the bundle or prepare a pack."""
 
     def __init__(self, bundle: str, backend: str = "auto", top_k: int = 5, tasks: tuple[str, ...] = (),
-                 default_task: str | None = None, **backend_options):
+                 default_task: str | None = None, options: dict | None = None):
         from stexport.classify import Classifier
 
-        self.clf = Classifier(bundle, backend=backend, top_k=top_k, **backend_options)
+        self.clf = Classifier(bundle, backend=backend, top_k=top_k, **(options or {}))
         self.clf.top_k = top_k  # not capped at the bundle's own classes: a pack may have more
         self.sampling = self.clf.sampling
         packs = [self.clf.load_task(t) for t in tasks]
@@ -361,11 +446,9 @@ def deployment(cfg: ServeConfig):
             from pebble import ProcessPool
 
             self.cfg = ServeConfig.model_validate(config)
-            opts = dict(self.cfg.options)
-            if self.cfg.threads:
-                opts["threads"] = self.cfg.threads
+            opts = backend_options(self.cfg)
             self.model = ServingClassifier(self.cfg.bundle, self.cfg.backend, self.cfg.top_k, self.cfg.tasks,
-                                           self.cfg.default_task, **opts)
+                                           self.cfg.default_task, options=opts)
             # decoding in processes that can be killed (time limit, crashes); spawned, never forked from a
             # threaded actor
             self.decoders = ProcessPool(max_workers=self.cfg.decode_workers, initializer=_warm_decoder,
@@ -419,21 +502,26 @@ def deployment(cfg: ServeConfig):
             evicted), so this names the task to Serve, which routes requests carrying its header here."""
             return self.model.task(name)
 
-        async def request_task(self, request, body_task=None) -> Task:
-            """The task a request names (header, query parameter, body field; all that are given must
-            agree), else the default; RequestError 400 for disagreeing names, 404 for an unknown one."""
-            given = {}
+        async def request_task(self, request, body_tasks: list | None = None,
+                               body_where: str = "the body's \"task\"") -> Task:
+            """The task a request names, else the default. Every name given counts: the
+            serve_multiplexed_model_id header, each ?task= and each of `body_tasks` (a JSON body's "task", the
+            multipart form's "task" fields); they must be strings and all the same. RequestError 400 for a
+            name that is not a string or names that differ, 404 for an unknown one."""
+            given = [("the serve_multiplexed_model_id header", v)
+                     for v in request.headers.getlist("serve_multiplexed_model_id")]
             header = serve.get_multiplexed_model_id()
-            if header:
-                given["the serve_multiplexed_model_id header"] = header
-            if "task" in request.query_params:
-                given["?task="] = request.query_params["task"]
-            if body_task is not None:
-                given["the body's \"task\""] = body_task
-            if len(set(map(json.dumps, given.values()))) > 1:
+            if header and not given:
+                given.append(("the serve_multiplexed_model_id header", header))
+            given += [("?task=", v) for v in request.query_params.getlist("task")]
+            given += [(body_where, v) for v in body_tasks or []]
+            for where, v in given:
+                if not isinstance(v, str):
+                    raise RequestError(400, f"{where} must be a string naming a task, not {json_type(v)}")
+            if len({v for _, v in given}) > 1:
                 raise RequestError(400, "the request names different tasks: " + ", ".join(
-                    f"{json.dumps(v)[:60]} ({k})" for k, v in given.items()))
-            task = self.model.task(next(iter(given.values()), None))
+                    f"{json.dumps(v)[:60]} ({where})" for where, v in given))
+            task = self.model.task(given[0][1] if given else None)
             return await self.get_task(task.name)
 
         # -- reading the request ----------------------------------------------------------------------------
@@ -469,20 +557,20 @@ def deployment(cfg: ServeConfig):
                 if "path" not in req or not set(req) <= {"path", "task"}:
                     raise RequestError(400, 'send {"path": "FILE"} or {"path": "FILE", "task": "NAME"}, or '
                                             "upload the video as the body")
-                task = await self.request_task(request, req.get("task"))
+                task = await self.request_task(request, [req["task"]] if "task" in req else [])
                 real = confine(req["path"], self.cfg.allow_paths)
                 return await self.decode_file(real, req["path"], task)
-            form_task = None
+            form_tasks: list[str] = []
             if ctype.startswith("video/") or ctype in RAW_TYPES:
                 data, name = await self.body(request), request.headers.get("x-filename") or "upload"
             elif ctype == "multipart/form-data":
-                data, name, form_task = self.multipart(request, await self.body(request))
+                data, name, form_tasks = self.multipart(request, await self.body(request))
             else:
                 raise RequestError(415, f"content type {ctype or '(none)'!r}: send the video as the body "
                                         "(video/* or application/octet-stream), as a multipart/form-data file, or "
                                         + ('{"path": ...} as application/json' if self.cfg.allow_paths else
                                            "nothing else"))
-            task = await self.request_task(request, form_task)
+            task = await self.request_task(request, form_tasks, "the form's \"task\" field")
             if not data:
                 raise RequestError(400, "empty upload")
             fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".video")
@@ -493,8 +581,8 @@ def deployment(cfg: ServeConfig):
             finally:
                 os.unlink(tmp)
 
-        def multipart(self, request, body: bytes) -> tuple[bytes, str, str | None]:
-            """(the one file's bytes, its name, the "task" field's value or None)."""
+        def multipart(self, request, body: bytes) -> tuple[bytes, str, list[str]]:
+            """(the one file's bytes, its name, the values of its "task" fields)."""
             from python_multipart import FormParser
             from python_multipart.exceptions import FormParserError
             from python_multipart.multipart import parse_options_header
@@ -516,11 +604,8 @@ def deployment(cfg: ServeConfig):
             f = files[0]
             f.file_object.seek(0)
             name = (f.file_name or b"upload").decode("utf-8", "replace")
-            tasks = [x.value for x in fields if x.field_name == b"task"]
-            if len(tasks) > 1:
-                raise RequestError(400, f"multipart body with {len(tasks)} 'task' fields; send one")
-            task = tasks[0].decode("utf-8", "replace") if tasks and tasks[0] is not None else None
-            return f.file_object.read(), name, task
+            tasks = [(x.value or b"").decode("utf-8", "replace") for x in fields if x.field_name == b"task"]
+            return f.file_object.read(), name, tasks
 
         async def decode_file(self, path: str, name: str, task: Task) -> Clips:
             from concurrent.futures import TimeoutError as FutureTimeout
@@ -572,39 +657,89 @@ def deployment(cfg: ServeConfig):
 # starting and stopping
 
 
-def start(cfg: ServeConfig, ray_address: str | None = None) -> str:
+def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = False) -> str:
     """Start Ray (local, on 127.0.0.1, unless one is running or `ray_address` is given), Ray Serve's HTTP
-    proxy on cfg.host:cfg.port, and the deployment; return the base URL once it answers. Raises StexportError
-    for a bad config or a missing extra."""
-    require_serve()
-    cfg = check_config(cfg)
-    import ray
-    from ray import serve
-
-    if not ray.is_initialized():
-        if ray_address:
-            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    proxy on cfg.host:cfg.port, and the deployment (Ray Serve application `app_name(cfg)`); return the base URL
+    once it answers. Ray's and Ray Serve's own log lines stay out of stderr unless stexport's logger is at INFO
+    (-v); their errors stay visible. Raises StexportError (one line) for a bad config, a missing extra, a
+    cluster it cannot join, or replicas that fail to start (the replica's reason; what was deployed is
+    removed again). checked: `cfg` came from check_config already (its checks may open a backend once)."""
     import logging
 
-    # Ray Serve's INFO lines stay out of stderr unless stexport runs with -v
-    level = "INFO" if logging.getLogger("stexport").isEnabledFor(logging.INFO) else "WARNING"
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": level})
-    serve.run(deployment(cfg), name="stexport", route_prefix=cfg.route_prefix, logging_config={"log_level": level})
-    host = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-
-
-def stop(shutdown_ray: bool = True) -> None:
-    """Shut Ray Serve down (and Ray, when `shutdown_ray`)."""
+    require_serve()
+    if not checked:
+        cfg = check_config(cfg)
+    verbose = logging.getLogger("stexport").isEnabledFor(logging.INFO)
+    quiet = logging.INFO if verbose else logging.ERROR
     import ray
     from ray import serve
 
-    serve.shutdown()
+    started = not ray.is_initialized()
+    if started:
+        kw = {"include_dashboard": False, "log_to_driver": verbose, "logging_level": quiet}
+        try:
+            if ray_address:
+                ray.init(address=ray_address, **kw)
+            else:
+                ray.init(_node_ip_address="127.0.0.1", **kw)
+                global _LOCAL_RAY
+                _LOCAL_RAY = True
+        except ConnectionError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise StexportError(f"--ray-address {ray_address}: cannot connect to a Ray cluster ({first}); start "
+                                "one with `ray start --head`, or leave --ray-address out for a local one") from None
+    for name in ("ray", "ray.serve"):  # the driver's loggers (importing ray.serve set its own to INFO)
+        logging.getLogger(name).setLevel(quiet)
+    level = "INFO" if verbose else "WARNING"
+    app = app_name(cfg)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": level})
+    try:
+        serve.run(deployment(cfg), name=app, route_prefix=cfg.route_prefix, logging_config={"log_level": level})
+    except RuntimeError as e:
+        why = replica_failure(serve, app, e, cfg.bundle)
+        joined = ray_address is not None or not started
+        try:
+            stop(shutdown_ray=started, app=app if joined else None)
+        except Exception:  # noqa: BLE001 - the replica's reason is the error to report
+            pass
+        raise StexportError(why) from None
+    port = cfg.port
+    try:  # a Serve instance already running on a joined cluster keeps its own HTTP options
+        from ray.serve.context import _get_global_client
+
+        port = _get_global_client().http_config.port
+    except Exception:  # noqa: BLE001 - a private API; cfg.port is right whenever this call started Serve
+        pass
+    if port != cfg.port:
+        logging.getLogger("stexport").warning("Ray Serve already runs on this cluster with its HTTP proxy on port "
+                                              "%d; --port %d does not apply", port, cfg.port)
+    host = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
+
+
+def stop(shutdown_ray: bool = True, app: str | None = None) -> None:
+    """Remove application `app` from Ray Serve (None: shut Ray Serve down, every application), then
+    disconnect from Ray when `shutdown_ray` (a local cluster this process started stops with it)."""
+    import ray
+    from ray import serve
+
+    global _LOCAL_RAY
+    if shutdown_ray and _LOCAL_RAY:
+        # the cluster goes with Serve's actors; shutting Serve down first only makes Ray print the retried
+        # graceful-shutdown task of the controller it kills
+        _LOCAL_RAY = False
+        ray.shutdown()
+        return
+    if app is None:
+        serve.shutdown()
+    else:
+        serve.delete(app)
     if shutdown_ray:
         ray.shutdown()
 
 
+_LOCAL_RAY = False  # whether start() started a local Ray cluster in this process
+
+
 __all__ = ["ServeConfig", "ServingClassifier", "Clips", "Task", "RequestError", "confine", "check_config",
-           "own_task_name", "start", "stop", "deployment", "require_serve"]
+           "own_task_name", "start", "stop", "deployment", "require_serve", "app_name"]

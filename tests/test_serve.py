@@ -126,6 +126,7 @@ def test_concurrent_callers_get_what_infer_prints(server, media, local):
         assert r.headers["content-type"] == "application/json"
         got = strict_json(r.text)
         assert got["path"] == str(video)
+        assert "task" not in got  # a server without task packs answers exactly what infer --json prints
         same_result(got, local[str(video)])
     stats = requests.get(f"{server}/stats", timeout=30).json()
     assert stats["requests"] - before["requests"] == len(jobs)

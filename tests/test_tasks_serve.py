@@ -309,10 +309,41 @@ def test_unknown_or_conflicting_task_is_a_one_line_4xx(server, packs):
         body = strict(r.text)
         assert set(body) == {"error"} and "\n" not in body["error"]
         assert body["error"] == f"no task 'task_z' on this server; {loaded}", body
-    r = requests.post(f"{server}/classify", json={"path": v, "task": 7}, timeout=60)
-    assert r.status_code == 404 and loaded in r.json()["error"]
+    # a name that is not a string is a 400 naming the field and its type, never a lookup
+    for value, kind in ((7, "a number"), (["task_b"], "an array"), (None, "null"), ({"n": 1}, "an object")):
+        r = requests.post(f"{server}/classify", json={"path": v, "task": value}, timeout=60)
+        assert r.status_code == 400 and r.json() == {
+            "error": f'the body\'s "task" must be a string naming a task, not {kind}'}, (value, r.text)
     r = requests.post(f"{server}/classify?task=task_b", json={"path": v, "task": "task_c"}, timeout=60)
     assert r.status_code == 400 and "different tasks" in r.json()["error"], r.text
+    # names given twice, in one place or several: 400 when they differ, the task when they agree
+    data = open(v, "rb").read()
+    raw = {"data": data, "headers": {"Content-Type": "video/mp4"}, "timeout": 60}
+    differ = [
+        ("?task= twice", lambda: requests.post(f"{server}/classify?task=task_b&task=task_c", **raw)),
+        ("two form fields", lambda: requests.post(f"{server}/classify", files={"video": ("v.mp4", data)},
+                                                  data={"task": ["task_b", "task_c"]}, timeout=60)),
+        ("form and ?task=", lambda: requests.post(f"{server}/classify?task=task_c", files={"video": ("v.mp4", data)},
+                                                  data={"task": "task_b"}, timeout=60)),
+        ("header and ?task=", lambda: requests.post(f"{server}/classify?task=task_c", data=data, timeout=60, headers={
+            "Content-Type": "video/mp4", "serve_multiplexed_model_id": "task_b"})),
+    ]
+    for what, call in differ:
+        r = call()
+        assert r.status_code == 400, (what, r.text)
+        err = r.json()["error"]
+        assert err.startswith("the request names different tasks: ") and '"task_b"' in err and '"task_c"' in err, \
+            (what, err)
+    agree = [
+        ("?task= twice", lambda: requests.post(f"{server}/classify?task=task_b&task=task_b", **raw)),
+        ("two form fields", lambda: requests.post(f"{server}/classify", files={"video": ("v.mp4", data)},
+                                                  data={"task": ["task_b", "task_b"]}, timeout=60)),
+        ("header and JSON", lambda: requests.post(f"{server}/classify", json={"path": v, "task": "task_b"},
+                                                  headers={"serve_multiplexed_model_id": "task_b"}, timeout=60)),
+    ]
+    for what, call in agree:
+        r = call()
+        assert r.status_code == 200 and r.json()["task"] == "task_b", (what, r.text)
     r = requests.post(f"{server}/classify", json={"path": v, "task": "task_b", "x": 1}, timeout=60)
     assert r.status_code == 400, r.text
     r = ask(server, v, "task_b", "query")  # still serving
@@ -335,16 +366,108 @@ def test_metadata_lists_the_tasks(server, packs):
 
 
 def test_serve_task_refusals_before_starting(packs, tmp_path):
-    """Bad --task / --default-task: one line on stderr, exit 2, before Ray starts."""
+    """Bad --task / --default-task / backend options, and a backend that cannot run packs on this bundle: one
+    line on stderr (the backend's own check or refusal), exit 2, before Ray starts (with -v, a Ray start would
+    print its own lines)."""
     base, b = packs["base"].path, packs["b"].path
+    trt = "TensorRT" if __import__("importlib").util.find_spec("tensorrt") is None else "task packs"
     cases = [
         (["--task", tmp_path / "none.stpack"], "none.stpack: no such task pack"),
         (["--task", b, "--task", b], "a task named 'task_b' is already loaded (another pack)"),
         (["--task", b, "--default-task", "task_q"], "--default-task task_q: no such task; loaded: task_a, task_b"),
-        (["--task", b, "-b", "torchscript"], "the torchscript backend cannot run task packs"),
+        (["--task", b, "-b", BACKEND, "--option", "tasks=bogus"],
+         "error: onnxruntime option tasks='bogus': choose one of auto, adapters, sessions"),
+        (["--task", b, "-b", BACKEND, "--option", "nosuch=1"], "error: onnxruntime has no option 'nosuch'; its options:"),
+        (["-b", BACKEND, "--option", "nosuch=1"], "error: onnxruntime has no option 'nosuch'"),
+        (["--option", "nosuch=1"], "error: no backend has an option 'nosuch'"),
+        (["--task", b, "-b", "torchscript"], f"error: --task with -b torchscript: {base}: bundle has no torchscript "
+                                             f"artifact; make it with `stexport export-torchscript {base}`"),
+        (["--task", b, "-b", "tensorrt"], f"error: --task with -b tensorrt: {trt}"),
     ]
     for args, words in cases:
-        p = cli("serve", base, *args, "--json", timeout=120)
+        p = cli("-v", "serve", base, *args, "--json", timeout=120)
         assert p.returncode == 2 and p.stdout == "", (args, p.stderr)
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], (args, p.stderr)
+
+
+def test_torchscript_serves_task_packs(packs, want, tmp_path):
+    """TorchScript runs packs (forward_task): serve's checks accept it once the bundle has a model.ts, and the
+    classifier a replica runs gives each task what its ONNX Runtime Classifier gives."""
+    import shutil
+
+    import numpy as np
+
+    from stexport.serve import Clips, ServeConfig, ServingClassifier, check_config
+    from stexport.video import decode
+
+    base = shutil.copytree(packs["base"].path, tmp_path / "base")
+    p = cli("export-torchscript", base, timeout=300)
+    assert p.returncode == 0, p.stderr
+    tasks = (str(packs["b"].path), str(packs["c"].path))
+    cfg = check_config(ServeConfig(bundle=str(base), backend="torchscript", tasks=tasks))
+    assert cfg.tasks == tasks
+    model = ServingClassifier(str(base), "torchscript", top_k=3, tasks=tasks)
+    try:
+        v = packs["videos"][1]
+        items = [Clips(v, decode(v, model.tasks[t].sampling).clips, 0, 0.0, [], t)
+                 for t in ("task_c", "task_a", "task_b")]
+        for it, row in zip(items, model.classify(items)):
+            expected = want[it.task, v]
+            assert row["task"] == it.task and row["backend"] == "torchscript"
+            assert [t["label"] for t in row["top"]] == [t["label"] for t in expected["top"]], (row, expected)
+            assert np.allclose([t["score"] for t in row["top"]], [t["score"] for t in expected["top"]], atol=1e-4)
+    finally:
+        model.close()
+
+
+def test_replica_failure_is_one_line_and_the_cli_server_logs_only_its_own_lines(server, packs, want,
+                                                                              ray_cluster, tmp_path):
+    """`stexport serve --json` joining the session's cluster beside the module's server (another route, so
+    another Ray Serve application): a bundle whose model a replica cannot open fails with the replica's own
+    reason in one line, exit 2, no traceback; a good one answers, and its stderr holds only stexport's lines
+    (no Ray or Ray Serve INFO/WARNING lines without -v) up to Ctrl-C. The module's server keeps serving."""
+    import shutil
+    import signal
+
+    import requests
+
+    from stexport.bundle import Bundle
+
+    broken = Bundle.load(shutil.copytree(packs["base"].path, tmp_path / "broken"))
+    (broken.path / "model.onnx").write_bytes(b"not an ONNX model\n" * 64)
+    broken.update(written=["model.onnx"])  # recorded as built: only opening it fails
+    p = cli("serve", broken.path, "--task", packs["b"].path, "-b", BACKEND, "--ray-address", ray_cluster,
+            "--route", "/broken", "--port", free_port(), "--replica-cpus", "0.25", "--json", timeout=300)
+    assert p.returncode == 2 and p.stdout == "", p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stexport: error: {broken.path / 'model.onnx'}: onnxruntime "
+                                                   "cannot load it ("), p.stderr
+
+    proc = subprocess.Popen([*STEXPORT, "serve", str(packs["base"].path), "--task", str(packs["c"].path), "-b",
+                             BACKEND, "--ray-address", ray_cluster, "--route", "/cli", "--port", str(free_port()),
+                             "--replica-cpus", "0.25", "--top-k", "3", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        text = ""
+        while not text.strip().endswith("}"):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            text += line
+        info = strict(text)
+        assert info["tasks"] == ["task_a", "task_c"] and info["classify"].endswith("/cli/classify")
+        v = packs["videos"][2]
+        r = requests.post(info["classify"], json={"path": v, "task": "task_c"}, timeout=120)
+        assert r.status_code == 403  # this server reads no paths; an upload it classifies
+        r = requests.post(f"{info['classify']}?task=task_c", data=open(v, "rb").read(), timeout=120,
+                          headers={"Content-Type": "video/mp4", "X-Filename": v})
+        assert r.status_code == 200, r.text
+        same(strict(r.text), want["task_c", v], "task_c")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert err.strip() and all(line.startswith("stexport: ") for line in err.strip().splitlines()), err
+    assert "Traceback" not in err
+    r = ask(server, v, "task_b", "query")  # the module's server was left alone
+    assert r.status_code == 200 and r.json()["task"] == "task_b"
