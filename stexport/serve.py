@@ -191,18 +191,7 @@ def check_backend(cfg: ServeConfig, bundle, packs) -> None:
                 for p in packs:
                     backend.load_task(p)
         except StexportError as e:
-            raise StexportError(f"--task with -b {chosen}: {with_fix(str(e), bundle.path)}") from None
-
-
-def with_fix(message: str, bundle_path) -> str:
-    """`message`, and for a bundle lacking an artifact that a stexport command makes, that command."""
-    import importlib.util
-    import re
-
-    m = re.search(r"bundle has no (\w+) artifact$", message)
-    if m and importlib.util.find_spec(f"stexport.cli.export_{m[1]}") is not None:
-        return f"{message}; make it with `stexport export-{m[1]} {bundle_path}`"
-    return message
+            raise StexportError(f"--task with -b {chosen}: {e}") from None
 
 
 def app_name(cfg: ServeConfig) -> str:
@@ -226,7 +215,7 @@ def replica_failure(serve, app: str, error: Exception, bundle_path) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join([*texts, str(error)]))
     ours = re.findall(r"^stexport\.[\w.]+: (.+)$", text, re.MULTILINE)
     if ours:
-        return with_fix(ours[-1].strip(), bundle_path)
+        return ours[-1].strip()
     other = re.findall(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
     cause = f"{other[-1][0].rsplit('.', 1)[-1]}: {other[-1][1].strip()}" if other else str(error).splitlines()[0]
     return (f"the server's replica failed to start ({cause[:300]}); the traceback is in Ray's logs "
