@@ -59,7 +59,6 @@ def main() -> None:
     import ray
     import requests
 
-    from stexport.classify import Classifier
     from stexport.serve import ServeConfig, start, stop
     from stexport.video import read_clip_list
 

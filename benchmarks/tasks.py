@@ -87,13 +87,18 @@ def vitb16_setup(a, precision: str, w: Path):
     from stexport.packing import build_pack
     from stexport.synthetic import random_deltas
 
-    if a.reuse and (w / "ssv2_like.stpack").exists():
+    if a.reuse and (w / "base" / "stexport.json").exists():
         from stexport.bundle import Bundle
         from stexport.taskpack import TaskPack
 
+        base = Bundle.load(w / "base")
         full = {k: Bundle.load(w / f"full-{k}") for k in ("k400_like", "ssv2_like")}
-        return (Bundle.load(w / "base"), full, TaskPack.load(w / "ssv2_like.stpack"), smooth_clips(a.clips, 224, seed=7),
-                None, float("nan"))
+        try:
+            pack = TaskPack.load(w / "ssv2_like.stpack")
+        except Exception:  # noqa: BLE001 - missing, or made by an older stexport: make it again
+            pack = build_pack(w / "ssv2_like.pt", base, out=w / "ssv2_like.stpack", force=True,
+                              **({"calib": smooth_clips(8, 224, seed=100), "calib_clips": 8} if precision == "int8" else {}))
+        return base, full, pack, smooth_clips(a.clips, 224, seed=7), None, float("nan")
     bb = random_backbone("ViT-B-16-quickgelu")  # OpenAI CLIP, as the official ST-Adapter code runs it
     kw = dict(width=384, kernel=(3, 1, 1), pre_mlp=True)
     w.mkdir(parents=True, exist_ok=True)
