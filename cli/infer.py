@@ -300,7 +300,15 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
         if pack is not None and chosen and not backends.load_class(chosen).SWAPS_TASKS:
             raise StexportError(f"--task: the {chosen} backend cannot run task packs; pass -b onnxruntime or "
                                 "-b openvino (or use a bundle built for the task)")
-    results = ResultsFile(output, task=pack.name if pack is not None else None) if output is not None else None
+    results = None
+    if output is not None:
+        m = bundle.manifest
+        model = m.files.get(m.artifacts.get("onnx", ""))  # every other artifact is made from this graph
+        run = {"bundle": m.name, "model_sha256": model.sha256 if model else None,
+               "task": pack.name if pack is not None else None,
+               "task_sha256": pack.key if pack is not None else None, "sampling": sampling.describe(),
+               "top_k": top_k, "labels": str(labels.resolve()) if labels else None}
+        results = ResultsFile(output, task=run["task"], run=run)
     todo = results.remaining(sources) if results else list(enumerate(map(str, sources)))
     bar = tqdm(total=len(sources), initial=len(sources) - len(todo), desc="infer", unit="video",
                file=sys.stderr, disable=None, leave=False)

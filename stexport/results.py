@@ -4,6 +4,10 @@ One line per source, `infer --json`'s schema ({"path", "top", …} or {"path", "
 and flushed line by line. Reopening the file reads the sources already done (failures count as done: a damaged
 file stays damaged); a last line cut short by a kill is dropped. `remaining(sources)` then leaves out what is
 done, counting repeats (a source listed twice needs two lines).
+
+What the results were made with (the run: bundle and its files' hashes, task pack and its sha256, sampling,
+top-k, labels) is kept beside the file in `.<name>.run.json`; a rerun that differs in any of them is refused
+instead of appending answers of another model or sampling to the same file.
 """
 
 from __future__ import annotations
@@ -23,15 +27,18 @@ class ResultsFile:
     parse, or lacks "path"), a directory, or a file holding results of another task (resuming it would mix
     two tasks' answers in one file)."""
 
-    def __init__(self, path: str | Path, task: str | None = None):
+    def __init__(self, path: str | Path, task: str | None = None, run: dict | None = None):
         self.path = Path(path)
         self.task = task
+        self.run = run
+        self.run_path = self.path.parent / f".{self.path.name}.run.json"
         self.done: Counter[str] = Counter()
         self.lines = 0
         if self.path.is_dir():
             raise StexportError(f"{self.path}: is a directory; --output takes a file (JSON Lines)")
         if self.path.exists():
             self._read()
+            self._check_run()
         self._fh = None
 
     def _read(self) -> None:
@@ -57,6 +64,19 @@ class ResultsFile:
             self.done[str(path)] += 1
             self.lines += 1
 
+    def _check_run(self) -> None:
+        if self.run is None or not self.run_path.is_file():
+            return
+        try:
+            before = json.loads(self.run_path.read_text())
+        except (OSError, ValueError):
+            return
+        for key, now in self.run.items():
+            if key in before and before[key] != now:
+                raise StexportError(f"{self.path}: its results were made with another {key.replace('_', ' ')} "
+                                    f"({_short(before[key])}, this run: {_short(now)}); pass another --output file "
+                                    f"(or remove it and {self.run_path.name})")
+
     def remaining(self, sources: Sequence) -> list[tuple[int, str]]:
         """(index in `sources`, source) for each source not yet done, in input order."""
         left = Counter(self.done)
@@ -73,6 +93,10 @@ class ResultsFile:
         written. Strict JSON (NaN/Infinity raise ValueError)."""
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.run is not None:
+                from stexport.fileutil import atomic_write_text
+
+                atomic_write_text(self.run_path, json.dumps(self.run, indent=1) + "\n")
             self._fh = open(self.path, "a", encoding="utf-8")
         self._fh.write(json.dumps(row, allow_nan=False) + "\n")
         self._fh.flush()
@@ -91,3 +115,8 @@ class ResultsFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _short(v) -> str:
+    text = v if isinstance(v, str) else json.dumps(v)
+    return text if len(text) <= 40 else text[:16] + "…"

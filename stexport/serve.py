@@ -534,8 +534,15 @@ def deployment(cfg: ServeConfig):
         async def decode(self, request) -> Clips:
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype == "application/json":
+                def unique(pairs):
+                    keys = [k for k, _ in pairs]
+                    twice = sorted({k for k in keys if keys.count(k) > 1})
+                    if twice:
+                        raise RequestError(400, f'the JSON body repeats "{twice[0]}"; give each key once')
+                    return dict(pairs)
+
                 try:
-                    req = json.loads(await self.body(request))
+                    req = json.loads(await self.body(request), object_pairs_hook=unique)
                 except (ValueError, UnicodeDecodeError):
                     raise RequestError(400, "the body is not valid JSON") from None
                 if not isinstance(req, dict):

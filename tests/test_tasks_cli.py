@@ -126,3 +126,28 @@ def test_pack_views_and_inspect_shows_sampling(tasks, tmp_path):  # noqa: F811
     assert r.returncode == 0 and "sampling       rate 4, 3x1 views" in r.stdout
     r = cli("inspect", "--task", out, "--json")
     assert strict(r.stdout)["sampling"] == {"rate": 4, "temporal_views": 3, "spatial_views": 1}
+
+
+def test_resume_refuses_another_model_or_sampling(tasks, make_video, tmp_path):  # noqa: F811
+    """Resuming checks what the results were made with, not only the task's name: a pack of the same name
+    made from other weights, or other views, is refused; the same run resumes."""
+    from stexport.packing import build_pack
+
+    videos = [make_video(f"v{i}.mp4", frames=24, width=64, height=48) for i in range(2)]
+    impostor = build_pack(tasks["a"], tasks["base"], out=tmp_path / "imp.stpack", name="task_b")
+    out = tmp_path / "out.jsonl"
+    run = ["infer", *videos, "-m", tasks["base"].path, "-b", "onnxruntime", "--output", out]
+    assert cli(*run, "--task", tasks["pack_b"].path).returncode == 0
+    lines = out.read_text().splitlines()
+    out.write_text(lines[0] + "\n")  # one input left to do
+    r = cli(*run, "--task", impostor.path)
+    assert r.returncode == 2 and "its results were made with another task sha256" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and out.read_text() == lines[0] + "\n"
+    r = cli(*run, "--task", tasks["pack_b"].path, "--views", "1x1")
+    assert r.returncode == 2 and "its results were made with another sampling" in r.stderr, r.stderr
+    r = cli(*run, "--task", tasks["pack_b"].path)
+
+    def untimed(rows):
+        return [{k: v for k, v in strict(x).items() if k != "timing"} for x in rows]
+
+    assert r.returncode == 0 and untimed(out.read_text().splitlines()) == untimed(lines)

@@ -346,6 +346,10 @@ def test_unknown_or_conflicting_task_is_a_one_line_4xx(server, packs):
         assert r.status_code == 200 and r.json()["task"] == "task_b", (what, r.text)
     r = requests.post(f"{server}/classify", json={"path": v, "task": "task_b", "x": 1}, timeout=60)
     assert r.status_code == 400, r.text
+    for body in ('{"path": %s, "task": "task_b", "task": "task_c"}', '{"path": %s, "path": %s}'):
+        text = body % ((json.dumps(str(v)),) * body.count("%s"))
+        r = requests.post(f"{server}/classify", data=text, headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 400 and "the JSON body repeats" in r.json()["error"], r.text
     r = ask(server, v, "task_b", "query")  # still serving
     assert r.status_code == 200 and r.json()["task"] == "task_b"
 
