@@ -134,6 +134,6 @@ def write(out: Path, record: TaskPackRecord, tensors: dict[str, np.ndarray], del
 
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     arrays.update({DELTAS + k: np.ascontiguousarray(v) for k, v in deltas.items()})
-    meta = {METADATA_KEY: json.dumps(record.model_dump(mode="json", exclude_none=True)),
-            CONTENT_KEY: content_hash(arrays)}
+    text = json.dumps(record.model_dump(mode="json", exclude_none=True))
+    meta = {METADATA_KEY: text, CONTENT_KEY: content_hash(arrays, text)}
     atomic_write_bytes(out, save(arrays, metadata=meta))

@@ -63,9 +63,9 @@ class TaskPack:
         if METADATA_KEY not in meta:
             raise StexportError(f"{path}: not a task pack (a safetensors file without a stexport record); "
                                 "make one with `stexport pack --adapter CKPT --base BUNDLE`")
-        if meta.get(CONTENT_KEY) != content_hash(everything):
-            raise StexportError(f"{path}: its tensors changed since `stexport pack` wrote it (their sha256 is not "
-                                "the one it recorded); rebuild it with `stexport pack --force`")
+        if meta.get(CONTENT_KEY) != content_hash(everything, meta[METADATA_KEY]):
+            raise StexportError(f"{path}: its tensors or record changed since `stexport pack` wrote it (their "
+                                "sha256 is not the one it recorded); rebuild it with `stexport pack --force`")
         try:
             record = TaskPackRecord.model_validate(json.loads(meta[METADATA_KEY]))
         except json.JSONDecodeError as e:
@@ -143,12 +143,12 @@ class TaskPack:
                                 f"bundle with `stexport pack --adapter CKPT --base {bundle.path}`")
 
 
-def content_hash(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over every tensor of a pack: names (sorted), dtypes and bytes (shapes are checked against the
-    record apart: safetensors may store a scalar as one element)."""
+def content_hash(arrays: dict[str, np.ndarray], record: str) -> str:
+    """sha256 over a pack's record (its JSON text) and every tensor: names (sorted), dtypes and bytes (shapes
+    are checked against the record apart: safetensors may store a scalar as one element)."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(record.encode())
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{a.dtype.str}:{a.size};".encode())

@@ -68,10 +68,17 @@ def test_a_changed_pack_is_refused(tasks, tmp_path):  # noqa: F811
         bad[start:start + 4] = np.float32(value + 1.0).tobytes()
         p = tmp_path / f"{name.replace('/', '_')}.stpack"
         p.write_bytes(bytes(bad))
-        with pytest.raises(StexportError, match="its tensors changed since `stexport pack` wrote it"):
+        with pytest.raises(StexportError, match="its tensors or record changed since `stexport pack` wrote it"):
             TaskPack.load(p)
         r = cli("infer", tmp_path / "none.mp4", "-m", tasks["base"].path, "--task", p)
-        assert r.returncode == 2 and "its tensors changed" in r.stderr and "Traceback" not in r.stderr
+        assert r.returncode == 2 and "its tensors or record changed" in r.stderr and "Traceback" not in r.stderr
+    # the record in the header (name, sampling, labels, base): same length, other text
+    old = b'\\"name\\": \\"task_b\\"'  # the record is a JSON string inside the header's JSON
+    i = data.index(old)
+    bad = data[:i] + old.replace(b"task_b", b"task_x") + data[i + len(old):]
+    (tmp_path / "renamed.stpack").write_bytes(bad)
+    with pytest.raises(StexportError, match="its tensors or record changed"):
+        TaskPack.load(tmp_path / "renamed.stpack")
     (tmp_path / "dir.stpack").mkdir()
     with pytest.raises(StexportError, match=r"dir.stpack: is a directory; --task takes a task pack file"):
         TaskPack.load(tmp_path / "dir.stpack")
