@@ -133,7 +133,7 @@ def run_decoded(clf, items: Sequence[Decoding]) -> list:
     mixed in one call). Per video: softmax of each view's logits (float64), mean over its views, top k, named
     with its task's labels. A video whose logits are not finite is a Failure; a backend that returns the wrong
     shape raises StexportError (the bundle or runtime is broken, not the input)."""
-    from stexport.classify import Result, softmax
+    from stexport.classify import Result
 
     out: list = [None] * len(items)
     groups: dict[object, list[int]] = {}  # task key -> items, in input order
@@ -145,28 +145,16 @@ def run_decoded(clf, items: Sequence[Decoding]) -> list:
 
     def flush(group: list[int]) -> None:
         task = items[group[0]].task
-        clips = [items[i].decoded.clips for i in group]
-        batch = clips[0] if len(clips) == 1 else np.concatenate(clips)
-        t = time.perf_counter()
-        logits = clf.backend.run(batch, task=task) if task is not None else clf.backend.run(batch)
-        spent = time.perf_counter() - t
-        want = task.classes if task is not None else clf.num_classes
-        if logits.shape != (len(batch), want):
-            raise StexportError(f"backend {clf.backend.name} returned logits of shape {logits.shape}, "
-                                f"expected ({len(batch)}, {want})")
+        probs, spent = task_probs(clf, [items[i].decoded.clips for i in group], task)
+        views = sum(len(items[i].decoded.clips) for i in group)
         labels, name = clf._labels_for(task), clf.task_name(task)
-        at = 0
-        for i in group:
+        for i, p in zip(group, probs):
             d = items[i].decoded
-            rows = logits[at:at + len(d.clips)]
-            at += len(d.clips)
-            if not np.isfinite(rows).all():
-                out[i] = _failure(d.source, f"{d.source}: the model gave non-finite logits (NaN/Inf) for this "
-                                  f"video on {clf.backend.name}; check the bundle with `stexport verify`", name)
+            if p is None:
+                out[i] = _failure(d.source, non_finite(d.source, clf.backend.name), name)
                 continue
-            probs = softmax(rows).mean(axis=0)
-            out[i] = Result(d.source, clf.top(probs, labels), len(d.clips), d.frames, items[i].decode_s,
-                            spent * len(d.clips) / len(batch), list(d.notes), backend=clf.backend.name, task=name)
+            out[i] = Result(d.source, clf.top(p, labels), len(d.clips), d.frames, items[i].decode_s,
+                            spent * len(d.clips) / views, list(d.notes), backend=clf.backend.name, task=name)
 
     for group in groups.values():
         call: list[int] = []
@@ -181,6 +169,34 @@ def run_decoded(clf, items: Sequence[Decoding]) -> list:
         if call:
             flush(call)
     return out
+
+
+def task_probs(clf, clips: Sequence[np.ndarray], task=None) -> tuple[list, float]:
+    """One backend call of `clf` over every view of `clips` (uint8 (V_i, T, H, W, 3) per video) with `task` (a
+    loaded TaskPack; None: the current task): per video, the mean over its views of the softmax of its
+    logits (float64 (classes,)), or None where a logit is not finite; and the seconds the call took.
+    StexportError when the backend returns logits of another shape (the bundle or runtime is broken)."""
+    from stexport.classify import softmax
+
+    batch = clips[0] if len(clips) == 1 else np.concatenate(clips)
+    t = time.perf_counter()
+    logits = clf.backend.run(batch, task=task) if task is not None else clf.backend.run(batch)
+    spent = time.perf_counter() - t
+    want = task.classes if task is not None else clf.num_classes
+    if logits.shape != (len(batch), want):
+        raise StexportError(f"backend {clf.backend.name} returned logits of shape {logits.shape}, "
+                            f"expected ({len(batch)}, {want})")
+    out, at = [], 0
+    for c in clips:
+        rows = logits[at:at + len(c)]
+        at += len(c)
+        out.append(softmax(rows).mean(axis=0) if np.isfinite(rows).all() else None)
+    return out, spent
+
+
+def non_finite(source: str, backend: str) -> str:
+    return (f"{source}: the model gave non-finite logits (NaN/Inf) for this video on {backend}; check the "
+            "bundle with `stexport verify`")
 
 
 def _failure(source: str, error: str, task: str | None = None):

@@ -363,25 +363,16 @@ class ServingClassifier:
         return out
 
     def _run(self, task: Task, items: list[Clips]) -> list[dict]:
-        from stexport.classify import Result, softmax
+        from stexport.batch import non_finite, task_probs
+        from stexport.classify import Failure, Result
 
         clf = self.clf
-        t = time.perf_counter()
-        x = np.concatenate([it.clips for it in items])
-        logits = clf.backend.run(x, task=task.pack) if task.pack is not None else clf.backend.run(x)
-        infer_s = (time.perf_counter() - t) / len(items)
-        want = (len(x), len(task.labels))
-        if logits.shape != want:
-            raise StexportError(f"backend {clf.backend.name} returned logits of shape {logits.shape}, expected "
-                                f"{want}")
-        out, at = [], 0
-        for it in items:
-            probs = softmax(logits[at:at + len(it.clips)]).mean(axis=0)
-            at += len(it.clips)
-            out.append(Result(it.source, clf.top(probs, task.labels), len(it.clips), it.frames, it.decode_s,
-                              infer_s, list(it.notes), backend=clf.backend.name,
-                              task=task.name if self.named else None).to_dict())
-        return out
+        probs, spent = task_probs(clf, [it.clips for it in items], task.pack)
+        name = task.name if self.named else None
+        return [Failure(it.source, non_finite(it.source, clf.backend.name), name).to_dict() if p is None else
+                Result(it.source, clf.top(p, task.labels), len(it.clips), it.frames, it.decode_s,
+                       spent / len(items), list(it.notes), backend=clf.backend.name, task=name).to_dict()
+                for it, p in zip(items, probs)]
 
     def close(self) -> None:
         self.clf.close()
@@ -472,7 +463,8 @@ def deployment(cfg: ServeConfig):
                 self.stats["requests"] += 1
                 clips = await self.decode(request)
                 self.stats["tasks"][clips.task] += 1
-                return _json(200, await self.run_batch(clips))
+                answer = await self.run_batch(clips)
+                return _json(500 if "error" in answer else 200, answer)  # a model that gave NaN: a server fault
             except RequestError as e:
                 self.stats["errors"] += 1
                 return _json(e.status, {"error": e.message})
