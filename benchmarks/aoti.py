@@ -33,11 +33,11 @@ def main() -> None:
     import torch
     from torch._inductor import aoti_load_package
 
-    from stexport import aoti, torchscript
-    from stexport.backends import create
-    from stexport.build import build_bundle
-    from stexport.fold import fold
-    from stexport.loaders import reference_for_bundle
+    from stexport.build import aoti, torchscript
+    from stexport.runtime.backends import create
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.fold import fold
+    from stexport.build.loaders import reference_for_bundle
 
     torch.set_num_threads(args.threads)
     b = build_bundle(DEMO / "motion_adapter.pt", backbone="stexport-demo-vit",

@@ -1,4 +1,4 @@
-"""Decode + preprocess throughput of stexport.video on this machine (not a test: it prints figures).
+"""Decode + preprocess throughput of stexport.runtime.video on this machine (not a test: it prints figures).
 
     .venv/bin/python benchmarks/decode.py [--seconds 10] [--height 720] [--repeat 5]
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stexport.video import Sampling, decode
+from stexport.runtime.video import Sampling, decode
 
 
 def write(path: Path, seconds: float, height: int, fps: int = 30) -> Path:

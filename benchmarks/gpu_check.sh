@@ -135,9 +135,9 @@ if [ "$VITB16" -eq 1 ]; then
     step "ViT-B/16 (random weights, 12 adapters, 400 classes, 8 x 224): FP16 and INT8 bundles"
     run "$PY" - "$WORK/vitb16_adapter.pt" <<'EOF'
 import sys
-from stexport.backbone import shape_config
-from stexport.deltas import save_official
-from stexport.synthetic import random_deltas
+from stexport.build.backbone import shape_config
+from stexport.build.deltas import save_official
+from stexport.build.synthetic import random_deltas
 cfg = shape_config("ViT-B-16")
 save_official(sys.argv[1], random_deltas(cfg, width=cfg.width // 2, num_classes=400, pre_attn=False, pre_mlp=True))
 EOF
@@ -163,9 +163,9 @@ EOF
 # PyTorch FP16 eager: the reference model in half precision on the GPU, timed like `stexport bench`
 import json, sys, time
 import numpy as np, torch
-from stexport.bundle import Bundle
-from stexport.loaders import reference_for_bundle
-from stexport.reference import normalize
+from stexport.bundle.store import Bundle
+from stexport.build.loaders import reference_for_bundle
+from stexport.build.reference import normalize
 b = Bundle.load(sys.argv[1])
 iters = int(sys.argv[2])
 model = reference_for_bundle(b).half().cuda().eval()

@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from stexport.backbone import random_backbone
-from stexport.build import build_bundle
-from stexport.classify import Classifier
-from stexport.synthetic import random_deltas
-from stexport.video import decode
+from stexport.build.backbone import random_backbone
+from stexport.build.pipeline import build_bundle
+from stexport.runtime.classify import Classifier
+from stexport.build.synthetic import random_deltas
+from stexport.runtime.video import decode
 
 from decode import write  # benchmarks/decode.py
 

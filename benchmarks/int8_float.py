@@ -29,10 +29,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/stexport-int8-float"))
     args = ap.parse_args()
 
-    from stexport.bench import clips_for, time_runner
-    from stexport.backends import REGISTRY, create
-    from stexport.build import build_bundle
-    from stexport.verify import verify
+    from stexport.runtime.bench import clips_for, time_runner
+    from stexport.runtime.backends import REGISTRY, create
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.verify import verify
 
     data = args.work / "motion"
     for split, n in (("train", 64), ("val", args.val)):

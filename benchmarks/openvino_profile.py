@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ov_args import parser
 
-from stexport import bench
-from stexport.backends.openvino import import_openvino
-from stexport.bundle import Bundle
+from stexport.runtime import bench
+from stexport.runtime.backends.openvino import import_openvino
+from stexport.bundle.store import Bundle
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 
 Model: ViT-B/16 (random FP16-representable weights with non-zero biases and LayerNorm affines) + 12 ST-Adapters
 (12x384, before the MLP, kernel 3x1x1), 400 classes, 8 frames of 224 px, batch 1. Bundles are built with
-stexport.build.build_bundle into a temp dir (INT8 calibrated with minmax on --calib-clips smooth random clips).
+stexport.build.pipeline.build_bundle into a temp dir (INT8 calibrated with minmax on --calib-clips smooth random clips).
 Timing: one warm-up per runtime, then --rounds rounds that run every runtime once in turn (so load from other
 work on the machine hits all alike); the median per runtime is reported, with its ratio to eager FP32.
 Fidelity: each ORT variant against the reference on --eval-clips other clips (max |Δlogit|, cosine, top-1
@@ -52,13 +52,13 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="where bundles go (default: a temp dir)")
     args = ap.parse_args()
 
-    from stexport.backbone import random_backbone
-    from stexport.backends import create
-    from stexport.build import build_bundle
-    from stexport.deltas import Deltas, infer_spec
-    from stexport.reference import build_reference, normalize
-    from stexport.synthetic import random_deltas
-    from stexport.verify import compare
+    from stexport.build.backbone import random_backbone
+    from stexport.runtime.backends import create
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.deltas import Deltas, infer_spec
+    from stexport.build.reference import build_reference, normalize
+    from stexport.build.synthetic import random_deltas
+    from stexport.build.verify import compare
 
     torch.set_num_threads(args.threads)
     work = args.work or tempfile.mkdtemp(prefix="stexport-ort-bench-")

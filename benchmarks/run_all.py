@@ -28,10 +28,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stexport import bench
-from stexport.backends import REGISTRY
-from stexport.bundle import Bundle
-from stexport.verify import compare
+from stexport.runtime import bench
+from stexport.runtime.backends import REGISTRY
+from stexport.bundle.store import Bundle
+from stexport.build.verify import compare
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from decode import write  # benchmarks/decode.py: a generated video with moving content
@@ -69,8 +69,8 @@ ROWS = [
 def torch_runner(kind: str, bundle: Bundle):
     import torch
 
-    from stexport.loaders import reference_for_bundle
-    from stexport.reference import normalize
+    from stexport.build.loaders import reference_for_bundle
+    from stexport.build.reference import normalize
 
     ref = reference_for_bundle(bundle)
     if kind == "eager-bf16":
@@ -79,7 +79,7 @@ def torch_runner(kind: str, bundle: Bundle):
                 return ref(normalize(torch.from_numpy(clips))).float().numpy()
         return run, {"backend": "torch", "precision": "fp32 weights", "autocast": "bf16", "compute_precision": "bf16"}
     if kind == "folded":
-        from stexport.fold import fold
+        from stexport.build.fold import fold
 
         model = fold(ref)
 
@@ -133,9 +133,9 @@ def measure_row(kind: str, bundle: Bundle, options: dict, batches, iters, warmup
 
 
 def make_bundles(work: Path, backbone: str, videos: Path, rebuild: bool) -> dict[str, Bundle]:
-    from stexport.backbone import random_backbone
-    from stexport.build import build_bundle
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.synthetic import random_deltas
 
     bb, out = None, {}
     for p in ("fp32", "fp16", "int8", "int8att", "int8f16"):
@@ -162,7 +162,7 @@ def add_torchscript(bundle: Bundle) -> str | None:
     if bundle.has("torchscript"):
         return None
     try:
-        from stexport.torchscript import add_to_bundle
+        from stexport.build.torchscript import add_to_bundle
 
         add_to_bundle(bundle)
     except Exception as e:  # noqa: BLE001 - the row says why instead of ending the run
@@ -175,7 +175,7 @@ def add_aoti(bundle: Bundle) -> str | None:
     if bundle.has("aoti"):
         return None
     try:
-        from stexport.aoti import add_to_bundle
+        from stexport.build.aoti import add_to_bundle
 
         add_to_bundle(bundle)
     except Exception as e:  # noqa: BLE001 - the row says why instead of ending the run
@@ -185,7 +185,7 @@ def add_aoti(bundle: Bundle) -> str | None:
 
 def probe_clips(work: Path, videos: list[Path], bundle: Bundle) -> Path:
     """The first view of each generated video, decoded: the inputs every row's logits are compared on."""
-    from stexport.video import Sampling, decode_clips
+    from stexport.runtime.video import Sampling, decode_clips
 
     s = Sampling.from_manifest(bundle.manifest)
     path = work / "probe-clips.npy"
@@ -218,8 +218,8 @@ def demo_accuracy(work: Path, count: int, model: Path = DEMO) -> tuple[dict, str
     adapter, backbone = model / "motion_adapter.pt", model / "backbone.safetensors"
     if not (adapter.is_file() and backbone.is_file()):
         return {}, f"not measured: the trained demo model ({adapter}) is not there"
-    from stexport.build import build_bundle
-    from stexport.verify import GATES, verify
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.verify import GATES, verify
 
     data = work / "motion"
     for split, n in (("train", 64), ("val", count)):
@@ -235,7 +235,7 @@ def demo_accuracy(work: Path, count: int, model: Path = DEMO) -> tuple[dict, str
                                int8_float="fp16" if p == "int8f16" else None)
                for p in ("fp32", "fp16", "int8", "int8att", "int8f16")}
     if "torchscript" in REGISTRY:
-        from stexport.torchscript import add_to_bundle
+        from stexport.build.torchscript import add_to_bundle
 
         add_to_bundle(bundles["fp32"], pretrained=str(backbone))
     for name, p, opts in DEMO_RUNS:
@@ -260,8 +260,8 @@ def demo_accuracy(work: Path, count: int, model: Path = DEMO) -> tuple[dict, str
 def end_to_end(bundle: Bundle, backend: str, options: dict, videos: list[Path], rounds: int = 2) -> dict:
     """videos/s of `Classifier.classify_many` (decoding in its background thread) vs the backend alone on the
     same already-decoded views; best of `rounds` alternating rounds each."""
-    from stexport.classify import Classifier
-    from stexport.video import decode
+    from stexport.runtime.classify import Classifier
+    from stexport.runtime.video import decode
 
     with Classifier(bundle, backend=backend, **options) as clf:
         clips = [decode(str(p), clf.sampling).clips for p in videos]

@@ -59,16 +59,16 @@ def main() -> None:
     import ray
     import requests
 
-    from stexport.serve import ServeConfig, start, stop
-    from stexport.video import read_clip_list
+    from stexport.serving.app import ServeConfig, start, stop
+    from stexport.runtime.video import read_clip_list
 
     videos = [Path(v) for v, _ in read_clip_list(a.videos)]
     blobs = {v: v.read_bytes() for v in videos}
 
     # in-process: the work a replica does for one video (decode with one FFmpeg thread, then the model), run
     # before and after the endpoint rows so the machine's drift shows in both
-    from stexport.serve import Clips, ServingClassifier
-    from stexport.video import decode
+    from stexport.serving.app import Clips, ServingClassifier
+    from stexport.runtime.video import decode
 
     model = ServingClassifier(a.bundle, backend=a.backend)
     backend = model.clf.backend.name

@@ -60,9 +60,9 @@ def smooth_clips(n: int, size: int, frames: int = 8, seed: int = 0) -> np.ndarra
 
 def demo_setup(a, precision: str, w: Path):
     """(base, {task: full bundle}, second task's pack, clips, per-clip labels, pack build seconds): the demo."""
-    from stexport.build import build_bundle
-    from stexport.packing import build_pack
-    from stexport.video import Sampling, decode_clips, read_clip_list
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.packing import build_pack
+    from stexport.runtime.video import Sampling, decode_clips, read_clip_list
 
     bb = dict(backbone="stexport-demo-vit", pretrained=str(HERE / "backbone.safetensors"), force=True)
     extra = dict(calib=str(a.videos / "train.txt"), calib_clips=32) if precision == "int8" else {}
@@ -81,15 +81,15 @@ def demo_setup(a, precision: str, w: Path):
 
 def vitb16_setup(a, precision: str, w: Path):
     """The same on ViT-B/16 with random weights and two random tasks of the paper's size; labels None."""
-    from stexport.backbone import random_backbone
-    from stexport.build import build_bundle
-    from stexport.deltas import save_official
-    from stexport.packing import build_pack
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.deltas import save_official
+    from stexport.build.packing import build_pack
+    from stexport.build.synthetic import random_deltas
 
     if a.reuse and (w / "base" / "stexport.json").exists():
-        from stexport.bundle import Bundle
-        from stexport.taskpack import TaskPack
+        from stexport.bundle.store import Bundle
+        from stexport.bundle.taskpack import TaskPack
 
         base = Bundle.load(w / "base")
         full = {k: Bundle.load(w / f"full-{k}") for k in ("k400_like", "ssv2_like")}
@@ -132,7 +132,7 @@ def main() -> int:
     if a.model == "demo" and a.videos is None:
         ap.error("--videos DIR is needed for the demo model (examples/motion/generate.py writes one)")
     a.work = a.work or Path(f"/tmp/stexport-tasks-bench-{a.model}")
-    from stexport import backends
+    from stexport.runtime import backends
 
     os.environ.setdefault("STEXPORT_CALIB_CACHE", str(a.work / "calibration"))
     a.work.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def main() -> int:
             rr["ms_per_clip"] = {"plain_bundle": 1e3 * float(np.median(tp)), "pack_on_base": 1e3 * float(np.median(tq))}
             be_describe = be.describe()
             be.close()
-            imp = "from stexport import backends; from stexport.bundle import Bundle; import numpy as np\n"
+            imp = "from stexport import backends; from stexport.bundle.store import Bundle; import numpy as np\n"
             x_shape = f"np.zeros((1, {base.frames}, {base.size}, {base.size}, 3), np.uint8)"
             rr["describe"] = be_describe
             rr["rss_mb"] = {

@@ -27,9 +27,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
 
-    from stexport import backends
-    from stexport.bundle import Bundle
-    from stexport.torchscript import add_to_bundle
+    from stexport.runtime import backends
+    from stexport.bundle.store import Bundle
+    from stexport.build.torchscript import add_to_bundle
 
     base, full = Bundle.load(args.base), Bundle.load(args.full)
     for b in (base, full):

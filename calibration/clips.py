@@ -45,13 +45,13 @@ def choose(calib, count: int, seed: int = 0) -> ClipSet:
             raise StexportError(f"calibration clips must be uint8 (N, T, S, S, 3), got {calib.dtype} "
                                 f"{calib.shape}")
         return ClipSet(source=f"array {tuple(calib.shape)}", videos=[], arrays=calib)
-    from stexport.video import read_clip_list
+    from stexport.runtime.video import read_clip_list
 
     if count < 1:
         raise StexportError(f"--calib-clips {count}: need at least one calibration clip")
     path = Path(calib)
     if path.is_file() and path.suffix.lower() not in (".txt", ".csv", ".list", ".lst", ""):
-        from stexport.video import VIDEO_EXTS
+        from stexport.runtime.video import VIDEO_EXTS
 
         if path.suffix.lower() in VIDEO_EXTS:
             return ClipSet(source=str(path), videos=[path])
@@ -72,7 +72,7 @@ def batches(clips: ClipSet, sampling) -> Iterator[np.ndarray]:
         for a in clips.arrays:
             yield a[None]
         return
-    from stexport.video import decode_clips
+    from stexport.runtime.video import decode_clips
 
     for v in clips.videos:
         yield decode_clips(str(v), sampling)

@@ -19,11 +19,11 @@ from stexport.calibration.qdq import insert_qdq, quant_targets, ranges_by_node, 
 from stexport.calibration.ranges import PERCENTILE, RangeCollector
 from tqdm import tqdm
 
-from stexport.bundle import default_home
+from stexport.bundle.store import default_home
 from stexport.errors import StexportError
-from stexport.export import check, save
+from stexport.onnx_graph import check, save
 from stexport.fileutil import atomic_write_json
-from stexport.manifest import InputRecord
+from stexport.bundle.manifest import InputRecord
 
 log = logging.getLogger("stexport")
 
@@ -78,7 +78,7 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
     FP32 graph (as TensorRT's ModelOpt does), then the Q/DQ pairs go into the FP16 graph, which replaces the
     one at `onnx_path`: INT8 GEMMs with FP16 float parts (LayerNorm/Softmax statistics stay FP32 as the FP16
     graph has them). The file at `float_graph` is removed."""
-    from stexport.video import Sampling
+    from stexport.runtime.video import Sampling
 
     view = Sampling(frames=frames, size=size, **{k: sampling[k] for k in ("rate", "temporal_views",
                                                                            "spatial_views")})

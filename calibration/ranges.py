@@ -9,7 +9,7 @@ import numpy as np
 
 from stexport.errors import StexportError
 
-from stexport.names import CALIB_METHODS as METHODS  # noqa: E402 - one list for the CLI and here
+from stexport.build.names import CALIB_METHODS as METHODS  # noqa: E402 - one list for the CLI and here
 PERCENTILE = 99.999
 
 

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from stexport import __version__
+from stexport.version import __version__
 from stexport.cli import bench as bench_cmd
 from stexport.cli import build as build_cmd
 from stexport.cli import dump_clip as dump_clip_cmd

@@ -98,7 +98,7 @@ that stay float (patch embedding, attention, head) at the float rate.
     Timings on a shared machine are noisy: compare backends in one run, quote medians.
     """
     if list_options:
-        from stexport.backends import REGISTRY, options_help, options_of
+        from stexport.runtime.backends import REGISTRY, options_help, options_of
 
         if as_json:
             print_json({name: [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help,
@@ -107,7 +107,7 @@ that stay float (patch embedding, attention, head) at the float rate.
         else:
             typer.echo(options_help())
         return
-    from stexport.bench import bench as run
+    from stexport.runtime.bench import bench as run
     from stexport.errors import StexportError
 
     if bundle is None:
@@ -116,8 +116,8 @@ that stay float (patch embedding, attention, head) at the float rate.
     if threads:
         opts["threads"] = threads
     if task is not None:
-        from stexport.bundle import Bundle
-        from stexport.taskpack import TaskPack
+        from stexport.bundle.store import Bundle
+        from stexport.bundle.taskpack import TaskPack
 
         TaskPack.load(task).check_fits(Bundle.load(bundle))  # refused here, in one line, before the child
     import logging

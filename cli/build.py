@@ -93,11 +93,11 @@ def build(
     tensor) with ranges calibrated on real videos decoded exactly as `stexport infer` decodes them; results
     are cached by model and clip set.
     """
-    from stexport.build_options import BuildOptions
+    from stexport.build.options import BuildOptions
 
     sampling = {} if rate is None else {"rate": rate}
     if views:
-        from stexport.video import parse_views
+        from stexport.runtime.video import parse_views
 
         sampling["temporal_views"], sampling["spatial_views"] = parse_views(views)
     options = BuildOptions(adapter=adapter, backbone=backbone, pretrained=pretrained, precision=precision,
@@ -109,15 +109,15 @@ def build(
     from stexport.extras import require
 
     require("stexport build", "torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors")
-    from stexport.build import build_bundle  # torch and open_clip load here, after every cheap check
+    from stexport.build.pipeline import build_bundle  # torch and open_clip load here, after every cheap check
 
     b = build_bundle(options=options)
     if torchscript:
-        from stexport.torchscript import add_to_bundle
+        from stexport.build.torchscript import add_to_bundle
 
         add_to_bundle(b)
     if aoti:
-        from stexport.aoti import add_to_bundle as add_aoti
+        from stexport.build.aoti import add_to_bundle as add_aoti
 
         add_aoti(b)
     engine_note = None

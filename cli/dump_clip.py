@@ -62,7 +62,7 @@ def dump_clip(
     """
     from stexport.cli.infer import pick_bundle
     from stexport.errors import StexportError
-    from stexport.video import Sampling, decode, with_views
+    from stexport.runtime.video import Sampling, decode, with_views
 
     if out.exists() and not force:
         raise StexportError(f"{out}: already exists; pass --force to replace it, or choose another --out")

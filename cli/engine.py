@@ -50,7 +50,7 @@ def engine(
     """
     from stexport.trt_engines.engine import build_for_bundle
 
-    from stexport.bundle import Bundle
+    from stexport.bundle.store import Bundle
 
     b = Bundle.load(bundle)
     rec, built = build_for_bundle(b, batch=batch, workspace_gb=workspace_gb, opt_level=opt_level, force=force,

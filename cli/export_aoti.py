@@ -44,8 +44,8 @@ def export_aoti(
     against the deploy model before the file appears (in one rename). Compiling takes ~40 s for the demo
     model and minutes for ViT-B/16 on a laptop CPU.
     """
-    from stexport.aoti import add_to_bundle
-    from stexport.bundle import Bundle
+    from stexport.build.aoti import add_to_bundle
+    from stexport.bundle.store import Bundle
 
     b = add_to_bundle(Bundle.load(bundle), force=force, precision=precision, device=device,
                       pretrained=pretrained)

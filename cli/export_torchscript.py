@@ -45,11 +45,11 @@ def export_torchscript(
     stay preserved attributes of the frozen module (forward: the bundle's own task, what a C++ host calls)
     and `forward_task(x, tensors)` runs any pack's, per call.
     """
-    from stexport.bundle import Bundle
+    from stexport.bundle.store import Bundle
     from stexport.extras import require
 
     require("stexport export-torchscript", "torch", "torchvision", "open_clip", "safetensors")
-    from stexport.torchscript import add_to_bundle
+    from stexport.build.torchscript import add_to_bundle
 
     b = add_to_bundle(Bundle.load(bundle), force=force, precision=precision, pretrained=pretrained)
     rec = b.manifest.torchscript

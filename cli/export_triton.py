@@ -56,8 +56,8 @@ def export_triton(
     exactly as `stexport dump-clip` does (the repository's README spells out the sampling). The repository
     appears in one rename; an existing one is only replaced with --force.
     """
-    from stexport.bundle import Bundle
-    from stexport.triton import TritonOptions, export_repository
+    from stexport.bundle.store import Bundle
+    from stexport.build.triton import TritonOptions, export_repository
 
     b = Bundle.load(bundle)
     opts = TritonOptions(backend=backend, name=name, max_batch=max_batch, instances=instances, threads=threads,

@@ -44,7 +44,7 @@ def expand(inputs: list[str]) -> list[str]:
     Never raises for one input: what is not a video (a directory without videos, a FIFO, a missing file) stays
     in the list and is reported in its turn, so the other videos still run."""
     from stexport.errors import StexportError
-    from stexport.video import is_live, read_clip_list
+    from stexport.runtime.video import is_live, read_clip_list
 
     out: list[str] = []
     for item in inputs:
@@ -64,7 +64,7 @@ def expand(inputs: list[str]) -> list[str]:
 
 
 def pick_bundle(model: Path | None):
-    from stexport.bundle import Bundle, default_home, newest
+    from stexport.bundle.store import Bundle, default_home, newest
     from stexport.errors import StexportError
 
     if model is not None:
@@ -184,9 +184,9 @@ paths, or --ship-bundle), with results identical to a local run.
     """
     from tqdm import tqdm
 
-    from stexport.classify import Classifier, Failure, NonFiniteOutput
+    from stexport.runtime.classify import Classifier, Failure, NonFiniteOutput
     from stexport.errors import StexportError
-    from stexport.video import Sampling, VideoError, with_views
+    from stexport.runtime.video import Sampling, VideoError, with_views
 
     videos = list(videos or [])
     if ray_address is not None and not RAY_ADDRESS.match(ray_address):
@@ -206,7 +206,7 @@ paths, or --ship-bundle), with results identical to a local run.
     bundle = pick_bundle(model)
     pack = None
     if task is not None:
-        from stexport.taskpack import TaskPack
+        from stexport.bundle.taskpack import TaskPack
 
         pack = TaskPack.load(task)
         pack.check_fits(bundle)
@@ -257,7 +257,7 @@ paths, or --ship-bundle), with results identical to a local run.
                 report(item)
                 bar.update()
         else:
-            from stexport.video import display
+            from stexport.runtime.video import display
 
             for source in sources:
                 if not as_json:
@@ -281,10 +281,10 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
     loaded TaskPack to run (every worker loads it once, by its path)."""
     from tqdm import tqdm
 
-    from stexport import backends
-    from stexport.batch import DEFAULT_BATCH, ClassifierSpec
+    from stexport.runtime import backends
+    from stexport.runtime.batch import DEFAULT_BATCH, ClassifierSpec
     from stexport.errors import StexportError
-    from stexport.results import ResultsFile
+    from stexport.runtime.results import ResultsFile
 
     spec = ClassifierSpec(str(bundle.path), backend=backend, options=options,
                           labels=str(labels.resolve()) if labels else None, sampling=sampling, top_k=top_k,
@@ -330,7 +330,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
     started = False
     try:
         if ray_address is not None:
-            from stexport import ray_infer
+            from stexport.serving import ray_data as ray_infer
 
             started = ray_infer.connect(None if ray_address == "local" else ray_address)
             items = (row for _, row in ray_infer.classify(spec, todo, workers, worker_cpus, ship_bundle))

@@ -44,11 +44,11 @@ def inspect(
         return _inspect_task(task, base, as_json)
     if adapter is None:
         raise StexportError("pass --adapter CHECKPOINT (or --task PACK)")
-    from stexport.names import check_backbone, fitting_backbones
+    from stexport.build.names import check_backbone, fitting_backbones
 
     base_bundle = None
     if base is not None:
-        from stexport.bundle import Bundle
+        from stexport.bundle.store import Bundle
 
         base_bundle = Bundle.load(base)
     backbone = backbone or (base_bundle.manifest.model.backbone.name if base_bundle else "ViT-B-16")
@@ -57,9 +57,9 @@ def inspect(
     from stexport.extras import require
 
     require("stexport inspect (reading checkpoints)", "torch", "safetensors")
-    from stexport.backbone import (config_activation_reason, model_config, official_layout_warning,
+    from stexport.build.backbone import (config_activation_reason, model_config, official_layout_warning,
                                    register_configs)
-    from stexport.deltas import check_fits, load_deltas
+    from stexport.build.deltas import check_fits, load_deltas
 
     deltas = load_deltas(adapter)
     spec = deltas.spec
@@ -67,7 +67,7 @@ def inspect(
     cfg = model_config(backbone)
     bb_params, fit_error, vit = None, None, None
     try:
-        from stexport.backbone import random_backbone
+        from stexport.build.backbone import random_backbone
 
         bb = random_backbone(backbone, fp16_round=False)  # shapes only; nothing is downloaded
         vit, bb_params = bb.config, bb.num_params()
@@ -96,7 +96,7 @@ def inspect(
                                    "state-dict entries, the 'openai' tag) and then uses QuickGELU")
     base_error = None
     if base_bundle is not None:
-        from stexport.packing import spec_mismatch
+        from stexport.build.packing import spec_mismatch
 
         m = base_bundle.manifest
         base_error = ("not a swappable bundle (rebuild it with `stexport build --swappable`)" if m.tasks is None
@@ -131,13 +131,13 @@ def inspect(
 
 
 def _inspect_task(task: Path, base: Path | None, as_json: bool) -> None:
-    from stexport.taskpack import TaskPack
+    from stexport.bundle.taskpack import TaskPack
 
     p = TaskPack.load(task)
     r = p.record
     why = None
     if base is not None:
-        from stexport.bundle import Bundle
+        from stexport.bundle.store import Bundle
 
         why = p.mismatch(Bundle.load(base))
     spec, b = r.adapter.spec, r.base

@@ -57,7 +57,7 @@ def pack(
     head has rows, is refused before any export.
     """
     check_adapter_file(adapter)
-    from stexport.bundle import Bundle
+    from stexport.bundle.store import Bundle
     from stexport.errors import StexportError
 
     b = Bundle.load(base)
@@ -67,11 +67,11 @@ def pack(
         raise StexportError(f"{calib}: no such clip list, directory or video (--calib)")
     if labels is not None and not labels.is_file():
         raise StexportError(f"{labels}: no such labels file (--labels: one class name per line)")
-    from stexport.packing import build_pack
+    from stexport.build.packing import build_pack
 
     sampling = {} if rate is None else {"rate": rate}
     if views:
-        from stexport.video import parse_views
+        from stexport.runtime.video import parse_views
 
         sampling["temporal_views"], sampling["spatial_views"] = parse_views(views)
     p = build_pack(adapter, b, out=out, sampling=sampling, calib=str(calib) if calib else None, calib_clips=calib_clips,

@@ -80,7 +80,7 @@ def serve(
     refused. Every bad request gets a 4xx JSON {"error": ...}; the server keeps serving. Ctrl-C stops it.
     Needs `pip install 'stexport[serve]'`.
     """
-    from stexport import serve as srv
+    from stexport.serving import app as srv
 
     srv.require_serve()
     options = parse_options(option)

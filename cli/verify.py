@@ -62,12 +62,12 @@ def verify(
     import dataclasses
     import json
 
-    from stexport.bundle import Bundle
+    from stexport.bundle.store import Bundle
     from stexport.extras import require
 
     require("stexport verify (the PyTorch reference)", "torch", "torchvision", "open_clip", "safetensors")
-    from stexport.verify import GATES, format_report
-    from stexport.verify import verify as run_verify
+    from stexport.build.verify import GATES, format_report
+    from stexport.build.verify import verify as run_verify
 
     b = Bundle.load(bundle)
     gate = GATES.get(b.precision, GATES["fp32"])

@@ -23,24 +23,26 @@ The Python API for classifying videos (imports no torch; heavy modules load on f
 - `StexportError`: every error stexport raises on purpose (bad input, bundle, backend, option).
 """
 
-__version__ = "0.1.0"
+from stexport import _moved
+from stexport.errors import StexportError
+from stexport.version import __version__
 
-from stexport.errors import StexportError  # noqa: E402
+_moved.install()
 
 _LAZY = {
-    "ClassifierSpec": "stexport.batch",
-    "Classifier": "stexport.classify",
-    "Result": "stexport.classify",
-    "Failure": "stexport.classify",
-    "Sampling": "stexport.video",
-    "VideoError": "stexport.video",
+    "ClassifierSpec": "stexport.runtime.batch",
+    "Classifier": "stexport.runtime.classify",
+    "Result": "stexport.runtime.classify",
+    "Failure": "stexport.runtime.classify",
+    "Sampling": "stexport.runtime.video",
+    "VideoError": "stexport.runtime.video",
 }
 
 
 def open(bundle, backend: str = "auto", **kw):  # noqa: A001 - stexport.open(bundle) reads as intended
     """An open Classifier: `stexport.open(bundle, backend, labels=, sampling=, top_k=, batch_size=,
     decode_threads=, **backend_options)`; the same as ClassifierSpec(...).open() with options as keywords."""
-    from stexport.batch import spec_from
+    from stexport.runtime.batch import spec_from
 
     return spec_from(bundle, backend=backend, **kw).open()
 

@@ -1,11 +1,14 @@
-"""Small ONNX graph helpers shared by the export (stexport.export) and the INT8 rewrite (calibration.qdq)."""
+"""Small ONNX graph helpers (no torch) shared by the export (stexport.build.export), task graphs
+(stexport.bundle.task_graph) and the INT8 rewrite (calibration.qdq): saving, checking, ordering."""
 
 from __future__ import annotations
 
 import heapq
+from pathlib import Path
 
 import onnx
 
+from stexport import interrupt
 from stexport.errors import StexportError
 
 
@@ -41,3 +44,36 @@ def stable_topo(nodes: list[onnx.NodeProto], rank: dict[int, float],
     if len(out) != len(nodes):
         raise StexportError("graph rewrite left a cycle or a dangling input (a bug in stexport)")
     return out
+
+
+def save(proto: onnx.ModelProto, path: Path, external_data: bool = False) -> None:
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external_data:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def check(path: Path) -> None:
+    """onnx.checker full check (with shape inference) on the saved file; raises StexportError on failure."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001
+        interrupt.reraise(e)
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise StexportError(f"{path}: the exported graph fails onnx.checker ({why})") from e
+
+
+def external_files(path: Path) -> list[str]:
+    """Names of the external-data files `path` refers to (empty when the weights are inline)."""
+    m = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                names.add(e.value)
+    return sorted(names)

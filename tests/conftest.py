@@ -68,9 +68,9 @@ TINY_ADAPTER = {"width": 32, "kernel": (3, 1, 1), "num_classes": 10, "pre_attn":
 def tiny_adapter(tmp_path_factory):
     """Path of an official-layout checkpoint with random deltas for `stexport-tiny-vit` (TINY_ADAPTER: 2x32
     adapters before the MLP, kernel (3,1,1), 10 classes)."""
-    from stexport.backbone import random_backbone
-    from stexport.deltas import save_official
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.deltas import save_official
+    from stexport.build.synthetic import random_deltas
 
     path = tmp_path_factory.mktemp("tiny_adapter") / "tiny.pt"
     save_official(path, random_deltas(random_backbone("stexport-tiny-vit").config, **TINY_ADAPTER))
@@ -79,11 +79,11 @@ def tiny_adapter(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_adapter):
-    """A tiny FP32 bundle, built once per test session with stexport.build.build_bundle from `tiny_adapter` on
+    """A tiny FP32 bundle, built once per test session with stexport.build.pipeline.build_bundle from `tiny_adapter` on
     `stexport-tiny-vit` with `--pretrained none` (seeded random backbone): 8 frames × 32 px, uint8 BTHWC
     input, model.onnx + deltas.safetensors + labels.txt (class_0…class_9) + stexport.json. Returns a Bundle.
     Read-only: copy it first (shutil.copytree(tiny_bundle.path, tmp_path / "b")) to change or extend it."""
-    from stexport.build import build_bundle
+    from stexport.build.pipeline import build_bundle
 
     out = tmp_path_factory.mktemp("tiny_bundle") / "tiny-fp32"
     return build_bundle(tiny_adapter, backbone="stexport-tiny-vit", pretrained="none", precision="fp32",
@@ -136,11 +136,11 @@ def onnx_variants(tmp_path_factory):
     records a seeded random backbone, without trained_like's changes."""
     import os
 
-    from stexport.backbone import random_backbone
-    from stexport.build import build_bundle
-    from stexport.deltas import Deltas, infer_spec
-    from stexport.reference import build_reference
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.deltas import Deltas, infer_spec
+    from stexport.build.reference import build_reference
+    from stexport.build.synthetic import random_deltas
 
     root = tmp_path_factory.mktemp("onnx_variants")
     old = os.environ.get("STEXPORT_CALIB_CACHE")

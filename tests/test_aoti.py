@@ -14,8 +14,8 @@ from conftest import host, logits_of, smooth_clips, write_video
 from stexport.cli.app import app
 from typer.testing import CliRunner
 
-from stexport import backends
-from stexport.bundle import Bundle
+from stexport.runtime import backends
+from stexport.bundle.store import Bundle
 
 runner = CliRunner()
 

@@ -10,16 +10,16 @@ import pytest
 from stexport.cli.app import app
 from typer.testing import CliRunner
 
-from stexport.bench import clip_flops, compute_precision, model_flops, summarize, time_runner
+from stexport.runtime.bench import clip_flops, compute_precision, model_flops, summarize, time_runner
 
 FRAMES = 4
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from stexport.backbone import random_backbone
-    from stexport.build import build_bundle
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.synthetic import random_deltas
 
     bb = random_backbone("stexport-tiny-vit")
     sd = random_deltas(bb.config, width=32, num_classes=10, pre_attn=True)
@@ -57,10 +57,10 @@ def test_flops_match_torch_counter(kernel):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stexport.backbone import random_backbone
-    from stexport.deltas import Deltas, infer_spec
-    from stexport.reference import build_reference
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.deltas import Deltas, infer_spec
+    from stexport.build.reference import build_reference
+    from stexport.build.synthetic import random_deltas
 
     bb = random_backbone("stexport-demo-vit")
     sd = random_deltas(bb.config, width=48, kernel=kernel, num_classes=7, pre_attn=True, blocks=[0, 2])

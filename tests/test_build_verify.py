@@ -14,16 +14,16 @@ from onnx import numpy_helper
 from stexport.cli.app import app
 from typer.testing import CliRunner
 
-from stexport.backbone import random_backbone
-from stexport.backends import create, resolve
-from stexport.build import build_bundle
-from stexport.bundle import Bundle
-from stexport.deltas import Deltas, infer_spec
+from stexport.build.backbone import random_backbone
+from stexport.runtime.backends import create, resolve
+from stexport.build.pipeline import build_bundle
+from stexport.bundle.store import Bundle
+from stexport.build.deltas import Deltas, infer_spec
 from stexport.errors import StexportError
-from stexport.loaders import reference_for_bundle
-from stexport.reference import build_reference, normalize
-from stexport.synthetic import random_deltas
-from stexport.verify import GATES, compare
+from stexport.build.loaders import reference_for_bundle
+from stexport.build.reference import build_reference, normalize
+from stexport.build.synthetic import random_deltas
+from stexport.build.verify import GATES, compare
 
 runner = CliRunner()
 TINY = "stexport-tiny-vit"
@@ -216,7 +216,7 @@ def test_verify_bad_input_exit_2(tiny_bundle, videos, tmp_path):
 
 
 def test_verify_without_a_runtime_says_what_to_install(tiny_bundle, videos, monkeypatch):
-    monkeypatch.setattr("stexport.backends.AUTO_ORDER", [])
+    monkeypatch.setattr("stexport.runtime.backends.AUTO_ORDER", [])
     r = cli("verify", tiny_bundle.path, "--clips", videos / "list.txt")
     assert r.exit_code == 2 and "pip install onnxruntime" in r.output and "Traceback" not in r.output
 
@@ -225,7 +225,7 @@ def test_gates_per_precision():
     ref = np.random.default_rng(0).normal(size=(100, 10)).astype(np.float32)
     m = compare(ref, ref + 1e-5)
     assert m["max_abs"] < 2e-5 and m["top1_agreement"] == 1.0 and m["top5_agreement"] == 1.0
-    from stexport.verify import judge
+    from stexport.build.verify import judge
 
     assert all(c["passed"] for c in judge("fp32", m, GATES["fp32"]))
     flipped = ref.copy()
@@ -336,8 +336,8 @@ def huge_activation_backbone():
 
 
 def test_fp16_build_refuses_activations_beyond_fp16(tmp_path):
-    from stexport.fold import fold
-    from stexport.fp16_check import generated_clips
+    from stexport.build.fold import fold
+    from stexport.build.fp16_check import generated_clips
 
     bb = huge_activation_backbone()
     sd = random_deltas(bb.config, width=32, num_classes=10)

@@ -18,8 +18,8 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from stexport.backends import create
-from stexport.bundle import TEMP_MARK, Bundle, clean_stale, newest, writing
+from stexport.runtime.backends import create
+from stexport.bundle.store import TEMP_MARK, Bundle, clean_stale, newest, writing
 from stexport.cli.app import app
 from stexport.errors import BundleChanged, StexportError
 
@@ -56,7 +56,7 @@ def test_a_changed_model_never_runs(tiny_bundle, tmp_path, make_video):
 
 
 def test_the_verified_hash_is_cached_and_rechecked_when_the_file_changes(tiny_bundle, tmp_path, monkeypatch):
-    import stexport.bundle as bundle_mod
+    import stexport.bundle.store as bundle_mod
 
     monkeypatch.setenv("STEXPORT_HOME", str(tmp_path / "home"))
     b = tmp_path / "b"
@@ -143,7 +143,7 @@ def test_stale_dirs_of_live_processes_are_kept(tmp_path):
 
 
 def test_bundles_respect_the_umask(tiny_adapter, tmp_path):
-    from stexport.build import build_bundle
+    from stexport.build.pipeline import build_bundle
 
     old = os.umask(0o027)
     try:

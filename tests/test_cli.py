@@ -43,9 +43,9 @@ def strict_json(text: str):
 @pytest.fixture(scope="module")
 def vitb_adapter(tmp_path_factory):
     """A small random adapter (width 8, 4 classes) that fits ViT-B-16 (width 768, 12 blocks)."""
-    from stexport.backbone import shape_config
-    from stexport.deltas import save_official
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import shape_config
+    from stexport.build.deltas import save_official
+    from stexport.build.synthetic import random_deltas
 
     path = tmp_path_factory.mktemp("vitb") / "vitb.pt"
     save_official(path, random_deltas(shape_config("ViT-B-16"), width=8, num_classes=4))
@@ -102,7 +102,7 @@ def _fake_tag(monkeypatch, tmp_path, backbone):
 def test_tag_weights_come_from_the_cache_offline(monkeypatch, tmp_path):
     import torch
 
-    from stexport.backbone import load_backbone, random_backbone
+    from stexport.build.backbone import load_backbone, random_backbone
     from stexport.errors import StexportError
 
     want = random_backbone(TINY, seed=3)
@@ -175,7 +175,7 @@ print(json.dumps({"results": out, "torch": "torch" in sys.modules, "open_clip": 
 
 
 def test_only_accepted_backbones_are_listed_or_suggested():
-    from stexport import names
+    from stexport.build import names
 
     accepted = names.accepted()
     assert "ViT-B-16" in accepted and "stexport-demo-vit" in accepted
@@ -184,7 +184,7 @@ def test_only_accepted_backbones_are_listed_or_suggested():
         assert all(s in accepted for s in names.suggest(typo)), typo
     assert names.suggest("vit-b-16")[0] == "ViT-B-16"
     # the shapes read from the files are the shapes open_clip builds
-    from stexport.backbone import random_backbone, shape_config
+    from stexport.build.backbone import random_backbone, shape_config
 
     for name in ("stexport-demo-vit", TINY):
         built, read = random_backbone(name, fp16_round=False).config, shape_config(name)
@@ -280,7 +280,7 @@ def test_an_interrupt_wrapped_by_a_library_stays_an_interrupt(tmp_path):
     must not report it as 'ONNX export failed'."""
     import torch
 
-    from stexport.export import export_onnx
+    from stexport.build.export import export_onnx
 
     class Wrapped(torch.nn.Module):
         image_size, input_format = 8, "float"
@@ -377,8 +377,8 @@ def test_help_keeps_paragraphs_whole_and_flags_without_placeholders(command):
 # --- 9. verify's reference: batched across videos, cached -------------------------------------------------
 
 def test_verify_batches_and_caches_the_reference(tiny_bundle, videos, tmp_path, monkeypatch):
-    from stexport.backends.torch_ref import TorchBackend
-    from stexport.verify import verify
+    from stexport.build.torch_backend import TorchBackend
+    from stexport.build.verify import verify
 
     calls = []
     real = TorchBackend.run
@@ -399,7 +399,7 @@ def test_verify_batches_and_caches_the_reference(tiny_bundle, videos, tmp_path, 
     assert sum(calls) == 15
     # unbatched reference logits (one video per call) agree with the batched ones
     ref = TorchBackend(tiny_bundle)
-    from stexport.video import Sampling, decode_clips
+    from stexport.runtime.video import Sampling, decode_clips
 
     s = Sampling.from_manifest(tiny_bundle.manifest)
     import numpy as np

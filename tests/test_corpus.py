@@ -81,7 +81,7 @@ def test_spec_pickles_and_import_stays_light(tiny_bundle):
     with pytest.raises(stexport.StexportError, match="batch_size=0"):
         stexport.ClassifierSpec(str(tiny_bundle.path), batch_size=0)
     code = ("import sys, stexport\nspec = stexport.ClassifierSpec('b')\n"
-            "heavy = [m for m in ('torch', 'onnxruntime', 'openvino', 'cv2', 'ray', 'stexport.classify') "
+            "heavy = [m for m in ('torch', 'onnxruntime', 'openvino', 'cv2', 'ray', 'stexport.runtime.classify') "
             "if m in sys.modules]\nprint(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -194,8 +194,8 @@ def test_ray_ships_the_bundle_to_workers_that_lack_it(ray_cluster, tiny_bundle, 
     (here the actor runs in this process after the path is gone)."""
     import ray
 
-    from stexport import ray_infer
-    from stexport.batch import ClassifierSpec
+    from stexport.serving import ray_data as ray_infer
+    from stexport.runtime.batch import ClassifierSpec
 
     copy = Path(shutil.copytree(tiny_bundle.path, tmp_path / "bundle"))
     shipped = ray.put(ray_infer._bundle_files(str(copy)))
@@ -211,7 +211,7 @@ def test_ray_ships_the_bundle_to_workers_that_lack_it(ray_cluster, tiny_bundle, 
 
 
 def _sampling(bundle):
-    from stexport.video import Sampling
+    from stexport.runtime.video import Sampling
 
     return Sampling.from_manifest(bundle.manifest)
 

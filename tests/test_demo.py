@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from stexport.backbone import load_backbone
-from stexport.deltas import AdapterSpec, load_deltas
-from stexport.reference import build_reference, normalize
-from stexport.video import Sampling, decode, decode_clips, frame_indices, read_clip_list
+from stexport.build.backbone import load_backbone
+from stexport.build.deltas import AdapterSpec, load_deltas
+from stexport.build.reference import build_reference, normalize
+from stexport.runtime.video import Sampling, decode, decode_clips, frame_indices, read_clip_list
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "motion"
 sys.path.insert(0, str(DEMO))
@@ -131,7 +131,7 @@ def test_demo_bundle_passes_verify(clips, precision, gate, tmp_path):
     from stexport.cli.app import app
     from typer.testing import CliRunner
 
-    from stexport.build import build_bundle
+    from stexport.build.pipeline import build_bundle
 
     b = build_bundle(DEMO / "motion_adapter.pt", backbone=BACKBONE, pretrained=str(DEMO / "backbone.safetensors"),
                      precision=precision, labels=DEMO / "labels.txt", sampling=DEMO_VIEWS, out=tmp_path / "b",

@@ -12,13 +12,14 @@ from conftest import smooth_clips, trained_like
 from onnx import TensorProto
 from stexport.trt_engines.onnx_support import tensor_types
 
-from stexport.backbone import random_backbone
-from stexport.backends import create
-from stexport.bundle import Bundle
+from stexport.build.backbone import random_backbone
+from stexport.runtime.backends import create
+from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
-from stexport.export import export_onnx, external_files
-from stexport.fold import fold
-from stexport.reference import normalize
+from stexport.build.export import export_onnx
+from stexport.onnx_graph import external_files
+from stexport.build.fold import fold
+from stexport.build.reference import normalize
 
 
 def reference_logits(ref, clips: np.ndarray) -> np.ndarray:
@@ -134,7 +135,7 @@ def test_fp16_scales_never_round_below_or_to_zero():
 
 
 def test_int8_float_option_defaults_and_checks(tiny_adapter):
-    from stexport.build_options import BuildOptions
+    from stexport.build.options import BuildOptions
 
     base = dict(adapter=tiny_adapter, backbone="stexport-tiny-vit", pretrained="none", calib=tiny_adapter)
     assert BuildOptions(precision="int8", **base).int8_float == "fp32"  # CPU runtimes
@@ -147,9 +148,9 @@ def test_int8_float_option_defaults_and_checks(tiny_adapter):
 
 
 def test_external_data_round_trip(tmp_path):
-    from stexport.deltas import Deltas, infer_spec
-    from stexport.reference import build_reference
-    from stexport.synthetic import random_deltas
+    from stexport.build.deltas import Deltas, infer_spec
+    from stexport.build.reference import build_reference
+    from stexport.build.synthetic import random_deltas
 
     bb = trained_like(random_backbone("stexport-tiny-vit"))
     sd = random_deltas(bb.config, width=32)
@@ -173,7 +174,7 @@ def test_ort_backend_options(tiny_bundle):
             b.run(np.zeros((1, 4, 32, 32, 3), np.uint8))
     with pytest.raises(StexportError, match="opt_level='max': choose one of disable, basic, extended, all"):
         create("onnxruntime", tiny_bundle, opt_level="max")
-    from stexport.device import gpu_visible
+    from stexport.runtime.device import gpu_visible
 
     if not gpu_visible():
         with pytest.raises(StexportError, match="--device cuda"):

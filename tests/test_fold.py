@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import trained_like
 
-from stexport.backbone import random_backbone
-from stexport.deltas import Deltas, infer_spec
-from stexport.fold import fold
-from stexport.reference import build_reference, normalize
-from stexport.synthetic import random_deltas
+from stexport.build.backbone import random_backbone
+from stexport.build.deltas import Deltas, infer_spec
+from stexport.build.fold import fold
+from stexport.build.reference import build_reference, normalize
+from stexport.build.synthetic import random_deltas
 
 TINY = "stexport-tiny-vit"
 

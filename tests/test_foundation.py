@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stexport.backbone import load_backbone, random_backbone, read_state_dict
-from stexport.deltas import AdapterSpec, check_fits, infer_spec, load_deltas, save_official
+from stexport.build.backbone import load_backbone, random_backbone, read_state_dict
+from stexport.build.deltas import AdapterSpec, check_fits, infer_spec, load_deltas, save_official
 from stexport.errors import StexportError
-from stexport.reference import build_reference
-from stexport.synthetic import random_deltas
+from stexport.build.reference import build_reference
+from stexport.build.synthetic import random_deltas
 
 TINY = "stexport-tiny-vit"
 
@@ -131,7 +131,7 @@ def test_reference_matches_plain_forward_tiny(tiny):
     for pre_attn in (False, True):
         sd = random_deltas(tiny.config, width=32, kernel=(3, 3, 3), pre_attn=pre_attn, num_classes=11, seed=3)
         spec = infer_spec(sd)
-        from stexport.deltas import Deltas
+        from stexport.build.deltas import Deltas
 
         model = build_reference(tiny, Deltas(spec, sd))
         x = torch.randn(2, 3, 4, 32, 32)
@@ -167,7 +167,7 @@ def test_zero_adapters_reduce_to_image_model(tiny):
     for k in sd:
         if "fc2" in k:
             sd[k].zero_()
-    from stexport.deltas import Deltas
+    from stexport.build.deltas import Deltas
 
     model = build_reference(tiny, Deltas(infer_spec(sd), sd))
     x = torch.randn(1, 3, 2, 32, 32)

@@ -15,13 +15,13 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_video
-from stexport import backends
-from stexport.classify import Classifier, Failure, softmax
+from stexport.runtime import backends
+from stexport.runtime.classify import Classifier, Failure, softmax
 from stexport.cli.app import app
 from stexport.errors import StexportError
-from stexport.loaders import reference_for_bundle
-from stexport.reference import normalize
-from stexport.video import Sampling, decode_clips
+from stexport.build.loaders import reference_for_bundle
+from stexport.build.reference import normalize
+from stexport.runtime.video import Sampling, decode_clips
 
 @pytest.fixture
 def bundle(tiny_bundle):

@@ -71,10 +71,10 @@ def test_base_install_infers_like_the_full_one_without_torch(base_env, tiny_bund
 def test_base_install_runs_task_packs(base_env, make_video, tmp_path):
     """A task pack on a swappable base, INT8 and FP32, from the base install (safetensors reads the pack, onnx
     writes a task's tensors into the graph): the same top-5 as the full install, no torch."""
-    from stexport.build import build_bundle
-    from stexport.packing import build_pack
-    from stexport.synthetic import random_deltas
-    from stexport.backbone import random_backbone
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.packing import build_pack
+    from stexport.build.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
 
     from conftest import smooth_clips
 

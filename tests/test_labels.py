@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stexport.errors import StexportError
-from stexport.labels import resolve_labels
+from stexport.bundle.labels import resolve_labels
 
 
 def test_kinetics_400_in_official_order():

@@ -17,11 +17,11 @@ import pytest
 if importlib.util.find_spec("openvino") is None:  # not importorskip: a plain `import openvino` phones home
     pytest.skip("OpenVINO is not installed", allow_module_level=True)
 
-from stexport.backends import create, resolve
-from stexport.backends.openvino import OpenVINOBackend, default_cache_dir, import_openvino
-from stexport.bundle import Bundle
+from stexport.runtime.backends import create, resolve
+from stexport.runtime.backends.openvino import OpenVINOBackend, default_cache_dir, import_openvino
+from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
-from stexport.verify import GATES, compare, judge
+from stexport.build.verify import GATES, compare, judge
 
 FRAMES = 4
 
@@ -44,9 +44,9 @@ def videos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, videos):
     """Tiny fp32 / fp16 / int8 bundles of one random model (int8 calibrated on the calibration videos)."""
-    from stexport.backbone import random_backbone
-    from stexport.build import build_bundle
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.synthetic import random_deltas
 
     root = tmp_path_factory.mktemp("ov")
     bb = random_backbone("stexport-tiny-vit")
@@ -63,7 +63,7 @@ def bundles(tmp_path_factory, videos):
 @pytest.fixture(scope="module")
 def clips(bundles, videos):
     """The test videos decoded as `infer` and `verify` decode them: (9 views, T, 32, 32, 3)."""
-    from stexport.video import Sampling, decode_clips
+    from stexport.runtime.video import Sampling, decode_clips
 
     s = Sampling.from_manifest(bundles["fp32"].manifest)
     return np.concatenate([decode_clips(str(p), s) for p in sorted((videos / "test").glob("*.mp4"))])
@@ -119,8 +119,8 @@ def test_throughput_hint_closes_without_deadlock(bundles, tmp_path):
     threads this deadlocked within ~5-30 open/run/close cycles. A child process, so a hang fails, not stalls."""
     code = textwrap.dedent(f"""
         import numpy as np
-        from stexport.bundle import Bundle
-        from stexport.backends.openvino import OpenVINOBackend
+        from stexport.bundle.store import Bundle
+        from stexport.runtime.backends.openvino import OpenVINOBackend
         b = Bundle.load({str(bundles["fp32"].path)!r})
         x = np.zeros((5, {FRAMES}, b.size, b.size, 3), np.uint8)
         for _ in range(40):
@@ -173,7 +173,7 @@ def test_cache_beside_bundle_and_fallback(bundles, tmp_path, monkeypatch):
 
     # bundle folder not writable: a per-bundle folder under $STEXPORT_HOME's cache
     monkeypatch.setenv("STEXPORT_HOME", str(tmp_path / "home"))
-    import stexport.backends.openvino as ovb
+    import stexport.runtime.backends.openvino as ovb
 
     real = os.access
     monkeypatch.setattr(ovb.os, "access", lambda p, mode: False if mode == os.W_OK else real(p, mode))
@@ -209,7 +209,7 @@ def test_cache_keeps_compile_settings_apart(bundles, clips, reference, tmp_path)
 
 def test_static_batch_sizes(bundles, clips, reference):
     """The first KEEP batch sizes run on models compiled for them, others on one dynamic-batch model."""
-    from stexport.backends.openvino import KEEP
+    from stexport.runtime.backends.openvino import KEEP
 
     sizes = [1, 3, len(clips), 2, 1]
     with OpenVINOBackend(bundles["int8"], cache=False) as be, \
@@ -245,8 +245,8 @@ def test_auto_prefers_openvino_on_x86_and_usable_imports_nothing(bundles, tmp_pa
         assert resolve("auto", bundles["int8"]) in ("tensorrt", "openvino")
     code = textwrap.dedent(f"""
         import sys
-        from stexport.bundle import Bundle
-        from stexport.backends.openvino import OpenVINOBackend
+        from stexport.bundle.store import Bundle
+        from stexport.runtime.backends.openvino import OpenVINOBackend
         print(OpenVINOBackend.usable(Bundle.load({str(bundles['fp32'].path)!r})), 'openvino' in sys.modules)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -262,8 +262,8 @@ def test_telemetry_stays_off(bundles, tmp_path):
     code = textwrap.dedent(f"""
         import json, sys
         import numpy as np
-        from stexport.bundle import Bundle
-        from stexport.backends.openvino import OpenVINOBackend
+        from stexport.bundle.store import Bundle
+        from stexport.runtime.backends.openvino import OpenVINOBackend
         be = OpenVINOBackend(Bundle.load({str(bundles['fp32'].path)!r}), cache=False)
         be.run(np.zeros((1, {FRAMES}, 32, 32, 3), np.uint8))
         import openvino.tools.ovc.telemetry_utils as t
@@ -278,7 +278,7 @@ def test_telemetry_stays_off(bundles, tmp_path):
 
 def test_verify_int8_through_openvino(bundles, videos):
     """The `verify` pipeline (decode → backend vs reference → INT8 gate) with --backend openvino."""
-    from stexport.verify import verify
+    from stexport.build.verify import verify
 
     report = verify(bundles["int8"], videos / "test", backend="openvino")
     assert report["backend"]["backend"] == "openvino" and "i8" in report["backend"]["gemm_precisions"]
@@ -288,7 +288,7 @@ def test_verify_int8_through_openvino(bundles, videos):
 def test_unreadable_model_is_one_line_error(bundles, tmp_path):
     import shutil
 
-    from stexport.backends.openvino import reason
+    from stexport.runtime.backends.openvino import reason
 
     broken = tmp_path / "broken"
     shutil.copytree(bundles["fp32"].path, broken)

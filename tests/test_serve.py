@@ -21,7 +21,7 @@ pytest.importorskip("pebble")
 pytest.importorskip("python_multipart")
 requests = pytest.importorskip("requests")
 
-from stexport.serve import ServeConfig, start, stop  # noqa: E402
+from stexport.serving.app import ServeConfig, start, stop  # noqa: E402
 
 UPLOAD_LIMIT_MB = 2.0
 DECODE_TIMEOUT_S = 3.0

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import smooth_clips
 
-from stexport import backends
+from stexport.runtime import backends
 from stexport.errors import StexportError
 
 BACKENDS = ("onnxruntime", "openvino")
@@ -28,11 +28,11 @@ def tasks(tmp_path_factory):
     """A seeded random tiny backbone (reproducible from the manifest, so verify can rebuild the reference),
     task A (10 classes, the base's own) and task B (7 classes, other weights) as checkpoints, a swappable FP32
     base built from A with a 12-row head, full FP32 exports of A and B, and B's pack."""
-    from stexport.backbone import random_backbone
-    from stexport.build import build_bundle
-    from stexport.deltas import save_official
-    from stexport.packing import build_pack
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.deltas import save_official
+    from stexport.build.packing import build_pack
+    from stexport.build.synthetic import random_deltas
 
     root = tmp_path_factory.mktemp("tasks")
     bb = random_backbone("stexport-tiny-vit")
@@ -95,10 +95,10 @@ def test_ort_tasks_interleave_on_one_session(tasks):
 def test_task_tensors_are_distinct_named_initializers(tasks):
     """Every per-task parameter of the folded model is its own initializer, also a graph input (overridable),
     read directly by its operator and by nothing of the backbone."""
-    from stexport.backbone import random_backbone
-    from stexport.deltas import load_deltas
-    from stexport.fold import fold
-    from stexport.reference import build_reference
+    from stexport.build.backbone import random_backbone
+    from stexport.build.deltas import load_deltas
+    from stexport.build.fold import fold
+    from stexport.build.reference import build_reference
 
     m = tasks["base"].manifest
     names = [t.name for t in m.tasks.tensors]
@@ -121,10 +121,10 @@ def test_task_tensors_are_distinct_named_initializers(tasks):
 
 
 def test_pack_refusals(tasks, tmp_path):
-    from stexport.backbone import random_backbone
-    from stexport.deltas import save_official
-    from stexport.packing import build_pack
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.deltas import save_official
+    from stexport.build.packing import build_pack
+    from stexport.build.synthetic import random_deltas
 
     cfg = random_backbone("stexport-tiny-vit").config
     cases = {
@@ -158,8 +158,8 @@ def test_pack_refusals(tasks, tmp_path):
 def test_classifier_task_and_verify(tasks, make_video):
     """Classifier(task=) names the pack's classes; classify(..., task=) picks a task per call; verify --task
     checks a pack against the reference built from its own deltas."""
-    from stexport.classify import Classifier
-    from stexport.verify import verify
+    from stexport.runtime.classify import Classifier
+    from stexport.build.verify import verify
 
     video = make_video("v.mp4", frames=24, width=64, height=48)
     with Classifier(tasks["base"], backend="onnxruntime", task=tasks["pack_b"], top_k=3) as clf:
@@ -206,10 +206,10 @@ def test_pack_int8_matches_full_export(tmp_path_factory, name, options):
     the adapters' tensors only and keep the base task's backbone activation scales: the bound there is that
     the pack is no farther from the full INT8 export than that export is from FP32 (the swap costs less than
     quantizing; measured 0.90-1.07x on this model)."""
-    from stexport.backbone import random_backbone
-    from stexport.build import build_bundle
-    from stexport.packing import build_pack
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.packing import build_pack
+    from stexport.build.synthetic import random_deltas
     import os
 
     root = tmp_path_factory.mktemp(f"int8-{name}")

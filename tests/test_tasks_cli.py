@@ -51,7 +51,7 @@ def test_a_changed_pack_is_refused(tasks, tmp_path):  # noqa: F811
     refused when loaded (the pack records the sha256 of its tensors), never run."""
     from safetensors import safe_open
 
-    from stexport.taskpack import TaskPack
+    from stexport.bundle.taskpack import TaskPack
 
     src = tasks["pack_b"].path
     data = src.read_bytes()
@@ -93,9 +93,9 @@ def test_a_pack_on_a_plain_bundle_names_the_base_it_was_made_for(tasks):  # noqa
 
 
 def test_inspect_adapter_against_a_base(tasks, tmp_path):  # noqa: F811
-    from stexport.backbone import random_backbone
-    from stexport.deltas import save_official
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.deltas import save_official
+    from stexport.build.synthetic import random_deltas
 
     r = cli("inspect", "--adapter", tasks["b"], "--base", tasks["base"].path, "--json")
     assert r.returncode == 0, r.stderr
@@ -138,7 +138,7 @@ def test_pack_views_and_inspect_shows_sampling(tasks, tmp_path):  # noqa: F811
 def test_resume_refuses_another_model_or_sampling(tasks, make_video, tmp_path):  # noqa: F811
     """Resuming checks what the results were made with, not only the task's name: a pack of the same name
     made from other weights, or other views, is refused; the same run resumes."""
-    from stexport.packing import build_pack
+    from stexport.build.packing import build_pack
 
     videos = [make_video(f"v{i}.mp4", frames=24, width=64, height=48) for i in range(2)]
     impostor = build_pack(tasks["a"], tasks["base"], out=tmp_path / "imp.stpack", name="task_b")

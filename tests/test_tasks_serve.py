@@ -48,11 +48,11 @@ def cli(*args, timeout=300):
 def packs(tmp_path_factory):
     """A swappable FP32 tiny base built from task_a (10 classes, 12 head rows), packs of task_b (7 classes) and
     task_c (5 classes, its own labels and 2x1 views at rate 2), and five short videos."""
-    from stexport.backbone import random_backbone
-    from stexport.build import build_bundle
-    from stexport.deltas import save_official
-    from stexport.packing import build_pack
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.deltas import save_official
+    from stexport.build.packing import build_pack
+    from stexport.build.synthetic import random_deltas
 
     root = tmp_path_factory.mktemp("tasks_serve")
     cfg = random_backbone("stexport-tiny-vit").config
@@ -73,7 +73,7 @@ def packs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def want(packs):
     """Classifier(base, task=pack).classify(video).to_dict() for every task (None: the base's own) and video."""
-    from stexport.classify import Classifier
+    from stexport.runtime.classify import Classifier
 
     out = {}
     for name, pack in (("task_a", None), ("task_b", packs["b"]), ("task_c", packs["c"])):
@@ -123,7 +123,7 @@ def test_spec_with_a_task_equals_classify_with_that_task(packs, want):
 def test_batch_with_a_task_per_source_never_mixes_tasks_in_a_call(packs, want):
     """(source, task) pairs interleaving three tasks on one Classifier: every result equals its task's own
     Classifier; every backend call holds one task; a pack that cannot be loaded fails its source only."""
-    from stexport.classify import Classifier
+    from stexport.runtime.classify import Classifier
 
     vs = packs["videos"]
     tasks = [None, packs["b"].path, str(packs["c"].path), packs["b"]]  # None: the current (the base's own)
@@ -160,7 +160,7 @@ def test_batch_with_a_task_per_source_never_mixes_tasks_in_a_call(packs, want):
                     reason="OpenVINO is installed on x86-64 only")
 def test_batch_tasks_per_source_on_openvino(packs):
     """The same on OpenVINO (a compiled model per task instead of per-call adapters)."""
-    from stexport.classify import Classifier
+    from stexport.runtime.classify import Classifier
 
     vs = packs["videos"][:3]
     jobs = [(v, t) for v in vs for t in (packs["c"].path, None, packs["b"].path)]
@@ -217,9 +217,9 @@ def test_ray_actor_loads_a_shipped_pack(packs, want, ray_cluster, tmp_path):
     import numpy as np
     import ray
 
-    from stexport import ray_infer
-    from stexport.batch import ClassifierSpec
-    from stexport.classify import default_sampling
+    from stexport.serving import ray_data as ray_infer
+    from stexport.runtime.batch import ClassifierSpec
+    from stexport.runtime.classify import default_sampling
 
     bundle = Path(shutil.copytree(packs["base"].path, tmp_path / "base"))
     pack = Path(shutil.copy(packs["c"].path, tmp_path / "c.stpack"))
@@ -247,7 +247,7 @@ def server(ray_cluster, packs):
     pytest.importorskip("ray.serve")
     pytest.importorskip("pebble")
     pytest.importorskip("python_multipart")
-    from stexport.serve import ServeConfig, start, stop
+    from stexport.serving.app import ServeConfig, start, stop
 
     cfg = ServeConfig(bundle=str(packs["base"].path), backend=BACKEND, top_k=3, port=free_port(),
                       tasks=(str(packs["b"].path), str(packs["c"].path)), allow_paths=(str(packs["root"]),),
@@ -402,8 +402,8 @@ def test_torchscript_serves_task_packs(packs, want, tmp_path):
 
     import numpy as np
 
-    from stexport.serve import Clips, ServeConfig, ServingClassifier, check_config
-    from stexport.video import decode
+    from stexport.serving.app import Clips, ServeConfig, ServingClassifier, check_config
+    from stexport.runtime.video import decode
 
     base = shutil.copytree(packs["base"].path, tmp_path / "base")
     p = cli("export-torchscript", base, timeout=300)
@@ -436,7 +436,7 @@ def test_replica_failure_is_one_line_and_the_cli_server_logs_only_its_own_lines(
 
     import requests
 
-    from stexport.bundle import Bundle
+    from stexport.bundle.store import Bundle
 
     broken = Bundle.load(shutil.copytree(packs["base"].path, tmp_path / "broken"))
     (broken.path / "model.onnx").write_bytes(b"not an ONNX model\n" * 64)

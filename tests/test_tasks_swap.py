@@ -27,8 +27,8 @@ from onnx import numpy_helper
 from test_tasks import tasks  # noqa: F401 - the module fixture: a swappable tiny base, full exports, B's pack
 from test_trt import H100, FakeCuda, FakeTensorRT, _tensorrt_and_gpu, build_with_fake, open_fake_backend
 
-from stexport import backends
-from stexport.bundle import Bundle
+from stexport.runtime import backends
+from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 from stexport.trt_engines.record import engine_key, mismatches
 from stexport.trt_engines.refit import (INT8_REFUSED, check_missing, host_weights, needs_switch,
@@ -43,8 +43,8 @@ def copy_bundle(src: Bundle, dst) -> Bundle:
 @pytest.fixture(scope="module")
 def other_base(tasks, tmp_path_factory):  # noqa: F811
     """A second swappable base (a 9-row head) and task B's pack made for it: a pack for another base."""
-    from stexport.build import build_bundle
-    from stexport.packing import build_pack
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.packing import build_pack
 
     root = tmp_path_factory.mktemp("other")
     base = build_bundle(tasks["a"], out=root / "base9", swappable=True, max_classes=10, backbone="stexport-tiny-vit",
@@ -363,7 +363,7 @@ def test_real_refit_matches_full_exports(tasks, tmp_path):  # noqa: F811
 @pytest.fixture(scope="module")
 def ts_tasks(tasks, tmp_path_factory):  # noqa: F811
     """model.ts of the swappable base and of the two full exports (copies of the tasks fixture's bundles)."""
-    from stexport.torchscript import add_to_bundle
+    from stexport.build.torchscript import add_to_bundle
 
     root = tmp_path_factory.mktemp("ts")
     return {k: add_to_bundle(copy_bundle(tasks[k], root / k)) for k in ("base", "full_a", "full_b")}

@@ -16,16 +16,16 @@ from conftest import host, logits_of, smooth_clips, trained_like, write_video
 from stexport.cli.app import app
 from typer.testing import CliRunner
 
-from stexport import backends
-from stexport.backbone import random_backbone
-from stexport.bundle import Bundle
-from stexport.deltas import Deltas, infer_spec
+from stexport.runtime import backends
+from stexport.build.backbone import random_backbone
+from stexport.bundle.store import Bundle
+from stexport.build.deltas import Deltas, infer_spec
 from stexport.errors import StexportError
-from stexport.fold import fold
-from stexport.reference import build_reference, normalize
-from stexport.synthetic import random_deltas
-from stexport.torchscript import EXTRA, FILE, add_to_bundle, export_torchscript, load
-from stexport.video import Sampling, decode_clips
+from stexport.build.fold import fold
+from stexport.build.reference import build_reference, normalize
+from stexport.build.synthetic import random_deltas
+from stexport.build.torchscript import EXTRA, FILE, add_to_bundle, export_torchscript, load
+from stexport.runtime.video import Sampling, decode_clips
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = [f"class_{i}" for i in range(8)] + ["café crème", "日本 \"quoted\" \\ tab\t🙂"]
@@ -116,7 +116,7 @@ def test_backend_matches_reference_and_verifies(ts_bundle, video):
         assert ts.run(clips[:1]).shape == (1, 10)
         with pytest.raises(StexportError, match="clips must have shape"):
             ts.run(clips[:, :4])
-    from stexport.verify import verify
+    from stexport.build.verify import verify
 
     report = verify(ts_bundle, video.parent, backend="torchscript")
     assert report["passed"] and report["backend"]["backend"] == "torchscript"

@@ -15,9 +15,9 @@ import pytest
 from conftest import write_video
 from typer.testing import CliRunner
 
-from stexport.bundle import Bundle
+from stexport.bundle.store import Bundle
 from stexport.cli.app import app
-from stexport.triton import default_name
+from stexport.build.triton import default_name
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 from google.protobuf import text_format  # noqa: E402
@@ -43,7 +43,7 @@ def leftovers(parent: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def float_external_bundle(tmp_path_factory, tiny_adapter):
     """A tiny bundle with float (B, T, 3, H, W) input whose ONNX keeps its weights in model.onnx.data."""
-    from stexport.build import build_bundle
+    from stexport.build.pipeline import build_bundle
 
     out = tmp_path_factory.mktemp("triton_float") / "tiny-float-ext"
     return build_bundle(tiny_adapter, backbone="stexport-tiny-vit", pretrained="none", precision="fp32",
@@ -138,8 +138,8 @@ def test_external_data_is_copied_and_the_repository_model_runs(float_external_bu
     the repository's model, fed as the README says, gives the bundle's logits."""
     import onnxruntime as ort
 
-    from stexport import backends
-    from stexport.video import Sampling, decode
+    from stexport.runtime import backends
+    from stexport.runtime.video import Sampling, decode
 
     b = float_external_bundle
     assert "onnx_data" in b.manifest.artifacts
@@ -176,7 +176,7 @@ def test_readme_states_the_manifest_sampling(tiny_bundle, tmp_path):
 
 
 def test_fp16_graph_on_cpu_uses_the_extended_optimisation_level(tiny_bundle):
-    from stexport.triton import TritonOptions, build_config
+    from stexport.build.triton import TritonOptions, build_config
 
     half = Bundle(tiny_bundle.path, tiny_bundle.manifest.with_(precision="fp16"))
     assert build_config(half, TritonOptions()).optimization.graph.level == 1

@@ -38,9 +38,9 @@ from stexport.trt_engines.record import (
 )
 from stexport.trt_engines.runtime import engine_input, io_names, spans
 
-from stexport.bundle import Bundle
+from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
-from stexport.manifest import InputRecord
+from stexport.bundle.manifest import InputRecord
 
 DATA = Path(__file__).parent / "data"
 H100 = Host("10.16.1.11", "NVIDIA H100 80GB HBM3", "9.0")
@@ -53,9 +53,9 @@ MANIFEST = INPUT  # profiles are made from the manifest's input record
 
 @pytest.fixture(scope="module")
 def tiny_bundle_src(tmp_path_factory):
-    from stexport.backbone import random_backbone
-    from stexport.build import build_bundle
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.synthetic import random_deltas
 
     bb = random_backbone("stexport-tiny-vit")
     sd = random_deltas(bb.config, width=16, num_classes=5)
@@ -841,7 +841,7 @@ def cuda13_on_a_cuda12_driver(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, _real=importlib.util.find_spec: object() if name == "tensorrt"
                         else _real(name, *a))
-    monkeypatch.setattr("stexport.device.gpu_visible", lambda: True)
+    monkeypatch.setattr("stexport.runtime.device.gpu_visible", lambda: True)
     monkeypatch.setattr(cuda, "driver_cuda_version", lambda: 12040)
     monkeypatch.setattr(cuda, "driver_version", lambda: "550.54.15")
     monkeypatch.setattr(cuda, "wheel_cuda_majors", lambda: {"tensorrt-cu13 10.16.1.11": 13})
@@ -851,7 +851,7 @@ def test_cuda_mismatch_is_an_error_for_tensorrt_and_a_warning_for_auto(bundle, c
                                                                         caplog):
     from stexport.trt_engines import runtime
 
-    from stexport.backends import create
+    from stexport.runtime.backends import create
 
     build_with_fake(bundle, FakeTensorRT())  # an engine, so only the driver stands in the way
     b = Bundle.load(bundle.path)
@@ -874,7 +874,7 @@ def test_cuda_mismatch_is_an_error_for_tensorrt_and_a_warning_for_auto(bundle, c
 def test_auto_says_why_it_passed_tensorrt_over_on_a_gpu_host(bundle, monkeypatch, caplog):
     from stexport.trt_engines import runtime
 
-    monkeypatch.setattr("stexport.device.gpu_visible", lambda: True)
+    monkeypatch.setattr("stexport.runtime.device.gpu_visible", lambda: True)
     monkeypatch.setattr("stexport.trt_engines.cuda.host_mismatch", lambda: None)
     runtime._said.clear()
     with caplog.at_level(logging.WARNING, logger="stexport"):
@@ -887,7 +887,7 @@ def test_auto_says_why_it_passed_tensorrt_over_on_a_gpu_host(bundle, monkeypatch
     with caplog.at_level(logging.WARNING, logger="stexport"):
         assert runtime.TensorRTBackend.usable(bundle) is False
     assert "the bundle has no TensorRT engine yet (build one: stexport engine" in caplog.text
-    monkeypatch.setattr("stexport.device.gpu_visible", lambda: False)  # a CPU host: nothing to fix, no warning
+    monkeypatch.setattr("stexport.runtime.device.gpu_visible", lambda: False)  # a CPU host: nothing to fix, no warning
     runtime._said.clear()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="stexport"):
@@ -938,7 +938,7 @@ def test_import_and_cli_work_without_tensorrt():
 def test_backend_tensorrt_without_tensorrt_is_one_clear_error(bundle, no_tensorrt):
     from stexport.trt_engines.runtime import TensorRTBackend
 
-    from stexport.backends import create
+    from stexport.runtime.backends import create
 
     assert TensorRTBackend.usable(bundle) is False
     with pytest.raises(StexportError) as e:
@@ -951,11 +951,11 @@ def test_usable_is_false_without_gpu_and_never_raises(bundle, monkeypatch):
     from stexport.trt_engines import runtime
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # pretend it is installed
-    monkeypatch.setattr("stexport.device.gpu_visible", lambda: False)
+    monkeypatch.setattr("stexport.runtime.device.gpu_visible", lambda: False)
     assert runtime.TensorRTBackend.usable(bundle) is False
-    monkeypatch.setattr("stexport.device.gpu_visible", lambda: 1 / 0)
+    monkeypatch.setattr("stexport.runtime.device.gpu_visible", lambda: 1 / 0)
     assert runtime.TensorRTBackend.usable(bundle) is False
-    monkeypatch.setattr("stexport.device.gpu_visible", lambda: True)
+    monkeypatch.setattr("stexport.runtime.device.gpu_visible", lambda: True)
     assert runtime.TensorRTBackend.usable(bundle) is False  # no engine recorded and none requested
     build_with_fake(bundle, FakeTensorRT())
     assert runtime.TensorRTBackend.usable(Bundle.load(bundle.path)) is True
@@ -985,7 +985,7 @@ def test_auto_falls_back_with_the_reason(bundle, monkeypatch, caplog):
     backend in AUTO_ORDER (ONNX Runtime, or OpenVINO where it is installed)."""
     from stexport.trt_engines.runtime import TensorRTBackend
 
-    from stexport.backends import create, resolve
+    from stexport.runtime.backends import create, resolve
 
     build_with_fake(bundle, FakeTensorRT(version="10.3.0.26"), host=Host("10.3.0.26", "NVIDIA A100", "8.0"))
     monkeypatch.setattr(TensorRTBackend, "usable", classmethod(lambda cls, b: True))
@@ -1005,7 +1005,7 @@ def test_auto_falls_back_with_the_reason(bundle, monkeypatch, caplog):
 def test_verify_auto_falls_back_too(bundle, monkeypatch, caplog, make_video):
     from stexport.trt_engines.runtime import TensorRTBackend
 
-    from stexport.verify import verify
+    from stexport.build.verify import verify
 
     build_with_fake(bundle, FakeTensorRT(version="10.3.0.26"), host=Host("10.3.0.26", "NVIDIA A100", "8.0"))
     monkeypatch.setattr(TensorRTBackend, "usable", classmethod(lambda cls, b: True))
@@ -1046,9 +1046,9 @@ def test_build_engine_flag_without_tensorrt_writes_the_bundle_and_says_so(tmp_pa
     from stexport.cli.app import app
     from typer.testing import CliRunner
 
-    from stexport.backbone import random_backbone
-    from stexport.deltas import save_official
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.deltas import save_official
+    from stexport.build.synthetic import random_deltas
 
     save_official(tmp_path / "a.pt", random_deltas(random_backbone("stexport-tiny-vit").config, width=16,
                                                    num_classes=5))
@@ -1144,9 +1144,9 @@ def demo_clips(tmp_path_factory):
 
 
 def _demo_bundle(tmp_path, precision, clips):
-    from stexport.backbone import random_backbone
-    from stexport.build import build_bundle
-    from stexport.synthetic import random_deltas
+    from stexport.build.backbone import random_backbone
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.synthetic import random_deltas
 
     bb = random_backbone("stexport-demo-vit")
     sd = random_deltas(bb.config, width=96, num_classes=9, seed=1)
@@ -1161,7 +1161,7 @@ def test_real_engine_builds_runs_and_passes_verify(tmp_path, demo_clips, precisi
     from stexport.cli.app import app
     from typer.testing import CliRunner
 
-    from stexport.backends import create
+    from stexport.runtime.backends import create
 
     b = _demo_bundle(tmp_path, precision, demo_clips)
     r = CliRunner().invoke(app, ["engine", str(b.path), "--batch", "4", "--json"])
@@ -1186,7 +1186,7 @@ def test_real_engine_builds_runs_and_passes_verify(tmp_path, demo_clips, precisi
 def test_real_engine_rebuilt_on_mismatched_record(tmp_path, demo_clips, caplog):
     from stexport.trt_engines.engine import build_for_bundle
 
-    from stexport.backends import create
+    from stexport.runtime.backends import create
 
     b = _demo_bundle(tmp_path, "fp16", demo_clips)
     rec, built = build_for_bundle(b, batch=2)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from stexport import video
+from stexport.runtime import video
 from stexport.errors import StexportError
-from stexport.reference import CLIP_MEAN, CLIP_STD
-from stexport.video import (
+from stexport.build.reference import CLIP_MEAN, CLIP_STD
+from stexport.runtime.video import (
     Sampling,
     VideoError,
     decode,
@@ -132,7 +132,7 @@ def test_rate_zero_covers_whole_video_and_views_order(make_video):
 def test_sampling_from_manifest_and_overrides():
     from types import SimpleNamespace
 
-    from stexport.manifest import InputRecord, SamplingRecord
+    from stexport.bundle.manifest import InputRecord, SamplingRecord
 
     m = SimpleNamespace(input=InputRecord(frames=8, size=224),
                         sampling=SamplingRecord(rate=0, temporal_views=1, spatial_views=3))
@@ -393,7 +393,7 @@ def without_root_powers(*cmd) -> list[str]:
 def test_unreadable_file_is_named(tmp_path, make_video):
     path = make_video("locked.mp4", frames=5)
     path.chmod(0)
-    code = ("import sys; from stexport.video import check_source, VideoError\n"
+    code = ("import sys; from stexport.runtime.video import check_source, VideoError\n"
             "try: check_source(sys.argv[1])\nexcept VideoError as e: print(e)")
     r = subprocess.run(without_root_powers(sys.executable, "-c", code, str(path)), capture_output=True,
                        text=True, timeout=120)

@@ -31,7 +31,7 @@ from stexport.trt_engines.record import (
 )
 from stexport.trt_engines.refit import INT8_REFUSED, refit_names
 
-from stexport.bundle import Bundle, locked_dir
+from stexport.bundle.store import Bundle, locked_dir
 from stexport.errors import StexportError
 from stexport.fileutil import atomic_write_bytes, sha256_file
 

@@ -8,7 +8,7 @@ from stexport.trt_engines.cache import ensure_engine, record_request, refuse_unw
 from stexport.trt_engines.cuda import host_mismatch, open_device
 from stexport.trt_engines.record import Host, check_batch, request, settings
 
-from stexport.bundle import Bundle
+from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 
 DEFERRED = "TensorRT engine: will be built on first use on a GPU host with stexport[tensorrt] ({why})"

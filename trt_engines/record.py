@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from stexport.errors import StexportError
-from stexport.manifest import InputRecord, Manifest
+from stexport.bundle.manifest import InputRecord, Manifest
 
 ENGINE_DIR = "engines"
 DEFAULT_BATCH = 32

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from stexport.errors import StexportError
-from stexport.manifest import Manifest
+from stexport.bundle.manifest import Manifest
 
 INT8_REFUSED = ("TensorRT cannot refit an INT8 engine's quantization scales (its Q/DQ scales are fused into the "
                 "INT8 kernels when the engine is built), so its engine holds the base task only; run INT8 packs "

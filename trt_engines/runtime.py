@@ -27,9 +27,9 @@ from stexport.trt_engines.record import (Host, choose, input_shape, max_batch, p
                                          request)
 from stexport.trt_engines.refit import host_weights, needs_switch, no_tasks_reason, refit_engine, refit_names
 
-from stexport.backends.base import Backend, Option
+from stexport.runtime.backends.base import Backend, Option
 from stexport.errors import StexportError
-from stexport.manifest import InputRecord, Manifest
+from stexport.bundle.manifest import InputRecord, Manifest
 
 log = logging.getLogger("stexport")
 
@@ -63,7 +63,7 @@ def passed_over(bundle, why: str) -> None:
     """Log why `auto` did not pick TensorRT: a warning where a GPU is visible (the user may expect it), once per
     bundle and reason; debug elsewhere (a CPU host has nothing to fix)."""
     try:
-        from stexport.device import gpu_visible
+        from stexport.runtime.device import gpu_visible
 
         gpu = gpu_visible()
     except Exception:  # noqa: BLE001
@@ -109,7 +109,7 @@ class TensorRTBackend(Backend):
     def unusable_reason(cls, bundle) -> str | None:
         """Why `auto` cannot pick TensorRT for `bundle` here (cheap: no TensorRT import, no CUDA context), or
         None: TensorRT installed, a GPU visible, a driver for the wheels' CUDA, and an engine or a request."""
-        from stexport.device import gpu_visible
+        from stexport.runtime.device import gpu_visible
 
         if importlib.util.find_spec("tensorrt") is None:
             return "TensorRT is not installed (pip install 'stexport[tensorrt]')"

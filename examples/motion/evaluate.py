@@ -3,7 +3,7 @@
     python examples/motion/generate.py --splits val,test
     python examples/motion/evaluate.py examples/motion/motion_adapter.pt runs/k1/motion_adapter.pt
 
-Videos are decoded from the list files with stexport.video.decode_clips (the demo's sampling: 8 frames
+Videos are decoded from the list files with stexport.runtime.video.decode_clips (the demo's sampling: 8 frames
 evenly over the whole video, one 96 px view) and classified by stexport's reference model, loaded from the
 backbone and the adapter checkpoint exactly as `stexport build` loads them.
 """
@@ -24,9 +24,9 @@ sys.path.insert(0, str(HERE))
 import generate as gen
 from train import BACKBONE, load_eval_set, predict
 
-from stexport.backbone import load_backbone
-from stexport.deltas import load_deltas
-from stexport.reference import build_reference
+from stexport.build.backbone import load_backbone
+from stexport.build.deltas import load_deltas
+from stexport.build.reference import build_reference
 
 
 def confusion(pred: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -9,13 +9,13 @@ shape (cross-entropy) and the object's position, size, opacity, colour and angle
 Writes backbone.safetensors (FP16-representable, like OpenAI's release; loadable with
 `--backbone stexport-demo-vit --pretrained backbone.safetensors`).
 
-Stage 2 (video model): the backbone is loaded back through stexport.backbone.load_backbone and frozen; adapters
+Stage 2 (video model): the backbone is loaded back through stexport.build.backbone.load_backbone and frozen; adapters
 before attention and before the MLP of every block (width d/2, kernel (3,1,1), conv and biases zero-initialised
 as in the official code) and the head are trained with AdamW (weight decay 1e-2, warmup + cosine) on fresh
 clips every step. Writes motion_adapter.pt in the official checkpoint layout (optimizer state left out).
 
 Every clip, in training as in evaluation, is rendered by generate.py, encoded to an MPEG-4 file and decoded
-by stexport.video.decode_clips with the demo's sampling (8 frames evenly over the whole video, one 96 px view).
+by stexport.runtime.video.decode_clips with the demo's sampling (8 frames evenly over the whole video, one 96 px view).
 
     python examples/motion/train.py --out examples/motion          # both stages (the shipped backbone: stage 1)
     python examples/motion/train.py --skip-stage1 --out examples/motion   # stage 2 only: the shipped adapter
@@ -47,10 +47,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import generate as gen
 
-from stexport.backbone import ViTConfig, load_backbone, random_backbone
-from stexport.deltas import AdapterSpec, Deltas, save_official
-from stexport.reference import STAdapterViT, build_reference, normalize
-from stexport.video import Sampling, decode, decode_clips, frame_indices, read_clip_list
+from stexport.build.backbone import ViTConfig, load_backbone, random_backbone
+from stexport.build.deltas import AdapterSpec, Deltas, save_official
+from stexport.build.reference import STAdapterViT, build_reference, normalize
+from stexport.runtime.video import Sampling, decode, decode_clips, frame_indices, read_clip_list
 
 BACKBONE = "stexport-demo-vit"
 SAMPLING = Sampling(frames=8, size=gen.SIZE, rate=0, temporal_views=1, spatial_views=1)
@@ -318,7 +318,7 @@ def main(argv=None) -> int:
                               val, a.eval_every, a.log, a.bf16)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from stexport.deltas import load_deltas
+            from stexport.build.deltas import load_deltas
 
             model = build_reference(load_backbone(BACKBONE, str(backbone)), load_deltas(path))
         log_line(a.log, stage=2, done=str(path), val_acc=round(evaluate(model, *val), 4), val_clips=len(val[1]))

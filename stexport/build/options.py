@@ -1,0 +1,122 @@
+"""What `stexport build` takes, checked in one place before any model is loaded (no torch is imported here, so
+a mistyped name, a missing file or an existing --out is refused in milliseconds)."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from stexport.bundle.store import refuse_existing
+from stexport.errors import StexportError
+from stexport.build.names import (CALIB_METHODS, INPUT_FORMATS, PRECISIONS, WEIGHT_SUFFIXES, check_backbone,
+                            check_weights_file)
+
+log = logging.getLogger("stexport")
+
+INT8_FLOATS = ("fp32", "fp16")
+
+
+def choice(flag: str, value: str, allowed) -> None:
+    """StexportError naming the closest allowed value when `value` is not one of `allowed`."""
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value).lower(), allowed, n=1, cutoff=0.4)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise StexportError(f"{flag} {value}: {hint}choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class BuildOptions:
+    """Everything `stexport build` takes, validated in one place (cheap checks only: no model is loaded).
+
+    adapter: checkpoint path, a `Deltas`, or a delta state dict. backbone: open_clip name (loaded with
+    `pretrained`: an open_clip tag, a file, or "none") or a loaded `Backbone`. size: must equal the backbone's
+    resolution (its positional embedding is fixed); None takes it. calib: clip list, directory, video or
+    uint8 array (N, T, S, S, 3) (INT8 only; required there). sampling: overrides of the default
+    {rate, temporal_views, spatial_views}. int8_attention: also quantize the attention-score MatMul's inputs
+    (q and kᵀ; softmax stays float). int8_float: the float type of an INT8 graph's non-quantized parts, "fp32"
+    or "fp16" (default: fp16 when `for_tensorrt`, i.e. `--engine`, else fp32). swappable: export the per-task
+    tensors (adapters, head, INT8 adapter scales) as named overridable initializers, so task packs
+    (`stexport pack`) can replace them at run time; max_classes: the head's rows in a swappable graph (default:
+    the adapter's classes). progress: tqdm bars on stderr when it is a terminal.
+
+    Raises StexportError naming the option and the fix.
+    """
+
+    adapter: object = None
+    backbone: object = "ViT-B-16"
+    pretrained: str = "openai"
+    precision: str = "fp32"
+    frames: int = 8
+    size: int | None = None
+    out: Path | None = None
+    force: bool = False
+    calib: object = None
+    labels: str | Path | None = None
+    calib_clips: int = 32
+    calib_method: str = "minmax"
+    calib_seed: int = 0
+    input_format: str = "uint8"
+    sampling: dict | None = None
+    external_data: bool | None = None
+    int8_attention: bool = False
+    int8_float: str | None = None
+    for_tensorrt: bool = False
+    swappable: bool = False
+    max_classes: int | None = None
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.adapter is None:
+            raise StexportError("no adapter given: pass --adapter CHECKPOINT")
+        choice("--precision", self.precision, PRECISIONS)
+        choice("--input", self.input_format, INPUT_FORMATS)
+        if isinstance(self.adapter, (str, Path)):
+            p = Path(self.adapter)
+            if p.is_dir():
+                raise StexportError(f"{p}: is a directory; --adapter takes the checkpoint file "
+                                    "(.pt/.pth/.safetensors)")
+            if not p.is_file():
+                raise StexportError(f"{p}: no such file (--adapter takes the ST-Adapter checkpoint)")
+        if isinstance(self.backbone, str):
+            check_backbone(self.backbone)
+            if self.pretrained not in (None, "", "none"):
+                w = Path(self.pretrained)
+                if w.exists() or w.suffix in WEIGHT_SUFFIXES:
+                    check_weights_file(w)
+        if self.frames < 1:
+            raise StexportError(f"--frames {self.frames}: need at least one frame")
+        if self.size is not None and self.size < 1:
+            raise StexportError(f"--size {self.size}: must be a positive number of pixels")
+        if self.precision == "int8":
+            if self.calib is None:
+                raise StexportError("--precision int8 needs --calib CLIPS (a '<video> <label>' list, a directory "
+                                    "of videos or a video) to calibrate activation ranges")
+            choice("--calib-method", self.calib_method, CALIB_METHODS)
+            if self.calib_clips < 1:
+                raise StexportError(f"--calib-clips {self.calib_clips}: must be at least 1")
+        elif self.calib is not None and self.precision == "fp32":
+            log.warning("--calib is only used for --precision int8 (and to check fp16); ignoring it")
+        if self.max_classes is not None:
+            if not self.swappable:
+                raise StexportError("--max-classes needs --swappable (it sizes the head task packs replace)")
+            if self.max_classes < 1:
+                raise StexportError(f"--max-classes {self.max_classes}: must be at least 1")
+        if self.int8_attention and self.precision != "int8":
+            raise StexportError("--int8-attention needs --precision int8")
+        if self.int8_float is not None:
+            choice("--int8-float", self.int8_float, INT8_FLOATS)
+            if self.precision != "int8":
+                raise StexportError(f"--int8-float {self.int8_float} needs --precision int8 (use --precision "
+                                    f"{self.int8_float} for a float bundle)")
+        elif self.precision == "int8":
+            # TensorRT runs an INT8 graph's float parts in the graph's float type (strongly typed): FP16 there
+            self.int8_float = "fp16" if self.for_tensorrt else "fp32"
+        if isinstance(self.calib, (str, Path)) and not Path(self.calib).exists():
+            raise StexportError(f"{self.calib}: no such clip list, directory or video (--calib)")
+        if self.labels is not None and not Path(self.labels).is_file():
+            raise StexportError(f"{self.labels}: no such labels file (--labels: one class name per line)")
+        if self.out is not None:
+            self.out = Path(self.out)
+            refuse_existing(self.out, self.force)  # before the slow part; writing() checks again at the rename

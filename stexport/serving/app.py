@@ -1,0 +1,733 @@
+"""`stexport serve`: an HTTP endpoint on Ray Serve that classifies uploaded videos.
+
+Routes (under the route prefix, default "/"):
+
+    POST classify     a video as the raw body (video/*, application/octet-stream), as a multipart/form-data
+                      file field, or (only with allowed roots) {"path": "..."} as application/json naming a
+                      server-side file. Answers the JSON object `stexport infer --json` prints for that video.
+    GET  healthz      {"status": "ok"} once the model is loaded
+    GET  metadata     the bundle's model, labels, precision, sampling, the backend in use and the server's limits
+    GET  stats        requests, batches and the largest batch (videos) this replica ran
+
+Task packs (`tasks`: pack paths, `stexport serve BUNDLE --task PACK ...`): one backend holds the swappable
+base and every pack (prepared once: ONNX Runtime adapters on one session, an OpenVINO compiled model per
+task, a TorchScript module's forward_task tensors, a refittable TensorRT engine's weights; whichever backend
+swaps tasks, see check_backend), and each request names its task by name: the query parameter `?task=NAME`, a "task" field of the JSON
+body or of the multipart form, or Ray Serve's multiplexing header `serve_multiplexed_model_id: NAME` (what
+`handle.options(multiplexed_model_id=NAME)` sends). Without one, a request runs the default task: `default_task`,
+else the bundle's own (named after its adapter checkpoint's file stem, else the bundle's name). An unknown
+name is a 404 naming the loaded tasks. Each task's video is decoded with the task's own default sampling and
+named with its labels. On a server with task packs every answer carries "task" (the name of the task that
+ran, the bundle's own included); without packs answers are exactly `infer --json`'s, with no "task" (as
+`infer` and Result leave it out for the bundle's own task). A "task" that is not a string, or several names
+that differ (repeated ?task=, form fields, header and body together), is a 400. GET metadata lists the tasks
+(name, classes, labels, sampling, pack file).
+
+A replica that fails to start (the backend cannot open the bundle, a pack cannot be prepared) fails `start`
+with the replica's own one-line reason; backend options and task-pack support are checked before Ray starts.
+
+Requests from different callers are batched (`serve.batch`): the views of up to `max_batch` clips run in one
+backend call, one call per task in a batch (tasks are never mixed in a call; Ray Serve also splits batches
+by the multiplexing header). A server is an attack surface, so by default it binds 127.0.0.1, reads no
+server-side path and fetches no URL; uploads over `max_upload_mb` are refused before they are read; every video is decoded in a
+separate worker process that is killed after `decode_timeout_s` (a hostile file can neither hang nor crash the
+replica); server-side paths, when enabled with allowed roots, must resolve (symlinks followed) to a regular file
+inside one of them and may not contain `..`. Every bad request gets a 4xx JSON `{"error": ...}` and the server
+keeps serving.
+
+Classification goes through `ServingClassifier`, the one place this module touches stexport.runtime.classify.
+Ray Serve, python-multipart and pebble are the `stexport[serve]` extra, imported only when a server starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from stexport.errors import StexportError
+from stexport.extras import missing
+
+SERVE_MODULES = ("ray", "python_multipart", "pebble")
+PIP = "pip install 'stexport[serve]'"
+RAW_TYPES = ("application/octet-stream",)  # and every video/* type
+CHUNK = 1 << 20
+
+
+def require_serve() -> None:
+    """Raise StexportError naming the pip install when Ray Serve or the upload helpers are missing."""
+    gone = missing(*SERVE_MODULES)
+    if gone:
+        raise StexportError(f"serve needs {', '.join(gone)}, which this installation lacks; install it with: {PIP}")
+
+
+class ServeConfig(BaseModel):
+    """Everything a server needs; plain data, so Ray ships it to every replica."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bundle: str
+    backend: str = "auto"
+    options: dict[str, str] = {}
+    top_k: int = Field(5, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    route_prefix: str = "/"
+    replicas: int = Field(1, ge=1)
+    replica_cpus: float = Field(1.0, ge=0)
+    threads: int | None = Field(None, ge=1)  # backend CPU threads per replica
+    max_ongoing_requests: int = Field(32, ge=1)  # per replica: requests decoding or waiting for a batch
+    max_batch: int = Field(8, ge=1)  # videos per backend call
+    batch_wait_s: float = Field(0.01, ge=0)
+    max_upload_mb: float = Field(100.0, gt=0)
+    decode_timeout_s: float = Field(30.0, gt=0)
+    decode_workers: int = Field(1, ge=1)  # decoding processes per replica
+    allow_paths: tuple[str, ...] = ()  # roots server-side paths may be read from (realpaths)
+    tasks: tuple[str, ...] = ()  # task pack paths, loaded beside the bundle's own task
+    default_task: str | None = None  # a task name for requests that name none (None: the bundle's own)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1e6)
+
+
+def own_task_name(bundle) -> str:
+    """The name the bundle's own task goes by among task packs: its adapter checkpoint's file stem (as
+    `stexport pack` names a pack), else the bundle's name."""
+    adapter = bundle.manifest.model.adapter
+    return Path(adapter.file).stem if adapter.file else bundle.manifest.name
+
+
+def task_names(bundle, packs) -> list[str]:
+    """The bundle's own task name, then each pack's; StexportError (one line) when two are the same."""
+    names = [own_task_name(bundle)]
+    for p in packs:
+        if p.name in names:
+            raise StexportError(f"--task {p.path}: a task named '{p.name}' is already loaded ("
+                                + ("the bundle's own" if p.name == names[0] else "another pack")
+                                + "); give the pack another name with `stexport pack --name`")
+        names.append(p.name)
+    return names
+
+
+def task_list(cfg: ServeConfig) -> tuple[list[str], str]:
+    """(the names of the tasks `cfg` loads, the default one's) without starting anything."""
+    from stexport.bundle.store import Bundle
+    from stexport.bundle.taskpack import TaskPack
+
+    names = task_names(Bundle.load(cfg.bundle), [TaskPack.load(t) for t in cfg.tasks])
+    return names, cfg.default_task or names[0]
+
+
+def check_config(cfg: ServeConfig) -> ServeConfig:
+    """Checks before Ray starts: the bundle loads, task packs load and fit it, task names are distinct and the
+    default one of them, the backend and its options (check_backend), allowed roots exist (stored as
+    realpaths), the route prefix is a path. Returns the config with paths resolved. Raises StexportError, one
+    line."""
+    from stexport.bundle.store import Bundle
+    from stexport.bundle.taskpack import TaskPack
+
+    bundle = Bundle.load(cfg.bundle)
+    packs = [TaskPack.load(t) for t in cfg.tasks]
+    for p in packs:
+        p.check_fits(bundle)
+    names = task_names(bundle, packs)
+    check_backend(cfg, bundle, packs)
+    if packs:
+        cfg = cfg.model_copy(update={"tasks": tuple(str(p.path.resolve()) for p in packs)})
+    if cfg.default_task is not None and cfg.default_task not in names:
+        raise StexportError(f"--default-task {cfg.default_task}: no such task; loaded: {', '.join(names)}")
+    roots = []
+    for r in cfg.allow_paths:
+        p = Path(r)
+        if not p.is_dir():
+            raise StexportError(f"--allow-path {r}: no such directory (name directories whose files callers "
+                                "may classify by path)")
+        roots.append(os.path.realpath(p))
+    prefix = cfg.route_prefix
+    if not prefix.startswith("/") or (len(prefix) > 1 and prefix.endswith("/")):
+        raise StexportError(f"--route {prefix!r}: a path starting with '/' and not ending with one, e.g. /stexport")
+    return cfg.model_copy(update={"allow_paths": tuple(roots), "bundle": str(Path(cfg.bundle).resolve())})
+
+
+def backend_options(cfg: ServeConfig) -> dict:
+    """The options each replica opens its backend with (`threads` from cfg.threads)."""
+    return {**cfg.options, **({"threads": cfg.threads} if cfg.threads else {})}
+
+
+def check_backend(cfg: ServeConfig, bundle, packs) -> None:
+    """What a replica would refuse, refused here before Ray starts (StexportError, one line): an unknown
+    backend, an option it does not declare or a malformed value (its check_options, as `infer` checks them),
+    no runtime here for `auto`, and task packs on a backend that cannot run them. A backend class that swaps
+    tasks (SWAPS_TASKS) is trusted to; one whose ability depends on its model file (TorchScript: a module
+    exported with forward_task; TensorRT: a refittable FP32/FP16 engine) is opened once here and asked to load
+    every pack, so its own refusal (and what to do) is the message."""
+    from stexport.runtime import backends
+
+    opts = backend_options(cfg)
+    if cfg.backend != "auto":
+        chosen = cfg.backend
+        cls = backends.load_class(chosen)
+        cls.check_options(opts)
+    else:
+        backends._check_auto_options(opts)
+        chosen = backends.resolve("auto", bundle)
+        if chosen is None:
+            backends.create("auto", bundle)  # raises, naming why no runtime here can run it
+        cls = backends.load_class(chosen)
+        known = {o.name for o in cls.OPTIONS} | set(cls.ALIASES)
+        opts = cls.check_options({k: v for k, v in opts.items() if k in known})
+    if packs and not cls.SWAPS_TASKS:
+        try:
+            with backends.create(chosen, bundle, **opts) as backend:
+                for p in packs:
+                    backend.load_task(p)
+        except StexportError as e:
+            raise StexportError(f"--task with -b {chosen}: {e}") from None
+
+
+def app_name(cfg: ServeConfig) -> str:
+    """The Ray Serve application's name: 'stexport', with the route prefix when there is one, so servers
+    with different prefixes can share a Ray cluster."""
+    return "stexport" + cfg.route_prefix.rstrip("/").replace("/", "-")
+
+
+def replica_failure(serve, app: str, error: Exception, bundle_path) -> str:
+    """One line for a deployment whose replicas failed to start: the StexportError a replica raised (the
+    last one in Ray Serve's deployment status, which holds the replica's traceback), else the last exception
+    line there, pointing at Ray's logs."""
+    import re
+
+    texts = []
+    try:
+        status = serve.status().applications.get(app)
+        texts = [d.message for d in status.deployments.values() if d.message] + [status.message]
+    except Exception:  # noqa: BLE001 - the status is a nicety; the error itself is still reported
+        pass
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join([*texts, str(error)]))
+    ours = re.findall(r"^stexport\.[\w.]+: (.+)$", text, re.MULTILINE)
+    if ours:
+        return ours[-1].strip()
+    other = re.findall(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
+    cause = f"{other[-1][0].rsplit('.', 1)[-1]}: {other[-1][1].strip()}" if other else str(error).splitlines()[0]
+    return (f"the server's replica failed to start ({cause[:300]}); the traceback is in Ray's logs "
+            "(/tmp/ray/session_latest/logs/serve/)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# requests
+
+
+class RequestError(Exception):
+    """A bad request: HTTP `status` (4xx) and a one-line message for the JSON error body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def confine(path: str, roots: tuple[str, ...]) -> str:
+    """The realpath of `path` if it names a regular file inside one of `roots` (realpaths), else RequestError:
+    403 when paths are off, the path holds '..' or resolves outside every root (symlinks included), 404 when
+    there is no such file, 400 when it is not a regular file or not a usable string."""
+    if not roots:
+        raise RequestError(403, "reading server-side paths is off on this server; upload the video instead")
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise RequestError(400, "'path' must be a non-empty string")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, "'path' is not valid UTF-8") from None
+    if ".." in Path(path).parts:
+        raise RequestError(403, f"{path}: '..' is not allowed in paths")
+    real = os.path.realpath(path)
+    inside = [r for r in roots if os.path.commonpath([real, r]) == r]
+    if not inside:
+        raise RequestError(403, f"{path}: outside the directories this server may read")
+    if not os.path.exists(real):
+        raise RequestError(404, f"{path}: no such file")
+    if not os.path.isfile(real):
+        raise RequestError(400, f"{path}: not a regular file")
+    return real
+
+
+def json_type(value) -> str:
+    """What a JSON value is, for error messages: 'an array', 'a number', …"""
+    kinds = ((bool, "true/false"), (str, "a string"), (int, "a number"), (float, "a number"), (list, "an array"),
+             (dict, "an object"))
+    return next((name for t, name in kinds if isinstance(value, t)), "null")
+
+
+def _warm_decoder() -> None:
+    """A decoding process's start: import the decoder before any request's time limit runs."""
+    import stexport.runtime.video  # noqa: F401
+
+
+def _decode_worker(path: str, sampling: dict, name: str):
+    """Runs in a decoding process: (source name, clips, frames decoded, notes)."""
+    from stexport.runtime.video import Sampling, decode
+
+    d = decode(path, Sampling(**sampling), threads=1)
+    return name, d.clips, d.frames, d.notes
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the one place serving touches classification
+
+
+@dataclass
+class Clips:
+    """One video's decoded views, ready to classify."""
+
+    source: str
+    clips: np.ndarray  # (V, T, S, S, 3) uint8
+    frames: int
+    decode_s: float
+    notes: list[str]
+    task: str | None = None  # a loaded task's name (None: the default task)
+
+
+@dataclass
+class Task:
+    """A task a server runs: its name, its TaskPack (None: the bundle's own), sampling and labels."""
+
+    name: str
+    pack: object
+    sampling: object  # stexport.runtime.video.Sampling
+    labels: list[str]
+
+    def describe(self, default: bool) -> dict:
+        return {"name": self.name, "classes": len(self.labels), "labels": self.labels,
+                "sampling": self.sampling.to_dict(), "pack": self.pack.path.name if self.pack else None,
+                "default": default}
+
+
+class ServingClassifier:
+    """Classify many decoded videos in few backend calls; results as `stexport infer --json` prints them.
+
+    Built on stexport.runtime.classify.Classifier (same backend choice, labels, softmax-then-mean over views). tasks:
+    task pack paths for a swappable bundle, loaded and prepared once beside the bundle's own task; `tasks`
+    maps every task's name to its Task, `default` is the name a request without one gets. options: the
+    backend's options (a dict, so that an option may share a name with a parameter here, e.g. onnxruntime's
+    `tasks`). Raises StexportError when the backend cannot open the bundle or prepare a pack."""
+
+    def __init__(self, bundle: str, backend: str = "auto", top_k: int = 5, tasks: tuple[str, ...] = (),
+                 default_task: str | None = None, options: dict | None = None):
+        from stexport.runtime.classify import Classifier
+
+        self.clf = Classifier(bundle, backend=backend, top_k=top_k, **(options or {}))
+        self.clf.top_k = top_k  # not capped at the bundle's own classes: a pack may have more
+        self.sampling = self.clf.sampling
+        packs = [self.clf.load_task(t) for t in tasks]
+        names = task_names(self.clf.bundle, packs)
+        self.named = bool(packs)  # answers carry "task" only where the server runs task packs
+        self.tasks = {names[0]: Task(names[0], None, self.clf.sampling, self.clf.labels)}
+        for p in packs:
+            self.tasks[p.name] = Task(p.name, p, self.clf.sampling_for(p), p.labels)
+        self.default = default_task or names[0]
+
+    def task(self, name: str | None) -> Task:
+        """The loaded task called `name` (None: the default); RequestError 404 naming the loaded ones."""
+        if name is None:
+            return self.tasks[self.default]
+        if not isinstance(name, str) or name not in self.tasks:
+            shown = name if isinstance(name, str) else json.dumps(name)
+            raise RequestError(404, f"no task {shown[:100]!r} on this server; loaded: "
+                                    + ", ".join(f"{n} (default)" if n == self.default else n for n in self.tasks))
+        return self.tasks[name]
+
+    def describe(self) -> dict:
+        return self.clf.describe()
+
+    def classify(self, items: list[Clips]) -> list[dict]:
+        """One backend call per task over the views of that task's items (the views of item i are rows
+        off_i…off_i+V_i of its call; tasks never share a call); per item, softmax each view's logits, average
+        over its views, name the top k with its task's labels. Returns the dicts `infer --json` prints
+        (Result.to_dict, with "task" where packs are loaded), in item order."""
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(self.task(it.task).name, []).append(i)
+        out: list = [None] * len(items)
+        for name, group in groups.items():
+            for i, row in zip(group, self._run(self.tasks[name], [items[i] for i in group])):
+                out[i] = row
+        return out
+
+    def _run(self, task: Task, items: list[Clips]) -> list[dict]:
+        from stexport.runtime.batch import non_finite, task_probs
+        from stexport.runtime.classify import Failure, Result
+
+        clf = self.clf
+        probs, spent = task_probs(clf, [it.clips for it in items], task.pack)
+        name = task.name if self.named else None
+        return [Failure(it.source, non_finite(it.source, clf.backend.name), name).to_dict() if p is None else
+                Result(it.source, clf.top(p, task.labels), len(it.clips), it.frames, it.decode_s,
+                       spent / len(items), list(it.notes), backend=clf.backend.name, task=name).to_dict()
+                for it, p in zip(items, probs)]
+
+    def close(self) -> None:
+        self.clf.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the Ray Serve deployment
+
+
+def metadata(bundle_path: str, described: dict, cfg: ServeConfig, labels: list[str],
+             tasks: list[dict] | None = None) -> dict:
+    """What GET metadata answers: the manifest's model, labels, precision and sampling (the bundle's own
+    task), the backend in use, the server's limits, and the tasks requests may name (Task.describe)."""
+    from stexport.bundle.store import Bundle
+
+    m = Bundle.load(bundle_path).manifest
+    return {
+        "bundle": m.name,
+        "model": {"backbone": m.model.backbone.name, "adapter": m.spec.layout, "positions": m.spec.positions,
+                  "kernel": list(m.spec.kernel), "classes": m.output.classes},
+        "precision": m.precision,
+        "labels": labels,
+        "input": m.input.model_dump(mode="json"),
+        "sampling": described.get("sampling"),
+        "backend": {k: v for k, v in described.items() if k not in ("sampling",)},
+        "limits": {"max_upload_bytes": cfg.max_upload_bytes, "decode_timeout_s": cfg.decode_timeout_s,
+                   "max_batch_videos": cfg.max_batch, "server_paths": bool(cfg.allow_paths),
+                   "urls": False},
+        "tasks": tasks or [],
+        "default_task": next((t["name"] for t in tasks or [] if t["default"]), None),
+    }
+
+
+def _json(status: int, body: dict):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status)
+
+
+def deployment(cfg: ServeConfig):
+    """The bound Ray Serve application for `cfg` (ray imported here)."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+                      ray_actor_options={"num_cpus": cfg.replica_cpus})
+    class StexportClassifier:
+        def __init__(self, config: dict):
+            import multiprocessing
+            from concurrent.futures import ThreadPoolExecutor
+
+            from pebble import ProcessPool
+
+            self.cfg = ServeConfig.model_validate(config)
+            opts = backend_options(self.cfg)
+            self.model = ServingClassifier(self.cfg.bundle, self.cfg.backend, self.cfg.top_k, self.cfg.tasks,
+                                           self.cfg.default_task, options=opts)
+            # decoding in processes that can be killed (time limit, crashes); spawned, never forked from a
+            # threaded actor
+            self.decoders = ProcessPool(max_workers=self.cfg.decode_workers, initializer=_warm_decoder,
+                                        context=multiprocessing.get_context("spawn"))
+            self.runner = ThreadPoolExecutor(1, thread_name_prefix="stexport-model")  # one backend call at a time
+            self.tmp = tempfile.mkdtemp(prefix="stexport-serve-")
+            tasks = [t.describe(t.name == self.model.default) for t in self.model.tasks.values()]
+            self.meta = metadata(self.cfg.bundle, self.model.describe(), self.cfg, self.model.clf.labels, tasks)
+            # backend_calls: one per task in each batch; mixed_batches: batches that held several tasks
+            self.stats = {"requests": 0, "errors": 0, "batches": 0, "largest_batch": 0, "backend_calls": 0,
+                          "mixed_batches": 0, "tasks": {name: 0 for name in self.model.tasks}}
+            self.run_batch.set_max_batch_size(self.cfg.max_batch)
+            self.run_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
+
+        async def __call__(self, request):
+            path = request.url.path
+            prefix = self.cfg.route_prefix.rstrip("/")
+            route = path[len(prefix):].strip("/") if path.startswith(prefix) else path.strip("/")
+            routes = {"classify": "POST", "healthz": "GET", "metadata": "GET", "stats": "GET"}
+            try:
+                if route not in routes:
+                    raise RequestError(404, f"no route {path!r}; routes: "
+                                            + ", ".join(f"{m} {prefix}/{r}" for r, m in routes.items()))
+                if request.method != routes[route]:
+                    raise RequestError(405, f"{path} takes {routes[route]}, not {request.method}")
+                if route == "healthz":
+                    return _json(200, {"status": "ok"})
+                if route == "metadata":
+                    return _json(200, self.meta)
+                if route == "stats":
+                    return _json(200, self.stats)
+                self.stats["requests"] += 1
+                clips = await self.decode(request)
+                self.stats["tasks"][clips.task] += 1
+                answer = await self.run_batch(clips)
+                return _json(500 if "error" in answer else 200, answer)  # a model that gave NaN: a server fault
+            except RequestError as e:
+                self.stats["errors"] += 1
+                return _json(e.status, {"error": e.message})
+            except Exception as e:  # noqa: BLE001 - a server bug must not leak a traceback to the caller
+                import logging
+
+                logging.getLogger("ray.serve").exception("stexport serve: %s %s failed", request.method, path)
+                self.stats["errors"] += 1
+                return _json(500, {"error": f"internal error ({type(e).__name__}); see the server log"})
+
+        # -- tasks --------------------------------------------------------------------------------------------
+
+        @serve.multiplexed(max_num_models_per_replica=max(1, len(cfg.tasks) + 1))
+        async def get_task(self, name: str) -> Task:
+            """Ray Serve's multiplexed loader: every task is loaded when the replica starts (none is ever
+            evicted), so this names the task to Serve, which routes requests carrying its header here."""
+            return self.model.task(name)
+
+        async def request_task(self, request, body_tasks: list | None = None,
+                               body_where: str = "the body's \"task\"") -> Task:
+            """The task a request names, else the default. Every name given counts: the
+            serve_multiplexed_model_id header, each ?task= and each of `body_tasks` (a JSON body's "task", the
+            multipart form's "task" fields); they must be strings and all the same. RequestError 400 for a
+            name that is not a string or names that differ, 404 for an unknown one."""
+            given = [("the serve_multiplexed_model_id header", v)
+                     for v in request.headers.getlist("serve_multiplexed_model_id")]
+            header = serve.get_multiplexed_model_id()
+            if header and not given:
+                given.append(("the serve_multiplexed_model_id header", header))
+            given += [("?task=", v) for v in request.query_params.getlist("task")]
+            given += [(body_where, v) for v in body_tasks or []]
+            for where, v in given:
+                if not isinstance(v, str):
+                    raise RequestError(400, f"{where} must be a string naming a task, not {json_type(v)}")
+            if len({v for _, v in given}) > 1:
+                raise RequestError(400, "the request names different tasks: " + ", ".join(
+                    f"{json.dumps(v)[:60]} ({where})" for where, v in given))
+            task = self.model.task(given[0][1] if given else None)
+            return await self.get_task(task.name)
+
+        # -- reading the request ----------------------------------------------------------------------------
+
+        async def body(self, request) -> bytes:
+            limit = self.cfg.max_upload_bytes
+            declared = request.headers.get("content-length")
+            if declared is not None:
+                if not declared.isdigit():
+                    raise RequestError(400, "bad Content-Length")
+                if int(declared) > limit:
+                    raise RequestError(413, f"upload of {int(declared)} bytes is over this server's limit of "
+                                            f"{limit} bytes")
+            buf = io.BytesIO()
+            async for chunk in request.stream():
+                buf.write(chunk)
+                if buf.tell() > limit:
+                    raise RequestError(413, f"upload is over this server's limit of {limit} bytes")
+            return buf.getvalue()
+
+        async def decode(self, request) -> Clips:
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype == "application/json":
+                def unique(pairs):
+                    keys = [k for k, _ in pairs]
+                    twice = sorted({k for k in keys if keys.count(k) > 1})
+                    if twice:
+                        raise RequestError(400, f'the JSON body repeats "{twice[0]}"; give each key once')
+                    return dict(pairs)
+
+                try:
+                    req = json.loads(await self.body(request), object_pairs_hook=unique)
+                except (ValueError, UnicodeDecodeError):
+                    raise RequestError(400, "the body is not valid JSON") from None
+                if not isinstance(req, dict):
+                    raise RequestError(400, 'send {"path": "FILE"} (a JSON object)')
+                if "url" in req:
+                    raise RequestError(403, "fetching URLs is off on this server (it makes no requests on a "
+                                            "caller's behalf); upload the video instead")
+                if "path" not in req or not set(req) <= {"path", "task"}:
+                    raise RequestError(400, 'send {"path": "FILE"} or {"path": "FILE", "task": "NAME"}, or '
+                                            "upload the video as the body")
+                task = await self.request_task(request, [req["task"]] if "task" in req else [])
+                real = confine(req["path"], self.cfg.allow_paths)
+                return await self.decode_file(real, req["path"], task)
+            form_tasks: list[str] = []
+            if ctype.startswith("video/") or ctype in RAW_TYPES:
+                data, name = await self.body(request), request.headers.get("x-filename") or "upload"
+            elif ctype == "multipart/form-data":
+                data, name, form_tasks = self.multipart(request, await self.body(request))
+            else:
+                raise RequestError(415, f"content type {ctype or '(none)'!r}: send the video as the body "
+                                        "(video/* or application/octet-stream), as a multipart/form-data file, or "
+                                        + ('{"path": ...} as application/json' if self.cfg.allow_paths else
+                                           "nothing else"))
+            task = await self.request_task(request, form_tasks, "the form's \"task\" field")
+            if not data:
+                raise RequestError(400, "empty upload")
+            fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".video")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                return await self.decode_file(tmp, name, task)
+            finally:
+                os.unlink(tmp)
+
+        def multipart(self, request, body: bytes) -> tuple[bytes, str, list[str]]:
+            """(the one file's bytes, its name, the values of its "task" fields)."""
+            from python_multipart import FormParser
+            from python_multipart.exceptions import FormParserError
+            from python_multipart.multipart import parse_options_header
+
+            files, fields = [], []
+            _, params = parse_options_header(request.headers.get("content-type", ""))
+            if not params.get(b"boundary"):
+                raise RequestError(400, "multipart body without a boundary in its Content-Type")
+            try:
+                parser = FormParser("multipart/form-data", fields.append, files.append,
+                                    boundary=params[b"boundary"],
+                                    config={"MAX_MEMORY_FILE_SIZE": self.cfg.max_upload_bytes + 1})
+                parser.write(body)
+                parser.finalize()
+            except (FormParserError, ValueError) as e:
+                raise RequestError(400, f"malformed multipart body ({e})") from None
+            if len(files) != 1:
+                raise RequestError(400, f"multipart body with {len(files)} files; send exactly one (field 'video')")
+            f = files[0]
+            f.file_object.seek(0)
+            name = (f.file_name or b"upload").decode("utf-8", "replace")
+            tasks = [(x.value or b"").decode("utf-8", "replace") for x in fields if x.field_name == b"task"]
+            return f.file_object.read(), name, tasks
+
+        async def decode_file(self, path: str, name: str, task: Task) -> Clips:
+            from concurrent.futures import TimeoutError as FutureTimeout
+
+            from pebble import ProcessExpired
+
+            from stexport.runtime.video import VideoError
+
+            t = time.perf_counter()
+            future = self.decoders.schedule(_decode_worker, (path, task.sampling.to_dict(), name),
+                                            timeout=self.cfg.decode_timeout_s)
+            try:
+                source, clips, frames, notes = await asyncio.wrap_future(future)
+            except FutureTimeout:
+                raise RequestError(422, f"{name}: decoding took longer than this server's limit of "
+                                        f"{self.cfg.decode_timeout_s:g} s") from None
+            except ProcessExpired as e:
+                raise RequestError(422, f"{name}: the decoder crashed on this file (exit code {e.exitcode}); "
+                                        "not a video it can read") from None
+            except VideoError as e:
+                raise RequestError(422, str(e).replace(path, name)) from None
+            except StexportError as e:
+                raise RequestError(422, str(e).replace(path, name)) from None
+            return Clips(source, clips, frames, time.perf_counter() - t, notes, task.name)
+
+        # -- batched classification -------------------------------------------------------------------------
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        async def run_batch(self, items: list[Clips]) -> list[dict]:
+            self.stats["batches"] += 1
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
+            tasks = len({it.task for it in items})
+            self.stats["backend_calls"] += tasks
+            self.stats["mixed_batches"] += tasks > 1
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.runner, self.model.classify, items)
+
+        def __del__(self):
+            try:
+                self.decoders.stop()
+                self.model.close()
+            except Exception:  # noqa: BLE001 - shutting down
+                pass
+
+    return StexportClassifier.bind(cfg.model_dump(mode="json"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# starting and stopping
+
+
+def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = False) -> str:
+    """Start Ray (local, on 127.0.0.1, unless one is running or `ray_address` is given), Ray Serve's HTTP
+    proxy on cfg.host:cfg.port, and the deployment (Ray Serve application `app_name(cfg)`); return the base URL
+    once it answers. Ray's and Ray Serve's own log lines stay out of stderr unless stexport's logger is at INFO
+    (-v); their errors stay visible. Raises StexportError (one line) for a bad config, a missing extra, a
+    cluster it cannot join, or replicas that fail to start (the replica's reason; what was deployed is
+    removed again). checked: `cfg` came from check_config already (its checks may open a backend once)."""
+    import logging
+
+    require_serve()
+    if not checked:
+        cfg = check_config(cfg)
+    verbose = logging.getLogger("stexport").isEnabledFor(logging.INFO)
+    quiet = logging.INFO if verbose else logging.ERROR
+    import ray
+    from ray import serve
+
+    started = not ray.is_initialized()
+    if started:
+        kw = {"include_dashboard": False, "log_to_driver": verbose, "logging_level": quiet}
+        try:
+            if ray_address:
+                ray.init(address=ray_address, **kw)
+            else:
+                ray.init(_node_ip_address="127.0.0.1", **kw)
+                global _LOCAL_RAY
+                _LOCAL_RAY = True
+        except ConnectionError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise StexportError(f"--ray-address {ray_address}: cannot connect to a Ray cluster ({first}); start "
+                                "one with `ray start --head`, or leave --ray-address out for a local one") from None
+    for name in ("ray", "ray.serve"):  # the driver's loggers (importing ray.serve set its own to INFO)
+        logging.getLogger(name).setLevel(quiet)
+    level = "INFO" if verbose else "WARNING"
+    app = app_name(cfg)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": level})
+    try:
+        serve.run(deployment(cfg), name=app, route_prefix=cfg.route_prefix, logging_config={"log_level": level})
+    except RuntimeError as e:
+        why = replica_failure(serve, app, e, cfg.bundle)
+        joined = ray_address is not None or not started
+        try:
+            stop(shutdown_ray=started, app=app if joined else None)
+        except Exception:  # noqa: BLE001 - the replica's reason is the error to report
+            pass
+        raise StexportError(why) from None
+    port = cfg.port
+    try:  # a Serve instance already running on a joined cluster keeps its own HTTP options
+        from ray.serve.context import _get_global_client
+
+        port = _get_global_client().http_config.port
+    except Exception:  # noqa: BLE001 - a private API; cfg.port is right whenever this call started Serve
+        pass
+    if port != cfg.port:
+        logging.getLogger("stexport").warning("Ray Serve already runs on this cluster with its HTTP proxy on port "
+                                              "%d; --port %d does not apply", port, cfg.port)
+    host = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
+
+
+def stop(shutdown_ray: bool = True, app: str | None = None) -> None:
+    """Remove application `app` from Ray Serve (None: shut Ray Serve down, every application), then
+    disconnect from Ray when `shutdown_ray` (a local cluster this process started stops with it)."""
+    import ray
+    from ray import serve
+
+    global _LOCAL_RAY
+    if shutdown_ray and _LOCAL_RAY:
+        # the cluster goes with Serve's actors; shutting Serve down first only makes Ray print the retried
+        # graceful-shutdown task of the controller it kills
+        _LOCAL_RAY = False
+        ray.shutdown()
+        return
+    if app is None:
+        serve.shutdown()
+    else:
+        serve.delete(app)
+    if shutdown_ray:
+        ray.shutdown()
+
+
+_LOCAL_RAY = False  # whether start() started a local Ray cluster in this process
+
+
+__all__ = ["ServeConfig", "ServingClassifier", "Clips", "Task", "RequestError", "confine", "check_config",
+           "own_task_name", "start", "stop", "deployment", "require_serve", "app_name"]
