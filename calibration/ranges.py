@@ -9,7 +9,7 @@ import numpy as np
 
 from stexport.errors import StexportError
 
-from stexport.build.names import CALIB_METHODS as METHODS  # noqa: E402 - one list for the CLI and here
+METHODS = ("minmax", "percentile", "entropy")  # --calib-method: the one list (the CLI reads it too)
 PERCENTILE = 99.999
 
 

@@ -22,8 +22,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from stexport.trt_engines import record as rec_mod
-from stexport.trt_engines.build import strongly_typed_flags, version_major
-from stexport.trt_engines.cache import ensure_engine, onnx_identity, records, write_atomic
+from stexport.trt_engines.build import strongly_typed_flags
+from stexport.trt_engines.trt import version_major
+from stexport.trt_engines.cache import onnx_identity, records, write_atomic
+from stexport.trt_engines.engine import ensure_engine
 from stexport.trt_engines.record import (
     Host,
     choose,
@@ -690,7 +692,7 @@ def test_corrupt_stored_timing_cache_starts_fresh(bundle, caplog):
 
 
 def test_tensorrt_warnings_reach_the_user_at_warning_level(caplog):
-    from stexport.trt_engines.build import logger_for
+    from stexport.trt_engines.trt import logger_for
 
     trt = FakeTensorRT()
     logger = logger_for(trt)

@@ -8,40 +8,15 @@ created strongly typed, so none is set on either. The ONNX is parsed from its pa
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 from tqdm import tqdm
 
 from stexport import interrupt
 from stexport.errors import StexportError
+from stexport.trt_engines.trt import MIN_MAJOR, cancel, last_error, logger_for, version_major
 
 log = logging.getLogger("stexport")
-
-MIN_MAJOR = 10
-INSTALL_HINT = "install it on a GPU host with pip install 'stexport[tensorrt]'"
-
-
-def import_tensorrt():
-    """The tensorrt module, or one clear StexportError saying why not."""
-    try:
-        import tensorrt as trt
-    except Exception as e:
-        first = str(e).splitlines()[0][:120] if str(e) else ""
-        raise StexportError(f"TensorRT is not available here ({type(e).__name__}: {first}); "
-                            f"{INSTALL_HINT}") from e
-    if version_major(trt.__version__) < MIN_MAJOR:
-        raise StexportError(f"TensorRT {trt.__version__} is too old: stexport builds strongly typed engines, "
-                            f"which need TensorRT {MIN_MAJOR} or newer; {INSTALL_HINT}")
-    return trt
-
-
-def version_major(version: str) -> int:
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        return 0
-
 
 def strongly_typed_flags(major: int, strongly_typed_bit: int | None) -> int:
     """Network creation flags. TensorRT 10 needs the STRONGLY_TYPED flag; 11 is always strongly typed (it
@@ -56,43 +31,6 @@ def strongly_typed_flags(major: int, strongly_typed_bit: int | None) -> int:
 
 def workspace_bytes(workspace_gb: float | None) -> int | None:
     return None if workspace_gb is None else int(workspace_gb * (1 << 30))
-
-
-_loggers: dict[int, object] = {}
-_cancel = threading.Event()  # Ctrl-C landed in a TensorRT callback: the running build cancels itself
-
-
-def logger_for(trt):
-    """One logger per tensorrt module for every builder and runtime: TensorRT keeps a single global logger (it
-    warns when given another) and holds a raw pointer to it, so it must live as long as the process."""
-    if id(trt) not in _loggers:
-
-        class Logger(trt.ILogger):
-            """Keeps errors (for one-line failure messages) and sends the rest to logging."""
-
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.errors: list[str] = []
-
-            def log(self, severity, msg):
-                try:
-                    if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                        self.errors.append(str(msg))
-                        log.debug("TensorRT error: %s", msg)
-                    elif severity == trt.ILogger.Severity.WARNING:
-                        log.warning("TensorRT: %s", msg)  # e.g. slower kernels chosen: users should see it
-                    else:
-                        log.debug("TensorRT: %s", msg)
-                except KeyboardInterrupt:  # raised into a callback, it would be swallowed: cancel instead
-                    _cancel.set()
-
-        _loggers[id(trt)] = Logger()
-    return _loggers[id(trt)]
-
-
-def last_error(logger, mark: int) -> str:
-    """The last error TensorRT logged since len(logger.errors) was `mark`."""
-    return logger.errors[-1] if len(logger.errors) > mark else "no message from TensorRT"
 
 
 def make_progress(trt, bar: tqdm | None):
@@ -121,7 +59,7 @@ def make_progress(trt, bar: tqdm | None):
                 if phase_name == self.top and bar is not None:
                     bar.n = int(step) + 1
                     bar.refresh()
-                if interrupt.interrupted() or _cancel.is_set():
+                if interrupt.interrupted() or cancel.is_set():
                     self.cancelled = True
             except KeyboardInterrupt:
                 self.cancelled = True
@@ -159,7 +97,7 @@ def build_plan(trt, onnx_path: Path, profiles: list[dict], workspace_gb: float |
     TensorRT's reason, KeyboardInterrupt when Ctrl-C cancelled the build."""
     logger = logger_for(trt)
     mark = len(logger.errors)
-    _cancel.clear()
+    cancel.clear()
     builder = trt.Builder(logger)
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     bit = None if strongly_typed is None else int(strongly_typed)
@@ -197,8 +135,8 @@ def build_plan(trt, onnx_path: Path, profiles: list[dict], workspace_gb: float |
         plan = builder.build_serialized_network(network, config)
     finally:
         bar.close()
-    if monitor.cancelled or _cancel.is_set() or interrupt.interrupted():
-        _cancel.clear()
+    if monitor.cancelled or cancel.is_set() or interrupt.interrupted():
+        cancel.clear()
         raise KeyboardInterrupt
     if plan is None:
         reason = last_error(logger, mark)

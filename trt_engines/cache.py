@@ -10,26 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 from stexport.trt_engines.record import (
     ENGINE_DIR,
     Host,
-    make_record,
     make_request,
-    mismatches,
-    views_per_call,
-    check_batch,
-    profile_for,
-    profiles_for,
-    record_profiles,
     replaces,
-    request,
-    settings,
     timing_cache_file,
 )
-from stexport.trt_engines.refit import INT8_REFUSED, refit_names
 
 from stexport.bundle.store import Bundle, locked_dir
 from stexport.errors import StexportError
@@ -98,40 +87,6 @@ def save(bundle: Bundle, record: dict, plan, timing: bytes | None, host: Host) -
         fresh.update(artifacts={"engines": ENGINE_DIR}, written=written, engines=[*keep, record])
         bundle.manifest = fresh.manifest
     return record
-
-
-def ensure_engine(bundle: Bundle, trt, host: Host, batch: int | None = None,
-                  workspace_gb: float | None = None, opt_level: int | None = None, force: bool = False,
-                  progress: bool = False) -> tuple[dict, bool]:
-    """An engine valid on `host` for this bundle: the cached one, or a new build. Returns (record, built)."""
-    from stexport.trt_engines.build import build_plan
-
-    req = settings(request(bundle.manifest), batch, workspace_gb, opt_level)
-    check_batch(bundle.manifest, req["batch"])
-    onnx = onnx_identity(bundle)
-    views = views_per_call(bundle.manifest)
-    profile = profile_for(bundle.manifest.input, req["batch"], views)
-    profiles = profiles_for(bundle.manifest.input, req["batch"], views)
-    refit = refit_names(bundle.manifest)
-    cached = [r for r in records(bundle) if r["profile"] == profile and record_profiles(r) == profiles
-              and not mismatches(r, host, onnx, refit)]
-    if cached and not force:
-        return cached[0], False
-    refuse_unwritable(bundle)
-    if bundle.precision == "int8" and bundle.manifest.float_precision == "fp32":
-        log.warning("%s: an INT8 bundle with FP32 float parts: TensorRT runs its LayerNorm, Softmax, GELU and "
-                    "residuals in FP32 (the network is strongly typed). For FP16 ones rebuild it with "
-                    "`stexport build --precision int8 --int8-float fp16`", bundle.path.name)
-    onnx_path = bundle.file("onnx")
-    t0 = time.perf_counter()
-    if bundle.manifest.tasks is not None and refit is None:
-        log.warning("%s: %s", bundle.path.name, INT8_REFUSED)
-    plan, timing = build_plan(trt, onnx_path, profiles, req["workspace_gb"], req["opt_level"],
-                              load_timing(bundle, host), progress=progress, refit=refit)
-    rec = make_record(host, onnx, profile, bundle.precision, workspace_gb=req["workspace_gb"],
-                      opt_level=req["opt_level"], seconds=time.perf_counter() - t0, size=plan.nbytes,
-                      profiles=profiles, refit=refit)
-    return save(bundle, rec, plan, timing, host), True
 
 
 def refuse_unwritable(bundle: Bundle) -> None:

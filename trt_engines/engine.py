@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
-from stexport.trt_engines.build import import_tensorrt
-from stexport.trt_engines.cache import ensure_engine, record_request, refuse_unwritable
+import logging
+import time
+
+from stexport.trt_engines.build import build_plan
+from stexport.trt_engines.cache import load_timing, onnx_identity, record_request, records, refuse_unwritable, save
 from stexport.trt_engines.cuda import host_mismatch, open_device
-from stexport.trt_engines.record import Host, check_batch, request, settings
+from stexport.trt_engines.record import (Host, check_batch, make_record, mismatches, profile_for, profiles_for,
+                                          record_profiles, request, settings, views_per_call)
+from stexport.trt_engines.refit import INT8_REFUSED, refit_names
+from stexport.trt_engines.trt import import_tensorrt
 
 from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
+
+log = logging.getLogger("stexport")
 
 DEFERRED = "TensorRT engine: will be built on first use on a GPU host with stexport[tensorrt] ({why})"
 
@@ -65,3 +73,35 @@ def profile_opts(rec: dict) -> str:
     from stexport.trt_engines.record import record_profiles
 
     return " and ".join(str(p["opt"][0]) for p in record_profiles(rec))
+
+
+def ensure_engine(bundle: Bundle, trt, host: Host, batch: int | None = None,
+                  workspace_gb: float | None = None, opt_level: int | None = None, force: bool = False,
+                  progress: bool = False) -> tuple[dict, bool]:
+    """An engine valid on `host` for this bundle: the cached one, or a new build. Returns (record, built)."""
+    req = settings(request(bundle.manifest), batch, workspace_gb, opt_level)
+    check_batch(bundle.manifest, req["batch"])
+    onnx = onnx_identity(bundle)
+    views = views_per_call(bundle.manifest)
+    profile = profile_for(bundle.manifest.input, req["batch"], views)
+    profiles = profiles_for(bundle.manifest.input, req["batch"], views)
+    refit = refit_names(bundle.manifest)
+    cached = [r for r in records(bundle) if r["profile"] == profile and record_profiles(r) == profiles
+              and not mismatches(r, host, onnx, refit)]
+    if cached and not force:
+        return cached[0], False
+    refuse_unwritable(bundle)
+    if bundle.precision == "int8" and bundle.manifest.float_precision == "fp32":
+        log.warning("%s: an INT8 bundle with FP32 float parts: TensorRT runs its LayerNorm, Softmax, GELU and "
+                    "residuals in FP32 (the network is strongly typed). For FP16 ones rebuild it with "
+                    "`stexport build --precision int8 --int8-float fp16`", bundle.path.name)
+    onnx_path = bundle.file("onnx")
+    t0 = time.perf_counter()
+    if bundle.manifest.tasks is not None and refit is None:
+        log.warning("%s: %s", bundle.path.name, INT8_REFUSED)
+    plan, timing = build_plan(trt, onnx_path, profiles, req["workspace_gb"], req["opt_level"],
+                              load_timing(bundle, host), progress=progress, refit=refit)
+    rec = make_record(host, onnx, profile, bundle.precision, workspace_gb=req["workspace_gb"],
+                      opt_level=req["opt_level"], seconds=time.perf_counter() - t0, size=plan.nbytes,
+                      profiles=profiles, refit=refit)
+    return save(bundle, rec, plan, timing, host), True

@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from stexport.errors import StexportError
+from stexport.trt_engines.trt import last_error
 from stexport.bundle.manifest import Manifest
 
 INT8_REFUSED = ("TensorRT cannot refit an INT8 engine's quantization scales (its Q/DQ scales are fused into the "
@@ -117,7 +118,6 @@ def refit_engine(trt, engine, logger, weights: dict[str, np.ndarray], label: str
     """Refit `engine` with `weights` (host_weights' arrays). The caller guarantees no work is pending on the
     engine (refit_cuda_engine's contract); its execution contexts stay valid. StexportError naming the tensor
     TensorRT rejects, or what it still misses."""
-    from stexport.trt_engines.build import last_error
 
     mark = len(logger.errors)
     refitter = trt.Refitter(engine, logger)

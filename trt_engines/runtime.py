@@ -19,8 +19,9 @@ import logging
 import threading
 
 import numpy as np
-from stexport.trt_engines.build import import_tensorrt, last_error, logger_for
-from stexport.trt_engines.cache import ensure_engine, onnx_identity, records
+from stexport.trt_engines.cache import onnx_identity, records
+from stexport.trt_engines.engine import ensure_engine  # the runtime's one way into the build side
+from stexport.trt_engines.trt import import_tensorrt, last_error, logger_for
 from stexport.trt_engines import cuda as cuda_mod
 from stexport.trt_engines.cuda import open_device
 from stexport.trt_engines.record import (Host, choose, input_shape, max_batch, pick_profile, record_profiles,

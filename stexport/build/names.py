@@ -15,13 +15,13 @@ import re
 import sys
 from pathlib import Path
 
+from stexport.calibration.ranges import METHODS as CALIB_METHODS  # noqa: F401 - re-exported for the CLI
 from stexport.errors import StexportError
 
 CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
 # choices the CLI checks before importing torch; the modules that implement them import these
 PRECISIONS = ("fp32", "fp16", "int8")
 INPUT_FORMATS = ("uint8", "float")
-CALIB_METHODS = ("minmax", "percentile", "entropy")
 # vision_cfg keys that would change the tower away from a plain CLIP ViT, with the value that keeps it plain
 PLAIN_VIT = {
     "attentional_pool": False, "ls_init_value": None, "no_ln_pre": False, "final_ln_after_pool": False,
