@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from stexport.cli.common import OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
+from stexport.cli.common import BACKEND_HELP, OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
 
 EXIT_GATE_FAILED = 1
 
@@ -32,9 +32,8 @@ def verify(
     clips: list[Path] = typer.Option(..., "--clips", "-c", help="Videos: a '<video> <label>' list (labels "
                                      "give accuracy), a directory, or a video file; repeat for more (the same "
                                      "inputs as build --calib)."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="Runtime to check: auto (the one `infer` picks: "
-                                "OpenVINO on x86-64, else ONNX Runtime) or a backend name: openvino, "
-                                "onnxruntime, torchscript, tensorrt."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="Runtime to check: "
+                                + BACKEND_HELP.replace("auto (", "auto (the one `infer` picks: ")),
     max_clips: int = typer.Option(None, "--max-clips", help="Use only the first N videos of the list."),
     as_json: bool = Flag(False, "--json", help="Print the full report as JSON (stdout) instead of the table."),
     report_path: Path = typer.Option(None, "--report", help="Also write the full report as JSON to this file."),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stexport.runtime.backends.base import THREADS, Backend, Option
+from stexport.runtime.backends.base import THREADS, Backend, Option, register
 from stexport.errors import StexportError
 from stexport.runtime.ts_runtime import embedded_input
 
@@ -30,8 +30,8 @@ def pick_device(device: str):
     return torch.device(device)
 
 
+@register("torchscript", artifact="torchscript", tasks="a module exported from a swappable bundle")
 class TorchScriptBackend(Backend):
-    name = "torchscript"
     SWAPS_TASKS = False  # per instance: True when the module takes task packs (forward_task)
     OPTIONS = (Option("device", str, "auto", "torch device: auto (CUDA when visible), cpu, cuda or cuda:N"), THREADS)
 
