@@ -46,7 +46,7 @@ def _install_fake(tmp_path):
 def _stexport(env, *args):
     code = "import sys; sys.argv[0] = 'stexport'; from stexport.cli.app import main; main()"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          check=False, timeout=300)
 
 
 def test_a_backend_registered_from_one_module_is_offered_everywhere(tmp_path, tiny_bundle, make_video):
