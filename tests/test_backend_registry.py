@@ -75,7 +75,7 @@ def test_a_backend_registered_from_one_module_is_offered_everywhere(tmp_path, ti
     assert result["top"][0]["index"] == 7  # the fake's logits: class 7 on top
 
 
-def test_builtin_registrations_are_declared_beside_their_classes():
+def test_builtin_registrations_are_declared_beside_their_classes(tiny_bundle):
     for name, module in BUILTIN.items():
         reg = registration(name)
         assert reg.name == name and reg.cls.__module__ == module and reg.cls.name == name
@@ -84,6 +84,8 @@ def test_builtin_registrations_are_declared_beside_their_classes():
     assert auto_order() == ["tensorrt", "openvino", "onnxruntime"]
     assert names()[0] == "auto" and set(BUILTIN) <= set(names())
     assert backends.task_backends("or") == "openvino, onnxruntime, tensorrt, torchscript or torch"
+    # usable() by default: the bundle holds the registered artifact (an ONNX bundle has deltas, no model.ts)
+    assert registration("torch").cls.usable(tiny_bundle) and not registration("torchscript").cls.usable(tiny_bundle)
 
 
 def test_naming_one_backend_imports_only_its_module():

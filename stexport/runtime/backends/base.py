@@ -201,8 +201,9 @@ class Backend(ABC):
 
     @classmethod
     def usable(cls, bundle: Bundle) -> bool:
-        """Cheap check (no model load) whether this runtime can run `bundle` on this machine; used by 'auto'."""
-        return True
+        """Cheap check (no model load) whether this runtime can run `bundle` on this machine; used by 'auto'.
+        By default: the bundle holds the artifact the backend registered (Registration.artifact)."""
+        return cls.REGISTRATION is None or bundle.has(cls.REGISTRATION.artifact)
 
     @abstractmethod
     def run(self, clips: np.ndarray, task=None) -> np.ndarray:

@@ -103,10 +103,6 @@ class TorchScriptBackend(Backend):
             out.append(torch.from_numpy(np.array(a, copy=True)).to(device=self.device, dtype=mine.dtype))
         return out
 
-    @classmethod
-    def usable(cls, bundle) -> bool:
-        return bundle.has("torchscript")
-
     def run(self, clips: np.ndarray, task=None) -> np.ndarray:
         import torch
 
