@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from stexport.runtime.bench import clips_for, time_runner
-    from stexport.runtime.backends import REGISTRY, create
+    from stexport.runtime.backends import create, names
     from stexport.build.pipeline import build_bundle
     from stexport.build.verify import verify
 
@@ -46,7 +46,7 @@ def main() -> None:
                          out=args.work / f"int8-{fl}", force=True, sampling=VIEWS, calib=data / "train.txt",
                          calib_clips=64, labels=data / "labels.txt", int8_float=fl)
         for backend in ("onnxruntime", "openvino"):
-            if backend not in REGISTRY:
+            if backend not in names():
                 continue
             rep = verify(b, data / "val.txt", backend=backend)
             with create(backend, b) as be:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stexport.runtime import bench
-from stexport.runtime.backends import REGISTRY
+from stexport.runtime.backends import names as backend_names
 from stexport.bundle.store import Bundle
 from stexport.build.verify import compare
 
@@ -116,7 +116,7 @@ def worker(job: dict) -> dict:
 
 
 def measure_row(kind: str, bundle: Bundle, options: dict, batches, iters, warmup: int, probe) -> dict:
-    if kind in REGISTRY or kind == "eager":
+    if kind in backend_names() or kind == "eager":
         backend = "torch" if kind == "eager" else kind
         return bench.measure_isolated(str(bundle.path), backend, options, batches, iters, warmup, probe=probe)
     job = {"kind": kind, "bundle": str(bundle.path), "batches": list(batches), "iters": iters,
@@ -157,7 +157,7 @@ def make_bundles(work: Path, backbone: str, videos: Path, rebuild: bool) -> dict
 
 def add_torchscript(bundle: Bundle) -> str | None:
     """Add the TorchScript artifact to the FP32 bundle if stexport can; the reason when it cannot."""
-    if "torchscript" not in REGISTRY:
+    if "torchscript" not in backend_names():
         return "no TorchScript backend in this stexport"
     if bundle.has("torchscript"):
         return None
@@ -234,12 +234,12 @@ def demo_accuracy(work: Path, count: int, model: Path = DEMO) -> tuple[dict, str
                                int8_attention=p == "int8att", labels=data / "labels.txt",
                                int8_float="fp16" if p == "int8f16" else None)
                for p in ("fp32", "fp16", "int8", "int8att", "int8f16")}
-    if "torchscript" in REGISTRY:
+    if "torchscript" in backend_names():
         from stexport.build.torchscript import add_to_bundle
 
         add_to_bundle(bundles["fp32"], pretrained=str(backbone))
     for name, p, opts in DEMO_RUNS:
-        if name not in REGISTRY:
+        if name not in backend_names():
             continue
         try:
             # FP16 and BF16-run float bundles: the demo's reduced-precision gate (≥99% agreement, ≤0.5 pt drop)

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from stexport.bundle.precision import FLOAT_PRECISIONS, float_dtype
 from stexport.errors import StexportError
 from stexport.onnx_graph import stable_topo
 
@@ -28,7 +29,7 @@ def quant_targets(proto: onnx.ModelProto, attention: bool = False) -> list[onnx.
     return out
 
 
-FLOAT_TYPES = {"fp32": np.float32, "fp16": np.float16}
+FLOAT_TYPES = {n: np.dtype(float_dtype(n)).type for n in FLOAT_PRECISIONS}
 QDQ_OPSET_FP16 = 19  # QuantizeLinear/DequantizeLinear take FP16 scales and tensors from opset 19 on
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
+from stexport.cli.common import BACKEND_HELP, OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
 
 EXAMPLES = """
 Examples:
@@ -66,8 +66,7 @@ def show(r: dict) -> None:
 @handle_errors
 def bench(
     bundle: Path = typer.Argument(None, help="Bundle directory (from `stexport build`)."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="auto or a backend name: openvino, "
-                                "onnxruntime, tensorrt, torchscript, torch."),
+    backend: str = typer.Option("auto", "--backend", "-b", help=BACKEND_HELP),
     batch: str = typer.Option("1,32", "--batch", help="Batch sizes, comma-separated: batch 1 gives latency "
                               "percentiles, the largest gives throughput."),
     iters: int = typer.Option(10, "--iters", "-n", help="Timed calls per batch size."),
@@ -98,12 +97,12 @@ that stay float (patch embedding, attention, head) at the float rate.
     Timings on a shared machine are noisy: compare backends in one run, quote medians.
     """
     if list_options:
-        from stexport.runtime.backends import REGISTRY, options_help, options_of
+        from stexport.runtime.backends import options_help, registrations
 
         if as_json:
-            print_json({name: [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help,
-                                "choices": list(o.choices) if o.choices else None, "minimum": o.minimum}
-                               for o in options_of(name)] for name in REGISTRY})
+            print_json({r.name: [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help,
+                                  "choices": list(o.choices) if o.choices else None, "minimum": o.minimum}
+                                 for o in r.cls.OPTIONS] for r in registrations()})
         else:
             typer.echo(options_help())
         return

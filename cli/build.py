@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from stexport.bundle.precision import INPUT_FORMATS, choices_help, precision_help
 from stexport.cli.common import Flag, handle_errors, print_json, register as add_command
 
 EXAMPLES = """
@@ -44,8 +45,7 @@ def build(
     pretrained: str = typer.Option("openai", "--pretrained", help="Backbone weights: an open_clip tag (from "
                                    "the local model-hub cache, else downloaded), a file, or 'none' (random, for "
                                    "smoke tests)."),
-    precision: str = typer.Option("fp32", "--precision", "-p", help="fp32, fp16 (strongly typed) or int8 "
-                                  "(explicit Q/DQ; needs --calib)."),
+    precision: str = typer.Option("fp32", "--precision", "-p", help=precision_help() + "."),
     frames: int = typer.Option(8, "--frames", "-t", help="Frames per clip (T), fixed in the graph."),
     size: int = typer.Option(None, "--size", help="Input resolution; must be the backbone's (default: it)."),
     calib: Path = typer.Option(None, "--calib", help="INT8 calibration videos: a '<video> <label>' list or a "
@@ -63,8 +63,8 @@ def build(
     out: Path = typer.Option(None, "--out", "-o",
                              help="Bundle directory (default: ~/.cache/stexport/bundles/NAME)."),
     force: bool = Flag(False, "--force", "-f", help="Replace an existing bundle at --out."),
-    input_format: str = typer.Option("uint8", "--input", help="uint8 (B,T,H,W,3 RGB; normalised in the "
-                                     "graph) or float (B,T,3,H,W, normalised by the host)."),
+    input_format: str = typer.Option("uint8", "--input", help=choices_help(f"{f.name} ({f.help})" for f in
+                                                                         INPUT_FORMATS.values()) + "."),
     int8_attention: bool = Flag(False, "--int8-attention", help="INT8 also for the attention scores "
                                         "(q·kᵀ inputs; softmax stays float): a few % faster on CPU."),
     int8_float: str = typer.Option(None, "--int8-float", help="Float type of an INT8 graph's other layers: "

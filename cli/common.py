@@ -80,8 +80,10 @@ def parse_options(items: list[str]) -> dict[str, str]:
     return out
 
 
-TASK_BACKENDS = ("Backends that run packs: onnxruntime, openvino, torchscript, torch, and tensorrt on FP32/FP16 "
-                 "bases (a refittable engine; INT8 packs: onnxruntime or openvino).")
+# Help text naming backends is filled from the backend registry when help is shown (fill_help), so the CLI's
+# start-up imports no backend module and a registered backend appears in every command's help.
+BACKEND_HELP = "auto ({auto}) or a backend name: {backends}."
+TASK_BACKENDS = "Backends that run packs: {task_backends}."
 OPTION_HELP = ("Backend option KEY=VALUE (repeatable), checked against the backend's options: e.g. compute=bf16, "
                "hint=throughput or static=false for openvino; opt_level=extended for onnxruntime; threads=N for "
                "any. `stexport bench --list-options` lists them all.")
@@ -127,9 +129,28 @@ def _no_placeholder(option):
     return option
 
 
+def fill_help(text: str) -> str:
+    """`text` with {backends}, {auto} and {task_backends} filled from the backend registry."""
+    from stexport.runtime import backends
+
+    fields = {"{backends}": lambda: ", ".join(backends.names(auto=False)),
+              "{auto}": lambda: ", else ".join(backends.registration(n).auto_note for n in backends.auto_order()),
+              "{task_backends}": lambda: backends.task_backends(conditions=True)}
+    for key, value in fields.items():
+        if key in text:
+            text = text.replace(key, value())
+    return text
+
+
 class Command(TyperCommand):
     def get_help_option(self, ctx):
         return _no_placeholder(super().get_help_option(ctx))
+
+    def format_help(self, ctx, formatter):
+        for param in self.params:
+            if param.help and "{" in param.help:
+                param.help = fill_help(param.help)
+        return super().format_help(ctx, formatter)
 
 
 def register(app: typer.Typer, name: str, fn, examples: str = "") -> None:

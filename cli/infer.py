@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import EXIT_BAD_INPUT, OPTION_HELP, TASK_BACKENDS, Flag, escape, handle_errors, parse_options
+from stexport.cli.common import BACKEND_HELP, EXIT_BAD_INPUT, OPTION_HELP, TASK_BACKENDS, Flag, escape, handle_errors, parse_options
 from stexport.cli.common import register as add_command
 
 EXAMPLES = """
@@ -122,9 +122,7 @@ def infer(
                               "(SSv2). Default: the bundle's."),
     rate: int = typer.Option(None, "--rate", min=0, help="Take every N-th frame; 0 spreads the frames over "
                              "the whole video (or window). Default: the bundle's."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="auto (a TensorRT engine for this GPU, else "
-                                "OpenVINO on an x86-64 CPU, else ONNX Runtime) or a backend name: openvino, "
-                                "onnxruntime, tensorrt, torchscript, torch."),
+    backend: str = typer.Option("auto", "--backend", "-b", help=BACKEND_HELP),
     labels: Path = typer.Option(None, "--labels", help="Class names, one per line, in class order "
                                 "(overrides the bundle's)."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the backend."),
@@ -298,8 +296,8 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
             backends.create("auto", bundle)  # raises, naming why no runtime here can run it
         chosen = backends.resolve(backend, bundle)
         if pack is not None and chosen and not backends.load_class(chosen).SWAPS_TASKS:
-            raise StexportError(f"--task: the {chosen} backend cannot run task packs; pass -b onnxruntime or "
-                                "-b openvino (or use a bundle built for the task)")
+            raise StexportError(f"--task: the {chosen} backend cannot run task packs; pass -b "
+                                f"{backends.task_backends('or', conditions=True)} (or use a bundle built for the task)")
     results = None
     if output is not None:
         m = bundle.manifest

@@ -40,7 +40,7 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="HTTP port."),
     route: str = typer.Option("/", "--route", help="Route prefix, e.g. /stexport (routes: PREFIX/classify, "
                               "/healthz, /metadata, /stats)."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="auto (as `infer` picks) or a backend name."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto (as `infer` picks) or a backend name: {backends}."),
     option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
     threads: int = typer.Option(None, "--threads", min=1, help="Backend CPU threads per replica."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Model replicas (Ray Serve num_replicas)."),

@@ -5,9 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from stexport.cli.common import OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
+from stexport.bundle.precision import PRECISIONS, gate_text, short
+from stexport.cli.common import BACKEND_HELP, OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
 
 EXIT_GATE_FAILED = 1
+
+
+def _gate_defaults(field: str, say) -> str:
+    """'say(name, value)' for each precision whose default gate sets `field` (stexport.bundle.precision)."""
+    return ", ".join(say(n, getattr(p, field)) for n, p in PRECISIONS.items() if getattr(p, field) is not None)
+
+
+MAX_ABS = _gate_defaults("max_abs", lambda n, v: f"{short(v)} for {n}")
+AGREEMENT = _gate_defaults("min_top1_agreement", lambda n, v: f"{v} {n}" + (
+    " without labels" if PRECISIONS[n].max_accuracy_drop is not None else ""))
+DROP = _gate_defaults("max_accuracy_drop", lambda n, v: f"{v} for {n} with labels")
 
 EXAMPLES = """
 Examples:
@@ -32,17 +44,16 @@ def verify(
     clips: list[Path] = typer.Option(..., "--clips", "-c", help="Videos: a '<video> <label>' list (labels "
                                      "give accuracy), a directory, or a video file; repeat for more (the same "
                                      "inputs as build --calib)."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="Runtime to check: auto (the one `infer` picks: "
-                                "OpenVINO on x86-64, else ONNX Runtime) or a backend name: openvino, "
-                                "onnxruntime, torchscript, tensorrt."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="Runtime to check: "
+                                + BACKEND_HELP.replace("auto (", "auto (the one `infer` picks: ")),
     max_clips: int = typer.Option(None, "--max-clips", help="Use only the first N videos of the list."),
     as_json: bool = Flag(False, "--json", help="Print the full report as JSON (stdout) instead of the table."),
     report_path: Path = typer.Option(None, "--report", help="Also write the full report as JSON to this file."),
-    max_abs: float = typer.Option(None, "--max-abs", help="Gate: max |Δlogit| (default: 1e-3 for fp32)."),
+    max_abs: float = typer.Option(None, "--max-abs", help=f"Gate: max |Δlogit| (default: {MAX_ABS})."),
     min_agreement: float = typer.Option(None, "--min-agreement", min=0.0, max=1.0, help="Gate: top-1 agreement, 0–1 "
-                                        "(default: 1.0 fp32, 0.99 fp16, 0.95 int8 without labels)."),
+                                        f"(default: {AGREEMENT})."),
     max_drop: float = typer.Option(None, "--max-drop", min=0.0, max=100.0, help="Gate: top-1 accuracy drop in points "
-                                   "(default: 1.0 for int8 with labels)."),
+                                   f"(default: {DROP})."),
     no_cache: bool = Flag(False, "--no-cache", help="Run the PyTorch reference even if its logits for this "
                           "model, sampling and these videos are cached."),
     pretrained: str = typer.Option(None, "--pretrained", help="Backbone weights for the reference if the "
@@ -55,9 +66,8 @@ def verify(
 ):
     """Decode each video as `infer` does, run the bundle's backend and the PyTorch reference on the same
     clips, and report max/mean |Δlogit|, cosine similarity, top-1 and top-5 agreement and, when the list has
-    labels, top-1/top-5 accuracy of both and the difference. A per-precision gate sets the exit status: fp32
-    needs max|Δ| ≤ 1e-3 and 100% top-1 agreement, fp16 ≥ 99% agreement, int8 ≤ 1 pt accuracy drop (≥ 95%
-    agreement without labels).
+    labels, top-1/top-5 accuracy of both and the difference. A per-precision gate sets the exit status:
+    {gates}.
     """
     import dataclasses
     import json
@@ -93,6 +103,10 @@ def verify(
         typer.echo(format_report(report))
     if not report["passed"]:
         raise typer.Exit(EXIT_GATE_FAILED)
+
+
+# the default gates, in words, from the precision table
+verify.__doc__ = verify.__doc__.replace("{gates}", ", ".join(f"{n} needs {gate_text(n)}" for n in PRECISIONS))
 
 
 def register(app: typer.Typer) -> None:

@@ -216,7 +216,7 @@ def test_verify_bad_input_exit_2(tiny_bundle, videos, tmp_path):
 
 
 def test_verify_without_a_runtime_says_what_to_install(tiny_bundle, videos, monkeypatch):
-    monkeypatch.setattr("stexport.runtime.backends.AUTO_ORDER", [])
+    monkeypatch.setattr("stexport.runtime.backends.auto_order", lambda: [])
     r = cli("verify", tiny_bundle.path, "--clips", videos / "list.txt")
     assert r.exit_code == 2 and "pip install onnxruntime" in r.output and "Traceback" not in r.output
 

@@ -16,7 +16,7 @@ from stexport.cli.app import app
 from typer.testing import CliRunner
 
 from stexport.bundle import manifest as mf
-from stexport.runtime.backends import REGISTRY, create, load_class
+from stexport.runtime.backends import create, load_class, names
 from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 
@@ -114,7 +114,7 @@ def test_unreadable_manifest_json(tmp_path):
         Bundle.load(b)
 
 
-@pytest.mark.parametrize("backend", REGISTRY)
+@pytest.mark.parametrize("backend", names(auto=False))
 def test_unknown_or_mistyped_backend_option_is_refused_with_the_valid_ones(backend):
     cls = load_class(backend)
     valid = [o.name for o in cls.OPTIONS]

@@ -984,7 +984,7 @@ def test_cuda_python_without_gpu_is_a_clear_error():
 def test_auto_falls_back_with_the_reason(bundle, monkeypatch, caplog):
     """A bundle with an engine for another GPU, on a host where TensorRT looks usable but cannot open or build
     (here: the real reason, no TensorRT / no GPU on this machine): `auto` says why and runs the next usable
-    backend in AUTO_ORDER (ONNX Runtime, or OpenVINO where it is installed)."""
+    backend in auto's order (ONNX Runtime, or OpenVINO where it is installed)."""
     from stexport.trt_engines.runtime import TensorRTBackend
 
     from stexport.runtime.backends import create, resolve

@@ -28,7 +28,7 @@ from stexport.trt_engines.record import (Host, choose, input_shape, max_batch, p
                                          request)
 from stexport.trt_engines.refit import host_weights, needs_switch, no_tasks_reason, refit_engine, refit_names
 
-from stexport.runtime.backends.base import Backend, Option
+from stexport.runtime.backends.base import Backend, Option, register
 from stexport.errors import StexportError
 from stexport.bundle.manifest import InputRecord, Manifest
 
@@ -77,8 +77,9 @@ def passed_over(bundle, why: str) -> None:
         log.debug("auto: not using TensorRT for %s: %s", bundle.path.name, why)
 
 
+@register("tensorrt", artifact="onnx", auto=30, auto_note="a TensorRT engine for this GPU",
+          tasks="FP32/FP16 bases with a refittable engine")
 class TensorRTBackend(Backend):
-    name = "tensorrt"
     OPTIONS = (
         Option("batch", int, None, "largest batch the engine takes when one is built here (default: the "
                "bundle's saved setting, else 32)"),

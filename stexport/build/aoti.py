@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from stexport import interrupt
+from stexport.bundle.precision import LIBTORCH_PRECISIONS, float_dtype
+from stexport.bundle.precision import PRECISIONS as TABLE
 from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 from stexport.bundle.manifest import AOTIRecord
@@ -32,11 +34,12 @@ log = logging.getLogger("stexport")
 
 FILE = "model.pt2"
 METADATA_KEY = "stexport.json"
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+PRECISIONS = {n: getattr(torch, float_dtype(n)) for n in LIBTORCH_PRECISIONS}
 DEVICES = ("cpu", "cuda")
 MAX_BATCH = 1024  # as the ONNX export's dynamic batch axis
 EXAMPLE_BATCH = 2
-CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # compiled vs eager deploy model
+# compiled vs eager deploy model
+CHECK_TOLERANCE = {n: TABLE[n].libtorch_tolerance for n in LIBTORCH_PRECISIONS}
 
 
 def default_precision(bundle: Bundle, device: str) -> str:

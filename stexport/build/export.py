@@ -17,6 +17,7 @@ import torch
 from onnx import helper
 
 from stexport import interrupt
+from stexport.bundle.precision import FLOAT_PRECISIONS, float_dtype
 from stexport.errors import StexportError
 from stexport.onnx_graph import check, perm_of, save, stable_topo, swaps_last_axes
 
@@ -25,7 +26,7 @@ log = logging.getLogger("stexport")
 OPSET = 18
 INPUT, OUTPUT = "frames", "logits"
 EXTERNAL_DATA_BYTES = 1 << 30  # models with more weight bytes than this get a model.onnx.data file
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {n: getattr(torch, float_dtype(n)) for n in FLOAT_PRECISIONS}  # the float parts' torch dtype
 
 
 def example_input(model, frames: int, batch: int = 2) -> torch.Tensor:

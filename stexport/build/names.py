@@ -15,13 +15,15 @@ import re
 import sys
 from pathlib import Path
 
+from stexport.bundle.precision import INPUT_FORMATS as _INPUT_FORMATS
 from stexport.calibration.ranges import METHODS as CALIB_METHODS  # noqa: F401 - re-exported for the CLI
+from stexport.bundle.precision import NAMES as PRECISIONS  # noqa: F401 - the CLI's choices, re-exported
 from stexport.errors import StexportError
 
 CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
-# choices the CLI checks before importing torch; the modules that implement them import these
-PRECISIONS = ("fp32", "fp16", "int8")
-INPUT_FORMATS = ("uint8", "float")
+# choices the CLI checks before importing torch; the modules that implement them import these (PRECISIONS and
+# INPUT_FORMATS: the names of stexport.bundle.precision's tables)
+INPUT_FORMATS = tuple(_INPUT_FORMATS)
 # vision_cfg keys that would change the tower away from a plain CLIP ViT, with the value that keeps it plain
 PLAIN_VIT = {
     "attentional_pool": False, "ls_init_value": None, "no_ln_pre": False, "final_ln_after_pool": False,

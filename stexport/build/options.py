@@ -10,12 +10,14 @@ from pathlib import Path
 
 from stexport.bundle.store import refuse_existing
 from stexport.errors import StexportError
+from stexport.bundle.precision import FLOAT_PRECISIONS
+from stexport.bundle.precision import PRECISIONS as TABLE
 from stexport.build.names import (CALIB_METHODS, INPUT_FORMATS, PRECISIONS, WEIGHT_SUFFIXES, check_backbone,
                             check_weights_file)
 
 log = logging.getLogger("stexport")
 
-INT8_FLOATS = ("fp32", "fp16")
+INT8_FLOATS = FLOAT_PRECISIONS  # an INT8 graph's float parts
 
 
 def choice(flag: str, value: str, allowed) -> None:
@@ -89,10 +91,10 @@ class BuildOptions:
             raise StexportError(f"--frames {self.frames}: need at least one frame")
         if self.size is not None and self.size < 1:
             raise StexportError(f"--size {self.size}: must be a positive number of pixels")
-        if self.precision == "int8":
+        if TABLE[self.precision].calibrated:
             if self.calib is None:
-                raise StexportError("--precision int8 needs --calib CLIPS (a '<video> <label>' list, a directory "
-                                    "of videos or a video) to calibrate activation ranges")
+                raise StexportError(f"--precision {self.precision} needs --calib CLIPS (a '<video> <label>' list, "
+                                    "a directory of videos or a video) to calibrate activation ranges")
             choice("--calib-method", self.calib_method, CALIB_METHODS)
             if self.calib_clips < 1:
                 raise StexportError(f"--calib-clips {self.calib_clips}: must be at least 1")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stexport.bundle.precision import input_format_of
 from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 from stexport.bundle.manifest import AdapterRecord, PackBase, TaskPackRecord
@@ -93,7 +94,7 @@ def build_pack(adapter, base, out: str | Path | None = None, backbone=None, pret
         backbone = backbone_from_record(m.model.backbone, pretrained)
     with tempfile.TemporaryDirectory(prefix=".stexport-pack-", dir=out.parent if out.parent.is_dir() else None) as tmp:
         full = build_bundle(deltas, backbone=backbone, precision=m.precision, frames=m.input.frames,
-                            size=m.input.size, input_format="uint8" if m.input.dtype == "uint8" else "float",
+                            size=m.input.size, input_format=input_format_of(m.input.dtype).name,
                             labels=labels, sampling=sampling, swappable=True, max_classes=m.tasks.head_rows,
                             out=Path(tmp) / "task", progress=progress, **calib_opts)
         t = full.manifest.tasks

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from stexport import interrupt
 from stexport.build.backbone import Backbone, load_backbone
+from stexport.bundle.precision import INPUT_FORMATS
 from stexport.bundle.store import Bundle, default_home, finish, writing
 from stexport.build.deltas import Deltas, check_fits, infer_spec, load_deltas, unwrap
 from stexport.errors import StexportError
@@ -56,10 +57,9 @@ def default_sampling(spec: AdapterSpec) -> dict:
 
 
 def input_record(input_format: str, frames: int, size: int) -> InputRecord:
-    """The graph input of a bundle built with --input `input_format` ('uint8' or 'float')."""
-    if input_format == "uint8":
-        return InputRecord(name=INPUT, dtype="uint8", layout="BTHWC", frames=frames, size=size)
-    return InputRecord(name=INPUT, dtype="float32", layout="BTCHW", frames=frames, size=size)
+    """The graph input of a bundle built with --input `input_format` (a name in INPUT_FORMATS)."""
+    f = INPUT_FORMATS[input_format]
+    return InputRecord(name=INPUT, dtype=f.dtype, layout=f.layout, frames=frames, size=size)
 
 
 def bundle_name(adapter, backbone: str, precision: str, frames: int, size: int) -> str:
@@ -163,8 +163,8 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                 deploy.pad_head(head_rows)
             log.info("graph: %s input (%s), %s compute, %s, attention as MatMul/Softmax, adapters as "
                      "Gemm + depth-wise Conv (%s)", o.input_format,
-                     "B,T,H,W,3 RGB normalised in the graph" if o.input_format == "uint8"
-                     else "B,T,3,H,W normalised", str(dtype).replace("torch.", ""), bb.config.act, o.precision)
+                     INPUT_FORMATS[o.input_format].help, str(dtype).replace("torch.", ""), bb.config.act,
+                     o.precision)
             bar.update()
             step("export")
             onnx_path = tmp / ARTIFACTS["onnx"]

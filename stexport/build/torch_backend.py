@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from stexport.runtime.backends.base import THREADS, Backend, Option
+from stexport.runtime.backends.base import THREADS, Backend, Option, register
 
 
+@register("torch", artifact="deltas", tasks=True)  # the reference: never picked by `auto`
 class TorchBackend(Backend):
     """A task pack runs as the reference rebuilt with the pack's delta state dict (one model per task)."""
 
-    name = "torch"
-    SWAPS_TASKS = True
     OPTIONS = (
         Option("device", str, "cpu", "torch device: cpu or cuda"),
         THREADS,

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from stexport.bundle.precision import LIBTORCH_PRECISIONS, float_dtype
+from stexport.bundle.precision import PRECISIONS as TABLE
 from stexport.bundle.store import Bundle
 from stexport import interrupt
 from stexport.errors import StexportError
@@ -37,9 +39,10 @@ from stexport.runtime.ts_runtime import EXTRA, load, quiet  # noqa: F401 - load:
 log = logging.getLogger("stexport")
 
 FILE = "model.ts"
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+PRECISIONS = {n: getattr(torch, float_dtype(n)) for n in LIBTORCH_PRECISIONS}
 TRACE_BATCH = 2
-CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # traced+frozen vs eager deploy model, on a batch of one
+# traced+frozen vs eager deploy model, on a batch of one
+CHECK_TOLERANCE = {n: TABLE[n].libtorch_tolerance for n in LIBTORCH_PRECISIONS}
 
 
 def default_precision(bundle: Bundle) -> str:

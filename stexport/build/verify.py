@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from stexport.bundle.precision import PRECISIONS
 from stexport.bundle.store import Bundle
 from stexport.runtime.classify import softmax
 from stexport.errors import StexportError
@@ -39,12 +40,10 @@ class Gate:
                 "max_accuracy_drop_pt": self.max_accuracy_drop}
 
 
-# int8: the accuracy drop when labels are given; without labels, top-1 agreement stands in for it.
-GATES = {
-    "fp32": Gate(max_abs=1e-3, min_top1_agreement=1.0),
-    "fp16": Gate(min_top1_agreement=0.99),
-    "int8": Gate(max_accuracy_drop=1.0, min_top1_agreement=0.95),
-}
+# per precision, from its row in stexport.bundle.precision. int8: the accuracy drop when labels are given;
+# without labels, top-1 agreement stands in for it.
+GATES = {n: Gate(max_abs=p.max_abs, min_top1_agreement=p.min_top1_agreement,
+                 max_accuracy_drop=p.max_accuracy_drop) for n, p in PRECISIONS.items()}
 
 
 def compare(ref: np.ndarray, out: np.ndarray) -> dict:

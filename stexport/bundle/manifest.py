@@ -31,6 +31,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
+from stexport.bundle.precision import FLOAT_PRECISIONS, INPUT_FORMATS, LIBTORCH_PRECISIONS, NAMES
+
 from stexport.version import __version__
 from stexport.errors import StexportError
 from stexport.fileutil import atomic_write_text
@@ -44,7 +46,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PosInt = Annotated[int, Field(gt=0)]
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal[NAMES]  # stexport.bundle.precision
 Activation = Literal["quick_gelu", "gelu"]
 
 
@@ -161,8 +163,8 @@ class InputRecord(Record):
     graphs take (B, T, 3, H, W) already normalised by the host with `mean`/`std` (see `feed`)."""
 
     name: str = "frames"
-    dtype: Literal["uint8", "float32"] = "uint8"
-    layout: Literal["BTHWC", "BTCHW"] = "BTHWC"
+    dtype: Literal[tuple(f.dtype for f in INPUT_FORMATS.values())] = "uint8"
+    layout: Literal[tuple(f.layout for f in INPUT_FORMATS.values())] = "BTHWC"
     frames: int = Field(gt=0, le=4096, strict=True)
     size: int = Field(gt=0, le=8192, strict=True)
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -177,7 +179,7 @@ class InputRecord(Record):
 
     @property
     def normalized_in_graph(self) -> bool:
-        return self.dtype == "uint8"
+        return next(f.normalized_in_graph for f in INPUT_FORMATS.values() if f.dtype == self.dtype)
 
     def shape(self, batch: int | str = "B") -> tuple:
         """The input's shape for `batch` clips, in the graph's layout (e.g. (B, 8, 224, 224, 3))."""
@@ -244,7 +246,7 @@ class CalibrationRecord(Record):
     attention_scores_int8: bool = False
     # the float type around the Q/DQ pairs: fp32, or fp16 (dequantized tensors, scales and the float layers in
     # FP16; LayerNorm/Softmax statistics in FP32), what a strongly typed TensorRT network then runs them in
-    float_precision: Literal["fp32", "fp16"] = "fp32"
+    float_precision: Literal[FLOAT_PRECISIONS] = "fp32"
 
 
 class FP16CheckRecord(Record):
@@ -264,7 +266,7 @@ class FP16CheckRecord(Record):
 class TorchScriptRecord(Record):
     model_config = ConfigDict(extra="allow", frozen=True)
     file: str
-    precision: Literal["fp32", "fp16"]
+    precision: Literal[LIBTORCH_PRECISIONS]
     frozen: bool = True
     trace_check_max_abs: float | None = None
     torch: str | None = None
@@ -277,7 +279,7 @@ class AOTIRecord(Record):
     """An AOTInductor package of the deploy model (stexport.build.aoti): `model.pt2` for libtorch hosts."""
 
     file: str
-    precision: Literal["fp32", "fp16"]
+    precision: Literal[LIBTORCH_PRECISIONS]
     device: Literal["cpu", "cuda"]  # the device kind it was compiled for (it runs only there)
     batch: list[int] = [1, 1024]  # the dynamic batch axis' range
     torch: str | None = None

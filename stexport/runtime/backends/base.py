@@ -67,13 +67,49 @@ class Option:
 THREADS = Option("threads", int, None, "CPU threads for inference, 1 or more (default: the runtime's)", minimum=1)
 
 
+@dataclass(frozen=True)
+class Registration:
+    """How a backend is offered, declared beside its class with `@register(...)`; the registry
+    (`stexport.runtime.backends`) derives the CLI's `--backend` names and help, `bench --list-options` and
+    `auto`'s order from these. The backend's options stay on its class (`OPTIONS`)."""
+
+    name: str  # `--backend NAME`
+    artifact: str  # the bundle artifact role it runs ('onnx', 'torchscript', 'deltas')
+    auto: int | None = None  # `auto` tries the usable() ones highest first; None: only when named
+    auto_note: str = ""  # what `auto` picking it means, for the help ("OpenVINO on an x86-64 CPU")
+    tasks: bool | str = False  # runs task packs: True, False, or the condition under which it does (text)
+    cls: type | None = None
+
+
+# name -> Registration of every backend class registered so far (by importing its module)
+REGISTERED: dict[str, Registration] = {}
+
+
+def register(name: str, artifact: str, auto: int | None = None, auto_note: str = "", tasks: bool | str = False):
+    """Class decorator registering a Backend subclass as backend `name` (see Registration); sets its `name`,
+    and `SWAPS_TASKS` when `tasks` is True. Raises ValueError when another class already holds the name."""
+
+    def deco(cls):
+        held = REGISTERED.get(name)
+        if held is not None and held.cls is not None and held.cls.__qualname__ != cls.__qualname__:
+            raise ValueError(f"backend name '{name}' is registered twice ({held.cls.__module__} and {cls.__module__})")
+        cls.name = name
+        if tasks is True:
+            cls.SWAPS_TASKS = True
+        cls.REGISTRATION = REGISTERED[name] = Registration(name, artifact, auto, auto_note, tasks, cls)
+        return cls
+
+    return deco
+
+
 class Backend(ABC):
     """Runs a bundle: uint8 RGB clips (B, T, H, W, 3) in, float32 logits (B, classes) out.
 
     Subclasses declare OPTIONS; `backends.create` checks user options against them (an unknown or mistyped
     option is a one-line error listing the valid ones) before constructing the backend."""
 
-    name: str = "?"
+    name: str = "?"  # set by @register
+    REGISTRATION: Registration | None = None
     OPTIONS: tuple[Option, ...] = ()
     ALIASES: dict[str, str] = {}  # old option name -> new name (accepted with a deprecation warning)
     SWAPS_TASKS = False  # whether run() takes task packs (stexport.bundle.taskpack) on a swappable bundle
@@ -95,8 +131,10 @@ class Backend(ABC):
         from stexport.bundle.taskpack import TaskPack
 
         if not self.SWAPS_TASKS:
-            raise StexportError(f"the {self.name} backend cannot run task packs; use onnxruntime, openvino, "
-                                "tensorrt or torchscript (or a bundle built for the task)")
+            from stexport.runtime.backends import task_backends
+
+            raise StexportError(f"the {self.name} backend cannot run task packs; use {task_backends('or')} "
+                                "(or a bundle built for the task)")
         if isinstance(task, TaskPack):
             pack = task
         else:
@@ -163,8 +201,9 @@ class Backend(ABC):
 
     @classmethod
     def usable(cls, bundle: Bundle) -> bool:
-        """Cheap check (no model load) whether this runtime can run `bundle` on this machine; used by 'auto'."""
-        return True
+        """Cheap check (no model load) whether this runtime can run `bundle` on this machine; used by 'auto'.
+        By default: the bundle holds the artifact the backend registered (Registration.artifact)."""
+        return cls.REGISTRATION is None or bundle.has(cls.REGISTRATION.artifact)
 
     @abstractmethod
     def run(self, clips: np.ndarray, task=None) -> np.ndarray:

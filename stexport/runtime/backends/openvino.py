@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stexport.runtime.backends.base import THREADS, Backend, Option
+from stexport.runtime.backends.base import THREADS, Backend, Option, register
 from stexport.errors import StexportError
 
 log = logging.getLogger("stexport")
@@ -114,6 +114,10 @@ def only_blobs(folder: Path) -> bool:
     return all(only_blobs(f) if f.is_dir() else f.suffix == ".blob" for f in folder.iterdir())
 
 
+# auto: before ONNX Runtime: on x86-64 CPUs it runs the same ONNX faster (INT8 ~1.5x, FP32 ~1.1x in
+# benchmarks/RESULTS.md); its usable() is False elsewhere. A task's tensors replace the graph's before OpenVINO
+# reads it (prepare_task).
+@register("openvino", artifact="onnx", auto=20, auto_note="OpenVINO on an x86-64 CPU", tasks=True)
 class OpenVINOBackend(Backend):
     """options: compute ('f32' | 'bf16' | 'f16'; default f32: OpenVINO's inference precision), hint
     ('latency' | 'throughput'), threads, device ('auto' = 'CPU', or an OpenVINO device name), cache (False: no
@@ -126,8 +130,6 @@ class OpenVINOBackend(Backend):
     elementwise subgraphs (about 8% faster on ViT-B/16 INT8; benchmarks/openvino_static.py). The throughput hint
     splits a batch over streams, so it keeps one dynamic-batch model."""
 
-    name = "openvino"
-    SWAPS_TASKS = True  # a task: its tensors replace the graph's before OpenVINO reads it (prepare_task)
     OPTIONS = (
         Option("device", str, "auto", "OpenVINO device: auto (= CPU) or a device name"),
         THREADS,

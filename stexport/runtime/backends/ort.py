@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from stexport import interrupt
-from stexport.runtime.backends.base import THREADS, Backend, Option
+from stexport.runtime.backends.base import THREADS, Backend, Option, register
 from stexport.runtime.device import gpu_visible
 from stexport.errors import StexportError
 
@@ -35,6 +35,7 @@ def providers_for(device: str, available: list[str]) -> list[str]:
     return [p for p in want if p in available] + ["CPUExecutionProvider"]
 
 
+@register("onnxruntime", artifact="onnx", auto=10, auto_note="ONNX Runtime", tasks=True)
 class OrtBackend(Backend):
     """Task packs on a swappable bundle, two ways (option `tasks`):
 
@@ -50,8 +51,6 @@ class OrtBackend(Backend):
 
     auto (the default): adapters for FP32/FP16 bundles, sessions for INT8 ones."""
 
-    name = "onnxruntime"
-    SWAPS_TASKS = True
     OPTIONS = (
         Option("device", str, "auto", "execution provider: auto (CUDA/TensorRT providers when a GPU is visible), "
                "cpu, cuda or tensorrt", DEVICES),

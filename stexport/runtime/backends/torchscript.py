@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stexport.runtime.backends.base import THREADS, Backend, Option
+from stexport.runtime.backends.base import THREADS, Backend, Option, register
 from stexport.errors import StexportError
 from stexport.runtime.ts_runtime import embedded_input
 
@@ -30,8 +30,8 @@ def pick_device(device: str):
     return torch.device(device)
 
 
+@register("torchscript", artifact="torchscript", tasks="a module exported from a swappable bundle")
 class TorchScriptBackend(Backend):
-    name = "torchscript"
     SWAPS_TASKS = False  # per instance: True when the module takes task packs (forward_task)
     OPTIONS = (Option("device", str, "auto", "torch device: auto (CUDA when visible), cpu, cuda or cuda:N"), THREADS)
 
@@ -102,10 +102,6 @@ class TorchScriptBackend(Backend):
                                     f"{list(mine.shape)}; make the pack against this bundle with `stexport pack`")
             out.append(torch.from_numpy(np.array(a, copy=True)).to(device=self.device, dtype=mine.dtype))
         return out
-
-    @classmethod
-    def usable(cls, bundle) -> bool:
-        return bundle.has("torchscript")
 
     def run(self, clips: np.ndarray, task=None) -> np.ndarray:
         import torch
