@@ -303,11 +303,10 @@ def non_finite_error(video, backend: str) -> str:
 def test_non_finite_logits_get_one_message_on_every_path(tiny_bundle, videos, tmp_path):
     """The same NaN logits used to read three ways (classify, the batch API and serve, verify's bare count):
     every path now scores through stexport.runtime.scoring and says the same line."""
+    from stexport.build.verify import verify
     from stexport.runtime.classify import Classifier, NonFiniteOutput
     from stexport.runtime.video import decode
     from stexport.serving.app import Clips, ServingClassifier
-
-    from stexport.build.verify import verify
 
     shutil.copytree(tiny_bundle.path, tmp_path / "b")
     nan_weight(tmp_path / "b")
@@ -318,7 +317,7 @@ def test_non_finite_logits_get_one_message_on_every_path(tiny_bundle, videos, tm
             clf.classify(video)
         assert str(e.value) == want
         assert [f.error for f in clf.classify_batch([video, video])] == [want, want]
-        assert list(clf.classify_many([video]))[0].error == want
+        assert next(iter(clf.classify_many([video]))).error == want
     r = cli("infer", video, "-m", tmp_path / "b", "--backend", "onnxruntime", "--batch", "6", "--json")
     assert r.exit_code == 2 and strict_loads(r.stdout.splitlines()[0])["error"] == want
     served = ServingClassifier(str(tmp_path / "b"), backend="onnxruntime")
