@@ -157,7 +157,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
         if job.pack is not None:
             test.set_task(job.pack)
         runs = _run_videos(job, test, ref, stored, cache, progress)
-        described = test.describe()
+        described, name = test.describe(), test.name
     finally:
         test.close()
     if not runs.out_logits:
@@ -165,7 +165,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
                             f"(first error: {runs.failed[0]['error'] if runs.failed else 'none'})")
     if cache is not None and not stored:
         _write_cache(cache, runs.ref_logits)
-    metrics, errors = _metrics(job, runs, described.get("backend", backend))
+    metrics, errors = _metrics(job, runs, name)
     ref_described = (ref.describe() if ref is not None
                      else {"backend": "torch", "device": "cpu", "precision": "fp32 (reference)"})
     ref_described["cached"] = bool(stored)

@@ -127,8 +127,9 @@ class Classifier:
         return pack.name if pack is not None else None
 
     def probabilities(self, clips: np.ndarray, task=None) -> np.ndarray:
-        """Softmax of each view's logits, averaged over views: (classes,). task: a TaskPack for this call
-        (None: the current task). NonFiniteOutput if any logit is NaN or ±Inf."""
+        """Softmax of each view's logits, averaged over views (stexport.runtime.scoring.score_videos): float64
+        (classes,). clips: uint8 (V, T, H, W, 3). task: a TaskPack for this call (None: the current task).
+        NonFiniteOutput if any logit is NaN or ±Inf; StexportError for logits of the wrong shape."""
         (probs,), _ = batch.task_probs(self, [clips], task)
         if isinstance(probs, NonFiniteOutput):
             raise probs
