@@ -280,7 +280,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
     from tqdm import tqdm
 
     from stexport.runtime import backends
-    from stexport.runtime.batch import DEFAULT_BATCH, ClassifierSpec
+    from stexport.runtime.spec import DEFAULT_BATCH, ClassifierSpec
     from stexport.errors import StexportError
     from stexport.runtime.results import ResultsFile
 

@@ -30,7 +30,7 @@ from stexport.version import __version__
 _moved.install()
 
 _LAZY = {
-    "ClassifierSpec": "stexport.runtime.batch",
+    "ClassifierSpec": "stexport.runtime.spec",
     "Classifier": "stexport.runtime.classify",
     "Result": "stexport.runtime.classify",
     "Failure": "stexport.runtime.classify",
@@ -42,7 +42,7 @@ _LAZY = {
 def open(bundle, backend: str = "auto", **kw):  # noqa: A001 - stexport.open(bundle) reads as intended
     """An open Classifier: `stexport.open(bundle, backend, labels=, sampling=, top_k=, batch_size=,
     decode_threads=, **backend_options)`; the same as ClassifierSpec(...).open() with options as keywords."""
-    from stexport.runtime.batch import spec_from
+    from stexport.runtime.spec import spec_from
 
     return spec_from(bundle, backend=backend, **kw).open()
 

@@ -289,8 +289,46 @@ def test_verify_fails_the_gate_on_nan_logits_with_strict_json(tiny_bundle, video
     assert r.exit_code == 1, r.output
     out = strict_loads(r.stdout)
     assert out["metrics"]["non_finite_views"] == {"reference": 0, "backend": 18}
+    first = videos / "v0.mp4"
     assert out["checks"][0] == {"check": "finite logits", "value": 18, "limit": "0 non-finite views",
-                                "passed": False}
+                                "passed": False, "error": non_finite_error(first, out["backend"]["backend"])}
+
+
+def non_finite_error(video, backend: str) -> str:
+    return (f"{video}: the model returned non-finite logits (NaN/Inf) for 3 of 3 views on backend {backend}: "
+            "the fp32 model computes NaN/Inf on this input: check the bundle with `stexport verify` and rebuild "
+            "it from finite weights")
+
+
+def test_non_finite_logits_get_one_message_on_every_path(tiny_bundle, videos, tmp_path):
+    """The same NaN logits used to read three ways (classify, the batch API and serve, verify's bare count):
+    every path now scores through stexport.runtime.scoring and says the same line."""
+    from stexport.build.verify import verify
+    from stexport.runtime.classify import Classifier, NonFiniteOutput
+    from stexport.runtime.video import decode
+    from stexport.serving.app import Clips, ServingClassifier
+
+    shutil.copytree(tiny_bundle.path, tmp_path / "b")
+    nan_weight(tmp_path / "b")
+    video = videos / "v0.mp4"
+    want = non_finite_error(video, "onnxruntime")
+    with Classifier(tmp_path / "b", backend="onnxruntime") as clf:
+        with pytest.raises(NonFiniteOutput) as e:
+            clf.classify(video)
+        assert str(e.value) == want
+        assert [f.error for f in clf.classify_batch([video, video])] == [want, want]
+        assert next(iter(clf.classify_many([video]))).error == want
+    r = cli("infer", video, "-m", tmp_path / "b", "--backend", "onnxruntime", "--batch", "6", "--json")
+    assert r.exit_code == 2 and strict_loads(r.stdout.splitlines()[0])["error"] == want
+    served = ServingClassifier(str(tmp_path / "b"), backend="onnxruntime")
+    try:
+        d = decode(video, served.sampling)
+        assert served.classify([Clips(str(video), d.clips, d.frames, 0.0, [])]) == [{"path": str(video),
+                                                                                    "error": want}]
+    finally:
+        served.close()
+    report = verify(tmp_path / "b", video, backend="onnxruntime")
+    assert report["checks"][0]["error"] == want and not report["passed"]
 
 
 def strict_loads(text: str):

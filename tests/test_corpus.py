@@ -195,7 +195,7 @@ def test_ray_ships_the_bundle_to_workers_that_lack_it(ray_cluster, tiny_bundle, 
     import ray
 
     from stexport.serving import ray_data as ray_infer
-    from stexport.runtime.batch import ClassifierSpec
+    from stexport.runtime.spec import ClassifierSpec
 
     copy = Path(shutil.copytree(tiny_bundle.path, tmp_path / "bundle"))
     shipped = ray.put(ray_infer._bundle_files(str(copy)))

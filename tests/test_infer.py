@@ -68,6 +68,48 @@ def test_softmax_is_stable():
     np.testing.assert_allclose(p, [[1, 0], [0.5, 0.5]])
 
 
+def test_score_videos_splits_one_call_by_video_and_names_the_cause():
+    """One backend call's rows, split per video: softmax per view, mean over the video's views (main.py
+    evaluate()); a video with NaN/Inf gets the message, its neighbours their probabilities."""
+    from stexport.runtime.scoring import NonFiniteOutput, score_videos
+
+    logits = np.array([[1.0, 0.0], [0.0, 1.0], [np.inf, 0.0], [0.0, 0.0], [2.0, 0.0]])
+    a, bad, c = score_videos(logits, [2, 2, 1], "onnxruntime", "fp16")
+    np.testing.assert_allclose(a, [0.5, 0.5])
+    np.testing.assert_allclose(c, softmax(logits[4:])[0])
+    assert isinstance(bad, NonFiniteOutput) and str(bad).startswith(
+        "the model returned non-finite logits (NaN/Inf) for 1 of 2 views on backend onnxruntime: likely an FP16 "
+        "overflow")
+    assert "rebuild with --precision fp32" in str(bad)
+
+
+def test_ordered_map_keeps_order_and_stops_with_its_consumer():
+    """The one prefetcher: input order whatever finishes first, an input's error in its place, inputs not
+    started dropped when the consumer stops, `finish` in the worker thread."""
+    import time
+
+    from stexport.runtime.batch import ordered_map
+
+    ran, finished = [], []
+
+    def fn(x):
+        ran.append(x)
+        if x == 2:
+            raise ValueError("two")
+        time.sleep(0.05 if x % 2 else 0)
+        return x * 10
+
+    out = ordered_map(fn, range(100), threads=2, depth=3,
+                      finish=lambda: finished.append(threading.current_thread().name))
+    got = [next(out) for _ in range(4)]
+    assert [x for x, _ in got] == [0, 1, 2, 3]
+    assert [y for _, y in got if not isinstance(y, Exception)] == [0, 10, 30] and str(got[2][1]) == "two"
+    out.close()
+    deadline = time.monotonic() + 10
+    while len(finished) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(finished) == ["stexport-decode-0", "stexport-decode-1"] and max(ran) < 4 + 3
+
 def test_decoding_overlaps_inference(bundle, videos):
     """Decoding of video k+1 starts (driven by a background thread, in the decode worker's process) before
     inference of video k ends: proven by the order of events, not by timing. Each backend call waits for the

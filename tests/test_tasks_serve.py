@@ -218,7 +218,7 @@ def test_ray_actor_loads_a_shipped_pack(packs, want, ray_cluster, tmp_path):
     import ray
 
     from stexport.serving import ray_data as ray_infer
-    from stexport.runtime.batch import ClassifierSpec
+    from stexport.runtime.spec import ClassifierSpec
     from stexport.runtime.classify import default_sampling
 
     bundle = Path(shutil.copytree(packs["base"].path, tmp_path / "base"))

@@ -209,6 +209,18 @@ def load_deltas(path: str | Path) -> Deltas:
                   sha256=sha256_file(path), official_layout=is_official_layout(obj))
 
 
+def as_deltas(adapter) -> Deltas:
+    """`adapter` as Deltas: Deltas as they are, a state dict (str → tensor, possibly wrapped as a checkpoint)
+    in float32, or a checkpoint path loaded with `load_deltas`. Raises what `load_deltas` raises (and, for a
+    dict, StexportError for keys that are not an ST-Adapter's)."""
+    if isinstance(adapter, Deltas):
+        return adapter
+    if isinstance(adapter, dict):
+        sd = unwrap(adapter, "deltas")
+        return Deltas(spec=infer_spec(sd, "deltas"), state_dict={k: v.float() for k, v in sd.items()})
+    return load_deltas(adapter)
+
+
 def save_official(path: str | Path, state_dict: dict[str, torch.Tensor], next_epoch: int = 1,
                   optimizer: dict | None = None, lr_sched: dict | None = None, loss_scaler: dict | None = None) -> None:
     """Write deltas in the official release layout (what linziyi96/st-adapter's save_model writes)."""

@@ -60,7 +60,8 @@ def build_pack(adapter, base, out: str | Path | None = None, backbone=None, pret
     Raises StexportError (one line) for a base that is not swappable, an adapter whose spec (positions,
     widths, kernel) does not match it, more classes than its head has rows, or an existing `out` without
     `force`."""
-    from stexport.build.pipeline import _deltas, build_bundle
+    from stexport.build.deltas import as_deltas
+    from stexport.build.pipeline import build_bundle
     from stexport.build.loaders import backbone_from_record
     from stexport.bundle.task_graph import tensors as read_tensors
 
@@ -74,7 +75,7 @@ def build_pack(adapter, base, out: str | Path | None = None, backbone=None, pret
         raise StexportError(f"{out}: is a directory; --out takes the pack file to write (e.g. task{SUFFIX})")
     if out.exists() and not force:
         raise StexportError(f"{out}: already exists; pass --force to replace it, or choose another --out")
-    deltas = _deltas(adapter)
+    deltas = as_deltas(adapter)
     where = deltas.path or "adapter"
     why = spec_mismatch(deltas.spec, m.spec, m.tasks.head_rows)
     if why:

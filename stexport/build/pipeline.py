@@ -20,7 +20,7 @@ from stexport import interrupt
 from stexport.build.backbone import Backbone, load_backbone
 from stexport.bundle.precision import INPUT_FORMATS
 from stexport.bundle.store import Bundle, default_home, finish, writing
-from stexport.build.deltas import Deltas, check_fits, infer_spec, load_deltas, unwrap
+from stexport.build.deltas import Deltas, as_deltas, check_fits
 from stexport.errors import StexportError
 from stexport.build.export import DTYPES, INPUT, OPSET, OUTPUT, export_onnx
 from stexport.onnx_graph import external_files
@@ -67,15 +67,6 @@ def bundle_name(adapter, backbone: str, precision: str, frames: int, size: int) 
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}-{backbone}-{precision}-{frames}x{size}")
 
 
-def _deltas(adapter) -> Deltas:
-    if isinstance(adapter, Deltas):
-        return adapter
-    if isinstance(adapter, dict):
-        sd = unwrap(adapter, "deltas")
-        return Deltas(spec=infer_spec(sd, "deltas"), state_dict={k: v.float() for k, v in sd.items()})
-    return load_deltas(adapter)
-
-
 def warn_activation(deltas: Deltas, bb: Backbone) -> None:
     """Warn when an official-layout adapter sits on a backbone resolved to exact GELU (see backbone)."""
     from stexport.build.backbone import official_layout_warning
@@ -120,7 +111,7 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
 
     with bar:
         step("load")
-        deltas = _deltas(o.adapter)
+        deltas = as_deltas(o.adapter)
         log.info("adapter: %s (%s adapters, kernel %s, %d classes)", deltas.path or "in memory",
                  deltas.spec.layout, "x".join(map(str, deltas.spec.kernel)), deltas.spec.num_classes)
         if isinstance(o.backbone, Backbone):

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from stexport.bundle.precision import PRECISIONS
 from stexport.bundle.store import Bundle
-from stexport.runtime.classify import softmax
 from stexport.errors import StexportError
 
 log = logging.getLogger("stexport")
@@ -132,7 +131,8 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     """Compare `backend` on `bundle` with the PyTorch reference on the videos of `clips` (a '<video> <label>'
     list, a directory, a video file, or a list of those). Returns the report; report['passed'] is the gate's
     verdict. Videos are decoded in a child process (stexport.runtime.decode_worker): one that cannot be decoded is
-    listed in report['failed'] and the rest go on. Non-finite logits fail the gate ("finite logits").
+    listed in report['failed'] and the rest go on. Non-finite logits fail the gate ("finite logits", whose
+    "error" is the message `infer` gives that video: stexport.runtime.scoring.non_finite_message).
 
     The backend runs each video's views as `infer` does (one call per video). The reference runs views of
     several videos per call (same logits, far fewer calls), and its logits are cached by model, sampling and
@@ -146,189 +146,281 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     Raises StexportError for bad input (no decodable video, labels outside the classes, …).
     """
     from stexport.runtime import backends
-    from stexport.runtime.classify import _prefetched
+
+    job = _Job.open(bundle, clips, backend, max_clips, task)
+    gate = gate or GATES.get(job.precision, GATES["fp32"])
+    cache, stored = _cached_reference(job, pretrained, reference, use_cache)
+    ref = None if stored else _reference_model(job, reference, pretrained)
+    test = backends.create(backend, job.b, **backend_options)  # 'auto' falls back past a backend that cannot open
+    try:
+        if job.pack is not None:
+            test.set_task(job.pack)
+        runs = _run_videos(job, test, ref, stored, cache, progress)
+        described, name = test.describe(), test.name
+    finally:
+        test.close()
+    if not runs.out_logits:
+        raise StexportError(f"{job.where}: none of the {len(job.entries)} videos could be decoded "
+                            f"(first error: {runs.failed[0]['error'] if runs.failed else 'none'})")
+    if cache is not None and not stored:
+        _write_cache(cache, runs.ref_logits)
+    metrics, errors = _metrics(job, runs, name)
+    ref_described = (ref.describe() if ref is not None
+                     else {"backend": "torch", "device": "cpu", "precision": "fp32 (reference)"})
+    ref_described["cached"] = bool(stored)
+    if cache is not None:
+        ref_described["cache"] = str(cache)
+    checks = _checks(job, metrics, gate, errors)
+    n = len(runs.out_logits)
+    pack = job.pack
+    return {
+        "bundle": str(job.b.path),
+        **({"task": {"pack": str(pack.path), "name": pack.name, "sha256": pack.key}} if pack else {}),
+        "precision": job.precision,
+        "backend": described,
+        "reference": ref_described,
+        "sampling": job.sampling.to_dict(),
+        "videos": n,
+        "failed": runs.failed,
+        "modified_files": job.modified,
+        "metrics": metrics,
+        "seconds_per_video": {"backend": runs.t_out / n, "reference": runs.t_ref / n},
+        "reference_batch": runs.batch,
+        "gate": {"precision": job.precision, **gate.to_dict()},
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+    }
+
+
+@dataclass
+class _Job:
+    """What verify checks: the bundle (hash checks off), its videos, the sampling and task pack, and the
+    files changed since the build."""
+
+    b: Bundle
+    entries: list
+    where: str
+    sampling: object  # stexport.runtime.video.Sampling
+    pack: object  # a TaskPack or None
+    modified: list[str]
+
+    @property
+    def precision(self) -> str:
+        return self.b.precision
+
+    @classmethod
+    def open(cls, bundle, clips, backend: str, max_clips: int | None, task) -> _Job:
+        """Refuses (StexportError, one line) an unknown backend, a bad --max-clips, a pack that does not fit,
+        no runtime for 'auto' and the torch reference as the backend, before any work."""
+        from stexport.runtime import backends
+        from stexport.runtime.video import Sampling, display, read_clip_lists
+
+        if backend not in backends.names():
+            backends.load_class(backend)  # an unknown name: refused (with the closest one) before any work
+        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        b.check_hashes = False  # verify looks at the bundle as it is; changed files fail its gate instead
+        entries = read_clip_lists(clips)
+        where = display(clips) if isinstance(clips, (str, Path)) else ", ".join(display(c) for c in clips)
+        if max_clips is not None:
+            if max_clips < 1:
+                raise StexportError(f"--max-clips {max_clips}: must be at least 1")
+            entries = entries[:max_clips]
+        modified = b.changed_files()
+        if modified:
+            log.warning("%s: files changed since the build: %s", b.path, ", ".join(modified))
+        sampling = Sampling.from_manifest(b.manifest)
+        pack = None
+        if task is not None:
+            from stexport.bundle.taskpack import as_pack
+
+            pack = as_pack(task)
+            pack.check_fits(b)
+            sampling = Sampling(frames=b.frames, size=b.size, **pack.record.sampling.model_dump())
+        name = backends.resolve(backend, b)
+        if name is None:
+            raise StexportError("no runtime to verify on this machine (auto found neither OpenVINO nor ONNX "
+                                "Runtime); install one: pip install onnxruntime")
+        if name == "torch":
+            raise StexportError("--backend torch is the reference itself; verify another (e.g. onnxruntime)")
+        return cls(b, entries, where, sampling, pack, modified)
+
+
+def _cached_reference(job: _Job, pretrained, reference, use_cache: bool) -> tuple[Path | None, dict]:
+    """The cache file for the reference's logits (None: not cached) and what it holds ({} when absent or
+    unreadable): video index (str) → (views, classes) logits."""
+    if reference is not None or not use_cache:
+        return None, {}
+    cache = reference_cache_dir() / (f"{reference_key(job.b, job.entries, job.sampling, pretrained)}"
+                                     f"{'-' + job.pack.key[:16] if job.pack else ''}.npz")
+    if not cache.is_file():
+        return cache, {}
+    try:
+        with np.load(cache) as z:
+            stored = {k: z[k] for k in z.files}
+        log.info("reference: logits from the cache %s", cache)
+        return cache, stored
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable reference cache entry (%s); recomputing", cache, e)
+        return cache, {}
+
+
+def _reference_model(job: _Job, reference, pretrained):
+    """The PyTorch reference as a backend (stexport.build.torch_backend.TorchBackend): `reference` if given,
+    else rebuilt from the bundle's deltas (a pack's, for a task) and backbone record."""
+    from stexport.build.torch_backend import TorchBackend
+
+    t = time.perf_counter()
+    if reference is None and job.pack is not None:
+        from stexport.build.loaders import task_reference
+
+        reference = task_reference(job.b, job.pack, pretrained)
+    ref = TorchBackend(job.b, model=reference, pretrained=pretrained)
+    log.info("reference: PyTorch model rebuilt from the bundle's deltas and backbone record in %.2f s",
+             time.perf_counter() - t)
+    return ref
+
+
+@dataclass
+class _Runs:
+    """Per decoded video: its name, the reference's and the backend's logits (views, classes) and its label;
+    the videos that could not be decoded; seconds spent in each; views per reference call."""
+
+    batch: int
+    videos: list[str] = field(default_factory=list)
+    ref_logits: list = field(default_factory=list)
+    out_logits: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    t_out: float = 0.0
+    t_ref: float = 0.0
+
+
+def _run_videos(job: _Job, test, ref, stored: dict, cache, progress: bool) -> _Runs:
+    """Decode each video (in a child process, the next while this one runs) and run it on `test` (one call
+    per video, as `infer`), and on `ref` in calls of up to `_reference_batch` views, or take the reference's
+    logits from `stored`. A video that cannot be decoded is listed in `failed` (one warning each)."""
+    from stexport.runtime.batch import ordered_map
     from stexport.runtime.decode_worker import DecodeWorker
-    from stexport.runtime.video import Sampling, VideoError, display, read_clip_lists
+    from stexport.runtime.video import VideoError, display
 
-    if backend not in backends.names():
-        backends.load_class(backend)  # an unknown name: refused (with the closest one) before any work
-    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    b.check_hashes = False  # verify looks at the bundle as it is; changed files fail its gate instead
-    precision = b.precision
-    gate = gate or GATES.get(precision, GATES["fp32"])
-    entries = read_clip_lists(clips)
-    where = display(clips) if isinstance(clips, (str, Path)) else ", ".join(display(c) for c in clips)
-    if max_clips is not None:
-        if max_clips < 1:
-            raise StexportError(f"--max-clips {max_clips}: must be at least 1")
-        entries = entries[:max_clips]
-    modified = b.changed_files()
-    if modified:
-        log.warning("%s: files changed since the build: %s", b.path, ", ".join(modified))
-    sampling = Sampling.from_manifest(b.manifest)
-    pack = None
-    if task is not None:
-        from stexport.bundle.taskpack import as_pack
-
-        pack = as_pack(task)
-        pack.check_fits(b)
-        sampling = Sampling(frames=b.frames, size=b.size, **pack.record.sampling.model_dump())
-    name = backends.resolve(backend, b)
-    if name is None:
-        raise StexportError("no runtime to verify on this machine (auto found neither OpenVINO nor ONNX Runtime); "
-                            "install one: pip install onnxruntime")
-    if name == "torch":
-        raise StexportError("--backend torch is the reference itself; verify another (e.g. onnxruntime)")
-
-    cache = None
-    stored: dict[str, np.ndarray] = {}
-    if reference is None and use_cache:
-        cache = reference_cache_dir() / (f"{reference_key(b, entries, sampling, pretrained)}"
-                                         f"{'-' + pack.key[:16] if pack else ''}.npz")
-        if cache.is_file():
-            try:
-                with np.load(cache) as z:
-                    stored = {k: z[k] for k in z.files}
-                log.info("reference: logits from the cache %s", cache)
-            except (OSError, ValueError) as e:
-                log.warning("%s: unreadable reference cache entry (%s); recomputing", cache, e)
-                stored = {}
-    ref = None
-    t_ref = 0.0
-    if not stored:
-        from stexport.build.torch_backend import TorchBackend
-
-        t = time.perf_counter()
-        if reference is None and pack is not None:
-            from stexport.build.loaders import task_reference
-
-            reference = task_reference(b, pack, pretrained)
-        ref = TorchBackend(b, model=reference, pretrained=pretrained)
-        log.info("reference: PyTorch model rebuilt from the bundle's deltas and backbone record in %.2f s",
-                 time.perf_counter() - t)
-    test = backends.create(backend, b, **backend_options)  # 'auto' falls back past a backend that cannot open
-    if pack is not None:
-        test.set_task(pack)
-    batch = _reference_batch(b)
-    ref_logits, out_logits, labels, failed, done = [], [], [], [], []
-    pending: list[tuple[int, np.ndarray]] = []  # (index in done, views) waiting for the reference
-    t_out = 0.0
+    runs = _Runs(_reference_batch(job.b))
+    pending: list[tuple[int, np.ndarray]] = []  # (index in ref_logits, views) waiting for the reference
 
     def flush():
-        nonlocal t_ref
         if not pending:
             return
         t = time.perf_counter()
         logits = ref.run(np.concatenate([v for _, v in pending]))
-        t_ref += time.perf_counter() - t
+        runs.t_ref += time.perf_counter() - t
         at = 0
         for i, v in pending:
-            ref_logits[i] = logits[at:at + len(v)]
+            runs.ref_logits[i] = logits[at:at + len(v)]
             at += len(v)
         pending.clear()
 
     decoder = DecodeWorker(threads=None)  # a child process: a decoder crash or stall costs one video
 
-    def work(path):
-        return decoder.decode(str(path), sampling).clips
+    def work(entry):
+        path, _ = entry
+        return decoder.decode(str(path), job.sampling).clips
 
     try:
-        bar = tqdm(total=len(entries), desc="verify", unit="video", disable=None if progress else True,
+        bar = tqdm(total=len(job.entries), desc="verify", unit="video", disable=None if progress else True,
                    leave=False)
-        tasks = (((path, label), lambda path=path: work(path)) for path, label in entries)
-        for (path, label), views in _prefetched(tasks, 2):
+        for (path, label), views in ordered_map(work, job.entries, 1, 3):  # 2 decoded ahead, 1 decoding
             bar.update()
             if isinstance(views, Exception):
                 if not isinstance(views, VideoError):
                     raise views
-                failed.append({"video": display(path), "error": str(views)})
+                runs.failed.append({"video": display(path), "error": str(views)})
                 log.warning("%s", views)  # one line per video that could not be decoded (the report counts them)
                 continue
             t = time.perf_counter()
-            out_logits.append(test.run(views))
-            t_out += time.perf_counter() - t
-            labels.append(label)
-            done.append(str(path))
+            runs.out_logits.append(test.run(views))
+            runs.t_out += time.perf_counter() - t
+            runs.labels.append(label)
+            runs.videos.append(display(path))
             if stored:
-                key = str(len(done) - 1)
+                key = str(len(runs.out_logits) - 1)
                 if key not in stored or len(stored[key]) != len(views):
                     raise StexportError(f"{cache}: reference cache entry does not match the videos; delete it "
                                         "or pass --no-cache")
-                ref_logits.append(stored[key])
+                runs.ref_logits.append(stored[key])
                 continue
-            ref_logits.append(None)
-            pending.append((len(ref_logits) - 1, views))
-            if sum(len(v) for _, v in pending) >= batch:
+            runs.ref_logits.append(None)
+            pending.append((len(runs.ref_logits) - 1, views))
+            if sum(len(v) for _, v in pending) >= runs.batch:
                 flush()
         flush()
         bar.close()
-        described = test.describe()
     finally:
         decoder.close()
-        test.close()
-    if not out_logits:
-        raise StexportError(f"{where}: none of the {len(entries)} videos could be decoded "
-                            f"(first error: {failed[0]['error'] if failed else 'none'})")
-    if cache is not None and not stored:
-        import io
+    return runs
 
-        from stexport.fileutil import atomic_write_bytes
 
-        buf = io.BytesIO()
-        np.savez(buf, **{str(i): r for i, r in enumerate(ref_logits)})
-        atomic_write_bytes(cache, buf.getbuffer())
-    ref_probs = [softmax(r).mean(0) for r in ref_logits]
-    out_probs = [softmax(o).mean(0) for o in out_logits]
-    ref_all, out_all = np.concatenate(ref_logits), np.concatenate(out_logits)
+def _write_cache(cache: Path, ref_logits: list) -> None:
+    import io
+
+    from stexport.fileutil import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **{str(i): r for i, r in enumerate(ref_logits)})
+    atomic_write_bytes(cache, buf.getbuffer())
+
+
+def _metrics(job: _Job, runs: _Runs, backend: str) -> tuple[dict, list[str]]:
+    """Logit-level agreement (`compare`), non-finite views of each side, and top-1/top-5 accuracy when every
+    video has a label; and, per backend video with NaN/Inf logits, the message `infer` gives it."""
+    from stexport.runtime.scoring import NonFiniteOutput, score_videos
+
+    ref_all, out_all = np.concatenate(runs.ref_logits), np.concatenate(runs.out_logits)
+    views = [len(o) for o in runs.out_logits]
+    scored = {side: score_videos(logits, views, name, precision) for side, logits, name, precision in
+              (("reference", ref_all, "torch", "fp32"), ("backend", out_all, backend, job.precision))}
+    errors = [f"{video}: {p}" for video, p in zip(runs.videos, scored["backend"])
+              if isinstance(p, NonFiniteOutput)]
     non_finite = {"reference": int((~np.isfinite(ref_all)).any(axis=1).sum()),
                   "backend": int((~np.isfinite(out_all)).any(axis=1).sum())}
     metrics = compare(np.nan_to_num(ref_all, nan=0.0), np.nan_to_num(out_all, nan=0.0))
     metrics["non_finite_views"] = non_finite
     metrics["accuracy"] = None
-    n = len(ref_probs)
+    labels = runs.labels
     if all(lb is not None for lb in labels):
         y = np.asarray(labels)
-        classes = ref_probs[0].shape[0]
+        classes = ref_all.shape[1]
         if y.min() < 0 or y.max() >= classes:
             bad = int(y.max() if y.max() >= classes else y.min())
-            raise StexportError(f"{where}: label {bad} is outside the model's {classes} classes")
-        rp, op = np.stack(ref_probs), np.stack(out_probs)
+            raise StexportError(f"{job.where}: label {bad} is outside the model's {classes} classes")
+        # a video without probabilities (NaN/Inf logits) ranks no class: the gate fails on it anyway
+        rp, op = (np.stack([p if isinstance(p, np.ndarray) else np.full(classes, np.nan) for p in scored[side]])
+                  for side in ("reference", "backend"))
         acc = {"reference_top1": accuracy(rp, y, 1), "backend_top1": accuracy(op, y, 1),
                "reference_top5": accuracy(rp, y, 5), "backend_top5": accuracy(op, y, 5)}
         acc["top1_difference"] = acc["backend_top1"] - acc["reference_top1"]
         acc["top5_difference"] = acc["backend_top5"] - acc["reference_top5"]
         metrics["accuracy"] = acc
     elif any(lb is not None for lb in labels):
-        log.warning("%s: only some videos have labels; accuracy is not reported", where)
-    checks = judge(precision, metrics, gate)
-    if modified:
-        checks.insert(0, {"check": "files unchanged since the build", "value": len(modified), "limit": "0 changed",
-                          "passed": False})
-    ref_described = (ref.describe() if ref is not None
-                     else {"backend": "torch", "device": "cpu", "precision": "fp32 (reference)"})
-    ref_described["cached"] = bool(stored)
-    if cache is not None:
-        ref_described["cache"] = str(cache)
-    if any(non_finite.values()):  # never a pass on NaN/Inf, whatever the other numbers say
-        checks.insert(0, {"check": "finite logits", "value": non_finite["backend"] + non_finite["reference"],
-                          "limit": "0 non-finite views", "passed": False})
-    return {
-        "bundle": str(b.path),
-        **({"task": {"pack": str(pack.path), "name": pack.name, "sha256": pack.key}} if pack else {}),
-        "precision": precision,
-        "backend": described,
-        "reference": ref_described,
-        "sampling": sampling.to_dict(),
-        "videos": n,
-        "failed": failed,
-        "modified_files": modified,
-        "metrics": metrics,
-        "seconds_per_video": {"backend": t_out / n, "reference": t_ref / n},
-        "reference_batch": batch,
-        "gate": {"precision": precision, **gate.to_dict()},
-        "checks": checks,
-        "passed": all(c["passed"] for c in checks),
-    }
+        log.warning("%s: only some videos have labels; accuracy is not reported", job.where)
+    for e in errors:
+        log.warning("%s", e)
+    return metrics, errors
+
+
+def _checks(job: _Job, metrics: dict, gate: Gate, errors: list[str]) -> list[dict]:
+    """The gate's checks (`judge`), after "files unchanged since the build" when files changed and "finite
+    logits" (never a pass on NaN/Inf, whatever the other numbers say; "error": the first video's message)."""
+    checks = judge(job.precision, metrics, gate)
+    if job.modified:
+        checks.insert(0, {"check": "files unchanged since the build", "value": len(job.modified),
+                          "limit": "0 changed", "passed": False})
+    nf = metrics["non_finite_views"]
+    if any(nf.values()):
+        check = {"check": "finite logits", "value": nf["backend"] + nf["reference"],
+                 "limit": "0 non-finite views", "passed": False}
+        if errors:
+            check["error"] = errors[0]
+        checks.insert(0, check)
+    return checks
 
 
 def format_report(report: dict) -> str:
@@ -367,6 +459,8 @@ def format_report(report: dict) -> str:
             shown = f"{nf['backend']} backend / {nf['reference']} reference views with NaN/Inf"
         lines.append(f"gate             {c['check']} = {shown} (limit {c['limit']}): "
                      f"{'pass' if c['passed'] else 'FAIL'}")
+        if c.get("error"):
+            lines.append(f"                 {c['error']}")
     if report["modified_files"]:
         lines.append(f"warning          files changed since the build: {', '.join(report['modified_files'])}")
     lines.append(f"result           {'PASS' if report['passed'] else 'FAIL'}")

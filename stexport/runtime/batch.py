@@ -1,5 +1,7 @@
 """Many videos through one classifier: views of several videos in each backend call, decoding ahead in
-decoder processes (stexport.runtime.decode_worker), one per decoding thread.
+decoder processes (stexport.runtime.decode_worker), one per decoding thread. The one view-packing path
+(`run_decoded`, over `task_probs`) and the one prefetcher (`ordered_map`) of stexport: `Classifier.classify`
+and `classify_batch`, `infer --batch` and `--ray`, `serve` and `verify` go through them.
 
 The numbers are the official evaluation's, exactly as `Classifier.classify` gives them: each view's logits go
 through a softmax and the probabilities are averaged over that video's views. Only the packing differs: the
@@ -12,9 +14,9 @@ short videos keep the backend busy.
         for item in clf.classify_batch(paths):     # Result or Failure per source, in input order
             print(item.to_dict())
 
-`ClassifierSpec` is a frozen, picklable description of "bundle + backend + options" for workers (Ray actors,
-processes): ship the spec, call `.open()` once in the worker. A `Classifier` itself does not pickle (an OpenVINO
-Core, an ONNX Runtime session inside).
+`ClassifierSpec` (stexport.runtime.spec) is a frozen, picklable description of "bundle + backend + options"
+for workers (Ray actors, processes): ship the spec, call `.open()` once in the worker. A `Classifier` itself
+does not pickle (an OpenVINO Core, an ONNX Runtime session inside).
 
 Task packs (stexport.bundle.taskpack) on a swappable bundle: `ClassifierSpec(..., task="ssv2.stpack")` opens a
 Classifier running that task (its labels, classes and default sampling; every result names it), and
@@ -31,71 +33,21 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from stexport.errors import StexportError
-
-DEFAULT_BATCH = 32  # views per backend call
-
-
-@dataclass(frozen=True)
-class ClassifierSpec:
-    """What to open, not an open classifier: picklable, hashable, cheap to ship to a worker.
-
-    bundle: bundle directory (a path every worker can read). backend: 'auto' or a backend name.
-    options: backend options (`--option` KEY=VALUE), e.g. {"threads": 2, "compute": "bf16"}; stored as a
-    sorted tuple of pairs. labels: class-names file overriding the bundle's. sampling: a stexport.runtime.video.Sampling
-    (None: the bundle's). top_k: classes per result. batch_size: views per backend call (≥ 1).
-    decode_threads: videos decoded at the same time, each by one FFmpeg thread in a decoder process (≥ 1).
-    decode_timeout: seconds a video's decoder may read no frame before that video is given up.
-    task: a task pack's path (a TaskPack is stored as its path) to run on the swappable bundle instead of the
-    bundle's own task: its classes, labels and (unless `sampling` is given) default sampling; every worker
-    reads it by this path and loads it once.
-
-    Raises StexportError for a batch_size, decode_threads or top_k below 1; `open()` raises what
-    `Classifier` raises (a missing or changed bundle, an unknown backend or option, a pack that does not fit
-    the bundle or a backend that cannot swap tasks).
-    """
-
-    bundle: str
-    backend: str = "auto"
-    options: tuple[tuple[str, Any], ...] = ()
-    labels: str | None = None
-    sampling: Any = None  # stexport.runtime.video.Sampling (frozen, picklable)
-    top_k: int = 5
-    batch_size: int = DEFAULT_BATCH
-    decode_threads: int = 1
-    decode_timeout: float = 60.0  # seconds a decoder may read no frame before its video is given up
-    task: str | None = None  # a task pack's path
-
-    def __post_init__(self):
-        object.__setattr__(self, "bundle", str(getattr(self.bundle, "path", self.bundle)))
-        if self.task is not None:
-            object.__setattr__(self, "task", str(getattr(self.task, "path", self.task)))
-        opts = self.options.items() if isinstance(self.options, Mapping) else self.options
-        object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in opts)))
-        if self.labels is not None:
-            object.__setattr__(self, "labels", str(self.labels))
-        for name in ("batch_size", "decode_threads", "top_k"):
-            if int(getattr(self, name)) < 1:
-                raise StexportError(f"{name}={getattr(self, name)}: must be at least 1")
-
-    def open(self):
-        """A ready stexport.runtime.classify.Classifier (loads the bundle and the backend: seconds, not free)."""
-        from stexport.runtime.classify import Classifier
-
-        return Classifier(self.bundle, backend=self.backend, labels=self.labels, sampling=self.sampling,
-                          top_k=self.top_k, batch_size=self.batch_size, decode_threads=self.decode_threads,
-                          decode_timeout=self.decode_timeout, task=self.task,
-                          **dict(self.options))
-
-    def replace(self, **changes) -> "ClassifierSpec":
-        return replace(self, **changes)
+from stexport.runtime.scoring import (
+    Failure,
+    NonFiniteOutput,
+    Result,
+    check_logits,
+    error_message,
+    score_videos,
+)
 
 
 @dataclass
@@ -115,26 +67,26 @@ def decode_source(source, sampling, threads: int | None = 1, decoder=None) -> De
     a Decoding holding a Failure, never an exception (KeyboardInterrupt still propagates). `threads`: FFmpeg
     threads for this video. decoder: a stexport.runtime.decode_worker.DecodeWorker to decode in (its child process:
     a crash or stall costs this source only); None decodes in this process (e.g. inside a Ray task)."""
-    from stexport.runtime.classify import Failure, _message
     from stexport.runtime.video import decode
 
     t = time.perf_counter()
     try:
         d = decoder.decode(source, sampling) if decoder is not None else decode(source, sampling, threads)
     except Exception as e:  # noqa: BLE001 - one bad input is that input's failure
-        return Decoding(str(source), failure=Failure(str(source), _message(source, e)),
+        return Decoding(str(source), failure=Failure(str(source), error_message(source, e)),
                         decode_s=time.perf_counter() - t)
     return Decoding(d.source, decoded=d, decode_s=time.perf_counter() - t, notes=list(d.notes))
 
 
-def run_decoded(clf, items: Sequence[Decoding]) -> list:
-    """Results (stexport.runtime.classify.Result) or Failures for `items`, in their order. Views of decoded items of the
-    same task share backend calls of up to clf.batch_size views (in input order within a task; tasks are never
-    mixed in one call). Per video: softmax of each view's logits (float64), mean over its views, top k, named
-    with its task's labels. A video whose logits are not finite is a Failure; a backend that returns the wrong
-    shape raises StexportError (the bundle or runtime is broken, not the input)."""
-    from stexport.runtime.classify import Result
-
+def run_decoded(clf, items: Sequence[Decoding], max_views: int | None = None) -> list:
+    """Results (stexport.runtime.scoring.Result) or Failures for `items`, in their order. Views of decoded
+    items of the same task share backend calls of up to `max_views` views (default clf.batch_size; in input
+    order within a task; tasks are never mixed in one call; a video's views are never split). Per video:
+    `task_probs` (softmax of each view's logits in float64, mean over its views), top k, named with its task's
+    labels. A video whose logits are not finite is a Failure (stexport.runtime.scoring.non_finite_message); a
+    backend that returns the wrong shape raises StexportError (the bundle or runtime is broken, not the input).
+    An item's `decoded` needs .source, .clips (uint8 (V, T, H, W, 3)), .frames and .notes."""
+    limit = max_views or clf.batch_size
     out: list = [None] * len(items)
     groups: dict[object, list[int]] = {}  # task key -> items, in input order
     for i, item in enumerate(items):
@@ -147,11 +99,11 @@ def run_decoded(clf, items: Sequence[Decoding]) -> list:
         task = items[group[0]].task
         probs, spent = task_probs(clf, [items[i].decoded.clips for i in group], task)
         views = sum(len(items[i].decoded.clips) for i in group)
-        labels, name = clf._labels_for(task), clf.task_name(task)
+        labels, name = clf.labels_for(task), clf.task_name(task)
         for i, p in zip(group, probs):
             d = items[i].decoded
-            if p is None:
-                out[i] = _failure(d.source, non_finite(d.source, clf.backend.name), name)
+            if isinstance(p, NonFiniteOutput):
+                out[i] = Failure(d.source, f"{d.source}: {p}", name)
                 continue
             out[i] = Result(d.source, clf.top(p, labels), len(d.clips), d.frames, items[i].decode_s,
                             spent * len(d.clips) / views, list(d.notes), backend=clf.backend.name, task=name)
@@ -161,7 +113,7 @@ def run_decoded(clf, items: Sequence[Decoding]) -> list:
         views = 0
         for i in group:
             v = len(items[i].decoded.clips)
-            if call and views + v > clf.batch_size:
+            if call and views + v > limit:
                 flush(call)
                 call, views = [], 0
             call.append(i)
@@ -173,36 +125,16 @@ def run_decoded(clf, items: Sequence[Decoding]) -> list:
 
 def task_probs(clf, clips: Sequence[np.ndarray], task=None) -> tuple[list, float]:
     """One backend call of `clf` over every view of `clips` (uint8 (V_i, T, H, W, 3) per video) with `task` (a
-    loaded TaskPack; None: the current task): per video, the mean over its views of the softmax of its
-    logits (float64 (classes,)), or None where a logit is not finite; and the seconds the call took.
-    StexportError when the backend returns logits of another shape (the bundle or runtime is broken)."""
-    from stexport.runtime.classify import softmax
-
+    loaded TaskPack; None: the current task), scored by stexport.runtime.scoring.score_videos: per video, the
+    mean over its views of the softmax of its logits (float64 (classes,)), or a NonFiniteOutput (not raised)
+    where a logit is not finite; and the seconds the call took. StexportError when the backend returns logits
+    of another shape (the bundle or runtime is broken)."""
     batch = clips[0] if len(clips) == 1 else np.concatenate(clips)
     t = time.perf_counter()
     logits = clf.backend.run(batch, task=task) if task is not None else clf.backend.run(batch)
     spent = time.perf_counter() - t
-    want = task.classes if task is not None else clf.num_classes
-    if logits.shape != (len(batch), want):
-        raise StexportError(f"backend {clf.backend.name} returned logits of shape {logits.shape}, "
-                            f"expected ({len(batch)}, {want})")
-    out, at = [], 0
-    for c in clips:
-        rows = logits[at:at + len(c)]
-        at += len(c)
-        out.append(softmax(rows).mean(axis=0) if np.isfinite(rows).all() else None)
-    return out, spent
-
-
-def non_finite(source: str, backend: str) -> str:
-    return (f"{source}: the model gave non-finite logits (NaN/Inf) for this video on {backend}; check the "
-            "bundle with `stexport verify`")
-
-
-def _failure(source: str, error: str, task: str | None = None):
-    from stexport.runtime.classify import Failure
-
-    return Failure(source, error, task)
+    check_logits(logits, len(batch), task.classes if task is not None else clf.num_classes, clf.backend.name)
+    return score_videos(logits, [len(c) for c in clips], clf.backend.name, clf.bundle.precision), spent
 
 
 def classify_batch(clf, sources: Iterable, lookahead: int | None = None, task=None) -> Iterator:
@@ -239,7 +171,7 @@ def classify_batch(clf, sources: Iterable, lookahead: int | None = None, task=No
             try:
                 yield source, (clf.load_task(own) if own is not None else None), None
             except StexportError as e:
-                yield source, None, _failure(str(source), str(e), getattr(own, "name", None))
+                yield source, None, Failure(str(source), str(e), getattr(own, "name", None))
 
     def decode(job) -> Decoding:
         source, pack, failed = job
@@ -255,7 +187,9 @@ def classify_batch(clf, sources: Iterable, lookahead: int | None = None, task=No
             d.failure.task = clf.task_name(pack)
         return d
 
-    for item in _ordered_map(decode, jobs(), clf.decode_threads, depth):
+    for _, item in ordered_map(decode, jobs(), clf.decode_threads, depth):
+        if isinstance(item, Exception):
+            raise item  # decode() gives a bad input its Failure: anything else is a bug, not the input's
         if item.failure is None:
             v = len(item.decoded.clips)
             if count and count + v > clf.batch_size:
@@ -270,29 +204,42 @@ def classify_batch(clf, sources: Iterable, lookahead: int | None = None, task=No
         yield from run_decoded(clf, pending)
 
 
-def _ordered_map(fn, inputs: Iterable, threads: int, depth: int) -> Iterator:
-    """fn(x) for each x of `inputs` on `threads` daemon threads, at most `depth` ahead, yielded in input order.
-    fn must not raise (decode_source does not)."""
+def ordered_map(fn, inputs: Iterable, threads: int = 1, depth: int = 2,
+                finish=None) -> Iterator[tuple[Any, Any]]:
+    """(x, fn(x)) for each x of `inputs`, fn run on `threads` daemon threads (a hung fn cannot keep the process
+    alive), at most `depth` inputs ahead of the consumer, yielded in input order. An Exception fn raises is
+    yielded in place of its value (the caller makes it that input's failure); a BaseException (e.g.
+    KeyboardInterrupt) is raised in the consumer. `inputs` is iterated in the consuming thread.
+
+    The one prefetcher of stexport: decoding runs here while the backend runs the videos before. When the
+    consumer stops early, inputs not started are dropped, and `finish` (if given) runs in each worker thread
+    after its last fn: with threads=1, the thread that ran every fn (e.g. to close a generator fn advanced)."""
     tasks: queue.Queue = queue.Queue()
     done: dict[int, Any] = {}
     cond = threading.Condition()
+    stop = threading.Event()
 
     def worker():
-        while True:
-            task = tasks.get()
-            if task is None:
-                return
-            i, x = task
-            try:
-                y = fn(x)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-                y = _Raised(e)
-            with cond:
-                done[i] = y
-                cond.notify_all()
+        try:
+            while (task := tasks.get()) is not None:
+                if stop.is_set():
+                    continue
+                i, x = task
+                try:
+                    y = fn(x)
+                except Exception as e:  # noqa: BLE001 - handed to the consumer: that input's failure
+                    y = e
+                except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+                    y = _Raised(e)
+                with cond:
+                    done[i] = (x, y)
+                    cond.notify_all()
+        finally:
+            if finish is not None:
+                finish()
 
-    workers = [threading.Thread(target=worker, name=f"stexport-decode-{k}", daemon=True)
-               for k in range(max(1, threads))]
+    workers = [threading.Thread(target=worker, name="stexport-decode" + (f"-{k}" if threads > 1 else ""),
+                                daemon=True) for k in range(max(1, threads))]
     for w in workers:
         w.start()
     it = iter(inputs)
@@ -310,12 +257,13 @@ def _ordered_map(fn, inputs: Iterable, threads: int, depth: int) -> Iterator:
             with cond:
                 while nxt not in done:
                     cond.wait(0.1)
-                y = done.pop(nxt)
+                x, y = done.pop(nxt)
             nxt += 1
             if isinstance(y, _Raised):
                 raise y.error
-            yield y
+            yield x, y
     finally:
+        stop.set()
         for _ in workers:
             tasks.put(None)
 
@@ -326,13 +274,3 @@ _END = object()
 @dataclass
 class _Raised:
     error: BaseException
-
-
-def spec_from(bundle: str | Path, **kw) -> ClassifierSpec:
-    """ClassifierSpec(bundle, **kw) with backend options given as keywords too: spec_from(b, threads=2)."""
-    fields = set(ClassifierSpec.__dataclass_fields__)
-    own = {k: v for k, v in kw.items() if k in fields}
-    extra = {k: v for k, v in kw.items() if k not in fields}
-    if extra:
-        own["options"] = {**dict(own.get("options") or {}), **extra}
-    return ClassifierSpec(str(bundle), **own)

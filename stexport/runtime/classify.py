@@ -1,20 +1,18 @@
 """Bundle + backend + labels → video classification, as the official evaluation scores it.
 
-Each video's views (spatial × temporal) run as one batch; each view's logits go through a softmax and the
-probabilities are averaged over views (linziyi96/st-adapter main.py `evaluate`), then the top k are named.
-Videos are decoded in a child process (stexport.runtime.decode_worker), driven by a background thread that decodes the
-next videos while the backend runs the current one: decoding overlaps inference instead of adding to it, and
-a decoder that crashes or hangs on one input costs that input only. Logits that are not finite (NaN, ±Inf) are
-that input's error, never a ranking.
+Each video's views (spatial × temporal) run as one batch, scored by stexport.runtime.scoring.score_videos
+(softmax of each view's logits averaged over views, linziyi96/st-adapter main.py `evaluate`), then the top k
+are named. Videos are decoded in a child process (stexport.runtime.decode_worker), driven by a background
+thread (stexport.runtime.batch.ordered_map) that decodes the next videos while the backend runs the current
+one: decoding overlaps inference instead of adding to it, and a decoder that crashes or hangs on one input
+costs that input only. Logits that are not finite (NaN, ±Inf) are that input's error, never a ranking.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import itertools
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,63 +21,13 @@ from stexport.runtime import backends
 from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 from stexport.bundle.labels import resolve_labels
+from stexport.runtime import batch
+from stexport.runtime.batch import ordered_map
 from stexport.runtime.decode_worker import DEFAULT_STALL_S, DecodeWorker
+from stexport.runtime.scoring import Failure, NonFiniteOutput, Result, error_message, softmax  # noqa: F401 - API
 from stexport.runtime.video import Sampling, VideoError, display
 
 DECODE_THREADS = 1  # beside inference, single-threaded FFmpeg decoding costs the least CPU
-
-
-@dataclass
-class Result:
-    source: str
-    top: list[tuple[int, str, float]]  # (class index, label, probability), best first
-    views: int
-    frames: int  # frames that decoded
-    decode_s: float
-    infer_s: float
-    notes: list[str] = field(default_factory=list)
-    start: float | None = None  # timeline windows only (seconds)
-    end: float | None = None
-    backend: str = ""
-    sampled: str = "whole file"  # or "live stream: the first N frames …" (see video.Decoded.sampled)
-    task: str | None = None  # the task pack's name, when a pack ran it (its labels name `top`)
-
-    def to_dict(self) -> dict:
-        d = {"path": self.source}
-        if self.task is not None:
-            d["task"] = self.task
-        if self.start is not None:
-            d.update(start=round(self.start, 3), end=round(self.end, 3))
-        d["top"] = [{"label": name, "score": round(p, 6), "index": i} for i, name, p in self.top]
-        d.update(views=self.views, frames=self.frames, sampled=self.sampled, backend=self.backend,
-                 timing={"decode_s": round(self.decode_s, 4), "infer_s": round(self.infer_s, 4)})
-        if self.notes:
-            d["notes"] = self.notes
-        return d
-
-
-@dataclass
-class Failure:
-    source: str
-    error: str
-    task: str | None = None  # the task pack it was to run with, if any
-
-    def to_dict(self) -> dict:
-        d = {"path": self.source}
-        if self.task is not None:
-            d["task"] = self.task
-        d["error"] = self.error
-        return d
-
-
-class NonFiniteOutput(StexportError):
-    """The model returned NaN or ±Inf logits for an input; the message names the likely cause."""
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class Classifier:
@@ -156,7 +104,8 @@ class Classifier:
                 self.labels, self.labels_source = pack.labels, f"task pack {pack.name}"
         self.top_k = max(1, min(self.top_k, self.num_classes))
 
-    def _labels_for(self, task) -> list[str]:
+    def labels_for(self, task=None) -> list[str]:
+        """The class names results of `task` (a loaded TaskPack; None: the current task) are named with."""
         return self.labels if task is None else task.labels
 
     def load_task(self, task):
@@ -178,29 +127,13 @@ class Classifier:
         return pack.name if pack is not None else None
 
     def probabilities(self, clips: np.ndarray, task=None) -> np.ndarray:
-        """Softmax of each view's logits, averaged over views: (classes,). task: a TaskPack for this call
-        (None: the current task). NonFiniteOutput if any logit is NaN or ±Inf."""
-        logits = self.backend.run(clips, task=task) if task is not None else self.backend.run(clips)
-        want = task.classes if task is not None else self.num_classes
-        if logits.shape != (len(clips), want):
-            raise StexportError(f"backend {self.backend.name} returned logits of shape {logits.shape}, "
-                                f"expected ({len(clips)}, {want})")
-        bad = ~np.isfinite(logits)
-        if bad.any():
-            raise NonFiniteOutput(self._non_finite(bad))
-        return softmax(logits).mean(axis=0)
-
-    def _non_finite(self, bad: np.ndarray) -> str:
-        views = int(bad.any(axis=1).sum())
-        precision = self.bundle.precision
-        if precision == "fp16":
-            cause = ("likely an FP16 overflow: an activation beyond FP16's ±65,504 (backbones trained in BF16 "
-                     "have such channels); rebuild with --precision fp32 (or int8)")
-        else:
-            cause = (f"the {precision} model computes NaN/Inf on this input: check the bundle with `stexport "
-                     "verify` and rebuild it from finite weights")
-        return (f"the model returned non-finite logits (NaN/Inf) for {views} of {len(bad)} views on backend "
-                f"{self.backend.name}: {cause}")
+        """Softmax of each view's logits, averaged over views (stexport.runtime.scoring.score_videos): float64
+        (classes,). clips: uint8 (V, T, H, W, 3). task: a TaskPack for this call (None: the current task).
+        NonFiniteOutput if any logit is NaN or ±Inf; StexportError for logits of the wrong shape."""
+        (probs,), _ = batch.task_probs(self, [clips], task)
+        if isinstance(probs, NonFiniteOutput):
+            raise probs
+        return probs
 
     def top(self, probs: np.ndarray, labels: list[str] | None = None) -> list[tuple[int, str, float]]:
         labels = labels or self.labels
@@ -212,7 +145,7 @@ class Classifier:
                 task=None) -> Result:
         t = time.perf_counter()
         probs = self.probabilities(clips, task)
-        return Result(display(source), self.top(probs, self._labels_for(task)), len(clips), frames, decode_s,
+        return Result(display(source), self.top(probs, self.labels_for(task)), len(clips), frames, decode_s,
                       time.perf_counter() - t, list(notes), start, end, self.backend.name, sampled,
                       self.task_name(task))
 
@@ -245,9 +178,9 @@ class Classifier:
             d = self.decoder.decode(source, self.sampling)
             return d, time.perf_counter() - t
 
-        for source, item in _prefetched(((s, lambda s=s: work(s)) for s in sources), prefetch):
+        for source, item in ordered_map(work, sources, 1, prefetch + 1):  # `prefetch` waiting, one decoding
             if isinstance(item, Exception):
-                yield Failure(display(source), _message(source, item), self.task_name())
+                yield Failure(display(source), error_message(source, item), self.task_name())
                 continue
             d, decode_s = item
             try:
@@ -263,33 +196,27 @@ class Classifier:
         classify(). task: a task pack (TaskPack or path) for every source (None: the current task); a source
         given as a (source, task) pair runs with its own task. A backend call never mixes tasks. See
         stexport.runtime.batch."""
-        from stexport.runtime.batch import classify_batch
-
-        return classify_batch(self, sources, task=task)
+        return batch.classify_batch(self, sources, task=task)
 
     def timeline(self, source, window: float, stride: float, prefetch: int = 2) -> Iterator[Result]:
         """Top classes for windows of `window` seconds every `stride` seconds of the video's presentation
         timestamps (VideoError for a bad video, NonFiniteOutput for NaN/Inf logits)."""
         windows = self.decoder.windows(source, self.sampling, window, stride)
 
-        def items():
-            try:
-                while True:
-                    t = time.perf_counter()
-                    w = next(windows, None)
-                    if w is None:
-                        return
-                    yield w, time.perf_counter() - t
-            finally:
-                windows.close()  # a timeline left early stops its decoder too
+        def read(_):
+            t = time.perf_counter()
+            w = next(windows, None)
+            return w, time.perf_counter() - t
 
-        tasks = ((source, lambda it=it: it) for it in items())
-        for _, item in _prefetched(tasks, prefetch):
+        # one thread advances the windows and closes them (a timeline left early stops its decoder too)
+        for _, item in ordered_map(read, itertools.repeat(None), 1, prefetch + 1, finish=windows.close):
             if isinstance(item, StexportError):
                 raise item
             if isinstance(item, Exception):
-                raise VideoError(_message(source, item)) from item
+                raise VideoError(error_message(source, item)) from item
             w, decode_s = item
+            if w is None:
+                return
             yield self._checked(source, lambda: self._result(str(source), w.clips, w.frames, decode_s, w.notes,
                                                              w.start, w.end))
 
@@ -321,54 +248,3 @@ def default_sampling(bundle: Bundle, pack=None, sampling: Sampling | None = None
     if pack is not None:
         return Sampling(frames=m.input.frames, size=m.input.size, **pack.record.sampling.model_dump())
     return Sampling.from_manifest(m)
-
-
-def _message(source, e: Exception) -> str:
-    if isinstance(e, StexportError):
-        return str(e)
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"{display(source)}: cannot decode ({type(e).__name__}: {first})"
-
-
-_DONE = object()
-
-
-def _prefetched(tasks: Iterator, depth: int) -> Iterator[tuple[object, object]]:
-    """Run `tasks` ((key, fn) pairs) in a background thread, `depth` ahead; yield (key, fn() or its error)."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def producer():
-        try:
-            for key, fn in tasks:
-                try:
-                    out = fn()
-                except Exception as e:  # noqa: BLE001 - handed to the consumer, which reports it per video
-                    out = e
-                if not put((key, out)):
-                    return
-        except Exception as e:  # noqa: BLE001 - a failing task generator ends the stream with its error
-            put((None, e))
-        finally:
-            close = getattr(tasks, "close", None)
-            if close is not None:
-                close()  # in this thread, which ran it: releases what the tasks hold (a decoder)
-        put(_DONE)
-
-    thread = threading.Thread(target=producer, name="stexport-decode", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not _DONE:
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)

@@ -178,7 +178,7 @@ def check_backend(cfg: ServeConfig, bundle, packs) -> None:
         cls = backends.load_class(chosen)
         cls.check_options(opts)
     else:
-        backends._check_auto_options(opts)
+        backends.check_auto_options(opts)
         chosen = backends.resolve("auto", bundle)
         if chosen is None:
             backends.create("auto", bundle)  # raises, naming why no runtime here can run it
@@ -349,30 +349,19 @@ class ServingClassifier:
         return self.clf.describe()
 
     def classify(self, items: list[Clips]) -> list[dict]:
-        """One backend call per task over the views of that task's items (the views of item i are rows
-        off_i…off_i+V_i of its call; tasks never share a call); per item, softmax each view's logits, average
-        over its views, name the top k with its task's labels. Returns the dicts `infer --json` prints
+        """One backend call per task over the views of that task's items (stexport.runtime.batch.run_decoded
+        with no view limit; tasks never share a call); per item, softmax each view's logits, average over its
+        views, name the top k with its task's labels. Returns the dicts `infer --json` prints
         (Result.to_dict, with "task" where packs are loaded), in item order."""
-        groups: dict[str, list[int]] = {}
-        for i, it in enumerate(items):
-            groups.setdefault(self.task(it.task).name, []).append(i)
-        out: list = [None] * len(items)
-        for name, group in groups.items():
-            for i, row in zip(group, self._run(self.tasks[name], [items[i] for i in group])):
-                out[i] = row
-        return out
+        from stexport.runtime.batch import Decoding, run_decoded
 
-    def _run(self, task: Task, items: list[Clips]) -> list[dict]:
-        from stexport.runtime.batch import non_finite, task_probs
-        from stexport.runtime.classify import Failure, Result
-
-        clf = self.clf
-        probs, spent = task_probs(clf, [it.clips for it in items], task.pack)
-        name = task.name if self.named else None
-        return [Failure(it.source, non_finite(it.source, clf.backend.name), name).to_dict() if p is None else
-                Result(it.source, clf.top(p, task.labels), len(it.clips), it.frames, it.decode_s,
-                       spent / len(items), list(it.notes), backend=clf.backend.name, task=name).to_dict()
-                for it, p in zip(items, probs)]
+        tasks = [self.task(it.task) for it in items]
+        decoded = [Decoding(it.source, decoded=it, decode_s=it.decode_s, task=t.pack)
+                   for it, t in zip(items, tasks)]
+        out = run_decoded(self.clf, decoded, max_views=sum(len(it.clips) for it in items))
+        for row, t in zip(out, tasks):
+            row.task = t.name if self.named else None  # on a server with packs the bundle's own task is named
+        return [row.to_dict() for row in out]
 
     def close(self) -> None:
         self.clf.close()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stexport.runtime.batch import ClassifierSpec, Decoding, decode_source, run_decoded
+from stexport.runtime.batch import Decoding, decode_source, run_decoded
+from stexport.runtime.spec import ClassifierSpec
 from stexport.errors import StexportError
 from stexport.extras import require
 

@@ -148,7 +148,7 @@ def create(name: str, bundle: Bundle, **options) -> Backend:
     if name != "auto":
         options = load_class(name).check_options(options)
     else:
-        _check_auto_options(options)
+        check_auto_options(options)
     while True:
         chosen = resolve(name, bundle, skip=failed)
         if chosen is None:
@@ -183,8 +183,9 @@ def create(name: str, bundle: Bundle, **options) -> Backend:
         return backend
 
 
-def _check_auto_options(options: dict) -> None:
-    """Refuse an option that no backend declares (a misspelling), naming the closest ones."""
+def check_auto_options(options: dict) -> None:
+    """With `--backend auto`: refuse (StexportError, one line) an option that no registered backend declares
+    (a misspelling), naming the closest one; options some backend declares pass."""
     import difflib
 
     known: set[str] = set()
