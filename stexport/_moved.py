@@ -56,6 +56,25 @@ OLD_MODULE_OF_PACKAGE: dict[str, str] = {
 }
 
 
+# Names that left their module: (module, name) -> the module that holds the name now.
+MOVED_NAMES: dict[tuple[str, str], str] = {
+    ("stexport.runtime.batch", "ClassifierSpec"): "stexport.runtime.spec",
+    ("stexport.runtime.batch", "spec_from"): "stexport.runtime.spec",
+    ("stexport.runtime.batch", "DEFAULT_BATCH"): "stexport.runtime.spec",
+}
+
+
+def moved_name(module: str, name: str):
+    """`name` from the module it moved to (for the old module's `__getattr__`), with a warning; AttributeError
+    when it did not move."""
+    target = MOVED_NAMES.get((module, name))
+    if target is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(f"{module}.{name} moved to {target}.{name}; the old path works in this release only",
+                  DeprecationWarning, stacklevel=3)
+    return getattr(importlib.import_module(target), name)
+
+
 def new_path(old: str) -> str | None:
     """The module path `old` moved to, or None when it did not move."""
     if old in MOVED:

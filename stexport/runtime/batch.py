@@ -274,3 +274,9 @@ _END = object()
 @dataclass
 class _Raised:
     error: BaseException
+
+
+def __getattr__(name: str):  # `from stexport.batch import ClassifierSpec` from before the wings (one release)
+    from stexport._moved import moved_name
+
+    return moved_name(__name__, name)
