@@ -1,0 +1,35 @@
+"""The Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`) on Ray Serve's gRPC proxy.
+
+tritonclient ships the service's generated code (grpc_service.proto: service_pb2, service_pb2_grpc). Ray Serve
+2.60 serves a custom gRPC service given the import path of its `add_..._to_server` function
+(`gRPCOptions(grpc_servicer_functions=[SERVICER])`): the proxy registers the service's methods and sends each
+call to the deployment method of the same name (ServerLive, ModelInfer, … in oip_routes.OIPRoutes), so the
+deployment class plays the part of a `GRPCInferenceServiceServicer` subclass, on the replica that holds the model
+and its batches.
+
+The proxy pickles requests and responses between processes; tritonclient's generated messages name their
+module `grpc_service_pb2` (the .proto file's name), which is not importable as such, so importing this module
+makes that name an alias of tritonclient's module (in the proxy, through SERVICER, and in each replica).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+sys.modules.setdefault("grpc_service_pb2", service_pb2)
+
+SERVICER = "stexport.serving.oip_grpc:add_servicer"
+
+
+def add_servicer(servicer, server) -> None:
+    """What Ray Serve's gRPC proxy calls to register the service on its server."""
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
+
+def grpc_options(port: int):
+    """Ray Serve's gRPCOptions for the service on `port` (Ray's proxy listens on every address)."""
+    from ray.serve.config import gRPCOptions
+
+    return gRPCOptions(port=port, grpc_servicer_functions=[SERVICER])
