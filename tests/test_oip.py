@@ -375,3 +375,41 @@ def test_exposure_without_a_token_is_refused_in_one_line(base, tmp_path):
     (tmp_path / "short").write_text("abc\n")
     r = run("--host", "0.0.0.0", "--token-file", tmp_path / "short")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "16 characters" in r.stderr
+
+
+def test_protocol_translation_refuses_malformed_requests():
+    """oip.py alone: the binary extension's framing, BYTES framing, JSON values outside their datatype, and a
+    round trip of the outputs through tritonclient's own response parser."""
+    from tritonclient.utils import serialize_byte_tensor
+
+    from stexport.serving import oip
+    from stexport.serving.app import RequestError
+
+    blob = serialize_byte_tensor(np.array([b"ab", b"\0\xffc"], dtype=np.object_)).item()
+
+    def head(size, **extra):
+        return json.dumps({"inputs": [{"name": "video", "datatype": "BYTES", "shape": [2],
+                                       "parameters": {"binary_data_size": size}}], **extra}).encode()
+
+    h = head(len(blob))
+    assert oip.parse_http(h + blob, str(len(h)), "m").inputs[0].data == [b"ab", b"\0\xffc"]
+    for body, length, words in (
+            (h + blob + b"x", str(len(h)), "no input claims"),
+            (head(len(blob) + 1) + blob, str(len(head(len(blob) + 1))), "past the body's end"),
+            (head(3) + b"\x09\0\0", str(len(head(3))), "malformed BYTES"),
+            (h + blob, "12x", "Inference-Header-Content-Length"),
+            (b'{"inputs": [{"name": "frames", "datatype": "UINT8", "shape": [2], "data": [1, 256]}]}', None,
+             "outside UINT8"),
+            (b'{"inputs": [{"name": "frames", "datatype": "UINT8", "shape": [1], "data": ["a"]}]}', None,
+             "numbers"),
+            (b'{"inputs": {}}', None, '"inputs"')):
+        with pytest.raises(RequestError, match=words) as e:
+            oip.parse_http(body, length, "m")
+        assert e.value.status == 400
+    m = oip.Model("m", ["a", "b", "c"], 8, 32, {}, "onnxruntime")
+    req = oip.parse_http(h + blob, str(len(h)), "m")
+    req.outputs = {"probabilities": True, "labels": False}
+    body, length = oip.http_response(req, m, oip.outputs(m, np.array([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]]), 2))
+    result = httpclient.InferResult.from_response_body(body, header_length=length)
+    assert result.as_numpy("probabilities").tolist() == np.float32([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]]).tolist()
+    assert result.as_numpy("labels").tolist() == [["b", "c"], ["a", "b"]]
