@@ -69,7 +69,8 @@ def want(base):
     out = {}
     for task, extra in (("own", []), ("other", ["--task", str(base["pack"].path)])):
         r = subprocess.run([*STEXPORT, "infer", *map(str, base["videos"]), "-m", str(base["bundle"].path),
-                            "-b", "onnxruntime", "--json", *extra], capture_output=True, text=True, timeout=300, check=False)
+                            "-b", "onnxruntime", "--json", *extra], capture_output=True, text=True, timeout=300,
+                           check=False)
         assert r.returncode == 0, r.stderr
         for row in map(json.loads, r.stdout.splitlines()):
             out[task, row["path"]] = row
@@ -309,7 +310,8 @@ def test_without_the_token_every_route_but_health_is_refused(server, base):
         client = grpcclient.InferenceServerClient(gurl)
         assert client.is_server_live(headers=bad) and client.is_server_ready(headers=bad)
         for call, args in (("get_server_metadata", ()), ("get_model_metadata", ("own",)),
-                           ("is_model_ready", ("own",)), ("infer", ("own", [video_input(grpcclient, base["videos"][:1])]))):
+                           ("is_model_ready", ("own",)),
+                           ("infer", ("own", [video_input(grpcclient, base["videos"][:1])]))):
             with pytest.raises(InferenceServerException) as e:
                 getattr(client, call)(*args, headers=dict(bad))
             assert e.value.status() == str(grpclib.StatusCode.UNAUTHENTICATED), e.value
@@ -413,3 +415,26 @@ def test_protocol_translation_refuses_malformed_requests():
     result = httpclient.InferResult.from_response_body(body, header_length=length)
     assert result.as_numpy("probabilities").tolist() == np.float32([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]]).tolist()
     assert result.as_numpy("labels").tolist() == [["b", "c"], ["a", "b"]]
+
+
+def test_grpc_typed_contents_read_like_raw_ones():
+    """A ModelInferRequest with typed `contents` (what clients other than tritonclient may send) reads as the
+    same tensors as raw_input_contents."""
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.utils import serialize_byte_tensor
+
+    from stexport.serving import oip
+
+    frames = np.arange(2 * 3, dtype=np.uint8).reshape(2, 3)
+    typed = pb.ModelInferRequest(model_name="m", id="7")
+    as_frames = typed.inputs.add(name="frames", datatype="UINT8", shape=[2, 3])
+    as_frames.contents.uint_contents.extend(frames.ravel().tolist())
+    typed.inputs.add(name="video", datatype="BYTES", shape=[2]).contents.bytes_contents.extend([b"ab", b"c"])
+    typed.parameters["top_k"].int64_param = 2
+    raw = pb.ModelInferRequest(model_name="m", id="7", inputs=[
+        pb.ModelInferRequest.InferInputTensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in typed.inputs])
+    raw.raw_input_contents.extend([frames.tobytes(), serialize_byte_tensor(np.array([b"ab", b"c"], np.object_)).item()])
+    for req in (oip.from_grpc(typed), oip.from_grpc(raw)):
+        assert req.inputs[0].data.tolist() == frames.ravel().tolist() and req.inputs[1].data == [b"ab", b"c"]
+        assert req.id == "7"
+    assert oip.from_grpc(typed).parameters == {"top_k": 2}

@@ -677,6 +677,10 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
 
     started = not ray.is_initialized()
     if started:
+        if cfg.grpc_port and not ray_address:
+            from stexport.serving.oip_grpc import limit_messages
+
+            limit_messages(cfg.max_upload_bytes * cfg.max_batch + (1 << 20))  # before Ray starts its proxy
         kw = {"include_dashboard": False, "log_to_driver": verbose, "logging_level": quiet}
         try:
             if ray_address:

@@ -28,6 +28,15 @@ def add_servicer(servicer, server) -> None:
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
 
 
+def limit_messages(max_bytes: int) -> None:
+    """Cap the gRPC messages Ray Serve's proxy accepts (Ray's default: 2 GiB) at `max_bytes`, as an HTTP
+    request's body is capped: Ray reads RAY_SERVE_GRPC_MAX_MESSAGE_SIZE from the environment of the cluster's
+    processes, so this works only before this process starts a local cluster (not on a joined one)."""
+    import os
+
+    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(max_bytes)
+
+
 def grpc_options(port: int):
     """Ray Serve's gRPCOptions for the service on `port` (Ray's proxy listens on every address)."""
     from ray.serve.config import gRPCOptions
