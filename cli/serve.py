@@ -113,11 +113,13 @@ def serve(
     names, default = srv.task_list(cfg)
     url = srv.start(cfg, ray_address, checked=True)
     if as_json:
+        from urllib.parse import urlsplit
+
+        grpc_at = f"{urlsplit(url).hostname}:{grpc_port}" if grpc_port else None
         print_json({"url": url, "classify": f"{url}/classify", "healthz": f"{url}/healthz",
                     "metadata": f"{url}/metadata", "stats": f"{url}/stats", "metrics": f"{url}/metrics",
-                    "v2": f"{url}/v2", "grpc": f"{url.split('//')[1].split(':')[0]}:{grpc_port}" if grpc_port else None,
-                    "bundle": cfg.bundle,
-                    "tasks": names, "default_task": default})
+                    "v2": f"{url}/v2", "grpc": grpc_at, "bundle": cfg.bundle, "tasks": names,
+                    "default_task": default})
     on = f" with tasks {', '.join(n + ' (default)' * (n == default) for n in names)}" if cfg.tasks else ""
     typer.echo(f"stexport: serving {cfg.bundle}{on} at {url}/classify (health {url}/healthz, metadata "
                f"{url}/metadata); Ctrl-C stops", err=True)

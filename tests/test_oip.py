@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import write_video
+from conftest import serve_cli, write_video
 
 pytest.importorskip("ray.serve")
 pytest.importorskip("pebble")
@@ -377,6 +377,37 @@ def test_exposure_without_a_token_is_refused_in_one_line(base, tmp_path):
     (tmp_path / "short").write_text("abc\n")
     r = run("--host", "0.0.0.0", "--token-file", tmp_path / "short")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "16 characters" in r.stderr
+
+
+def test_cli_server_joining_the_cluster_speaks_oip_under_its_prefix(server, base, want, ray_cluster):
+    """`stexport serve --token-file --grpc-port --json` joining the session's cluster (another route prefix, so
+    another Ray Serve application): tritonclient.http reaches its models under the prefix with the token; its
+    --grpc-port cannot apply (Serve's gRPC proxy started with the module's server) and it says so. Ctrl-C
+    removes only its application; the module's server keeps serving over gRPC."""
+    import signal
+
+    url, gurl, _ = server
+    proc, text = serve_cli(base["bundle"].path, "--task", base["pack"].path, "-b", "onnxruntime", "--ray-address",
+                           ray_cluster, "--route", "/joined", "--port", url.rsplit(":", 1)[1], "--grpc-port",
+                           free_port(), "--token-file", base["token"], "--replica-cpus", "0.25")
+    try:
+        info = json.loads(text)
+        assert info["v2"] == f"http://{url}/joined/v2" and info["tasks"] == ["own", "other"]
+        client = httpclient.InferenceServerClient(f"{url}/joined")
+        assert client.is_server_ready() and client.is_model_ready("other", headers=dict(AUTH))
+        r = client.infer("other", [video_input(httpclient, base["videos"][3:])], headers=dict(AUTH))
+        for i, v in enumerate(base["videos"][3:]):
+            check_answer(r.as_numpy("probabilities")[i], r.as_numpy("labels")[i], want["other", str(v)])
+        assert requests.get(f"http://{url}/joined/v2", timeout=30).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "--grpc-port" in err and "does not apply" in err, err
+    assert "Traceback" not in err
+    grpc = grpcclient.InferenceServerClient(gurl)
+    r = grpc.infer("own", [video_input(grpcclient, base["videos"][:1])], headers=dict(AUTH))
+    check_answer(r.as_numpy("probabilities")[0], r.as_numpy("labels")[0], want["own", str(base["videos"][0])])
 
 
 def test_protocol_translation_refuses_malformed_requests():

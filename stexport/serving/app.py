@@ -723,6 +723,10 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
     if port != cfg.port:
         logging.getLogger("stexport").warning("Ray Serve already runs on this cluster with its HTTP proxy on port "
                                               "%d; --port %d does not apply", port, cfg.port)
+    if cfg.grpc_port:
+        from stexport.serving.oip_grpc import check_running
+
+        check_running(cfg.grpc_port)
     host = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
     return f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
 

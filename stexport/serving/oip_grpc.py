@@ -42,3 +42,21 @@ def grpc_options(port: int):
     from ray.serve.config import gRPCOptions
 
     return gRPCOptions(port=port, grpc_servicer_functions=[SERVICER])
+
+
+def check_running(port: int) -> None:
+    """Warn when the Ray Serve instance this process joined keeps gRPC options of its own (Serve takes them
+    when it first starts on a cluster): another port, or no OIP service."""
+    import logging
+
+    try:
+        import ray
+        from ray.serve.context import _get_global_client
+
+        running = ray.get(_get_global_client()._controller.get_grpc_config.remote())
+    except Exception:  # noqa: BLE001 - a private API; what this call asked for is right whenever it started Serve
+        return
+    if running.port != port or SERVICER not in running.grpc_servicer_functions:
+        logging.getLogger("stexport").warning(
+            "Ray Serve already runs on this cluster with its gRPC proxy on port %d serving %s; --grpc-port %d does "
+            "not apply", running.port, ", ".join(running.grpc_servicer_functions) or "no service", port)
