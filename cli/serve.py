@@ -29,6 +29,12 @@ Examples:
   curl --data-binary @clip.mp4 -H 'Content-Type: video/mp4' 'http://127.0.0.1:8000/classify?task=ssv2'
 
   curl -F video=@clip.mp4 -F task=diving http://127.0.0.1:8000/classify
+
+  stexport serve BUNDLE --grpc-port 8001 --token-file token.txt   # Open Inference Protocol, HTTP and gRPC
+
+  curl -H "Authorization: Bearer $(cat token.txt)" http://127.0.0.1:8000/v2/models/NAME   # model metadata
+
+  curl http://127.0.0.1:8000/metrics                      # Prometheus (with the token where one is set)
 """
 
 
@@ -39,7 +45,7 @@ def serve(
                              "exposes the server to the network."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="HTTP port."),
     route: str = typer.Option("/", "--route", help="Route prefix, e.g. /stexport (routes: PREFIX/classify, "
-                              "/healthz, /metadata, /stats)."),
+                              "/healthz, /metadata, /stats, /metrics, /v2/... (Open Inference Protocol))."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto (as `infer` picks) or a backend name: {backends}."),
     option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
     threads: int = typer.Option(None, "--threads", min=1, help="Backend CPU threads per replica."),
@@ -62,6 +68,13 @@ def serve(
     default_task: str = typer.Option(None, "--default-task", metavar="NAME", help="The task of requests that "
                                      "name none. Default: the bundle's own (named after its adapter "
                                      "checkpoint's file stem)."),
+    grpc_port: int = typer.Option(None, "--grpc-port", min=1, max=65535, help="Also serve the Open Inference "
+                                  "Protocol over gRPC (inference.GRPCInferenceService) on this port. Ray Serve's "
+                                  "gRPC proxy listens on every address, so this needs --token-file or --insecure."),
+    token_file: Path = typer.Option(None, "--token-file", help="A file holding one token line (16+ characters): "
+                                    "every route but the health checks then wants 'Authorization: Bearer TOKEN' "
+                                    "(HTTP header or gRPC metadata), else 401 / UNAUTHENTICATED."),
+    insecure: bool = Flag(False, "--insecure", help="Serve beyond loopback (--host, --grpc-port) without a token."),
     ray_address: str = typer.Option(None, "--ray-address", help="Join a running Ray cluster instead of "
                                     "starting a local one on 127.0.0.1 (as its own Ray Serve application, named "
                                     "after --route; Ctrl-C removes only it)."),
@@ -81,23 +94,32 @@ def serve(
     Needs `pip install 'stexport[serve]'`.
     """
     from stexport.serving import app as srv
+    from stexport.serving import auth
 
     srv.require_serve()
+    token = auth.read_token(token_file) if token_file else None
     options = parse_options(option)
     cfg = srv.check_config(srv.ServeConfig(
         bundle=str(bundle), backend=backend, options=options, top_k=top_k, host=host, port=port,
         route_prefix=route, replicas=replicas, replica_cpus=replica_cpus, threads=threads, max_batch=max_batch,
         batch_wait_s=batch_wait_ms / 1000, max_upload_mb=max_upload_mb, decode_timeout_s=decode_timeout,
         decode_workers=decode_workers, allow_paths=tuple(str(p) for p in allow_path),
-        tasks=tuple(str(p) for p in task), default_task=default_task))
-    if host not in ("127.0.0.1", "localhost", "::1"):
+        tasks=tuple(str(p) for p in task), default_task=default_task, grpc_port=grpc_port, token_sha256=token,
+        insecure=insecure))
+    if not auth.is_loopback(host):
         typer.echo(f"stexport: warning: binding {host}: the server is reachable from other machines", err=True)
+    if insecure and not token and (grpc_port or not auth.is_loopback(host)):
+        typer.echo("stexport: warning: --insecure: no token; anyone who reaches this server can use it", err=True)
     names, default = srv.task_list(cfg)
     url = srv.start(cfg, ray_address, checked=True)
     if as_json:
+        from urllib.parse import urlsplit
+
+        grpc_at = f"{urlsplit(url).hostname}:{grpc_port}" if grpc_port else None
         print_json({"url": url, "classify": f"{url}/classify", "healthz": f"{url}/healthz",
-                    "metadata": f"{url}/metadata", "stats": f"{url}/stats", "bundle": cfg.bundle,
-                    "tasks": names, "default_task": default})
+                    "metadata": f"{url}/metadata", "stats": f"{url}/stats", "metrics": f"{url}/metrics",
+                    "v2": f"{url}/v2", "grpc": grpc_at, "bundle": cfg.bundle, "tasks": names,
+                    "default_task": default})
     on = f" with tasks {', '.join(n + ' (default)' * (n == default) for n in names)}" if cfg.tasks else ""
     typer.echo(f"stexport: serving {cfg.bundle}{on} at {url}/classify (health {url}/healthz, metadata "
                f"{url}/metadata); Ctrl-C stops", err=True)

@@ -206,6 +206,22 @@ def ray_cluster():
     ray.shutdown()
 
 
+def serve_cli(*args, timeout: float = 300):
+    """Start `stexport serve ARGS --json` (a Popen with text pipes) and read what it prints once the server
+    answers: (the process, the text of its JSON object). Fails with its stderr if it exits first."""
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "stexport.cli.app", "serve", *map(str, args), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    text, end = "", time.monotonic() + timeout
+    while not text.strip().endswith("}") and time.monotonic() < end:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        text += line
+    return proc, text
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The C++ host in examples/cpp (built once per session; test_torchscript.py and test_aoti.py run it)
 

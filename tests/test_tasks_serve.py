@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import write_video
+from conftest import serve_cli, write_video
 
 STEXPORT = [sys.executable, "-m", "stexport.cli.app"]
 KW = dict(width=32, pre_attn=True, pre_mlp=True)  # as tests/test_tasks.py
@@ -448,16 +448,10 @@ def test_replica_failure_is_one_line_and_the_cli_server_logs_only_its_own_lines(
     assert len(lines) == 1 and lines[0].startswith(f"stexport: error: {broken.path / 'model.onnx'}: onnxruntime "
                                                    "cannot load it ("), p.stderr
 
-    proc = subprocess.Popen([*STEXPORT, "serve", str(packs["base"].path), "--task", str(packs["c"].path), "-b",
-                             BACKEND, "--ray-address", ray_cluster, "--route", "/cli", "--port", str(free_port()),
-                             "--replica-cpus", "0.25", "--top-k", "3", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, text = serve_cli(packs["base"].path, "--task", packs["c"].path, "-b", BACKEND, "--ray-address",
+                           ray_cluster, "--route", "/cli", "--port", free_port(), "--replica-cpus", "0.25",
+                           "--top-k", "3")
     try:
-        text = ""
-        while not text.strip().endswith("}"):
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
-            text += line
         info = strict(text)
         assert info["tasks"] == ["task_a", "task_c"] and info["classify"].endswith("/cli/classify")
         v = packs["videos"][2]

@@ -35,6 +35,11 @@ replica); server-side paths, when enabled with allowed roots, must resolve (syml
 inside one of them and may not contain `..`. Every bad request gets a 4xx JSON `{"error": ...}` and the server
 keeps serving.
 
+The Open Inference Protocol (KServe v2: REST under the prefix's v2/, and gRPC with `grpc_port`), Prometheus
+metrics (GET metrics) and the bearer token (`token_sha256`; required beyond loopback unless `insecure`) are
+in oip.py, oip_routes.py (the deployment's base class, whose __call__ passes the routes above to
+`serve_classic`), oip_grpc.py, metrics.py and auth.py.
+
 Classification goes through `ServingClassifier`, the one place this module touches stexport.runtime.classify.
 Ray Serve, python-multipart and pebble are the `stexport[serve]` extra, imported only when a server starts.
 """
@@ -47,7 +52,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from stexport.errors import StexportError
 from stexport.extras import missing
 
-SERVE_MODULES = ("ray", "python_multipart", "pebble")
+SERVE_MODULES = ("ray", "python_multipart", "pebble", "tritonclient", "prometheus_client")
 PIP = "pip install 'stexport[serve]'"
 RAW_TYPES = ("application/octet-stream",)  # and every video/* type
 CHUNK = 1 << 20
@@ -93,6 +98,10 @@ class ServeConfig(BaseModel):
     allow_paths: tuple[str, ...] = ()  # roots server-side paths may be read from (realpaths)
     tasks: tuple[str, ...] = ()  # task pack paths, loaded beside the bundle's own task
     default_task: str | None = None  # a task name for requests that name none (None: the bundle's own)
+    # the Open Inference Protocol and access control (oip_routes.py, auth.py)
+    grpc_port: int | None = Field(None, ge=1, le=65535)  # the OIP gRPC service on Ray Serve's gRPC proxy
+    token_sha256: str | None = None  # callers send the token whose SHA-256 this is (auth.read_token)
+    insecure: bool = False  # serve beyond loopback without a token
 
     @property
     def max_upload_bytes(self) -> int:
@@ -152,6 +161,9 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
             raise StexportError(f"--allow-path {r}: no such directory (name directories whose files callers "
                                 "may classify by path)")
         roots.append(os.path.realpath(p))
+    from stexport.serving import auth
+
+    auth.check_exposure(cfg.host, cfg.grpc_port, cfg.token_sha256, cfg.insecure)
     prefix = cfg.route_prefix
     if not prefix.startswith("/") or (len(prefix) > 1 and prefix.endswith("/")):
         raise StexportError(f"--route {prefix!r}: a path starting with '/' and not ending with one, e.g. /stexport")
@@ -294,6 +306,7 @@ class Clips:
     decode_s: float
     notes: list[str]
     task: str | None = None  # a loaded task's name (None: the default task)
+    ready_at: float = field(default_factory=time.perf_counter)  # decoded; from here it queues for a batch
 
 
 @dataclass
@@ -405,9 +418,11 @@ def deployment(cfg: ServeConfig):
     """The bound Ray Serve application for `cfg` (ray imported here)."""
     from ray import serve
 
+    from stexport.serving.oip_routes import OIPRoutes  # its __call__ routes OIP, /metrics, tokens; then ours
+
     @serve.deployment(num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
                       ray_actor_options={"num_cpus": cfg.replica_cpus})
-    class StexportClassifier:
+    class StexportClassifier(OIPRoutes):
         def __init__(self, config: dict):
             import multiprocessing
             from concurrent.futures import ThreadPoolExecutor
@@ -431,8 +446,9 @@ def deployment(cfg: ServeConfig):
                           "mixed_batches": 0, "tasks": {name: 0 for name in self.model.tasks}}
             self.run_batch.set_max_batch_size(self.cfg.max_batch)
             self.run_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
+            self.oip_setup()
 
-        async def __call__(self, request):
+        async def serve_classic(self, request):
             path = request.url.path
             prefix = self.cfg.route_prefix.rstrip("/")
             route = path[len(prefix):].strip("/") if path.startswith(prefix) else path.strip("/")
@@ -536,7 +552,7 @@ def deployment(cfg: ServeConfig):
                                             "upload the video as the body")
                 task = await self.request_task(request, [req["task"]] if "task" in req else [])
                 real = confine(req["path"], self.cfg.allow_paths)
-                return await self.decode_file(real, req["path"], task)
+                return await self.decode_video(real, req["path"], task)
             form_tasks: list[str] = []
             if ctype.startswith("video/") or ctype in RAW_TYPES:
                 data, name = await self.body(request), request.headers.get("x-filename") or "upload"
@@ -550,13 +566,7 @@ def deployment(cfg: ServeConfig):
             task = await self.request_task(request, form_tasks, "the form's \"task\" field")
             if not data:
                 raise RequestError(400, "empty upload")
-            fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".video")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                return await self.decode_file(tmp, name, task)
-            finally:
-                os.unlink(tmp)
+            return await self.decode_upload(data, name, task)
 
         def multipart(self, request, body: bytes) -> tuple[bytes, str, list[str]]:
             """(the one file's bytes, its name, the values of its "task" fields)."""
@@ -618,7 +628,10 @@ def deployment(cfg: ServeConfig):
             self.stats["backend_calls"] += tasks
             self.stats["mixed_batches"] += tasks > 1
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.runner, self.model.classify, items)
+            self.metrics.batched(items, t := time.perf_counter())
+            answers = await loop.run_in_executor(self.runner, self.model.classify, items)
+            self.metrics.backend_call(items[0].task if tasks == 1 else "", time.perf_counter() - t)
+            return answers
 
         def __del__(self):
             try:
@@ -653,6 +666,10 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
 
     started = not ray.is_initialized()
     if started:
+        if cfg.grpc_port and not ray_address:
+            from stexport.serving.oip_grpc import limit_messages
+
+            limit_messages(cfg.max_upload_bytes * cfg.max_batch + (1 << 20))  # before Ray starts its proxy
         kw = {"include_dashboard": False, "log_to_driver": verbose, "logging_level": quiet}
         try:
             if ray_address:
@@ -669,7 +686,12 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
         logging.getLogger(name).setLevel(quiet)
     level = "INFO" if verbose else "WARNING"
     app = app_name(cfg)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": level})
+    grpc = {}
+    if cfg.grpc_port:
+        from stexport.serving.oip_grpc import grpc_options
+
+        grpc = {"grpc_options": grpc_options(cfg.grpc_port)}
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": level}, **grpc)
     try:
         serve.run(deployment(cfg), name=app, route_prefix=cfg.route_prefix, logging_config={"log_level": level})
     except RuntimeError as e:
@@ -690,6 +712,10 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
     if port != cfg.port:
         logging.getLogger("stexport").warning("Ray Serve already runs on this cluster with its HTTP proxy on port "
                                               "%d; --port %d does not apply", port, cfg.port)
+    if cfg.grpc_port:
+        from stexport.serving.oip_grpc import check_running
+
+        check_running(cfg.grpc_port)
     host = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
     return f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
 
