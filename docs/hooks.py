@@ -19,7 +19,6 @@ MARKER = re.compile(r"<!-- stexport:([a-z-]+) -->")
 def cli_reference() -> str:
     import typer
     import typer.cli
-
     from stexport.cli.app import app
 
     command = typer.main.get_command(app)

@@ -3,6 +3,7 @@ does not know fails), and the pages generated from the code say what the code sa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ def site(tmp_path_factory):
     out = tmp_path_factory.mktemp("site")
     p = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-f", str(ROOT / "mkdocs.yml"),
                         "-d", str(out)], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"})
+                       env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
 

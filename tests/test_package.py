@@ -37,22 +37,23 @@ def test_wheel_and_sdist_pass_twine_check(dist):
 
 
 def test_wheel_holds_every_wing_and_its_data(dist):
-    names = zipfile.ZipFile(next(dist.glob("*.whl"))).namelist()
+    with zipfile.ZipFile(next(dist.glob("*.whl"))) as wheel:
+        names = wheel.namelist()
+        metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     for package in ("cli", "calibration", "trt_engines", "bundle", "runtime", "runtime/backends", "serving", "build"):
         assert f"stexport/{package}/__init__.py" in names, package
     for data in ("stexport/data/k400.txt", "stexport/data/ssv2.txt", "stexport/model_configs/stexport-demo-vit.json",
                  "stexport/trt_engines/data/onnx-tensorrt-operators.md"):
         assert data in names, data
     assert not [n for n in names if n.startswith(("tests/", "docs/", "examples/"))]
-    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
-    text = zipfile.ZipFile(next(dist.glob("*.whl"))).read(metadata).decode()
-    assert "License-Expression: Apache-2.0" in text and "Project-URL: Paper" in text
-    assert "Description-Content-Type: text/markdown" in text
-    assert "Provides-Extra: docs" in text
+    assert "License-Expression: Apache-2.0" in metadata and "Project-URL: Paper" in metadata
+    assert "Description-Content-Type: text/markdown" in metadata
+    assert "Provides-Extra: docs" in metadata
 
 
 def test_sdist_holds_what_the_tests_docs_and_demo_need(dist):
-    names = tarfile.open(next(dist.glob("*.tar.gz"))).getnames()
+    with tarfile.open(next(dist.glob("*.tar.gz"))) as sdist:
+        names = sdist.getnames()
     top = names[0].split("/")[0]
     for path in ("LICENSE", "mkdocs.yml", "docs/index.md", "docs/hooks.py", "tests/conftest.py",
                  "examples/motion/run_demo.sh", "examples/motion/motion_adapter.pt", ".ci/run"):

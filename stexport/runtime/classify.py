@@ -43,6 +43,7 @@ class Result:
     backend: str = ""
     sampled: str = "whole file"  # or "live stream: the first N frames …" (see video.Decoded.sampled)
     task: str | None = None  # the task pack's name, when a pack ran it (its labels name `top`)
+    weights: str | None = None  # "random": the bundle's backbone had random weights, its scores mean nothing
 
     def to_dict(self) -> dict:
         d = {"path": self.source}
@@ -55,6 +56,8 @@ class Result:
                  timing={"decode_s": round(self.decode_s, 4), "infer_s": round(self.infer_s, 4)})
         if self.notes:
             d["notes"] = self.notes
+        if self.weights:
+            d["weights"] = self.weights
         return d
 
 
@@ -100,6 +103,7 @@ class Classifier:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
         self.num_classes = m.output.classes
+        self.weights = "random" if m.model.backbone.weights.random else None  # marks every Result
         self.user_sampling = sampling  # None: each task's own defaults (the bundle's, a pack's)
         pack = None
         if task is not None:
@@ -214,7 +218,7 @@ class Classifier:
         probs = self.probabilities(clips, task)
         return Result(display(source), self.top(probs, self._labels_for(task)), len(clips), frames, decode_s,
                       time.perf_counter() - t, list(notes), start, end, self.backend.name, sampled,
-                      self.task_name(task))
+                      self.task_name(task), self.weights)
 
     def _checked(self, source: str, fn):
         """fn(), with the input's name put before a NonFiniteOutput's message."""

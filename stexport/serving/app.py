@@ -371,7 +371,8 @@ class ServingClassifier:
         name = task.name if self.named else None
         return [Failure(it.source, non_finite(it.source, clf.backend.name), name).to_dict() if p is None else
                 Result(it.source, clf.top(p, task.labels), len(it.clips), it.frames, it.decode_s,
-                       spent / len(items), list(it.notes), backend=clf.backend.name, task=name).to_dict()
+                       spent / len(items), list(it.notes), backend=clf.backend.name, task=name,
+                       weights=clf.weights).to_dict()
                 for it, p in zip(items, probs)]
 
     def close(self) -> None:
