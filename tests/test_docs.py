@@ -58,3 +58,13 @@ def test_manifest_schema_and_moved_paths_come_from_the_code(site):
     changelog = (site / "changelog/index.html").read_text()
     for old, new in MOVED.items():
         assert old in changelog and new in changelog, old
+
+
+def test_readme_links_point_at_files():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    links = [t for t in re.findall(r"\]\(([^)#]+)[^)]*\)", readme) if not t.startswith("http")]
+    assert len(links) >= 10
+    for target in links:
+        assert (ROOT / target).is_file(), target
