@@ -11,7 +11,7 @@ from stexport.cli.common import BACKEND_HELP, OPTION_HELP, TASK_BACKENDS, Flag, 
 EXAMPLES = """
 Examples:
 
-  stexport bench BUNDLE                                  # auto backend, batch 1 and 32
+  stexport bench BUNDLE                                  # auto backend, batch 1 and one sized for this machine
 
   stexport bench BUNDLE --backend openvino --option compute=bf16 --batch 1,8 --iters 5
 
@@ -67,9 +67,11 @@ def show(r: dict) -> None:
 def bench(
     bundle: Path = typer.Argument(None, help="Bundle directory (from `stexport build`)."),
     backend: str = typer.Option("auto", "--backend", "-b", help=BACKEND_HELP),
-    batch: str = typer.Option("1,32", "--batch", help="Batch sizes, comma-separated: batch 1 gives latency "
-                              "percentiles, the largest gives throughput."),
-    iters: int = typer.Option(10, "--iters", "-n", help="Timed calls per batch size."),
+    batch: str = typer.Option(None, "--batch", help="Batch sizes, comma-separated: batch 1 gives latency "
+                              "percentiles, the largest gives throughput. Default: 1 and 4 clips per CPU core "
+                              "(at most 32; 1,8 on 2 cores; 1,32 with an NVIDIA GPU)."),
+    iters: int = typer.Option(None, "--iters", "-n", help="Timed calls per batch size. Default: as many as "
+                              "fill ~10 s (at least 3, at most 10)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed calls per batch size first."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for the backend."),
     option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
@@ -93,6 +95,13 @@ memory (the process's RSS high-water mark, VmHWM) is that of this backend alone,
 adapters, head). The GEMM peak is measured here on square 2048 matrices in the precision the backend runs \
 (FP32, BF16 or INT8), the faster of torch and OpenVINO. For INT8 bundles the roofline also counts the GEMMs \
 that stay float (patch embedding, attention, head) at the float rate.
+
+    What it costs: per batch size, --warmup calls plus the timed calls, each as long as one backend call at \
+that batch (with the defaults, ~10 s of timed calls, more when 3 calls take longer); then the GEMM peak: ~1 s \
+per precision once torch and OpenVINO are loaded, which takes seconds to tens of seconds on a busy machine \
+(--no-peaks skips it). A ViT-B/16 INT8 bundle at ~0.28 s per clip (ONNX Runtime, 2 cores) runs ~2.3 s per \
+call at batch 8: about 6 calls, ~15 s; --batch 1,32 --iters 10 costs 12 calls of ~9 s there. On a terminal \
+progress bars (stderr) show the clips done and, after the first calls, the time left.
 
     Timings on a shared machine are noisy: compare backends in one run, quote medians.
     """
@@ -121,7 +130,8 @@ that stay float (patch embedding, attention, head) at the float rate.
         TaskPack.load(task).check_fits(Bundle.load(bundle))  # refused here, in one line, before the child
     import logging
 
-    result = run(bundle, backend, opts, parse_batches(batch), iters, warmup, peaks=peaks,
+    batches = parse_batches(batch) if batch is not None else None  # None: sized for this machine
+    result = run(bundle, backend, opts, batches, iters, warmup, peaks=peaks,
                  isolated=not in_process, progress=not as_json,
                  verbose=logging.getLogger("stexport").isEnabledFor(logging.INFO),
                  task=str(task.resolve()) if task is not None else None)

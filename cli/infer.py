@@ -96,17 +96,21 @@ def strict_json(obj) -> str:
     return json.dumps(obj, allow_nan=False)
 
 
+RANDOM_WEIGHTS = "random weights: predictions are meaningless"  # a result's "weights": "random", in text
+
+
 def show(result, as_json: bool, write) -> None:
     if as_json:
         write(strict_json(result.to_dict()))
         return
+    random = f"  ({RANDOM_WEIGHTS})" if result.weights == "random" else ""
     if result.start is not None:
         tops = ", ".join(f"{name} {p:.3f}" for _, name, p in result.top)
-        write(f"{result.start:8.2f}-{result.end:<8.2f} {tops}")
+        write(f"{result.start:8.2f}-{result.end:<8.2f} {tops}{random}")
         return
     live = f", {result.sampled}" if result.sampled != "whole file" else ""
     write(f"{result.source}  ({result.views} view{'s' * (result.views != 1)}, {result.frames} frames{live}; decode {result.decode_s:.2f} s, "
-          f"model {result.infer_s:.2f} s)")
+          f"model {result.infer_s:.2f} s){random}")
     for rank, (i, name, p) in enumerate(result.top, 1):
         write(f"  {rank}. {name:<40} {p:.4f}")
 
@@ -194,6 +198,9 @@ paths, or --ship-bundle), with results identical to a local run.
         raise StexportError("no inputs: pass video files, directories or globs, e.g. stexport infer clip.mp4")
     if stride is not None and window is None:
         raise StexportError("--stride needs --window (timeline mode)")
+    for flag, seconds in (("--window", window), ("--stride", stride)):  # refused before the backend loads
+        if seconds is not None and not seconds > 0:
+            raise StexportError(f"{flag} {seconds:g}: must be a positive number of seconds, e.g. {flag} 4")
     if window is not None and (output or ray_address or batch or decode_threads):
         raise StexportError("--window (timeline mode) runs one video at a time: drop --output, --ray, --batch "
                             "and --decode-threads, or --window")
@@ -373,8 +380,9 @@ def show_dict(row: dict, write) -> None:
     if "error" in row:
         return
     t = row["timing"]
+    random = f"  ({RANDOM_WEIGHTS})" if row.get("weights") == "random" else ""
     write(f"{row['path']}  ({row['views']} view{'s' * (row['views'] != 1)}, {row['frames']} frames; decode {t['decode_s']:.2f} s, "
-          f"model {t['infer_s']:.2f} s)")
+          f"model {t['infer_s']:.2f} s){random}")
     for rank, top in enumerate(row["top"], 1):
         write(f"  {rank}. {top['label']:<40} {top['score']:.4f}")
 

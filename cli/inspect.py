@@ -103,7 +103,7 @@ def inspect(
                       else spec_mismatch(spec, m.spec, m.tasks.head_rows))
         report.update(base=str(base), fits_base=base_error is None, base_error=base_error)
     report["warning"] = (official_layout_warning(backbone, report["activation"], report["activation_reason"])
-                         if deltas.official_layout else None)
+                         if deltas.official_layout and fit_error is None else None)
     if as_json:
         print_json(report)
     else:
@@ -125,7 +125,9 @@ def inspect(
         if base_bundle is not None:
             typer.echo(f"fits {base}  {'yes (`stexport pack` can make its pack)' if base_error is None else 'NO: ' + base_error}")
         if report["warning"]:
-            typer.echo(f"stexport: warning: {report['warning']}", err=True)
+            import logging
+
+            logging.getLogger("stexport").warning(report["warning"])
     if fit_error or base_error:
         raise typer.Exit(1)
 

@@ -91,6 +91,8 @@ def serve(
     server-side paths (--allow-path DIR enables them, confined to those directories: no '..', no symlinks out);
     no URL fetching; uploads over --max-upload-mb and videos that decode longer than --decode-timeout are
     refused. Every bad request gets a 4xx JSON {"error": ...}; the server keeps serving. Ctrl-C stops it.
+    A port in use, an address not on this machine, a privileged port, an unreachable --ray-address or Ray
+    failing to start is one line naming the cause and the fix, exit 2 (checked before Ray starts).
     Needs `pip install 'stexport[serve]'`.
     """
     from stexport.serving import app as srv
@@ -98,6 +100,10 @@ def serve(
 
     srv.require_serve()
     token = auth.read_token(token_file) if token_file else None
+    if ray_address:  # where the server will listen or join, checked before the backend opens and Ray starts
+        srv.check_cluster(ray_address)
+    else:
+        srv.check_address(host, port)
     options = parse_options(option)
     cfg = srv.check_config(srv.ServeConfig(
         bundle=str(bundle), backend=backend, options=options, top_k=top_k, host=host, port=port,

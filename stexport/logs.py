@@ -24,6 +24,16 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _Formatter(logging.Formatter):
+    """"stexport: MESSAGE", with "warning: " or "error: " before warnings and errors: the prefix the CLI's own
+    warning lines and Python warnings (formatwarning below) carry, so a warning reads the same from every
+    command."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "error: " if record.levelno >= logging.ERROR else "warning: " if record.levelno >= logging.WARNING else ""
+        return f"stexport: {level}{record.getMessage()}"
+
+
 _HANDLERS: list[tuple[logging.Logger, logging.Handler]] = []
 QUIET_LIBRARIES = ("huggingface_hub", "urllib3", "httpx", "filelock", "onnxscript", "torch.onnx", "openvino")
 
@@ -36,7 +46,7 @@ def setup_logging(verbose: bool = False) -> None:
     _HANDLERS.clear()
     own = logging.getLogger("stexport")
     h = _StderrHandler()
-    h.setFormatter(logging.Formatter("stexport: %(message)s"))
+    h.setFormatter(_Formatter())
     own.addHandler(h)
     own.setLevel(logging.INFO if verbose else logging.WARNING)
     _HANDLERS.append((own, h))

@@ -146,3 +146,79 @@ def test_bench_cli_text_and_errors(tiny):
     r = CliRunner().invoke(app, ["bench", str(tiny.path), "--backend", "openvino", "--option", "hint=fast",
                                  "--iters", "1", "--no-peaks"])
     assert r.exit_code == 2 and "hint='fast': choose one of latency, throughput" in r.output
+
+
+# --- long work says so (issue 30, kind 5): defaults sized for the machine, progress with an estimate ---------
+
+def test_default_batches_are_sized_for_the_machine(monkeypatch):
+    import stexport.runtime.device as device
+    from stexport.runtime import bench
+
+    monkeypatch.setattr(device, "gpu_visible", lambda: False)
+    for cpus, big in ((1, 4), (2, 8), (4, 16), (8, 32), (64, 32)):
+        monkeypatch.setattr(bench.os, "cpu_count", lambda cpus=cpus: cpus)
+        assert bench.default_batches() == (1, big)
+    monkeypatch.setattr(device, "gpu_visible", lambda: True)
+    assert bench.default_batches() == (1, 32)
+
+
+def test_timed_calls_fill_the_budget_within_bounds():
+    from stexport.runtime.bench import AUTO_BUDGET_S, calls
+
+    assert AUTO_BUDGET_S == 10.0
+    assert calls(None, 8, None) == 10  # not yet known: the most
+    assert calls(None, 1, 0.28) == 10 and calls(None, 8, 2.3) == 4 and calls(None, 32, 9.0) == 3
+    assert calls(7, 8, 2.3) == 7 and calls({"8": 5}, 8) == 5
+
+
+def test_progress_counts_clips_warm_up_included_and_resizes_the_total(monkeypatch):
+    from stexport.runtime import bench
+
+    from types import SimpleNamespace
+
+    clock = [0.0]  # a call takes 0.05 s per clip on this clock
+
+    def run(x):
+        clock[0] += 0.05 * len(x)
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(bench, "AUTO_BUDGET_S", 0.21)
+    seen = []
+    res = time_runner(run, lambda b: np.zeros((b, 1)), batches=(1, 2), iters=None, warmup=2,
+                      progress=lambda clips, total, what: seen.append((clips, total, what)))
+    assert [b["iters"] for b in res["batches"].values()] == [4, 3]  # 0.21 s / 0.05 s; 0.21 / 0.1 -> at least 3
+    assert sum(c for c, _, _ in seen) == seen[-1][1] == (2 + 4) * 1 + (2 + 3) * 2
+    assert seen[0] == (1, (2 + 10) * 1 + (2 + 10) * 2, "batch 1 warm-up") and seen[-1][2] == "batch 2"
+
+
+def test_bench_on_a_terminal_shows_progress_and_time_left(tiny):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))  # tqdm draws nothing at 0 columns
+    p = subprocess.Popen([sys.executable, "-m", "stexport.cli.app", "bench", str(tiny.path), "-b", "onnxruntime",
+                          "--no-peaks", "--batch", "1,2", "--warmup", "1"], stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        err += chunk
+    out, _ = p.communicate(timeout=300)
+    os.close(master)
+    text = err.decode(errors="replace")
+    assert p.returncode == 0, text
+    assert "bench onnxruntime" in text and "clip/s" in text and "batch 2" in text, text
+    assert "<" in text  # tqdm's elapsed<remaining estimate
+    assert "p50" in out.decode()

@@ -66,6 +66,13 @@ def test_base_install_infers_like_the_full_one_without_torch(base_env, tiny_bund
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("stexport:")]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "pip install 'stexport[export]'" in lines[0], p.stderr
+    for cmd in ("build", "inspect"):  # open_clip's names: the install, not "unknown backbone"
+        p = subprocess.run([base_env, "-c", PROBE, cmd, "--adapter", str(tiny_bundle.path / "stexport.json"),
+                            "--backbone", "ViT-B-16"], capture_output=True, text=True, cwd=tmp_path)
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("stexport:")]
+        assert p.returncode == 2 and lines[0] == ("stexport: error: --backbone ViT-B-16 (an open_clip model) needs "
+                                                  "open_clip, which this installation lacks; install it with: pip "
+                                                  "install 'stexport[export]'"), (cmd, p.stderr)
 
 
 def test_base_install_runs_task_packs(base_env, make_video, tmp_path):

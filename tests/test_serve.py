@@ -235,3 +235,68 @@ def test_missing_extra_names_the_pip_install(tiny_bundle):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["stexport: error: serve needs pebble, which this installation lacks; "
                                              "install it with: pip install 'stexport[serve]'"]
+
+
+def serve_cli(*args, env=None, timeout=120, user=None):
+    prefix = ["setpriv", "--reuid", str(user), "--regid", str(user), "--clear-groups"] if user is not None else []
+    return subprocess.run([*prefix, sys.executable, "-m", "stexport.cli.app", "serve", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def one_line(r) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    return lines[0]
+
+
+def test_port_in_use_is_one_line_before_ray_starts(tiny_bundle):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = serve_cli(tiny_bundle.path, "--port", port, timeout=60)
+    assert one_line(r) == (f"stexport: error: --port {port}: already in use on 127.0.0.1 (another server listens "
+                           "there); stop it or pass another --port")
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])
+def test_host_not_on_this_machine_is_one_line(tiny_bundle, host):
+    line = one_line(serve_cli(tiny_bundle.path, "--host", host, "--port", free_port(), timeout=60))
+    assert line.startswith(f"stexport: error: --host {host}: not an address")
+    assert line.endswith("pass one of its addresses (127.0.0.1 for this machine only, 0.0.0.0 for every interface)")
+
+
+def test_privileged_port_as_a_user_is_one_line(tiny_bundle):
+    """Tests run as root here, where port 80 binds: the check runs as user nobody (setpriv) when it can."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root to drop to an unprivileged user with setpriv")
+    probe = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable,
+                            "-c", "import stexport.serving.app"], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot import stexport from this checkout: {probe.stderr.strip()[-200:]}")
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        if int(f.read()) <= 80:
+            pytest.skip("this kernel lets every user bind port 80")
+    code = "from stexport.serving.app import check_address; check_address('127.0.0.1', 80)"
+    r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c",
+                        code], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and ("StexportError: --port 80: ports below 1024 need root (or CAP_NET_BIND_SERVICE); "
+                                  "pass --port 1024 or higher, e.g. --port 8000") in r.stderr, r.stderr
+
+
+def test_unreachable_cluster_is_one_line_at_once(tiny_bundle):
+    port = free_port()  # nothing listens there
+    line = one_line(serve_cli(tiny_bundle.path, "--ray-address", f"127.0.0.1:{port}", timeout=60))
+    assert line == (f"stexport: error: --ray-address 127.0.0.1:{port}: cannot reach a Ray cluster there "
+                    "(Connection refused); check the address and that `ray start --head` runs there, or leave "
+                    "--ray-address out for a local one")
+
+
+def test_ray_failing_to_start_is_one_line(tiny_bundle, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    line = one_line(serve_cli(tiny_bundle.path, "--port", free_port(), env={"RAY_TMPDIR": str(not_a_dir / "ray")},
+                              timeout=120))
+    assert line.startswith("stexport: error: Ray could not start a local cluster (")
+    assert line.endswith("check free memory and space in Ray's temporary directory ($RAY_TMPDIR, default "
+                         "/tmp/ray); `stexport -v serve ...` shows Ray's log")

@@ -192,10 +192,7 @@ def load_backbone(name: str, pretrained: str = "openai", cache_dir: str | None =
     reason = config_activation_reason(name, quick_gelu)
 
     if pretrained in (None, "", "none"):
-        warnings.warn(
-            f"backbone {name} is randomly initialised (--pretrained none): predictions are meaningless",
-            stacklevel=2,
-        )
+        warnings.warn(random_weights_warning(name), stacklevel=2)
         log.info("weights: %s randomly initialised (seed 0)", name)
         log.info("activation: %s (%s)", "QuickGELU" if quick_gelu else "GELU", reason)
         return random_backbone(name, seed=0)
@@ -260,16 +257,20 @@ def has_quickgelu_variant(name: str) -> bool:
     return not name.endswith("-quickgelu") and f"{name}-quickgelu" in open_clip.list_models()
 
 
+def random_weights_warning(name: str) -> str:
+    return f"backbone {name} is randomly initialised (--pretrained none): predictions are meaningless"
+
+
 def official_layout_warning(name: str, act: str, reason: str) -> str | None:
-    """The warning for an adapter in the official checkpoint layout on a backbone resolved to exact GELU.
+    """The warning for an adapter in the official checkpoint layout on a backbone resolved to exact GELU (ask
+    only for an adapter that fits the backbone). `reason`, why GELU was chosen, is shown beside it already.
 
     The official ST-Adapter code always runs OpenAI CLIP with QuickGELU; the same weights re-saved through
     open_clip carry nothing that says so."""
     if act != "gelu" or not has_quickgelu_variant(name):
         return None
-    return (f"the adapter is in the official ST-Adapter checkpoint layout, whose code runs OpenAI CLIP with "
-            f"QuickGELU, but backbone {name} resolved to exact GELU ({reason}); if the backbone weights are "
-            f"OpenAI's (also when re-saved through open_clip), pass --backbone {name}-quickgelu")
+    return (f"{name} runs exact GELU; official ST-Adapter checkpoints expect QuickGELU: for OpenAI CLIP weights "
+            f"pass --backbone {name}-quickgelu")
 
 
 def tag_config(name: str, tag: str) -> dict:

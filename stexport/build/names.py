@@ -128,12 +128,18 @@ def check_weights_file(path: Path) -> None:
 
 
 def check_backbone(name: str) -> dict | None:
-    """The config of an accepted backbone name; StexportError naming the closest valid ones otherwise.
+    """The config of an accepted backbone name; StexportError naming the closest valid ones otherwise, or the
+    `pip install 'stexport[export]'` that brings open_clip's names when open_clip is not installed.
 
     Returns None for 'hf-hub:'/'local-dir:' names, which only open_clip can resolve."""
     if is_schema(name):
         return None
     cfg = all_configs().get(name)
+    if cfg is None and open_clip_config_dir() is None:
+        # open_clip's names are unknown without open_clip (the base install): the fix is the install
+        from stexport.extras import require
+
+        require(f"--backbone {name} (an open_clip model)", "open_clip")
     if cfg is None:
         close = suggest(name)
         if close:

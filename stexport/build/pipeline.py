@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from stexport import interrupt
-from stexport.build.backbone import Backbone, load_backbone
+from stexport.build.backbone import Backbone, load_backbone, random_weights_warning
 from stexport.bundle.precision import INPUT_FORMATS
 from stexport.bundle.store import Bundle, default_home, finish, writing
 from stexport.build.deltas import Deltas, as_deltas, check_fits
@@ -124,7 +124,8 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                 check_fits(deltas.spec, shape, o.backbone)
             with warnings.catch_warnings():
                 if o.pretrained in (None, "", "none"):
-                    warnings.simplefilter("ignore")
+                    warnings.simplefilter("ignore")  # said once per build through the log below
+                    log.warning(random_weights_warning(o.backbone))
                 bb = load_backbone(o.backbone, o.pretrained)
         check_fits(deltas.spec, bb.config, bb.name)
         warn_activation(deltas, bb)

@@ -135,6 +135,11 @@ class WeightsSource(Record):
     seed: int | None = None  # random weights (--pretrained none)
     openai: bool | None = None  # OpenAI's CLIP weights (trained with QuickGELU)
 
+    @property
+    def random(self) -> bool:
+        """Seeded random weights (--pretrained none): a bundle of them predicts nothing meaningful."""
+        return self.seed is not None or self.pretrained in ("", "none")
+
 
 class BackboneRecord(Record):
     name: str  # open_clip model name, e.g. ViT-B-16

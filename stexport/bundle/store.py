@@ -93,6 +93,9 @@ class Bundle:
         if not path.exists():
             raise StexportError(f"{path}: no such bundle (build one with `stexport build --adapter FILE`)")
         if not path.is_dir():
+            if (path.parent / MANIFEST).is_file():  # a file inside a bundle, e.g. -m BUNDLE/model.onnx
+                raise StexportError(f"{path}: a file inside the bundle {path.parent}; pass the bundle directory: "
+                                    f"{path.parent}")
             raise StexportError(f"{path}: not a bundle directory (build one with `stexport build --adapter FILE`)")
         return cls(path=path, manifest=mf.load(path))
 

@@ -106,7 +106,8 @@ def run_decoded(clf, items: Sequence[Decoding], max_views: int | None = None) ->
                 out[i] = Failure(d.source, f"{d.source}: {p}", name)
                 continue
             out[i] = Result(d.source, clf.top(p, labels), len(d.clips), d.frames, items[i].decode_s,
-                            spent * len(d.clips) / views, list(d.notes), backend=clf.backend.name, task=name)
+                            spent * len(d.clips) / views, list(d.notes), backend=clf.backend.name, task=name,
+                            weights=clf.weights)
 
     for group in groups.values():
         call: list[int] = []

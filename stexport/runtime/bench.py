@@ -171,34 +171,73 @@ def clips_for(bundle, batch: int, seed: int = 0) -> np.ndarray:
     return rng.integers(0, 256, (batch, bundle.frames, bundle.size, bundle.size, 3), dtype=np.uint8)
 
 
-def calls(iters: int | dict, batch: int) -> int:
-    """Timed calls for `batch`: `iters`, or iters[batch] when given per batch size (JSON keys are strings)."""
+# `stexport bench`'s defaults, sized for the machine: batch 1 (latency) and a throughput batch of
+# default_batches(); with iters=None, as many timed calls per batch size as fill AUTO_BUDGET_S (AUTO_ITERS).
+AUTO_BUDGET_S = 10.0
+AUTO_ITERS = (3, 10)
+CPU_CLIPS_PER_CORE = 4
+MAX_BATCH = 32
+
+
+def default_batches() -> tuple[int, int]:
+    """(1, N): N = 32 where an NVIDIA GPU is visible, else 4 clips per CPU core (at most 32; 8 on 2 cores),
+    so that one call of a ViT-B/16-size bundle takes seconds on a small CPU instead of a minute."""
+    from stexport.runtime.device import gpu_visible
+
+    if gpu_visible():
+        return (1, MAX_BATCH)
+    return (1, max(2, min(MAX_BATCH, CPU_CLIPS_PER_CORE * (os.cpu_count() or 1))))
+
+
+def calls(iters: int | dict | None, batch: int, call_s: float | None = None) -> int:
+    """Timed calls for `batch`: `iters`, or iters[batch] when given per batch size (JSON keys are strings);
+    None: as many as fill AUTO_BUDGET_S at `call_s` seconds a call, within AUTO_ITERS (the most before it
+    is known)."""
+    if iters is None:
+        lo, hi = AUTO_ITERS
+        return hi if not call_s else max(lo, min(hi, int(AUTO_BUDGET_S / call_s)))
     return int(iters.get(batch, iters.get(str(batch), 1))) if isinstance(iters, dict) else int(iters)
 
 
-def time_runner(run, make_clips, batches=(1, 32), iters: int | dict = 10, warmup: int = 2,
+def time_runner(run, make_clips, batches=(1, 32), iters: int | dict | None = 10, warmup: int = 2,
                 progress=None) -> dict:
     """Time `run(clips)`. Batch 1: per-call latency percentiles; larger batches: clips/s from the median call.
 
     make_clips(batch) -> uint8 clips. Each batch size is warmed up `warmup` times before its timed calls
-    (`iters`, or {batch: calls}). The first warm-up call's time is kept as first_call_s: backends that
-    compile a model per batch size (OpenVINO) do it there.
+    (`iters`, {batch: calls}, or None: sized from the last warm-up call, see `calls`). The first warm-up
+    call's time is kept as first_call_s: backends that compile a model per batch size (OpenVINO) do it
+    there. progress(clips, total_clips, what): called after every call (warm-up too) with the clips it ran
+    and the whole run's clips as now planned.
     """
     out: dict = {"batches": {}}
+    planned = {b: warmup + calls(iters, b) for b in batches}
+
+    def done(b: int, what: str):
+        if progress:
+            progress(b, sum(n * c for c, n in planned.items()), what)
+
     for b in batches:
         x = make_clips(b)
-        first = None
+        first = last = None
         for i in range(warmup):
             t = time.perf_counter()
             run(x)
-            first = time.perf_counter() - t if i == 0 else first
+            last = time.perf_counter() - t
+            first = last if i == 0 else first
+            done(b, f"batch {b} warm-up")
         times = []
-        for _ in range(calls(iters, b)):
+        n = calls(iters, b, last if warmup > 1 else None)  # the first call may include compiling
+        planned[b] = warmup + n
+        for _ in range(n):
             t = time.perf_counter()
             run(x)
             times.append(time.perf_counter() - t)
-            if progress:
-                progress()
+            if iters is None and len(times) == 1 and warmup <= 1:  # no warm-up call to size it by
+                n = calls(iters, b, times[0])
+                planned[b] = warmup + n
+            done(b, f"batch {b}")
+            if len(times) >= n:
+                break
         ms = np.asarray(times) * 1e3 / b
         out["batches"][str(b)] = {
             "batch": b, "iters": len(times), "first_call_s": first,
@@ -239,7 +278,7 @@ def peak_rss_mb() -> float:
 
 
 def measure(bundle_path: str, backend: str = "auto", options: dict | None = None, batches=(1, 32),
-            iters: int = 10, warmup: int = 2, progress: bool = False,
+            iters: int | None = 10, warmup: int = 2, progress: bool = False,
             probe: tuple[str, str] | None = None, task: str | None = None) -> dict:
     """Open the backend, time it, and report what ran and this process's memory (in this process).
 
@@ -259,11 +298,18 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
     if task:
         be.set_task(task)
     load_s = time.perf_counter() - t
-    total = sum(calls(iters, b) for b in batches)
-    # on a terminal only (disable=None): a redirected stderr gets no progress frames
-    bar = tqdm(total=total, desc=f"bench {be.name}", unit="call", disable=None if progress else True, leave=False)
+    # on a terminal only (disable=None): a redirected stderr gets no progress frames. Counted in clips, warm-up
+    # included, so the estimate tqdm shows after the first calls holds across batch sizes.
+    bar = tqdm(total=sum((warmup + calls(iters, b)) * b for b in batches), desc=f"bench {be.name}", unit="clip",
+               disable=None if progress else True, leave=False)
+
+    def advance(clips: int, total: int, what: str) -> None:
+        bar.total = total
+        bar.set_postfix_str(what, refresh=False)
+        bar.update(clips)
+
     with be, bar:
-        res = time_runner(be.run, lambda b: clips_for(bundle, b), batches, iters, warmup, bar.update)
+        res = time_runner(be.run, lambda b: clips_for(bundle, b), batches, iters, warmup, advance)
         res["described"] = be.describe()
         if probe:
             np.save(probe[1], be.run(np.load(probe[0])))
@@ -277,7 +323,7 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
 
 
 def measure_isolated(bundle_path: str, backend: str = "auto", options: dict | None = None, batches=(1, 32),
-                     iters: int = 10, warmup: int = 2, progress: bool = False,
+                     iters: int | None = 10, warmup: int = 2, progress: bool = False,
                      probe: tuple[str, str] | None = None, verbose: bool = False, task: str | None = None) -> dict:
     """`measure` in a fresh Python process, so the peak RSS is this run's own. The child shares this
     process's stderr when `progress` (its bar shows only on a terminal) and logs at INFO when `verbose`."""
@@ -336,16 +382,18 @@ def machine() -> dict:
     return info
 
 
-def bench(bundle_path, backend: str = "auto", options: dict | None = None, batches=(1, 32), iters: int = 10,
+def bench(bundle_path, backend: str = "auto", options: dict | None = None, batches=None, iters: int | None = None,
           warmup: int = 2, peaks: bool | dict = True, isolated: bool = True, progress: bool = False,
           verbose: bool = False, task: str | None = None) -> dict:
     """Everything `stexport bench` prints: timings, memory, FLOPs, and the fraction of the GEMM roofline.
-    task: a task pack's path to time on the swappable bundle."""
+    batches None: default_batches(); iters None: timed calls sized per batch (see `calls`). task: a task
+    pack's path to time on the swappable bundle. With `progress`, a bar on a terminal (stderr)."""
     from stexport.runtime.backends import load_class
     from stexport.bundle.store import Bundle
 
     bundle = Bundle.load(bundle_path)
-    if iters < 1 or warmup < 0 or not batches or min(batches) < 1:
+    batches = tuple(batches or default_batches())
+    if (iters is not None and iters < 1) or warmup < 0 or not batches or min(batches) < 1:
         raise StexportError("--iters must be ≥1, --warmup ≥0 and every --batch ≥1")
     if backend != "auto":  # a mistyped option is refused here, before a child process starts
         options = load_class(backend).check_options(options or {})
@@ -356,8 +404,13 @@ def bench(bundle_path, backend: str = "auto", options: dict | None = None, batch
         res = measure(str(bundle.path), backend, options, tuple(batches), iters, warmup, progress, task=task)
     flops = model_flops(bundle.manifest)
     if peaks is True:
+        from tqdm import tqdm
+
         q, fl = compute_precision(bundle.precision, res.get("described", {}))
-        peaks = gemm_peaks(sorted({q, fl}))
+        peaks = {}
+        for kind in tqdm(sorted({q, fl}), desc="GEMM peak", unit="precision", leave=False,
+                         disable=None if progress else True):  # ~1 s each, after loading torch or OpenVINO
+            peaks.update(gemm_peaks([kind]))
     return {"bundle": str(bundle.path), "precision": bundle.precision, "frames": bundle.frames,
             "size": bundle.size, **res, "flops": flops, "gemm_peaks": peaks or None,
             **summarize(res, flops, peaks or None, bundle.precision), "machine": machine()}

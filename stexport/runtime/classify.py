@@ -48,6 +48,7 @@ class Classifier:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
         self.num_classes = m.output.classes
+        self.weights = "random" if m.model.backbone.weights.random else None  # marks every Result
         self.user_sampling = sampling  # None: each task's own defaults (the bundle's, a pack's)
         pack = None
         if task is not None:
@@ -147,7 +148,7 @@ class Classifier:
         probs = self.probabilities(clips, task)
         return Result(display(source), self.top(probs, self.labels_for(task)), len(clips), frames, decode_s,
                       time.perf_counter() - t, list(notes), start, end, self.backend.name, sampled,
-                      self.task_name(task))
+                      self.task_name(task), self.weights)
 
     def _checked(self, source: str, fn):
         """fn(), with the input's name put before a NonFiniteOutput's message."""

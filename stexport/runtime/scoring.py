@@ -35,6 +35,7 @@ class Result:
     backend: str = ""
     sampled: str = "whole file"  # or "live stream: the first N frames …" (see video.Decoded.sampled)
     task: str | None = None  # the task pack's name, when a pack ran it (its labels name `top`)
+    weights: str | None = None  # "random": the bundle's backbone had random weights, its scores mean nothing
 
     def to_dict(self) -> dict:
         d = {"path": self.source}
@@ -47,6 +48,8 @@ class Result:
                  timing={"decode_s": round(self.decode_s, 4), "infer_s": round(self.infer_s, 4)})
         if self.notes:
             d["notes"] = self.notes
+        if self.weights:
+            d["weights"] = self.weights
         return d
 
 

@@ -647,12 +647,67 @@ def deployment(cfg: ServeConfig):
 # starting and stopping
 
 
+def check_address(host: str, port: int) -> None:
+    """Bind host:port once (as the HTTP proxy will, with SO_REUSEADDR) and close it, so a server that cannot
+    listen there is refused in one line before Ray starts instead of after it (Ray reports a failed bind only
+    when its proxy actor dies, ~30 s later). Raises StexportError naming the cause and the fix: a port in
+    use, an address that is not this machine's, a privileged port (< 1024) for a user that may not bind it."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise StexportError(f"--host {host}: not an address or a name this machine can resolve ({e}); pass one "
+                            "of its addresses (127.0.0.1 for this machine only, 0.0.0.0 for every interface)") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise StexportError(f"--port {port}: already in use on {host} (another server listens there); "
+                                    "stop it or pass another --port") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise StexportError(f"--host {host}: not an address of this machine; pass one of its addresses "
+                                    "(127.0.0.1 for this machine only, 0.0.0.0 for every interface)") from None
+            if e.errno == errno.EACCES and port < 1024:
+                raise StexportError(f"--port {port}: ports below 1024 need root (or CAP_NET_BIND_SERVICE); pass "
+                                    "--port 1024 or higher, e.g. --port 8000") from None
+            raise StexportError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); pass "
+                                "another --host or --port") from None
+
+
+def check_cluster(address: str, timeout_s: float = 3.0) -> None:
+    """A `--ray-address HOST:PORT` (or ray://HOST:PORT) that nothing answers on is refused in one line at once,
+    before `ray.init` spends its retries on it. `auto` and addresses without a port are left to Ray."""
+    import socket
+
+    where = address.split("://", 1)[-1]
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise StexportError(f"--ray-address {address}: cannot reach a Ray cluster there ({why}); check the "
+                            "address and that `ray start --head` runs there, or leave --ray-address out for a "
+                            "local one") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = False) -> str:
     """Start Ray (local, on 127.0.0.1, unless one is running or `ray_address` is given), Ray Serve's HTTP
     proxy on cfg.host:cfg.port, and the deployment (Ray Serve application `app_name(cfg)`); return the base URL
     once it answers. Ray's and Ray Serve's own log lines stay out of stderr unless stexport's logger is at INFO
-    (-v); their errors stay visible. Raises StexportError (one line) for a bad config, a missing extra, a
-    cluster it cannot join, or replicas that fail to start (the replica's reason; what was deployed is
+    (-v); their errors stay visible. Raises StexportError (one line) for a bad config, a missing extra, an
+    address it cannot listen on (check_address, before Ray starts), a cluster it cannot reach or join
+    (check_cluster first), Ray or Ray Serve failing to start, or replicas that fail to start (the replica's reason; what was deployed is
     removed again). checked: `cfg` came from check_config already (its checks may open a backend once)."""
     import logging
 
@@ -666,6 +721,10 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
 
     started = not ray.is_initialized()
     if started:
+        if ray_address:
+            check_cluster(ray_address)
+        else:
+            check_address(cfg.host, cfg.port)
         if cfg.grpc_port and not ray_address:
             from stexport.serving.oip_grpc import limit_messages
 
@@ -676,12 +735,19 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
                 ray.init(address=ray_address, **kw)
             else:
                 ray.init(_node_ip_address="127.0.0.1", **kw)
-                global _LOCAL_RAY
                 _LOCAL_RAY = True
         except ConnectionError as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise StexportError(f"--ray-address {ray_address}: cannot connect to a Ray cluster ({first}); start "
-                                "one with `ray start --head`, or leave --ray-address out for a local one") from None
+            raise StexportError(f"--ray-address {ray_address}: cannot connect to a Ray cluster ({_first_line(e)}); "
+                                "start one with `ray start --head`, or leave --ray-address out for a local "
+                                "one") from None
+        except Exception as e:  # noqa: BLE001 - whatever Ray raised, one line: its first, and where to look
+            if ray_address:
+                raise StexportError(f"--ray-address {ray_address}: Ray could not join the cluster "
+                                    f"({type(e).__name__}: {_first_line(e)}); `stexport -v serve ...` shows "
+                                    "Ray's log") from None
+            raise StexportError(f"Ray could not start a local cluster ({type(e).__name__}: {_first_line(e)}); "
+                                "check free memory and space in Ray's temporary directory ($RAY_TMPDIR, "
+                                "default /tmp/ray); `stexport -v serve ...` shows Ray's log") from None
     for name in ("ray", "ray.serve"):  # the driver's loggers (importing ray.serve set its own to INFO)
         logging.getLogger(name).setLevel(quiet)
     level = "INFO" if verbose else "WARNING"
@@ -691,7 +757,16 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
         from stexport.serving.oip_grpc import grpc_options
 
         grpc = {"grpc_options": grpc_options(cfg.grpc_port)}
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": level}, **grpc)
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": level},
+                    **grpc)
+    except Exception as e:  # noqa: BLE001 - e.g. the port taken between check_address and the proxy's bind
+        if started:  # nothing was deployed: disconnect (a local cluster this call started stops with it)
+            _LOCAL_RAY = False
+            ray.shutdown()
+        raise StexportError(f"Ray Serve could not start its HTTP proxy on {cfg.host}:{cfg.port} "
+                            f"({type(e).__name__}: {_first_line(e)}); pass another --port, or see `stexport -v "
+                            "serve ...`") from None
     try:
         serve.run(deployment(cfg), name=app, route_prefix=cfg.route_prefix, logging_config={"log_level": level})
     except RuntimeError as e:
