@@ -82,6 +82,23 @@ def parse_options(items: list[str]) -> dict[str, str]:
 
 TASK_BACKENDS = ("Backends that run packs: onnxruntime, openvino, torchscript, torch, and tensorrt on FP32/FP16 "
                  "bases (a refittable engine; INT8 packs: onnxruntime or openvino).")
+# The decoder's limits (stexport.runtime.decode_worker.DecodeLimits): one meaning in every command.
+DECODE_TIMEOUT_S = 60.0  # = stexport.runtime.decode_worker.DEFAULT_STALL_S (tests/test_video.py checks)
+DECODE_TIMEOUT_HELP = ("Seconds a video's decoder may go without reading a frame before that video is given up (a "
+                       "stalled stream, a file the decoder blocks on): its decoder process is killed and the next "
+                       "input goes on. The same meaning in infer, verify, build --calib and serve.")
+MAX_DECODE_HELP = ("Seconds one video may take to decode in all before it is given up (its decoder process is "
+                   "killed, the next input goes on).")
+
+
+def decode_timeout_option():
+    return typer.Option(DECODE_TIMEOUT_S, "--decode-timeout", min=0.01, help=DECODE_TIMEOUT_HELP)
+
+
+def max_decode_option(default: float | None, what: str):
+    return typer.Option(default, "--max-decode-s", min=0.01, help=f"{MAX_DECODE_HELP} Default: {what}.")
+
+
 OPTION_HELP = ("Backend option KEY=VALUE (repeatable), checked against the backend's options: e.g. compute=bf16, "
                "hint=throughput or static=false for openvino; opt_level=extended for onnxruntime; threads=N for "
                "any. `stexport bench --list-options` lists them all.")

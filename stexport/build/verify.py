@@ -129,11 +129,14 @@ def _reference_batch(b: Bundle) -> int:
 
 def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | None = None,
            gate: Gate | None = None, pretrained: str | None = None, progress: bool = False,
-           reference=None, use_cache: bool = True, task=None, **backend_options) -> dict:
+           reference=None, use_cache: bool = True, task=None, decode_timeout: float | None = None,
+           max_decode_s: float | None = None, **backend_options) -> dict:
     """Compare `backend` on `bundle` with the PyTorch reference on the videos of `clips` (a '<video> <label>'
     list, a directory, a video file, or a list of those). Returns the report; report['passed'] is the gate's
     verdict. Videos are decoded in a child process (stexport.runtime.decode_worker): one that cannot be decoded is
-    listed in report['failed'] and the rest go on. Non-finite logits fail the gate ("finite logits").
+    listed in report['failed'] and the rest go on: one that crashes the decoder, reads no frame for
+    `decode_timeout` seconds (default 60) or takes longer than `max_decode_s` in all (default: no limit) too.
+    Non-finite logits fail the gate ("finite logits").
 
     The backend runs each video's views as `infer` does (one call per video). The reference runs views of
     several videos per call (same logits, far fewer calls), and its logits are cached by model, sampling and
@@ -148,11 +151,12 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     """
     from stexport.runtime import backends
     from stexport.runtime.classify import _prefetched
-    from stexport.runtime.decode_worker import DecodeWorker
+    from stexport.runtime.decode_worker import DecodeWorker, limits_of
     from stexport.runtime.video import Sampling, VideoError, display, read_clip_lists
 
     if backend not in backends.names():
         backends.load_class(backend)  # an unknown name: refused (with the closest one) before any work
+    limits = limits_of(decode_timeout, max_decode_s)
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     b.check_hashes = False  # verify looks at the bundle as it is; changed files fail its gate instead
     precision = b.precision
@@ -228,7 +232,8 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
             at += len(v)
         pending.clear()
 
-    decoder = DecodeWorker(threads=None)  # a child process: a decoder crash or stall costs one video
+    # a child process: a decoder crash or stall costs one video
+    decoder = DecodeWorker(threads=None, limits=limits)
 
     def work(path):
         return decoder.decode(str(path), sampling).clips

@@ -1,5 +1,5 @@
 """Many videos through one classifier: views of several videos in each backend call, decoding ahead in
-decoder processes (stexport.runtime.decode_worker), one per decoding thread.
+decoder processes (stexport.runtime.decode_worker.DecoderPool), one per decoding thread.
 
 The numbers are the official evaluation's, exactly as `Classifier.classify` gives them: each view's logits go
 through a softmax and the probabilities are averaged over that video's views. Only the packing differs: the
@@ -52,7 +52,8 @@ class ClassifierSpec:
     sorted tuple of pairs. labels: class-names file overriding the bundle's. sampling: a stexport.runtime.video.Sampling
     (None: the bundle's). top_k: classes per result. batch_size: views per backend call (≥ 1).
     decode_threads: videos decoded at the same time, each by one FFmpeg thread in a decoder process (≥ 1).
-    decode_timeout: seconds a video's decoder may read no frame before that video is given up.
+    decode_timeout: seconds a video's decoder may read no frame before that video is given up; max_decode_s:
+    seconds one video may take to decode in all (None: no limit). See stexport.runtime.decode_worker.
     task: a task pack's path (a TaskPack is stored as its path) to run on the swappable bundle instead of the
     bundle's own task: its classes, labels and (unless `sampling` is given) default sampling; every worker
     reads it by this path and loads it once.
@@ -71,6 +72,7 @@ class ClassifierSpec:
     batch_size: int = DEFAULT_BATCH
     decode_threads: int = 1
     decode_timeout: float = 60.0  # seconds a decoder may read no frame before its video is given up
+    max_decode_s: float | None = None  # seconds one video may take to decode in all
     task: str | None = None  # a task pack's path
 
     def __post_init__(self):
@@ -91,7 +93,7 @@ class ClassifierSpec:
 
         return Classifier(self.bundle, backend=self.backend, labels=self.labels, sampling=self.sampling,
                           top_k=self.top_k, batch_size=self.batch_size, decode_threads=self.decode_threads,
-                          decode_timeout=self.decode_timeout, task=self.task,
+                          decode_timeout=self.decode_timeout, max_decode_s=self.max_decode_s, task=self.task,
                           **dict(self.options))
 
     def replace(self, **changes) -> "ClassifierSpec":
@@ -111,16 +113,17 @@ class Decoding:
 
 
 def decode_source(source, sampling, threads: int | None = 1, decoder=None) -> Decoding:
-    """Decode one source as `infer` does; a bad one (missing, not a video, no frames, any decoder error) gives
-    a Decoding holding a Failure, never an exception (KeyboardInterrupt still propagates). `threads`: FFmpeg
-    threads for this video. decoder: a stexport.runtime.decode_worker.DecodeWorker to decode in (its child process:
-    a crash or stall costs this source only); None decodes in this process (e.g. inside a Ray task)."""
+    """Decode one source as `infer` does, in a child process (a crash or stall costs this source only); a bad
+    one (missing, not a video, no frames, any decoder error) gives a Decoding holding a Failure, never an
+    exception (KeyboardInterrupt still propagates). decoder: a stexport.runtime.decode_worker.DecodeWorker or
+    DecoderPool to decode in; None starts a child for this source alone (`threads` FFmpeg threads, default
+    limits)."""
     from stexport.runtime.classify import Failure, _message
-    from stexport.runtime.video import decode
+    from stexport.runtime.decode_worker import decode_isolated
 
     t = time.perf_counter()
     try:
-        d = decoder.decode(source, sampling) if decoder is not None else decode(source, sampling, threads)
+        d = decoder.decode(source, sampling) if decoder is not None else decode_isolated(source, sampling, threads)
     except Exception as e:  # noqa: BLE001 - one bad input is that input's failure
         return Decoding(str(source), failure=Failure(str(source), _message(source, e)),
                         decode_s=time.perf_counter() - t)
@@ -223,9 +226,7 @@ def classify_batch(clf, sources: Iterable, lookahead: int | None = None, task=No
     common = clf.load_task(task) if task is not None else None
     pending: list[Decoding] = []
     count = 0
-    free: queue.Queue = queue.Queue()
-    for d in clf.decoders():
-        free.put(d)
+    pool = clf.decoders()  # a decoder process per decoding thread
 
     def jobs() -> Iterator[tuple]:
         """(source, TaskPack or None, error) per source; packs are loaded here, in the consuming thread."""
@@ -245,11 +246,7 @@ def classify_batch(clf, sources: Iterable, lookahead: int | None = None, task=No
         source, pack, failed = job
         if failed is not None:
             return Decoding(str(source), failure=failed, task=pack)
-        worker = free.get()  # each decoding thread drives a decoder process of its own
-        try:
-            d = decode_source(source, clf.sampling_for(pack), decoder=worker)
-        finally:
-            free.put(worker)
+        d = decode_source(source, clf.sampling_for(pack), decoder=pool)
         d.task = pack
         if d.failure is not None:
             d.failure.task = clf.task_name(pack)
