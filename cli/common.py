@@ -99,6 +99,25 @@ def max_decode_option(default: float | None, what: str):
     return typer.Option(default, "--max-decode-s", min=0.01, help=f"{MAX_DECODE_HELP} Default: {what}.")
 
 
+# = stexport.runtime.decode_worker's MAX_PIXELS, MAX_FRAMES, MEMORY_MB (tests/test_decoding.py checks)
+MAX_PIXELS, MAX_FRAMES, DECODE_MEMORY_MB = 36_000_000, 1_000_000, 4096
+
+
+def header_limit_options() -> dict:
+    """--max-pixels, --max-frames, --decode-memory-mb: what a video's header may claim before a frame is decoded,
+    and the decoder process's memory cap."""
+    return {
+        "max_pixels": typer.Option(MAX_PIXELS, "--max-pixels", min=1, help="Pixels per frame the stream's header "
+                                   "may claim (36 megapixels: 8K fits); larger videos are refused before any frame "
+                                   "is decoded (a decode bomb: a tiny file of huge frames)."),
+        "max_frames": typer.Option(MAX_FRAMES, "--max-frames", min=1, help="Frames the stream's header may claim; "
+                                   "longer videos are refused before decoding."),
+        "decode_memory_mb": typer.Option(DECODE_MEMORY_MB, "--decode-memory-mb", min=64, help="Address space of "
+                                         "each decoder process (MB, RLIMIT_AS): a video that needs more is that "
+                                         "video's error."),
+    }
+
+
 OPTION_HELP = ("Backend option KEY=VALUE (repeatable), checked against the backend's options: e.g. compute=bf16, "
                "hint=throughput or static=false for openvino; opt_level=extended for onnxruntime; threads=N for "
                "any. `stexport bench --list-options` lists them all.")

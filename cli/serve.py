@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 
 from stexport.cli.common import OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
-from stexport.cli.common import decode_timeout_option, max_decode_option
+from stexport.cli.common import decode_timeout_option, header_limit_options, max_decode_option
+
+_HEADER = header_limit_options()
 
 EXAMPLES = """
 Examples:
@@ -53,6 +55,9 @@ def serve(
     decode_timeout: float = decode_timeout_option(),
     max_decode_s: float = max_decode_option(30.0, "30 (a server bounds each request's decoding; such a video "
                                             "gets 422)"),
+    max_pixels: int = _HEADER["max_pixels"],
+    max_frames: int = _HEADER["max_frames"],
+    decode_memory_mb: int = _HEADER["decode_memory_mb"],
     decode_workers: int = typer.Option(1, "--decode-workers", min=1, help="Decoding processes per replica."),
     allow_path: list[Path] = typer.Option([], "--allow-path", help="Directory whose files callers may name "
                                           "with {\"path\": ...} (repeatable). Default: none, paths are refused."),
@@ -91,6 +96,7 @@ def serve(
         bundle=str(bundle), backend=backend, options=options, top_k=top_k, host=host, port=port,
         route_prefix=route, replicas=replicas, replica_cpus=replica_cpus, threads=threads, max_batch=max_batch,
         batch_wait_s=batch_wait_ms / 1000, max_upload_mb=max_upload_mb, decode_timeout_s=decode_timeout, max_decode_s=max_decode_s,
+        max_pixels=max_pixels, max_frames=max_frames, decode_memory_mb=decode_memory_mb,
         decode_workers=decode_workers, allow_paths=tuple(str(p) for p in allow_path),
         tasks=tuple(str(p) for p in task), default_task=default_task))
     if host not in ("127.0.0.1", "localhost", "::1"):

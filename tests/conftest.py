@@ -305,3 +305,16 @@ def crash_decoder_on(fifo, timeout: float = 120.0):
     thread.killed = killed
     thread.start()
     return thread
+
+
+@pytest.fixture(scope="session")
+def decode_bomb(tmp_path_factory):
+    """A decode bomb made by ffmpeg: one 8000x8000 frame (64 megapixels, over the decoder's default limit of 36)
+    as PNG in Matroska, a ~63 KB file that costs ~500 MB to decode."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("needs ffmpeg to make a decode bomb (apt-get install -y ffmpeg)")
+    path = tmp_path_factory.mktemp("bomb") / "bomb.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "color=black:s=8000x8000:d=0.04:r=25",
+                    "-frames:v", "1", "-pix_fmt", "gray", "-c:v", "png", str(path)], check=True, timeout=300)
+    assert path.stat().st_size < 200_000
+    return path

@@ -189,3 +189,42 @@ def test_dump_clip_decodes_in_the_isolated_decoder(tiny_bundle, tmp_path, good):
     assert p.returncode == 0, p.stderr
     want = decode(good[0], Sampling.from_manifest(tiny_bundle.manifest)).clips
     assert (np.load(tmp_path / "v.npy") == want).all()
+
+
+def test_decode_bomb_is_refused_from_its_header(tiny_bundle, decode_bomb, good, tmp_path):
+    """Issue 29 kind 1: a tiny file of huge frames is refused from the stream's header, before any frame is
+    decoded, by the default limits, in infer and the batch API alike (serve: tests/test_serve.py); --max-frames
+    likewise; the memory cap (RLIMIT_AS on the decoder process) makes a bomb that gets past the header this
+    input's error, and the next input decodes."""
+    from stexport import ClassifierSpec
+
+    p = run("infer", decode_bomb, good[0], "-m", tiny_bundle.path, "--json", "-k", "1")
+    assert p.returncode == 2, p.stderr
+    bomb, ok = [json.loads(line) for line in p.stdout.splitlines()]
+    assert bomb["error"] == (f"{decode_bomb}: its frames are 8000x8000 (64 megapixels), over the decoder's limit "
+                             "of 36 megapixels (--max-pixels): a decode bomb, or a video to downscale first "
+                             "(ffmpeg -i FILE -vf scale=-2:2160 OUT.mp4)")
+    assert "top" in ok
+    p = run("infer", good[1], "-m", tiny_bundle.path, "--max-frames", "10", "--json")
+    assert p.returncode == 2 and "its header claims 25 frames, over the decoder's limit of 10 (--max-frames)" \
+        in json.loads(p.stdout)["error"]
+    with ClassifierSpec(str(tiny_bundle.path), backend="onnxruntime", max_pixels=8000 * 8000 - 1).open() as clf:
+        out = list(clf.classify_batch([good[0], decode_bomb, good[1]]))
+    assert [type(r).__name__ for r in out] == ["Result", "Failure", "Result"]
+    assert "over the decoder's limit of 64 megapixels" in out[1].error
+    with DecodeWorker(threads=1, limits=DecodeLimits(max_pixels=None, memory_mb=600)) as w:
+        with pytest.raises(VideoError, match=str(decode_bomb)):
+            w.decode(decode_bomb, SAMPLING)  # ~800 MB of address space needed; 600 allowed
+        assert w.decode(good[0], SAMPLING).frames == 20
+
+
+def test_header_limits_are_one_table_with_the_cli():
+    from stexport.cli.common import DECODE_MEMORY_MB, MAX_FRAMES, MAX_PIXELS
+    from stexport.runtime import decode_worker as dw
+    from stexport.runtime.batch import ClassifierSpec
+
+    spec = ClassifierSpec("b")
+    assert (MAX_PIXELS, MAX_FRAMES, DECODE_MEMORY_MB) == (dw.MAX_PIXELS, dw.MAX_FRAMES, dw.MEMORY_MB) == (
+        spec.max_pixels, spec.max_frames, spec.decode_memory_mb)
+    assert (DecodeLimits().max_pixels, DecodeLimits().max_frames, DecodeLimits().memory_mb) == (
+        dw.MAX_PIXELS, dw.MAX_FRAMES, dw.MEMORY_MB)

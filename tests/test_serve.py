@@ -290,3 +290,20 @@ def test_decoders_that_die_idle_are_replaced(server, media, local):
         same_result(strict_json(r.text), local[str(video)])
     assert not set(replica_decoders()) & set(pids)
     assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
+
+
+def test_decode_bomb_is_refused_from_its_header(server, media, local, decode_bomb):
+    """Issue 29 kind 1: a tiny upload of huge frames is 422 from the stream's header (the server's default
+    --max-pixels), before a frame is decoded; the limits are in /metadata; the next request gets its answer."""
+    r = requests.post(f"{server}/classify", data=decode_bomb.read_bytes(), timeout=120,
+                      headers={"Content-Type": "video/x-matroska", "X-Filename": "bomb.mkv"})
+    assert r.status_code == 422, r.text
+    assert strict_json(r.text)["error"].startswith("bomb.mkv: its frames are 8000x8000 (64 megapixels), over the "
+                                                   "decoder's limit of 36 megapixels (--max-pixels)")
+    limits = requests.get(f"{server}/metadata", timeout=30).json()["limits"]
+    assert limits["max_pixels"] == 36_000_000 and limits["max_frames"] == 1_000_000
+    assert limits["decode_timeout_s"] == DECODE_TIMEOUT_S and limits["max_decode_s"] == MAX_DECODE_S
+    video = media["videos"][0]
+    r = post_video(server, video, "raw")
+    assert r.status_code == 200, r.text
+    same_result(strict_json(r.text), local[str(video)])

@@ -23,7 +23,7 @@ from stexport.runtime import backends
 from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 from stexport.bundle.labels import resolve_labels
-from stexport.runtime.decode_worker import DEFAULT_STALL_S, DecoderPool, limits_of
+from stexport.runtime.decode_worker import DEFAULT_STALL_S, MAX_FRAMES, MAX_PIXELS, MEMORY_MB, DecoderPool, limits_of
 from stexport.runtime.video import Sampling, VideoError, display
 
 DECODE_THREADS = 1  # beside inference, single-threaded FFmpeg decoding costs the least CPU
@@ -90,13 +90,17 @@ class Classifier:
     def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", labels: str | None = None,
                  sampling: Sampling | None = None, top_k: int = 5, batch_size: int = 32,
                  decode_threads: int = 1, decode_timeout: float = DEFAULT_STALL_S, max_decode_s: float | None = None,
-                 task=None, **backend_options):
+                 task=None, max_pixels: int | None = MAX_PIXELS, max_frames: int | None = MAX_FRAMES,
+                 decode_memory_mb: int | None = MEMORY_MB, **backend_options):
         """decode_timeout: seconds a video's decoder may go without reading a frame before that video is
         given up (its decoder process is killed and restarted for the next); max_decode_s: seconds one video
-        may take to decode in all (None: no limit); see stexport.runtime.decode_worker. task: a task pack (TaskPack or
+        may take to decode in all (None: no limit); max_pixels, max_frames: what a video's header may claim
+        (per frame; frames) before it is decoded; decode_memory_mb: each decoder process's address space
+        (None: no limit); see stexport.runtime.decode_worker.DecodeLimits. task: a task pack (TaskPack or
         path) for a swappable bundle: its classes, labels and sampling replace the bundle's; `set_task`
         switches later, and `classify(..., task=)` picks one per call."""
-        self.decode_limits = limits_of(decode_timeout, max_decode_s)
+        self.decode_limits = limits_of(decode_timeout, max_decode_s, max_pixels=max_pixels, max_frames=max_frames,
+                                       memory_mb=decode_memory_mb)
         # decode_threads > 1: one decoder process per decoding thread (decoders())
         self._decoders = DecoderPool(1, DECODE_THREADS, self.decode_limits)
         self.decoder = self._decoders.workers[0]

@@ -9,7 +9,12 @@ process and turns what goes wrong there into a `VideoError` for that input alone
 - the child reads no frame for `DecodeLimits.stall_s` seconds (`--decode-timeout`, the same meaning in every
   command): it is killed, "decoding stalled …";
 - one input takes longer than `DecodeLimits.total_s` seconds in all (`--max-decode-s`; none by default, 30 s in
-  `serve`): it is killed, "decoding took longer than …".
+  `serve`): it is killed, "decoding took longer than …";
+- the stream's header, read before any frame is decoded, says frames over `max_pixels` (default 36 megapixels:
+  8K is 33) or more than `max_frames` frames (default 1,000,000: over 9 hours at 30 fps): "… over the decoder's
+  limit" (a decode bomb: a 250 KB file of 16000x16000 frames cost 3.5 GB per request before);
+- the child's address space is capped at `memory_mb` (default 4096 MB, RLIMIT_AS), a backstop for headers that
+  lie: allocations past it fail as this input's error, never the machine's.
 
 Every path that decodes uses it: `infer` (local: `Classifier`; `--ray`: the decode actors of
 stexport.serving.ray_data), `verify`, the batch API (`DecoderPool`, one child per decoding thread), `serve` (a
@@ -45,6 +50,9 @@ from stexport.fileutil import python_child
 from stexport.runtime.video import Decoded, Sampling, VideoError, Window, check_source, display
 
 DEFAULT_STALL_S = 60.0  # --decode-timeout: a decoder that reads no frame for this long is taken as hung
+MAX_PIXELS = 36_000_000  # per frame, from the header: 8K UHD (7680x4320) and DCI 8K (8192x4320) fit
+MAX_FRAMES = 1_000_000  # frames the header may claim: over 9 hours at 30 fps
+MEMORY_MB = 4096  # the decoder child's address space (RLIMIT_AS); it decodes ~700 MB of it for 720p here
 SERVE_MAX_DECODE_S = 30.0  # --max-decode-s of `serve`: a server bounds each request's decoding
 TICK_S = 0.5  # the child reports progress at most this often
 START_S = 120.0  # a new child must be ready (its imports done) within this long, whatever the input
@@ -57,23 +65,33 @@ class DecodeLimits:
     stall_s: seconds the decoder may go without reading a frame (`--decode-timeout`; a stalled stream, a file
     the decoder blocks on). total_s: seconds one input may take to decode in all (`--max-decode-s`; None: no
     limit); in timeline mode it counts the time spent waiting for the decoder, not the time the caller spends
-    between windows. Raises StexportError for a limit that is not positive.
+    between windows. max_pixels (per frame) and max_frames: limits on what the stream's header says, checked
+    before any frame is decoded. memory_mb: the child's address space (RLIMIT_AS). None: no limit. Raises
+    StexportError for a limit that is not positive.
     """
 
     stall_s: float = DEFAULT_STALL_S
     total_s: float | None = None
+    max_pixels: int | None = MAX_PIXELS
+    max_frames: int | None = MAX_FRAMES
+    memory_mb: int | None = MEMORY_MB
 
     def __post_init__(self):
         if not self.stall_s > 0:
             raise StexportError(f"--decode-timeout {self.stall_s:g}: must be positive (seconds)")
         if self.total_s is not None and not self.total_s > 0:
             raise StexportError(f"--max-decode-s {self.total_s:g}: must be positive (seconds)")
+        for flag, value in (("--max-pixels", self.max_pixels), ("--max-frames", self.max_frames),
+                            ("--decode-memory-mb", self.memory_mb)):
+            if value is not None and value < 1:
+                raise StexportError(f"{flag} {value}: must be at least 1")
 
 
-def limits_of(decode_timeout: float | None = None, max_decode_s: float | None = None) -> DecodeLimits:
-    """DecodeLimits from the CLI's `--decode-timeout` (None: DEFAULT_STALL_S) and `--max-decode-s`."""
+def limits_of(decode_timeout: float | None = None, max_decode_s: float | None = None, **header) -> DecodeLimits:
+    """DecodeLimits from the CLI's `--decode-timeout` (None: DEFAULT_STALL_S) and `--max-decode-s`; `header`:
+    its other fields (max_pixels, max_frames, memory_mb) where they differ from the defaults."""
     return DecodeLimits(DEFAULT_STALL_S if decode_timeout is None else float(decode_timeout),
-                        None if max_decode_s is None else float(max_decode_s))
+                        None if max_decode_s is None else float(max_decode_s), **header)
 
 
 class DecodeWorker:
@@ -104,8 +122,13 @@ class DecodeWorker:
         self._err = tempfile.TemporaryFile()
         # shared with the child: appending, so truncating it between inputs leaves no hole
         fcntl.fcntl(self._err.fileno(), fcntl.F_SETFL, fcntl.fcntl(self._err.fileno(), fcntl.F_GETFL) | os.O_APPEND)
-        env = {**os.environ, "OPENCV_FFMPEG_LOGLEVEL": os.environ.get("OPENCV_FFMPEG_LOGLEVEL", "-8")}
-        self._proc = subprocess.Popen(python_child("stexport.runtime.decode_worker", "_serve"), stdin=subprocess.PIPE,
+        # two malloc arenas: glibc reserves 64 MB of address space per thread's arena, which RLIMIT_AS counts
+        env = {**os.environ, "OPENCV_FFMPEG_LOGLEVEL": os.environ.get("OPENCV_FFMPEG_LOGLEVEL", "-8"),
+               "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),
+               "OPENBLAS_NUM_THREADS": "1"}  # numpy's BLAS buffers per core: the child runs no BLAS
+        memory = str(self.limits.memory_mb or "")
+        self._proc = subprocess.Popen(python_child("stexport.runtime.decode_worker", "_serve", memory),
+                                      stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._err, env=env, close_fds=True,
                                       bufsize=0)
 
@@ -164,7 +187,7 @@ class DecodeWorker:
     def decode(self, source, sampling: Sampling) -> Decoded:
         """`stexport.runtime.video.decode` of `source` in the child; VideoError for this input if anything fails."""
         with self._lock:
-            self._request(source, ("decode", None, sampling, self.threads))
+            self._request(source, ("decode", None, sampling, self.threads, self._header()))
             for kind, obj in self._replies(source):
                 if kind == "done":
                     return obj
@@ -176,7 +199,7 @@ class DecodeWorker:
         if window <= 0 or stride <= 0:
             raise StexportError("--window and --stride must be positive (seconds)")
         with self._lock:
-            self._request(source, ("windows", (window, stride), sampling, self.threads))
+            self._request(source, ("windows", (window, stride), sampling, self.threads, self._header()))
             finished = False
             try:
                 for kind, obj in self._replies(source):
@@ -188,6 +211,9 @@ class DecodeWorker:
             finally:
                 if not finished:
                     self._kill()
+
+    def _header(self) -> dict:
+        return {"max_pixels": self.limits.max_pixels, "max_frames": self.limits.max_frames}
 
     def _request(self, source, request: tuple) -> None:
         """Send `request` for `source` and wait for the child's acknowledgement. A child that died while idle
@@ -350,7 +376,12 @@ def decode_isolated(source, sampling: Sampling, threads: int | None = None,
 
 # --- the child --------------------------------------------------------------------------------------------
 
-def _serve() -> None:
+def _serve(memory_mb: str = "") -> None:
+    if memory_mb:
+        import resource
+
+        cap = int(memory_mb) << 20
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     from stexport.runtime import video
 
     # Replies go on a private copy of stdout; fd 1 itself goes to stderr, so no C library can corrupt them.
@@ -372,25 +403,28 @@ def _serve() -> None:
 
     while True:
         try:
-            op, target, name, extra, sampling, threads = pickle.load(requests)
+            op, target, name, extra, sampling, threads, header = pickle.load(requests)
         except EOFError:
             return
         send(("ack",))
         last[0] = time.monotonic()
         try:
             if op == "decode":
-                d = video.decode(target, sampling, threads, progress=tick)
+                d = video.decode(target, sampling, threads, progress=tick, **header)
                 d.source = name
                 send(("done", d))
             else:
                 window, stride = extra
-                for w in video.decode_windows(target, sampling, window, stride, threads, progress=tick):
+                for w in video.decode_windows(target, sampling, window, stride, threads, progress=tick, **header):
                     send(("item", w))
                 send(("done", None))
         except video.VideoError as e:
             send(("error", "video", str(e).replace(str(target), name) if isinstance(target, str) else str(e)))
         except StexportError as e:
             send(("error", "input", str(e)))
+        except MemoryError:
+            send(("error", "video", f"{name}: decoding it needs more memory than the decoder's limit of {memory_mb} "
+                                    "MB (--decode-memory-mb); a decode bomb, or a video to downscale first"))
         except Exception as e:  # noqa: BLE001 - any decoder failure is this input's error
             first = (str(e).strip().splitlines() or [""])[0][:200]
             send(("error", "video", f"{name}: cannot decode ({type(e).__name__}: {first})"))

@@ -281,12 +281,15 @@ def _quiet(cv2) -> None:
         cv2.setLogLevel(2)  # LOG_LEVEL_ERROR
 
 
-def open_capture(source, threads: int | None = None):
+def open_capture(source, threads: int | None = None, max_pixels: int | None = None,
+                 max_frames: int | None = None):
     """cv2.VideoCapture for a file, URL or camera index; VideoError if it cannot be opened as a video.
 
     Inputs go through `check_source` first. threads: FFmpeg decoder threads (None: OpenCV's default, one per
     core). One thread decodes with about a quarter less CPU time, the better choice when decoding runs
-    beside inference.
+    beside inference. max_pixels, max_frames: limits checked against the stream's header (width × height,
+    the frame count it claims) before any frame is decoded; VideoError naming the limit when it is over one
+    (a decode bomb: a tiny file of huge frames, or of more frames than anyone should decode).
     """
     import cv2
 
@@ -307,7 +310,29 @@ def open_capture(source, threads: int | None = None):
     if _fourcc(cap) in ("ansi", "text"):  # FFmpeg's tty demuxer renders any text file as a "video"
         cap.release()
         raise VideoError(f"{name}: a text file, not a video")
+    if max_pixels or max_frames:
+        try:
+            check_header(cap, name, max_pixels, max_frames)
+        except VideoError:
+            cap.release()
+            raise
     return cap
+
+
+def check_header(cap, name: str, max_pixels: int | None, max_frames: int | None) -> None:
+    """VideoError when the open capture's header says frames of more than `max_pixels` pixels, or more than
+    `max_frames` frames (None: no limit)."""
+    import cv2
+
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+    if max_pixels and w * h > max_pixels:
+        raise VideoError(f"{name}: its frames are {w}x{h} ({w * h / 1e6:.0f} megapixels), over the decoder's limit "
+                         f"of {max_pixels / 1e6:g} megapixels (--max-pixels): a decode bomb, or a video to "
+                         "downscale first (ffmpeg -i FILE -vf scale=-2:2160 OUT.mp4)")
+    n = _header(cap)
+    if max_frames and n is not None and n > max_frames:
+        raise VideoError(f"{name}: its header claims {n} frames, over the decoder's limit of {max_frames} "
+                         "(--max-frames); cut it into parts (ffmpeg -i FILE -c copy -f segment OUT%03d.mp4)")
 
 
 def _fourcc(cap) -> str:
@@ -389,15 +414,17 @@ def _opens_live(source, cap) -> bool:
     return is_camera(source) or (is_url(source) and _header(cap) is None)
 
 
-def decode(source, sampling: Sampling, threads: int | None = None, progress: Progress | None = None) -> Decoded:
+def decode(source, sampling: Sampling, threads: int | None = None, progress: Progress | None = None,
+           max_pixels: int | None = None, max_frames: int | None = None) -> Decoded:
     """Decode one video (file, URL or camera index) into clips; see the module docstring for the rules.
 
-    threads: FFmpeg decoder threads (see open_capture). progress: called once per frame read. Raises
+    threads: FFmpeg decoder threads, max_pixels and max_frames header limits (see open_capture). progress:
+    called once per frame read. Raises
     VideoError when no clip can be made. This decodes in the calling process; stexport's commands decode
     through stexport.runtime.decode_worker (a child process, where a crash or a stall costs one input).
     """
     name = _name(source)
-    cap = open_capture(source, threads)
+    cap = open_capture(source, threads, max_pixels, max_frames)
     if _opens_live(source, cap):
         return _decode_live(cap, name, sampling, progress)
     try:
@@ -516,7 +543,8 @@ def _plan(times: list[float], fps: float | None, window: float, stride: float):
 
 
 def decode_windows(source, sampling: Sampling, window: float, stride: float,
-                   threads: int | None = None, progress: Progress | None = None) -> Iterator[Window]:
+                   threads: int | None = None, progress: Progress | None = None, max_pixels: int | None = None,
+                   max_frames: int | None = None) -> Iterator[Window]:
     """Clips for windows of `window` seconds every `stride` seconds.
 
     Seconds are the file's presentation timestamps; a window holds the frames shown during it (from the frame
@@ -528,7 +556,7 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
     if window <= 0 or stride <= 0:
         raise StexportError("--window and --stride must be positive (seconds)")
     name = _name(source)
-    cap = open_capture(source, threads)
+    cap = open_capture(source, threads, max_pixels, max_frames)
     if _opens_live(source, cap):
         yield from _live_windows(cap, name, sampling, window, stride, progress)
         return

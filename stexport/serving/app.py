@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stexport.errors import StexportError
 from stexport.extras import missing
+from stexport.runtime.decode_worker import MAX_FRAMES, MAX_PIXELS, MEMORY_MB
 
 SERVE_MODULES = ("ray", "python_multipart")
 PIP = "pip install 'stexport[serve]'"
@@ -91,6 +92,9 @@ class ServeConfig(BaseModel):
     max_upload_mb: float = Field(100.0, gt=0)
     decode_timeout_s: float = Field(60.0, gt=0)  # --decode-timeout: seconds a decoder may read no frame
     max_decode_s: float = Field(30.0, gt=0)  # --max-decode-s: seconds one video may take to decode in all
+    max_pixels: int = Field(MAX_PIXELS, ge=1)  # per frame, from the stream's header, before decoding
+    max_frames: int = Field(MAX_FRAMES, ge=1)  # frames the header may claim
+    decode_memory_mb: int = Field(MEMORY_MB, ge=64)  # each decoder process's address space
     decode_workers: int = Field(1, ge=1)  # decoding processes per replica
     allow_paths: tuple[str, ...] = ()  # roots server-side paths may be read from (realpaths)
     tasks: tuple[str, ...] = ()  # task pack paths, loaded beside the bundle's own task
@@ -388,7 +392,8 @@ def metadata(bundle_path: str, described: dict, cfg: ServeConfig, labels: list[s
         "sampling": described.get("sampling"),
         "backend": {k: v for k, v in described.items() if k not in ("sampling",)},
         "limits": {"max_upload_bytes": cfg.max_upload_bytes, "decode_timeout_s": cfg.decode_timeout_s,
-                   "max_decode_s": cfg.max_decode_s,
+                   "max_decode_s": cfg.max_decode_s, "max_pixels": cfg.max_pixels, "max_frames": cfg.max_frames,
+                   "decode_memory_mb": cfg.decode_memory_mb,
                    "max_batch_videos": cfg.max_batch, "server_paths": bool(cfg.allow_paths),
                    "urls": False},
         "tasks": tasks or [],
@@ -420,8 +425,9 @@ def deployment(cfg: ServeConfig):
                                            self.cfg.default_task, options=opts)
             # decoding in child processes (stalls, the time limit and crashes cost one request; a dead child is
             # replaced), started now so that no request waits for their imports; a thread per child drives it
-            self.decoders = DecoderPool(self.cfg.decode_workers, threads=1,
-                                        limits=DecodeLimits(self.cfg.decode_timeout_s, self.cfg.max_decode_s))
+            c = self.cfg
+            self.decoders = DecoderPool(c.decode_workers, threads=1, limits=DecodeLimits(
+                c.decode_timeout_s, c.max_decode_s, c.max_pixels, c.max_frames, c.decode_memory_mb))
             self.decoders.start()
             self.decoding = ThreadPoolExecutor(self.cfg.decode_workers, thread_name_prefix="stexport-decode")
             self.runner = ThreadPoolExecutor(1, thread_name_prefix="stexport-model")  # one backend call at a time

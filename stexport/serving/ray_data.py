@@ -96,7 +96,8 @@ def classify(spec: ClassifierSpec, sources: Sequence[tuple[int, str]], workers: 
     # also keeps decoding in its own tasks instead of fused into the inference actors.
     clip_bytes = sampling.views * sampling.frames * sampling.size ** 2 * 3
     decoders = max(1, int(cpus - workers * cpus_per_worker))
-    limits = limits_of(spec.decode_timeout, spec.max_decode_s)
+    limits = limits_of(spec.decode_timeout, spec.max_decode_s, max_pixels=spec.max_pixels,
+                       max_frames=spec.max_frames, memory_mb=spec.decode_memory_mb)
     ds = ds.map(_DecodeRows, fn_constructor_kwargs={"sampling": sampling, "limits": limits}, num_cpus=1,
                 memory=2 * clip_bytes + (64 << 20), compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders))
     ds = ds.map_batches(_infer_class(spec, shipped, shipped_task), batch_size=per_call,
