@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import blocking_video, crash_decoder_on, release, write_video
+
 from stexport.runtime.decode_worker import DEFAULT_STALL_S, DecodeLimits, DecoderPool, DecodeWorker
 from stexport.runtime.video import Sampling, VideoError, decode
 
@@ -28,7 +28,7 @@ def good(tmp_path):
 
 
 def run(*args, timeout=300):
-    p = subprocess.run([*STEXPORT, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([*STEXPORT, *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False)
     assert "Traceback" not in p.stderr, p.stderr
     return p
 
@@ -220,6 +220,7 @@ def test_decode_bomb_is_refused_from_its_header(tiny_bundle, decode_bomb, good, 
 
 def test_header_limits_are_one_table_with_the_cli():
     from stexport.cli.common import DECODE_MEMORY_MB, MAX_FRAMES, MAX_PIXELS
+
     from stexport.runtime import decode_worker as dw
     from stexport.runtime.batch import ClassifierSpec
 

@@ -331,7 +331,7 @@ class DecoderPool:
     def __len__(self) -> int:
         return len(self.workers)
 
-    def grow(self, size: int) -> "DecoderPool":
+    def grow(self, size: int) -> DecoderPool:
         """At least `size` workers (new ones start on first use)."""
         while len(self.workers) < size:
             w = DecodeWorker(self.workers[0].threads, self.limits)
@@ -423,8 +423,9 @@ def _serve(memory_mb: str = "") -> None:
         except StexportError as e:
             send(("error", "input", str(e)))
         except MemoryError:
-            send(("error", "video", f"{name}: decoding it needs more memory than the decoder's limit of {memory_mb} "
-                                    "MB (--decode-memory-mb); a decode bomb, or a video to downscale first"))
+            send(("error", "video", (f"{name}: decoding it needs more memory than the decoder's limit of "
+                                     f"{memory_mb} MB (--decode-memory-mb); a decode bomb, or a video to "
+                                     "downscale first")))
         except Exception as e:  # noqa: BLE001 - any decoder failure is this input's error
             first = (str(e).strip().splitlines() or [""])[0][:200]
             send(("error", "video", f"{name}: cannot decode ({type(e).__name__}: {first})"))

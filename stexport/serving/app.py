@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stexport.errors import StexportError
 from stexport.extras import missing
-from stexport.runtime.decode_worker import MAX_FRAMES, MAX_PIXELS, MEMORY_MB
+from stexport.runtime.decode_worker import DEFAULT_STALL_S, MAX_FRAMES, MAX_PIXELS, MEMORY_MB, SERVE_MAX_DECODE_S
 
 SERVE_MODULES = ("ray", "python_multipart")
 PIP = "pip install 'stexport[serve]'"
@@ -90,8 +90,8 @@ class ServeConfig(BaseModel):
     max_batch: int = Field(8, ge=1)  # videos per backend call
     batch_wait_s: float = Field(0.01, ge=0)
     max_upload_mb: float = Field(100.0, gt=0)
-    decode_timeout_s: float = Field(60.0, gt=0)  # --decode-timeout: seconds a decoder may read no frame
-    max_decode_s: float = Field(30.0, gt=0)  # --max-decode-s: seconds one video may take to decode in all
+    decode_timeout_s: float = Field(DEFAULT_STALL_S, gt=0)  # --decode-timeout: seconds a decoder may read no frame
+    max_decode_s: float = Field(SERVE_MAX_DECODE_S, gt=0)  # --max-decode-s: seconds one video may take to decode
     max_pixels: int = Field(MAX_PIXELS, ge=1)  # per frame, from the stream's header, before decoding
     max_frames: int = Field(MAX_FRAMES, ge=1)  # frames the header may claim
     decode_memory_mb: int = Field(MEMORY_MB, ge=64)  # each decoder process's address space
