@@ -127,7 +127,8 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
     save(proto, onnx_path, external_data if external_data is not None else proto.ByteSize() > (1 << 30))
     check(onnx_path)
     return {
-        "method": method, "percentile": key_src["percentile"], "clips": len(chosen), "source": chosen.source,
+        "method": method, "percentile": key_src["percentile"], "clips": len(chosen) - len(chosen.failed),
+        "source": chosen.source,
         "seed": seed, "sampling": view.to_dict(),
         "quantized_layers": len(targets), "activation_ranges": len(tensors), "cache_key": key,
         "cached": cached,

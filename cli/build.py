@@ -8,6 +8,7 @@ import typer
 
 from stexport.bundle.precision import INPUT_FORMATS, choices_help, precision_help
 from stexport.cli.common import Flag, handle_errors, print_json, register as add_command
+from stexport.cli.common import decode_timeout_option, max_decode_option
 
 EXAMPLES = """
 Examples:
@@ -54,6 +55,8 @@ def build(
                                     "choice)."),
     calib_method: str = typer.Option("minmax", "--calib-method",
                                      help="minmax, percentile (99.999) or entropy."),
+    decode_timeout: float = decode_timeout_option(),
+    max_decode_s: float = max_decode_option(None, "no limit"),
     views: str = typer.Option(None, "--views", help="Default TEMPORALxSPATIAL views for infer/verify, e.g. 3x1 "
                               "(Kinetics) or 1x3 (SSv2). Default: from the adapter's layout."),
     rate: int = typer.Option(None, "--rate", min=0, help="Default frame step for infer/verify; 0 spreads the "
@@ -105,7 +108,7 @@ def build(
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
                            int8_attention=int8_attention, int8_float=int8_float, for_tensorrt=engine,
                            sampling=sampling or None, swappable=swappable, max_classes=max_classes,
-                           progress=True)
+                           decode_timeout=decode_timeout, max_decode_s=max_decode_s, progress=True)
     from stexport.extras import require
 
     require("stexport build", "torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors")

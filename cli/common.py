@@ -84,6 +84,42 @@ def parse_options(items: list[str]) -> dict[str, str]:
 # start-up imports no backend module and a registered backend appears in every command's help.
 BACKEND_HELP = "auto ({auto}) or a backend name: {backends}."
 TASK_BACKENDS = "Backends that run packs: {task_backends}."
+# The decoder's limits (stexport.runtime.decode_worker.DecodeLimits): one meaning in every command.
+DECODE_TIMEOUT_S = 60.0  # = stexport.runtime.decode_worker.DEFAULT_STALL_S (tests/test_video.py checks)
+DECODE_TIMEOUT_HELP = ("Seconds a video's decoder may go without reading a frame before that video is given up (a "
+                       "stalled stream, a file the decoder blocks on): its decoder process is killed and the next "
+                       "input goes on. The same meaning in infer, verify, build --calib and serve.")
+MAX_DECODE_HELP = ("Seconds one video may take to decode in all before it is given up (its decoder process is "
+                   "killed, the next input goes on).")
+
+
+def decode_timeout_option():
+    return typer.Option(DECODE_TIMEOUT_S, "--decode-timeout", min=0.01, help=DECODE_TIMEOUT_HELP)
+
+
+def max_decode_option(default: float | None, what: str):
+    return typer.Option(default, "--max-decode-s", min=0.01, help=f"{MAX_DECODE_HELP} Default: {what}.")
+
+
+# = stexport.runtime.decode_worker's MAX_PIXELS, MAX_FRAMES, MEMORY_MB (tests/test_decoding.py checks)
+MAX_PIXELS, MAX_FRAMES, DECODE_MEMORY_MB = 36_000_000, 1_000_000, 4096
+
+
+def header_limit_options() -> dict:
+    """--max-pixels, --max-frames, --decode-memory-mb: what a video's header may claim before a frame is decoded,
+    and the decoder process's memory cap."""
+    return {
+        "max_pixels": typer.Option(MAX_PIXELS, "--max-pixels", min=1, help="Pixels per frame the stream's header "
+                                   "may claim (36 megapixels: 8K fits); larger videos are refused before any frame "
+                                   "is decoded (a decode bomb: a tiny file of huge frames)."),
+        "max_frames": typer.Option(MAX_FRAMES, "--max-frames", min=1, help="Frames the stream's header may claim; "
+                                   "longer videos are refused before decoding."),
+        "decode_memory_mb": typer.Option(DECODE_MEMORY_MB, "--decode-memory-mb", min=64, help="Address space of "
+                                         "each decoder process (MB, RLIMIT_AS): a video that needs more is that "
+                                         "video's error."),
+    }
+
+
 OPTION_HELP = ("Backend option KEY=VALUE (repeatable), checked against the backend's options: e.g. compute=bf16, "
                "hint=throughput or static=false for openvino; opt_level=extended for onnxruntime; threads=N for "
                "any. `stexport bench --list-options` lists them all.")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import Flag, handle_errors, print_json, register as add_command
+from stexport.cli.common import Flag, decode_timeout_option, handle_errors, max_decode_option, print_json
+from stexport.cli.common import register as add_command
 
 EXAMPLES = """
 Examples:
@@ -49,6 +50,8 @@ def dump_clip(
     rate: int = typer.Option(None, "--rate", min=0, help="Take every N-th frame; 0 spreads the frames over "
                              "the whole video. Default: the bundle's."),
     raw: bool = Flag(False, "--raw", help="Write headerless bytes instead of .npy."),
+    decode_timeout: float = decode_timeout_option(),
+    max_decode_s: float = max_decode_option(None, "no limit"),
     force: bool = Flag(False, "--force", "-f", help="Replace an existing --out file."),
     as_json: bool = Flag(False, "--json", help="Print what was written as JSON."),
 ):
@@ -62,13 +65,15 @@ def dump_clip(
     """
     from stexport.cli.infer import pick_bundle
     from stexport.errors import StexportError
-    from stexport.runtime.video import Sampling, decode, with_views
+    from stexport.runtime.decode_worker import decode_isolated, limits_of
+    from stexport.runtime.video import Sampling, with_views
 
     if out.exists() and not force:
         raise StexportError(f"{out}: already exists; pass --force to replace it, or choose another --out")
+    limits = limits_of(decode_timeout, max_decode_s)
     bundle = pick_bundle(model)
     sampling = with_views(Sampling.from_manifest(bundle.manifest), views, rate)
-    decoded = decode(video, sampling)
+    decoded = decode_isolated(video, sampling, limits=limits)  # a child process, as infer decodes
     for note in decoded.notes:
         typer.echo(f"stexport: warning: {decoded.source}: {note}", err=True)
     write_clips(decoded.clips, out, raw)

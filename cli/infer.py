@@ -11,6 +11,9 @@ from pathlib import Path
 import typer
 
 from stexport.cli.common import BACKEND_HELP, EXIT_BAD_INPUT, OPTION_HELP, TASK_BACKENDS, Flag, escape, handle_errors, parse_options
+from stexport.cli.common import decode_timeout_option, header_limit_options, max_decode_option
+
+_HEADER = header_limit_options()
 from stexport.cli.common import register as add_command
 
 EXAMPLES = """
@@ -135,8 +138,11 @@ def infer(
                                  "seconds."),
     stride: float = typer.Option(None, "--stride", help="Timeline mode: seconds between window starts "
                                  "(default: --window, no overlap)."),
-    decode_timeout: float = typer.Option(60.0, "--decode-timeout", min=0.1, help="Seconds a video's decoder "
-                                         "may read no frame before that video is given up (a stalled stream)."),
+    decode_timeout: float = decode_timeout_option(),
+    max_decode_s: float = max_decode_option(None, "no limit"),
+    max_pixels: int = _HEADER["max_pixels"],
+    max_frames: int = _HEADER["max_frames"],
+    decode_memory_mb: int = _HEADER["decode_memory_mb"],
     as_json: bool = Flag(False, "--json", help="One JSON object per line: per video, or per window; "
                          "an input that fails gets {\"path\", \"error\"}."),
     output: Path = typer.Option(None, "--output", help="Write the results as JSON Lines (--json's schema, one "
@@ -226,10 +232,14 @@ paths, or --ship-bundle), with results identical to a local run.
     sources = expand(videos)
     if window is None and (output is not None or ray_address is not None or batch or decode_threads):
         return corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch,
-                      decode_threads, ray_address, workers, worker_cpus, ship_bundle, decode_timeout, pack)
+                      decode_threads, ray_address, workers, worker_cpus, ship_bundle, decode_timeout, pack,
+                      max_decode_s=max_decode_s, max_pixels=max_pixels, max_frames=max_frames,
+                      decode_memory_mb=decode_memory_mb)
     failed = 0
     with Classifier(bundle, backend=backend, labels=str(labels) if labels else None, sampling=sampling,
-                    top_k=top_k, decode_timeout=decode_timeout, task=pack, **options) as clf:
+                    top_k=top_k, decode_timeout=decode_timeout, max_decode_s=max_decode_s, task=pack,
+                    max_pixels=max_pixels, max_frames=max_frames, decode_memory_mb=decode_memory_mb,
+                    **options) as clf:
         bar = tqdm(total=len(sources), desc="infer", unit="video", file=sys.stderr, disable=None, leave=False)
 
         def out(line: str) -> None:
@@ -281,7 +291,8 @@ paths, or --ship-bundle), with results identical to a local run.
 
 
 def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch, decode_threads,
-           ray_address, workers, worker_cpus, ship_bundle, decode_timeout: float = 60.0, pack=None) -> None:
+           ray_address, workers, worker_cpus, ship_bundle, decode_timeout: float = 60.0, pack=None,
+           max_decode_s: float | None = None, **limits) -> None:
     """infer over many inputs: batched locally or on Ray, to stdout or a resumable JSON Lines file. pack: a
     loaded TaskPack to run (every worker loads it once, by its path)."""
     from tqdm import tqdm
@@ -295,6 +306,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
                           labels=str(labels.resolve()) if labels else None, sampling=sampling, top_k=top_k,
                           batch_size=batch or (DEFAULT_BATCH if ray_address else 1),
                           decode_threads=decode_threads or 1, decode_timeout=decode_timeout,
+                          max_decode_s=max_decode_s, **limits,
                           task=str(pack.path.resolve()) if pack is not None else None)
     if ray_address is not None:  # what the workers would refuse, refused here before Ray starts
         if backend != "auto":

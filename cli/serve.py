@@ -8,6 +8,9 @@ from pathlib import Path
 import typer
 
 from stexport.cli.common import OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
+from stexport.cli.common import decode_timeout_option, header_limit_options, max_decode_option
+
+_HEADER = header_limit_options()
 
 EXAMPLES = """
 Examples:
@@ -55,8 +58,12 @@ def serve(
                                   "in one backend call (serve.batch)."),
     batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0, help="How long a batch waits to fill."),
     max_upload_mb: float = typer.Option(100.0, "--max-upload-mb", min=0.001, help="Larger uploads get 413."),
-    decode_timeout: float = typer.Option(30.0, "--decode-timeout", min=0.01, help="Seconds a video may take to "
-                                         "decode; its decoding process is killed after that (422)."),
+    decode_timeout: float = decode_timeout_option(),
+    max_decode_s: float = max_decode_option(30.0, "30 (a server bounds each request's decoding; such a video "
+                                            "gets 422)"),
+    max_pixels: int = _HEADER["max_pixels"],
+    max_frames: int = _HEADER["max_frames"],
+    decode_memory_mb: int = _HEADER["decode_memory_mb"],
     decode_workers: int = typer.Option(1, "--decode-workers", min=1, help="Decoding processes per replica."),
     allow_path: list[Path] = typer.Option([], "--allow-path", help="Directory whose files callers may name "
                                           "with {\"path\": ...} (repeatable). Default: none, paths are refused."),
@@ -89,8 +96,9 @@ def serve(
     answered with its labels and name; an unknown name gets 404 listing the loaded tasks, and GET
     PREFIX/metadata lists them. Safe defaults: binds 127.0.0.1; no
     server-side paths (--allow-path DIR enables them, confined to those directories: no '..', no symlinks out);
-    no URL fetching; uploads over --max-upload-mb and videos that decode longer than --decode-timeout are
-    refused. Every bad request gets a 4xx JSON {"error": ...}; the server keeps serving. Ctrl-C stops it.
+    no URL fetching; uploads over --max-upload-mb and videos whose decoder reads no frame for --decode-timeout
+    seconds, takes longer than --max-decode-s in all or crashes are refused (422); a decoder process that dies
+    is replaced. Every bad request gets a 4xx JSON {"error": ...}; the server keeps serving. Ctrl-C stops it.
     A port in use, an address not on this machine, a privileged port, an unreachable --ray-address or Ray
     failing to start is one line naming the cause and the fix, exit 2 (checked before Ray starts).
     Needs `pip install 'stexport[serve]'`.
@@ -108,7 +116,8 @@ def serve(
     cfg = srv.check_config(srv.ServeConfig(
         bundle=str(bundle), backend=backend, options=options, top_k=top_k, host=host, port=port,
         route_prefix=route, replicas=replicas, replica_cpus=replica_cpus, threads=threads, max_batch=max_batch,
-        batch_wait_s=batch_wait_ms / 1000, max_upload_mb=max_upload_mb, decode_timeout_s=decode_timeout,
+        batch_wait_s=batch_wait_ms / 1000, max_upload_mb=max_upload_mb, decode_timeout_s=decode_timeout, max_decode_s=max_decode_s,
+        max_pixels=max_pixels, max_frames=max_frames, decode_memory_mb=decode_memory_mb,
         decode_workers=decode_workers, allow_paths=tuple(str(p) for p in allow_path),
         tasks=tuple(str(p) for p in task), default_task=default_task, grpc_port=grpc_port, token_sha256=token,
         insecure=insecure))

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from stexport.bundle.precision import PRECISIONS, gate_text, short
 from stexport.cli.common import BACKEND_HELP, OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
+from stexport.cli.common import decode_timeout_option, max_decode_option
 
 EXIT_GATE_FAILED = 1
 
@@ -61,6 +62,8 @@ def verify(
     device: str = typer.Option(None, "--device", help="Backend device (e.g. cpu, cuda, tensorrt)."),
     threads: int = typer.Option(None, "--threads", help="Backend CPU threads."),
     option: list[str] = typer.Option([], "--option", help=OPTION_HELP),
+    decode_timeout: float = decode_timeout_option(),
+    max_decode_s: float = max_decode_option(None, "no limit"),
     task: Path = typer.Option(None, "--task", help="Verify a task pack (`stexport pack`) on this swappable "
                               "bundle: the reference is the backbone with the pack's deltas. " + TASK_BACKENDS),
 ):
@@ -92,7 +95,7 @@ def verify(
         raise StexportError(f"{report_path}: is a directory; --report takes a file name, e.g. report.json")
     report = run_verify(b, clips if len(clips) != 1 else clips[0], backend=backend, max_clips=max_clips,
                         gate=gate, pretrained=pretrained, progress=True, use_cache=not no_cache, task=task,
-                        **options)
+                        decode_timeout=decode_timeout, max_decode_s=max_decode_s, **options)
     if report_path is not None:
         from stexport.fileutil import atomic_write_json
 

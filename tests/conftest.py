@@ -255,3 +255,82 @@ def logits_of(stdout: str) -> np.ndarray:
     """The logits rows stexport-host prints with --logits."""
     rows = [ln.split()[1:] for ln in stdout.splitlines() if re.match(r"logits\[\d+\] ", ln)]
     return np.asarray(rows, dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Inputs that stall or crash the decoder, by construction (no timing guesses)
+
+def blocking_video(folder, name: str = "stall") -> tuple[Path, Path]:
+    """A video the decoder blocks on: `<name>.m3u8`, a regular file (so `check_source` lets it through), an HLS
+    playlist whose one segment is a FIFO nobody writes; FFmpeg waits in open() on the FIFO until a writer
+    comes. Returns (playlist, fifo). `crash_decoder_on(fifo)` turns it into a crash; `release(fifo)` frees a
+    decoder still waiting on it."""
+    folder = Path(folder)
+    fifo = folder / f"{name}-seg.ts"
+    os.mkfifo(fifo)
+    playlist = folder / f"{name}.m3u8"
+    playlist.write_text("#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:0\n"
+                        f"#EXTINF:2.0,\n{fifo}\n#EXT-X-ENDLIST\n")
+    return playlist, fifo
+
+
+def release(fifo) -> None:
+    """Wake any decoder still waiting to open `fifo` (it then reads end of file)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+def crash_decoder_on(fifo, timeout: float = 120.0):
+    """Start a thread that waits until a decoder opens `fifo` (opening it for writing blocks until then: the
+    decoder is inside FFmpeg on that input), kills the process holding it with SIGSEGV (what OpenCV does on
+    some inputs), then closes the FIFO. Returns the thread; its `.killed` lists the pids it killed."""
+    import signal
+    import threading
+
+    target = os.path.realpath(fifo)
+    killed: list[int] = []
+
+    def holders() -> list[int]:
+        out = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            if int(pid) == os.getpid():
+                continue
+            try:
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")):
+                    out.append(int(pid))
+            except OSError:
+                pass
+        return out
+
+    def run():
+        fd = os.open(target, os.O_WRONLY)  # returns once the decoder has opened it
+        try:
+            import time
+
+            deadline = time.monotonic() + timeout
+            while not killed and time.monotonic() < deadline:
+                for pid in holders():
+                    os.kill(pid, signal.SIGSEGV)
+                    killed.append(pid)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.killed = killed
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="session")
+def decode_bomb(tmp_path_factory):
+    """A decode bomb made by ffmpeg: one 8000x8000 frame (64 megapixels, over the decoder's default limit of 36)
+    as PNG in Matroska, a ~63 KB file that costs ~500 MB to decode."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("needs ffmpeg to make a decode bomb (apt-get install -y ffmpeg)")
+    path = tmp_path_factory.mktemp("bomb") / "bomb.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "color=black:s=8000x8000:d=0.04:r=25",
+                    "-frames:v", "1", "-pix_fmt", "gray", "-c:v", "png", str(path)], check=True, timeout=300)
+    assert path.stat().st_size < 200_000
+    return path

@@ -18,7 +18,6 @@ import pytest
 from conftest import serve_cli, write_video
 
 pytest.importorskip("ray.serve")
-pytest.importorskip("pebble")
 pytest.importorskip("python_multipart")
 pytest.importorskip("prometheus_client")
 httpclient = pytest.importorskip("tritonclient.http")

@@ -14,17 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import write_video
+from conftest import blocking_video, crash_decoder_on, release, write_video
 
 pytest.importorskip("ray.serve")
-pytest.importorskip("pebble")
 pytest.importorskip("python_multipart")
 requests = pytest.importorskip("requests")
 
 from stexport.serving.app import ServeConfig, start, stop  # noqa: E402
 
 UPLOAD_LIMIT_MB = 2.0
-DECODE_TIMEOUT_S = 3.0
+DECODE_TIMEOUT_S = 2.0  # --decode-timeout: seconds without a frame
+MAX_DECODE_S = 3.0  # --max-decode-s: seconds in all
 
 
 def strict_json(text: str):
@@ -85,7 +85,8 @@ def local(tiny_bundle, media):
 def server(ray_cluster, tiny_bundle, media):
     cfg = ServeConfig(bundle=str(tiny_bundle.path), port=free_port(), route_prefix="/stexport",
                       allow_paths=(str(media["allowed"]),), max_upload_mb=UPLOAD_LIMIT_MB,
-                      decode_timeout_s=DECODE_TIMEOUT_S, decode_workers=2, max_batch=8, batch_wait_s=0.2,
+                      decode_timeout_s=DECODE_TIMEOUT_S, max_decode_s=MAX_DECODE_S, decode_workers=2, max_batch=8,
+                      batch_wait_s=0.2,
                       replica_cpus=0.5)
     url = start(cfg)
     yield url
@@ -229,12 +230,12 @@ def test_serve_refuses_bad_input_before_starting(tiny_bundle, tmp_path):
 
 
 def test_missing_extra_names_the_pip_install(tiny_bundle):
-    code = ("import sys; sys.modules['pebble'] = None; sys.argv = ['stexport', 'serve', "
+    code = ("import sys; sys.modules['python_multipart'] = None; sys.argv = ['stexport', 'serve', "
             f"{str(tiny_bundle.path)!r}]; from stexport.cli.app import main; main()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["stexport: error: serve needs pebble, which this installation lacks; "
-                                             "install it with: pip install 'stexport[serve]'"]
+    assert r.stderr.strip().splitlines() == ["stexport: error: serve needs python_multipart, which this installation "
+                                             "lacks; install it with: pip install 'stexport[serve]'"]
 
 
 def serve_cli(*args, env=None, timeout=120, user=None):
@@ -300,3 +301,74 @@ def test_ray_failing_to_start_is_one_line(tiny_bundle, tmp_path):
     assert line.startswith("stexport: error: Ray could not start a local cluster (")
     assert line.endswith("check free memory and space in Ray's temporary directory ($RAY_TMPDIR, default "
                          "/tmp/ray); `stexport -v serve ...` shows Ray's log")
+
+
+def replica_decoders() -> list[int]:
+    """The pids of the decoder children of this machine's Ray Serve replicas."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"stexport.runtime.decode_worker" in cmd and b"ServeReplica" in parent:
+            out.append(int(pid))
+    return out
+
+
+def test_a_stalled_or_crashed_decoder_costs_only_its_request(server, media, local):
+    """A file the decoder blocks on is 422 after --decode-timeout seconds without a frame; a decoder that
+    crashes on a file is 422 naming the signal; the next request on the same replica gets its answer."""
+    stall, fifo = blocking_video(media["allowed"], "stall")
+    crash, crash_fifo = blocking_video(media["allowed"], "crash")
+    video = media["videos"][2]
+    try:
+        r = requests.post(f"{server}/classify", json={"path": str(stall)}, timeout=120)
+        assert r.status_code == 422 and strict_json(r.text)["error"].startswith(
+            f"{stall}: decoding stalled: no frame for {DECODE_TIMEOUT_S:g} s"), r.text
+        killer = crash_decoder_on(crash_fifo)
+        r = requests.post(f"{server}/classify", json={"path": str(crash)}, timeout=120)
+        killer.join(30)
+        assert killer.killed and r.status_code == 422, r.text
+        assert strict_json(r.text)["error"].startswith(f"{crash}: the decoder crashed (signal SIGSEGV) on this input")
+    finally:
+        release(fifo)
+    for _ in range(3):  # every decoder of the replica, the replaced ones included
+        r = post_video(server, video, "path")
+        assert r.status_code == 200, r.text
+        same_result(strict_json(r.text), local[str(video)])
+
+
+def test_decoders_that_die_idle_are_replaced(server, media, local):
+    """Issue 29 kind 2: the replica's decoder processes killed while idle (the pool used to stay broken: every
+    later request got 500); the next requests get their answers and /healthz stays right."""
+    pids = replica_decoders()
+    assert pids, "no decoder process of a serve replica found"
+    for pid in pids:
+        os.kill(pid, 9)
+    video = media["videos"][3]
+    for how in ("raw", "path", "multipart"):
+        r = post_video(server, video, how)
+        assert r.status_code == 200, r.text
+        same_result(strict_json(r.text), local[str(video)])
+    assert not set(replica_decoders()) & set(pids)
+    assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
+
+
+def test_decode_bomb_is_refused_from_its_header(server, media, local, decode_bomb):
+    """Issue 29 kind 1: a tiny upload of huge frames is 422 from the stream's header (the server's default
+    --max-pixels), before a frame is decoded; the limits are in /metadata; the next request gets its answer."""
+    r = requests.post(f"{server}/classify", data=decode_bomb.read_bytes(), timeout=120,
+                      headers={"Content-Type": "video/x-matroska", "X-Filename": "bomb.mkv"})
+    assert r.status_code == 422, r.text
+    assert strict_json(r.text)["error"].startswith("bomb.mkv: its frames are 8000x8000 (64 megapixels), over the "
+                                                   "decoder's limit of 36 megapixels (--max-pixels)")
+    limits = requests.get(f"{server}/metadata", timeout=30).json()["limits"]
+    assert limits["max_pixels"] == 36_000_000 and limits["max_frames"] == 1_000_000
+    assert limits["decode_timeout_s"] == DECODE_TIMEOUT_S and limits["max_decode_s"] == MAX_DECODE_S
+    video = media["videos"][0]
+    r = post_video(server, video, "raw")
+    assert r.status_code == 200, r.text
+    same_result(strict_json(r.text), local[str(video)])

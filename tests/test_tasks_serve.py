@@ -245,7 +245,6 @@ def test_ray_actor_loads_a_shipped_pack(packs, want, ray_cluster, tmp_path):
 def server(ray_cluster, packs):
     """One server for this module: the base with packs task_b and task_c (default: the base's own task_a)."""
     pytest.importorskip("ray.serve")
-    pytest.importorskip("pebble")
     pytest.importorskip("python_multipart")
     from stexport.serving.app import ServeConfig, start, stop
 

@@ -41,7 +41,9 @@ class BuildOptions:
     or "fp16" (default: fp16 when `for_tensorrt`, i.e. `--engine`, else fp32). swappable: export the per-task
     tensors (adapters, head, INT8 adapter scales) as named overridable initializers, so task packs
     (`stexport pack`) can replace them at run time; max_classes: the head's rows in a swappable graph (default:
-    the adapter's classes). progress: tqdm bars on stderr when it is a terminal.
+    the adapter's classes). decode_timeout, max_decode_s: the decoder's limits for --calib videos (seconds
+    without a frame; seconds in all, None: no limit; see stexport.runtime.decode_worker). progress: tqdm bars
+    on stderr when it is a terminal.
 
     Raises StexportError naming the option and the fix.
     """
@@ -67,12 +69,17 @@ class BuildOptions:
     for_tensorrt: bool = False
     swappable: bool = False
     max_classes: int | None = None
+    decode_timeout: float = 60.0
+    max_decode_s: float | None = None
     progress: bool = False
 
     def __post_init__(self):
         if self.adapter is None:
             raise StexportError("no adapter given: pass --adapter CHECKPOINT")
         choice("--precision", self.precision, PRECISIONS)
+        from stexport.runtime.decode_worker import limits_of
+
+        limits_of(self.decode_timeout, self.max_decode_s)  # refuses a limit that is not positive
         choice("--input", self.input_format, INPUT_FORMATS)
         if isinstance(self.adapter, (str, Path)):
             p = Path(self.adapter)

@@ -92,8 +92,9 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
     calib = None
     if o.precision == "int8":
         from stexport.calibration import choose
+        from stexport.runtime.decode_worker import limits_of
 
-        calib = choose(o.calib, o.calib_clips, o.calib_seed)
+        calib = choose(o.calib, o.calib_clips, o.calib_seed, limits=limits_of(o.decode_timeout, o.max_decode_s))
     steps = ["load", "fold", "export", *(["calibrate", "quantize"] if o.precision == "int8" else []), "write"]
     # progress bars only on a terminal (disable=None), so logs and pipes stay clean
     bar = tqdm(total=len(steps), desc="build", unit="step", disable=None if o.progress else True, leave=False)

@@ -127,12 +127,15 @@ def _reference_batch(b: Bundle) -> int:
 
 def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | None = None,
            gate: Gate | None = None, pretrained: str | None = None, progress: bool = False,
-           reference=None, use_cache: bool = True, task=None, **backend_options) -> dict:
+           reference=None, use_cache: bool = True, task=None, decode_timeout: float | None = None,
+           max_decode_s: float | None = None, **backend_options) -> dict:
     """Compare `backend` on `bundle` with the PyTorch reference on the videos of `clips` (a '<video> <label>'
     list, a directory, a video file, or a list of those). Returns the report; report['passed'] is the gate's
     verdict. Videos are decoded in a child process (stexport.runtime.decode_worker): one that cannot be decoded is
-    listed in report['failed'] and the rest go on. Non-finite logits fail the gate ("finite logits", whose
-    "error" is the message `infer` gives that video: stexport.runtime.scoring.non_finite_message).
+    listed in report['failed'] and the rest go on: one that crashes the decoder, reads no frame for
+    `decode_timeout` seconds (default 60) or takes longer than `max_decode_s` in all (default: no limit) too.
+    Non-finite logits fail the gate ("finite logits", whose "error" is the message `infer` gives that video:
+    stexport.runtime.scoring.non_finite_message).
 
     The backend runs each video's views as `infer` does (one call per video). The reference runs views of
     several videos per call (same logits, far fewer calls), and its logits are cached by model, sampling and
@@ -147,6 +150,9 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     """
     from stexport.runtime import backends
 
+    from stexport.runtime.decode_worker import limits_of
+
+    limits = limits_of(decode_timeout, max_decode_s)
     job = _Job.open(bundle, clips, backend, max_clips, task)
     gate = gate or GATES.get(job.precision, GATES["fp32"])
     cache, stored = _cached_reference(job, pretrained, reference, use_cache)
@@ -155,7 +161,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     try:
         if job.pack is not None:
             test.set_task(job.pack)
-        runs = _run_videos(job, test, ref, stored, cache, progress)
+        runs = _run_videos(job, test, ref, stored, cache, progress, limits)
         described, name = test.describe(), test.name
     finally:
         test.close()
@@ -295,10 +301,11 @@ class _Runs:
     t_ref: float = 0.0
 
 
-def _run_videos(job: _Job, test, ref, stored: dict, cache, progress: bool) -> _Runs:
+def _run_videos(job: _Job, test, ref, stored: dict, cache, progress: bool, limits) -> _Runs:
     """Decode each video (in a child process, the next while this one runs) and run it on `test` (one call
     per video, as `infer`), and on `ref` in calls of up to `_reference_batch` views, or take the reference's
-    logits from `stored`. A video that cannot be decoded is listed in `failed` (one warning each)."""
+    logits from `stored`. A video that cannot be decoded (within `limits`, a DecodeLimits) is listed in `failed`
+    (one warning each)."""
     from stexport.runtime.batch import ordered_map
     from stexport.runtime.decode_worker import DecodeWorker
     from stexport.runtime.video import VideoError, display
@@ -318,7 +325,8 @@ def _run_videos(job: _Job, test, ref, stored: dict, cache, progress: bool) -> _R
             at += len(v)
         pending.clear()
 
-    decoder = DecodeWorker(threads=None)  # a child process: a decoder crash or stall costs one video
+    # a child process: a decoder crash or stall costs one video
+    decoder = DecodeWorker(threads=None, limits=limits)
 
     def work(entry):
         path, _ = entry

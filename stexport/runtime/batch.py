@@ -1,5 +1,5 @@
 """Many videos through one classifier: views of several videos in each backend call, decoding ahead in
-decoder processes (stexport.runtime.decode_worker), one per decoding thread. The one view-packing path
+decoder processes (stexport.runtime.decode_worker.DecoderPool), one per decoding thread. The one view-packing path
 (`run_decoded`, over `task_probs`) and the one prefetcher (`ordered_map`) of stexport: `Classifier.classify`
 and `classify_batch`, `infer --batch` and `--ray`, `serve` and `verify` go through them.
 
@@ -63,15 +63,16 @@ class Decoding:
 
 
 def decode_source(source, sampling, threads: int | None = 1, decoder=None) -> Decoding:
-    """Decode one source as `infer` does; a bad one (missing, not a video, no frames, any decoder error) gives
-    a Decoding holding a Failure, never an exception (KeyboardInterrupt still propagates). `threads`: FFmpeg
-    threads for this video. decoder: a stexport.runtime.decode_worker.DecodeWorker to decode in (its child process:
-    a crash or stall costs this source only); None decodes in this process (e.g. inside a Ray task)."""
-    from stexport.runtime.video import decode
+    """Decode one source as `infer` does, in a child process (a crash or stall costs this source only); a bad
+    one (missing, not a video, no frames, any decoder error) gives a Decoding holding a Failure, never an
+    exception (KeyboardInterrupt still propagates). decoder: a stexport.runtime.decode_worker.DecodeWorker or
+    DecoderPool to decode in; None starts a child for this source alone (`threads` FFmpeg threads, default
+    limits)."""
+    from stexport.runtime.decode_worker import decode_isolated
 
     t = time.perf_counter()
     try:
-        d = decoder.decode(source, sampling) if decoder is not None else decode(source, sampling, threads)
+        d = decoder.decode(source, sampling) if decoder is not None else decode_isolated(source, sampling, threads)
     except Exception as e:  # noqa: BLE001 - one bad input is that input's failure
         return Decoding(str(source), failure=Failure(str(source), error_message(source, e)),
                         decode_s=time.perf_counter() - t)
@@ -156,9 +157,7 @@ def classify_batch(clf, sources: Iterable, lookahead: int | None = None, task=No
     common = clf.load_task(task) if task is not None else None
     pending: list[Decoding] = []
     count = 0
-    free: queue.Queue = queue.Queue()
-    for d in clf.decoders():
-        free.put(d)
+    pool = clf.decoders()  # a decoder process per decoding thread
 
     def jobs() -> Iterator[tuple]:
         """(source, TaskPack or None, error) per source; packs are loaded here, in the consuming thread."""
@@ -178,11 +177,7 @@ def classify_batch(clf, sources: Iterable, lookahead: int | None = None, task=No
         source, pack, failed = job
         if failed is not None:
             return Decoding(str(source), failure=failed, task=pack)
-        worker = free.get()  # each decoding thread drives a decoder process of its own
-        try:
-            d = decode_source(source, clf.sampling_for(pack), decoder=worker)
-        finally:
-            free.put(worker)
+        d = decode_source(source, clf.sampling_for(pack), decoder=pool)
         d.task = pack
         if d.failure is not None:
             d.failure.task = clf.task_name(pack)

@@ -23,7 +23,7 @@ from stexport.errors import StexportError
 from stexport.bundle.labels import resolve_labels
 from stexport.runtime import batch
 from stexport.runtime.batch import ordered_map
-from stexport.runtime.decode_worker import DEFAULT_STALL_S, DecodeWorker
+from stexport.runtime.decode_worker import DEFAULT_STALL_S, MAX_FRAMES, MAX_PIXELS, MEMORY_MB, DecoderPool, limits_of
 from stexport.runtime.scoring import Failure, NonFiniteOutput, Result, error_message, softmax  # noqa: F401 - API
 from stexport.runtime.video import Sampling, VideoError, display
 
@@ -37,14 +37,21 @@ class Classifier:
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", labels: str | None = None,
                  sampling: Sampling | None = None, top_k: int = 5, batch_size: int = 32,
-                 decode_threads: int = 1, decode_timeout: float = DEFAULT_STALL_S, task=None, **backend_options):
+                 decode_threads: int = 1, decode_timeout: float = DEFAULT_STALL_S, max_decode_s: float | None = None,
+                 task=None, max_pixels: int | None = MAX_PIXELS, max_frames: int | None = MAX_FRAMES,
+                 decode_memory_mb: int | None = MEMORY_MB, **backend_options):
         """decode_timeout: seconds a video's decoder may go without reading a frame before that video is
-        given up (its decoder process is killed and restarted for the next). task: a task pack (TaskPack or
+        given up (its decoder process is killed and restarted for the next); max_decode_s: seconds one video
+        may take to decode in all (None: no limit); max_pixels, max_frames: what a video's header may claim
+        (per frame; frames) before it is decoded; decode_memory_mb: each decoder process's address space
+        (None: no limit); see stexport.runtime.decode_worker.DecodeLimits. task: a task pack (TaskPack or
         path) for a swappable bundle: its classes, labels and sampling replace the bundle's; `set_task`
         switches later, and `classify(..., task=)` picks one per call."""
-        self.decode_timeout = decode_timeout
-        self.decoder = DecodeWorker(DECODE_THREADS, decode_timeout)
-        self._decoders = [self.decoder]  # decode_threads > 1: one decoder process per decoding thread
+        self.decode_limits = limits_of(decode_timeout, max_decode_s, max_pixels=max_pixels, max_frames=max_frames,
+                                       memory_mb=decode_memory_mb)
+        # decode_threads > 1: one decoder process per decoding thread (decoders())
+        self._decoders = DecoderPool(1, DECODE_THREADS, self.decode_limits)
+        self.decoder = self._decoders.workers[0]
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
         self.num_classes = m.output.classes
@@ -221,16 +228,13 @@ class Classifier:
             yield self._checked(source, lambda: self._result(str(source), w.clips, w.frames, decode_s, w.notes,
                                                              w.start, w.end))
 
-    def decoders(self) -> list[DecodeWorker]:
-        """decode_threads decoder processes (started lazily, each on first use), the first the one
-        classify() and timeline() use."""
-        while len(self._decoders) < self.decode_threads:
-            self._decoders.append(DecodeWorker(DECODE_THREADS, self.decode_timeout))
-        return self._decoders
+    def decoders(self) -> DecoderPool:
+        """The pool of decode_threads decoder processes (each started on first use); its first worker is the
+        one classify() and timeline() use."""
+        return self._decoders.grow(self.decode_threads)
 
     def close(self) -> None:
-        for d in self._decoders:
-            d.close()
+        self._decoders.close()
         self.backend.close()
 
     def __enter__(self):

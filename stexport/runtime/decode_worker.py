@@ -1,20 +1,32 @@
-"""Decoding in a child process, so that one input can never stop or lose the others.
+"""Decoding in a child process, so that one input can never stop or lose the others: the one isolated decoder.
 
 OpenCV's FFmpeg capture can crash the process (a segfault on some names and damaged files) or block forever
 (a FIFO, a stalled stream). `DecodeWorker` runs `stexport.runtime.video.decode` / `decode_windows` in a child Python
-process (`python -m stexport.runtime.decode_worker`) and turns what goes wrong there into a `VideoError` for that
-input alone:
+process and turns what goes wrong there into a `VideoError` for that input alone:
 
 - the child dies (a crash, the OOM killer): "the decoder crashed (signal SIGSEGV) …"; a new child starts for
   the next input;
-- the child makes no progress (no frame read, no result) for `stall_s` seconds: it is killed, "decoding
-  stalled …".
+- the child reads no frame for `DecodeLimits.stall_s` seconds (`--decode-timeout`, the same meaning in every
+  command): it is killed, "decoding stalled …";
+- one input takes longer than `DecodeLimits.total_s` seconds in all (`--max-decode-s`; none by default, 30 s in
+  `serve`): it is killed, "decoding took longer than …";
+- the stream's header, read before any frame is decoded, says frames over `max_pixels` (default 36 megapixels:
+  8K is 33) or more than `max_frames` frames (default 1,000,000: over 9 hours at 30 fps): "… over the decoder's
+  limit" (a decode bomb: a 250 KB file of 16000x16000 frames cost 3.5 GB per request before);
+- the child's address space is capped at `memory_mb` (default 4096 MB, RLIMIT_AS), a backstop for headers that
+  lie: allocations past it fail as this input's error, never the machine's.
+
+Every path that decodes uses it: `infer` (local: `Classifier`; `--ray`: the decode actors of
+stexport.serving.ray_data), `verify`, the batch API (`DecoderPool`, one child per decoding thread), `serve` (a
+`DecoderPool` per replica), calibration (`build --calib`) and `dump-clip`. A child that died while idle is
+replaced before the next input (the child acknowledges each request before it decodes, so a death before the
+acknowledgement is never blamed on the input).
 
 Inputs are checked (`video.check_source`) before they are sent, so names the decoder cannot take and special
 files never reach it. Protocol: pickled requests on the child's stdin; pickled replies on a pipe that replaced
 its stdout (C libraries' stray prints go to its stderr, which is kept in a temporary file and quoted when the
-child dies), each an 8-byte little-endian length and a pickle: ("tick",) while frames are read, ("item", obj)
-per window, ("done", obj), ("error", kind, message).
+child dies), each an 8-byte little-endian length and a pickle: ("ack",) once a request is read, ("tick",) while
+frames are read, ("item", obj) per window, ("done", obj), ("error", kind, message).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pickle
+import queue
 import select
 import signal
 import subprocess
@@ -30,40 +43,107 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from stexport.errors import StexportError
 from stexport.fileutil import python_child
 from stexport.runtime.video import Decoded, Sampling, VideoError, Window, check_source, display
 
-DEFAULT_STALL_S = 60.0  # a decoder that reads no frame for this long is taken as hung
+DEFAULT_STALL_S = 60.0  # --decode-timeout: a decoder that reads no frame for this long is taken as hung
+MAX_PIXELS = 36_000_000  # per frame, from the header: 8K UHD (7680x4320) and DCI 8K (8192x4320) fit
+MAX_FRAMES = 1_000_000  # frames the header may claim: over 9 hours at 30 fps
+MEMORY_MB = 4096  # the decoder child's address space (RLIMIT_AS); it decodes ~700 MB of it for 720p here
+SERVE_MAX_DECODE_S = 30.0  # --max-decode-s of `serve`: a server bounds each request's decoding
 TICK_S = 0.5  # the child reports progress at most this often
+START_S = 120.0  # a new child must be ready (its imports done) within this long, whatever the input
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one input may cost the decoder; frozen and picklable (Ray ships it to workers).
+
+    stall_s: seconds the decoder may go without reading a frame (`--decode-timeout`; a stalled stream, a file
+    the decoder blocks on). total_s: seconds one input may take to decode in all (`--max-decode-s`; None: no
+    limit); in timeline mode it counts the time spent waiting for the decoder, not the time the caller spends
+    between windows. max_pixels (per frame) and max_frames: limits on what the stream's header says, checked
+    before any frame is decoded. memory_mb: the child's address space (RLIMIT_AS). None: no limit. Raises
+    StexportError for a limit that is not positive.
+    """
+
+    stall_s: float = DEFAULT_STALL_S
+    total_s: float | None = None
+    max_pixels: int | None = MAX_PIXELS
+    max_frames: int | None = MAX_FRAMES
+    memory_mb: int | None = MEMORY_MB
+
+    def __post_init__(self):
+        if not self.stall_s > 0:
+            raise StexportError(f"--decode-timeout {self.stall_s:g}: must be positive (seconds)")
+        if self.total_s is not None and not self.total_s > 0:
+            raise StexportError(f"--max-decode-s {self.total_s:g}: must be positive (seconds)")
+        for flag, value in (("--max-pixels", self.max_pixels), ("--max-frames", self.max_frames),
+                            ("--decode-memory-mb", self.memory_mb)):
+            if value is not None and value < 1:
+                raise StexportError(f"{flag} {value}: must be at least 1")
+
+
+def limits_of(decode_timeout: float | None = None, max_decode_s: float | None = None, **header) -> DecodeLimits:
+    """DecodeLimits from the CLI's `--decode-timeout` (None: DEFAULT_STALL_S) and `--max-decode-s`; `header`:
+    its other fields (max_pixels, max_frames, memory_mb) where they differ from the defaults."""
+    return DecodeLimits(DEFAULT_STALL_S if decode_timeout is None else float(decode_timeout),
+                        None if max_decode_s is None else float(max_decode_s), **header)
 
 
 class DecodeWorker:
     """A child process that decodes one input at a time. Thread-safe (one request at a time); close() ends it.
 
-    threads: FFmpeg decoder threads in the child (None: OpenCV's default). stall_s: seconds without progress
-    after which an input is given up and the child killed.
+    threads: FFmpeg decoder threads in the child (None: OpenCV's default). limits: a DecodeLimits, or a number
+    (its stall_s) for callers of the older signature.
     """
 
-    def __init__(self, threads: int | None = None, stall_s: float = DEFAULT_STALL_S):
-        if stall_s <= 0:
-            raise StexportError(f"--decode-timeout {stall_s:g}: must be positive (seconds)")
+    def __init__(self, threads: int | None = None, limits: DecodeLimits | float | None = None):
+        if limits is None:
+            limits = DecodeLimits()
+        elif not isinstance(limits, DecodeLimits):
+            limits = DecodeLimits(float(limits))
         self.threads = threads
-        self.stall_s = float(stall_s)
+        self.limits = limits
         self._proc: subprocess.Popen | None = None
         self._err = None
         self._lock = threading.Lock()
+        self._left: float | None = None  # seconds of total_s the current request has left
+
+    @property
+    def stall_s(self) -> float:
+        return self.limits.stall_s
 
     # --- the child process -------------------------------------------------------------------------------
     def _start(self) -> None:
         self._err = tempfile.TemporaryFile()
         # shared with the child: appending, so truncating it between inputs leaves no hole
         fcntl.fcntl(self._err.fileno(), fcntl.F_SETFL, fcntl.fcntl(self._err.fileno(), fcntl.F_GETFL) | os.O_APPEND)
-        env = {**os.environ, "OPENCV_FFMPEG_LOGLEVEL": os.environ.get("OPENCV_FFMPEG_LOGLEVEL", "-8")}
-        self._proc = subprocess.Popen(python_child("stexport.runtime.decode_worker", "_serve"), stdin=subprocess.PIPE,
+        # two malloc arenas: glibc reserves 64 MB of address space per thread's arena, which RLIMIT_AS counts
+        env = {**os.environ, "OPENCV_FFMPEG_LOGLEVEL": os.environ.get("OPENCV_FFMPEG_LOGLEVEL", "-8"),
+               "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),
+               "OPENBLAS_NUM_THREADS": "1"}  # numpy's BLAS buffers per core: the child runs no BLAS
+        memory = str(self.limits.memory_mb or "")
+        self._proc = subprocess.Popen(python_child("stexport.runtime.decode_worker", "_serve", memory),
+                                      stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._err, env=env, close_fds=True,
                                       bufsize=0)
+
+    def start(self) -> None:
+        """Start the child now (it starts on the first request otherwise), e.g. before a server takes requests."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._kill()
+                self._start()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (None before it starts)."""
+        proc = self._proc
+        return proc.pid if proc is not None else None
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
@@ -107,8 +187,8 @@ class DecodeWorker:
     def decode(self, source, sampling: Sampling) -> Decoded:
         """`stexport.runtime.video.decode` of `source` in the child; VideoError for this input if anything fails."""
         with self._lock:
-            target = self._send(source, ("decode", None, sampling, self.threads))
-            for kind, obj in self._replies(source, target):
+            self._request(source, ("decode", None, sampling, self.threads, self._header()))
+            for kind, obj in self._replies(source):
                 if kind == "done":
                     return obj
         raise AssertionError("unreachable")
@@ -119,10 +199,10 @@ class DecodeWorker:
         if window <= 0 or stride <= 0:
             raise StexportError("--window and --stride must be positive (seconds)")
         with self._lock:
-            target = self._send(source, ("windows", (window, stride), sampling, self.threads))
+            self._request(source, ("windows", (window, stride), sampling, self.threads, self._header()))
             finished = False
             try:
-                for kind, obj in self._replies(source, target):
+                for kind, obj in self._replies(source):
                     if kind == "item":
                         yield obj
                     else:
@@ -132,32 +212,39 @@ class DecodeWorker:
                 if not finished:
                     self._kill()
 
-    def _send(self, source, request: tuple):
+    def _header(self) -> dict:
+        return {"max_pixels": self.limits.max_pixels, "max_frames": self.limits.max_frames}
+
+    def _request(self, source, request: tuple) -> None:
+        """Send `request` for `source` and wait for the child's acknowledgement. A child that died while idle
+        (or dies before it has read the request) is replaced and the request sent again, once."""
         target = check_source(source)  # refused inputs never reach the decoder
-        if self._proc is None or self._proc.poll() is not None:
-            self._kill()
-            self._start()
-        self._err.seek(0)
-        self._err.truncate()
-        data = pickle.dumps((request[0], target, display(source), *request[1:]), protocol=pickle.HIGHEST_PROTOCOL)
+        name = display(source)
+        data = pickle.dumps((request[0], target, name, *request[1:]), protocol=pickle.HIGHEST_PROTOCOL)
+        self._left = self.limits.total_s
         for attempt in (0, 1):
+            if self._proc is None or self._proc.poll() is not None:
+                self._kill()
+                self._start()
+            self._err.seek(0)
+            self._err.truncate()
             try:
                 view = memoryview(data)
                 while view:
                     view = view[self._proc.stdin.write(view):]
-                break
-            except OSError:  # the idle child died: start another
-                if attempt:
-                    raise VideoError(f"{display(source)}: the decode worker cannot be started") from None
-                self._kill()
-                self._start()
-        return target
+                if self._recv(name, START_S, counted=False) == ("ack",):
+                    return
+            except (OSError, VideoError):  # the child was gone before it took the request
+                pass
+            self._kill()
+        raise VideoError(f"{name}: the decode worker cannot be started (it exits before taking an input); "
+                         "run `python -c 'import cv2'` to see why")
 
-    def _replies(self, source, target) -> Iterator[tuple[str, object]]:
-        """("item", obj)… then ("done", obj); raises VideoError on an error, a crash or a stall."""
+    def _replies(self, source) -> Iterator[tuple[str, object]]:
+        """("item", obj)… then ("done", obj); raises VideoError on an error, a crash, a stall or the total limit."""
         name = display(source)
         while True:
-            msg = self._recv(name)
+            msg = self._recv(name, self.limits.stall_s)
             kind = msg[0]
             if kind == "tick":
                 continue
@@ -170,27 +257,39 @@ class DecodeWorker:
             if kind == "done":
                 return
 
-    def _read(self, n: int, name: str) -> bytes:
-        """Exactly n bytes from the child; VideoError if it dies or stays silent for stall_s."""
+    def _read(self, n: int, name: str, wait_s: float, counted: bool) -> bytes:
+        """Exactly n bytes from the child; VideoError if it dies, stays silent for wait_s, or (counted) the
+        request's total_s runs out while waiting."""
         fd = self._proc.stdout.fileno()
         buf = bytearray()
         while len(buf) < n:
-            ready, _, _ = select.select([fd], [], [], self.stall_s)
+            by_total = counted and self._left is not None and self._left < wait_s
+            t = time.monotonic()
+            ready = []
+            if not by_total or self._left > 0:
+                ready, _, _ = select.select([fd], [], [], self._left if by_total else wait_s)
+            if counted and self._left is not None:
+                self._left -= time.monotonic() - t
             if not ready:
                 self._kill()
-                raise VideoError(f"{name}: decoding stalled: no frame for {self.stall_s:g} s (a stream that "
+                if by_total:
+                    raise VideoError(f"{name}: decoding took longer than {self.limits.total_s:g} s in all; "
+                                     "skipped. Raise --max-decode-s if such files are expected", "timeout")
+                if not counted:
+                    raise VideoError(f"{name}: the decode worker did not start within {wait_s:g} s")
+                raise VideoError(f"{name}: decoding stalled: no frame for {wait_s:g} s (a stream that "
                                  "stopped sending, or a file the decoder blocks on); skipped. Raise "
-                                 "--decode-timeout if the source is just slow")
+                                 "--decode-timeout if the source is just slow", "stall")
             chunk = os.read(fd, min(n - len(buf), 1 << 20))
             if not chunk:
                 raise self._crashed(name)
             buf += chunk
         return bytes(buf)
 
-    def _recv(self, name: str):
-        size = int.from_bytes(self._read(8, name), "little")
+    def _recv(self, name: str, wait_s: float, counted: bool = True):
+        size = int.from_bytes(self._read(8, name, wait_s, counted), "little")
         try:
-            return pickle.loads(self._read(size, name))
+            return pickle.loads(self._read(size, name, wait_s, counted))
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError):
             raise self._crashed(name) from None
 
@@ -212,12 +311,77 @@ class DecodeWorker:
             why = f"exit code {code}"
         return VideoError(f"{name}: the decoder crashed ({why}) on this input{tail}; the file is damaged or "
                           "in a form OpenCV/FFmpeg cannot handle: check it with `ffprobe FILE` and re-encode it "
-                          "(ffmpeg -i FILE -c:v libx264 OUT.mp4)")
+                          "(ffmpeg -i FILE -c:v libx264 OUT.mp4)", "crash")
+
+
+class DecoderPool:
+    """`size` DecodeWorkers shared by threads: each call takes a free worker (waiting for one), so up to `size`
+    inputs decode at once. A worker whose child crashed or was killed starts a new one for its next input: the
+    pool never breaks. Thread-safe; close() ends every child."""
+
+    def __init__(self, size: int = 1, threads: int | None = 1, limits: DecodeLimits | None = None):
+        if size < 1:
+            raise StexportError(f"{size} decoding processes: need at least 1")
+        self.limits = limits or DecodeLimits()
+        self.workers = [DecodeWorker(threads, self.limits) for _ in range(int(size))]
+        self._free: queue.Queue = queue.Queue()
+        for w in self.workers:
+            self._free.put(w)
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def grow(self, size: int) -> DecoderPool:
+        """At least `size` workers (new ones start on first use)."""
+        while len(self.workers) < size:
+            w = DecodeWorker(self.workers[0].threads, self.limits)
+            self.workers.append(w)
+            self._free.put(w)
+        return self
+
+    def start(self) -> None:
+        """Start every child now (a server does, so its first requests do not wait for imports)."""
+        for w in self.workers:
+            w.start()
+
+    def pids(self) -> list[int]:
+        return [p for p in (w.pid for w in self.workers) if p is not None]
+
+    def decode(self, source, sampling: Sampling) -> Decoded:
+        """DecodeWorker.decode on a free worker (VideoError for this input if anything fails)."""
+        worker = self._free.get()
+        try:
+            return worker.decode(source, sampling)
+        finally:
+            self._free.put(worker)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def decode_isolated(source, sampling: Sampling, threads: int | None = None,
+                    limits: DecodeLimits | None = None) -> Decoded:
+    """One input decoded in a child process of its own (started and ended here): for one-off callers
+    (`dump-clip`). VideoError for this input if anything fails."""
+    with DecodeWorker(threads, limits) as worker:
+        return worker.decode(source, sampling)
 
 
 # --- the child --------------------------------------------------------------------------------------------
 
-def _serve() -> None:
+def _serve(memory_mb: str = "") -> None:
+    if memory_mb:
+        import resource
+
+        cap = int(memory_mb) << 20
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     from stexport.runtime import video
 
     # Replies go on a private copy of stdout; fd 1 itself goes to stderr, so no C library can corrupt them.
@@ -237,27 +401,31 @@ def _serve() -> None:
             last[0] = now
             send(("tick",))
 
-    video.on_frame = tick
     while True:
         try:
-            op, target, name, extra, sampling, threads = pickle.load(requests)
+            op, target, name, extra, sampling, threads, header = pickle.load(requests)
         except EOFError:
             return
+        send(("ack",))
         last[0] = time.monotonic()
         try:
             if op == "decode":
-                d = video.decode(target, sampling, threads)
+                d = video.decode(target, sampling, threads, progress=tick, **header)
                 d.source = name
                 send(("done", d))
             else:
                 window, stride = extra
-                for w in video.decode_windows(target, sampling, window, stride, threads):
+                for w in video.decode_windows(target, sampling, window, stride, threads, progress=tick, **header):
                     send(("item", w))
                 send(("done", None))
         except video.VideoError as e:
             send(("error", "video", str(e).replace(str(target), name) if isinstance(target, str) else str(e)))
         except StexportError as e:
             send(("error", "input", str(e)))
+        except MemoryError:
+            send(("error", "video", (f"{name}: decoding it needs more memory than the decoder's limit of "
+                                     f"{memory_mb} MB (--decode-memory-mb); a decode bomb, or a video to "
+                                     "downscale first")))
         except Exception as e:  # noqa: BLE001 - any decoder failure is this input's error
             first = (str(e).strip().splitlines() or [""])[0][:200]
             send(("error", "video", f"{name}: cannot decode ({type(e).__name__}: {first})"))

@@ -25,7 +25,10 @@ class ClassifierSpec:
     sorted tuple of pairs. labels: class-names file overriding the bundle's. sampling: a stexport.runtime.video.Sampling
     (None: the bundle's). top_k: classes per result. batch_size: views per backend call (≥ 1).
     decode_threads: videos decoded at the same time, each by one FFmpeg thread in a decoder process (≥ 1).
-    decode_timeout: seconds a video's decoder may read no frame before that video is given up.
+    decode_timeout: seconds a video's decoder may read no frame before that video is given up; max_decode_s:
+    seconds one video may take to decode in all (None: no limit); max_pixels, max_frames: what a video's header
+    may claim before it is decoded; decode_memory_mb: each decoder process's address space (None: no limit).
+    See stexport.runtime.decode_worker.DecodeLimits (the defaults are its).
     task: a task pack's path (a TaskPack is stored as its path) to run on the swappable bundle instead of the
     bundle's own task: its classes, labels and (unless `sampling` is given) default sampling; every worker
     reads it by this path and loads it once.
@@ -44,6 +47,10 @@ class ClassifierSpec:
     batch_size: int = DEFAULT_BATCH
     decode_threads: int = 1
     decode_timeout: float = 60.0  # seconds a decoder may read no frame before its video is given up
+    max_decode_s: float | None = None  # seconds one video may take to decode in all
+    max_pixels: int | None = 36_000_000  # = decode_worker.MAX_PIXELS (this module imports no decoder)
+    max_frames: int | None = 1_000_000  # = decode_worker.MAX_FRAMES
+    decode_memory_mb: int | None = 4096  # = decode_worker.MEMORY_MB
     task: str | None = None  # a task pack's path
 
     def __post_init__(self):
@@ -64,7 +71,9 @@ class ClassifierSpec:
 
         return Classifier(self.bundle, backend=self.backend, labels=self.labels, sampling=self.sampling,
                           top_k=self.top_k, batch_size=self.batch_size, decode_threads=self.decode_threads,
-                          decode_timeout=self.decode_timeout, task=self.task,
+                          decode_timeout=self.decode_timeout, max_decode_s=self.max_decode_s, task=self.task,
+                          max_pixels=self.max_pixels, max_frames=self.max_frames,
+                          decode_memory_mb=self.decode_memory_mb,
                           **dict(self.options))
 
     def replace(self, **changes) -> ClassifierSpec:

@@ -59,12 +59,19 @@ LIVE_SECONDS = 2.0
 BAND = 1  # first pass also keeps the BAND frames before each index the header's count needs
 # Codecs the FFmpeg inside opencv-python(-headless) has no software decoder for: the file opens, no frame decodes.
 UNDECODABLE = {"av01": "AV1"}
-# Called once per frame the decoder reads; the decode worker sets it to prove progress to its watchdog.
-on_frame: Callable[[], None] | None = None
+# A callable the decoding functions call once per frame they read (`progress=`): the decode worker passes one
+# that proves progress to its stall watchdog (stexport.runtime.decode_worker).
+Progress = Callable[[], None]
 
 
 class VideoError(StexportError):
-    """A video that cannot give a clip; the message names the file."""
+    """A video that cannot give a clip; the message names the file. `reason`: what went wrong, for counting
+    (metrics): "invalid" (not a video, no frames, over a limit), "stall", "timeout" (the total limit) or
+    "crash" (the decoder process died)."""
+
+    def __init__(self, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -280,12 +287,15 @@ def _quiet(cv2) -> None:
         cv2.setLogLevel(2)  # LOG_LEVEL_ERROR
 
 
-def open_capture(source, threads: int | None = None):
+def open_capture(source, threads: int | None = None, max_pixels: int | None = None,
+                 max_frames: int | None = None):
     """cv2.VideoCapture for a file, URL or camera index; VideoError if it cannot be opened as a video.
 
     Inputs go through `check_source` first. threads: FFmpeg decoder threads (None: OpenCV's default, one per
     core). One thread decodes with about a quarter less CPU time, the better choice when decoding runs
-    beside inference.
+    beside inference. max_pixels, max_frames: limits checked against the stream's header (width × height,
+    the frame count it claims) before any frame is decoded; VideoError naming the limit when it is over one
+    (a decode bomb: a tiny file of huge frames, or of more frames than anyone should decode).
     """
     import cv2
 
@@ -306,7 +316,29 @@ def open_capture(source, threads: int | None = None):
     if _fourcc(cap) in ("ansi", "text"):  # FFmpeg's tty demuxer renders any text file as a "video"
         cap.release()
         raise VideoError(f"{name}: a text file, not a video")
+    if max_pixels or max_frames:
+        try:
+            check_header(cap, name, max_pixels, max_frames)
+        except VideoError:
+            cap.release()
+            raise
     return cap
+
+
+def check_header(cap, name: str, max_pixels: int | None, max_frames: int | None) -> None:
+    """VideoError when the open capture's header says frames of more than `max_pixels` pixels, or more than
+    `max_frames` frames (None: no limit)."""
+    import cv2
+
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+    if max_pixels and w * h > max_pixels:
+        raise VideoError(f"{name}: its frames are {w}x{h} ({w * h / 1e6:.0f} megapixels), over the decoder's limit "
+                         f"of {max_pixels / 1e6:g} megapixels (--max-pixels): a decode bomb, or a video to "
+                         "downscale first (ffmpeg -i FILE -vf scale=-2:2160 OUT.mp4)")
+    n = _header(cap)
+    if max_frames and n is not None and n > max_frames:
+        raise VideoError(f"{name}: its header claims {n} frames, over the decoder's limit of {max_frames} "
+                         "(--max-frames); cut it into parts (ffmpeg -i FILE -c copy -f segment OUT%03d.mp4)")
 
 
 def _fourcc(cap) -> str:
@@ -329,14 +361,15 @@ def _no_frames(name: str, fourcc: str, header: int | None) -> VideoError:
                       "`ffprobe FILE` and re-encode it (ffmpeg -i FILE -c:v libx264 OUT.mp4)")
 
 
-def _read(cap, wanted: set[int], size: int, stop: int | None = None) -> tuple[dict[int, np.ndarray], int]:
+def _read(cap, wanted: set[int], size: int, stop: int | None = None,
+          progress: Progress | None = None) -> tuple[dict[int, np.ndarray], int]:
     """Decode in order: the frames `wanted` (resized), and how many decoded before the end or `stop`."""
     got, i = {}, 0
     while stop is None or i < stop:
         if not cap.grab():
             break
-        if on_frame is not None:
-            on_frame()
+        if progress is not None:
+            progress()
         if i in wanted:
             ok, frame = cap.retrieve()
             if not ok or frame is None:
@@ -387,22 +420,26 @@ def _opens_live(source, cap) -> bool:
     return is_camera(source) or (is_url(source) and _header(cap) is None)
 
 
-def decode(source, sampling: Sampling, threads: int | None = None) -> Decoded:
+def decode(source, sampling: Sampling, threads: int | None = None, progress: Progress | None = None,
+           max_pixels: int | None = None, max_frames: int | None = None) -> Decoded:
     """Decode one video (file, URL or camera index) into clips; see the module docstring for the rules.
 
-    threads: FFmpeg decoder threads (see open_capture). Raises VideoError when no clip can be made.
+    threads: FFmpeg decoder threads, max_pixels and max_frames header limits (see open_capture). progress:
+    called once per frame read. Raises
+    VideoError when no clip can be made. This decodes in the calling process; stexport's commands decode
+    through stexport.runtime.decode_worker (a child process, where a crash or a stall costs one input).
     """
     name = _name(source)
-    cap = open_capture(source, threads)
+    cap = open_capture(source, threads, max_pixels, max_frames)
     if _opens_live(source, cap):
-        return _decode_live(cap, name, sampling)
+        return _decode_live(cap, name, sampling, progress)
     try:
         header, fps, fourcc = _header(cap), _fps(cap), _fourcc(cap)
         wanted = set()
         if header:
             for i in (i for view in frame_indices(header, sampling) for i in view):
                 wanted.update(range(i - BAND, i + 1))
-        frames, n = _read(cap, wanted, sampling.size)
+        frames, n = _read(cap, wanted, sampling.size, progress=progress)
     finally:
         cap.release()
     passes = 1
@@ -419,7 +456,7 @@ def decode(source, sampling: Sampling, threads: int | None = None) -> Decoded:
             raise VideoError(f"{name}: frames decode differently on every read; re-encode the file")
         cap = open_capture(source, threads)
         try:
-            got, reached = _read(cap, missing, sampling.size, stop=max(missing) + 1)
+            got, reached = _read(cap, missing, sampling.size, stop=max(missing) + 1, progress=progress)
         finally:
             cap.release()
         passes += 1
@@ -440,14 +477,14 @@ def decode_clips(source, sampling: Sampling) -> np.ndarray:
     return decode(source, sampling).clips
 
 
-def _decode_live(cap, name: str, sampling: Sampling) -> Decoded:
+def _decode_live(cap, name: str, sampling: Sampling, progress: Progress | None = None) -> Decoded:
     """Clips from the next frames of an open live capture (released here)."""
     try:
         fps = _fps(cap)
         rate = sampling.rate or max(1, round((fps or 30.0) * LIVE_SECONDS / sampling.frames))
         span = (sampling.frames - 1) * rate + 1
         wanted = {t * span + j * rate for t in range(sampling.temporal_views) for j in range(sampling.frames)}
-        frames, i = _read(cap, wanted, sampling.size, stop=span * sampling.temporal_views)
+        frames, i = _read(cap, wanted, sampling.size, stop=span * sampling.temporal_views, progress=progress)
     finally:
         cap.release()
     if not frames:
@@ -473,14 +510,14 @@ class Window:
 EPS = 1e-4  # seconds: timestamps come as float milliseconds
 
 
-def _times(cap, fps: float | None, name: str) -> tuple[list[float], list[str]]:
+def _times(cap, fps: float | None, name: str, progress: Progress | None = None) -> tuple[list[float], list[str]]:
     """Pass 1: every decodable frame's presentation time in seconds from the first (CAP_PROP_POS_MSEC)."""
     import cv2
 
     raw = []
     while cap.grab():
-        if on_frame is not None:
-            on_frame()
+        if progress is not None:
+            progress()
         raw.append(cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0)
     if not raw:
         return raw, []
@@ -512,7 +549,8 @@ def _plan(times: list[float], fps: float | None, window: float, stride: float):
 
 
 def decode_windows(source, sampling: Sampling, window: float, stride: float,
-                   threads: int | None = None) -> Iterator[Window]:
+                   threads: int | None = None, progress: Progress | None = None, max_pixels: int | None = None,
+                   max_frames: int | None = None) -> Iterator[Window]:
     """Clips for windows of `window` seconds every `stride` seconds.
 
     Seconds are the file's presentation timestamps; a window holds the frames shown during it (from the frame
@@ -524,13 +562,13 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
     if window <= 0 or stride <= 0:
         raise StexportError("--window and --stride must be positive (seconds)")
     name = _name(source)
-    cap = open_capture(source, threads)
+    cap = open_capture(source, threads, max_pixels, max_frames)
     if _opens_live(source, cap):
-        yield from _live_windows(cap, name, sampling, window, stride)
+        yield from _live_windows(cap, name, sampling, window, stride, progress)
         return
     try:
         fps, fourcc, header = _fps(cap), _fourcc(cap), _header(cap)
-        times, notes = _times(cap, fps, name)
+        times, notes = _times(cap, fps, name, progress)
     finally:
         cap.release()
     if not times:
@@ -560,8 +598,8 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
             if not cap.grab():
                 raise VideoError(f"{name}: the second read ended at frame {i} of {len(times)}; frames decode "
                                  "differently on every read: re-encode the file")
-            if on_frame is not None:
-                on_frame()
+            if progress is not None:
+                progress()
             if i in needs:
                 ok, frame = cap.retrieve()
                 if not ok or frame is None:
@@ -572,7 +610,8 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
         cap.release()
 
 
-def _live_windows(cap, name: str, sampling: Sampling, window: float, stride: float) -> Iterator[Window]:
+def _live_windows(cap, name: str, sampling: Sampling, window: float, stride: float,
+                  progress: Progress | None = None) -> Iterator[Window]:
     """Windows of a live source, in frames at its nominal rate; times from the frames' timestamps."""
     import cv2
 
@@ -592,8 +631,8 @@ def _live_windows(cap, name: str, sampling: Sampling, window: float, stride: flo
         while True:
             if not cap.grab():
                 break
-            if on_frame is not None:
-                on_frame()
+            if progress is not None:
+                progress()
             t = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
             t0 = t if t0 is None else t0
             stamps[i] = t - t0 if np.isfinite(t) and t >= t0 else i / fps

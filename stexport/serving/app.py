@@ -30,8 +30,9 @@ Requests from different callers are batched (`serve.batch`): the views of up to 
 backend call, one call per task in a batch (tasks are never mixed in a call; Ray Serve also splits batches
 by the multiplexing header). A server is an attack surface, so by default it binds 127.0.0.1, reads no
 server-side path and fetches no URL; uploads over `max_upload_mb` are refused before they are read; every video is decoded in a
-separate worker process that is killed after `decode_timeout_s` (a hostile file can neither hang nor crash the
-replica); server-side paths, when enabled with allowed roots, must resolve (symlinks followed) to a regular file
+decoder process of the replica's stexport.runtime.decode_worker.DecoderPool (`decode_workers` of them), killed when
+it reads no frame for `decode_timeout_s` or decodes longer than `max_decode_s` in all, and replaced when it dies
+(a hostile file can neither hang nor crash the replica); server-side paths, when enabled with allowed roots, must resolve (symlinks followed) to a regular file
 inside one of them and may not contain `..`. Every bad request gets a 4xx JSON `{"error": ...}` and the server
 keeps serving.
 
@@ -41,7 +42,7 @@ in oip.py, oip_routes.py (the deployment's base class, whose __call__ passes the
 `serve_classic`), oip_grpc.py, metrics.py and auth.py.
 
 Classification goes through `ServingClassifier`, the one place this module touches stexport.runtime.classify.
-Ray Serve, python-multipart and pebble are the `stexport[serve]` extra, imported only when a server starts.
+Ray Serve and python-multipart are the `stexport[serve]` extra, imported only when a server starts.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stexport.errors import StexportError
 from stexport.extras import missing
+from stexport.runtime.decode_worker import DEFAULT_STALL_S, MAX_FRAMES, MAX_PIXELS, MEMORY_MB, SERVE_MAX_DECODE_S
 
-SERVE_MODULES = ("ray", "python_multipart", "pebble", "tritonclient", "prometheus_client")
+SERVE_MODULES = ("ray", "python_multipart", "tritonclient", "prometheus_client")
 PIP = "pip install 'stexport[serve]'"
 RAW_TYPES = ("application/octet-stream",)  # and every video/* type
 CHUNK = 1 << 20
@@ -93,7 +95,11 @@ class ServeConfig(BaseModel):
     max_batch: int = Field(8, ge=1)  # videos per backend call
     batch_wait_s: float = Field(0.01, ge=0)
     max_upload_mb: float = Field(100.0, gt=0)
-    decode_timeout_s: float = Field(30.0, gt=0)
+    decode_timeout_s: float = Field(DEFAULT_STALL_S, gt=0)  # --decode-timeout: seconds a decoder may read no frame
+    max_decode_s: float = Field(SERVE_MAX_DECODE_S, gt=0)  # --max-decode-s: seconds one video may take to decode
+    max_pixels: int = Field(MAX_PIXELS, ge=1)  # per frame, from the stream's header, before decoding
+    max_frames: int = Field(MAX_FRAMES, ge=1)  # frames the header may claim
+    decode_memory_mb: int = Field(MEMORY_MB, ge=64)  # each decoder process's address space
     decode_workers: int = Field(1, ge=1)  # decoding processes per replica
     allow_paths: tuple[str, ...] = ()  # roots server-side paths may be read from (realpaths)
     tasks: tuple[str, ...] = ()  # task pack paths, loaded beside the bundle's own task
@@ -239,12 +245,14 @@ def replica_failure(serve, app: str, error: Exception, bundle_path) -> str:
 
 
 class RequestError(Exception):
-    """A bad request: HTTP `status` (4xx) and a one-line message for the JSON error body."""
+    """A bad request: HTTP `status` (4xx) and a one-line message for the JSON error body; `reason`: a decoding
+    failure's VideoError.reason (None for other errors)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, reason: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason = reason
 
 
 def confine(path: str, roots: tuple[str, ...]) -> str:
@@ -277,19 +285,6 @@ def json_type(value) -> str:
     kinds = ((bool, "true/false"), (str, "a string"), (int, "a number"), (float, "a number"), (list, "an array"),
              (dict, "an object"))
     return next((name for t, name in kinds if isinstance(value, t)), "null")
-
-
-def _warm_decoder() -> None:
-    """A decoding process's start: import the decoder before any request's time limit runs."""
-    import stexport.runtime.video  # noqa: F401
-
-
-def _decode_worker(path: str, sampling: dict, name: str):
-    """Runs in a decoding process: (source name, clips, frames decoded, notes)."""
-    from stexport.runtime.video import Sampling, decode
-
-    d = decode(path, Sampling(**sampling), threads=1)
-    return name, d.clips, d.frames, d.notes
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -401,6 +396,8 @@ def metadata(bundle_path: str, described: dict, cfg: ServeConfig, labels: list[s
         "sampling": described.get("sampling"),
         "backend": {k: v for k, v in described.items() if k not in ("sampling",)},
         "limits": {"max_upload_bytes": cfg.max_upload_bytes, "decode_timeout_s": cfg.decode_timeout_s,
+                   "max_decode_s": cfg.max_decode_s, "max_pixels": cfg.max_pixels, "max_frames": cfg.max_frames,
+                   "decode_memory_mb": cfg.decode_memory_mb,
                    "max_batch_videos": cfg.max_batch, "server_paths": bool(cfg.allow_paths),
                    "urls": False},
         "tasks": tasks or [],
@@ -424,19 +421,21 @@ def deployment(cfg: ServeConfig):
                       ray_actor_options={"num_cpus": cfg.replica_cpus})
     class StexportClassifier(OIPRoutes):
         def __init__(self, config: dict):
-            import multiprocessing
             from concurrent.futures import ThreadPoolExecutor
 
-            from pebble import ProcessPool
+            from stexport.runtime.decode_worker import DecodeLimits, DecoderPool
 
             self.cfg = ServeConfig.model_validate(config)
             opts = backend_options(self.cfg)
             self.model = ServingClassifier(self.cfg.bundle, self.cfg.backend, self.cfg.top_k, self.cfg.tasks,
                                            self.cfg.default_task, options=opts)
-            # decoding in processes that can be killed (time limit, crashes); spawned, never forked from a
-            # threaded actor
-            self.decoders = ProcessPool(max_workers=self.cfg.decode_workers, initializer=_warm_decoder,
-                                        context=multiprocessing.get_context("spawn"))
+            # decoding in child processes (stalls, the time limit and crashes cost one request; a dead child is
+            # replaced), started now so that no request waits for their imports; a thread per child drives it
+            c = self.cfg
+            self.decoders = DecoderPool(c.decode_workers, threads=1, limits=DecodeLimits(
+                c.decode_timeout_s, c.max_decode_s, c.max_pixels, c.max_frames, c.decode_memory_mb))
+            self.decoders.start()
+            self.decoding = ThreadPoolExecutor(self.cfg.decode_workers, thread_name_prefix="stexport-decode")
             self.runner = ThreadPoolExecutor(1, thread_name_prefix="stexport-model")  # one backend call at a time
             self.tmp = tempfile.mkdtemp(prefix="stexport-serve-")
             tasks = [t.describe(t.name == self.model.default) for t in self.model.tasks.values()]
@@ -595,28 +594,13 @@ def deployment(cfg: ServeConfig):
             return f.file_object.read(), name, tasks
 
         async def decode_file(self, path: str, name: str, task: Task) -> Clips:
-            from concurrent.futures import TimeoutError as FutureTimeout
-
-            from pebble import ProcessExpired
-
-            from stexport.runtime.video import VideoError
-
             t = time.perf_counter()
-            future = self.decoders.schedule(_decode_worker, (path, task.sampling.to_dict(), name),
-                                            timeout=self.cfg.decode_timeout_s)
+            loop = asyncio.get_running_loop()
             try:
-                source, clips, frames, notes = await asyncio.wrap_future(future)
-            except FutureTimeout:
-                raise RequestError(422, f"{name}: decoding took longer than this server's limit of "
-                                        f"{self.cfg.decode_timeout_s:g} s") from None
-            except ProcessExpired as e:
-                raise RequestError(422, f"{name}: the decoder crashed on this file (exit code {e.exitcode}); "
-                                        "not a video it can read") from None
-            except VideoError as e:
-                raise RequestError(422, str(e).replace(path, name)) from None
-            except StexportError as e:
-                raise RequestError(422, str(e).replace(path, name)) from None
-            return Clips(source, clips, frames, time.perf_counter() - t, notes, task.name)
+                d = await loop.run_in_executor(self.decoding, self.decoders.decode, path, task.sampling)
+            except StexportError as e:  # this video's VideoError: a crash, a stall, the time limit, not a video
+                raise RequestError(422, str(e).replace(path, name), getattr(e, "reason", "invalid")) from None
+            return Clips(name, d.clips, d.frames, time.perf_counter() - t, d.notes, task.name)
 
         # -- batched classification -------------------------------------------------------------------------
 
@@ -635,7 +619,8 @@ def deployment(cfg: ServeConfig):
 
         def __del__(self):
             try:
-                self.decoders.stop()
+                self.decoders.close()
+                self.decoding.shutdown(wait=False)
                 self.model.close()
             except Exception:  # noqa: BLE001 - shutting down
                 pass

@@ -8,7 +8,7 @@ Each replica keeps its own registry, so with several replicas a scrape sees the 
     stexport_decode_seconds{model}                   decoding one video (upload written to a file → clips)
     stexport_backend_seconds{model}                  one backend call (a batch's views of one task)
     stexport_batch_videos                            videos per batch (serve.batch, across callers)
-    stexport_decode_failures_total{reason}           videos that failed to decode: timeout, crash, invalid
+    stexport_decode_failures_total{reason}           videos that failed to decode: invalid, stall, timeout, crash
 """
 
 from __future__ import annotations
@@ -47,10 +47,8 @@ class Metrics:
     def decoded(self, model: str, seconds: float) -> None:
         self.decode.labels(self.replica, model).observe(seconds)
 
-    def decode_failed(self, message: str) -> None:
-        """Count a decoding failure; its reason from the serve's decode error message."""
-        reason = ("timeout" if "longer than this server's limit" in message else
-                  "crash" if "decoder crashed" in message else "invalid")
+    def decode_failed(self, reason: str) -> None:
+        """Count a decoding failure by its VideoError.reason: invalid, stall, timeout or crash."""
         self.decode_failures.labels(self.replica, reason).inc()
 
     def batched(self, items, now: float) -> None:

@@ -273,7 +273,7 @@ class OIPRoutes:
             clips = await self.decode_file(path, name, task)
         except RequestError as e:
             if e.status == 422:
-                self.metrics.decode_failed(e.message)
+                self.metrics.decode_failed(e.reason or "invalid")
             raise
         self.metrics.decoded(task.name, clips.decode_s)
         return clips

@@ -1,8 +1,12 @@
 """Classify a corpus on Ray (`stexport infer --ray`): the same classification as `Classifier.classify_batch`,
 as a Ray Data pipeline.
 
-    sources ─► decode (CPU tasks, one FFmpeg thread each) ─► inference (an actor pool: one backend loaded
-    per actor from a ClassifierSpec, views of several videos per call) ─► (input index, result dict)
+    sources ─► decode (an actor pool: each actor drives one decoder child process, one FFmpeg thread) ─►
+    inference (an actor pool: one backend loaded per actor from a ClassifierSpec, views of several videos per
+    call) ─► (input index, result dict)
+
+Decoding is the one isolated decoder (stexport.runtime.decode_worker) with the spec's limits: a video that
+crashes or stalls it, or decodes longer than `max_decode_s`, is that video's failure; the run goes on.
 
 Results come back in input order (Ray Data's preserve_order, and a reorder buffer on top), one dict per
 source in `infer --json`'s schema, failures included. Needs `pip install 'stexport[ray]'`.
@@ -25,6 +29,7 @@ import numpy as np
 
 from stexport.runtime.batch import Decoding, decode_source, run_decoded
 from stexport.runtime.spec import ClassifierSpec
+from stexport.runtime.decode_worker import DecodeLimits, DecodeWorker, limits_of
 from stexport.errors import StexportError
 from stexport.extras import require
 
@@ -91,7 +96,11 @@ def classify(spec: ClassifierSpec, sources: Sequence[tuple[int, str]], workers: 
     # A decode task's memory (its clips twice over, plus the decoder's own) is declared for the scheduler; it
     # also keeps decoding in its own tasks instead of fused into the inference actors.
     clip_bytes = sampling.views * sampling.frames * sampling.size ** 2 * 3
-    ds = ds.map(_decode_row, fn_kwargs={"sampling": sampling}, num_cpus=1, memory=2 * clip_bytes + (64 << 20))
+    decoders = max(1, int(cpus - workers * cpus_per_worker))
+    limits = limits_of(spec.decode_timeout, spec.max_decode_s, max_pixels=spec.max_pixels,
+                       max_frames=spec.max_frames, memory_mb=spec.decode_memory_mb)
+    ds = ds.map(_DecodeRows, fn_constructor_kwargs={"sampling": sampling, "limits": limits}, num_cpus=1,
+                memory=2 * clip_bytes + (64 << 20), compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders))
     ds = ds.map_batches(_infer_class(spec, shipped, shipped_task), batch_size=per_call,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
                         num_cpus=cpus_per_worker)
@@ -111,8 +120,23 @@ def classify(spec: ClassifierSpec, sources: Sequence[tuple[int, str]], workers: 
         raise
 
 
-def _decode_row(row: dict, sampling) -> dict:
-    d: Decoding = decode_source(row["source"], sampling, threads=1)
+class _DecodeRows:
+    """A Ray Data decode actor: one decoder child process (replaced when it dies), one row in, one row out."""
+
+    def __init__(self, sampling, limits: DecodeLimits | None = None):
+        self.sampling = sampling
+        self.decoder = DecodeWorker(threads=1, limits=limits)
+
+    def __call__(self, row: dict) -> dict:
+        return _decode_row(row, self.sampling, self.decoder)
+
+    def __del__(self):
+        self.decoder.close()
+
+
+def _decode_row(row: dict, sampling, decoder=None) -> dict:
+    """A decoded row; `decoder`: a DecodeWorker (None: a child process for this row alone)."""
+    d: Decoding = decode_source(row["source"], sampling, threads=1, decoder=decoder)
     if d.failure is not None:
         clips = np.zeros((sampling.views, sampling.frames, sampling.size, sampling.size, 3), np.uint8)
         return {"i": row["i"], "source": d.source, "clips": clips, "frames": 0, "notes": "[]",
