@@ -169,13 +169,19 @@ def test_header_that_lies_samples_decodable_frames(make_video, tmp_path):
 
 @pytest.mark.parametrize("shift", [1, -1, 6, -6])
 def test_wrong_frame_count_guess_is_corrected(make_video, monkeypatch, shift):
+    """The sequential path (files that cannot be sought, see test_seek.py) counts the frames that decode."""
     path = make_video("v.avi", frames=45)
     s = Sampling(frames=8, size=64, rate=0, temporal_views=1)
     truth = decode(path, s)
+
+    def no_index(path):
+        raise video.seek.NotSeekable("no index (test)")
+
+    monkeypatch.setattr(video.seek, "probe", no_index)
     real = video._header
     monkeypatch.setattr(video, "_header", lambda cap: real(cap) + shift)
     d = decode(path, s)
-    assert d.frames == 45 and np.array_equal(d.clips, truth.clips)
+    assert d.frames == 45 and np.array_equal(d.clips, truth.clips) and d.notes[0] == "decoded sequentially: no index (test)"
     assert d.passes == (1 if 0 < shift <= video.BAND else 2)  # a header claiming too many is covered
 
 

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from stexport.errors import StexportError
+from stexport.runtime import seek
 
 # FFmpeg writes a line per damaged packet to stderr; stexport reports damage itself, one line per file.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
@@ -396,6 +397,17 @@ def decode(source, sampling: Sampling, threads: int | None = None) -> Decoded:
     cap = open_capture(source, threads)
     if _opens_live(source, cap):
         return _decode_live(cap, name, sampling)
+    why = None
+    if not is_url(source):  # a file: exact frames by seeking (stexport.runtime.seek) where the file allows it
+        try:
+            decoded = _decode_seeking(check_source(source), name, sampling, threads, _header(cap), _fps(cap))
+            cap.release()
+            return decoded
+        except seek.NotSeekable as e:
+            why = f"decoded sequentially: {e}"
+        except BaseException:
+            cap.release()
+            raise
     try:
         header, fps, fourcc = _header(cap), _fps(cap), _fourcc(cap)
         wanted = set()
@@ -426,13 +438,31 @@ def decode(source, sampling: Sampling, threads: int | None = None) -> Decoded:
         frames.update(got)
         if reached < max(missing) + 1:  # this read failed earlier than the first: the video ends there
             n = reached
+    notes = [why] if why else []
+    notes += _count_notes(n, header, sampling)
+    return Decoded(name, assemble(frames, indices, sampling), n, header, fps, passes, notes)
+
+
+def _count_notes(n: int, header: int | None, sampling: Sampling) -> list[str]:
     notes = []
     if header and n < header:
         notes.append(f"header says {header} frames, {n} decode; sampled from those")
     if n < sampling.frames:
         notes.append(f"only {n} frame{'s' * (n != 1)}, fewer than the {sampling.frames} a clip needs; "
                      "frames repeat")
-    return Decoded(name, assemble(frames, indices, sampling), n, header, fps, passes, notes)
+    return notes
+
+
+def _decode_seeking(path: str, name: str, sampling: Sampling, threads: int | None, header: int | None,
+                    fps: float | None) -> Decoded:
+    """`decode` of a file by seeking to the frames its sampling needs; raises seek.NotSeekable where the file
+    cannot be sought exactly (the caller then decodes it sequentially)."""
+    pr = seek.probe(path)
+    indices = frame_indices(pr.frames, sampling)
+    frames = seek.read_frames(path, {i for view in indices for i in view},
+                              lambda bgr: resize_short(bgr, sampling.size), pr, threads, on_frame)
+    return Decoded(name, assemble(frames, indices, sampling), pr.frames, header, fps, 1,
+                   _count_notes(pr.frames, header, sampling))
 
 
 def decode_clips(source, sampling: Sampling) -> np.ndarray:
