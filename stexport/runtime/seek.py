@@ -9,7 +9,7 @@ keyframe before it and decodes forward to the frame with that pts (decord's `get
 `get_frames_at` and DALI's readers work the same way). No frame is decoded twice and no seek goes backwards.
 
 Exact means: frame i equals, bit for bit, the i-th frame of a sequential decode (what OpenCV's `grab()` loop
-gives) after the same BGR conversion (FFmpeg's swscale, `to_ndarray(format="bgr24")`) and OpenCV's rotation
+gives) after the same BGR conversion (FFmpeg's swscale with OpenCV's flags) and OpenCV's rotation
 by the stream's display matrix. That holds when the i-th decoded frame is the packet with the i-th smallest pts,
 which is checked, not assumed; a file that cannot be sought exactly raises `NotSeekable` with the reason, and the
 caller decodes it sequentially:
@@ -133,6 +133,12 @@ def _rotate(frame: np.ndarray, angle: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(frame, -(turn // 90))) if turn else frame
 
 
+def _bgr(frame) -> np.ndarray:
+    """BGR uint8 (H, W, 3) as OpenCV's capture converts it: swscale with SWS_BICUBIC (the flag matters for
+    10-bit video, where PyAV's default, bilinear, differs by up to 120 grey levels)."""
+    return frame.to_ndarray(format="bgr24", interpolation="BICUBIC")
+
+
 def read_frames(path: str, wanted: set[int], convert: Callable[[np.ndarray], np.ndarray],
                 pr: Probe | None = None, threads: int | None = None,
                 on_frame: Callable[[], None] | None = None) -> dict[int, np.ndarray]:
@@ -201,7 +207,7 @@ def read_frames(path: str, wanted: set[int], convert: Callable[[np.ndarray], np.
                     if n in pending:
                         if f.is_corrupt:
                             raise NotSeekable(f"frame {i} decoded with errors")
-                        got[i] = convert(_rotate(f.to_ndarray(format="bgr24"), f.rotation))
+                        got[i] = convert(_rotate(_bgr(f), f.rotation))
                         pending.discard(n)
                     out.append(f.pts)
                 if p is None:  # end of the file, the decoder drained: every packet fed gave its frame

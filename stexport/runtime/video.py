@@ -16,7 +16,16 @@ ordered as the official evaluation stacks them: spatial view outer, temporal vie
 The official code interpolates normalised floats; here the resize happens on uint8 frames (rounded, clipped),
 a difference of at most one grey level after rounding.
 
-Memory is bounded by the frames a clip needs, never by the video's length: frames are decoded in order and
+Files are decoded by seeking (`stexport.runtime.seek`, PyAV): a demux-only pass counts the frames and finds
+each one's timestamp, then only the GOPs that hold needed frames are decoded, so the cost grows with the frames
+sampled, not with the video's length; the frames equal, bit for bit, those of the sequential decode below. Where
+a file cannot be sought exactly (no index, unreliable timestamps, a decoder that gives a different number of
+frames than packets, …) it is decoded sequentially and the result's notes say why ("decoded sequentially: …").
+One difference: damage in a part of the file the sampling does not need is not seen, where the sequential decode
+ends the video at it.
+
+Sequential decoding (OpenCV; URLs and files that cannot be sought): memory is bounded by the frames a clip needs,
+never by the video's length: frames are decoded in order and
 only the needed ones are converted, resized and kept. `CAP_PROP_FRAME_COUNT` is only a guess (real files
 report frames that never decode): the first pass decodes the whole file once, counting the frames that
 decode while keeping the frames the header's count would need and the frame before each (so a header that
