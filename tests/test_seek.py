@@ -8,9 +8,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-import cv2
 import numpy as np
 import pytest
+from conftest import sequential_frames
 
 from stexport.runtime import seek, video
 from stexport.runtime.video import Sampling, decode
@@ -67,19 +67,6 @@ def corpus(tmp_path_factory):
     return d
 
 
-def sequential(path) -> list[np.ndarray]:
-    """Every frame of today's sequential decode (OpenCV), BGR."""
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return frames
-
-
 def decode_sequentially(path, s: Sampling, monkeypatch) -> video.Decoded:
     def no_seek(path):
         raise seek.NotSeekable("test")
@@ -113,7 +100,7 @@ def test_clips_equal_the_sequential_decode(corpus, name, monkeypatch):
         decoded.clear()
         pr = seek.probe(str(path))
         frames = seek.read_frames(str(path), set(range(pr.frames)), lambda f: f, pr, on_frame=on_frame(decoded))
-        ref = sequential(path)
+        ref = sequential_frames(path)
         assert pr.frames == len(ref) == len(frames) == len(decoded)
         assert all(np.array_equal(frames[i], ref[i]) for i in range(len(ref)))
 
@@ -133,7 +120,7 @@ def test_what_is_decoded_sequentially_says_why(corpus, tmp_path, make_video):
     cut.write_bytes(data[: len(data) - 2000])
     d = decode(cut, s)
     assert d.notes[0].startswith("decoded sequentially: "), d.notes
-    assert d.frames == len(sequential(cut)) < seek.probe(str(cut)).frames
+    assert d.frames == len(sequential_frames(cut)) < seek.probe(str(cut)).frames
     avi = make_video("full.avi", frames=40).read_bytes()
     chunks = [i for i in range(avi.find(b"movi"), len(avi)) if avi.startswith(b"00dc", i)]
     short = tmp_path / "short.avi"
@@ -153,6 +140,6 @@ def test_runs_never_seek_back_nor_decode_twice(corpus):
     calls = []
     want = {leading[len(leading) // 2], 5, 6, 7}
     got = seek.read_frames(path, want, lambda f: f, pr, on_frame=on_frame(calls))
-    ref = sequential(path)
+    ref = sequential_frames(path)
     assert all(np.array_equal(got[i], ref[i]) for i in want)
     assert len(calls) < pr.frames // 2  # two GOPs around the leading frame, the first one, the last one

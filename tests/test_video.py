@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import sequential_frames
 
 from stexport.runtime import video
 from stexport.errors import StexportError
@@ -74,14 +75,7 @@ def official_eval(rgb_frames: np.ndarray, s: Sampling) -> torch.Tensor:
 
 
 def all_frames(path) -> np.ndarray:
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-    out = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        out.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
-    return np.stack(out)
+    return np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in sequential_frames(path)])
 
 
 def to_pixels(official: torch.Tensor) -> np.ndarray:
