@@ -109,9 +109,9 @@ def on_frame(calls: list):
     return lambda: calls.append(1)
 
 
-def test_what_is_decoded_sequentially_says_why(corpus, tmp_path, make_video):
-    """Files that cannot be sought exactly: no index (MPEG-TS), a truncated MP4 whose index promises frames that
-    never decode, an AVI cut short (its header says 40 frames, 21 are there; its index is gone)."""
+def test_what_is_decoded_sequentially_says_why(corpus, tmp_path):
+    """Files that cannot be sought exactly: no index (MPEG-TS); a truncated MP4 whose index promises frames that
+    never decode (found by decoding the last GOP first)."""
     s = SAMPLINGS["rate 0"]
     d = decode(corpus / "mpegts.ts", s)
     assert d.notes[0] == "decoded sequentially: no index in the mpegts container"
@@ -119,14 +119,22 @@ def test_what_is_decoded_sequentially_says_why(corpus, tmp_path, make_video):
     cut = tmp_path / "truncated.mp4"
     cut.write_bytes(data[: len(data) - 2000])
     d = decode(cut, s)
-    assert d.notes[0].startswith("decoded sequentially: "), d.notes
+    assert d.notes[0] == "decoded sequentially: the decoder gave a different number of frames than packets"
     assert d.frames == len(sequential_frames(cut)) < seek.probe(str(cut)).frames
+
+
+def test_header_that_lies(make_video, tmp_path, monkeypatch):
+    """An AVI cut short: its header says 40 frames, 21 are there (and its index is gone); sought all the same,
+    the same clips as the sequential decode."""
     avi = make_video("full.avi", frames=40).read_bytes()
     chunks = [i for i in range(avi.find(b"movi"), len(avi)) if avi.startswith(b"00dc", i)]
     short = tmp_path / "short.avi"
     short.write_bytes(avi[: chunks[21]])
-    d = decode(short, s)
-    assert d.notes[0].startswith("decoded sequentially: ") and (d.header_frames, d.frames) == (40, 21)
+    for s in SAMPLINGS.values():
+        d, ref = decode(short, s), decode_sequentially(short, s, monkeypatch)
+        assert (d.header_frames, d.frames) == (40, 21) and d.notes == ["header says 40 frames, 21 decode; sampled "
+                                                                       "from those"]
+        assert np.array_equal(d.clips, ref.clips)
 
 
 def test_runs_never_seek_back_nor_decode_twice(corpus):
@@ -143,3 +151,25 @@ def test_runs_never_seek_back_nor_decode_twice(corpus):
     ref = sequential_frames(path)
     assert all(np.array_equal(got[i], ref[i]) for i in want)
     assert len(calls) < pr.frames // 2  # two GOPs around the leading frame, the first one, the last one
+
+
+@pytest.mark.parametrize("name", ["vfr.mp4", "h264_open_gop.mp4", "edit_list.mp4", "vp9.webm", "mpegts.ts"])
+def test_windows_equal_the_sequential_decode(corpus, name, monkeypatch):
+    """Timeline windows keep their times (presentation timestamps, from the demux-only pass when sought) and
+    clips."""
+    path = corpus / name
+    s = Sampling(frames=4, size=32, rate=0, temporal_views=1)
+    window, stride = (2.0, 1.5) if name == "vfr.mp4" else (1.0, 0.5)
+    wins = list(video.decode_windows(path, s, window, stride))
+
+    def no_seek(path):
+        raise seek.NotSeekable("test")
+
+    with monkeypatch.context() as m:
+        m.setattr(seek, "probe", no_seek)
+        ref = list(video.decode_windows(path, s, window, stride))
+    assert len(wins) == len(ref) > 3
+    assert [(w.start, w.end, w.frames) for w in wins] == [(w.start, w.end, w.frames) for w in ref]
+    assert all(np.array_equal(w.clips, r.clips) for w, r in zip(wins, ref, strict=True))
+    said = [n for n in wins[0].notes if n.startswith("decoded sequentially: ")]
+    assert bool(said) == (name == "mpegts.ts"), wins[0].notes

@@ -31,8 +31,9 @@ earlier. Edit lists: packets the demuxer marks as discarded are decoded (they ar
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import pairwise
 
 import numpy as np
@@ -51,10 +52,15 @@ class Probe:
     discard: frozenset[int]  # decode positions of packets the demuxer marks as discarded (edit lists)
     header: int | None  # frame count the container claims (nb_frames), if any
     format: str  # the container's format name
+    time_base: Fraction  # seconds per pts unit
 
     @property
     def frames(self) -> int:
         return len(self.frame_pts)
+
+    def times(self) -> list[float]:
+        """Each frame's presentation time in seconds from the first frame's."""
+        return [float((p - self.frame_pts[0]) * self.time_base) for p in self.frame_pts]
 
 
 def _open(path: str):
@@ -98,7 +104,7 @@ def probe(path: str) -> Probe:
         except av.FFmpegError as e:
             raise NotSeekable(f"the container is damaged ({e})") from None
         header = stream.frames or None
-        fmt = container.format.name
+        fmt, tb = container.format.name, Fraction(stream.time_base)
     finally:
         container.close()
     if not pts:
@@ -114,7 +120,7 @@ def probe(path: str) -> Probe:
     frame_pts = sorted(p for i, p in enumerate(pts) if i not in discard)
     if not frame_pts:
         raise NotSeekable("every packet is marked as discarded")
-    return Probe(frame_pts, pts, key, frozenset(discard), header, fmt)
+    return Probe(frame_pts, pts, key, frozenset(discard), header, fmt, tb)
 
 
 def _start(pr: Probe, pos: int) -> int:
@@ -148,82 +154,126 @@ def read_frames(path: str, wanted: set[int], convert: Callable[[np.ndarray], np.
     1 spends least CPU time). on_frame: called once per frame decoded. Raises NotSeekable (see the module
     docstring); indices outside [0, pr.frames) raise ValueError.
     """
-    import av
+    return dict(iter_frames(path, wanted, convert, pr, threads, on_frame))
 
+
+def iter_frames(path: str, wanted: set[int], convert: Callable[[np.ndarray], np.ndarray],
+                pr: Probe | None = None, threads: int | None = None,
+                on_frame: Callable[[], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """`read_frames` one frame at a time, (i, convert(frame i)) in increasing i, so that a caller keeps only
+    the frames it still needs.
+
+    The last GOP is decoded first, to the end of the file: a file whose end does not decode as its packets
+    promise (a truncated file, a lying index) raises NotSeekable before any frame is given. The wanted frames
+    of that GOP are kept and given last; every other frame is decoded at most once. Damage further in raises
+    NotSeekable when it is reached, possibly after some frames were given.
+    """
     pr = pr or probe(path)
     if any(not 0 <= i < pr.frames for i in wanted):
         raise ValueError(f"frame indices outside [0, {pr.frames})")
-    where = {p: n for n, p in enumerate(pr.packet_pts)}  # pts → decode position
-    index = {p: i for i, p in enumerate(pr.frame_pts)}  # pts → frame index
-    todo = sorted(where[pr.frame_pts[i]] for i in wanted)  # decode positions to output, in decode order
-    pending = set(todo)
-    first = 0  # todo[first] is the earliest pending position once the ones before are out
-    tail = _start(pr, len(pr.packet_pts) - 1)  # the last run decodes to the end: it checks the tail
-    from_ = [tail] * (len(todo) + 1)  # from_[k]: the keyframe a run outputting todo[k:] must start at
-    for k in range(len(todo) - 1, -1, -1):
-        from_[k] = min(from_[k + 1], _start(pr, todo[k]))
-    keys = set(pr.keyframes)
-    got: dict[int, np.ndarray] = {}
-    container = _open(path)
+    ctx = _Runs(path, pr, wanted, convert, threads, on_frame)
     try:
-        stream = _video_stream(container)
-        ctx = stream.codec_context
+        tail = dict(ctx.run(_start(pr, len(pr.packet_pts) - 1), -1, to_end=True))
+        last = -1
+        for i, frame in [*ctx.runs(), *sorted(tail.items())]:
+            if i <= last:
+                raise NotSeekable("frames came out of order across runs")
+            last = i
+            yield i, frame
+    finally:
+        ctx.container.close()
+
+
+class _Runs:
+    """Runs over one open file: seek to a keyframe, decode forward, give the wanted frames."""
+
+    def __init__(self, path, pr: Probe, wanted, convert, threads, on_frame):
+        self.pr, self.convert, self.on_frame = pr, convert, on_frame
+        self.where = {p: n for n, p in enumerate(pr.packet_pts)}  # pts → decode position
+        self.index = {p: i for i, p in enumerate(pr.frame_pts)}  # pts → frame index
+        self.pending = {self.where[pr.frame_pts[i]] for i in wanted}  # decode positions still to give
+        self.keys = set(pr.keyframes)
+        self.container = _open(path)
+        self.stream = _video_stream(self.container)
+        ctx = self.stream.codec_context
         if threads:
             ctx.thread_count = int(threads)
         ctx.thread_type = "SLICE" if threads == 1 else "AUTO"
-        start, after = from_[0], -1
-        while True:  # one run: seek to `start` (or a keyframe before it), decode forward
-            packets, p = _seek(container, stream, pr, start, where, keys, after)
-            start = where[p.pts]
-            kf = pr.packet_pts[start]
-            ctx.flush_buffers()
-            fed, out, at = [], [], None
-            while True:
-                try:
-                    if at is not None:
-                        p = next(packets, None)
-                    if p is not None and p.size == 0:
-                        p = None
-                    if p is not None:
-                        n = where.get(p.pts)
-                        if at is not None and n != at + 1:
-                            raise NotSeekable("packets came back in another order after a seek")
-                        at = n
-                        fed.append(n)
-                    frames = ctx.decode(p)
-                except av.FFmpegError as e:
-                    raise NotSeekable(f"the decoder failed ({e})") from None
-                for f in frames:
-                    if on_frame is not None:
-                        on_frame()
-                    if f.pts is not None and f.pts < kf:
-                        continue  # a leading frame of the run's keyframe: may be damaged, never used from here
-                    i = index.get(f.pts)
-                    if i is None:
-                        raise NotSeekable("the decoder gave a frame whose timestamp no packet has")
-                    if out and f.pts <= out[-1]:
-                        raise NotSeekable("the decoder gave frames out of timestamp order")
-                    n = where[f.pts]
-                    if n in pending:
-                        if f.is_corrupt:
-                            raise NotSeekable(f"frame {i} decoded with errors")
-                        got[i] = convert(_rotate(_bgr(f), f.rotation))
-                        pending.discard(n)
-                    out.append(f.pts)
-                if p is None:  # end of the file, the decoder drained: every packet fed gave its frame
-                    _check_run(pr, fed, out, kf, start, drained=True)
-                    if pending:
-                        raise NotSeekable("frames the packets promise never decoded")
-                    return got
-                while first < len(todo) and todo[first] not in pending:
-                    first += 1
-                # nothing owed by the decoder, and the next run starts at a later keyframe: seek there
-                if (first == len(todo) or todo[first] > at) and from_[first] > at:
-                    _check_run(pr, fed, out, kf, start, drained=False)
-                    start, after = from_[first], at
-                    break
-    finally:
-        container.close()
+
+    def runs(self) -> Iterator[tuple[int, np.ndarray]]:
+        """The pending frames in decode order, each run starting at the keyframe the next one needs."""
+        todo = sorted(self.pending)
+        start_at = [0] * (len(todo) + 1)  # start_at[k]: the keyframe a run giving todo[k:] must start at
+        start_at[-1] = len(self.pr.packet_pts)
+        for k in range(len(todo) - 1, -1, -1):
+            start_at[k] = min(start_at[k + 1], _start(self.pr, todo[k]))
+        first, after = 0, -1
+        while todo[first:]:
+            state = {"todo": todo, "first": first, "start_at": start_at}
+            yield from self.run(start_at[first], after, to_end=False, state=state)
+            first, after = state["first"], state["at"]
+
+    def run(self, start: int, after: int, to_end: bool, state: dict | None = None):
+        """One run from the keyframe `start` (or one before it, after `after`): to the end of the file, or until
+        the next pending frame starts at a later keyframe (state: runs' bookkeeping, updated)."""
+        import av
+
+        pr, where, pending = self.pr, self.where, self.pending
+        packets, p = _seek(self.container, self.stream, pr, start, where, self.keys, after)
+        start = where[p.pts]
+        kf = pr.packet_pts[start]
+        ctx = self.stream.codec_context
+        ctx.flush_buffers()
+        fed, out, at = [], [], None
+        while True:
+            try:
+                if at is not None:
+                    p = next(packets, None)
+                if p is not None and p.size == 0:
+                    p = None
+                if p is not None:
+                    n = where.get(p.pts)
+                    if at is not None and n != at + 1:
+                        raise NotSeekable("packets came back in another order after a seek")
+                    at = n
+                    fed.append(n)
+                frames = ctx.decode(p)
+            except av.FFmpegError as e:
+                raise NotSeekable(f"the decoder failed ({e})") from None
+            for f in frames:
+                if self.on_frame is not None:
+                    self.on_frame()
+                if f.pts is not None and f.pts < kf:
+                    continue  # a leading frame of the run's keyframe: may be damaged, never used from here
+                i = self.index.get(f.pts)
+                if i is None:
+                    raise NotSeekable("the decoder gave a frame whose timestamp no packet has")
+                if out and f.pts <= out[-1]:
+                    raise NotSeekable("the decoder gave frames out of timestamp order")
+                n = where[f.pts]
+                if n in pending:
+                    if f.is_corrupt:
+                        raise NotSeekable(f"frame {i} decoded with errors")
+                    pending.discard(n)
+                    yield i, self.convert(_rotate(_bgr(f), f.rotation))
+                out.append(f.pts)
+            if p is None:  # end of the file, the decoder drained: every packet fed gave its frame
+                _check_run(pr, fed, out, kf, start, drained=True)
+                if state is not None and pending & set(state["todo"]):
+                    raise NotSeekable("frames the packets promise never decoded")
+                if state is not None:
+                    state["first"], state["at"] = len(state["todo"]), at
+                return
+            if to_end:
+                continue
+            todo, first, start_at = state["todo"], state["first"], state["start_at"]
+            while first < len(todo) and todo[first] not in pending:
+                first += 1
+            state["first"], state["at"] = first, at
+            # nothing owed by the decoder, and the next run starts at a later keyframe (or none is left)
+            if (first == len(todo) or todo[first] > at) and start_at[first] > at:
+                _check_run(pr, fed, out, kf, start, drained=False)
+                return
 
 
 def _check_run(pr: Probe, fed: list[int], out: list[int], kf: int, start: int, drained: bool) -> None:

@@ -557,8 +557,10 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
     Seconds are the file's presentation timestamps; a window holds the frames shown during it (from the frame
     on screen at its start), sampled like a whole video of that many frames. Windows that would run past the
     end are dropped; a video shorter than one window gives one window over all of it. Files are read twice
-    (timestamps, then the needed frames), so memory holds only the frames the open windows need. Live
-    sources (see `decode`) run until the stream ends.
+    (timestamps, then the needed frames), so memory holds only the frames the open windows need: by seeking
+    (timestamps from a demux-only pass, then only the GOPs that hold needed frames; see `decode`) where the
+    file allows it, else sequentially with OpenCV, the first window's notes saying why. Live sources (see
+    `decode`) run until the stream ends.
     """
     if window <= 0 or stride <= 0:
         raise StexportError("--window and --stride must be positive (seconds)")
@@ -567,23 +569,39 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
     if _opens_live(source, cap):
         yield from _live_windows(cap, name, sampling, window, stride)
         return
+    why = None
     try:
         fps, fourcc, header = _fps(cap), _fourcc(cap), _header(cap)
+        if not is_url(source):
+            path = check_source(source)
+            try:
+                pr = seek.probe(path)
+            except seek.NotSeekable as e:
+                why = f"decoded sequentially: {e}"
+        if why is None and not is_url(source):
+            cap.release()
+            windows = _seek_windows(path, pr, sampling, window, stride, fps, threads)
+            try:
+                first = next(windows, None)
+            except seek.NotSeekable as e:
+                why = f"decoded sequentially: {e}"
+                cap = open_capture(source, threads)
+            else:
+                if first is not None:
+                    yield first
+                    try:
+                        yield from windows
+                    except seek.NotSeekable as e:
+                        raise VideoError(f"{name}: {e} after the first windows; re-encode the file (ffmpeg -i FILE "
+                                         "-c:v libx264 OUT.mp4)") from None
+                return
         times, notes = _times(cap, fps, name)
     finally:
         cap.release()
     if not times:
         raise _no_frames(name, fourcc, header)
-    plan = []
-    for a, b, lo, count in _plan(times, fps, window, stride):
-        plan.append((round(a, 6), round(b, 6), count,
-                     [[lo + x for x in view] for view in frame_indices(count, sampling)]))
-    needs: dict[int, int] = {}  # frame -> last window that needs it
-    for j, (*_, idx) in enumerate(plan):
-        for view in idx:
-            for f in view:
-                needs[f] = j
-    ends = [max(max(v) for v in idx) for *_, idx in plan]
+    notes = ([why] if why else []) + notes
+    plan, needs, ends = _window_plan(times, fps, sampling, window, stride)
     cap = open_capture(source, threads)
     frames: dict[int, np.ndarray] = {}
     j = i = 0
@@ -609,6 +627,38 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
             i += 1
     finally:
         cap.release()
+
+
+def _window_plan(times: list[float], fps: float | None, sampling: Sampling, window: float, stride: float):
+    """(plan, needs, ends): per window (start, end, frame count, frame indices per view); the last window that
+    needs each frame; each window's last frame."""
+    plan = []
+    for a, b, lo, count in _plan(times, fps, window, stride):
+        plan.append((round(a, 6), round(b, 6), count,
+                     [[lo + x for x in view] for view in frame_indices(count, sampling)]))
+    needs: dict[int, int] = {}  # frame -> last window that needs it
+    for j, (*_, idx) in enumerate(plan):
+        for view in idx:
+            for f in view:
+                needs[f] = j
+    ends = [max(max(v) for v in idx) for *_, idx in plan]
+    return plan, needs, ends
+
+
+def _seek_windows(path: str, pr: seek.Probe, sampling: Sampling, window: float, stride: float,
+                  fps: float | None, threads: int | None) -> Iterator[Window]:
+    """decode_windows' second pass by seeking: each window as soon as its last frame has decoded."""
+    plan, needs, ends = _window_plan(pr.times(), fps, sampling, window, stride)
+    frames: dict[int, np.ndarray] = {}
+    j = 0
+    for i, frame in seek.iter_frames(path, set(needs), lambda bgr: resize_short(bgr, sampling.size), pr, threads,
+                                     on_frame):
+        frames[i] = frame
+        while j < len(plan) and ends[j] <= i:
+            a, b, count, idx = plan[j]
+            yield Window(a, b, assemble(frames, idx, sampling), count)
+            j += 1
+            frames = {f: v for f, v in frames.items() if needs[f] >= j}
 
 
 def _live_windows(cap, name: str, sampling: Sampling, window: float, stride: float) -> Iterator[Window]:
