@@ -100,7 +100,7 @@ def sequential_only():
     """Today's path: every file decoded sequentially by OpenCV (seeking refused)."""
     real = seek.probe
 
-    def refuse(path):
+    def refuse(path, on_frame=None):
         raise seek.NotSeekable("benchmark: sequential")
 
     seek.probe = refuse

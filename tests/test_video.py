@@ -168,7 +168,7 @@ def test_wrong_frame_count_guess_is_corrected(make_video, monkeypatch, shift):
     s = Sampling(frames=8, size=64, rate=0, temporal_views=1)
     truth = decode(path, s)
 
-    def no_index(path):
+    def no_index(path, on_frame=None):
         raise video.seek.NotSeekable("no index (test)")
 
     monkeypatch.setattr(video.seek, "probe", no_index)

@@ -79,8 +79,10 @@ def _video_stream(container):
     return streams[0]
 
 
-def probe(path: str) -> Probe:
-    """Demux-only pass over the video stream of the file at `path` (no decoding). Raises NotSeekable."""
+def probe(path: str, on_frame: Callable[[], None] | None = None) -> Probe:
+    """Demux-only pass over the video stream of the file at `path` (no decoding). Raises NotSeekable.
+
+    on_frame: called once per packet read (progress, as `read_frames` calls it per frame decoded)."""
     import av
 
     container = _open(path)
@@ -93,6 +95,8 @@ def probe(path: str) -> Probe:
             for p in container.demux(stream):
                 if p.size == 0:  # the demuxer's end-of-stream marker
                     continue
+                if on_frame is not None:
+                    on_frame()
                 if p.pts is None:
                     raise NotSeekable("packets without a presentation timestamp")
                 if p.is_discard:

@@ -466,7 +466,7 @@ def _decode_seeking(path: str, name: str, sampling: Sampling, threads: int | Non
                     fps: float | None) -> Decoded:
     """`decode` of a file by seeking to the frames its sampling needs; raises seek.NotSeekable where the file
     cannot be sought exactly (the caller then decodes it sequentially)."""
-    pr = seek.probe(path)
+    pr = seek.probe(path, on_frame)
     indices = frame_indices(pr.frames, sampling)
     frames = seek.read_frames(path, {i for view in indices for i in view},
                               lambda bgr: resize_short(bgr, sampling.size), pr, threads, on_frame)
@@ -575,7 +575,7 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
         if not is_url(source):
             path = check_source(source)
             try:
-                pr = seek.probe(path)
+                pr = seek.probe(path, on_frame)
             except seek.NotSeekable as e:
                 why = f"decoded sequentially: {e}"
         if why is None and not is_url(source):
