@@ -6,7 +6,9 @@ presentation timestamp (pts), in presentation order, with the packets' decode or
 `read_frames(path, wanted, …)` then decodes the frames `wanted` (indices in presentation order, as
 `stexport.runtime.video.frame_indices` gives them): for each needed frame, or run of frames, it seeks to the
 keyframe before it and decodes forward to the frame with that pts (decord's `get_batch`, torchcodec's exact
-`get_frames_at` and DALI's readers work the same way). No frame is decoded twice and no seek goes backwards.
+`get_frames_at` and DALI's readers work the same way). No seek goes backwards after the first run, and no frame
+is decoded twice except that the last GOP is decoded first (see below). `iter_frames` gives the frames one at a
+time, for callers that keep only the frames they still need (timeline windows).
 
 Exact means: frame i equals, bit for bit, the i-th frame of a sequential decode (what OpenCV's `grab()` loop
 gives) after the same BGR conversion (FFmpeg's swscale with OpenCV's flags) and OpenCV's rotation
@@ -22,8 +24,10 @@ caller decodes it sequentially:
   has, frames out of pts order, a packet that gave no frame (checked for every packet decoded: the frames out
   of a run are exactly its packets up to the last frame out), a rotation that is not a multiple of 90°.
 
-The last run always decodes to the end of the file, so a damaged tail (a header or index that claims frames that
-never decode) is found there. Open GOPs: a frame shown before the keyframe it follows in decode order (a leading
+The last GOP is decoded first, to the end of the file, so a damaged tail (a header or index that claims frames
+that never decode) is found before any frame is given; its wanted frames are kept and given last (frames a later
+run decodes again there: at most one GOP). Damage in the middle of a file is found only where a run decodes it:
+a part the sampling does not need is never read, where the sequential decode ends the video at the damage. Open GOPs: a frame shown before the keyframe it follows in decode order (a leading
 B-frame of an open GOP, HEVC's RASL pictures) references the previous GOP, so its run starts one keyframe
 earlier. Edit lists: packets the demuxer marks as discarded are decoded (they are references) but are no frame.
 """
@@ -34,7 +38,7 @@ import bisect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from itertools import pairwise
+from itertools import chain, pairwise
 
 import numpy as np
 
@@ -179,7 +183,7 @@ def iter_frames(path: str, wanted: set[int], convert: Callable[[np.ndarray], np.
     try:
         tail = dict(ctx.run(_start(pr, len(pr.packet_pts) - 1), -1, to_end=True))
         last = -1
-        for i, frame in [*ctx.runs(), *sorted(tail.items())]:
+        for i, frame in chain(ctx.runs(), sorted(tail.items())):
             if i <= last:
                 raise NotSeekable("frames came out of order across runs")
             last = i
