@@ -67,13 +67,18 @@ class Probe:
         return [float((p - self.frame_pts[0]) * self.time_base) for p in self.frame_pts]
 
 
+def _why(e) -> str:
+    """FFmpeg's message without the errno and the function name PyAV adds."""
+    return (getattr(e, "strerror", None) or str(e)).rstrip(".").lower()
+
+
 def _open(path: str):
     import av
 
     try:
         return av.open(path, metadata_errors="ignore")
     except av.FFmpegError as e:
-        raise NotSeekable(f"PyAV cannot open it ({e})") from None
+        raise NotSeekable(f"PyAV cannot open it ({_why(e)})") from None
 
 
 def _video_stream(container):
@@ -110,7 +115,7 @@ def probe(path: str, on_frame: Callable[[], None] | None = None) -> Probe:
                 pts.append(p.pts)
                 dts.append(p.dts)
         except av.FFmpegError as e:
-            raise NotSeekable(f"the container is damaged ({e})") from None
+            raise NotSeekable(f"the container is damaged ({_why(e)})") from None
         header = stream.frames or None
         fmt, tb = container.format.name, Fraction(stream.time_base)
     finally:
@@ -247,7 +252,7 @@ class _Runs:
                     fed.append(n)
                 frames = ctx.decode(p)
             except av.FFmpegError as e:
-                raise NotSeekable(f"the decoder failed ({e})") from None
+                raise NotSeekable(f"the decoder failed ({_why(e)})") from None
             for f in frames:
                 if self.on_frame is not None:
                     self.on_frame()
@@ -314,7 +319,7 @@ def _seek(container, stream, pr: Probe, start: int, where: dict[int, int], keys:
             packets = container.demux(stream)
             first = next(packets, None)
         except av.FFmpegError as e:
-            raise NotSeekable(f"the container cannot seek ({e})") from None
+            raise NotSeekable(f"the container cannot seek ({_why(e)})") from None
         n = where.get(first.pts) if first is not None else None
         if n is None or n not in keys or n > start:
             continue
