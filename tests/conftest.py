@@ -33,6 +33,21 @@ def write_video(path, frames: int = 40, width: int = 160, height: int = 120, fps
     return path
 
 
+def sequential_frames(path) -> list[np.ndarray]:
+    """Every frame of OpenCV's sequential decode of `path` (BGR uint8), the reference decoding is checked on."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    out = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        out.append(f)
+    cap.release()
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _reference_cache(tmp_path_factory):
     """verify caches the reference's logits; tests keep theirs out of the user's ~/.cache."""

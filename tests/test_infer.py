@@ -197,8 +197,8 @@ def bad_inputs(good, tmp_path) -> dict[str, tuple]:
     mp4 = write_video(t / "src.mp4", frames=40).read_bytes()
     (t / "truncated.mp4").write_bytes(mp4[: len(mp4) // 2])
     (t / "lying.avi").write_bytes(avi[: len(avi) // 2])
-    midstream = bytearray(mp4)
-    a, b = len(mp4) * 45 // 100, len(mp4) * 55 // 100
+    midstream = bytearray(mp4)  # damaged where the sampled frame 16 of 40 lies: damage no sampled frame needs is
+    a, b = len(mp4) * 35 // 100, len(mp4) * 45 // 100  # never read, since files are decoded by seeking
     midstream[a:b] = np.random.default_rng(1).integers(0, 256, b - a, dtype=np.uint8).tobytes()
     (t / "midstream.mp4").write_bytes(bytes(midstream))
     write_video(t / "short.mp4", frames=3)

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import sequential_frames
 
 from stexport.runtime import video
 from stexport.errors import StexportError
@@ -74,14 +75,7 @@ def official_eval(rgb_frames: np.ndarray, s: Sampling) -> torch.Tensor:
 
 
 def all_frames(path) -> np.ndarray:
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-    out = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        out.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
-    return np.stack(out)
+    return np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in sequential_frames(path)])
 
 
 def to_pixels(official: torch.Tensor) -> np.ndarray:
@@ -169,13 +163,19 @@ def test_header_that_lies_samples_decodable_frames(make_video, tmp_path):
 
 @pytest.mark.parametrize("shift", [1, -1, 6, -6])
 def test_wrong_frame_count_guess_is_corrected(make_video, monkeypatch, shift):
+    """The sequential path (files that cannot be sought, see test_seek.py) counts the frames that decode."""
     path = make_video("v.avi", frames=45)
     s = Sampling(frames=8, size=64, rate=0, temporal_views=1)
     truth = decode(path, s)
+
+    def no_index(path, on_frame=None):
+        raise video.seek.NotSeekable("no index (test)")
+
+    monkeypatch.setattr(video.seek, "probe", no_index)
     real = video._header
     monkeypatch.setattr(video, "_header", lambda cap: real(cap) + shift)
     d = decode(path, s)
-    assert d.frames == 45 and np.array_equal(d.clips, truth.clips)
+    assert d.frames == 45 and np.array_equal(d.clips, truth.clips) and d.notes[0] == "decoded sequentially: no index (test)"
     assert d.passes == (1 if 0 < shift <= video.BAND else 2)  # a header claiming too many is covered
 
 

@@ -16,7 +16,16 @@ ordered as the official evaluation stacks them: spatial view outer, temporal vie
 The official code interpolates normalised floats; here the resize happens on uint8 frames (rounded, clipped),
 a difference of at most one grey level after rounding.
 
-Memory is bounded by the frames a clip needs, never by the video's length: frames are decoded in order and
+Files are decoded by seeking (`stexport.runtime.seek`, PyAV): a demux-only pass counts the frames and finds
+each one's timestamp, then only the GOPs that hold needed frames are decoded, so the cost grows with the frames
+sampled, not with the video's length; the frames equal, bit for bit, those of the sequential decode below. Where
+a file cannot be sought exactly (no index, unreliable timestamps, a decoder that gives a different number of
+frames than packets, …) it is decoded sequentially and the result's notes say why ("decoded sequentially: …").
+One difference: damage in a part of the file the sampling does not need is not seen, where the sequential decode
+ends the video at it.
+
+Sequential decoding (OpenCV; URLs and files that cannot be sought): memory is bounded by the frames a clip needs,
+never by the video's length: frames are decoded in order and
 only the needed ones are converted, resized and kept. `CAP_PROP_FRAME_COUNT` is only a guess (real files
 report frames that never decode): the first pass decodes the whole file once, counting the frames that
 decode while keeping the frames the header's count would need and the frame before each (so a header that
@@ -50,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from stexport.errors import StexportError
+from stexport.runtime import seek
 
 # FFmpeg writes a line per damaged packet to stderr; stexport reports damage itself, one line per file.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
@@ -433,6 +443,18 @@ def decode(source, sampling: Sampling, threads: int | None = None, progress: Pro
     cap = open_capture(source, threads, max_pixels, max_frames)
     if _opens_live(source, cap):
         return _decode_live(cap, name, sampling, progress)
+    why = None
+    if not is_url(source):  # a file: exact frames by seeking (stexport.runtime.seek) where the file allows it
+        try:
+            decoded = _decode_seeking(check_source(source), name, sampling, threads, _header(cap), _fps(cap),
+                                      progress)
+            cap.release()
+            return decoded
+        except seek.NotSeekable as e:
+            why = f"decoded sequentially: {e}"
+        except BaseException:
+            cap.release()
+            raise
     try:
         header, fps, fourcc = _header(cap), _fps(cap), _fourcc(cap)
         wanted = set()
@@ -463,13 +485,31 @@ def decode(source, sampling: Sampling, threads: int | None = None, progress: Pro
         frames.update(got)
         if reached < max(missing) + 1:  # this read failed earlier than the first: the video ends there
             n = reached
+    notes = [why] if why else []
+    notes += _count_notes(n, header, sampling)
+    return Decoded(name, assemble(frames, indices, sampling), n, header, fps, passes, notes)
+
+
+def _count_notes(n: int, header: int | None, sampling: Sampling) -> list[str]:
     notes = []
     if header and n < header:
         notes.append(f"header says {header} frames, {n} decode; sampled from those")
     if n < sampling.frames:
         notes.append(f"only {n} frame{'s' * (n != 1)}, fewer than the {sampling.frames} a clip needs; "
                      "frames repeat")
-    return Decoded(name, assemble(frames, indices, sampling), n, header, fps, passes, notes)
+    return notes
+
+
+def _decode_seeking(path: str, name: str, sampling: Sampling, threads: int | None, header: int | None,
+                    fps: float | None, progress: Progress | None = None) -> Decoded:
+    """`decode` of a file by seeking to the frames its sampling needs; raises seek.NotSeekable where the file
+    cannot be sought exactly (the caller then decodes it sequentially)."""
+    pr = seek.probe(path, progress)
+    indices = frame_indices(pr.frames, sampling)
+    frames = seek.read_frames(path, {i for view in indices for i in view},
+                              lambda bgr: resize_short(bgr, sampling.size), pr, threads, progress)
+    return Decoded(name, assemble(frames, indices, sampling), pr.frames, header, fps, 1,
+                   _count_notes(pr.frames, header, sampling))
 
 
 def decode_clips(source, sampling: Sampling) -> np.ndarray:
@@ -556,8 +596,10 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
     Seconds are the file's presentation timestamps; a window holds the frames shown during it (from the frame
     on screen at its start), sampled like a whole video of that many frames. Windows that would run past the
     end are dropped; a video shorter than one window gives one window over all of it. Files are read twice
-    (timestamps, then the needed frames), so memory holds only the frames the open windows need. Live
-    sources (see `decode`) run until the stream ends.
+    (timestamps, then the needed frames), so memory holds only the frames the open windows need: by seeking
+    (timestamps from a demux-only pass, then only the GOPs that hold needed frames; see `decode`) where the
+    file allows it, else sequentially with OpenCV, the first window's notes saying why. Live sources (see
+    `decode`) run until the stream ends.
     """
     if window <= 0 or stride <= 0:
         raise StexportError("--window and --stride must be positive (seconds)")
@@ -566,23 +608,39 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
     if _opens_live(source, cap):
         yield from _live_windows(cap, name, sampling, window, stride, progress)
         return
+    why = None
     try:
         fps, fourcc, header = _fps(cap), _fourcc(cap), _header(cap)
+        if not is_url(source):
+            path = check_source(source)
+            try:
+                pr = seek.probe(path, progress)
+            except seek.NotSeekable as e:
+                why = f"decoded sequentially: {e}"
+        if why is None and not is_url(source):
+            cap.release()
+            windows = _seek_windows(path, pr, sampling, window, stride, fps, threads, progress)
+            try:
+                first = next(windows, None)
+            except seek.NotSeekable as e:
+                why = f"decoded sequentially: {e}"
+                cap = open_capture(source, threads)
+            else:
+                if first is not None:
+                    yield first
+                    try:
+                        yield from windows
+                    except seek.NotSeekable as e:
+                        raise VideoError(f"{name}: {e} after the first windows; re-encode the file (ffmpeg -i FILE "
+                                         "-c:v libx264 OUT.mp4)") from None
+                return
         times, notes = _times(cap, fps, name, progress)
     finally:
         cap.release()
     if not times:
         raise _no_frames(name, fourcc, header)
-    plan = []
-    for a, b, lo, count in _plan(times, fps, window, stride):
-        plan.append((round(a, 6), round(b, 6), count,
-                     [[lo + x for x in view] for view in frame_indices(count, sampling)]))
-    needs: dict[int, int] = {}  # frame -> last window that needs it
-    for j, (*_, idx) in enumerate(plan):
-        for view in idx:
-            for f in view:
-                needs[f] = j
-    ends = [max(max(v) for v in idx) for *_, idx in plan]
+    notes = ([why] if why else []) + notes
+    plan, needs, ends = _window_plan(times, fps, sampling, window, stride)
     cap = open_capture(source, threads)
     frames: dict[int, np.ndarray] = {}
     j = i = 0
@@ -608,6 +666,38 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
             i += 1
     finally:
         cap.release()
+
+
+def _window_plan(times: list[float], fps: float | None, sampling: Sampling, window: float, stride: float):
+    """(plan, needs, ends): per window (start, end, frame count, frame indices per view); the last window that
+    needs each frame; each window's last frame."""
+    plan = []
+    for a, b, lo, count in _plan(times, fps, window, stride):
+        plan.append((round(a, 6), round(b, 6), count,
+                     [[lo + x for x in view] for view in frame_indices(count, sampling)]))
+    needs: dict[int, int] = {}  # frame -> last window that needs it
+    for j, (*_, idx) in enumerate(plan):
+        for view in idx:
+            for f in view:
+                needs[f] = j
+    ends = [max(max(v) for v in idx) for *_, idx in plan]
+    return plan, needs, ends
+
+
+def _seek_windows(path: str, pr: seek.Probe, sampling: Sampling, window: float, stride: float,
+                  fps: float | None, threads: int | None, progress: Progress | None = None) -> Iterator[Window]:
+    """decode_windows' second pass by seeking: each window as soon as its last frame has decoded."""
+    plan, needs, ends = _window_plan(pr.times(), fps, sampling, window, stride)
+    frames: dict[int, np.ndarray] = {}
+    j = 0
+    for i, frame in seek.iter_frames(path, set(needs), lambda bgr: resize_short(bgr, sampling.size), pr, threads,
+                                     progress):
+        frames[i] = frame
+        while j < len(plan) and ends[j] <= i:
+            a, b, count, idx = plan[j]
+            yield Window(a, b, assemble(frames, idx, sampling), count)
+            j += 1
+            frames = {f: v for f, v in frames.items() if needs[f] >= j}
 
 
 def _live_windows(cap, name: str, sampling: Sampling, window: float, stride: float,
