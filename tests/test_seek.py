@@ -83,10 +83,9 @@ def test_clips_equal_the_sequential_decode(corpus, name, monkeypatch):
         pytest.skip(f"this ffmpeg cannot encode {name}")
     seeks = KINDS[name][1]
     decoded = []
-    monkeypatch.setattr(video, "on_frame", lambda: decoded.append(1))
     for label, s in SAMPLINGS.items():
         decoded.clear()
-        d = decode(path, s)
+        d = decode(path, s, progress=lambda: decoded.append(1))
         count = len(decoded)
         ref = decode_sequentially(path, s, monkeypatch)
         assert (d.frames, d.header_frames) == (ref.frames, ref.header_frames), label
