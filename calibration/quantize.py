@@ -124,16 +124,16 @@ def choose_migration(proto: onnx.ModelProto, names: list[str], found: list, stat
 
     if migrate == "off" or not found:
         return {}, None
+    if migrate != "auto":
+        alpha = float(migrate)
+        steps = smooth.plan(proto, found, stats, alpha)
+        return steps, smooth.record(steps, alpha, [], 0)
     ref = np.concatenate([logits for _, logits in kept])
 
     def score(steps: dict) -> float:
         out = _logits(_quantized(proto, steps, _migrated_amax(steps, stats, found, amax), names), kept, workdir)
         return float(np.abs(out.astype(np.float64) - ref).mean())
 
-    if migrate != "auto":
-        alpha = float(migrate)
-        steps = smooth.plan(proto, found, stats, alpha)
-        return steps, smooth.record(steps, alpha, [], len(kept))
     tried = [{"alpha": None, "stream": False, "mean_abs_logit_diff": score({})}]
     best, best_steps = tried[0], {}
     streams = (False, True) if any(site.kind == "stream" for site in found) else (False,)

@@ -130,6 +130,11 @@ def test_int8_migration_recovers_planted_outliers(tiny, tmp_path, monkeypatch):
     assert error["offset", "auto"]["mean_abs"] <= 1.5 * base, error
     assert error["plain", "auto"]["mean_abs"] <= 1.05 * base, error
     assert error["offset", "auto"]["top5_agreement"] >= error["plain", "off"]["top5_agreement"]
+    fixed = build_bundle(sd, backbone=bb, precision="int8", calib=calib, out=tmp_path / "fixed", int8_migrate="0.5")
+    mig = fixed.manifest.calibration.migration
+    assert mig["alpha"] == 0.5 and mig["candidates"] == [] and mig["stream_sites"] == 2 * bb.config.layers
+    with create("onnxruntime", fixed) as be:
+        assert compare(ref, be.run(x))["mean_abs"] <= 1.5 * base
     old = b.manifest.model_dump(mode="json")
     old["calibration"].pop("migration")
     assert Manifest.model_validate(old).calibration.migration is None
