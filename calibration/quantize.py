@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 from stexport.calibration.clips import ClipSet, batches, choose
 from stexport.calibration.qdq import insert_qdq, quant_targets, ranges_by_node, ranges_for
@@ -36,50 +37,149 @@ def model_hash(proto: onnx.ModelProto) -> str:
     return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
 
 
-def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling, method: str,
-            input_spec: InputRecord, workdir: Path | None = None,
-            progress: bool = False) -> dict[str, float]:
-    """Run the FP32 graph on every calibration clip with `tensors` as extra outputs; their thresholds."""
+def _session(proto: onnx.ModelProto, workdir: Path | None, basic: bool = True):
     import onnxruntime as ort
 
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if basic:  # keep extra outputs' producers unfused: the ranges must be those of the tensors Q/DQ will see
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if proto.ByteSize() > (1 << 31) - (1 << 26):
+        path = Path(workdir or ".") / "calibration.onnx"
+        save(proto, path, external_data=True)
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling, method: str,
+            input_spec: InputRecord, workdir: Path | None = None, progress: bool = False,
+            channels=(), keep: int = 0):
+    """Run the FP32 graph on every calibration clip with `tensors` as extra outputs; their thresholds.
+
+    With `channels` (a subset of `tensors`) or `keep`, returns (thresholds, {tensor: per-channel (min, max)},
+    [(feed, logits)] of the first `keep` clips) instead. Statistics are streamed: memory does not grow with
+    the number of clips."""
     aug = onnx.ModelProto()
     aug.CopyFrom(proto)
     known = {o.name for o in aug.graph.output}
     for t in tensors:
         if t not in known:
             aug.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    # Keep the extra outputs' producers unfused: the ranges must be those of the tensors Q/DQ will see.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    if aug.ByteSize() > (1 << 31) - (1 << 26):
-        path = Path(workdir or ".") / "calibration.onnx"
-        save(aug, path, external_data=True)
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    else:
-        session = ort.InferenceSession(aug.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    session = _session(aug, workdir)
     names = [o.name for o in session.get_outputs()]
     inp = session.get_inputs()[0].name
-    ranges = RangeCollector(method)
+    ranges = RangeCollector(method, channels=channels)
+    kept = []
     for views in tqdm(batches(clips, sampling), total=len(clips), desc="calibrate", unit="clip",
                       disable=None if progress else True, leave=False):
-        outs = session.run(None, {inp: input_spec.feed(views)})
+        feed = input_spec.feed(views)
+        outs = session.run(None, {inp: feed})
         ranges.add({n: o for n, o in zip(names, outs) if n in tensors})
-    return ranges.amax()
+        if len(kept) < keep:
+            kept.append((feed, outs[0]))
+        del outs
+    if not channels and not keep:
+        return ranges.amax()
+    return ranges.amax(), ranges.channel_range, kept
+
+
+MIGRATE_ALPHAS = (0.25, 0.5, 0.75)  # the α tried by migrate="auto" (0.5: SmoothQuant's default)
+SELECT_CLIPS = 8  # calibration clips the candidates are compared on
+
+
+def _logits(proto: onnx.ModelProto, kept: list, workdir: Path | None) -> np.ndarray:
+    session = _session(proto, workdir, basic=False)
+    inp = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {inp: feed})[0] for feed, _ in kept])
+
+
+def _migrated_amax(steps: dict, stats: dict, found: list, amax: dict) -> dict:
+    """Minmax thresholds of the migrated graph, from the per-channel statistics (x/s, or (x − δ)/s)."""
+    out = dict(amax)
+    tensor = {site.readers[0]: site.tensor for site in found}
+    for head, st in steps.items():
+        lo, hi = stats[tensor[head]]
+        lo, hi = (lo - st["shift"]) / st["s"], (hi - st["shift"]) / st["s"]
+        name = tensor[head] if st["kind"] == "norm" else f"{head}.smoothed"
+        out[name] = float(np.maximum(np.abs(lo), np.abs(hi)).max())
+    return out
+
+
+def _quantized(proto: onnx.ModelProto, steps: dict, amax: dict, names: list[str]) -> onnx.ModelProto:
+    from stexport.calibration import smooth
+
+    q = onnx.ModelProto()
+    q.CopyFrom(proto)
+    smooth.apply(q, steps)
+    return insert_qdq(q, amax, names)
+
+
+def choose_migration(proto: onnx.ModelProto, names: list[str], found: list, stats: dict, amax: dict,
+                     kept: list, migrate, workdir: Path | None = None) -> tuple[dict, dict | None]:
+    """The migration plan to use and its manifest record (None when off). migrate: "off", a float α (norm and
+    stream sites at that α), or "auto": each candidate (none; norm sites, then norm and stream sites, at each of
+    MIGRATE_ALPHAS) is quantized and run on the kept calibration clips, and the one with the
+    smallest mean |Δlogit| against the FP32 graph wins (ties keep the simpler one)."""
+    from stexport.calibration import smooth
+
+    if migrate == "off" or not found:
+        return {}, None
+    if migrate != "auto":
+        alpha = float(migrate)
+        steps = smooth.plan(proto, found, stats, alpha)
+        return steps, smooth.record(steps, alpha, [], 0)
+    ref = np.concatenate([logits for _, logits in kept])
+
+    def score(steps: dict) -> float:
+        out = _logits(_quantized(proto, steps, _migrated_amax(steps, stats, found, amax), names), kept, workdir)
+        return float(np.abs(out.astype(np.float64) - ref).mean())
+
+    tried = [{"alpha": None, "stream": False, "mean_abs_logit_diff": score({})}]
+    best, best_steps = tried[0], {}
+    streams = (False, True) if any(site.kind == "stream" for site in found) else (False,)
+    for stream in streams:
+        for alpha in MIGRATE_ALPHAS:
+            steps = smooth.plan(proto, found, stats, alpha, stream=stream)
+            tried.append({"alpha": alpha, "stream": stream, "mean_abs_logit_diff": score(steps)})
+            if tried[-1]["mean_abs_logit_diff"] < best["mean_abs_logit_diff"]:
+                best, best_steps = tried[-1], steps
+    for t in tried:
+        log.info("migration candidate alpha=%s stream=%s: mean |dlogit| %.4g on %d calibration clips",
+                 t["alpha"], t["stream"], t["mean_abs_logit_diff"], len(kept))
+    if not best_steps:
+        return {}, {"alpha": None, "norm_sites": 0, "stream_sites": 0, "chosen_on_clips": len(kept),
+                    "candidates": tried, "scheme": "none (no candidate beat plain per-tensor ranges)"}
+    return best_steps, smooth.record(best_steps, best["alpha"], tried, len(kept))
+
+
+def _steps_json(steps: dict) -> dict:
+    return {k: {**v, "s": np.asarray(v["s"]).tolist(), "shift": np.asarray(v["shift"]).tolist()}
+            for k, v in steps.items()}
 
 
 def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampling: dict, clips: int = 32,
                           method: str = "minmax", seed: int = 0, input_spec: InputRecord | None = None,
                           progress: bool = False, external_data: bool | None = None, use_cache: bool = True,
-                          on_calibrated=None, attention: bool = False, float_graph: Path | None = None) -> dict:
+                          on_calibrated=None, attention: bool = False, float_graph: Path | None = None,
+                          migrate="auto") -> dict:
     """Rewrite the FP32 graph at `onnx_path` as INT8 Q/DQ in place; returns the manifest's `calibration`.
 
+    migrate: outlier migration before quantization (calibration.smooth): "auto" (default: chosen on the
+    calibration clips, see choose_migration), "off", or an α in [0, 1]. Recorded as `migration`.
     float_graph: an FP16 export of the same model (fold(compute_dtype=float16)). Ranges are calibrated on the
     FP32 graph (as TensorRT's ModelOpt does), then the Q/DQ pairs go into the FP16 graph, which replaces the
     one at `onnx_path`: INT8 GEMMs with FP16 float parts (LayerNorm/Softmax statistics stay FP32 as the FP16
     graph has them). The file at `float_graph` is removed."""
+    from stexport.calibration import smooth
     from stexport.runtime.video import Sampling
 
+    if migrate not in ("auto", "off"):
+        try:
+            ok = 0.0 <= float(migrate) <= 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise StexportError(f"--int8-migrate {migrate}: use auto, off or an alpha between 0 and 1")
     view = Sampling(frames=frames, size=size, **{k: sampling[k] for k in ("rate", "temporal_views",
                                                                            "spatial_views")})
     chosen = choose(calib, clips, seed)
@@ -90,35 +190,60 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
     targets = quant_targets(proto, attention)
     if not targets:
         raise StexportError(f"{onnx_path}: no linear layers to quantize (was it exported by stexport?)")
+    names = [n.name for n in targets]
     inits = {t.name for t in proto.graph.initializer}
     tensors = sorted({t for n in targets for t in n.input[:2] if t not in inits})
+    found = smooth.sites(proto, names) if migrate != "off" else []
     key_src = {"model": model_hash(proto), "clips": chosen.key(), "sampling": view.to_dict(),
                "method": method, "seed": seed, "percentile": PERCENTILE if method == "percentile" else None,
-               "attention": attention}
+               "attention": attention, "migrate": migrate, "format": 2}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:32]
     cache = cache_dir() / f"{key}.json"
-    amax, cached = None, False
+    amax, cached, steps, migration = None, False, {}, None
     if use_cache and cache.is_file():
         try:
             stored = json.loads(cache.read_text())
-            if set(stored["amax"]) >= set(tensors):
-                amax, cached = stored["amax"], True
+            steps = {k: {**v, "s": np.asarray(v["s"]), "shift": np.asarray(v["shift"])}
+                     for k, v in stored.get("steps", {}).items()}
+            migration = stored.get("migration")
+            amax, cached = stored["amax"], True
         except (OSError, ValueError, KeyError):
             log.warning("%s: unreadable calibration cache entry; recalibrating", cache)
+            amax, steps, migration = None, {}, None
     if amax is None:
         spec = input_spec or InputRecord(frames=frames, size=size)
-        amax = collect(proto, tensors, chosen, view, method, spec, onnx_path.parent, progress)
+        if found:
+            amax, stats, kept = collect(proto, tensors, chosen, view, method, spec, onnx_path.parent, progress,
+                                        channels={site.tensor for site in found},
+                                        keep=SELECT_CLIPS if migrate == "auto" else 0)
+            # minmax thresholds for choosing; the chosen graph is then calibrated with `method`
+            plain = amax if method == "minmax" else {t: max(abs(stats[t][0]).max(), abs(stats[t][1]).max())
+                                                    if t in stats else v for t, v in amax.items()}
+            steps, migration = choose_migration(proto, names, found, stats, plain, kept, migrate,
+                                                onnx_path.parent)
+            if steps and method == "minmax":
+                amax = _migrated_amax(steps, stats, found, amax)
+            elif steps:
+                moved = onnx.ModelProto()
+                moved.CopyFrom(proto)
+                smooth.apply(moved, steps)
+                changed = sorted({n.input[0] for n in moved.graph.node if n.name in
+                                  {r for st in steps.values() for r in st["readers"]}})
+                amax = {**amax, **collect(moved, changed, chosen, view, method, spec, onnx_path.parent, progress)}
+        else:
+            amax = collect(proto, tensors, chosen, view, method, spec, onnx_path.parent, progress)
         if use_cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
             videos = [str(v) for v in chosen.videos]
-            atomic_write_json(cache, {"key": key_src, "amax": amax, "videos": videos})
+            atomic_write_json(cache, {"key": key_src, "amax": amax, "videos": videos,
+                                      "steps": _steps_json(steps), "migration": migration})
     if on_calibrated:
         on_calibrated()
-    names = [n.name for n in targets]
+    smooth.apply(proto, steps)
     float_precision = "fp32"
     if float_graph is not None:
         by_node = ranges_by_node(proto, amax, names)
-        proto = onnx.load(str(float_graph))
+        proto = smooth.apply(onnx.load(str(float_graph)), steps)
         amax, float_precision = ranges_for(proto, by_node, names), "fp16"
         float_graph.unlink()
         data = float_graph.with_name(float_graph.name + ".data")
@@ -135,4 +260,5 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
         "scheme": "int8 symmetric Q/DQ, zero point 0; weights per output channel, activations per tensor",
         "attention_scores_int8": attention,
         "float_precision": float_precision,
+        "migration": migration,
     }

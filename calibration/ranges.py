@@ -16,11 +16,13 @@ PERCENTILE = 99.999
 class RangeCollector:
     """Feed it {tensor: array} batches; `amax()` gives each tensor's clipping threshold."""
 
-    def __init__(self, method: str = "minmax", percentile: float = PERCENTILE):
+    def __init__(self, method: str = "minmax", percentile: float = PERCENTILE, channels=()):
         if method not in METHODS:
             raise StexportError(f"--calib-method {method}: choose one of {', '.join(METHODS)}")
         self.method, self.percentile = method, percentile
         self.max: dict[str, float] = {}
+        self.channels = set(channels)  # tensors whose per-channel (last axis) [min, max] is kept too
+        self.channel_range: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.hist = None
         if method != "minmax":
             from onnxruntime.quantization.calibrate import HistogramCollector
@@ -37,6 +39,13 @@ class RangeCollector:
                                     "overflows on these clips")
             m = float(np.abs(v).max()) if v.size else 0.0
             self.max[k] = max(self.max.get(k, 0.0), m)
+            if k in self.channels and v.size:
+                flat = v.reshape(-1, v.shape[-1])
+                lo, hi = flat.min(axis=0).astype(np.float64), flat.max(axis=0).astype(np.float64)
+                if k in self.channel_range:
+                    lo = np.minimum(lo, self.channel_range[k][0])
+                    hi = np.maximum(hi, self.channel_range[k][1])
+                self.channel_range[k] = (lo, hi)
         if self.hist is not None:
             with contextlib.redirect_stdout(io.StringIO()):
                 self.hist.collect({k: [np.ascontiguousarray(v, np.float32)] for k, v in tensors.items()})

@@ -73,6 +73,9 @@ def build(
     int8_float: str = typer.Option(None, "--int8-float", help="Float type of an INT8 graph's other layers: "
                                    "fp16 (what TensorRT then runs them in; LayerNorm/Softmax statistics stay "
                                    "FP32) or fp32. Default: fp16 with --engine, else fp32."),
+    int8_migrate: str = typer.Option("auto", "--int8-migrate", help="Outlier migration folded into the INT8 "
+                                     "graph (SmoothQuant-style per-channel scales into the GEMM weights): auto "
+                                     "(chosen on the calibration clips), off, or an alpha in [0, 1]."),
     engine: bool = Flag(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
     swappable: bool = Flag(False, "--swappable", help="Keep the per-task tensors (adapters, head, INT8 adapter "
@@ -106,7 +109,8 @@ def build(
     options = BuildOptions(adapter=adapter, backbone=backbone, pretrained=pretrained, precision=precision,
                            frames=frames, size=size, out=out, force=force, calib=calib, labels=labels,
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
-                           int8_attention=int8_attention, int8_float=int8_float, for_tensorrt=engine,
+                           int8_attention=int8_attention, int8_float=int8_float, int8_migrate=int8_migrate,
+                           for_tensorrt=engine,
                            sampling=sampling or None, swappable=swappable, max_classes=max_classes,
                            decode_timeout=decode_timeout, max_decode_s=max_decode_s, progress=True)
     from stexport.extras import require
@@ -150,6 +154,10 @@ def build(
         c = m.calibration
         typer.echo(f"  calibration: {c.method} on {c.clips} clips{' (cached)' if c.cached else ''}, "
                    f"{c.quantized_layers} layers quantized, {c.float_precision} float parts")
+        mig = c.migration
+        if mig and mig.get("alpha") is not None:
+            typer.echo(f"  outlier migration: alpha {mig['alpha']}, {mig['norm_sites']} LayerNorm and "
+                       f"{mig['stream_sites']} residual-stream sites folded into the GEMM weights")
     if m.tasks is not None:
         typer.echo(f"  swappable: {len(m.tasks.tensors)} per-task tensors, head of {m.tasks.head_rows} rows "
                    f"(add tasks with `stexport pack --adapter CKPT --base {b.path}`)")

@@ -38,7 +38,10 @@ class BuildOptions:
     uint8 array (N, T, S, S, 3) (INT8 only; required there). sampling: overrides of the default
     {rate, temporal_views, spatial_views}. int8_attention: also quantize the attention-score MatMul's inputs
     (q and kᵀ; softmax stays float). int8_float: the float type of an INT8 graph's non-quantized parts, "fp32"
-    or "fp16" (default: fp16 when `for_tensorrt`, i.e. `--engine`, else fp32). swappable: export the per-task
+    or "fp16" (default: fp16 when `for_tensorrt`, i.e. `--engine`, else fp32). int8_migrate: outlier
+    migration folded into the INT8 graph (stexport.calibration.smooth): "auto" (chosen on the calibration
+    clips; off for swappable bundles, whose backbone every task pack shares), "off" or an α in [0, 1].
+    swappable: export the per-task
     tensors (adapters, head, INT8 adapter scales) as named overridable initializers, so task packs
     (`stexport pack`) can replace them at run time; max_classes: the head's rows in a swappable graph (default:
     the adapter's classes). decode_timeout, max_decode_s: the decoder's limits for --calib videos (seconds
@@ -66,6 +69,7 @@ class BuildOptions:
     external_data: bool | None = None
     int8_attention: bool = False
     int8_float: str | None = None
+    int8_migrate: str = "auto"
     for_tensorrt: bool = False
     swappable: bool = False
     max_classes: int | None = None
@@ -122,6 +126,21 @@ class BuildOptions:
         elif self.precision == "int8":
             # TensorRT runs an INT8 graph's float parts in the graph's float type (strongly typed): FP16 there
             self.int8_float = "fp16" if self.for_tensorrt else "fp32"
+        if self.int8_migrate not in ("auto", "off"):
+            try:
+                alpha = float(self.int8_migrate)
+            except (TypeError, ValueError):
+                alpha = -1.0
+            if not 0.0 <= alpha <= 1.0:
+                raise StexportError(f"--int8-migrate {self.int8_migrate}: use auto, off or an alpha between 0 "
+                                    "and 1")
+        if self.int8_migrate != "auto" and self.precision != "int8":
+            raise StexportError(f"--int8-migrate {self.int8_migrate} needs --precision int8")
+        if self.swappable and self.int8_migrate not in ("auto", "off"):
+            raise StexportError(f"--int8-migrate {self.int8_migrate}: a --swappable bundle's backbone is shared by "
+                                "every task pack, so it cannot take one task's migration; use --int8-migrate off")
+        if self.swappable:
+            self.int8_migrate = "off"  # see above: auto means off for swappable bundles and their packs
         if isinstance(self.calib, (str, Path)) and not Path(self.calib).exists():
             raise StexportError(f"{self.calib}: no such clip list, directory or video (--calib)")
         if self.labels is not None and not Path(self.labels).is_file():

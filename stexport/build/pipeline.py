@@ -185,7 +185,7 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                     onnx_path, calib, frames=o.frames, size=size, sampling=views, clips=o.calib_clips,
                     method=o.calib_method, seed=o.calib_seed, input_spec=inp, progress=o.progress,
                     external_data=o.external_data, on_calibrated=lambda: step("quantize"),
-                    attention=o.int8_attention, float_graph=float_graph)
+                    attention=o.int8_attention, float_graph=float_graph, migrate=o.int8_migrate)
                 log.info("calibration: %s ranges from %s clips of %s%s; %s layers quantized",
                          calibration.get("method"), calibration.get("clips"), calibration.get("source", calib),
                          " (cached)" if calibration.get("cached") else "", calibration.get("quantized_layers"))

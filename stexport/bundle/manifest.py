@@ -252,6 +252,9 @@ class CalibrationRecord(Record):
     # the float type around the Q/DQ pairs: fp32, or fp16 (dequantized tensors, scales and the float layers in
     # FP16; LayerNorm/Softmax statistics in FP32), what a strongly typed TensorRT network then runs them in
     float_precision: Literal[FLOAT_PRECISIONS] = "fp32"
+    # outlier migration folded into the graph (stexport.calibration.smooth): alpha, sites, the candidates
+    # compared on the calibration clips; None: none (bundles before it, or --int8-migrate off)
+    migration: dict | None = None
 
 
 class FP16CheckRecord(Record):

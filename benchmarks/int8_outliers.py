@@ -1,0 +1,97 @@
+"""INT8 on planted-outlier stand-ins for real CLIP weights, without and with outlier migration (not a test).
+
+    .venv/bin/python benchmarks/int8_outliers.py [--val 90] [--calib 32] [--work /tmp/stexport-int8-outliers]
+
+Model: the trained demo (examples/motion: stexport-demo-vit, 4 blocks, width 192, 96 px, 8 frames) as shipped
+("plain") and with exact planted outliers (stexport.build.outliers; the FP32 function is unchanged, so
+`verify`'s reference, rebuilt from the shipped backbone, is the yardstick for every row): LayerNorm channels
+×S (k channels per ln_1/ln_2, the readers' columns ÷S) at several S and k, and residual-stream offsets. Each is
+built INT8 (minmax ranges on --calib generated train clips) with `int8_migrate="off"` (per-tensor ranges as
+before) and "auto" (calibration.smooth, α chosen on the calibration clips), and verified on ONNX Runtime on the
+first --val generated val clips. ratio: mean |Δlogit| over that of the plain demo without migration (the
+done-when bar: ≤ 1.5, with top-5 agreement ≥ 95%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "examples" / "motion"
+VIEWS = {"rate": 0, "temporal_views": 1, "spatial_views": 1}
+# (row name, kind, args): kind "norm" → plant_norm_outliers(scale, channels); "resid" → plant_residual_offset
+STAND_INS = [("plain", None, ()), ("LN ×32, k=6", "norm", (32.0, 6)), ("LN ×128, k=2", "norm", (128.0, 2)),
+             ("LN ×16, k=24", "norm", (16.0, 24)), ("residual +16", "resid", (16.0,)),
+             ("residual +64", "resid", (64.0,))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--val", type=int, default=90, help="val clips verified (of 270)")
+    ap.add_argument("--calib", type=int, default=32, help="train clips calibrated on")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/stexport-int8-outliers"))
+    ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
+    args = ap.parse_args()
+
+    from stexport.build.backbone import load_backbone
+    from stexport.build.deltas import Deltas, infer_spec, load_deltas
+    from stexport.build.outliers import plant_norm_outliers, plant_residual_offset
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.reference import build_reference
+    from stexport.build.verify import verify
+
+    data = args.work / "motion"
+    for split, n in (("train", args.calib), ("val", args.val)):
+        if not (data / f"{split}.txt").is_file() or len((data / f"{split}.txt").read_text().splitlines()) < n:
+            subprocess.run([sys.executable, str(DEMO / "generate.py"), "--splits", split, "--out", str(data),
+                            "--count", str(n)], check=True, capture_output=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bb0 = load_backbone("stexport-demo-vit", str(DEMO / "backbone.safetensors"))
+    sd0 = dict(load_deltas(DEMO / "motion_adapter.pt").state_dict)
+    # the shipped FP32 model: every stand-in computes its function, so it is every row's yardstick
+    reference = build_reference(bb0, Deltas(infer_spec(sd0), sd0))
+    rows = []
+    wanted = set(args.only.split(",")) if args.only else None
+    for name, kind, a in STAND_INS:
+        if wanted and name not in wanted:
+            continue
+        bb, sd = bb0, sd0
+        if kind == "norm":
+            bb = plant_norm_outliers(bb0, *a)
+        elif kind == "resid":
+            bb, sd = plant_residual_offset(bb0, sd0, *a)
+        for migrate in ("off", "auto"):
+            t0 = time.perf_counter()
+            b = build_bundle(sd, backbone=bb, precision="int8", frames=8, out=args.work / "bundle", force=True,
+                             sampling=VIEWS, calib=data / "train.txt", calib_clips=args.calib,
+                             labels=data / "labels.txt", int8_migrate=migrate)
+            built = time.perf_counter() - t0
+            rep = verify(b, data / "val.txt", backend="onnxruntime", reference=reference)
+            mig = b.manifest.calibration.migration or {}
+            rows.append((name, migrate, mig, rep["metrics"], rep["passed"], built))
+            print(f"done: {name} / {migrate} ({built:.0f} s build)", file=sys.stderr, flush=True)
+    base = next((m["mean_abs"] for n, mg, _, m, _, _ in rows if n == "plain" and mg == "off"), None)
+    print(f"demo model INT8 (ONNX Runtime), {args.calib} calibration clips, {args.val} val clips; "
+          "reference: the shipped FP32 model\n")
+    print("| stand-in | migration | chosen α (stream sites) | mean |Δlogit| | ratio to plain | max |Δlogit| "
+          "| top-1 agr. | top-5 agr. | INT8 top-1 | ref top-1 | gate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, migrate, mig, m, passed, _ in rows:
+        acc = m.get("accuracy") or {}
+        chosen = "-" if not mig or mig.get("alpha") is None else \
+            f"{mig['alpha']} ({mig['stream_sites']})"
+        ratio = f"{m['mean_abs'] / base:.2f}" if base else "-"
+        print(f"| {name} | {migrate} | {chosen} | {m['mean_abs']:.4f} | {ratio} | {m['max_abs']:.3f} | "
+              f"{m['top1_agreement'] * 100:.1f}% | {m['top5_agreement'] * 100:.1f}% | "
+              f"{acc.get('backend_top1', float('nan')):.1f}% | {acc.get('reference_top1', float('nan')):.1f}% | "
+              f"{'pass' if passed else 'FAIL'} |")
+
+
+if __name__ == "__main__":
+    main()
