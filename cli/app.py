@@ -68,12 +68,16 @@ def main() -> None:
     interrupt.install()
     try:
         code = app(standalone_mode=False)
+        if code != EXIT_INTERRUPTED:
+            interrupt.check()  # an interruption a library swallowed still ends the command as one
     except (KeyboardInterrupt, click.exceptions.Abort):
         typer.echo("stexport: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
     except (click.exceptions.ClickException, getattr(typer, "_click", click).exceptions.ClickException) as e:
         e.show()
-        sys.exit(e.exit_code)
+        code = e.exit_code
+    finally:
+        interrupt.finish()
     sys.exit(code if isinstance(code, int) else 0)
 
 
