@@ -253,6 +253,19 @@ def clean_env(tmp, home) -> dict:
     return {**env, "TMPDIR": str(tmp), "STEXPORT_HOME": str(home)}
 
 
+def test_a_build_leaves_nothing_in_tmpdir(tiny_adapter, tmp_path):
+    """torch creates $TMPDIR/torchinductor_$USER when the exporter imports torch._dynamo: the CLI points that
+    cache at a directory of its own and removes it."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = subprocess.run([sys.executable, "-m", "stexport.cli.app", "build", "--adapter", str(tiny_adapter),
+                        "--backbone", TINY, "--pretrained", "none", "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True, env=clean_env(tmp, tmp_path / "home"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "b" / "stexport.json").is_file()
+    assert not list(tmp.iterdir()), list(tmp.iterdir())
+
+
 def test_ctrl_c_during_a_build_is_one_line_exit_130_and_leaves_nothing(tiny_adapter, tmp_path):
     """SIGINT as the ONNX export starts: 'stexport: interrupted', exit 130, no traceback, no bundle, no
     temporary directory."""
