@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import write_video
+from conftest import free_port, write_video
 
 pytest.importorskip("ray.serve")
 pytest.importorskip("pebble")
@@ -32,12 +31,6 @@ def strict_json(text: str):
         raise ValueError(f"non-finite number {name} in JSON")
 
     return json.loads(text, parse_constant=bad)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import write_video
+from conftest import free_port, write_video
 
 STEXPORT = [sys.executable, "-m", "stexport.cli.app"]
 KW = dict(width=32, pre_attn=True, pre_mlp=True)  # as tests/test_tasks.py
@@ -28,14 +28,6 @@ def strict(text: str):
         raise ValueError(f"non-JSON constant {c}")
 
     return json.loads(text, parse_constant=bad)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args, timeout=300):
