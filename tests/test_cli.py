@@ -295,6 +295,29 @@ def test_ctrl_c_during_a_build_is_one_line_exit_130_and_leaves_nothing(tiny_adap
     assert not list(tmp.iterdir())
 
 
+def test_ctrl_c_during_infer_is_one_line_exit_130(tiny_bundle, make_video, tmp_path):
+    """Any command, not only build: SIGINT once `infer` has printed its first result (200 inputs: it is
+    still busy). One line, exit 130, no traceback; the lines printed so far are whole JSON lines."""
+    video = make_video("v.mp4", frames=20, width=64, height=48)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "stexport.cli.app", "infer", *[str(video)] * 200, "-m",
+                          str(tiny_bundle.path), "--backend", "onnxruntime", "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=clean_env(tmp, tmp_path / "home"))
+    try:
+        first = p.stdout.readline()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert json.loads(first)["top"], first
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "stexport: interrupted" and "Traceback" not in err, err
+    assert all(json.loads(line) for line in out.splitlines()) and len(out.splitlines()) < 199
+    # nothing of stexport's; `import onnxruntime` (1.32) itself writes its telemetry session id to $TMPDIR/.ses
+    assert {p.name for p in tmp.iterdir()} <= {".ses"}
+
+
 FINALIZER_SIGINT = """
 import gc, signal, sys, time, weakref
 from stexport import interrupt
