@@ -64,16 +64,22 @@ def main() -> None:
         from typer import _click as click
 
     from stexport import interrupt
+    from stexport.fileutil import private_torch_cache
 
     interrupt.install()
-    try:
-        code = app(standalone_mode=False)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        typer.echo("stexport: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except (click.exceptions.ClickException, getattr(typer, "_click", click).exceptions.ClickException) as e:
-        e.show()
-        sys.exit(e.exit_code)
+    with private_torch_cache():
+        try:
+            code = app(standalone_mode=False)
+            if code != EXIT_INTERRUPTED:
+                interrupt.check()  # an interruption a library swallowed still ends the command as one
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            typer.echo("stexport: interrupted", err=True)
+            code = EXIT_INTERRUPTED
+        except (click.exceptions.ClickException, getattr(typer, "_click", click).exceptions.ClickException) as e:
+            e.show()
+            code = e.exit_code
+        finally:
+            interrupt.finish()
     sys.exit(code if isinstance(code, int) else 0)
 
 

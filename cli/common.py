@@ -35,7 +35,9 @@ def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            interrupt.check()  # a library may have swallowed the KeyboardInterrupt and let the command finish
+            return result
         except KeyboardInterrupt:
             interrupted()
         except typer.Exit:

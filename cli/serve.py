@@ -139,10 +139,8 @@ def serve(
     typer.echo(f"stexport: serving {cfg.bundle}{on} at {url}/classify (health {url}/healthz, metadata "
                f"{url}/metadata); Ctrl-C stops", err=True)
     try:
-        while True:
+        while True:  # until Ctrl-C: its KeyboardInterrupt ends the command as "interrupted", exit code 130
             time.sleep(3600)
-    except KeyboardInterrupt:
-        typer.echo("stexport: stopping", err=True)
     finally:
         srv.stop(app=srv.app_name(cfg) if ray_address else None)  # a joined cluster keeps its other apps
 

@@ -6,9 +6,12 @@ a killed writer leaves at most a `.NAME.tmpPID` file that the next writer of the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -74,3 +77,22 @@ def python_child(module: str, function: str, *args: str) -> list[str]:
 
     call = f"import sys; del sys.path[0]; from {module} import {function}; {function}(*sys.argv[1:])"
     return [sys.executable, "-c", call, *args]
+
+
+@contextlib.contextmanager
+def private_torch_cache():
+    """Point torch's compile caches (inductor, dynamo, triton) at a fresh temporary directory for the `with`
+    block and remove it afterwards, unless the user chose one (TORCHINDUCTOR_CACHE_DIR set).
+
+    Importing torch._dynamo (the ONNX exporter does) creates `$TMPDIR/torchinductor_$USER` and writes its path
+    into os.environ; a command must not leave that behind. The variable is restored on exit."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        yield None
+        return
+    path = tempfile.mkdtemp(prefix="stexport-torch-cache-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    try:
+        yield Path(path)
+    finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        shutil.rmtree(path, ignore_errors=True)

@@ -209,6 +209,28 @@ def http_dir(tmp_path):
     srv.server_close()
 
 
+def installed_runtimes(*names: str) -> list[str]:
+    """Of `names`, the runtimes the dev install provides on this machine: onnxruntime always, openvino on
+    x86-64 (a base dependency there), torch (the dev extra). Tests loop over these and fail, never skip, when
+    one of them cannot run (a missing runtime the install promises is a broken install, not a pass)."""
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return [n for n in names if n != "openvino" or x86]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a Ray Serve HTTP proxy. Ray Serve cannot bind
+    port 0 and report the port it got (its proxy config keeps the 0), so the port is picked here and released
+    before the proxy binds it: another process can take it in between (unlikely: the kernel hands out
+    ephemeral ports in a random order). Servers that can bind port 0 themselves should, and be asked."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster on 127.0.0.1 (2 CPUs, no dashboard), started on first use and shared by the whole
@@ -216,7 +238,9 @@ def ray_cluster():
     (`stexport infer --ray ADDRESS`, `ray.init(address=ADDRESS)`); in this process Ray is already initialised.
     Needs `ray` (the dev extra installs it)."""
     ray = pytest.importorskip("ray")
-    ctx = ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a cluster of this process's own, never one another xdist worker started
+    ctx = ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+                   log_to_driver=False)
     yield "127.0.0.1:" + ctx.address_info["gcs_address"].rsplit(":", 1)[1]
     ray.shutdown()
 

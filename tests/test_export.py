@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import smooth_clips, trained_like
+from conftest import installed_runtimes, smooth_clips, trained_like
 from onnx import TensorProto
 from stexport.trt_engines.onnx_support import tensor_types
 
@@ -111,9 +110,7 @@ def test_int8_with_fp16_float_parts_is_typed_so(onnx_variants):
     assert count(model, "QuantizeLinear") == count(fp32_qdq, "QuantizeLinear")  # the same layers quantized
     clips = smooth_clips(8, 32, seed=5)
     want = reference_logits(ref, clips)
-    for name in ("onnxruntime", "openvino"):
-        if name == "openvino" and importlib.util.find_spec("openvino") is None:
-            continue
+    for name in installed_runtimes("onnxruntime", "openvino"):
         with create(name, bundle) as b:
             got = b.run(clips)
             if name == "onnxruntime":

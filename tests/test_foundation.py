@@ -34,7 +34,13 @@ def official_checkpoint(path, sd):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# An independent, plain-tensor implementation of the official forward (no nn.Module of stexport's).
+# An independent, plain-tensor implementation of the official forward (no nn.Module of stexport's), written
+# from the paper (Sec. 3.2, Eq. 1: ST-Adapter(x) = x + fc2(DWConv3D(fc1(x))) on the patch tokens) and the
+# official code (linziyi96/st-adapter, models_adapter.py: Adapter.forward skips the CLS token and pads the
+# depth-wise Conv3d by kernel//2; ResidualAttentionBlock runs adapter_pre_attn, attention, adapter_pre_mlp, MLP;
+# attention splits F.linear(x, in_proj_weight, in_proj_bias) into q, k, v by thirds of the channels;
+# VisionTransformer.forward: conv1 patches, CLS + positional embedding, ln_pre, blocks, the CLS token averaged
+# over time, ln_post, fc; QuickGELU is x * sigmoid(1.702 x)).
 
 def plain_forward(sd: dict, x: torch.Tensor, heads: int, act: str, eps: float = 1e-5) -> torch.Tensor:
     def ln(t, p):
@@ -140,6 +146,47 @@ def test_reference_matches_plain_forward_tiny(tiny):
         plain = plain_forward({**tiny.state_dict, **sd}, x, tiny.config.heads, tiny.config.act)
         assert ref.shape == (2, 11)
         assert (ref - plain).abs().max() < 1e-5
+
+
+# the backbone tensors a reference could silently drop (keys as in the official state dict)
+DROPPABLE = {
+    "in_proj_bias": lambda k: k.endswith("attn.in_proj_bias"),
+    "out_proj.bias": lambda k: k.endswith("attn.out_proj.bias"),
+    "mlp biases": lambda k: ".mlp.c_" in k and k.endswith("bias"),
+    "ln_pre affine": lambda k: k.startswith("ln_pre."),
+    "ln_1/ln_2 affine": lambda k: ".ln_1." in k or ".ln_2." in k,
+    "ln_post affine": lambda k: k.startswith("ln_post."),
+}
+
+
+@pytest.mark.parametrize("name", [TINY, "stexport-tiny-vit-gelu"])
+def test_reference_matches_the_official_forward_with_non_trivial_weights(name):
+    """The reference against plain_forward on a backbone whose biases and LayerNorm affines are random, with
+    QuickGELU and with exact GELU. The check can fail: each tensor family a reference might drop (reset to
+    its trivial value) moves the oracle's logits by far more than the tolerance, and so does the other
+    activation."""
+    from conftest import trained_like
+
+    from stexport.build.deltas import Deltas
+
+    bb = trained_like(random_backbone(name), scale=0.3)  # random_backbone's biases and affines are 0 and 1/0
+    act = bb.config.act
+    assert act == ("gelu" if name.endswith("gelu") else "quick_gelu")
+    sd = random_deltas(bb.config, width=32, kernel=(3, 3, 3), pre_attn=True, num_classes=11, seed=3)
+    model = build_reference(bb, Deltas(infer_spec(sd), sd))
+    x = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(x).double()
+    full = {k: v.double() for k, v in {**bb.state_dict, **sd}.items()}
+    plain = plain_forward(full, x.double(), bb.config.heads, act)
+    tol = 1e-5
+    assert (ref - plain).abs().max().item() < tol
+    for name, drops in DROPPABLE.items():
+        dropped = {k: (torch.ones_like(v) if k.endswith("weight") else torch.zeros_like(v)) if drops(k) else v
+                   for k, v in full.items()}
+        assert (plain_forward(dropped, x.double(), bb.config.heads, act) - plain).abs().max().item() > 100 * tol, name
+    other = "gelu" if act == "quick_gelu" else "quick_gelu"
+    assert (plain_forward(full, x.double(), bb.config.heads, other) - plain).abs().max().item() > 100 * tol
 
 
 @pytest.mark.slow

@@ -55,6 +55,25 @@ def test_views_softmax_averaged_like_official_eval(bundle, videos):
     assert [name for _, name, _ in res.top[:2]] == [clf.labels[i] for i, _, _ in res.top[:2]]
 
 
+def test_views_are_scored_by_averaging_probabilities_not_logits(bundle, videos, monkeypatch):
+    """By construction: the backend answers three views with logits chosen so that the mean of their
+    softmaxes (the official eval) and the softmax of their mean (a plausible mistake) rank differently.
+    The tiny random model cannot show this: its views' logits are nearly equal, where both agree."""
+    views = np.zeros((3, 10), np.float32)
+    views[0, 0], views[1, 1], views[2, 1] = 10.0, 2.0, 2.0
+    p = np.exp(views - views.max(1, keepdims=True))
+    want = (p / p.sum(1, keepdims=True)).mean(0)  # mean softmax: class 0 0.333, class 1 0.301
+    wrong = np.exp(views.mean(0)) / np.exp(views.mean(0)).sum()  # softmax of the mean: class 0 0.61
+    assert abs(want[0] - wrong[0]) > 0.2
+    with Classifier(bundle, backend="onnxruntime", top_k=10) as clf:
+        monkeypatch.setattr(clf.backend, "run", lambda clips, task=None: np.tile(views, (len(clips) // 3, 1)))
+        for res in (clf.classify(videos[0]), *clf.classify_batch([videos[0], videos[1]])):
+            got = np.zeros(10)
+            for i, _, prob in res.top:
+                got[i] = prob
+            np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_backends_agree_and_auto_resolves(bundle, videos):
     with Classifier(bundle, backend="auto", top_k=3) as a, Classifier(bundle, backend="torch", top_k=3) as t:
         assert a.backend.name == backends.resolve("auto", bundle) != "torch"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import installed_runtimes
 from stexport.cli.app import app
 from typer.testing import CliRunner
 
@@ -31,7 +32,9 @@ def copy_v1(tmp_path) -> Path:
 
 
 def test_v1_bundle_from_before_the_typed_manifest_loads_and_gives_the_same_logits(tmp_path):
-    """tests/data/bundle-v1 was written by stexport before format 2; its logits were saved by that code."""
+    """tests/data/bundle-v1 was written by stexport before format 2. Its expected logits are not the runtimes'
+    own output: tests/data/make_bundle_v1_expected.py computed them with test_foundation.plain_forward (the
+    official forward, float64) on seed 0's backbone and the bundle's deltas; the clips predict two classes."""
     b = Bundle.load(copy_v1(tmp_path))
     m = b.manifest
     assert m.format_version == mf.FORMAT_VERSION == 2
@@ -42,11 +45,28 @@ def test_v1_bundle_from_before_the_typed_manifest_loads_and_gives_the_same_logit
     assert m.provenance.stexport == "0.1.0" and b.changed_files() == []
     clips = np.load(DATA / "bundle-v1-clips.npy")
     want = np.load(DATA / "bundle-v1-logits.npy")
-    for name in ("onnxruntime", "openvino"):
-        if not load_class(name).usable(b):
-            continue
+    assert len(set(want.argmax(1).tolist())) >= 2  # a model predicting one class for all would not pass
+    for name in installed_runtimes("onnxruntime", "openvino"):
+        assert load_class(name).usable(b), name
         with create(name, b) as be:
-            assert np.abs(be.run(clips) - want).max() <= 1e-4, name
+            got = be.run(clips)
+        assert np.abs(got - want).max() <= 1e-4, name
+        assert (got.argmax(1) == want.argmax(1)).all(), name
+
+
+def test_v1_expected_logits_are_the_reference_models(tmp_path):
+    """A third path: stexport's PyTorch reference rebuilt from the v1 manifest (seed 0 + deltas)."""
+    pytest.importorskip("torch")
+    import torch
+
+    from stexport.build.loaders import reference_for_bundle
+    from stexport.build.reference import normalize
+
+    b = Bundle.load(copy_v1(tmp_path))
+    clips = np.load(DATA / "bundle-v1-clips.npy")
+    with torch.no_grad():
+        got = reference_for_bundle(b)(normalize(torch.from_numpy(clips))).numpy()
+    assert np.abs(got - np.load(DATA / "bundle-v1-logits.npy")).max() <= 1e-5
 
 
 def test_save_then_load_round_trips(tiny_bundle, tmp_path):
@@ -151,9 +171,8 @@ def test_cli_refuses_a_misspelt_option_for_every_command(tiny_bundle, make_video
 
 
 def test_every_backend_reports_the_compute_precision(tiny_bundle):
-    for name in ("onnxruntime", "openvino", "torch"):
-        if not load_class(name).usable(tiny_bundle):
-            continue
+    for name in installed_runtimes("onnxruntime", "openvino", "torch"):
+        assert load_class(name).usable(tiny_bundle), name
         with create(name, tiny_bundle) as be:
             be.run(np.zeros((1, 8, 32, 32, 3), np.uint8))
             d = be.describe()

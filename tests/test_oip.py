@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import serve_cli, write_video
+from conftest import free_port, serve_cli, write_video
 
 pytest.importorskip("ray.serve")
 pytest.importorskip("python_multipart")
@@ -31,12 +30,6 @@ TOKEN = "oip-test-token-0123456789abcdef"
 AUTH = {"authorization": f"Bearer {TOKEN}"}  # pass copies: tritonclient.http adds its own headers to the dict
 LIMIT_MB = 1.0
 KW = {"width": 32, "pre_attn": True, "pre_mlp": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,7 @@ def test_cli_pack_infer_inspect(tasks, make_video, tmp_path):
 
 @pytest.mark.parametrize("name,options", [("onnxruntime", {}), ("openvino", {}),
                                           ("onnxruntime", {"tasks": "adapters"})])
-def test_pack_int8_matches_full_export(tmp_path_factory, name, options):
+def test_pack_int8_matches_full_export(tmp_path_factory, monkeypatch, name, options):
     """INT8: the pack holds its adapters' INT8 weights, their scales and every activation scale of a full INT8
     export of its task calibrated on the same clips. OpenVINO and ONNX Runtime's per-task sessions (its default
     on INT8) run the base graph with all of them: the full export's logits. ONNX Runtime's adapters override
@@ -210,10 +210,9 @@ def test_pack_int8_matches_full_export(tmp_path_factory, name, options):
     from stexport.build.pipeline import build_bundle
     from stexport.build.packing import build_pack
     from stexport.build.synthetic import random_deltas
-    import os
 
     root = tmp_path_factory.mktemp(f"int8-{name}")
-    os.environ["STEXPORT_CALIB_CACHE"] = str(root / "calibration")
+    monkeypatch.setenv("STEXPORT_CALIB_CACHE", str(root / "calibration"))
     bb = random_backbone("stexport-tiny-vit")
     calib = smooth_clips(6, 32)
     sd_a = random_deltas(bb.config, num_classes=10, seed=0, **KW)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import serve_cli, write_video
+from conftest import free_port, serve_cli, write_video
 
 STEXPORT = [sys.executable, "-m", "stexport.cli.app"]
 KW = dict(width=32, pre_attn=True, pre_mlp=True)  # as tests/test_tasks.py
@@ -28,14 +28,6 @@ def strict(text: str):
         raise ValueError(f"non-JSON constant {c}")
 
     return json.loads(text, parse_constant=bad)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args, timeout=300):
@@ -92,7 +84,7 @@ def same(got: dict, expected: dict, task: str | None) -> None:
     """Same classes, labels, views and frames, scores within 2e-6 (other batch sizes), named `task`."""
     assert [t["index"] for t in got["top"]] == [t["index"] for t in expected["top"]], (got, expected)
     assert [t["label"] for t in got["top"]] == [t["label"] for t in expected["top"]]
-    for a, b in zip(got["top"], expected["top"]):
+    for a, b in zip(got["top"], expected["top"], strict=True):
         assert abs(a["score"] - b["score"]) <= 2e-6
     assert (got["views"], got["frames"], got["path"]) == (expected["views"], expected["frames"], expected["path"])
     assert got.get("task") == task
@@ -115,7 +107,7 @@ def test_spec_with_a_task_equals_classify_with_that_task(packs, want):
     missing = str(packs["root"] / "missing.mp4")
     with spec.open() as clf:
         got = [r.to_dict() for r in clf.classify_batch([*packs["videos"], missing])]
-    for v, row in zip(packs["videos"], got):
+    for v, row in zip(packs["videos"], got[:-1], strict=True):
         same(row, want["task_c", v], "task_c")
     assert got[-1]["task"] == "task_c" and "no such file" in got[-1]["error"]
 
@@ -146,7 +138,7 @@ def test_batch_with_a_task_per_source_never_mixes_tasks_in_a_call(packs, want):
     assert len(got) == len(jobs)
     assert "nope.stpack: no such task pack" in got[3]["error"] and "top" not in got[3]
     names = {None: None, str(packs["b"].path): "task_b", str(packs["c"].path): "task_c"}
-    for (v, task), row in zip(jobs[:3] + jobs[4:], got[:3] + got[4:]):
+    for (v, task), row in zip(jobs[:3] + jobs[4:], got[:3] + got[4:], strict=True):
         name = names[str(getattr(task, "path", task)) if task is not None else None]
         same(row, want[name or "task_a", v], name)
     same(one[0], want["task_b", vs[1]], "task_b")
@@ -167,7 +159,7 @@ def test_batch_tasks_per_source_on_openvino(packs):
     with Classifier(packs["base"], backend="openvino", top_k=3, batch_size=6) as clf:
         got = [r.to_dict() for r in clf.classify_batch(jobs)]
         expected = [clf.classify(v, task=t).to_dict() for v, t in jobs]
-    for (v, t), row, exp in zip(jobs, got, expected):
+    for (v, t), row, exp in zip(jobs, got, expected, strict=True):
         same(row, exp, {None: None, packs["b"].path: "task_b", packs["c"].path: "task_c"}[t])
     with Classifier(packs["base"], backend="openvino", top_k=3, task=packs["c"].path) as own:
         same(got[0], own.classify(vs[0]).to_dict(), "task_c")
@@ -232,7 +224,7 @@ def test_ray_actor_loads_a_shipped_pack(packs, want, ray_cluster, tmp_path):
     rows = [ray_infer._decode_row({"i": i, "source": s}, spec.sampling) for i, s in enumerate(packs["videos"])]
     batch = {k: np.array([r[k] for r in rows], dtype=object if k in ("source", "notes", "error") else None)
              for k in rows[0]}
-    for v, line in zip(packs["videos"], actor(batch)["line"]):
+    for v, line in zip(packs["videos"], actor(batch)["line"], strict=True):
         same(strict(line), want["task_c", v], "task_c")
     assert not pack.exists() and actor.clf.task.name == "task_c"
 
@@ -415,7 +407,7 @@ def test_torchscript_serves_task_packs(packs, want, tmp_path):
         v = packs["videos"][1]
         items = [Clips(v, decode(v, model.tasks[t].sampling).clips, 0, 0.0, [], t)
                  for t in ("task_c", "task_a", "task_b")]
-        for it, row in zip(items, model.classify(items)):
+        for it, row in zip(items, model.classify(items), strict=True):
             expected = want[it.task, v]
             assert row["task"] == it.task and row["backend"] == "torchscript"
             assert [t["label"] for t in row["top"]] == [t["label"] for t in expected["top"]], (row, expected)
@@ -429,7 +421,8 @@ def test_replica_failure_is_one_line_and_the_cli_server_logs_only_its_own_lines(
     """`stexport serve --json` joining the session's cluster beside the module's server (another route, so
     another Ray Serve application): a bundle whose model a replica cannot open fails with the replica's own
     reason in one line, exit 2, no traceback; a good one answers, and its stderr holds only stexport's lines
-    (no Ray or Ray Serve INFO/WARNING lines without -v) up to Ctrl-C. The module's server keeps serving."""
+    (no Ray or Ray Serve INFO/WARNING lines without -v) up to Ctrl-C, which ends it as it ends every command
+    (exit 130, "stexport: interrupted"). The module's server keeps serving."""
     import shutil
     import signal
 
@@ -463,8 +456,8 @@ def test_replica_failure_is_one_line_and_the_cli_server_logs_only_its_own_lines(
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err  # Ctrl-C ends serve as it ends every command
     assert err.strip() and all(line.startswith("stexport: ") for line in err.strip().splitlines()), err
-    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "stexport: interrupted" and "Traceback" not in err
     r = ask(server, v, "task_b", "query")  # the module's server was left alone
     assert r.status_code == 200 and r.json()["task"] == "task_b"

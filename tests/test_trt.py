@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1094,21 +1095,37 @@ def test_tensorrt_names_used_exist_in_both_wheels():
                          "(tests/data/tensorrt_api.py says how) and check them")
     absent = {n: table[n] for n in used if "no" in table[n]}
     assert not absent, f"TensorRT names used by trt_engines/ that a wheel lacks: {absent}"
+    # a "tail" only says the name ends a longer string of tensorrt.so: the bindings' source must register it
+    source = {name: col for name, col in (ln.split() for ln in (DATA / "tensorrt-source-names.txt").read_text()
+                                          .splitlines() if ln.strip() and not ln.startswith("#"))}
+    assert set(source) == set(table)
+    tails = sorted((n for n in used if "tail" in table[n]), key=str.lower)
+    assert len(tails) == 13, tails  # Builder, dtype, ERROR, INPUT, name, Runtime, size, ...
+    unregistered = [n for n in tails if source[n] != "yes"]
+    assert not unregistered, f"only as string tails in the wheels and not registered in the source: {unregistered}"
     # the wheels do tell versions apart: the weak-typing APIs are in 10.16 and gone from 11.4
     for removed in ("int8_calibrator", "EXPLICIT_BATCH", "platform_has_fast_fp16"):
         assert table[removed] == ("exact", "no") and removed not in used
     assert table["FP16"][0] == "exact" and table["FP16"][1] != "exact" and "FP16" not in used
 
 
-@pytest.mark.skipif(not list(Path("/tmp/trtb").glob("tensorrt_cu1*_bindings-*.whl")),
-                    reason="bindings wheels not downloaded to /tmp/trtb (see tests/data/tensorrt_api.py)")
+TRT_WHEELS = os.environ.get("STEXPORT_TRT_WHEELS")  # a directory holding the two bindings wheels
+
+
+@pytest.mark.skipif(not TRT_WHEELS, reason="set STEXPORT_TRT_WHEELS to a directory holding the two TensorRT "
+                    "bindings wheels (tests/data/tensorrt_api.py has the pip download commands)")
 def test_committed_names_match_the_wheels():
+    """The committed table is what the wheels say. Run where the wheels can be downloaded; the wheels must be
+    the very files the table was made from (their sha256 are in its header), else this fails."""
     api = _api_module()
-    wheels = sorted(Path("/tmp/trtb").glob("tensorrt_cu1*_bindings-*.whl"))
     text = (DATA / "tensorrt-api-names.txt").read_text()
+    want = dict(re.findall(r"^# wheel ([0-9.]+): sha256 ([0-9a-f]{64})$", text, re.M))
+    wheels = [w for w in sorted(Path(TRT_WHEELS).glob("tensorrt_cu1*_bindings-*.whl"))
+              if api.wheel_api(w)[0] in want]
+    assert [api.wheel_api(w)[:2] for w in wheels] == list(want.items()), f"{TRT_WHEELS}: not the wheels {want}"
     table = {ln.split()[0]: ln.split()[1:] for ln in text.splitlines()
              if ln.strip() and not ln.startswith("#")}
-    for col, wheel in enumerate(w for w in wheels if api.wheel_api(w)[0] in ("10.16.1.11", "11.4.0.106")):
+    for col, wheel in enumerate(wheels):
         _, _, strings, py = api.wheel_api(wheel)
         for name, cols in table.items():
             assert api.presence(name, strings, py) == cols[col], (name, wheel.name)

@@ -5,6 +5,15 @@ table of their tensorrt.so holds every name the pybind11 module registers. This 
 for the names used (see `used_names`) and writes, per wheel, whether each is there. tests/test_trt.py runs the
 same scan and checks the result against the committed list.
 
+A "tail" (the name is only the end of a longer string of tensorrt.so: the linker stores "Builder" inside
+"IBuilder") is necessary, not sufficient. tests/data/tensorrt-source-names.txt adds the bindings' source:
+whether each name is a string literal ("name") of NVIDIA/TensorRT's python/src/**/*.cpp, the pybind11 code
+that registers every class, method, enum value and keyword. test_trt.py requires that for every "tail" name.
+
+Regenerate tests/data/tensorrt-source-names.txt from a checkout of github.com/NVIDIA/TensorRT with:
+
+    python tests/data/tensorrt_api.py --source TENSORRT_CHECKOUT > tests/data/tensorrt-source-names.txt
+
 Regenerate tests/data/tensorrt-api-names.txt with:
 
     pip download --no-deps -d /tmp/trtb tensorrt-cu12-bindings==10.16.1.11
@@ -110,6 +119,28 @@ def presence(name: str, strings: set[str], py: set[str]) -> str:
     return "tail" if any(s.endswith(name) for s in strings) else "no"
 
 
+def source_literals(checkout: Path) -> tuple[str, set[str]]:
+    """(TensorRT version of the checkout, every identifier-like string literal of its python/src/**/*.cpp)."""
+    header = (checkout / "include" / "NvInferVersion.h").read_text()
+    version = ".".join(re.search(rf"#define TRT_{part}_ENTERPRISE (\d+)", header).group(1)
+                       for part in ("MAJOR", "MINOR", "PATCH", "BUILD"))
+    found = set()
+    for cpp in sorted((checkout / "python" / "src").rglob("*.cpp")):
+        found.update(re.findall(r'"([A-Za-z_][A-Za-z0-9_]*)"', cpp.read_text()))
+    return version, found
+
+
+def main_source(checkout: str) -> None:
+    version, found = source_literals(Path(checkout))
+    names = sorted(used_names(trt_engine_files()) | set(REMOVED), key=str.lower)
+    print("# Whether each TensorRT API name of tensorrt-api-names.txt is a string literal of the Python")
+    print("# bindings' source (NVIDIA/TensorRT python/src/**/*.cpp: pybind11 registers every name there).")
+    print("# Produced by tests/data/tensorrt_api.py --source (its docstring has the command).")
+    print(f"# source TensorRT {version}")
+    for n in names:
+        print(n, "yes" if n in found else "no")
+
+
 def main(wheels: list[str]) -> None:
     apis = [wheel_api(Path(w)) for w in wheels]
     names = sorted(used_names(trt_engine_files()) | set(REMOVED), key=str.lower)
@@ -126,4 +157,7 @@ def main(wheels: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["--source"]:
+        main_source(sys.argv[2])
+    else:
+        main(sys.argv[1:])
