@@ -306,7 +306,8 @@ def test_non_finite_logits_get_one_message_on_every_path(tiny_bundle, videos, tm
     from stexport.build.verify import verify
     from stexport.runtime.classify import Classifier, NonFiniteOutput
     from stexport.runtime.video import decode
-    from stexport.serving.app import Clips, ServingClassifier
+    from stexport.serving.app import ServingClassifier
+    from stexport.serving.requests import Clips
 
     shutil.copytree(tiny_bundle.path, tmp_path / "b")
     nan_weight(tmp_path / "b")

@@ -408,7 +408,7 @@ def test_protocol_translation_refuses_malformed_requests():
     from tritonclient.utils import serialize_byte_tensor
 
     from stexport.serving import oip
-    from stexport.serving.app import RequestError
+    from stexport.serving.requests import RequestError
 
     blob = serialize_byte_tensor(np.array([b"ab", b"\0\xffc"], dtype=np.object_)).item()
 

@@ -393,7 +393,8 @@ def test_torchscript_serves_task_packs(packs, want, tmp_path):
 
     import numpy as np
 
-    from stexport.serving.app import Clips, ServeConfig, ServingClassifier, check_config
+    from stexport.serving.app import ServeConfig, ServingClassifier, check_config
+    from stexport.serving.requests import Clips
     from stexport.runtime.video import decode
 
     base = shutil.copytree(packs["base"].path, tmp_path / "base")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stexport.serving.app import RequestError
+from stexport.serving.requests import RequestError
 from stexport.version import __version__
 
 VIDEO, FRAMES = "video", "frames"

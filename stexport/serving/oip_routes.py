@@ -31,7 +31,7 @@ import numpy as np
 from ray import serve
 
 from stexport.serving import auth, oip, oip_grpc  # noqa: F401 - oip_grpc: gRPC messages unpickle in replicas
-from stexport.serving.app import Clips, RequestError
+from stexport.serving.requests import Clips, RequestError
 from stexport.serving.metrics import CONTENT_TYPE, Metrics
 
 HEALTH = ("healthz", "v2/health/live", "v2/health/ready")
