@@ -2,7 +2,7 @@
 
 `import stexport.video` (or `stexport.backends.ort`, …) still works: it returns the module at its new path,
 the same object, after a DeprecationWarning naming that path. One table; `stexport/__init__.py` installs the
-finder. Remove both in the release after next.
+finder. The old paths go in the next release.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def moved_name(module: str, name: str):
     target = MOVED_NAMES.get((module, name))
     if target is None:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    warnings.warn(f"{module}.{name} moved to {target}.{name}; the old path works in this release only",
+    warnings.warn(f"{module}.{name} moved to {target}.{name}; the old path goes in the next release",
                   DeprecationWarning, stacklevel=3)
     return getattr(importlib.import_module(target), name)
 
@@ -94,7 +94,7 @@ def package_attribute(package: str, name: str):
     module = importlib.import_module(old)
     if not hasattr(module, name):
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
-    warnings.warn(f"{package}.{name} moved to {old}.{name}; the old path works in this release only",
+    warnings.warn(f"{package}.{name} moved to {old}.{name}; the old path goes in the next release",
                   DeprecationWarning, stacklevel=3)
     return getattr(module, name)
 
@@ -107,7 +107,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec):
         new = new_path(spec.name)
-        warnings.warn(f"{spec.name} moved to {new}; the old path works in this release only",
+        warnings.warn(f"{spec.name} moved to {new}; the old path goes in the next release",
                       DeprecationWarning, stacklevel=2)
         return importlib.import_module(new)  # the same module object under both names
 
@@ -116,5 +116,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install() -> None:
+    """Put the finder first: an old submodule path (stexport.backends.ort) must not be found by the path finder
+    through the moved package's __path__, which would load a second copy of the module."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.append(_Finder())
+        sys.meta_path.insert(0, _Finder())

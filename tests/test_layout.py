@@ -89,6 +89,12 @@ def test_moved_paths_still_import_for_one_release():
             mod = importlib.import_module(old)
         assert mod is importlib.import_module(new), old
         assert not first or any(new in str(w.message) for w in caught), old
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import stexport.backends.base as old_base
+        import stexport.backends.ort as old_ort
+    from stexport.runtime.backends import base, ort
+    assert old_ort is ort and old_base.Backend is base.Backend  # a submodule is not loaded twice
     with pytest.warns(DeprecationWarning, match="stexport.runtime.spec"):
         from stexport.batch import ClassifierSpec
     from stexport.runtime.spec import ClassifierSpec as now
