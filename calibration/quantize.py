@@ -122,8 +122,11 @@ def choose_migration(proto: onnx.ModelProto, names: list[str], found: list, stat
     smallest mean |Δlogit| against the FP32 graph wins (ties keep the simpler one)."""
     from stexport.calibration import smooth
 
-    if migrate == "off" or not found:
-        return {}, None
+    if migrate == "off":
+        return {}, {"alpha": None, "why": "off: --int8-migrate off, or a swappable bundle (its backbone is shared "
+                                          "by every task)"}
+    if not found:
+        return {}, {"alpha": None, "why": "no LayerNorm or adapter input to migrate"}
     if migrate != "auto":
         alpha = float(migrate)
         steps = smooth.plan(proto, found, stats, alpha)
@@ -196,7 +199,7 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
     found = smooth.sites(proto, names) if migrate != "off" else []
     key_src = {"model": model_hash(proto), "clips": chosen.key(), "sampling": view.to_dict(),
                "method": method, "seed": seed, "percentile": PERCENTILE if method == "percentile" else None,
-               "attention": attention, "migrate": migrate, "format": 2}
+               "attention": attention, "migrate": migrate, "format": 3}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:32]
     cache = cache_dir() / f"{key}.json"
     amax, cached, steps, migration = None, False, {}, None
@@ -232,6 +235,7 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
                 amax = {**amax, **collect(moved, changed, chosen, view, method, spec, onnx_path.parent, progress)}
         else:
             amax = collect(proto, tensors, chosen, view, method, spec, onnx_path.parent, progress)
+            steps, migration = choose_migration(proto, names, found, {}, amax, [], migrate)
         if use_cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
             videos = [str(v) for v in chosen.videos]

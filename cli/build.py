@@ -158,6 +158,8 @@ def build(
         if mig and mig.get("alpha") is not None:
             typer.echo(f"  outlier migration: alpha {mig['alpha']}, {mig['norm_sites']} LayerNorm and "
                        f"{mig['stream_sites']} residual-stream sites folded into the GEMM weights")
+        elif mig:
+            typer.echo(f"  outlier migration: none ({mig.get('why') or 'auto: no candidate beat the plain graph'})")
     if m.tasks is not None:
         typer.echo(f"  swappable: {len(m.tasks.tensors)} per-task tensors, head of {m.tasks.head_rows} rows "
                    f"(add tasks with `stexport pack --adapter CKPT --base {b.path}`)")
