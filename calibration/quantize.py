@@ -23,7 +23,7 @@ from tqdm import tqdm
 from stexport.bundle.store import default_home
 from stexport.errors import StexportError
 from stexport.onnx_graph import check, save
-from stexport.fileutil import atomic_write_json
+from stexport.fileutil import json_bytes, write_cache
 from stexport.bundle.manifest import InputRecord
 
 log = logging.getLogger("stexport")
@@ -237,10 +237,10 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
             amax = collect(proto, tensors, chosen, view, method, spec, onnx_path.parent, progress)
             steps, migration = choose_migration(proto, names, found, {}, amax, [], migrate)
         if use_cache:
-            cache.parent.mkdir(parents=True, exist_ok=True)
             videos = [str(v) for v in chosen.videos]
-            atomic_write_json(cache, {"key": key_src, "amax": amax, "videos": videos,
-                                      "steps": _steps_json(steps), "migration": migration})
+            write_cache(cache, json_bytes({"key": key_src, "amax": amax, "videos": videos,
+                                           "steps": _steps_json(steps), "migration": migration}),
+                        "calibration", "STEXPORT_CALIB_CACHE")
     if on_calibrated:
         on_calibrated()
     smooth.apply(proto, steps)

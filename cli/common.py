@@ -3,16 +3,19 @@ and the flag spellings kept for one release."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
 import re
+from pathlib import Path
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from stexport import interrupt
 from stexport.errors import StexportError
+from stexport.fileutil import WRITE_FAILURES
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -26,6 +29,19 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 def interrupted() -> None:
     typer.echo("stexport: interrupted", err=True)
     raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def cannot_write(e: OSError) -> str:
+    """One line for a write the disk refused (read-only, full, no permission): what, why, and the fix."""
+    from stexport.bundle.store import default_home
+
+    where = Path(e.filename) if e.filename else None
+    fix = ("free space on that disk or write elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "choose a folder you can write")
+    home = default_home().parent
+    if where is not None and (where == home or home in where.parents):
+        fix += " (set STEXPORT_HOME to a writable folder, or pass --out)"
+    return f"cannot write {where or 'the output'}: {e.strerror or e}; {fix}"
 
 
 def handle_errors(fn):
@@ -47,6 +63,8 @@ def handle_errors(fn):
                 interrupted()
             if isinstance(e, StexportError):
                 fail(str(e))
+            if isinstance(e, OSError) and not isinstance(e, PermissionError) and e.errno in WRITE_FAILURES:
+                fail(cannot_write(e))
             if isinstance(e, IsADirectoryError):
                 fail(f"{e.filename}: is a directory, not a file")
             if isinstance(e, FileNotFoundError):

@@ -7,9 +7,12 @@ a killed writer leaves at most a `.NAME.tmpPID` file that the next writer of the
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -49,13 +52,46 @@ def atomic_write_bytes(path: str | Path, data, fsync: bool = False) -> None:
         raise
 
 
+# what a write into a folder can meet that no retry fixes: the user must free space or choose another folder
+WRITE_FAILURES = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM})
+
+
+def write_cache(path: str | Path, data, what: str, setting: str) -> bool:
+    """Write a cache file (bytes) atomically. Caches are an optimisation: when `path` cannot be written (a
+    read-only or full disk, no permission) one warning names the folder and `setting` (the environment variable
+    that moves the cache), nothing is left behind, and False is returned; True when written."""
+    try:
+        atomic_write_bytes(path, data)
+        return True
+    except OSError as e:
+        logging.getLogger("stexport").warning(
+            "%s cache not written (%s: %s); going on without it (set %s to a writable folder to keep it)",
+            what, Path(path).parent, e.strerror or e, setting)
+        return False
+
+
+def as_os_error(e: Exception, path: str | Path) -> Exception:
+    """An OSError for a library's write error that carries the OS's number only in its text (safetensors' Rust
+    writer says "... (os error 28)"), so that callers meet one kind of error for a full disk; else `e`."""
+    m = re.search(r"os error (\d+)", str(e))
+    if isinstance(e, OSError) or not m:
+        return e
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_bytes(data) -> bytes:
+    """Strict JSON (NaN/Infinity refused: ValueError), indented, UTF-8, with a final newline."""
+    return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path: str | Path, data) -> None:
     """Strict JSON (NaN/Infinity refused: ValueError), indented, through one rename."""
-    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    atomic_write_bytes(path, json_bytes(data))
 
 
 def apply_umask(root: str | Path) -> None:

@@ -20,6 +20,7 @@ from stexport import interrupt
 from stexport.build.backbone import Backbone, load_backbone, random_weights_warning
 from stexport.bundle.precision import INPUT_FORMATS
 from stexport.bundle.store import Bundle, default_home, finish, writing
+from stexport.fileutil import as_os_error
 from stexport.build.deltas import Deltas, as_deltas, check_fits
 from stexport.errors import StexportError
 from stexport.build.export import DTYPES, INPUT, OPSET, OUTPUT, export_onnx
@@ -203,7 +204,10 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
             from safetensors.torch import save_file
 
             tensors = {k: v.contiguous() for k, v in deltas.state_dict.items()}
-            save_file(tensors, str(tmp / ARTIFACTS["deltas"]))
+            try:
+                save_file(tensors, str(tmp / ARTIFACTS["deltas"]))
+            except Exception as e:  # safetensors' Rust writer: a full disk arrives as text, made an OSError
+                raise as_os_error(e, out) from None
             (tmp / ARTIFACTS["labels"]).write_text("\n".join(names) + "\n", encoding="utf-8")
             artifacts = dict(ARTIFACTS)
             data = external_files(onnx_path)

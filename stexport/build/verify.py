@@ -369,11 +369,11 @@ def _run_videos(job: _Job, test, ref, stored: dict, cache, progress: bool, limit
 def _write_cache(cache: Path, ref_logits: list) -> None:
     import io
 
-    from stexport.fileutil import atomic_write_bytes
+    from stexport.fileutil import write_cache
 
     buf = io.BytesIO()
     np.savez(buf, **{str(i): r for i, r in enumerate(ref_logits)})
-    atomic_write_bytes(cache, buf.getbuffer())
+    write_cache(cache, buf.getbuffer(), "reference-logit", "STEXPORT_REFERENCE_CACHE")
 
 
 def _metrics(job: _Job, runs: _Runs, backend: str) -> tuple[dict, list[str]]:

@@ -280,6 +280,11 @@ def writing(out: str | Path, force: bool = False, refuse=refuse_existing) -> Ite
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None:  # a writer that names no file (onnx's): name the output
+            raise OSError(e.errno, e.strerror, str(out)) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,6 +12,7 @@ instead of appending answers of another model or sampling to the same file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -25,7 +26,8 @@ class ResultsFile:
     """Open (creating it, or resuming it) a results file for a run of `task` (a task pack's name; None: the
     bundle's own task). Raises StexportError for a file that is not stexport's JSON Lines (a line that does not
     parse, or lacks "path"), a directory, or a file holding results of another task (resuming it would mix
-    two tasks' answers in one file)."""
+    two tasks' answers in one file). A path that is not a regular file (/dev/stdout, a FIFO) is written to but
+    never read back: nothing resumes from it."""
 
     def __init__(self, path: str | Path, task: str | None = None, run: dict | None = None):
         self.path = Path(path)
@@ -36,7 +38,9 @@ class ResultsFile:
         self.lines = 0
         if self.path.is_dir():
             raise StexportError(f"{self.path}: is a directory; --output takes a file (JSON Lines)")
-        if self.path.exists():
+        if self.path.exists() and not self.path.is_file():  # /dev/stdout, a FIFO: written, never resumed
+            self.run = None
+        elif self.path.exists():
             self._read()
             self._check_run()
         self._fh = None
@@ -98,17 +102,26 @@ class ResultsFile:
 
                 atomic_write_text(self.run_path, json.dumps(self.run, indent=1) + "\n")
             self._fh = open(self.path, "a", encoding="utf-8")
-        self._fh.write(json.dumps(row, allow_nan=False) + "\n")
-        self._fh.flush()
+        line = json.dumps(row, allow_nan=False) + "\n"
+        try:
+            self._fh.write(line)
+            self._fh.flush()
+        except OSError as e:  # a full disk: the torn line is repaired when the file is reopened
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         self.done[str(row["path"])] += 1
         self.lines += 1
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
+            finally:
+                with contextlib.suppress(OSError):
+                    fh.close()
 
     def __enter__(self):
         return self
