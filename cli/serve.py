@@ -58,6 +58,13 @@ def serve(
                                   "in one backend call (serve.batch)."),
     batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0, help="How long a batch waits to fill."),
     max_upload_mb: float = typer.Option(100.0, "--max-upload-mb", min=0.001, help="Larger uploads get 413."),
+    min_upload_rate: float = typer.Option(64.0, "--min-upload-rate", min=0, metavar="KB/S", help="A request "
+                                          "body that arrives slower than this on average (after its first 2 s) "
+                                          "gets 408, so slow senders cannot hold the server's request slots; "
+                                          "0: no floor."),
+    upload_budget_mb: float = typer.Option(1024.0, "--upload-budget-mb", min=0.001, help="Request bodies one "
+                                           "replica holds at once; past it 503 (retry): with the decoders' "
+                                           "--decode-memory-mb, what bounds a replica's memory."),
     decode_timeout: float = decode_timeout_option(),
     max_decode_s: float = max_decode_option(30.0, "30 (a server bounds each request's decoding; such a video "
                                             "gets 422)"),
@@ -116,7 +123,8 @@ def serve(
     cfg = srv.check_config(srv.ServeConfig(
         bundle=str(bundle), backend=backend, options=options, top_k=top_k, host=host, port=port,
         route_prefix=route, replicas=replicas, replica_cpus=replica_cpus, threads=threads, max_batch=max_batch,
-        batch_wait_s=batch_wait_ms / 1000, max_upload_mb=max_upload_mb, decode_timeout_s=decode_timeout, max_decode_s=max_decode_s,
+        batch_wait_s=batch_wait_ms / 1000, max_upload_mb=max_upload_mb,
+        min_upload_kbps=min_upload_rate, upload_budget_mb=upload_budget_mb, decode_timeout_s=decode_timeout, max_decode_s=max_decode_s,
         max_pixels=max_pixels, max_frames=max_frames, decode_memory_mb=decode_memory_mb,
         decode_workers=decode_workers, allow_paths=tuple(str(p) for p in allow_path),
         tasks=tuple(str(p) for p in task), default_task=default_task, grpc_port=grpc_port, token_sha256=token,

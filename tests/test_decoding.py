@@ -218,6 +218,23 @@ def test_decode_bomb_is_refused_from_its_header(tiny_bundle, decode_bomb, good, 
         assert w.decode(good[0], SAMPLING).frames == 20
 
 
+def test_a_bomb_is_refused_without_decoding_its_frame(decode_bomb, good):
+    """Opening a container decodes a first frame (avformat_find_stream_info): the pixel limit is applied before
+    that, by FFmpeg's own max_pixels, so the bomb is refused by its size even where the memory cap leaves no room
+    to decode it (600 MB of address space; decoding it needs ~800)."""
+    from stexport.runtime.video import refuse_oversized
+
+    for _ in range(2):  # again: PyAV drops a log line that repeats the last one unless told not to
+        with pytest.raises(VideoError, match="its frames are 8000x8000 "):
+            refuse_oversized(str(decode_bomb), "bomb", 36_000_000)
+    refuse_oversized(str(good[0]), "good", 36_000_000)  # a normal video passes
+    with DecodeWorker(threads=1, limits=DecodeLimits(memory_mb=600)) as w:
+        for _ in range(2):
+            with pytest.raises(VideoError, match="its frames are 8000x8000 "):
+                w.decode(decode_bomb, SAMPLING)
+        assert w.decode(good[0], SAMPLING).frames == 20
+
+
 def test_header_limits_are_one_table_with_the_cli():
     from stexport.cli.common import DECODE_MEMORY_MB, MAX_FRAMES, MAX_PIXELS
 

@@ -196,6 +196,11 @@ def bad_requests(server, media, slow_video):
         ("bad JSON", lambda: requests.post(url, data=b"{nope", headers={"Content-Type": "application/json"}), 400,
          "JSON"),
         ("JSON not an object", lambda: requests.post(url, json=["a"]), 400, "path"),
+        ("JSON with 100,000 keys", lambda: requests.post(url, json={f"k{i}": i for i in range(100_000)}), 413,
+         "limit"),
+        ("JSON repeating a key", lambda: requests.post(url, data=b'{"path": "a", "task": "b", "path": "c"}',
+                                                       headers={"Content-Type": "application/json"}), 400,
+         'repeats "path"'),
         ("URL", lambda: requests.post(url, json={"url": "http://127.0.0.1:1/x.mp4"}), 403, "URLs is off"),
         ("path outside the roots", lambda: requests.post(url, json={"path": str(media["secret"])}), 403,
          "outside"),
@@ -388,3 +393,44 @@ def test_decode_bomb_is_refused_from_its_header(server, media, local, decode_bom
     r = post_video(server, video, "raw")
     assert r.status_code == 200, r.text
     same_result(strict_json(r.text), local[str(video)])
+
+
+def slow_sender(url: str, declared: int = 100_000, every_s: float = 0.25, give_up_s: float = 60.0) -> int:
+    """POST `declared` bytes to `url` as a raw socket, one byte every `every_s` seconds, until the server
+    answers (or `give_up_s`): the status it answered with, 0 for none."""
+    import time
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=every_s) as sock:
+        sock.sendall(f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: video/mp4\r\n"
+                     f"Content-Length: {declared}\r\n\r\n".encode())
+        end, answer = time.monotonic() + give_up_s, b""
+        while time.monotonic() < end and b"\r\n" not in answer:
+            try:
+                sock.sendall(b"\0")
+            except OSError:  # the server closed its side; its answer may still be readable
+                pass
+            try:
+                got = sock.recv(4096)
+                if not got:
+                    break
+                answer += got
+            except TimeoutError:
+                continue
+    return int(answer.split()[1]) if answer.startswith(b"HTTP/") else 0
+
+
+def test_slow_senders_get_408_and_hold_no_one_up(server, media, local):
+    """Callers that trickle their body (1 byte per 0.25 s, below --min-upload-rate) are answered 408 after the
+    grace period; while they are connected, /healthz and a good request are answered as usual. (Latency under
+    this attack is a benchmark figure: benchmarks/serve_attacks.py.)"""
+    video = media["videos"][2]
+    with ThreadPoolExecutor(40) as pool:
+        slow = [pool.submit(slow_sender, f"{server}/classify") for _ in range(40)]
+        assert requests.get(f"{server}/healthz", timeout=60).json() == {"status": "ok"}
+        r = post_video(server, video, "raw")
+        assert r.status_code == 200, r.text
+        same_result(strict_json(r.text), local[str(video)])
+        statuses = [f.result() for f in slow]
+    assert statuses == [408] * 40

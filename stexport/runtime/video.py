@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -318,6 +319,8 @@ def open_capture(source, threads: int | None = None, max_pixels: int | None = No
         if not cap.isOpened():
             raise VideoError(f"{name}: cannot open the camera")
         return cap
+    if max_pixels and isinstance(target, str) and not is_url(target):
+        refuse_oversized(target, name, max_pixels)
     cap = cv2.VideoCapture(target, cv2.CAP_FFMPEG, params)
     if not cap.isOpened():
         if is_url(target):
@@ -342,13 +345,45 @@ def check_header(cap, name: str, max_pixels: int | None, max_frames: int | None)
 
     w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
     if max_pixels and w * h > max_pixels:
-        raise VideoError(f"{name}: its frames are {w}x{h} ({w * h / 1e6:.0f} megapixels), over the decoder's limit "
-                         f"of {max_pixels / 1e6:g} megapixels (--max-pixels): a decode bomb, or a video to "
-                         "downscale first (ffmpeg -i FILE -vf scale=-2:2160 OUT.mp4)")
+        raise _oversized(name, w, h, max_pixels)
     n = _header(cap)
     if max_frames and n is not None and n > max_frames:
         raise VideoError(f"{name}: its header claims {n} frames, over the decoder's limit of {max_frames} "
                          "(--max-frames); cut it into parts (ffmpeg -i FILE -c copy -f segment OUT%03d.mp4)")
+
+
+def _oversized(name: str, w: int, h: int, max_pixels: int) -> VideoError:
+    return VideoError(f"{name}: its frames are {w}x{h} ({w * h / 1e6:.0f} megapixels), over the decoder's limit "
+                      f"of {max_pixels / 1e6:g} megapixels (--max-pixels): a decode bomb, or a video to "
+                      "downscale first (ffmpeg -i FILE -vf scale=-2:2160 OUT.mp4)")
+
+
+def refuse_oversized(path: str, name: str, max_pixels: int) -> None:
+    """VideoError when a stream of the file at `path` has frames of more than `max_pixels` pixels, found
+    without decoding one: opening a container makes FFmpeg decode a first frame to learn its format
+    (avformat_find_stream_info), which for a 16000x16000 PNG costs seconds and gigabytes before any header
+    check can run. Opened with the decoders' own `max_pixels` option (AVCodecContext), FFmpeg refuses to
+    decode such a frame and logs its size, which is read here. Files PyAV cannot open pass: OpenCV's open
+    gives their error."""
+    import av
+    import av.logging
+
+    # PyAV logs nothing by default, and drops a message that repeats the last one: the size is in an ERROR line
+    level, skip = av.logging.get_level(), av.logging.get_skip_repeated()
+    av.logging.set_level(av.logging.ERROR)
+    av.logging.set_skip_repeated(False)
+    try:
+        with av.logging.Capture() as logs:
+            av.open(path, stream_options=[{"max_pixels": str(max_pixels)}] * 64).close()
+    except (av.FFmpegError, OSError, ValueError):
+        return
+    finally:
+        av.logging.set_level(level)
+        av.logging.set_skip_repeated(skip)
+    for _, _, message in logs:
+        m = re.search(r"Picture size (\d+)x(\d+) exceeds", message or "")
+        if m:
+            raise _oversized(name, int(m[1]), int(m[2]), max_pixels)
 
 
 def _fourcc(cap) -> str:

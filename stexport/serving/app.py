@@ -48,7 +48,6 @@ Ray Serve and python-multipart are the `stexport[serve]` extra, imported only wh
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import tempfile
@@ -59,9 +58,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from stexport.errors import StexportError
-from stexport.serving.requests import Clips, RequestError, confine, json_type
+from stexport.serving.requests import Clips, RequestError, UploadBudget, confine, json_type, read_body, unique_keys
 from stexport.extras import missing
 from stexport.runtime.decode_worker import DEFAULT_STALL_S, MAX_FRAMES, MAX_PIXELS, MEMORY_MB, SERVE_MAX_DECODE_S
+
+JSON_BODY_LIMIT = 64 * 1024  # a {"path", "task"} request: a larger JSON body is refused (413) unread
 
 SERVE_MODULES = ("ray", "python_multipart", "tritonclient", "prometheus_client")
 PIP = "pip install 'stexport[serve]'"
@@ -91,10 +92,14 @@ class ServeConfig(BaseModel):
     replicas: int = Field(1, ge=1)
     replica_cpus: float = Field(1.0, ge=0)
     threads: int | None = Field(None, ge=1)  # backend CPU threads per replica
-    max_ongoing_requests: int = Field(32, ge=1)  # per replica: requests decoding or waiting for a batch
+    # per replica: requests reading their body, decoding or waiting for a batch (cheap while they wait: the
+    # decoders and the one backend call bound the work; the upload budget bounds the memory)
+    max_ongoing_requests: int = Field(128, ge=1)
     max_batch: int = Field(8, ge=1)  # videos per backend call
     batch_wait_s: float = Field(0.01, ge=0)
     max_upload_mb: float = Field(100.0, gt=0)
+    min_upload_kbps: float = Field(64.0, ge=0)  # --min-upload-rate: slower bodies get 408 (0: no floor)
+    upload_budget_mb: float = Field(1024.0, gt=0)  # request bodies one replica holds at once; past it 503
     decode_timeout_s: float = Field(DEFAULT_STALL_S, gt=0)  # --decode-timeout: seconds a decoder may read no frame
     max_decode_s: float = Field(SERVE_MAX_DECODE_S, gt=0)  # --max-decode-s: seconds one video may take to decode
     max_pixels: int = Field(MAX_PIXELS, ge=1)  # per frame, from the stream's header, before decoding
@@ -160,6 +165,9 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
         cfg = cfg.model_copy(update={"tasks": tuple(str(p.path.resolve()) for p in packs)})
     if cfg.default_task is not None and cfg.default_task not in names:
         raise StexportError(f"--default-task {cfg.default_task}: no such task; loaded: {', '.join(names)}")
+    if cfg.upload_budget_mb < cfg.max_upload_mb:
+        raise StexportError(f"--upload-budget-mb {cfg.upload_budget_mb:g} is below --max-upload-mb "
+                            f"{cfg.max_upload_mb:g}: the budget must hold one upload; raise it or lower the other")
     roots = []
     for r in cfg.allow_paths:
         p = Path(r)
@@ -384,6 +392,7 @@ def deployment(cfg: ServeConfig):
             self.decoding = ThreadPoolExecutor(self.cfg.decode_workers, thread_name_prefix="stexport-decode")
             self.runner = ThreadPoolExecutor(1, thread_name_prefix="stexport-model")  # one backend call at a time
             self.tmp = tempfile.mkdtemp(prefix="stexport-serve-")
+            self.uploads = UploadBudget(int(self.cfg.upload_budget_mb * 1e6))
             tasks = [t.describe(t.name == self.model.default) for t in self.model.tasks.values()]
             self.meta = metadata(self.cfg.bundle, self.model.describe(), self.cfg, self.model.clf.labels, tasks)
             # backend_calls: one per task in each batch; mixed_batches: batches that held several tasks
@@ -457,34 +466,15 @@ def deployment(cfg: ServeConfig):
 
         # -- reading the request ----------------------------------------------------------------------------
 
-        async def body(self, request) -> bytes:
-            limit = self.cfg.max_upload_bytes
-            declared = request.headers.get("content-length")
-            if declared is not None:
-                if not declared.isdigit():
-                    raise RequestError(400, "bad Content-Length")
-                if int(declared) > limit:
-                    raise RequestError(413, f"upload of {int(declared)} bytes is over this server's limit of "
-                                            f"{limit} bytes")
-            buf = io.BytesIO()
-            async for chunk in request.stream():
-                buf.write(chunk)
-                if buf.tell() > limit:
-                    raise RequestError(413, f"upload is over this server's limit of {limit} bytes")
-            return buf.getvalue()
+        async def body(self, request, limit: int | None = None) -> bytes:
+            return await read_body(request, self.cfg.max_upload_bytes if limit is None else limit,
+                                   self.cfg.min_upload_kbps * 1e3, self.uploads)
 
         async def decode(self, request) -> Clips:
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype == "application/json":
-                def unique(pairs):
-                    keys = [k for k, _ in pairs]
-                    twice = sorted({k for k in keys if keys.count(k) > 1})
-                    if twice:
-                        raise RequestError(400, f'the JSON body repeats "{twice[0]}"; give each key once')
-                    return dict(pairs)
-
                 try:
-                    req = json.loads(await self.body(request), object_pairs_hook=unique)
+                    req = json.loads(await self.body(request, JSON_BODY_LIMIT), object_pairs_hook=unique_keys)
                 except (ValueError, UnicodeDecodeError):
                     raise RequestError(400, "the body is not valid JSON") from None
                 if not isinstance(req, dict):

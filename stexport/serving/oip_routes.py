@@ -49,7 +49,7 @@ def _response(status: int, body: dict | bytes, headers: dict | None = None, medi
 
 class OIPRoutes:
     """Mixed into the deployment class, whose `cfg` (ServeConfig), `model` (ServingClassifier), `tmp`, `runner`,
-    `decode_file` and `serve_classic` it uses. Call `oip_setup()` at the end of its __init__."""
+    `uploads` (requests.UploadBudget), `body`, `decode_file` and `serve_classic` it uses. Call `oip_setup()` at the end of its __init__."""
 
     def oip_setup(self) -> None:
         import ray
@@ -87,6 +87,8 @@ class OIPRoutes:
         except Exception as e:
             log.exception("stexport serve: %s %s failed", request.method, path)
             response = _response(500, {"error": f"internal error ({type(e).__name__}); see the server log"})
+        finally:
+            self.uploads.give(getattr(request.state, "held", 0))  # the body's bytes (requests.read_body)
         self.metrics.request(model, label, response.status_code)
         return response
 
@@ -117,8 +119,10 @@ class OIPRoutes:
                 return _response(200, {"name": m.name, "ready": True}), model, label
             if verb is None:
                 return _response(200, oip.model_metadata(m)), model, label
-            body = await self.body_within(request, self.cfg.max_upload_bytes * self.cfg.max_batch + (1 << 20))
-            req = oip.parse_http(body, request.headers.get(oip.HEADER_LENGTH), model)
+            body = await self.body(request, self.cfg.max_upload_bytes * self.cfg.max_batch + (1 << 20))
+            # parsed off the event loop: a large JSON body must not stall /healthz and everyone else's answers
+            req = await asyncio.get_running_loop().run_in_executor(
+                None, oip.parse_http, body, request.headers.get(oip.HEADER_LENGTH), model)
             out = await self.oip_infer(req, m)
             data, head = oip.http_response(req, m, out)
             if head is None:
@@ -127,19 +131,6 @@ class OIPRoutes:
                               media_type="application/octet-stream"), model, label)
         except RequestError as e:
             return _response(e.status, {"error": e.message}), model, label
-
-    async def body_within(self, request, limit: int) -> bytes:
-        """The request body, RequestError 413 once it passes `limit` bytes (declared or streamed)."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, f"request of {int(declared)} bytes is over this server's limit of {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, f"request is over this server's limit of {limit} bytes")
-        return b"".join(chunks)
 
     # -- gRPC (inference.GRPCInferenceService, called by Ray Serve's gRPC proxy) -----------------------------
 

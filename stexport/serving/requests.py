@@ -4,6 +4,7 @@ batch (Clips). Shared by the classic routes (app.py) and the Open Inference Prot
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,76 @@ def confine(path: str, roots: tuple[str, ...]) -> str:
     if not os.path.isfile(real):
         raise RequestError(400, f"{path}: not a regular file")
     return real
+
+
+RATE_GRACE_S = 2.0  # seconds a body may take before its average rate is checked (TCP slow start, a busy client)
+
+
+class UploadBudget:
+    """The request-body bytes one replica holds at once (`limit`): what bounds its memory when many callers
+    upload together, or trickle bodies in. `take` raises RequestError 503 (retry later) past the limit."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise RequestError(503, f"this server holds {self.held} bytes of uploads already (limit {self.limit}); "
+                                    "retry in a few seconds")
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+async def read_body(request, limit: int, min_rate: float, budget: UploadBudget) -> bytes:
+    """The body of a Starlette `request`, read chunk by chunk. RequestError 413 once it passes `limit` bytes
+    (declared in Content-Length or streamed); 408 when it arrives slower than `min_rate` bytes/s on average
+    (checked from RATE_GRACE_S seconds on; a caller that sends nothing is cut off when it falls behind, without
+    waiting for its next byte), so slow senders cannot hold the replica's request slots; 503 when the replica's
+    `budget` is spent. The bytes taken from `budget` are recorded on `request.state.held` for the caller to
+    give back once the request is answered (OIPRoutes.__call__)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, "bad Content-Length")
+        if int(declared) > limit:
+            raise RequestError(413, f"upload of {int(declared)} bytes is over this server's limit of {limit} bytes")
+    chunks, size = [], 0
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    stream = request.stream().__aiter__()
+    while True:
+        # the moment this body falls below min_rate unless more arrives
+        due = start + max(RATE_GRACE_S, size / min_rate) if min_rate > 0 else None
+        try:
+            wait = None if due is None else max(due - loop.time(), 0.001)
+            chunk = await asyncio.wait_for(stream.__anext__(), wait)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise RequestError(408, f"the request body came slower than this server's minimum of {min_rate / 1e3:g} "
+                                    f"kB/s ({size} bytes in {loop.time() - start:.1f} s); send it faster") from None
+        if not chunk:
+            continue
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"upload is over this server's limit of {limit} bytes")
+        budget.take(len(chunk))
+        request.state.held = getattr(request.state, "held", 0) + len(chunk)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def unique_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook refusing a key given twice (RequestError 400), in time linear in the keys."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise RequestError(400, f'the JSON body repeats "{twice}"; give each key once')
+    return out
 
 
 def json_type(value) -> str:
