@@ -434,3 +434,41 @@ def test_slow_senders_get_408_and_hold_no_one_up(server, media, local):
         same_result(strict_json(r.text), local[str(video)])
         statuses = [f.result() for f in slow]
     assert statuses == [408] * 40
+
+
+def test_read_body_budget_and_rate():
+    """requests.read_body on a real Starlette request: the upload budget (503, given back by the caller), the
+    size limit (413) and the rate floor (408) for a sender that stops sending."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from stexport.serving.requests import RATE_GRACE_S, RequestError, UploadBudget, read_body
+
+    def request(chunks, stall_s=0.0):
+        """A request whose body is `chunks`; with stall_s, more is announced and then nothing sent for stall_s."""
+        async def receive():
+            if chunks:
+                return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks) or stall_s > 0}
+            await asyncio.sleep(stall_s)
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return Request({"type": "http", "method": "POST", "headers": [], "path": "/"}, receive)
+
+    async def run():
+        budget = UploadBudget(1000)
+        r = request([b"a" * 600])
+        assert await read_body(r, 2000, 1e3, budget) == b"a" * 600 and budget.held == r.state.held == 600
+        with pytest.raises(RequestError) as e:
+            await read_body(request([b"b" * 600]), 2000, 1e3, budget)
+        assert e.value.status == 503 and "retry" in e.value.message
+        budget.give(r.state.held)
+        with pytest.raises(RequestError) as e:
+            await read_body(request([b"c" * 300] * 4), 1000, 1e3, UploadBudget(10_000))
+        assert e.value.status == 413
+        # one chunk, then nothing: cut off once the average falls below 100 kB/s after the grace period
+        stalled = request([b"d" * 1000], stall_s=60)
+        with pytest.raises(RequestError) as e:
+            await asyncio.wait_for(read_body(stalled, 10_000, 100e3, UploadBudget(10_000)), RATE_GRACE_S + 30)
+        assert e.value.status == 408 and "100 kB/s" in e.value.message
+
+    asyncio.run(run())
