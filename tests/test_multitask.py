@@ -146,3 +146,34 @@ def test_cli_multitask_and_infer_task(tasks, multi, make_video, tmp_path):  # no
     assert row["task"] == "task_b" and len(row["top"]) == 5
     r = cli("infer", video, "-m", out, "-b", "onnxruntime", "--task", "nope")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds tasks task_a, task_b" in r.stderr
+
+
+def test_torchscript_module_takes_the_task_input(tasks, multi, tmp_path):  # noqa: F811
+    import shutil
+
+    from stexport.bundle.store import Bundle
+    from stexport.build.torchscript import add_to_bundle
+
+    b = Bundle.load(shutil.copytree(multi.path, tmp_path / "multi"))
+    b = add_to_bundle(b)
+    x = tasks["clips"]
+    with backends.create("onnxruntime", tasks["full_a"]) as fa, backends.create("onnxruntime", tasks["full_b"]) as fb:
+        want = {"task_a": fa.run(x), "task_b": fb.run(x)}
+    with backends.create("torchscript", b) as be:
+        assert np.abs(be.run(x) - want["task_a"]).max() <= 1e-4
+        assert np.abs(be.run(x, task="task_b") - want["task_b"]).max() <= 1e-4
+        order = ["task_b", "task_a", "task_a", "task_b"]
+        mixed = be.run_tasks(x, order)
+        for i, t in enumerate(order):
+            assert np.abs(mixed[i, :want[t].shape[1]] - want[t][i]).max() <= 1e-4
+
+
+def test_verify_task_against_its_own_reference(multi, make_video):
+    """verify --task NAME: the backend runs that task of the multi-task graph, the reference is the backbone
+    with that task's own deltas (kept in the bundle's task_deltas); the report names the task."""
+    from stexport.build.verify import verify
+
+    video = make_video("v.mp4", frames=24, width=64, height=48)
+    for name in ("task_b", "task_a"):
+        report = verify(multi, video.parent, backend="onnxruntime", task=name, use_cache=False)
+        assert report["passed"] and report["task"]["name"] == name and report["metrics"]["max_abs"] <= 1e-4

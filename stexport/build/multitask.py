@@ -38,6 +38,7 @@ from stexport.errors import StexportError
 log = logging.getLogger("stexport")
 
 TASK_INPUT = "task"
+TASK_DELTAS = "task_deltas.safetensors"  # artifact 'task_deltas': task i's state dict under "i/<key>"
 
 
 def gather(stacked: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ class StackedAdapter(nn.Module):
         self.pad = first.tconv.pad
 
         def stack(f):
-            return nn.Parameter(torch.stack([f(a).detach().float() for a in adapters]), requires_grad=False)
+            return nn.Parameter(torch.stack([f(a).detach() for a in adapters]), requires_grad=False)
 
         self.fc1_w = stack(lambda a: a.fc1.weight.t())  # (K, D, W)
         self.fc1_b = stack(lambda a: a.fc1.bias)  # (K, W)
@@ -68,7 +69,7 @@ class StackedAdapter(nn.Module):
         self.conv_b = stack(lambda a: a.tconv.bias[1])  # (K, W)
         self.fc2_w = stack(lambda a: a.fc2.weight.t())  # (K, W, D)
         self.fc2_b = stack(lambda a: a.fc2_bias[1])  # (K, D)
-        keep = torch.ones(self.tokens, 1)
+        keep = torch.ones(self.tokens, 1, dtype=first.fc1.weight.dtype)
         keep[0] = 0  # the class token gets no conv output and no fc2 bias
         self.register_buffer("keep", keep)
 
@@ -119,6 +120,40 @@ class MultiTaskViT(nn.Module):
         return torch.bmm(h[:, None, :], gather(self.head_w, task))[:, 0, :] + gather(self.head_b, task)
 
 
+def stacked(bb, deltas: list, input_format: str = "uint8", compute_dtype: torch.dtype = torch.float32) -> MultiTaskViT:
+    """The MultiTaskViT of backbone `bb` (a stexport Backbone) and every task's Deltas, in order: each task
+    folded as `stexport build` folds it, then its adapters and head stacked onto the first's backbone."""
+    from stexport.build.fold import fold
+    from stexport.build.reference import build_reference
+
+    deploys = []
+    for i, d in enumerate(deltas):
+        deploys.append(fold(build_reference(bb, d), input_format, compute_dtype=compute_dtype))
+        if i:  # only the adapters and head are kept from the tasks after the first: drop their backbone now
+            for block in deploys[-1].blocks:
+                block.attn = block.fc = block.proj = None
+    return MultiTaskViT(deploys, [d.spec.num_classes for d in deltas])
+
+
+def rebuilt(bundle: Bundle, pretrained: str | None = None, compute_dtype: torch.dtype = torch.float32,
+            input_format: str = "uint8") -> MultiTaskViT:
+    """The MultiTaskViT of a multi-task bundle, from its backbone record (`pretrained`: where the weights are
+    now) and its tasks' state dicts (artifact task_deltas). StexportError for a bundle that is not one."""
+    from stexport.build.deltas import as_deltas
+    from stexport.build.loaders import backbone_from_record
+    from stexport.bundle.multitask import task_of
+
+    mt = bundle.manifest.multitask
+    if mt is None:
+        raise StexportError(f"{bundle.path}: not a multi-task bundle")
+    deltas = []
+    for t in mt.tasks:
+        sd = {k: torch.from_numpy(v.copy()) for k, v in task_of(bundle, t.name).deltas.items()}
+        deltas.append(as_deltas(sd))
+    return stacked(backbone_from_record(bundle.manifest.model.backbone, pretrained), deltas, input_format,
+                   compute_dtype)
+
+
 def task_name(adapter, index: int) -> str:
     return Path(adapter).stem if isinstance(adapter, (str, Path)) else f"task{index}"
 
@@ -144,11 +179,9 @@ def build_multitask(adapters: list, out: str | Path | None = None, backbone="ste
     from stexport.build.backbone import Backbone, load_backbone, random_weights_warning
     from stexport.build.deltas import as_deltas, check_fits
     from stexport.build.export import OPSET, OUTPUT, export_onnx
-    from stexport.build.fold import fold
     from stexport.build.loaders import backbone_record
     from stexport.build.packing import spec_mismatch
     from stexport.build.pipeline import ARTIFACTS, bundle_name, default_sampling, input_record
-    from stexport.build.reference import build_reference
     from stexport.bundle.labels import resolve_labels
     from stexport.bundle.manifest import (AdapterRecord, Manifest, ModelRecord, MultiTaskRecord, OutputRecord,
                                           SamplingRecord, TaskEntry)
@@ -186,7 +219,7 @@ def build_multitask(adapters: list, out: str | Path | None = None, backbone="ste
     size = bb.config.image_size
     labels = list(labels) if labels else [None] * len(deltas)
     samplings = list(samplings) if samplings else [None] * len(deltas)
-    entries, deploys = [], []
+    entries = []
     for i, (d, n) in enumerate(zip(deltas, names)):
         task_labels, source = resolve_labels(str(labels[i]) if isinstance(labels[i], (str, Path)) else None,
                                              d.spec.num_classes)
@@ -200,13 +233,7 @@ def build_multitask(adapters: list, out: str | Path | None = None, backbone="ste
                                  labels_source=source, sampling=SamplingRecord(**views),
                                  adapter=AdapterRecord(spec=d.spec, sha256=d.sha256,
                                                        file=str(Path(d.path).resolve()) if d.path else None)))
-        deploys.append(fold(build_reference(bb, d), input_format))
-        if i:  # only the adapters and head are kept from the tasks after the first: drop their backbone now
-            keep = deploys[-1]
-            for block in keep.blocks:
-                block.attn = block.fc = block.proj = None
-    model = MultiTaskViT(deploys, [d.spec.num_classes for d in deltas])
-    del deploys
+    model = stacked(bb, deltas, input_format)
     name = bundle_name(f"multitask{len(deltas)}-{names[0]}", bb.name, precision, frames, size)
     out = Path(out) if out is not None else default_home() / name
     inp = input_record(input_format, frames, size)
@@ -217,8 +244,11 @@ def build_multitask(adapters: list, out: str | Path | None = None, backbone="ste
         export_onnx(model, onnx_path, frames, external_data=external_data, task_input=TASK_INPUT)
         first = deltas[0]
         save_file({k: v.contiguous() for k, v in first.state_dict.items()}, str(tmp / ARTIFACTS["deltas"]))
+        # every task's checkpoint state dict, for the reference of each (verify --task) and other exports
+        save_file({f"{i}/{k}": v.contiguous() for i, d in enumerate(deltas) for k, v in d.state_dict.items()},
+                  str(tmp / TASK_DELTAS))
         (tmp / ARTIFACTS["labels"]).write_text("\n".join(entries[0].labels) + "\n", encoding="utf-8")
-        artifacts = dict(ARTIFACTS)
+        artifacts = {**ARTIFACTS, "task_deltas": TASK_DELTAS}
         data = external_files(onnx_path)
         if data:
             artifacts["onnx_data"] = data[0]

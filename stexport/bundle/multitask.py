@@ -13,6 +13,7 @@ sampling, a cache key), so `Classifier(task=...)`, `classify(..., task=)`, `clas
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,19 @@ class BundleTask:
     index: int
     classes: int
     labels: tuple[str, ...]
+    deltas_file: Path | None = None  # the bundle's task_deltas artifact
+
+    @property
+    def deltas(self) -> dict[str, np.ndarray]:
+        """The task's checkpoint state dict (official layout; numpy), as a TaskPack's `deltas`: what its
+        PyTorch reference is built from (verify --task). StexportError when the bundle holds none."""
+        if self.deltas_file is None:
+            raise StexportError(f"{self.path}: holds no task state dicts (task_deltas); rebuild it with "
+                                "`stexport multitask --force`")
+        from safetensors.numpy import load_file
+
+        prefix = f"{self.index}/"
+        return {k[len(prefix):]: v for k, v in load_file(str(self.deltas_file)).items() if k.startswith(prefix)}
 
     def check_fits(self, bundle) -> None:
         """StexportError unless this is a task of `bundle` (a multi-task bundle)."""
@@ -62,8 +76,12 @@ def task_of(bundle, task) -> BundleTask:
     if rec is None:
         raise StexportError(f"task '{task}': {bundle.path.name} holds tasks {', '.join(by_name)}; pass one of "
                             "them (--task NAME)")
-    return BundleTask(path=bundle.path, record=rec, key=f"{bundle.manifest.name}#{rec.index}:{rec.name}",
-                      name=rec.name, index=rec.index, classes=rec.classes, labels=tuple(rec.labels))
+    # a digest, like a pack's key: caches (verify's reference logits) take its first characters
+    m = bundle.manifest
+    key = hashlib.sha256(f"{m.name}\n{m.created}\n{rec.index}\n{rec.name}\n{rec.adapter.sha256}".encode()).hexdigest()
+    return BundleTask(path=bundle.path, record=rec, key=key,
+                      name=rec.name, index=rec.index, classes=rec.classes, labels=tuple(rec.labels),
+                      deltas_file=bundle.file("task_deltas", verify=False) if bundle.has("task_deltas") else None)
 
 
 def indices(tasks, count: int, default: int = 0) -> np.ndarray:

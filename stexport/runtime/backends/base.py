@@ -131,14 +131,19 @@ class Backend(ABC):
         this backend cannot swap tasks, the bundle is not swappable, or the pack was made for another base."""
         from stexport.bundle.taskpack import TaskPack
 
-        if self.bundle.manifest.multitask is not None:
+        multitask = self.bundle.manifest.multitask is not None
+        if multitask and (self.MULTITASK or not self.SWAPS_TASKS):
             return self.bundle_task(task)
         if not self.SWAPS_TASKS:
             from stexport.runtime.backends import task_backends
 
             raise StexportError(f"the {self.name} backend cannot run task packs; use {task_backends('or')} "
                                 "(or a bundle built for the task)")
-        if isinstance(task, TaskPack):
+        if multitask:  # a backend that runs one task per model (the PyTorch reference): the task as a pack
+            from stexport.bundle.multitask import task_of
+
+            pack = task_of(self.bundle, task)
+        elif isinstance(task, TaskPack):
             pack = task
         else:
             from pathlib import Path
