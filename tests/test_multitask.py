@@ -177,3 +177,40 @@ def test_verify_task_against_its_own_reference(multi, make_video):
     for name in ("task_b", "task_a"):
         report = verify(multi, video.parent, backend="onnxruntime", task=name, use_cache=False)
         assert report["passed"] and report["task"]["name"] == name and report["metrics"]["max_abs"] <= 1e-4
+
+
+def test_serve_mixes_tasks_in_one_backend_call(ray_cluster, multi, tmp_path):
+    """`stexport serve` on a multi-task bundle: interleaved requests for both tasks get what
+    Classifier.classify(video, task=) gives, and /stats shows mixed batches run as one backend call each."""
+    pytest.importorskip("ray.serve")
+    import requests
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import free_port, write_video
+    from stexport import Classifier
+    from stexport.serving.app import ServeConfig, start, stop
+
+    videos = [str(write_video(tmp_path / f"v{i}.mp4", frames=16 + 4 * i, width=48, height=40)) for i in range(3)]
+    with Classifier(multi, backend="onnxruntime", top_k=3) as clf:
+        want = {(v, t): clf.classify(v, task=t).to_dict() for v in videos for t in ("task_a", "task_b")}
+    cfg = ServeConfig(bundle=str(multi.path), backend="onnxruntime", top_k=3, port=free_port(),
+                      allow_paths=(str(tmp_path),), max_batch=8, batch_wait_s=0.3, decode_workers=2,
+                      replica_cpus=0.5)
+    url = start(cfg)
+    try:
+        meta = requests.get(f"{url}/metadata", timeout=30).json()
+        assert [t["name"] for t in meta["tasks"]] == ["task_a", "task_b"] and meta["default_task"] == "task_a"
+        jobs = [(videos[i % 3], ("task_a", "task_b")[i % 2]) for i in range(12)]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda j: requests.post(f"{url}/classify", json={"path": j[0], "task": j[1]},
+                                                            timeout=120), jobs))
+        for (v, t), r in zip(jobs, answers):
+            assert r.status_code == 200, r.text
+            got, ref = r.json(), want[v, t]
+            assert got["task"] == t and [c["label"] for c in got["top"]] == [c["label"] for c in ref["top"]]
+            assert np.allclose([c["score"] for c in got["top"]], [c["score"] for c in ref["top"]], atol=1e-5)
+        stats = requests.get(f"{url}/stats", timeout=30).json()
+        assert stats["tasks"] == {"task_a": 6, "task_b": 6}
+        assert stats["mixed_batches"] >= 1 and stats["backend_calls"] == stats["batches"] < 12
+    finally:
+        stop(shutdown_ray=False)
