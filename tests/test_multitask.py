@@ -214,3 +214,15 @@ def test_serve_mixes_tasks_in_one_backend_call(ray_cluster, multi, tmp_path):
         assert stats["mixed_batches"] >= 1 and stats["backend_calls"] == stats["batches"] < 12
     finally:
         stop(shutdown_ray=False)
+
+
+def test_tensorrt_and_triton_refuse_a_multitask_bundle(multi, tmp_path):
+    """Neither feeds the task input yet: each says so in one line instead of running task 0 silently."""
+    from stexport.build.triton import export_repository
+    from stexport.runtime.backends import load_class
+
+    with pytest.raises(StexportError, match="does not feed yet"):
+        load_class("tensorrt")(multi)
+    with pytest.raises(StexportError, match="export-triton does not describe that input yet"):
+        export_repository(multi, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()

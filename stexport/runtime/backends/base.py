@@ -118,6 +118,11 @@ class Backend(ABC):
     def __init__(self, bundle: Bundle, **options):
         self.bundle = bundle
         self.options = options
+        reg = self.REGISTRATION
+        if bundle.manifest.multitask is not None and not self.MULTITASK and reg is not None and reg.artifact == "onnx":
+            raise StexportError(f"{bundle.path}: a multi-task bundle (a second input, the task index per clip), "
+                                f"which the {self.name} backend does not feed yet; use onnxruntime, openvino or "
+                                "torchscript")
         self.input = bundle.manifest.input
         self.task = None  # the TaskPack run() uses when given none; None: the bundle's own task
         self._tasks: dict[str, object] = {}  # pack sha256 -> what prepare_task made for it
