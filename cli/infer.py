@@ -301,7 +301,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
     from stexport.runtime.spec import DEFAULT_BATCH, ClassifierSpec
     from stexport.errors import StexportError
     from stexport.runtime.results import ResultsFile
-    from stexport.bundle.multitask import task_ref
+    from stexport.bundle.multitask import task_label, task_ref
 
     spec = ClassifierSpec(str(bundle.path), backend=backend, options=options,
                           labels=str(labels.resolve()) if labels else None, sampling=sampling, top_k=top_k,
@@ -340,7 +340,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
     where = f"Ray ({ray_address if ray_address != 'local' else 'local cluster on 127.0.0.1'}, {workers} " \
             f"worker{'s' * (workers != 1)})" if ray_address else "this process"
     on = f"task {pack.name} ({pack.path}) on {bundle.path}" if pack is not None else str(bundle.path)
-    names = labels_note(bundle, labels) if pack is None or labels else f"task pack {pack.name}"
+    names = labels_note(bundle, labels) if pack is None or labels else task_label(pack)
     shown = backend if backend != "auto" else f"{backends.resolve('auto', bundle) or 'auto'} (auto)"
     per_call = f"{spec.batch_size} view{'s' * (spec.batch_size != 1)} per call"
     err(f"stexport: {on} on {shown}, {sampling.describe()}, {per_call}, "

@@ -93,6 +93,10 @@ def test_classify_batch_mixes_tasks_in_one_backend_call(multi, make_video):
         assert [c[1] for c in r.top] == [c[1] for c in want.top]
         assert np.allclose([c[2] for c in r.top], [c[2] for c in want.top], atol=1e-6)
     assert got[0].top[0][1].startswith("b") and got[1].top[0][1].startswith("class_")
+    with Classifier(multi, backend="onnxruntime", task="task_b") as clf:
+        assert clf.num_classes == 7 and clf.labels_source == "task task_b of the multi-task bundle (given)"
+        r, want = clf.classify(videos[0]), alone[(videos[0], "task_b")]
+        assert r.task == "task_b" and [c[:2] for c in r.top] == [c[:2] for c in want.top]
 
 
 def test_built_from_a_base_and_its_packs_equals_built_from_checkpoints(tasks, multi, tmp_path):  # noqa: F811

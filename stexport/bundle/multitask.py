@@ -107,10 +107,16 @@ def loaded_task(bundle, task):
     return pack
 
 
+def task_label(task) -> str:
+    """How messages name where `task`'s labels come from: 'task NAME of the multi-task bundle' or 'task pack
+    NAME'."""
+    return f"task {task.name} of the multi-task bundle" if isinstance(task, BundleTask) else f"task pack {task.name}"
+
+
 def task_ref(task) -> str:
     """What names `task` (a BundleTask or a loaded TaskPack) for a worker that loads it again
     (ClassifierSpec.task): a multi-task bundle's task name, a pack's absolute path."""
     return task.name if isinstance(task, BundleTask) else str(Path(task.path).resolve())
 
 
-__all__ = ["BundleTask", "task_of", "loaded_task", "task_ref", "indices", "names"]
+__all__ = ["BundleTask", "task_of", "loaded_task", "task_label", "task_ref", "indices", "names"]

@@ -21,6 +21,7 @@ from stexport.runtime import backends
 from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 from stexport.bundle.labels import resolve_labels
+from stexport.bundle.multitask import task_label
 from stexport.runtime import batch
 from stexport.runtime.batch import ordered_map
 from stexport.runtime.decode_worker import DEFAULT_STALL_S, MAX_FRAMES, MAX_PIXELS, MEMORY_MB, DecoderPool, limits_of
@@ -87,7 +88,7 @@ class Classifier:
             if labels:
                 self.labels, self.labels_source = resolve_labels(labels, pack.classes)
             else:
-                self.labels, self.labels_source = pack.labels, f"task pack {pack.name} ({pack.record.labels_source})"
+                self.labels, self.labels_source = pack.labels, f"{task_label(pack)} ({pack.record.labels_source})"
         self.backend = backends.create(backend, self.bundle, **backend_options)
         self.task = self.backend.set_task(pack) if pack is not None else None
 
@@ -109,7 +110,7 @@ class Classifier:
             if self.user_labels:
                 self.labels, self.labels_source = resolve_labels(self.user_labels, pack.classes)
             else:
-                self.labels, self.labels_source = pack.labels, f"task pack {pack.name}"
+                self.labels, self.labels_source = pack.labels, task_label(pack)
         self.top_k = max(1, min(self.top_k, self.num_classes))
 
     def labels_for(self, task=None) -> list[str]:
