@@ -16,6 +16,7 @@ from stexport.cli import export_torchscript as export_torchscript_cmd
 from stexport.cli import export_triton as export_triton_cmd
 from stexport.cli import infer as infer_cmd
 from stexport.cli import inspect as inspect_cmd
+from stexport.cli import multitask as multitask_cmd
 from stexport.cli import pack as pack_cmd
 from stexport.cli import serve as serve_cmd
 from stexport.cli import verify as verify_cmd
@@ -32,8 +33,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (inspect_cmd, build_cmd, pack_cmd, verify_cmd, engine_cmd, infer_cmd, bench_cmd, export_torchscript_cmd,
-               export_aoti_cmd, dump_clip_cmd, export_triton_cmd, serve_cmd):
+for module in (inspect_cmd, build_cmd, pack_cmd, multitask_cmd, verify_cmd, engine_cmd, infer_cmd, bench_cmd,
+               export_torchscript_cmd, export_aoti_cmd, dump_clip_cmd, export_triton_cmd, serve_cmd):
     module.register(app)
 
 

@@ -166,7 +166,8 @@ def infer(
     ship_bundle: bool = Flag(False, "--ship-bundle", help="With --ray: send the bundle's files through Ray's "
                              "object store, for nodes that do not see the bundle's path."),
     task: Path = typer.Option(None, "--task", help="A task pack (`stexport pack`) to run on the swappable "
-                              "bundle: its classes, labels and sampling; results carry its name. Works with "
+                              "bundle, or a task name of a multi-task bundle (`stexport multitask`): its "
+                              "classes, labels and sampling; results carry its name. Works with "
                               "--output, --batch, --decode-threads and --ray (each worker loads it once). "
                               + TASK_BACKENDS),
 ):
@@ -217,10 +218,9 @@ paths, or --ship-bundle), with results identical to a local run.
     bundle = pick_bundle(model)
     pack = None
     if task is not None:
-        from stexport.bundle.taskpack import TaskPack
+        from stexport.bundle.multitask import loaded_task
 
-        pack = TaskPack.load(task)
-        pack.check_fits(bundle)
+        pack = loaded_task(bundle, str(task))  # a task name of a multi-task bundle, else a pack file
         m = bundle.manifest
         sampling = with_views(Sampling(frames=m.input.frames, size=m.input.size,
                                        **pack.record.sampling.model_dump()), views, rate)
@@ -301,20 +301,22 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
     from stexport.runtime.spec import DEFAULT_BATCH, ClassifierSpec
     from stexport.errors import StexportError
     from stexport.runtime.results import ResultsFile
+    from stexport.bundle.multitask import task_label, task_ref
 
     spec = ClassifierSpec(str(bundle.path), backend=backend, options=options,
                           labels=str(labels.resolve()) if labels else None, sampling=sampling, top_k=top_k,
                           batch_size=batch or (DEFAULT_BATCH if ray_address else 1),
                           decode_threads=decode_threads or 1, decode_timeout=decode_timeout,
                           max_decode_s=max_decode_s, **limits,
-                          task=str(pack.path.resolve()) if pack is not None else None)
+                          task=task_ref(pack) if pack is not None else None)
     if ray_address is not None:  # what the workers would refuse, refused here before Ray starts
         if backend != "auto":
             backends.load_class(backend).check_options(options)
         elif backends.resolve("auto", bundle) is None:
             backends.create("auto", bundle)  # raises, naming why no runtime here can run it
         chosen = backends.resolve(backend, bundle)
-        if pack is not None and chosen and not backends.load_class(chosen).SWAPS_TASKS:
+        cls = backends.load_class(chosen) if chosen else None
+        if pack is not None and cls and not (cls.MULTITASK if bundle.manifest.multitask else cls.SWAPS_TASKS):
             raise StexportError(f"--task: the {chosen} backend cannot run task packs; pass -b "
                                 f"{backends.task_backends('or', conditions=True)} (or use a bundle built for the task)")
     results = None
@@ -338,7 +340,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
     where = f"Ray ({ray_address if ray_address != 'local' else 'local cluster on 127.0.0.1'}, {workers} " \
             f"worker{'s' * (workers != 1)})" if ray_address else "this process"
     on = f"task {pack.name} ({pack.path}) on {bundle.path}" if pack is not None else str(bundle.path)
-    names = labels_note(bundle, labels) if pack is None or labels else f"task pack {pack.name}"
+    names = labels_note(bundle, labels) if pack is None or labels else task_label(pack)
     shown = backend if backend != "auto" else f"{backends.resolve('auto', bundle) or 'auto'} (auto)"
     per_call = f"{spec.batch_size} view{'s' * (spec.batch_size != 1)} per call"
     err(f"stexport: {on} on {shown}, {sampling.describe()}, {per_call}, "

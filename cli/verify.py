@@ -65,7 +65,8 @@ def verify(
     decode_timeout: float = decode_timeout_option(),
     max_decode_s: float = max_decode_option(None, "no limit"),
     task: Path = typer.Option(None, "--task", help="Verify a task pack (`stexport pack`) on this swappable "
-                              "bundle: the reference is the backbone with the pack's deltas. " + TASK_BACKENDS),
+                              "bundle, or a task (by name) of a multi-task bundle: the reference is the backbone "
+                              "with that task's deltas. " + TASK_BACKENDS),
 ):
     """Decode each video as `infer` does, run the bundle's backend and the PyTorch reference on the same
     clips, and report max/mean |Δlogit|, cosine similarity, top-1 and top-5 agreement and, when the list has

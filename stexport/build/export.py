@@ -41,41 +41,53 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, frames: int,
-                external_data: bool | None = None, swappable: bool = False) -> Path:
+                external_data: bool | None = None, swappable: bool = False, task_input: str | None = None) -> Path:
     """Export a folded `DeployViT` to `path` (opset 18, dynamic batch); checked and shape-inferred.
 
     swappable: every per-task parameter (model.task_parameters()) stays a distinct initializer named after
-    it, in the layout its operator reads, that no exporter pass can fold or share (stexport.bundle.task_graph)."""
+    it, in the layout its operator reads, that no exporter pass can fold or share (stexport.bundle.task_graph).
+    task_input: a multi-task model (stexport.build.multitask.MultiTaskViT, forward(x, task)): the name of its
+    second graph input, the task index of each clip (int64 [B], B the frames input's batch)."""
     path = Path(path)
     x = example_input(model, frames)
     batch = {0: torch.export.Dim("batch", min=1, max=1024)}
-    task = None
-    if swappable:
-        params = dict(model.named_parameters())
-        task = {n: params[n].detach().clone() for n in model.task_parameters()}
+    if task_input:
+        return _export(model, (x, torch.arange(x.shape[0]) % model.num_tasks), [INPUT, task_input], (batch, batch),
+                       path, external_data)
+    if not swappable:
+        return _export(model, (x,), [INPUT], (batch,), path, external_data)
+    params = dict(model.named_parameters())
+    task = {n: params[n].detach().clone() for n in model.task_parameters()}
+    # per-task parameters in as graph inputs: the optimizer cannot fold or deduplicate them
+    program = _program(model, (x,), [INPUT, *task], {"x": batch, "task": {n: None for n in task}}, {"task": task})
+    from stexport.bundle.task_graph import inputs_to_initializers
+
+    proto = program.model_proto  # a new proto at each access
+    inputs_to_initializers(proto, {n: v.numpy() for n, v in task.items()})
+    return _finish(proto, model, path, external_data)
+
+
+def _program(model, args: tuple, names: list[str], dynamic, kwargs: dict | None = None):
+    """torch.onnx.export (dynamo, opset OPSET, optimized) of model(*args, **kwargs) with graph inputs `names`;
+    StexportError (one line) when the exporter fails."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
-            if task:  # per-task parameters in as graph inputs: the optimizer cannot fold or deduplicate them
-                program = torch.onnx.export(
-                    model, (x,), kwargs={"task": task}, dynamo=True, opset_version=OPSET,
-                    input_names=[INPUT, *task], output_names=[OUTPUT],
-                    dynamic_shapes={"x": batch, "task": {n: None for n in task}}, verbose=False, optimize=True)
-            else:
-                program = torch.onnx.export(
-                    model, (x,), dynamo=True, opset_version=OPSET, input_names=[INPUT], output_names=[OUTPUT],
-                    dynamic_shapes=(batch,), verbose=False, optimize=True,
-                )
+            return torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, opset_version=OPSET, input_names=names,
+                                     output_names=[OUTPUT], dynamic_shapes=dynamic, verbose=False, optimize=True)
         except Exception as e:  # noqa: BLE001 - exporter failures are bugs or unsupported configs
             interrupt.reraise(e)  # the exporter wraps a Ctrl-C in its own error
             why = str(e).splitlines()[0][:200] if str(e) else ""
             raise StexportError(f"ONNX export failed ({type(e).__name__}: {why})") from e
-    proto = program.model_proto
-    if task:
-        from stexport.bundle.task_graph import inputs_to_initializers
 
-        inputs_to_initializers(proto, {n: v.numpy() for n, v in task.items()})
+
+def _export(model, args: tuple, names: list[str], dynamic: tuple, path: Path, external_data: bool | None) -> Path:
+    return _finish(_program(model, args, names, dynamic).model_proto, model, path, external_data)
+
+
+def _finish(proto: onnx.ModelProto, model, path: Path, external_data: bool | None) -> Path:
+    """Name the GEMMs, split kᵀ, tidy, save (external data past EXTERNAL_DATA_BYTES), check."""
     name_linear_nodes(proto)
     split_key_transposes(proto)
     _tidy(proto)

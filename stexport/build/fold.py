@@ -172,15 +172,16 @@ class FoldedBlock(nn.Module):
         h = h * torch.sigmoid(1.702 * h) if self.quick else (h * 0.5) * (1.0 + torch.erf(h / SQRT2))
         return self.proj(h)
 
-    def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, T: int, *task: torch.Tensor) -> torch.Tensor:
+        """`task`: what the adapters take besides (x, T): a multi-task graph's per-clip task index."""
         L, D = self.tokens, x.shape[-1]
         if self.pre_attn is not None:
-            x = self.pre_attn(x, T)
+            x = self.pre_attn(x, T, *task)
         # LayerNorms see (B·T, L, D), not the 2-D stream: OpenVINO fuses the next GEMM's activation quantization
         # into a LayerNorm over the last of three axes, not over the channel axis of a 2-D tensor
         x = x + self.attn(self.ln_1(x.reshape(-1, L, D)), L)
         if self.pre_mlp is not None:
-            x = self.pre_mlp(x, T)
+            x = self.pre_mlp(x, T, *task)
         return x + self.mlp(self.ln_2(x.reshape(-1, L, D))).reshape(-1, D)
 
 
@@ -253,6 +254,11 @@ class DeployViT(nn.Module):
         graph inputs this way, so no exporter pass can fold them into the backbone's constants)."""
         if task:
             return torch.func.functional_call(self, task, (x,), strict=False)
+        return self.head(self.pooled(x))
+
+    def pooled(self, x: torch.Tensor, *task: torch.Tensor) -> torch.Tensor:
+        """x → the head's input: float32 (B, D), ln_post of the frames' mean class token. `task` goes to every
+        block's adapters (a multi-task graph's per-clip task index, stexport.build.multitask)."""
         T = x.shape[1]
         x = self.patches(x.to(self.dtype))
         x = self.embed(x) + self.embed_bias
@@ -260,9 +266,9 @@ class DeployViT(nn.Module):
         L, D = x.shape[1], x.shape[2]
         x = self.ln_pre(x.reshape(-1, D))  # the token stream stays 2-D (B·T·L, D): linears are plain GEMMs
         for block in self.blocks:
-            x = block(x, T)
+            x = block(x, T, *task)
         cls = x.reshape(-1, L, D)[:, 0, :].float().reshape(-1, T, D)
-        return self.head(self.ln_post(cls.mean(dim=1)))
+        return self.ln_post(cls.mean(dim=1))
 
 
 def fold(reference: STAdapterViT, input_format: str = "uint8",

@@ -13,6 +13,9 @@ lists), `forward(x)` the bundle's own task, read from the attributes task_0, tas
 a C++ host calls `forward` as for any bundle. Its logits are the base task's classes (`forward_task` returns
 every head row; the runtime keeps the pack's).
 
+A multi-task bundle's module (`stexport multitask`) is `forward(x, task)`, task the int64 (B,) index of each
+clip's task (stexport.build.multitask); its logits have the head's rows for every task.
+
 `torch.jit.optimize_for_inference` is not applied: its output saves but fails to load (torch 2.14). torch 2.14
 marks torch.jit deprecated; its warnings are silenced here. AOTInductor (`torch.export` +
 `aoti_compile_and_package`) is the successor torch points to.
@@ -128,9 +131,14 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, frames: int, si
     probe = torch.randint(0, 256, (1, frames, size, size, 3), dtype=torch.uint8, generator=g)
     model = model.eval()
     swappable = isinstance(model, SwappableModule)
+    tasks = getattr(model, "num_tasks", None)  # a multi-task model: forward(x, task index int64 (B,))
     with quiet(), torch.no_grad():
         try:
-            if swappable:
+            if tasks:
+                example = (example, torch.arange(TRACE_BATCH) % tasks)
+                probe = (probe, torch.tensor([tasks - 1]))
+                frozen = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
+            elif swappable:
                 own = [getattr(model, a).clone() for a in model.attrs]
                 traced = torch.jit.trace_module(model, {"forward": (example,), "forward_task": (example, own)},
                                                 check_trace=False)
@@ -141,11 +149,12 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, frames: int, si
             interrupt.reraise(e)
             why = str(e).splitlines()[0][:200] if str(e) else ""
             raise StexportError(f"TorchScript trace failed ({type(e).__name__}: {why})") from e
-        diff = (frozen(probe).float() - model(probe).float()).abs().max().item()
+        probe = probe if tasks else (probe,)
+        diff = (frozen(*probe).float() - model(*probe).float()).abs().max().item()
         if swappable:  # another task's tensors (the base's, scaled) through the traced method
             other = [(a * 0.5).to(a.dtype) for a in own]
-            diff = max(diff, (frozen.forward_task(probe, other).float()
-                              - model.forward_task(probe, other).float()).abs().max().item())
+            diff = max(diff, (frozen.forward_task(*probe, other).float()
+                              - model.forward_task(*probe, other).float()).abs().max().item())
     tol = CHECK_TOLERANCE.get(precision, CHECK_TOLERANCE["fp32"])
     if not diff <= tol:  # also catches NaN
         raise StexportError(f"the traced TorchScript module differs from the deploy model by {diff:.3g} "
@@ -193,6 +202,14 @@ def add_to_bundle(bundle: Bundle | str | Path, force: bool = False, precision: s
         raise StexportError(f"--precision {precision}: TorchScript export takes {' or '.join(PRECISIONS)}")
     if b.has("torchscript") and not force:
         raise StexportError(f"{b.file('torchscript')}: already exported; pass --force to replace it")
+    if b.manifest.multitask is not None:  # every task in one module: forward(x, task)
+        from stexport.build.multitask import rebuilt
+
+        deploy = rebuilt(b, pretrained, compute_dtype=PRECISIONS[precision])
+        record = export_torchscript(deploy, b.path / FILE, b.frames, b.size, embedded_manifest(b, precision),
+                                    precision)
+        b.update(artifacts={"torchscript": FILE}, written=[FILE], torchscript=record)
+        return b
     ref = reference if reference is not None else reference_for_bundle(b, pretrained)
     deploy = fold(ref, "uint8", compute_dtype=PRECISIONS[precision])
     tasks = b.manifest.tasks

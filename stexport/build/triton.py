@@ -291,6 +291,9 @@ def export_repository(bundle: Bundle, repo: str | Path, opts: TritonOptions = Tr
     for an existing `repo` without `force`, a bad option, a bundle file that changed since the build, or a
     missing `tritonclient`."""
     repo = Path(repo)
+    if bundle.manifest.multitask is not None:
+        raise StexportError(f"{bundle.path}: a multi-task bundle (a second input, the task index per clip): "
+                            "export-triton does not describe that input yet; serve it with `stexport serve`")
     if opts.name is not None and not NAME_RE.match(opts.name):
         raise StexportError(f"--name {opts.name!r}: use letters, digits, '_', '.' and '-' (a folder name)")
     refuse_existing(repo, force)

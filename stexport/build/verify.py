@@ -237,10 +237,9 @@ class _Job:
         sampling = Sampling.from_manifest(b.manifest)
         pack = None
         if task is not None:
-            from stexport.bundle.taskpack import as_pack
+            from stexport.bundle.multitask import loaded_task
 
-            pack = as_pack(task)
-            pack.check_fits(b)
+            pack = loaded_task(b, task if not isinstance(task, Path) else str(task))  # or a multi-task name
             sampling = Sampling(frames=b.frames, size=b.size, **pack.record.sampling.model_dump())
         name = backends.resolve(backend, b)
         if name is None:

@@ -353,6 +353,30 @@ class TasksRecord(Record):
     tensors: list[TaskTensor]
 
 
+class TaskEntry(Record):
+    """One task of a multi-task bundle: its row of every stacked per-task tensor is `index`, the value the
+    graph's task input takes for its clips (stexport.build.multitask)."""
+
+    name: str
+    index: int = Field(ge=0)
+    classes: int = Field(gt=0)
+    labels: list[str]
+    labels_source: str = "generic"
+    sampling: SamplingRecord
+    adapter: AdapterRecord  # spec, checkpoint sha256 and path
+
+
+class MultiTaskRecord(Record):
+    """A multi-task bundle (`stexport multitask`): one graph with every task's adapters and head stacked and a
+    second input, `input` (int64 [B]), the index of each clip's task. The output has `head_rows` logits per clip
+    (≥ every task's classes); a clip's are its task's first `classes` (runtimes cut the rest)."""
+
+    input: str = "task"
+    dtype: Literal["int64"] = "int64"
+    head_rows: int = Field(gt=0)
+    tasks: list[TaskEntry]
+
+
 class PackBase(Record):
     """What a task pack was built against: the base bundle's backbone, adapter layout and graph."""
 
@@ -408,6 +432,7 @@ class Manifest(Record):
     engines: list[EngineRecord] = []
     tensorrt_request: EngineRequest | None = None
     tasks: TasksRecord | None = None
+    multitask: MultiTaskRecord | None = None
 
     @field_validator("artifacts", "files")
     @classmethod
@@ -624,5 +649,5 @@ def save(manifest: Manifest, root: str | Path) -> Path:
 __all__ = ["Manifest", "ModelRecord", "BackboneRecord", "WeightsSource", "ViTConfig", "AdapterSpec",
            "AdapterRecord", "InputRecord", "OutputRecord", "SamplingRecord", "FileRecord", "Provenance",
            "CalibrationRecord", "FP16CheckRecord", "TorchScriptRecord", "AOTIRecord", "EngineRecord",
-           "EngineProfile", "EngineRequest", "TaskTensor", "TasksRecord", "PackBase", "TaskPackRecord",
+           "EngineProfile", "EngineRequest", "TaskTensor", "TasksRecord", "TaskEntry", "MultiTaskRecord", "PackBase", "TaskPackRecord",
            "load", "save", "parse", "migrate", "MANIFEST", "FORMAT", "FORMAT_VERSION", "CLIP_MEAN", "CLIP_STD"]

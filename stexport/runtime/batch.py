@@ -22,7 +22,9 @@ Task packs (stexport.bundle.taskpack) on a swappable bundle: `ClassifierSpec(...
 Classifier running that task (its labels, classes and default sampling; every result names it), and
 `classify_batch(sources, task=...)` runs one batch with a task, or each source given as a `(source, task)`
 pair with its own. Each pack is loaded and prepared once per Classifier; videos of different tasks are
-decoded with their task's sampling and never share a backend call.
+decoded with their task's sampling and never share a backend call. On a multi-task bundle
+(stexport.bundle.multitask) a task is a name, and videos of different tasks do share backend calls
+(`mixed_probs`: the graph takes a task index per clip).
 
 The stages are public so a pipeline can run them apart (stexport/serving/ray_data.py does): `decode_source` (any
 thread or process; never raises for a bad video) and `run_decoded` (where the backend lives).
@@ -82,7 +84,8 @@ def decode_source(source, sampling, threads: int | None = 1, decoder=None) -> De
 def run_decoded(clf, items: Sequence[Decoding], max_views: int | None = None) -> list:
     """Results (stexport.runtime.scoring.Result) or Failures for `items`, in their order. Views of decoded
     items of the same task share backend calls of up to `max_views` views (default clf.batch_size; in input
-    order within a task; tasks are never mixed in one call; a video's views are never split). Per video:
+    order within a task; tasks are never mixed in one call, except on a multi-task bundle, where every task
+shares them in input order; a video's views are never split). Per video:
     `task_probs` (softmax of each view's logits in float64, mean over its views), top k, named with its task's
     labels. A video whose logits are not finite is a Failure (stexport.runtime.scoring.non_finite_message); a
     backend that returns the wrong shape raises StexportError (the bundle or runtime is broken, not the input).
@@ -90,18 +93,23 @@ def run_decoded(clf, items: Sequence[Decoding], max_views: int | None = None) ->
     limit = max_views or clf.batch_size
     out: list = [None] * len(items)
     groups: dict[object, list[int]] = {}  # task key -> items, in input order
+    mixed = clf.bundle.manifest.multitask is not None  # one graph for every task: one group
     for i, item in enumerate(items):
         if item.failure is not None:
             out[i] = item.failure
             continue
-        groups.setdefault(item.task.key if item.task is not None else None, []).append(i)
+        groups.setdefault(item.task.key if item.task is not None and not mixed else None, []).append(i)
 
     def flush(group: list[int]) -> None:
-        task = items[group[0]].task
-        probs, spent = task_probs(clf, [items[i].decoded.clips for i in group], task)
-        views = sum(len(items[i].decoded.clips) for i in group)
-        labels, name = clf.labels_for(task), clf.task_name(task)
+        clips = [items[i].decoded.clips for i in group]
+        if mixed:
+            probs, spent = mixed_probs(clf, clips, [items[i].task for i in group])
+        else:
+            probs, spent = task_probs(clf, clips, items[group[0]].task)
+        views = sum(len(c) for c in clips)
         for i, p in zip(group, probs):
+            task = items[i].task
+            labels, name = clf.labels_for(task), clf.task_name(task)
             d = items[i].decoded
             if isinstance(p, NonFiniteOutput):
                 out[i] = Failure(d.source, f"{d.source}: {p}", name)
@@ -123,6 +131,25 @@ def run_decoded(clf, items: Sequence[Decoding], max_views: int | None = None) ->
         if call:
             flush(call)
     return out
+
+
+def mixed_probs(clf, clips: Sequence[np.ndarray], tasks: Sequence) -> tuple[list, float]:
+    """task_probs for a multi-task bundle (stexport.bundle.multitask), each video with its own task (a
+    BundleTask; None: the current task), all of them in one backend call (Backend.run_tasks): per video the
+    mean over its views of the softmax of its task's logits (its first `classes`), or a NonFiniteOutput; and
+    the seconds the call took."""
+    counts = [len(c) for c in clips]
+    batch = clips[0] if len(clips) == 1 else np.concatenate(clips)
+    t = time.perf_counter()
+    logits = clf.backend.run_tasks(batch, [task for task, n in zip(tasks, counts) for _ in range(n)])
+    spent = time.perf_counter() - t
+    check_logits(logits, len(batch), clf.bundle.manifest.multitask.head_rows, clf.backend.name)
+    out, at = [], 0
+    for task, n in zip(tasks, counts):
+        classes = task.classes if task is not None else clf.num_classes
+        out += score_videos(logits[at:at + n, :classes], [n], clf.backend.name, clf.bundle.precision)
+        at += n
+    return out, spent
 
 
 def task_probs(clf, clips: Sequence[np.ndarray], task=None) -> tuple[list, float]:

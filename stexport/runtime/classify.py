@@ -21,6 +21,7 @@ from stexport.runtime import backends
 from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 from stexport.bundle.labels import resolve_labels
+from stexport.bundle.multitask import task_label
 from stexport.runtime import batch
 from stexport.runtime.batch import ordered_map
 from stexport.runtime.decode_worker import DEFAULT_STALL_S, MAX_FRAMES, MAX_PIXELS, MEMORY_MB, DecoderPool, limits_of
@@ -45,7 +46,8 @@ class Classifier:
         may take to decode in all (None: no limit); max_pixels, max_frames: what a video's header may claim
         (per frame; frames) before it is decoded; decode_memory_mb: each decoder process's address space
         (None: no limit); see stexport.runtime.decode_worker.DecodeLimits. task: a task pack (TaskPack or
-        path) for a swappable bundle: its classes, labels and sampling replace the bundle's; `set_task`
+        path) for a swappable bundle, or a task name of a multi-task bundle: its classes, labels and sampling
+        replace the bundle's; `set_task`
         switches later, and `classify(..., task=)` picks one per call."""
         self.decode_limits = limits_of(decode_timeout, max_decode_s, max_pixels=max_pixels, max_frames=max_frames,
                                        memory_mb=decode_memory_mb)
@@ -59,10 +61,9 @@ class Classifier:
         self.user_sampling = sampling  # None: each task's own defaults (the bundle's, a pack's)
         pack = None
         if task is not None:
-            from stexport.bundle.taskpack import as_pack
+            from stexport.bundle.multitask import loaded_task
 
-            pack = as_pack(task)
-            pack.check_fits(self.bundle)
+            pack = loaded_task(self.bundle, task)
             self.num_classes = pack.classes
         self.sampling = default_sampling(self.bundle, pack, sampling)
         if (self.sampling.frames, self.sampling.size) != (self.bundle.frames, self.bundle.size):
@@ -87,7 +88,7 @@ class Classifier:
             if labels:
                 self.labels, self.labels_source = resolve_labels(labels, pack.classes)
             else:
-                self.labels, self.labels_source = pack.labels, f"task pack {pack.name} ({pack.record.labels_source})"
+                self.labels, self.labels_source = pack.labels, f"{task_label(pack)} ({pack.record.labels_source})"
         self.backend = backends.create(backend, self.bundle, **backend_options)
         self.task = self.backend.set_task(pack) if pack is not None else None
 
@@ -109,7 +110,7 @@ class Classifier:
             if self.user_labels:
                 self.labels, self.labels_source = resolve_labels(self.user_labels, pack.classes)
             else:
-                self.labels, self.labels_source = pack.labels, f"task pack {pack.name}"
+                self.labels, self.labels_source = pack.labels, task_label(pack)
         self.top_k = max(1, min(self.top_k, self.num_classes))
 
     def labels_for(self, task=None) -> list[str]:
@@ -202,7 +203,8 @@ class Classifier:
         """Many videos: a Result or Failure per source in input order, never raising for one bad input; views
         of several videos per backend call (up to batch_size), decode_threads decoding ahead. Same numbers as
         classify(). task: a task pack (TaskPack or path) for every source (None: the current task); a source
-        given as a (source, task) pair runs with its own task. A backend call never mixes tasks. See
+        given as a (source, task) pair runs with its own task. A backend call never mixes tasks, except on a
+        multi-task bundle (tasks by name), where videos of every task share backend calls. See
         stexport.runtime.batch."""
         return batch.classify_batch(self, sources, task=task)
 

@@ -29,8 +29,8 @@ class ClassifierSpec:
     seconds one video may take to decode in all (None: no limit); max_pixels, max_frames: what a video's header
     may claim before it is decoded; decode_memory_mb: each decoder process's address space (None: no limit).
     See stexport.runtime.decode_worker.DecodeLimits (the defaults are its).
-    task: a task pack's path (a TaskPack is stored as its path) to run on the swappable bundle instead of the
-    bundle's own task: its classes, labels and (unless `sampling` is given) default sampling; every worker
+    task: a task pack's path (a TaskPack is stored as its path) to run on the swappable bundle, or a task name
+    of a multi-task bundle (a BundleTask is stored as its name), instead of the bundle's own task: its classes, labels and (unless `sampling` is given) default sampling; every worker
     reads it by this path and loads it once.
 
     Raises StexportError for a batch_size, decode_threads or top_k below 1; `open()` raises what
@@ -51,12 +51,14 @@ class ClassifierSpec:
     max_pixels: int | None = 36_000_000  # = decode_worker.MAX_PIXELS (this module imports no decoder)
     max_frames: int | None = 1_000_000  # = decode_worker.MAX_FRAMES
     decode_memory_mb: int | None = 4096  # = decode_worker.MEMORY_MB
-    task: str | None = None  # a task pack's path
+    task: str | None = None  # a task pack's path or a multi-task bundle's task name
 
     def __post_init__(self):
         object.__setattr__(self, "bundle", str(getattr(self.bundle, "path", self.bundle)))
-        if self.task is not None:
-            object.__setattr__(self, "task", str(getattr(self.task, "path", self.task)))
+        if self.task is not None and not isinstance(self.task, str):
+            from stexport.bundle.multitask import task_ref
+
+            object.__setattr__(self, "task", task_ref(self.task) if hasattr(self.task, "record") else str(self.task))
         opts = self.options.items() if isinstance(self.options, Mapping) else self.options
         object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in opts)))
         if self.labels is not None:

@@ -26,9 +26,13 @@ that differ (repeated ?task=, form fields, header and body together), is a 400. 
 A replica that fails to start (the backend cannot open the bundle, a pack cannot be prepared) fails `start`
 with the replica's own one-line reason; backend options and task-pack support are checked before Ray starts.
 
+A multi-task bundle (`stexport multitask`) serves its own tasks by the same names (no packs): a batch whose
+requests name several tasks runs as one backend call (the graph takes each clip's task index), and GET stats
+counts it as one backend call and one mixed batch.
+
 Requests from different callers are batched (`serve.batch`): the views of up to `max_batch` clips run in one
-backend call, one call per task in a batch (tasks are never mixed in a call; Ray Serve also splits batches
-by the multiplexing header). A server is an attack surface, so by default it binds 127.0.0.1, reads no
+backend call, one call per task in a batch (tasks are never mixed in a call, except on a multi-task bundle;
+Ray Serve also splits batches by the multiplexing header). A server is an attack surface, so by default it binds 127.0.0.1, reads no
 server-side path and fetches no URL; uploads over `max_upload_mb` are refused before they are read; every video is decoded in a
 decoder process of the replica's stexport.runtime.decode_worker.DecoderPool (`decode_workers` of them), killed when
 it reads no frame for `decode_timeout_s` or decodes longer than `max_decode_s` in all, and replaced when it dies
@@ -127,7 +131,16 @@ def own_task_name(bundle) -> str:
 
 
 def task_names(bundle, packs) -> list[str]:
-    """The bundle's own task name, then each pack's; StexportError (one line) when two are the same."""
+    """The bundle's own task name, then each pack's; StexportError (one line) when two are the same. A
+    multi-task bundle's tasks are its own (stexport.bundle.multitask), in index order; it takes no packs."""
+    from stexport.bundle.multitask import names as multitask_names
+
+    own = multitask_names(bundle)
+    if own and packs:
+        raise StexportError(f"--task {packs[0].path}: {bundle.path.name} is a multi-task bundle (tasks "
+                            f"{', '.join(own)}); it serves its own tasks, not packs: drop --task")
+    if own:
+        return own
     names = [own_task_name(bundle)]
     for p in packs:
         if p.name in names:
@@ -211,6 +224,9 @@ def check_backend(cfg: ServeConfig, bundle, packs) -> None:
         cls = backends.load_class(chosen)
         known = {o.name for o in cls.OPTIONS} | set(cls.ALIASES)
         opts = cls.check_options({k: v for k, v in opts.items() if k in known})
+    if bundle.manifest.multitask is not None and not cls.MULTITASK:
+        raise StexportError(f"-b {chosen}: {bundle.path.name} is a multi-task bundle, which {chosen} cannot run; "
+                            "use -b onnxruntime, openvino or torchscript")
     if packs and not cls.SWAPS_TASKS:
         try:
             with backends.create(chosen, bundle, **opts) as backend:
@@ -269,7 +285,8 @@ class Task:
 
     def describe(self, default: bool) -> dict:
         return {"name": self.name, "classes": len(self.labels), "labels": self.labels,
-                "sampling": self.sampling.to_dict(), "pack": self.pack.path.name if self.pack else None,
+                "sampling": self.sampling.to_dict(),
+                "pack": self.pack.path.name if self.pack is not None and hasattr(self.pack, "tensors") else None,
                 "default": default}
 
 
@@ -291,8 +308,14 @@ class ServingClassifier:
         self.sampling = self.clf.sampling
         packs = [self.clf.load_task(t) for t in tasks]
         names = task_names(self.clf.bundle, packs)
-        self.named = bool(packs)  # answers carry "task" only where the server runs task packs
-        self.tasks = {names[0]: Task(names[0], None, self.clf.sampling, self.clf.labels)}
+        # a multi-task bundle: every task is one of its own (BundleTask), and a batch mixes them in one call
+        self.mixes = self.clf.bundle.manifest.multitask is not None
+        self.named = bool(packs) or self.mixes  # answers carry "task" where a server runs several tasks
+        if self.mixes:
+            own = [self.clf.load_task(n) for n in names]
+            self.tasks = {t.name: Task(t.name, t, self.clf.sampling_for(t), list(t.labels)) for t in own}
+        else:
+            self.tasks = {names[0]: Task(names[0], None, self.clf.sampling, self.clf.labels)}
         for p in packs:
             self.tasks[p.name] = Task(p.name, p, self.clf.sampling_for(p), p.labels)
         self.default = default_task or names[0]
@@ -312,7 +335,7 @@ class ServingClassifier:
 
     def classify(self, items: list[Clips]) -> list[dict]:
         """One backend call per task over the views of that task's items (stexport.runtime.batch.run_decoded
-        with no view limit; tasks never share a call); per item, softmax each view's logits, average over its
+        with no view limit; tasks never share a call, except on a multi-task bundle: one call); per item, softmax each view's logits, average over its
         views, name the top k with its task's labels. Returns the dicts `infer --json` prints
         (Result.to_dict, with "task" where packs are loaded), in item order."""
         from stexport.runtime.batch import Decoding, run_decoded
@@ -545,7 +568,7 @@ def deployment(cfg: ServeConfig):
             self.stats["batches"] += 1
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
             tasks = len({it.task for it in items})
-            self.stats["backend_calls"] += tasks
+            self.stats["backend_calls"] += 1 if self.model.mixes else tasks  # multi-task: one call per batch
             self.stats["mixed_batches"] += tasks > 1
             loop = asyncio.get_running_loop()
             self.metrics.batched(items, t := time.perf_counter())

@@ -113,10 +113,16 @@ class Backend(ABC):
     OPTIONS: tuple[Option, ...] = ()
     ALIASES: dict[str, str] = {}  # old option name -> new name (accepted with a deprecation warning)
     SWAPS_TASKS = False  # whether run() takes task packs (stexport.bundle.taskpack) on a swappable bundle
+    MULTITASK = False  # whether it runs multi-task bundles (stexport.bundle.multitask): run_indexed
 
     def __init__(self, bundle: Bundle, **options):
         self.bundle = bundle
         self.options = options
+        reg = self.REGISTRATION
+        if bundle.manifest.multitask is not None and not self.MULTITASK and reg is not None and reg.artifact == "onnx":
+            raise StexportError(f"{bundle.path}: a multi-task bundle (a second input, the task index per clip), "
+                                f"which the {self.name} backend does not feed yet; use onnxruntime, openvino or "
+                                "torchscript")
         self.input = bundle.manifest.input
         self.task = None  # the TaskPack run() uses when given none; None: the bundle's own task
         self._tasks: dict[str, object] = {}  # pack sha256 -> what prepare_task made for it
@@ -130,12 +136,19 @@ class Backend(ABC):
         this backend cannot swap tasks, the bundle is not swappable, or the pack was made for another base."""
         from stexport.bundle.taskpack import TaskPack
 
+        multitask = self.bundle.manifest.multitask is not None
+        if multitask and (self.MULTITASK or not self.SWAPS_TASKS):
+            return self.bundle_task(task)
         if not self.SWAPS_TASKS:
             from stexport.runtime.backends import task_backends
 
             raise StexportError(f"the {self.name} backend cannot run task packs; use {task_backends('or')} "
                                 "(or a bundle built for the task)")
-        if isinstance(task, TaskPack):
+        if multitask:  # a backend that runs one task per model (the PyTorch reference): the task as a pack
+            from stexport.bundle.multitask import task_of
+
+            pack = task_of(self.bundle, task)
+        elif isinstance(task, TaskPack):
             pack = task
         else:
             from pathlib import Path
@@ -151,6 +164,48 @@ class Backend(ABC):
             pack.check_fits(self.bundle)
             self._tasks[pack.key] = self.prepare_task(pack)
         return pack
+
+    # -- multi-task bundles (one graph, a task index per clip) ------------------------------------------------
+
+    def bundle_task(self, task):
+        """`task` (a name, an index or a BundleTask) of this multi-task bundle, as a BundleTask. StexportError
+        (one line) when this backend cannot run multi-task bundles or the bundle has no such task."""
+        from stexport.bundle.multitask import task_of
+
+        if not self.MULTITASK:
+            raise StexportError(f"the {self.name} backend cannot run multi-task bundles; use onnxruntime, "
+                                "openvino or torchscript")
+        return task_of(self.bundle, task)  # nothing to prepare: the task is data (an index)
+
+    def run_indexed(self, clips: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """A multi-task bundle's graph on uint8 clips (B, T, H, W, 3) with task indices int64 (B,): float32
+        (B, head_rows) logits, every head row (a clip's first `classes` are its task's)."""
+        raise StexportError(f"the {self.name} backend cannot run multi-task bundles; use onnxruntime, "
+                            "openvino or torchscript")
+
+    def run_tasks(self, clips: np.ndarray, tasks) -> np.ndarray:
+        """One call over clips of several tasks of a multi-task bundle: `tasks` holds one task per clip (a
+        BundleTask, a name, an index, or None: the default task). Returns float32 (B, head_rows) logits; keep
+        clip b's first tasks[b].classes. StexportError for a bundle that is not multi-task, an unknown task or
+        a count that is not the clips'."""
+        from stexport.bundle.multitask import indices
+
+        if self.bundle.manifest.multitask is None:
+            raise StexportError(f"{self.bundle.path}: not a multi-task bundle (build one with `stexport multitask`)")
+        loaded = [None if t is None else self.bundle_task(t) for t in tasks]
+        return self.run_indexed(clips, indices(loaded, len(clips), self.default_index()))
+
+    def default_index(self) -> int:
+        """The task index run() uses when given none: the current task's (set_task), else 0 (the bundle's
+        own task, the first)."""
+        return self.task.index if self.task is not None else 0
+
+    def run_multitask(self, clips: np.ndarray, task=None) -> np.ndarray:
+        """run() on a multi-task bundle: every clip with `task` (None: the current one), its classes' logits."""
+        from stexport.bundle.multitask import indices
+
+        pack = self.bundle_task(task) if task is not None else self.task
+        return self.trim(self.run_indexed(clips, indices(pack, len(clips), self.default_index())), pack)
 
     def set_task(self, task):
         """Make `task` (a TaskPack, a pack's path, or None: the bundle's own task) the one run() uses when given

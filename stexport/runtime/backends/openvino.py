@@ -119,7 +119,9 @@ def only_blobs(folder: Path) -> bool:
 # reads it (prepare_task).
 @register("openvino", artifact="onnx", auto=20, auto_note="OpenVINO on an x86-64 CPU", tasks=True)
 class OpenVINOBackend(Backend):
-    """options: compute ('f32' | 'bf16' | 'f16'; default f32: OpenVINO's inference precision), hint
+    """A multi-task bundle runs as one model with its task input fed per call (MULTITASK).
+
+    options: compute ('f32' | 'bf16' | 'f16'; default f32: OpenVINO's inference precision), hint
     ('latency' | 'throughput'), threads, device ('auto' = 'CPU', or an OpenVINO device name), cache (False: no
     compiled-model cache), cache_dir (a folder instead of the default), static (default True: compile the model
     for each of the first KEEP batch sizes it runs, any other size runs on one dynamic-batch model; False: that
@@ -142,6 +144,7 @@ class OpenVINOBackend(Backend):
         Option("static", bool, True, "compile a fixed-shape model per batch size (~8% faster on INT8)"),
     )
     ALIASES = {"precision": "compute"}
+    MULTITASK = True
 
     def __init__(self, bundle, device: str = "auto", threads: int | None = None, compute: str | None = None,
                  hint: str = "latency", cache: bool = True, cache_dir: str | Path | None = None,
@@ -243,8 +246,8 @@ class OpenVINOBackend(Backend):
             compiled = self._attempt(lambda: self.core.compile_model(str(self.path), self.device, self.config))
         else:
             def fixed():
-                x = self.model.inputs[0]
-                self.model.reshape({x.get_any_name(): [key, *x.get_partial_shape()[1:]]})
+                # every input's batch axis (a multi-task graph's task index too)
+                self.model.reshape({i.get_any_name(): [key, *i.get_partial_shape()[1:]] for i in self.model.inputs})
                 return self.core.compile_model(self.model, self.device, self.config)
 
             compiled = self._attempt(fixed)
@@ -261,18 +264,25 @@ class OpenVINOBackend(Backend):
             return False
 
     def run(self, clips: np.ndarray, task=None) -> np.ndarray:
+        if self.bundle.manifest.multitask is not None:
+            return self.run_multitask(clips, task)
         pack, child = self.task_state(task)
         return self.trim((child or self)._infer(clips), pack)
 
-    def _infer(self, clips: np.ndarray) -> np.ndarray:
-        """The graph's output for `clips` (every head row of a swappable graph)."""
-        x = self.input.feed(clips)
-        if self.streams > 1 and len(x) > 1:
-            return self._run_streams(x)
-        _, request = self.compiled_for(len(x))
-        return np.array(request.infer({0: x})[0], dtype=np.float32)
+    def run_indexed(self, clips: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return self._infer(clips, index)
 
-    def _run_streams(self, x: np.ndarray) -> np.ndarray:
+    def _infer(self, clips: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+        """The graph's output for `clips` (every head row of a swappable or multi-task graph); `index`: a
+        multi-task graph's task input."""
+        x = self.input.feed(clips)
+        inputs = (x,) if index is None else (x, np.ascontiguousarray(index, dtype=np.int64))
+        if self.streams > 1 and len(x) > 1:
+            return self._run_streams(inputs)
+        _, request = self.compiled_for(len(x))
+        return np.array(request.infer(dict(enumerate(inputs)))[0], dtype=np.float32)
+
+    def _run_streams(self, inputs: tuple) -> np.ndarray:
         """Throughput hint: OpenVINO splits the cores into streams, each running its own request; one request
         alone would use only its stream's cores, so split the batch over all of them.
 
@@ -282,9 +292,10 @@ class OpenVINOBackend(Backend):
         if self.stream_requests is None:
             compiled, first = self.compiled_for(None)
             self.stream_requests = [first, *(compiled.create_infer_request() for _ in range(self.streams - 1))]
-        parts = np.array_split(x, min(self.streams, len(x)))
+        n = min(self.streams, len(inputs[0]))
+        parts = list(zip(*(np.array_split(a, n) for a in inputs)))  # per request: its rows of every input
         for request, part in zip(self.stream_requests, parts):
-            request.start_async({0: part})
+            request.start_async(dict(enumerate(part)))
         out = []
         for request, _ in zip(self.stream_requests, parts):
             request.wait()

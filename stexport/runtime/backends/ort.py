@@ -37,6 +37,8 @@ def providers_for(device: str, available: list[str]) -> list[str]:
 
 @register("onnxruntime", artifact="onnx", auto=10, auto_note="ONNX Runtime", tasks=True)
 class OrtBackend(Backend):
+    MULTITASK = True  # a multi-task bundle runs as a plain session with its task input fed per call
+
     """Task packs on a swappable bundle, two ways (option `tasks`):
 
     - adapters: ONNX Runtime's adapter mechanism. Each pack's tensors are written once as an ORT adapter file
@@ -174,7 +176,13 @@ class OrtBackend(Backend):
         adapter.Load(path)
         return adapter
 
+    def run_indexed(self, clips: np.ndarray, index: np.ndarray) -> np.ndarray:
+        feed = {self.input.name: self.input.feed(clips), self.bundle.manifest.multitask.input: index}
+        return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+
     def run(self, clips: np.ndarray, task=None) -> np.ndarray:
+        if self.bundle.manifest.multitask is not None:
+            return self.run_multitask(clips, task)
         x = self.input.feed(clips)
         pack, state = self.task_state(task)
         session, options = self.session, None

@@ -4,7 +4,8 @@ CPU by default; CUDA when a GPU is visible to torch.
 Task packs (a swappable FP32/FP16 bundle's module, see stexport.build.torchscript.SwappableModule): a task is the
 pack's tensors as torch tensors on the device, in the order the module's record lists them, passed to
 `forward_task` on each call for that task. One module serves every task and calls for different tasks may run
-at once (nothing is swapped into the module, so there is no lock); a loaded task holds only its own tensors."""
+at once (nothing is swapped into the module, so there is no lock); a loaded task holds only its own tensors.
+A multi-task bundle's module takes the task index of each clip as its second input (run_indexed)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def pick_device(device: str):
 @register("torchscript", artifact="torchscript", tasks="a module exported from a swappable bundle")
 class TorchScriptBackend(Backend):
     SWAPS_TASKS = False  # per instance: True when the module takes task packs (forward_task)
+    MULTITASK = True  # a multi-task bundle's module is forward(x, task index)
     OPTIONS = (Option("device", str, "auto", "torch device: auto (CUDA when visible), cpu, cuda or cuda:N"), THREADS)
 
     def __init__(self, bundle, device: str = "auto", threads: int | None = None, **options):
@@ -71,7 +73,7 @@ class TorchScriptBackend(Backend):
 
     def load_task(self, task):
         """As Backend.load_task; a module that takes no packs says why and what to do."""
-        if not self.SWAPS_TASKS:
+        if not self.SWAPS_TASKS and self.bundle.manifest.multitask is None:
             m = self.bundle.manifest
             why = ("the bundle is not swappable; rebuild it with `stexport build --swappable`" if m.tasks is None
                    else "an INT8 bundle's module holds float weights, not the pack's INT8 tensors; run INT8 packs "
@@ -103,9 +105,18 @@ class TorchScriptBackend(Backend):
             out.append(torch.from_numpy(np.array(a, copy=True)).to(device=self.device, dtype=mine.dtype))
         return out
 
+    def run_indexed(self, clips: np.ndarray, index: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(self.check_input(clips)).to(self.device)
+            return self.module(x, torch.from_numpy(np.asarray(index, np.int64)).to(self.device)).float().cpu().numpy()
+
     def run(self, clips: np.ndarray, task=None) -> np.ndarray:
         import torch
 
+        if self.bundle.manifest.multitask is not None:
+            return self.run_multitask(clips, task)
         pack, tensors = self.task_state(task)
         with torch.inference_mode():
             x = torch.from_numpy(self.check_input(clips)).to(self.device)

@@ -1,0 +1,156 @@
+"""Many tasks in one forward (issue 33): a multi-task bundle vs a swappable base + task packs vs a full bundle
+per task, on the demo backbone (examples/motion), ONNX Runtime CPU, FP32.
+
+    python benchmarks/multitask.py [--tasks 1,4,16] [--batches 8,32] [--rounds 5] [--work DIR]
+
+Tasks: the two demo adapters (motion_adapter.pt, motion_adapter_seed1.pt), then random adapters of the same
+layout (seeded; 9 classes each). For each task count K: bytes on disk (one multi-task bundle; K full bundles;
+one base + K-1 packs, for K up to --max-packs: a pack is a full build) and resident memory (peak RSS of a fresh process that opens the model(s) and runs one
+batch of 8 per task: the multi-task bundle; the base with K-1 packs prepared as ONNX Runtime adapters; K full
+bundles: two built, each opened K/2 times: every task's graph has the same shapes). For the largest K
+and for --max-packs: ms per clip of batches whose clips have tasks drawn at random, run as one
+multi-task call vs today's one call per task in the batch (packs on the base; full bundles), at each batch
+size (median of --rounds interleaved rounds). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tasks import HERE, dir_bytes, rss_child, smooth_clips  # noqa: E402 - benchmarks/tasks.py
+
+BB = dict(backbone="stexport-demo-vit", pretrained=str(HERE / "backbone.safetensors"))
+
+
+def checkpoints(work: Path, k: int) -> list[Path]:
+    from stexport.build.deltas import as_deltas, save_official
+    from stexport.build.synthetic import random_deltas
+
+    spec = as_deltas(HERE / "motion_adapter.pt").spec
+    out = [HERE / "motion_adapter.pt", HERE / "motion_adapter_seed1.pt"][:k]
+    from stexport.build.backbone import load_backbone
+
+    cfg = load_backbone(BB["backbone"], BB["pretrained"]).config
+    for i in range(len(out), k):
+        p = work / f"task{i}.pt"
+        if not p.exists():
+            save_official(p, random_deltas(cfg, width=spec.width, kernel=spec.kernel, num_classes=spec.num_classes,
+                                           pre_attn=bool(spec.pre_attn), pre_mlp=bool(spec.pre_mlp), seed=100 + i))
+        out.append(p)
+    return out
+
+
+def mixed_batches(multi, base, packs, full, batches: list[int], rounds: int, rng) -> dict:
+    """ms per clip (median of `rounds`) of batches whose clips have tasks drawn at random among len(full):
+    one multi-task call; one call per task in the batch on the base with `packs` (None: not measured); one
+    call per task on its full bundle. Interleaved per round, same clips and tasks for all three."""
+    from stexport.runtime import backends
+
+    k, out = len(full), {}
+    with backends.create("onnxruntime", multi) as mt, backends.create("onnxruntime", base) as sw:
+        fulls = [backends.create("onnxruntime", f) for f in full]
+        loaded = [None, *(sw.load_task(p) for p in packs)] if packs is not None else None
+        for batch in batches:
+            x = smooth_clips(batch, base.size, base.frames, seed=batch)
+            times = {"multitask_one_call": [], "packs_call_per_task": [], "full_bundles_call_per_task": []}
+            seen = []
+            for _ in range(rounds):
+                task = rng.integers(0, k, batch)
+                groups = {int(t): np.flatnonzero(task == t) for t in np.unique(task)}
+                seen.append(len(groups))
+                t0 = time.perf_counter()
+                mt.run_tasks(x, [int(t) for t in task])
+                t1 = time.perf_counter()
+                for t, rows in groups.items():
+                    if loaded is not None:
+                        sw.run(x[rows], task=loaded[t]) if t else sw.run(x[rows])
+                t2 = time.perf_counter()
+                for t, rows in groups.items():
+                    fulls[t].run(x[rows])
+                t3 = time.perf_counter()
+                for key, sec in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                    times[key].append(sec * 1e3 / batch)
+            out[batch] = {key: round(statistics.median(v), 3) for key, v in times.items()
+                          if loaded is not None or key != "packs_call_per_task"}
+            out[batch]["tasks_per_batch_median"] = statistics.median(seen)
+        for f in fulls:
+            f.close()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default="1,4,16")
+    ap.add_argument("--batches", default="8,32")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/stexport-bench-multitask"))
+    ap.add_argument("--max-packs", type=int, default=4, help="tasks measured as base + packs (each pack is a "
+                    "full build: slow on 2 cores)")
+    a = ap.parse_args()
+    counts = [int(x) for x in a.tasks.split(",")]
+    a.work.mkdir(parents=True, exist_ok=True)
+    from stexport.build.multitask import build_multitask
+    from stexport.build.packing import build_pack
+    from stexport.build.pipeline import build_bundle
+
+    ckpts = checkpoints(a.work, max(counts))
+    # two full bundles, opened as many times as there are tasks (every task's graph has the same shapes, and
+    # each session holds its own copy of the weights); packs only up to --max-packs (each is a full build)
+    from stexport.bundle.store import Bundle
+    from stexport.bundle.taskpack import TaskPack
+
+    def made(out: Path, make):  # what an earlier run in --work built is reused
+        if out.is_file():
+            return TaskPack.load(out)
+        return Bundle.load(out) if (out / "stexport.json").is_file() else make(out)
+
+    full_built = [made(a.work / f"full{i}", lambda o, c=c: build_bundle(c, out=o, precision="fp32", **BB))
+                  for i, c in enumerate(ckpts[:2])]
+    full = [full_built[i % 2] for i in range(len(ckpts))]
+    base = made(a.work / "base", lambda o: build_bundle(ckpts[0], out=o, precision="fp32", swappable=True, **BB))
+    packs = [made(a.work / f"task{i}.stpack", lambda o, c=c: build_pack(c, base, out=o))
+             for i, c in enumerate(ckpts[:a.max_packs]) if i]
+    multi = {k: made(a.work / f"multi{k}", lambda o, k=k: build_multitask(ckpts[:k], out=o, **BB)) for k in counts}
+    size, frames = base.size, base.frames
+    report = {"model": "stexport-demo-vit (examples/motion)", "runtime": "onnxruntime CPU, FP32",
+              "input": f"{frames}x{size}", "per_task_count": {}}
+    for k in counts:
+        run8 = f"x=np.zeros((8,{frames},{size},{size},3),np.uint8)\n"
+        code_multi = (f"import numpy as np\nfrom stexport.runtime import backends\nfrom stexport.bundle.store import Bundle\n{run8}"
+                      f"be=backends.create('onnxruntime',Bundle.load('{multi[k].path}'))\n"
+                      f"be.run_tasks(x,[i % {k} for i in range(8)])")
+        code_packs = (f"import numpy as np\nfrom stexport.runtime import backends\nfrom stexport.bundle.store import Bundle\n{run8}"
+                      f"be=backends.create('onnxruntime',Bundle.load('{base.path}'))\nbe.run(x)\n"
+                      + "".join(f"be.run(x,task='{p.path}')\n" for p in packs[:k - 1]))
+        code_full = (f"import numpy as np\nfrom stexport.runtime import backends\nfrom stexport.bundle.store import Bundle\n{run8}"
+                     + "".join(f"b{i}=backends.create('onnxruntime',Bundle.load('{f.path}'));b{i}.run(x)\n"
+                               for i, f in enumerate(full[:k])))
+        with_packs = k <= len(packs) + 1
+        report["per_task_count"][k] = {
+            "disk_mb": {"multitask": dir_bytes(multi[k].path) / 1e6,
+                        "base_plus_packs": (dir_bytes(base.path) + sum(p.path.stat().st_size for p in packs[:k - 1])) / 1e6
+                        if with_packs else None,
+                        "full_bundles": sum(dir_bytes(f.path) for f in full[:k]) / 1e6},
+            "rss_mb": {"multitask": rss_child(code_multi), "base_plus_packs": rss_child(code_packs) if with_packs
+                       else None, "full_bundles": rss_child(code_full)},
+        }
+    rng = np.random.default_rng(0)
+    batches = [int(x) for x in a.batches.split(",")]
+    report["ms_per_clip_mixed_batches"] = {
+        k: mixed_batches(multi[k], base, packs[:k - 1] if k <= len(packs) + 1 else None, full[:k], batches,
+                         a.rounds, rng)
+        for k in sorted({max(counts), min(max(counts), len(packs) + 1)})}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""`stexport multitask`: several tasks' adapters and heads in one bundle whose graph mixes tasks in a batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stexport.cli.common import Flag, check_adapter_file, handle_errors, print_json, register as add_command
+
+EXAMPLES = """
+Examples:
+
+  stexport multitask -a k400.pt -a ssv2.pt -a diving.pt --pretrained openai --out bundles/three
+
+  stexport multitask --base bundles/base --pack ssv2.stpack --pack diving.stpack --out bundles/three
+
+  stexport infer clip.mp4 -m bundles/three --task ssv2
+"""
+
+
+@handle_errors
+def multitask(
+    adapter: list[Path] = typer.Option(None, "--adapter", "-a", help="A task's ST-Adapter checkpoint; repeat "
+                                       "per task (the first is the bundle's own task)."),
+    name: list[str] = typer.Option(None, "--name", help="Task names, one per --adapter in order (default: the "
+                                   "checkpoints' file stems)."),
+    labels: list[Path] = typer.Option(None, "--labels", help="Class names files, one per --adapter in order."),
+    base: Path = typer.Option(None, "--base", help="Instead of --adapter: a swappable bundle (its own task "
+                              "first) ..."),
+    pack: list[Path] = typer.Option(None, "--pack", help="... and task packs made for it (`stexport pack`); "
+                                    "their names, labels and sampling come along."),
+    backbone: str = typer.Option("ViT-B-16", "--backbone", help="With --adapter: the open_clip ViT of every "
+                                 "task."),
+    pretrained: str = typer.Option(None, "--pretrained", help="Backbone weights: an open_clip tag, a file or "
+                                   "'none' (default: openai; with --base, the base's)."),
+    frames: int = typer.Option(8, "--frames", "-t", help="With --adapter: frames per clip (T)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Bundle directory (default: "
+                             "~/.cache/stexport/bundles/NAME)."),
+    force: bool = Flag(False, "--force", "-f", help="Replace an existing bundle at --out."),
+    as_json: bool = Flag(False, "--json", help="Print the manifest as JSON."),
+):
+    """Build a multi-task bundle (FP32): one graph with every task's adapters and head stacked and a second
+    input, the task index of each clip (int64 [B]). The backbone runs once per batch; each clip gathers its
+    task's adapters and head rows. Every runtime runs it as a plain model; `infer --task NAME` picks a task,
+    and `Classifier.classify_batch` with (source, task) pairs mixes tasks in one backend call. Each task's
+    logits equal those of its own full export."""
+    from stexport.errors import StexportError
+
+    if bool(adapter) == bool(base):
+        raise StexportError("pass the tasks' checkpoints with --adapter (repeated), or a swappable --base with "
+                            "its --pack files")
+    if pack and not base:
+        raise StexportError("--pack needs the swappable --base the packs were made for")
+    from stexport.extras import require
+
+    require("stexport multitask", "torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors")
+    if base:
+        from stexport.build.multitask import multitask_from_packs
+
+        bundle = multitask_from_packs(base, list(pack or []), out=out, pretrained=pretrained, force=force)
+    else:
+        for a in adapter:
+            check_adapter_file(a)
+        for f in labels or []:
+            if not f.is_file():
+                raise StexportError(f"{f}: no such labels file (--labels: one class name per line)")
+        if labels and len(labels) != len(adapter):
+            raise StexportError(f"{len(labels)} --labels for {len(adapter)} --adapter: give one per adapter")
+        from stexport.build.multitask import build_multitask
+
+        bundle = build_multitask(list(adapter), out=out, backbone=backbone, pretrained=pretrained or "openai",
+                                 names=list(name) if name else None, labels=list(labels) if labels else None,
+                                 frames=frames, force=force)
+    m = bundle.manifest
+    if as_json:
+        print_json({"path": str(bundle.path), **m.multitask.model_dump(mode="json", exclude_none=True)})
+        return
+    mt = m.multitask
+    typer.echo(f"built {bundle.path}  ({len(mt.tasks)} tasks, head of {mt.head_rows} rows, {m.precision})")
+    for t in mt.tasks:
+        typer.echo(f"  task {t.index} {t.name}: {t.classes} classes")
+    typer.echo(f"next: stexport infer VIDEO -m {bundle.path} --task {mt.tasks[-1].name}")
+
+
+def register(app: typer.Typer) -> None:
+    add_command(app, "multitask", multitask, EXAMPLES)
