@@ -1,11 +1,11 @@
 """INT8 float fallback on a planted-outlier stand-in of the demo: layers kept in float, agreement, ms/clip (not a test).
 
     .venv/bin/python benchmarks/int8_fallback.py [--val 60] [--calib 16] [--scale 256] [--channels 6] \
-        [--min-agreement 0.98] [--work /tmp/stexport-int8-outliers]
+        [--norms ln_2] [--min-agreement 0.98] [--max-float-layers N] [--work /tmp/stexport-int8-outliers]
 
 Model: the trained demo (examples/motion: stexport-demo-vit, 4 blocks, width 192, 96 px, 8 frames) with exact
-planted LayerNorm outliers (stexport.build.outliers.plant_norm_outliers: `--channels` channels of every
-ln_1/ln_2 ×`--scale`, the readers' columns ÷scale; the FP32 function is unchanged) and outlier migration off, so
+planted LayerNorm outliers (stexport.build.outliers.plant_norm_outliers: `--channels` channels of each block's
+`--norms` ×`--scale`, the readers' columns ÷scale; the FP32 function is unchanged) and outlier migration off, so
 per-tensor INT8 meets real-CLIP-like channels unaided. Built FP32, INT8, and INT8 with `min_agreement`
 (stexport.build.fallback, gate measured on the calibration clips), then each verified on the first --val
 generated val clips on ONNX Runtime and (if installed) OpenVINO against the shipped FP32 model. ms/clip: verify's
@@ -26,7 +26,9 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=16, help="train clips calibrated on (and the gate's clips)")
     ap.add_argument("--scale", type=float, default=256.0)
     ap.add_argument("--channels", type=int, default=6)
+    ap.add_argument("--norms", default="ln_2", help="LayerNorms planted: ln_2 (MLP input) and/or ln_1 (q, k, v)")
     ap.add_argument("--min-agreement", type=float, default=0.98)
+    ap.add_argument("--max-float-layers", type=int, default=None)
     ap.add_argument("--work", type=Path, default=Path("/tmp/stexport-int8-outliers"))
     args = ap.parse_args()
 
@@ -38,16 +40,16 @@ def main() -> None:
     from stexport.runtime.backends import names
 
     data, bb0, sd, reference = demo_model(args.work, args.calib, args.val)
-    bb = plant_norm_outliers(bb0, args.scale, args.channels)
+    bb = plant_norm_outliers(bb0, args.scale, args.channels, norms=tuple(args.norms.split(",")))
     common = {"backbone": bb, "frames": 8, "force": True, "sampling": VIEWS, "labels": data / "labels.txt"}
     int8 = {"precision": "int8", "calib": data / "train.txt", "calib_clips": args.calib, "int8_migrate": "off"}
     bundles = {"fp32": build_bundle(sd, precision="fp32", out=args.work / "fb-fp32", **common),
                "int8": build_bundle(sd, out=args.work / "fb-int8", **common, **int8),
                "int8 + fallback": build_bundle(sd, out=args.work / "fb-gated", min_agreement=args.min_agreement,
-                                               **common, **int8)}
+                                               max_float_layers=args.max_float_layers, **common, **int8)}
     fb = bundles["int8 + fallback"].manifest.calibration.float_fallback
     runtimes = [r for r in ("onnxruntime", "openvino") if r in names()]
-    print(f"demo + LN x{args.scale:g} in {args.channels} channels per LayerNorm, migration off; gate: top-1 "
+    print(f"demo + {args.norms} x{args.scale:g} in {args.channels} channels each, migration off; gate: top-1 "
           f"agreement >= {args.min_agreement:.0%} on {fb['clips']} calibration clips; verified on {args.val} val "
           "clips against the shipped FP32 model\n")
     print(f"float layers: {', '.join(x['layer'] for x in fb['float_layers']) or 'none'} "

@@ -163,3 +163,25 @@ def test_bad_flag_combinations_are_one_line_errors(model, plain, tiny_bundle, tm
     for expect, extra in verify_cases.items():
         r = cli("verify", *extra[:1], "--clips", model["clips"], *extra[1:])
         assert r.exit_code == 2 and expect in r.output and "Traceback" not in r.output, (expect, r.output)
+
+
+def test_gate_reads_labels_and_checks_each_part(model):
+    """--max-drop's labels come from the gate clips' list; both parts of a gate are checked (verify's judge)."""
+    from stexport.build.fallback import FallbackGate, gate_inputs
+    from stexport.bundle.manifest import InputRecord
+    from stexport.calibration import choose
+    from stexport.runtime.video import Sampling
+
+    listed = model["dir"] / "labelled.txt"
+    listed.write_text("".join(f"v{i}.mp4 {(3 * i) % 10}\n" for i in range(8)))
+    clips = choose(listed, 3, seed=1)
+    feeds, labels = gate_inputs(clips, Sampling(frames=8, size=32, rate=0, temporal_views=1, spatial_views=3),
+                                InputRecord(frames=8, size=32))
+    assert labels == [(3 * int(v.stem[1:])) % 10 for v in clips.videos] and len(labels) == 3
+    assert all(f.shape == (3, 8, 32, 32, 3) and f.dtype == np.uint8 for f in feeds)
+    gate = FallbackGate(min_agreement=0.9, max_drop=1.0)
+    checks = gate.checks({"top1_agreement": 0.95, "accuracy": {"reference_top1": 80.0, "backend_top1": 78.0}})
+    assert [(c["check"], c["passed"]) for c in checks] == [("top-1 agreement", True),
+                                                           ("top-1 accuracy drop (pt)", False)]
+    assert gate.limit(20) == 5 and FallbackGate(max_float_layers=30).limit(20) == 20
+    assert gate.flags() == "--min-agreement 0.9 --max-drop 1"

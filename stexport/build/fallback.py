@@ -45,9 +45,9 @@ class FallbackGate:
         return min(quantized, max(1, math.ceil(quantized * DEFAULT_FLOAT_SHARE)))
 
     def flags(self) -> str:
-        return " ".join(f for f, v in (("--min-agreement", self.min_agreement), ("--max-drop", self.max_drop))
-                        if v is not None) + " " + " ".join(
-            f"{v:g}" for v in (self.min_agreement, self.max_drop) if v is not None)
+        """The gate as its flags, e.g. '--min-agreement 0.95 --max-drop 1'."""
+        return " ".join(f"{f} {v:g}" for f, v in (("--min-agreement", self.min_agreement),
+                                                    ("--max-drop", self.max_drop)) if v is not None)
 
     def checks(self, metrics: dict) -> list[dict]:
         """verify's checks (`judge`) for each part of the gate that is set."""
