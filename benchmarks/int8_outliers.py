@@ -30,23 +30,15 @@ STAND_INS = [("plain", None, ()), ("LN ×32, k=6", "norm", (32.0, 6)), ("LN ×12
              ("residual +64", "resid", (64.0,))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--val", type=int, default=90, help="val clips verified (of 270)")
-    ap.add_argument("--calib", type=int, default=32, help="train clips calibrated on")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/stexport-int8-outliers"))
-    ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
-    args = ap.parse_args()
-
+def demo_model(work: Path, calib: int, val: int):
+    """(data folder with train/val lists of at least `calib`/`val` generated clips, the shipped demo backbone,
+    its adapter state dict, the shipped FP32 reference model)."""
     from stexport.build.backbone import load_backbone
     from stexport.build.deltas import Deltas, infer_spec, load_deltas
-    from stexport.build.outliers import plant_norm_outliers, plant_residual_offset
-    from stexport.build.pipeline import build_bundle
     from stexport.build.reference import build_reference
-    from stexport.build.verify import verify
 
-    data = args.work / "motion"
-    for split, n in (("train", args.calib), ("val", args.val)):
+    data = work / "motion"
+    for split, n in (("train", calib), ("val", val)):
         if not (data / f"{split}.txt").is_file() or len((data / f"{split}.txt").read_text().splitlines()) < n:
             subprocess.run([sys.executable, str(DEMO / "generate.py"), "--splits", split, "--out", str(data),
                             "--count", str(n)], check=True, capture_output=True)
@@ -55,7 +47,22 @@ def main() -> None:
         bb0 = load_backbone("stexport-demo-vit", str(DEMO / "backbone.safetensors"))
     sd0 = dict(load_deltas(DEMO / "motion_adapter.pt").state_dict)
     # the shipped FP32 model: every stand-in computes its function, so it is every row's yardstick
-    reference = build_reference(bb0, Deltas(infer_spec(sd0), sd0))
+    return data, bb0, sd0, build_reference(bb0, Deltas(infer_spec(sd0), sd0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--val", type=int, default=90, help="val clips verified (of 270)")
+    ap.add_argument("--calib", type=int, default=32, help="train clips calibrated on")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/stexport-int8-outliers"))
+    ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
+    args = ap.parse_args()
+
+    from stexport.build.outliers import plant_norm_outliers, plant_residual_offset
+    from stexport.build.pipeline import build_bundle
+    from stexport.build.verify import verify
+
+    data, bb0, sd0, reference = demo_model(args.work, args.calib, args.val)
     rows = []
     wanted = set(args.only.split(",")) if args.only else None
     for name, kind, a in STAND_INS:

@@ -204,3 +204,73 @@ def _split_bias(gemm: onnx.NodeProto) -> onnx.NodeProto:
             raise StexportError(f"{gemm.name}: Gemm with beta={a.f} cannot be quantized")
     gemm.output[0] = f"{out}_nobias"
     return helper.make_node("Add", [gemm.output[0], bias], [out], name=f"{gemm.name}_bias")
+
+
+def _dq_above(made: dict, tensor: str) -> tuple[onnx.NodeProto | None, int, onnx.NodeProto | None]:
+    """The DequantizeLinear that makes `tensor` directly or through the Transposes/Reshapes insert_qdq puts
+    Q/DQ above: (the node reading the DQ's output (None: the caller's GEMM), its input slot, the DQ)."""
+    reader, slot, n = None, None, made.get(tensor)
+    while n is not None and n.op_type in ("Transpose", "Reshape"):
+        reader, slot, n = n, 0, made.get(n.input[0])
+    return reader, slot, (n if n is not None and n.op_type == "DequantizeLinear" else None)
+
+
+def quantized_layers(proto: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul/Gemm nodes of a Q/DQ graph (insert_qdq's) that read a DequantizeLinear output, in
+    graph order: the INT8 GEMMs a layerwise report ranks and a float fallback can return to float."""
+    made = {o: n for n in proto.graph.node for o in n.output}
+    return [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")
+            and any(_dq_above(made, t)[2] is not None for t in n.input[:2])]
+
+
+def to_float(proto: onnx.ModelProto, layers) -> onnx.ModelProto:
+    """A copy of the Q/DQ graph `proto` with the GEMMs `layers` in float: each activation input reads the
+    tensor before its QuantizeLinear (the pair is gone) and each INT8 weight becomes a float initializer
+    (int8 × its per-channel scale, in the scale's float type: the numbers its DequantizeLinear made, so the
+    activation's quantization error goes and the weight's, ≤ half a step of each output channel, stays).
+    Nodes and initializers nothing reads any more are dropped. Raises StexportError for a name that is not a
+    GEMM of the graph."""
+    q = onnx.ModelProto()
+    q.CopyFrom(proto)
+    g = q.graph
+    inits = {t.name: t for t in g.initializer}
+    made = {o: n for n in g.node for o in n.output}
+    nodes = {n.name: n for n in g.node if n.op_type in ("MatMul", "Gemm")}
+    added: dict[str, onnx.TensorProto] = {}
+    for name in layers:
+        if name not in nodes:
+            raise StexportError(f"'{name}': no MatMul/Gemm of that name in the graph")
+        node = nodes[name]
+        for i in (0, 1):
+            reader, slot, dq = _dq_above(made, node.input[i])
+            if dq is None:
+                continue
+            reader, slot = (node, i) if reader is None else (reader, slot)
+            if dq.input[0] in inits:  # a weight: INT8 initializer → its float values
+                fname = f"{dq.output[0]}_float"
+                if fname not in added:
+                    w = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float64)
+                    s = numpy_helper.to_array(inits[dq.input[1]])
+                    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+                    shape = [1] * w.ndim
+                    if s.ndim:
+                        shape[axis] = -1
+                    added[fname] = numpy_helper.from_array((w * s.astype(np.float64).reshape(shape))
+                                                           .astype(s.dtype), fname)
+                reader.input[slot] = fname
+            else:  # an activation: bypass its Q/DQ pair
+                reader.input[slot] = made[dq.input[0]].input[0]
+    g.initializer.extend(added.values())
+    keep = {o.name for o in g.output}
+    while True:  # drop what nothing reads (the bypassed pairs, weight DQs no other layer shares)
+        used = keep | {i for n in g.node for i in n.input}
+        dead = [n for n in g.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {i for n in g.node for i in n.input}
+    live = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(live)
+    return q

@@ -164,7 +164,7 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
                           method: str = "minmax", seed: int = 0, input_spec: InputRecord | None = None,
                           progress: bool = False, external_data: bool | None = None, use_cache: bool = True,
                           on_calibrated=None, attention: bool = False, float_graph: Path | None = None,
-                          migrate="auto") -> dict:
+                          migrate="auto", fallback=None) -> dict:
     """Rewrite the FP32 graph at `onnx_path` as INT8 Q/DQ in place; returns the manifest's `calibration`.
 
     migrate: outlier migration before quantization (calibration.smooth): "auto" (default: chosen on the
@@ -172,7 +172,9 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
     float_graph: an FP16 export of the same model (fold(compute_dtype=float16)). Ranges are calibrated on the
     FP32 graph (as TensorRT's ModelOpt does), then the Q/DQ pairs go into the FP16 graph, which replaces the
     one at `onnx_path`: INT8 GEMMs with FP16 float parts (LayerNorm/Softmax statistics stay FP32 as the FP16
-    graph has them). The file at `float_graph` is removed."""
+    graph has them). The file at `float_graph` is removed.
+    fallback: called as fallback(graph ready for Q/DQ, ranges, layer names, float type) before the Q/DQ go in;
+    returns (layers to leave in float, their record), stored as `float_fallback` (stexport.build.fallback)."""
     from stexport.calibration import smooth
     from stexport.runtime.video import Sampling
 
@@ -252,6 +254,10 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
         float_graph.unlink()
         data = float_graph.with_name(float_graph.name + ".data")
         data.unlink(missing_ok=True)
+    float_fallback = None
+    if fallback is not None:
+        kept, float_fallback = fallback(proto, amax, names, float_precision)
+        names = [n for n in names if n not in set(kept)]
     insert_qdq(proto, amax, names, float_precision=float_precision)
     save(proto, onnx_path, external_data if external_data is not None else proto.ByteSize() > (1 << 30))
     check(onnx_path)
@@ -259,10 +265,11 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
         "method": method, "percentile": key_src["percentile"], "clips": len(chosen) - len(chosen.failed),
         "source": chosen.source,
         "seed": seed, "sampling": view.to_dict(),
-        "quantized_layers": len(targets), "activation_ranges": len(tensors), "cache_key": key,
+        "quantized_layers": len(names), "activation_ranges": len(tensors), "cache_key": key,
         "cached": cached,
         "scheme": "int8 symmetric Q/DQ, zero point 0; weights per output channel, activations per tensor",
         "attention_scores_int8": attention,
         "float_precision": float_precision,
         "migration": migration,
+        "float_fallback": float_fallback,
     }

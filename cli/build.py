@@ -28,6 +28,9 @@ Examples:
 
   stexport build --adapter k400.pt --precision int8 --calib val_list.txt --engine   # INT8 + FP16 float parts
 
+  stexport build --adapter k400.pt --precision int8 --calib val_list.txt --min-agreement 0.98
+      # the most sensitive GEMMs back to float until top-1 agreement with FP32 is >= 98%
+
   stexport build --adapter k400.pt --swappable --max-classes 400   # a base for task packs (stexport pack)
 
   stexport build --adapter k400.pt --torchscript                # + model.ts for C++ hosts (examples/cpp)
@@ -76,6 +79,15 @@ def build(
     int8_migrate: str = typer.Option("auto", "--int8-migrate", help="Outlier migration folded into the INT8 "
                                      "graph (SmoothQuant-style per-channel scales into the GEMM weights): auto "
                                      "(chosen on the calibration clips), off, or an alpha in [0, 1]."),
+    min_agreement: float = typer.Option(None, "--min-agreement", help="INT8 gate: top-1 agreement with the "
+                                        "FP32 graph (0-1) on the gate clips; the most sensitive GEMMs return to "
+                                        "float until it holds."),
+    max_drop: float = typer.Option(None, "--max-drop", help="INT8 gate: top-1 accuracy drop against the FP32 "
+                                   "graph in points, on labelled gate clips (a '<video> <label>' list)."),
+    max_float_layers: int = typer.Option(None, "--max-float-layers", help="With a gate: most GEMMs returned to "
+                                         "float before the build fails (default: a quarter of them)."),
+    gate_clips: Path = typer.Option(None, "--gate-clips", help="With a gate: the clips it is measured on "
+                                    "(default: the calibration clips)."),
     engine: bool = Flag(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
     swappable: bool = Flag(False, "--swappable", help="Keep the per-task tensors (adapters, head, INT8 adapter "
@@ -110,7 +122,8 @@ def build(
                            frames=frames, size=size, out=out, force=force, calib=calib, labels=labels,
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
                            int8_attention=int8_attention, int8_float=int8_float, int8_migrate=int8_migrate,
-                           for_tensorrt=engine,
+                           min_agreement=min_agreement, max_drop=max_drop, max_float_layers=max_float_layers,
+                           gate_clips=gate_clips, for_tensorrt=engine,
                            sampling=sampling or None, swappable=swappable, max_classes=max_classes,
                            decode_timeout=decode_timeout, max_decode_s=max_decode_s, progress=True)
     from stexport.extras import require
@@ -160,6 +173,9 @@ def build(
                        f"{mig['stream_sites']} residual-stream sites folded into the GEMM weights")
         elif mig:
             typer.echo(f"  outlier migration: none ({mig.get('why') or 'auto: no candidate beat the plain graph'})")
+        fb = c.float_fallback
+        if fb:
+            typer.echo(f"  float fallback: {fallback_text(fb)}")
     if m.tasks is not None:
         typer.echo(f"  swappable: {len(m.tasks.tensors)} per-task tensors, head of {m.tasks.head_rows} rows "
                    f"(add tasks with `stexport pack --adapter CKPT --base {b.path}`)")
@@ -171,6 +187,20 @@ def build(
     if aoti and m.aoti is not None:
         typer.echo(f"  aoti: {m.aoti.file} ({m.aoti.precision}, {m.aoti.device}) for libtorch hosts (examples/cpp)")
     typer.echo(f"next: stexport verify {b.path} --clips VIDEOS   |   stexport infer VIDEO -m {b.path}")
+
+
+def fallback_text(fb: dict) -> str:
+    """One line on a build gate's float layers (calibration.float_fallback, stexport.build.fallback)."""
+    g = fb["gate"]
+    gate = " and ".join(([f"top-1 agreement >= {g['min_top1_agreement']:.1%}"] if g["min_top1_agreement"]
+                         is not None else []) + ([f"accuracy drop <= {g['max_accuracy_drop_pt']:g} pt"]
+                                                 if g["max_accuracy_drop_pt"] is not None else []))
+    before, after, ms = fb["before"], fb["after"], fb["ms_per_clip"]
+    layers = ", ".join(r["layer"] for r in fb["float_layers"]) or "none needed"
+    return (f"{len(fb['float_layers'])} GEMM(s) in {fb['float_type']} ({layers}) for {gate} on {fb['clips']} "
+            f"clips: top-1 agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}, mean "
+            f"|dlogit| {before['mean_abs_logit_diff']:.3g} -> {after['mean_abs_logit_diff']:.3g}; ms/clip on "
+            f"{ms['runtime']}: int8 {ms['int8']:.1f}, with fallback {ms['fallback']:.1f}, fp32 {ms['fp32']:.1f}")
 
 
 def register(app: typer.Typer) -> None:

@@ -35,6 +35,8 @@ Examples:
 
   stexport verify BUNDLE --clips val_list.txt --backend onnxruntime --min-agreement 0.98
 
+  stexport verify INT8_BUNDLE --clips val_list.txt --layers --top 10   # which GEMMs INT8 hurts most
+
 Exit status: 0 all gates pass, 1 a gate failed, 2 bad input.
 """
 
@@ -67,6 +69,11 @@ def verify(
     task: Path = typer.Option(None, "--task", help="Verify a task pack (`stexport pack`) on this swappable "
                               "bundle, or a task (by name) of a multi-task bundle: the reference is the backbone "
                               "with that task's deltas. " + TASK_BACKENDS),
+    layers: bool = Flag(False, "--layers", help="Layerwise precision report of an INT8 bundle instead of the "
+                        "gate: each quantized GEMM returned to float in turn (ONNX Runtime), ranked by the "
+                        "|Δlogit| against the reference this removes."),
+    top: int = typer.Option(None, "--top", help="With --layers: show the N most sensitive layers (default: "
+                            "10 in the table, all in --json)."),
 ):
     """Decode each video as `infer` does, run the bundle's backend and the PyTorch reference on the same
     clips, and report max/mean |Δlogit|, cosine similarity, top-1 and top-5 agreement and, when the list has
@@ -77,26 +84,41 @@ def verify(
     import json
 
     from stexport.bundle.store import Bundle
+    from stexport.errors import StexportError
     from stexport.extras import require
 
     require("stexport verify (the PyTorch reference)", "torch", "torchvision", "open_clip", "safetensors")
     from stexport.build.verify import GATES, format_report
     from stexport.build.verify import verify as run_verify
 
-    b = Bundle.load(bundle)
-    gate = GATES.get(b.precision, GATES["fp32"])
-    changes = {k: v for k, v in {"max_abs": max_abs, "min_top1_agreement": min_agreement,
-                                 "max_accuracy_drop": max_drop}.items() if v is not None}
-    gate = dataclasses.replace(gate, **changes)
-    options = parse_options(option)
-    options.update({k: v for k, v in {"device": device, "threads": threads}.items() if v is not None})
     if report_path is not None and report_path.is_dir():
-        from stexport.errors import StexportError
-
         raise StexportError(f"{report_path}: is a directory; --report takes a file name, e.g. report.json")
-    report = run_verify(b, clips if len(clips) != 1 else clips[0], backend=backend, max_clips=max_clips,
-                        gate=gate, pretrained=pretrained, progress=True, use_cache=not no_cache, task=task,
-                        decode_timeout=decode_timeout, max_decode_s=max_decode_s, **options)
+    if top is not None and not layers:
+        raise StexportError("--top needs --layers (it limits the layer report)")
+    if layers:
+        bad = [f for f, v in (("--backend", backend != "auto" and backend != "onnxruntime"), ("--task", task),
+                              ("--device", device), ("--option", option), ("--max-abs", max_abs),
+                              ("--min-agreement", min_agreement), ("--max-drop", max_drop)) if v]
+        if bad:
+            raise StexportError(f"--layers runs the graph on ONNX Runtime (CPU) and checks no gate; drop {bad[0]}")
+        from stexport.build.verify import format_layers, layer_report
+
+        report = layer_report(bundle, clips if len(clips) != 1 else clips[0], max_clips=max_clips, top=top,
+                              pretrained=pretrained, progress=True, use_cache=not no_cache, threads=threads,
+                              decode_timeout=decode_timeout, max_decode_s=max_decode_s)
+        text = format_layers({**report, "layers": report["layers"][:top or 10]})
+    else:
+        b = Bundle.load(bundle)
+        gate = GATES.get(b.precision, GATES["fp32"])
+        changes = {k: v for k, v in {"max_abs": max_abs, "min_top1_agreement": min_agreement,
+                                     "max_accuracy_drop": max_drop}.items() if v is not None}
+        gate = dataclasses.replace(gate, **changes)
+        options = parse_options(option)
+        options.update({k: v for k, v in {"device": device, "threads": threads}.items() if v is not None})
+        report = run_verify(b, clips if len(clips) != 1 else clips[0], backend=backend, max_clips=max_clips,
+                            gate=gate, pretrained=pretrained, progress=True, use_cache=not no_cache, task=task,
+                            decode_timeout=decode_timeout, max_decode_s=max_decode_s, **options)
+        text = format_report(report)
     if report_path is not None:
         from stexport.fileutil import atomic_write_json
 
@@ -104,8 +126,8 @@ def verify(
     if as_json:
         print_json(report)
     else:
-        typer.echo(format_report(report))
-    if not report["passed"]:
+        typer.echo(text)
+    if not report.get("passed", True):  # the layer report checks no gate
         raise typer.Exit(EXIT_GATE_FAILED)
 
 

@@ -41,6 +41,10 @@ class BuildOptions:
     or "fp16" (default: fp16 when `for_tensorrt`, i.e. `--engine`, else fp32). int8_migrate: outlier
     migration folded into the INT8 graph (stexport.calibration.smooth): "auto" (chosen on the calibration
     clips; off for swappable bundles, whose backbone every task pack shares), "off" or an α in [0, 1].
+    min_agreement, max_drop: a gate for an INT8 build (stexport.build.fallback): top-1 agreement with the
+    FP32 graph (a fraction, 0–1, as verify's --min-agreement) and/or top-1 accuracy drop against it in points
+    (needs labelled clips) on `gate_clips` (default: the calibration clips); the most sensitive GEMMs return
+    to the graph's float type until it holds, at most `max_float_layers` (default: a quarter of them).
     swappable: export the per-task
     tensors (adapters, head, INT8 adapter scales) as named overridable initializers, so task packs
     (`stexport pack`) can replace them at run time; max_classes: the head's rows in a swappable graph (default:
@@ -70,6 +74,10 @@ class BuildOptions:
     int8_attention: bool = False
     int8_float: str | None = None
     int8_migrate: str = "auto"
+    min_agreement: float | None = None
+    max_drop: float | None = None
+    max_float_layers: int | None = None
+    gate_clips: object = None
     for_tensorrt: bool = False
     swappable: bool = False
     max_classes: int | None = None
@@ -141,6 +149,7 @@ class BuildOptions:
                                 "every task pack, so it cannot take one task's migration; use --int8-migrate off")
         if self.swappable:
             self.int8_migrate = "off"  # see above: auto means off for swappable bundles and their packs
+        self._check_gate()
         if isinstance(self.calib, (str, Path)) and not Path(self.calib).exists():
             raise StexportError(f"{self.calib}: no such clip list, directory or video (--calib)")
         if self.labels is not None and not Path(self.labels).is_file():
@@ -148,3 +157,41 @@ class BuildOptions:
         if self.out is not None:
             self.out = Path(self.out)
             refuse_existing(self.out, self.force)  # before the slow part; writing() checks again at the rename
+
+    @property
+    def gated(self) -> bool:
+        """An INT8 build with a float-fallback gate (--min-agreement / --max-drop)."""
+        return self.min_agreement is not None or self.max_drop is not None
+
+    def _check_gate(self) -> None:
+        if not self.gated:
+            if self.max_float_layers is not None or self.gate_clips is not None:
+                flag = "--max-float-layers" if self.max_float_layers is not None else "--gate-clips"
+                raise StexportError(f"{flag} needs --min-agreement or --max-drop (the gate the float fallback "
+                                    "meets)")
+            return
+        flag = "--min-agreement" if self.min_agreement is not None else "--max-drop"
+        if self.precision != "int8":
+            raise StexportError(f"{flag} needs --precision int8 (it returns INT8 layers to float)")
+        if self.swappable:
+            raise StexportError(f"{flag}: a --swappable bundle's layers are shared by every task pack; build it "
+                                "without a gate")
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            raise StexportError(f"--min-agreement {self.min_agreement}: a fraction between 0 and 1 (e.g. 0.95)")
+        if self.max_drop is not None and not 0.0 <= self.max_drop <= 100.0:
+            raise StexportError(f"--max-drop {self.max_drop}: accuracy points between 0 and 100 (e.g. 1)")
+        if self.max_float_layers is not None and self.max_float_layers < 1:
+            raise StexportError(f"--max-float-layers {self.max_float_layers}: must be at least 1")
+        clips = self.gate_clips if self.gate_clips is not None else self.calib
+        if isinstance(clips, (str, Path)):
+            if not Path(clips).exists():
+                raise StexportError(f"{clips}: no such clip list, directory or video (--gate-clips)")
+            if self.max_drop is not None:
+                from stexport.runtime.video import read_clip_list
+
+                if any(label is None for _, label in read_clip_list(clips)):
+                    raise StexportError(f"--max-drop {self.max_drop}: {clips} has videos without labels; pass a "
+                                        "'<video> <label>' list (--gate-clips), or use --min-agreement")
+        elif self.max_drop is not None:
+            raise StexportError(f"--max-drop {self.max_drop}: needs labelled clips (a '<video> <label>' list as "
+                                "--gate-clips or --calib); use --min-agreement for unlabelled ones")

@@ -95,7 +95,9 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
         from stexport.calibration import choose
         from stexport.runtime.decode_worker import limits_of
 
-        calib = choose(o.calib, o.calib_clips, o.calib_seed, limits=limits_of(o.decode_timeout, o.max_decode_s))
+        limits = limits_of(o.decode_timeout, o.max_decode_s)
+        calib = choose(o.calib, o.calib_clips, o.calib_seed, limits=limits)
+        gate_clips = calib if o.gate_clips is None else choose(o.gate_clips, o.calib_clips, o.calib_seed, limits)
     steps = ["load", "fold", "export", *(["calibrate", "quantize"] if o.precision == "int8" else []), "write"]
     # progress bars only on a terminal (disable=None), so logs and pipes stay clean
     bar = tqdm(total=len(steps), desc="build", unit="step", disable=None if o.progress else True, leave=False)
@@ -182,11 +184,19 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                 from stexport.calibration import quantize_bundle_model
 
                 step("calibrate")
+                fallback = None
+                if o.gated:
+                    from stexport.build.fallback import FallbackGate, make_fallback
+
+                    fallback = make_fallback(FallbackGate(o.min_agreement, o.max_drop, o.max_float_layers),
+                                             onnx_path, gate_clips, Sampling(frames=o.frames, size=size, **views),
+                                             inp, o.progress)
                 calibration = quantize_bundle_model(
                     onnx_path, calib, frames=o.frames, size=size, sampling=views, clips=o.calib_clips,
                     method=o.calib_method, seed=o.calib_seed, input_spec=inp, progress=o.progress,
                     external_data=o.external_data, on_calibrated=lambda: step("quantize"),
-                    attention=o.int8_attention, float_graph=float_graph, migrate=o.int8_migrate)
+                    attention=o.int8_attention, float_graph=float_graph, migrate=o.int8_migrate,
+                    fallback=fallback)
                 log.info("calibration: %s ranges from %s clips of %s%s; %s layers quantized",
                          calibration.get("method"), calibration.get("clips"), calibration.get("source", calib),
                          " (cached)" if calibration.get("cached") else "", calibration.get("quantized_layers"))

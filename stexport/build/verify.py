@@ -375,29 +375,29 @@ def _write_cache(cache: Path, ref_logits: list) -> None:
     write_cache(cache, buf.getbuffer(), "reference-logit", "STEXPORT_REFERENCE_CACHE")
 
 
-def _metrics(job: _Job, runs: _Runs, backend: str) -> tuple[dict, list[str]]:
-    """Logit-level agreement (`compare`), non-finite views of each side, and top-1/top-5 accuracy when every
-    video has a label; and, per backend video with NaN/Inf logits, the message `infer` gives it."""
-    from stexport.runtime.scoring import NonFiniteOutput, score_videos
+def logit_metrics(ref_logits: list, out_logits: list, labels: list, precision: str, where: str = "clips",
+                  backend: str = "onnxruntime") -> tuple[dict, list]:
+    """Logit-level agreement (`compare`) of per-video logits (each (views, classes)), non-finite views of each
+    side, and top-1/top-5 accuracy when every video has a label (softmax averaged over views, as `infer`);
+    with the backend's per-video scores (stexport.runtime.scoring.score_videos). Raises StexportError for a
+    label outside the classes."""
+    from stexport.runtime.scoring import score_videos
 
-    ref_all, out_all = np.concatenate(runs.ref_logits), np.concatenate(runs.out_logits)
-    views = [len(o) for o in runs.out_logits]
-    scored = {side: score_videos(logits, views, name, precision) for side, logits, name, precision in
-              (("reference", ref_all, "torch", "fp32"), ("backend", out_all, backend, job.precision))}
-    errors = [f"{video}: {p}" for video, p in zip(runs.videos, scored["backend"])
-              if isinstance(p, NonFiniteOutput)]
+    ref_all, out_all = np.concatenate(ref_logits), np.concatenate(out_logits)
+    views = [len(o) for o in out_logits]
+    scored = {side: score_videos(logits, views, name, prec) for side, logits, name, prec in
+              (("reference", ref_all, "torch", "fp32"), ("backend", out_all, backend, precision))}
     non_finite = {"reference": int((~np.isfinite(ref_all)).any(axis=1).sum()),
                   "backend": int((~np.isfinite(out_all)).any(axis=1).sum())}
     metrics = compare(np.nan_to_num(ref_all, nan=0.0), np.nan_to_num(out_all, nan=0.0))
     metrics["non_finite_views"] = non_finite
     metrics["accuracy"] = None
-    labels = runs.labels
-    if all(lb is not None for lb in labels):
+    if labels and all(lb is not None for lb in labels):
         y = np.asarray(labels)
         classes = ref_all.shape[1]
         if y.min() < 0 or y.max() >= classes:
             bad = int(y.max() if y.max() >= classes else y.min())
-            raise StexportError(f"{job.where}: label {bad} is outside the model's {classes} classes")
+            raise StexportError(f"{where}: label {bad} is outside the model's {classes} classes")
         # a video without probabilities (NaN/Inf logits) ranks no class: the gate fails on it anyway
         rp, op = (np.stack([p if isinstance(p, np.ndarray) else np.full(classes, np.nan) for p in scored[side]])
                   for side in ("reference", "backend"))
@@ -407,7 +407,17 @@ def _metrics(job: _Job, runs: _Runs, backend: str) -> tuple[dict, list[str]]:
         acc["top5_difference"] = acc["backend_top5"] - acc["reference_top5"]
         metrics["accuracy"] = acc
     elif any(lb is not None for lb in labels):
-        log.warning("%s: only some videos have labels; accuracy is not reported", job.where)
+        log.warning("%s: only some videos have labels; accuracy is not reported", where)
+    return metrics, scored["backend"]
+
+
+def _metrics(job: _Job, runs: _Runs, backend: str) -> tuple[dict, list[str]]:
+    """`logit_metrics` of the runs; and, per backend video with NaN/Inf logits, the message `infer` gives it."""
+    from stexport.runtime.scoring import NonFiniteOutput
+
+    metrics, scored = logit_metrics(runs.ref_logits, runs.out_logits, runs.labels, job.precision, job.where,
+                                    backend)
+    errors = [f"{video}: {p}" for video, p in zip(runs.videos, scored) if isinstance(p, NonFiniteOutput)]
     for e in errors:
         log.warning("%s", e)
     return metrics, errors
@@ -471,4 +481,142 @@ def format_report(report: dict) -> str:
     if report["modified_files"]:
         lines.append(f"warning          files changed since the build: {', '.join(report['modified_files'])}")
     lines.append(f"result           {'PASS' if report['passed'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The layerwise precision report (`stexport verify BUNDLE --layers`) and what the INT8 float fallback measures
+
+
+def graph_session(proto, float_precision: str = "fp32", threads: int | None = None):
+    """An ONNX Runtime CPU session of `proto` (an onnx.ModelProto under 2 GB), optimised as the onnxruntime
+    backend does (level 'all'; 'extended' for graphs with FP16 float parts, which ORT's CPU provider
+    cannot run at 'all')."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if float_precision == "fp16":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if threads:
+        so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def graph_logits(session, feeds: list) -> list[np.ndarray]:
+    """Per video, the session's logits (views, classes) for its graph input `feeds[i]` (views first)."""
+    name = session.get_inputs()[0].name
+    return [session.run(None, {name: f})[0] for f in feeds]
+
+
+RANKING = ("NNCF accuracy-control style: each quantized GEMM in turn returned to float in the whole INT8 graph "
+           "(its activation Q/DQ removed, its INT8 weight dequantized), ranked by the mean |Δlogit| against the "
+           "FP32 reference that this removes")
+
+
+def rank_layers(proto, feeds: list, ref_logits: list, labels: list | None = None, float_precision: str = "fp32",
+                precision: str = "int8", threads: int | None = None, progress: bool = False) -> dict:
+    """The error each quantized GEMM of the Q/DQ graph `proto` adds, ranked (see RANKING for the method).
+
+    Why this method: it measures each layer where it matters, in the logits and with every other layer still
+    INT8 (as the float fallback will leave them), for one ONNX Runtime session per GEMM. A single pass
+    comparing each GEMM's output with the FP32 graph's is cheaper but charges each layer with the error of
+    those before it; "only this GEMM quantized" costs the same as this and misses how errors add up.
+    feeds: per video, the graph input (views first); ref_logits: per video the FP32 logits (views, classes);
+    labels: per video, or None. Returns {"method", "base": logit_metrics of the INT8 graph, "layers": [{layer,
+    mean_abs (with it in float), mean_abs_removed, top1_agreement, top5_agreement[, top1_accuracy]}] most
+    sensitive first}."""
+    from stexport.calibration.qdq import quantized_layers, to_float
+
+    labels = labels or [None] * len(feeds)
+    base, _ = logit_metrics(ref_logits, graph_logits(graph_session(proto, float_precision, threads), feeds),
+                            labels, precision)
+    rows = []
+    for name in tqdm(quantized_layers(proto), desc="layers", unit="layer", disable=None if progress else True,
+                     leave=False):
+        m, _ = logit_metrics(ref_logits, graph_logits(graph_session(to_float(proto, [name]), float_precision,
+                                                                    threads), feeds), labels, precision)
+        row = {"layer": name, "mean_abs": m["mean_abs"], "mean_abs_removed": base["mean_abs"] - m["mean_abs"],
+               "top1_agreement": m["top1_agreement"], "top5_agreement": m["top5_agreement"]}
+        if m["accuracy"] is not None:
+            row["top1_accuracy"] = m["accuracy"]["backend_top1"]
+        rows.append(row)
+    rows.sort(key=lambda r: -r["mean_abs_removed"])
+    return {"method": RANKING, "base": base, "layers": rows}
+
+
+class _KeepFeeds:
+    """The bundle's graph on ONNX Runtime as verify's backend under test, keeping each video's graph input."""
+
+    def __init__(self, b: Bundle, proto, threads: int | None):
+        self.spec, self.feeds = b.manifest.input, []
+        self.session = graph_session(proto, b.manifest.float_precision, threads)
+
+    def run(self, views: np.ndarray) -> np.ndarray:
+        self.feeds.append(self.spec.feed(views))
+        return graph_logits(self.session, self.feeds[-1:])[0]
+
+
+def layer_report(bundle: Bundle | str, clips, max_clips: int | None = None, top: int | None = None,
+                 pretrained: str | None = None, progress: bool = False, reference=None, use_cache: bool = True,
+                 threads: int | None = None, decode_timeout: float | None = None,
+                 max_decode_s: float | None = None) -> dict:
+    """The layerwise precision report of an INT8 bundle: its quantized GEMMs ranked by the error each adds
+    against the FP32 reference on the videos of `clips` (`rank_layers`; Polygraphy's `debug precision` and
+    NNCF's accuracy control answer the same question). Videos are decoded and the PyTorch reference run (or
+    its logits taken from the cache) as `verify` does; the graph runs on ONNX Runtime (CPU).
+
+    top: keep the `top` most sensitive layers (None: all). reference, pretrained, use_cache, decode limits:
+    as for `verify`. Returns {"bundle", "precision", "float_precision", "videos", "views", "failed",
+    "reference", "method", "base" (metrics of the whole INT8 graph), "quantized_layers", "layers"}.
+    Raises StexportError for a bundle that is not INT8, a bad `top`, or no decodable video."""
+    import onnx
+
+    from stexport.runtime.decode_worker import limits_of
+
+    if top is not None and top < 1:
+        raise StexportError(f"--top {top}: must be at least 1")
+    limits = limits_of(decode_timeout, max_decode_s)
+    job = _Job.open(bundle, clips, "onnxruntime", max_clips, None)
+    if job.precision != "int8":
+        raise StexportError(f"{job.b.path}: a {job.precision} bundle has no quantized layers; --layers ranks an "
+                            "INT8 bundle's GEMMs (build one with --precision int8)")
+    cache, stored = _cached_reference(job, pretrained, reference, use_cache)
+    ref = None if stored else _reference_model(job, reference, pretrained)
+    proto = onnx.load(str(job.b.file("onnx", verify=False)))
+    keep = _KeepFeeds(job.b, proto, threads)
+    runs = _run_videos(job, keep, ref, stored, cache, progress, limits)
+    if not runs.out_logits:
+        raise StexportError(f"{job.where}: none of the {len(job.entries)} videos could be decoded "
+                            f"(first error: {runs.failed[0]['error'] if runs.failed else 'none'})")
+    if cache is not None and not stored:
+        _write_cache(cache, runs.ref_logits)
+    ranked = rank_layers(proto, keep.feeds, runs.ref_logits, runs.labels, job.b.manifest.float_precision,
+                         threads=threads, progress=progress)
+    return {"bundle": str(job.b.path), "precision": job.precision,
+            "float_precision": job.b.manifest.float_precision, "videos": len(runs.out_logits),
+            "views": sum(len(o) for o in runs.out_logits), "failed": runs.failed,
+            "reference": {"backend": "torch", "cached": bool(stored)}, "method": ranked["method"],
+            "base": ranked["base"], "quantized_layers": len(ranked["layers"]),
+            "layers": ranked["layers"][:top] if top else ranked["layers"]}
+
+
+def format_layers(report: dict) -> str:
+    """The layer report as a table, most sensitive first."""
+    b = report["base"]
+    lines = [f"bundle           {report['bundle']} ({report['precision']}, {report['float_precision']} float parts)",
+             (f"videos           {report['videos']} ({report['views']} views)"
+              + (f", {len(report['failed'])} could not be decoded" if report["failed"] else "")),
+             (f"whole INT8 graph mean |Δlogit| {b['mean_abs']:.4g}, top-1 agreement {b['top1_agreement']:.1%}, "
+              f"top-5 {b['top5_agreement']:.1%}"),
+             f"method           {report['method']}",
+             f"{'rank':>4}  {'layer':<32} {'removed':>9} {'left':>9} {'top-1':>7} {'top-5':>7}"]
+    for i, r in enumerate(report["layers"], 1):
+        lines.append(f"{i:>4}  {r['layer']:<32} {r['mean_abs_removed']:>9.4g} {r['mean_abs']:>9.4g} "
+                     f"{r['top1_agreement']:>7.1%} {r['top5_agreement']:>7.1%}")
+    shown = len(report["layers"])
+    if shown < report["quantized_layers"]:
+        lines.append(f"      ({report['quantized_layers'] - shown} less sensitive layers not shown)")
+    lines.append("removed: mean |Δlogit| the layer's return to float takes away; left: what remains; top-1/top-5: "
+                 "agreement with it in float")
     return "\n".join(lines)

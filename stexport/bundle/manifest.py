@@ -255,6 +255,9 @@ class CalibrationRecord(Record):
     # outlier migration folded into the graph (stexport.calibration.smooth): alpha, sites, the candidates
     # compared on the calibration clips; None: none (bundles before it, or --int8-migrate off)
     migration: dict | None = None
+    # GEMMs left in float to meet a build gate (stexport.build.fallback): the gate, each layer and the error it
+    # removed, agreement before/after, ms/clip; None: no gate was asked for
+    float_fallback: dict | None = None
 
 
 class FP16CheckRecord(Record):
