@@ -10,6 +10,9 @@ import onnx
 import pytest
 import torch
 from conftest import smooth_clips, trained_like
+from stexport.calibration import RangeCollector, choose, smooth
+from stexport.calibration.qdq import quant_targets
+from stexport.calibration.quantize import collect
 
 from stexport.build.backbone import random_backbone
 from stexport.build.deltas import Deltas, infer_spec
@@ -18,10 +21,6 @@ from stexport.build.fold import fold
 from stexport.build.reference import build_reference
 from stexport.build.synthetic import random_deltas
 from stexport.bundle.manifest import InputRecord
-from stexport.calibration import RangeCollector, choose
-from stexport.calibration import smooth
-from stexport.calibration.qdq import quant_targets
-from stexport.calibration.quantize import collect
 from stexport.runtime.video import Sampling
 
 SAMPLING = Sampling(frames=8, size=32, rate=0, temporal_views=1, spatial_views=1)
