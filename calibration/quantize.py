@@ -37,6 +37,9 @@ def model_hash(proto: onnx.ModelProto) -> str:
     return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
 
 
+BIG_PROTO = (1 << 31) - (1 << 26)  # larger protos go to ONNX Runtime as a file with external data
+
+
 def _session(proto: onnx.ModelProto, workdir: Path | None, basic: bool = True):
     import onnxruntime as ort
 
@@ -44,7 +47,7 @@ def _session(proto: onnx.ModelProto, workdir: Path | None, basic: bool = True):
     so.log_severity_level = 3
     if basic:  # keep extra outputs' producers unfused: the ranges must be those of the tensors Q/DQ will see
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    if proto.ByteSize() > (1 << 31) - (1 << 26):
+    if proto.ByteSize() > BIG_PROTO:
         path = Path(workdir or ".") / "calibration.onnx"
         save(proto, path, external_data=True)
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -54,27 +57,35 @@ def _session(proto: onnx.ModelProto, workdir: Path | None, basic: bool = True):
 def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling, method: str,
             input_spec: InputRecord, workdir: Path | None = None, progress: bool = False,
             channels=(), keep: int = 0):
-    """Run the FP32 graph on every calibration clip with `tensors` as extra outputs; their thresholds.
+    """Run the FP32 graph on every calibration clip with the statistics of `tensors` as extra outputs (see
+    calibration.ranges: reductions computed in the graph, streamed clip by clip); their thresholds.
 
     With `channels` (a subset of `tensors`) or `keep`, returns (thresholds, {tensor: per-channel (min, max)},
-    [(feed, logits)] of the first `keep` clips) instead. Statistics are streamed: memory does not grow with
-    the number of clips."""
-    aug = onnx.ModelProto()
-    aug.CopyFrom(proto)
-    known = {o.name for o in aug.graph.output}
-    for t in tensors:
-        if t not in known:
-            aug.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    session = _session(aug, workdir)
+    [(feed, logits)] of the first `keep` clips) instead. Memory does not grow with the number of clips: one
+    clip's feed and the running statistics (`keep` clips' feeds and logits)."""
+    ranges = RangeCollector(method, channels=channels)
+    g = proto.graph
+    sizes = len(g.node), len(g.output), len(g.initializer)
+    big = proto.ByteSize() > BIG_PROTO
+    aug = proto
+    if big:  # saved with external data, which rewrites the proto: a copy
+        aug = onnx.ModelProto()
+        aug.CopyFrom(proto)
+    try:
+        ranges.instrument(aug, tensors)
+        session = _session(aug, workdir)
+    finally:  # the graph as it came (no copy of a model that fits in one protobuf)
+        if not big:
+            del g.node[sizes[0]:], g.output[sizes[1]:], g.initializer[sizes[2]:]
+        del aug
     names = [o.name for o in session.get_outputs()]
     inp = session.get_inputs()[0].name
-    ranges = RangeCollector(method, channels=channels)
     kept = []
     for views in tqdm(batches(clips, sampling), total=len(clips), desc="calibrate", unit="clip",
                       disable=None if progress else True, leave=False):
         feed = input_spec.feed(views)
         outs = session.run(None, {inp: feed})
-        ranges.add({n: o for n, o in zip(names, outs) if n in tensors})
+        ranges.add_outputs(dict(zip(names, outs)))
         if len(kept) < keep:
             kept.append((feed, outs[0]))
         del outs

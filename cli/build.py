@@ -88,6 +88,9 @@ def build(
                                          "float before the build fails (default: a quarter of them)."),
     gate_clips: Path = typer.Option(None, "--gate-clips", help="With a gate: the clips it is measured on "
                                     "(default: the calibration clips)."),
+    fp16_overflow: str = typer.Option("fp32", "--fp16-overflow", help="FP16 builds whose activations leave "
+                                      "FP16's range: fp32 (keep those layers in FP32 inside the FP16 graph, "
+                                      "named in the manifest) or refuse (fail the build)."),
     engine: bool = Flag(False, "--engine", help="Also build a TensorRT engine: now on a GPU host "
                                 "with stexport[tensorrt], else on first use on one (see `stexport engine`)."),
     swappable: bool = Flag(False, "--swappable", help="Keep the per-task tensors (adapters, head, INT8 adapter "
@@ -123,7 +126,8 @@ def build(
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
                            int8_attention=int8_attention, int8_float=int8_float, int8_migrate=int8_migrate,
                            min_agreement=min_agreement, max_drop=max_drop, max_float_layers=max_float_layers,
-                           gate_clips=gate_clips, for_tensorrt=engine,
+                           gate_clips=gate_clips,
+                           fp16_overflow=fp16_overflow, for_tensorrt=engine,
                            sampling=sampling or None, swappable=swappable, max_classes=max_classes,
                            decode_timeout=decode_timeout, max_decode_s=max_decode_s, progress=True)
     from stexport.extras import require
@@ -160,6 +164,11 @@ def build(
         c = m.fp16_check
         typer.echo(f"  fp16 check: largest activation {c.max_abs_activation:,.1f} ({c.layer}) of "
                    f"{c.fp16_max:,.0f} on {c.clips} {c.source}; max |Δlogit| vs fp32 {c.max_abs_logit_diff:.3g}")
+        if c.fp32_nodes:
+            layers = ", ".join(f"{r['layer']} ({r['max_abs_activation']:,.0f})" for r in c.overflow_layers[:4])
+            typer.echo(f"  fp16 overflow: {len(c.fp32_nodes)} nodes kept in FP32 inside the FP16 graph, for "
+                       f"{layers or 'activations beyond FP16'}{' …' if len(c.overflow_layers) > 4 else ''} "
+                       "(stexport.json fp16_check.fp32_nodes; --fp16-overflow refuse fails instead)")
     s = m.sampling
     typer.echo(f"  sampling: rate {s.rate}, {s.temporal_views}x{s.spatial_views} views; "
                f"{len(m.files)} files, {size_mb:.1f} MB")

@@ -387,7 +387,7 @@ def test_fp16_build_refuses_activations_beyond_fp16(tmp_path):
         assert torch.isnan(fold(ref, "uint8", torch.float16)(clips[:1])).all()
         assert torch.isfinite(fold(ref, "uint8", torch.float32)(clips)).all()
     with pytest.raises(StexportError) as e:
-        build_bundle(sd, backbone=bb, precision="fp16", out=tmp_path / "fp16")
+        build_bundle(sd, backbone=bb, precision="fp16", fp16_overflow="refuse", out=tmp_path / "fp16")
     msg = str(e.value)
     assert msg.startswith("--precision fp16 refused: activations leave FP16's range (±65,504): block 0 fc reaches "
                           "128,")

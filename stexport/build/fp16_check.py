@@ -6,8 +6,12 @@ error from any runtime (ONNX Runtime's CPU provider computes FP16 nodes in FP32 
 do not). `check_fp16_graph` runs the FP32 folded model with a hook on every module whose output
 the FP16 graph keeps in FP16 (patch embedding, adapters, attention projections and scores, MLP layers, each
 block's residual stream), records the largest magnitude each reaches on a few clips, runs the written FP16
-ONNX on ONNX Runtime on the same clips, and refuses the build (StexportError naming the layers, their largest
-values and the fix) when an activation leaves FP16's range or the FP16 logits are not finite.
+ONNX on ONNX Runtime on the same clips. When an activation leaves FP16's range or the FP16 logits are not
+finite, it either refuses the build (`overflow="refuse"`: StexportError naming the layers, their largest values
+and the fix) or (`overflow="fp32"`, the default) keeps the overflowing nodes in FP32 inside the FP16 graph
+(`keep_fp32`): every node whose FP16 output would leave FP16's range, and every node reading such an output, runs
+in FP32 between explicit Casts (strongly typed: TensorRT reads precision only from the graph), and the check runs
+again on the rewritten graph. Weights FP16 cannot store are refused either way.
 
 Clips: the first view of up to `CLIPS` calibration videos when `--calib` is given (decoded as `infer` decodes),
 else generated ones (smooth random colour fields, plus one all-white and one all-black clip: the extremes of
@@ -19,9 +23,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import helper, numpy_helper
 
+from stexport.build.options import FP16_OVERFLOW
 from stexport.errors import StexportError
+from stexport.onnx_graph import external_files, stable_topo
 
 FP16_MAX = 65504.0
 CLIPS = 4
@@ -71,10 +79,12 @@ def activation_peaks(reference, clips: np.ndarray, input_format: str) -> tuple[d
     peaks: dict[str, float] = {}
     hooks = []
     for name, mod in model.named_modules():
-        if not name or name.startswith(("ln_", "head")) or isinstance(mod, Norm) or name == "blocks":
+        # LayerNorms compute in FP32 (their weights stay FP32) but give FP16 back, except ln_post (the head's)
+        if not name or name.startswith(("ln_post", "head")) or name == "blocks":
             continue
-        for pname, param in mod.named_parameters(recurse=False):  # weights FP16 must store too
-            peaks[f"{name}.{pname} (weight)"] = float(param.detach().abs().max())
+        if not isinstance(mod, Norm):
+            for pname, param in mod.named_parameters(recurse=False):  # weights FP16 must store too
+                peaks[f"{name}.{pname} (weight)"] = float(param.detach().abs().max())
 
         def hook(_m, _inp, out, name=name):
             if isinstance(out, torch.Tensor) and out.is_floating_point():
@@ -108,14 +118,170 @@ def _layer(name: str) -> str:
     return f"block {parts[1]} {'.'.join(parts[2:]) or 'output'}" if parts[0] == "blocks" else name
 
 
+def _types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor of `proto` (shape inference where the exporter left none)."""
+    g = proto.graph
+    found = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
+    found.update({t.name: t.data_type for t in g.initializer})
+    if any(o and o not in found for n in g.node for o in n.output):
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        found.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info})
+    return found
+
+
+def fp16_peaks(proto: onnx.ModelProto, clips: np.ndarray, input_format: str) -> dict[str, float]:
+    """max |x| of every FP16 tensor the FP16 graph `proto` computes, computed in FP32 (the same graph with its
+    FP16 initializers and casts made FP32) on `clips`; streamed (calibration.ranges' in-graph reductions)."""
+    import onnxruntime as ort
+
+    from stexport.calibration.ranges import RangeCollector
+
+    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    types = _types(proto)
+    shadow = onnx.ModelProto()
+    shadow.CopyFrom(proto)
+    g = shadow.graph
+    for t in g.initializer:
+        if t.data_type == F16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to" and a.i == F16:
+                a.i = F32
+            elif n.op_type == "Constant" and a.name == "value" and a.t.data_type == F16:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32)))
+    for v in (*g.value_info, *g.output):
+        if v.type.tensor_type.elem_type == F16:
+            v.type.tensor_type.elem_type = F32
+    tensors = [o for n in g.node for o in n.output if o and types.get(o) == F16]
+    ranges = RangeCollector("minmax")
+    ranges.instrument(shadow, tensors)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(shadow.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    del shadow
+    names = [o.name for o in sess.get_outputs()]
+    x = _to_input(clips, input_format)
+    for i in range(len(x)):
+        ranges.add_outputs(dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]}))))
+    return ranges.amax()
+
+
+def keep_fp32(proto: onnx.ModelProto, peaks: dict[str, float]) -> list[dict]:
+    """Rewrite the FP16 graph `proto` in place: every node whose FP16 output exceeds FP16_MAX in `peaks` (see
+    fp16_peaks), and every node reading such an output, computes in FP32. Their FP16 inputs come through a Cast
+    to FP32 (FP16 initializers become FP32 copies of the same values), their outputs that FP16 nodes read go
+    back through a Cast to FP16 (within range by construction); Casts to FP16 among them cast to FP32 instead.
+    Returns one record per FP32 node: {node, op, max_abs_activation, why}."""
+    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    g = proto.graph
+    types = _types(proto)
+    over = {t for t, v in peaks.items() if not v <= FP16_MAX}
+    producer = {o: n for n in g.node for o in n.output}
+    island: dict[int, dict] = {}
+    for n in g.node:
+        big = [(peaks[o], o) for o in n.output if o in over]
+        read = [(peaks[i], i) for i in n.input if i in over]
+        if big:
+            v, t = max(big)
+            island[id(n)] = {"node": n.name, "op": n.op_type, "max_abs_activation": round(v, 1),
+                             "why": f"its output '{t}' reaches {v:,.0f}, beyond FP16's ±{FP16_MAX:,.0f}"}
+        elif read:
+            v, t = max(read)
+            island[id(n)] = {"node": n.name, "op": n.op_type, "max_abs_activation": round(v, 1),
+                             "why": f"it reads '{t}' ({v:,.0f}) from {producer[t].name or producer[t].op_type}"}
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    up: dict[str, str] = {}  # FP16 tensor -> its FP32 copy
+    down: dict[str, str] = {}  # island output -> its FP16 cast
+    added: list[onnx.NodeProto] = []
+    rank = {id(n): float(i) for i, n in enumerate(g.node)}
+    for n in g.node:
+        if id(n) not in island:
+            continue
+        if n.op_type == "Cast":
+            for a in n.attribute:
+                if a.name == "to" and a.i == F16:
+                    a.i = F32
+        for k, t in enumerate(n.input):
+            if not t or types.get(t) != F16 or (t in producer and id(producer[t]) in island):
+                continue
+            if t not in up:
+                up[t] = f"{t}_fp32"
+                if t in inits:
+                    g.initializer.append(numpy_helper.from_array(
+                        numpy_helper.to_array(inits[t]).astype(np.float32), up[t]))
+                else:
+                    cast = helper.make_node("Cast", [t], [up[t]], name=f"{t}_to_fp32", to=F32)
+                    rank[id(cast)] = rank[id(n)] - 0.5
+                    added.append(cast)
+            n.input[k] = up[t]
+    for n in list(g.node):
+        if id(n) in island:
+            continue
+        for k, t in enumerate(n.input):
+            if t in producer and id(producer[t]) in island and types.get(t) == F16:
+                if t not in down:
+                    down[t] = f"{t}_fp16"
+                    cast = helper.make_node("Cast", [t], [down[t]], name=f"{t}_to_fp16", to=F16)
+                    rank[id(cast)] = rank[id(producer[t])] + 0.5
+                    added.append(cast)
+                n.input[k] = down[t]
+    changed = {o for n in g.node if id(n) in island for o in n.output if types.get(o) == F16}
+    if changed & outputs:
+        raise StexportError(f"the FP16 graph's output {min(changed & outputs)} would have to be FP32; "
+                            "please report this model configuration")
+    for v in g.value_info:
+        if v.name in changed:
+            v.type.tensor_type.elem_type = F32
+    ordered = stable_topo([*g.node, *added], rank, {t.name for t in g.initializer} | {i.name for i in g.input})
+    used = {i for n in ordered for i in n.input}
+    kept = [t for t in g.initializer if t.name in used]
+    del g.node[:]
+    g.node.extend(ordered)
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return [island[id(n)] for n in ordered if id(n) in island]
+
+
+def _refuse(over: list, finite: bool, out: np.ndarray, clips: np.ndarray, source: str, fallback: str = ""):
+    def listed(items):
+        return ", ".join(f"{_layer(k)} reaches {v:,.0f}" for v, k in items[:4]) + (" …" if len(items) > 4 else "")
+
+    weights = [(v, k[: -len(" (weight)")]) for v, k in over if k.endswith(" (weight)")]
+    acts = [(v, k) for v, k in over if not k.endswith(" (weight)")]
+    what = []
+    if weights:
+        what.append(f"weights FP16 cannot store (they become ±Inf): {listed(weights)}")
+    if acts:
+        what.append(f"activations leave FP16's range (±{FP16_MAX:,.0f}): {listed(acts)}, so runtimes that "
+                    "compute in FP16 (GPUs, TensorRT) get ±Inf and then NaN logits")
+    if not finite:
+        bad = int((~np.isfinite(out)).any(axis=1).sum())
+        what.append(f"the FP16 graph{fallback} returned NaN/Inf logits on ONNX Runtime for {bad} of {len(out)} "
+                    "clips")
+    raise StexportError(f"--precision fp16 refused: {'; '.join(what)} (checked on {len(clips)} {source}). "
+                        "The backbone's values (typical of weights trained in BF16) do not fit FP16; "
+                        "build --precision fp32, or int8 (its float parts are FP32; check it with verify)")
+
+
 def check_fp16_graph(reference, onnx_path: Path, input_format: str, frames: int, size: int, sampling: dict,
-                     calib=None) -> dict:
+                     calib=None, overflow: str = "fp32") -> dict:
     """Check the FP16 ONNX at `onnx_path` against the FP32 model on a few clips (see the module docstring).
 
+    overflow: "fp32" keeps the nodes whose activations leave FP16's range in FP32 (the graph at `onnx_path` is
+    rewritten; see keep_fp32), "refuse" refuses the build instead.
     Returns the record for the manifest: {clips, source, max_abs_activation, layer, fp16_max, max_abs_logit_diff,
-    top1_agreement}. Raises StexportError naming the overflowing layers when FP16 cannot hold the activations
-    or the FP16 logits are not finite.
+    top1_agreement, overflow, fp32_nodes, overflow_layers (the folded model's modules whose FP32 output leaves
+    FP16's range: {layer, max_abs_activation})}. Raises StexportError naming the overflowing layers when FP16 cannot
+    store a weight, or (overflow "refuse", or still after the FP32 fallback) cannot hold the activations or
+    the FP16 logits are not finite.
     """
+    from stexport.onnx_graph import check, save
+
+    if overflow not in FP16_OVERFLOW:
+        raise StexportError(f"--fp16-overflow {overflow}: choose one of {', '.join(FP16_OVERFLOW)}")
     if calib is not None:
         clips, source = calibration_clips(calib, frames, size, sampling), "calibration videos"
     else:
@@ -123,27 +289,28 @@ def check_fp16_graph(reference, onnx_path: Path, input_format: str, frames: int,
     peaks, ref_logits = activation_peaks(reference, clips, input_format)
     out = run_onnx(Path(onnx_path), clips, input_format)
     over = sorted(((v, k) for k, v in peaks.items() if not v <= FP16_MAX), reverse=True)
-    weights = [(v, k[: -len(" (weight)")]) for v, k in over if k.endswith(" (weight)")]
-    acts = [(v, k) for v, k in over if not k.endswith(" (weight)")]
     finite = bool(np.isfinite(out).all())
+    fp32_nodes: list[dict] = []
     if over or not finite:
-        def listed(items):
-            return ", ".join(f"{_layer(k)} reaches {v:,.0f}" for v, k in items[:4]) + (" …" if len(items) > 4 else "")
-
-        what = []
-        if weights:
-            what.append(f"weights FP16 cannot store (they become ±Inf): {listed(weights)}")
-        if acts:
-            what.append(f"activations leave FP16's range (±{FP16_MAX:,.0f}): {listed(acts)}, so runtimes that "
-                        "compute in FP16 (GPUs, TensorRT) get ±Inf and then NaN logits")
-        if not finite:
-            bad = int((~np.isfinite(out)).any(axis=1).sum())
-            what.append(f"the FP16 graph returned NaN/Inf logits on ONNX Runtime for {bad} of {len(out)} clips")
-        raise StexportError(f"--precision fp16 refused: {'; '.join(what)} (checked on {len(clips)} {source}). "
-                            "The backbone's values (typical of weights trained in BF16) do not fit FP16; "
-                            "build --precision fp32, or int8 (its float parts are FP32; check it with verify)")
+        if overflow == "refuse" or any(k.endswith(" (weight)") for _, k in over):
+            _refuse(over, finite, out, clips, source)
+        proto = onnx.load(str(onnx_path))
+        fp32_nodes = keep_fp32(proto, fp16_peaks(proto, clips, input_format))
+        save(proto, Path(onnx_path), external_data=bool(external_files(Path(onnx_path))))
+        check(Path(onnx_path))
+        del proto
+        out = run_onnx(Path(onnx_path), clips, input_format)
+        if not np.isfinite(out).all() or not fp32_nodes:
+            _refuse(over, False, out, clips, source, fallback=f" with {len(fp32_nodes)} nodes kept in FP32")
     top = peaks and max(peaks.items(), key=lambda kv: kv[1])
+    top = (_layer(top[0]), top[1])
+    if fp32_nodes:  # the FP32 nodes' activations, seen on the graph itself (LayerNorm outputs, residual adds)
+        worst = max(fp32_nodes, key=lambda r: r["max_abs_activation"])
+        if worst["max_abs_activation"] > top[1]:
+            top = (worst["node"], worst["max_abs_activation"])
     return {"clips": len(clips), "source": source, "max_abs_activation": round(top[1], 3),
-            "layer": _layer(top[0]), "fp16_max": FP16_MAX,
+            "layer": top[0], "fp16_max": FP16_MAX,
             "max_abs_logit_diff": float(np.abs(out.astype(np.float64) - ref_logits).max()),
-            "top1_agreement": float((out.argmax(1) == ref_logits.argmax(1)).mean()), "passed": True}
+            "top1_agreement": float((out.argmax(1) == ref_logits.argmax(1)).mean()), "passed": True,
+            "overflow": overflow, "fp32_nodes": fp32_nodes,
+            "overflow_layers": [{"layer": _layer(k), "max_abs_activation": round(v, 1)} for v, k in over]}

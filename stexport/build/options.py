@@ -18,6 +18,7 @@ from stexport.build.names import (CALIB_METHODS, INPUT_FORMATS, PRECISIONS, WEIG
 log = logging.getLogger("stexport")
 
 INT8_FLOATS = FLOAT_PRECISIONS  # an INT8 graph's float parts
+FP16_OVERFLOW = ("fp32", "refuse")  # --fp16-overflow: keep overflowing nodes in FP32 (default), or refuse
 
 
 def choice(flag: str, value: str, allowed) -> None:
@@ -45,6 +46,8 @@ class BuildOptions:
     FP32 graph (a fraction, 0–1, as verify's --min-agreement) and/or top-1 accuracy drop against it in points
     (needs labelled clips) on `gate_clips` (default: the calibration clips); the most sensitive GEMMs return
     to the graph's float type until it holds, at most `max_float_layers` (default: a quarter of them).
+    fp16_overflow: what an FP16 build does with activations beyond FP16's range, "fp32" (keep those nodes in
+    FP32 inside the FP16 graph, recorded in the manifest's fp16_check) or "refuse" (stexport.build.fp16_check).
     swappable: export the per-task
     tensors (adapters, head, INT8 adapter scales) as named overridable initializers, so task packs
     (`stexport pack`) can replace them at run time; max_classes: the head's rows in a swappable graph (default:
@@ -78,6 +81,7 @@ class BuildOptions:
     max_drop: float | None = None
     max_float_layers: int | None = None
     gate_clips: object = None
+    fp16_overflow: str = "fp32"
     for_tensorrt: bool = False
     swappable: bool = False
     max_classes: int | None = None
@@ -147,6 +151,9 @@ class BuildOptions:
         if self.swappable and self.int8_migrate not in ("auto", "off"):
             raise StexportError(f"--int8-migrate {self.int8_migrate}: a --swappable bundle's backbone is shared by "
                                 "every task pack, so it cannot take one task's migration; use --int8-migrate off")
+        choice("--fp16-overflow", self.fp16_overflow, FP16_OVERFLOW)
+        if self.fp16_overflow != "fp32" and self.precision != "fp16":
+            raise StexportError(f"--fp16-overflow {self.fp16_overflow} needs --precision fp16")
         if self.swappable:
             self.int8_migrate = "off"  # see above: auto means off for swappable bundles and their packs
         self._check_gate()

@@ -14,8 +14,11 @@ that leave the FP32 function unchanged (up to float rounding) and change only th
   then spends its range on the shift, as real CLIP's residual outliers make it do. (A per-channel *scale* of the
   residual stream cannot be exact: LayerNorm's mean and variance see it.)
 
-Power-of-two scales keep FP16-representable weights FP16-representable. Users with real weights need none of
-this; it stands in for them.
+- `plant_fp16_overflow`: the first with a scale so large (2^17) that the LayerNorm's output leaves FP16's range
+  (65,504): a stand-in for the backbones FP16 cannot hold (stexport.build.fp16_check keeps such nodes in FP32).
+
+Power-of-two scales keep FP16-representable weights FP16-representable (down to FP16's subnormals). Users with
+real weights need none of this; it stands in for them.
 """
 
 from __future__ import annotations
@@ -39,20 +42,27 @@ def _copy(backbone: Backbone, planted: dict) -> Backbone:
 
 
 def plant_norm_outliers(backbone: Backbone, scale: float = 32.0, channels: int = 6, seed: int = 0,
-                        norms: tuple[str, ...] = ("ln_1", "ln_2")) -> Backbone:
-    """A copy of `backbone` whose LayerNorms `norms` (each block's ln_1 and/or ln_2) put out `channels`
-    channels ×`scale` (a seeded choice per LayerNorm), their reader's input columns ÷`scale`: the same FP32
-    function (see the module docstring). The original is not changed. Raises ValueError for bad arguments."""
+                        norms: tuple[str, ...] = ("ln_1", "ln_2"), blocks: tuple[int, ...] | None = None
+                        ) -> Backbone:
+    """A copy of `backbone` whose LayerNorms `norms` (ln_1 and/or ln_2 of each of `blocks`, default all) put
+    out `channels` channels ×`scale` (a seeded choice per LayerNorm), their reader's input columns ÷`scale`: the
+    same FP32 function (see the module docstring). The original is not changed. Raises ValueError for bad
+    arguments."""
     if scale <= 0 or not 0 < channels <= backbone.config.width:
         raise ValueError(f"scale must be > 0 and 0 < channels <= {backbone.config.width}")
     unknown = set(norms) - set(NORM_READERS)
     if unknown:
         raise ValueError(f"norms: {sorted(unknown)} not in {sorted(NORM_READERS)}")
-    out = _copy(backbone, {"kind": "norm", "scale": scale, "channels": channels, "seed": seed,
-                           "norms": list(norms)})
+    blocks = range(backbone.config.layers) if blocks is None else blocks
+    if any(not 0 <= i < backbone.config.layers for i in blocks):
+        raise ValueError(f"blocks: {list(blocks)} not all in 0..{backbone.config.layers - 1}")
+    planted = {"kind": "norm", "scale": scale, "channels": channels, "seed": seed, "norms": list(norms)}
+    if len(blocks) != backbone.config.layers:
+        planted["blocks"] = list(blocks)
+    out = _copy(backbone, planted)
     g = torch.Generator().manual_seed(seed)
     sd = out.state_dict
-    for i in range(backbone.config.layers):
+    for i in blocks:
         for norm in norms:
             p = f"transformer.resblocks.{i}."
             idx = torch.randperm(backbone.config.width, generator=g)[:channels]
@@ -64,6 +74,18 @@ def plant_norm_outliers(backbone: Backbone, scale: float = 32.0, channels: int =
             w[:, idx] /= scale
             sd[p + NORM_READERS[norm]] = w
     return out
+
+
+FP16_OVERFLOW_SCALE = 2.0 ** 17  # LayerNorm outputs of magnitude > 0.5 then leave FP16's range (65,504)
+
+
+def plant_fp16_overflow(backbone: Backbone, scale: float = FP16_OVERFLOW_SCALE, channels: int = 2,
+                        block: int = 0, seed: int = 0) -> Backbone:
+    """An FP16-overflow stand-in: `plant_norm_outliers` on one LayerNorm (block `block`'s ln_2) with a scale
+    that takes its output beyond FP16's range while the FP32 function stays the same, as in backbones trained
+    in BF16 whose activations FP16 cannot hold. The MLP's input columns ÷`scale` are FP16 subnormals in an
+    FP16 graph (stored with ~3 significant bits), the price of keeping the function exact."""
+    return plant_norm_outliers(backbone, scale, channels, seed, norms=("ln_2",), blocks=(block,))
 
 
 def plant_residual_offset(backbone: Backbone, deltas: dict[str, torch.Tensor], offset: float = 64.0

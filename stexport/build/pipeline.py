@@ -84,6 +84,19 @@ def _nbytes(t) -> int:
     return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
 
 
+def release_heap() -> None:
+    """Collect garbage and give the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere a no-op):
+    the exporter's temporary memory otherwise stays in the process's resident set."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) -> Bundle:
     """Build a bundle and return it: `options`, or a BuildOptions made of `adapter` and `fields` (its field
     names). The bundle appears at options.out (default: default_home()/NAME) in one rename, or not at all.
@@ -170,7 +183,13 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
             if o.precision == "fp16":  # FP16 must hold the activations: checked on the graph just written
                 from stexport.build.fp16_check import check_fp16_graph
 
-                fp16_check = check_fp16_graph(ref, onnx_path, o.input_format, o.frames, size, views, o.calib)
+                fp16_check = check_fp16_graph(ref, onnx_path, o.input_format, o.frames, size, views, o.calib,
+                                              overflow=o.fp16_overflow)
+                if fp16_check["fp32_nodes"]:
+                    log.warning("fp16: %d nodes kept in FP32 inside the FP16 graph for activations beyond FP16's "
+                                "range: %s", len(fp16_check["fp32_nodes"]), ", ".join(
+                                    f"{r['layer']} {r['max_abs_activation']:,.0f}"
+                                    for r in fp16_check["overflow_layers"][:4]))
             bar.update()
             calibration = None
             float_graph = None
@@ -183,6 +202,12 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
             if o.precision == "int8":
                 from stexport.calibration import quantize_bundle_model
 
+                # calibration needs only the graphs on disk: the PyTorch models (and the exporter's freed heap)
+                # go back before ONNX Runtime loads the graph, so the peak stays near the FP32 build's
+                task_parameters = deploy.task_parameters() if o.swappable else None
+                record = backbone_record(bb)
+                ref = deploy = bb = None
+                release_heap()
                 step("calibrate")
                 fallback = None
                 if o.gated:
@@ -207,7 +232,9 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                 from stexport.bundle.manifest import TasksRecord
                 from stexport.bundle.task_graph import finalize
 
-                tensors, structure = finalize(onnx_path, deploy.task_parameters(), o.external_data)
+                if deploy is not None:
+                    task_parameters = deploy.task_parameters()
+                tensors, structure = finalize(onnx_path, task_parameters, o.external_data)
                 tasks = TasksRecord(head_rows=head_rows, structure=structure, tensors=tensors)
                 log.info("swappable: %d per-task tensors (%.1f MB), head of %d rows", len(tensors),
                          sum(_nbytes(t) for t in tensors) / 1e6, head_rows)
@@ -226,7 +253,7 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
             adapter_file = str(Path(deltas.path).resolve()) if deltas.path else None
             manifest = Manifest(
                 name=out.name,
-                model=ModelRecord(backbone=backbone_record(bb),
+                model=ModelRecord(backbone=backbone_record(bb) if bb is not None else record,
                                   adapter=AdapterRecord(spec=deltas.spec, sha256=deltas.sha256, file=adapter_file)),
                 input=inp,
                 output=OutputRecord(name=OUTPUT, classes=deltas.spec.num_classes, labels_source=labels_source),

@@ -272,6 +272,10 @@ class FP16CheckRecord(Record):
     max_abs_logit_diff: float
     top1_agreement: float
     passed: bool = True
+    overflow: str | None = None  # --fp16-overflow: "fp32" or "refuse" (None: built before the flag existed)
+    # nodes kept in FP32 inside the FP16 graph: {node, op, max_abs_activation, why} each
+    fp32_nodes: list[dict] = Field(default_factory=list)
+    overflow_layers: list[dict] = Field(default_factory=list)  # modules beyond FP16: {layer, max_abs_activation}
 
 
 class TorchScriptRecord(Record):
