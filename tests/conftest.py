@@ -387,8 +387,6 @@ KNOWN_FAILURES = {
     "the dynamic ones (tolerance 1e-4) since outlier migration; not yet investigated",
     "test_openvino.py::test_benchmark_scripts_read_an_int8_bundle": "the benchmark's GEMM-role count does not "
     "know outlier migration's added nodes yet",
-    "test_bench.py::test_bench_on_a_terminal_shows_progress_and_time_left": "the progress bar's final line is "
-    "not always flushed to the pty before the result on a loaded machine",
     "test_oip.py::test_cli_server_joining_the_cluster_speaks_oip_under_its_prefix": "in random order another "
     "server may have started Ray Serve's gRPC proxy first; the warning it then prints is right, the test's "
     "expectation is order-dependent",
