@@ -204,9 +204,10 @@ paths, or --ship-bundle), with results identical to a local run.
         raise StexportError("no inputs: pass video files, directories or globs, e.g. stexport infer clip.mp4")
     if stride is not None and window is None:
         raise StexportError("--stride needs --window (timeline mode)")
-    for flag, seconds in (("--window", window), ("--stride", stride)):  # refused before the backend loads
-        if seconds is not None and not seconds > 0:
-            raise StexportError(f"{flag} {seconds:g}: must be a positive number of seconds, e.g. {flag} 4")
+    if window is not None:  # refused before the backend loads
+        from stexport.runtime.video import check_seconds
+
+        check_seconds(window, window if stride is None else stride)
     if window is not None and (output or ray_address or batch or decode_threads):
         raise StexportError("--window (timeline mode) runs one video at a time: drop --output, --ray, --batch "
                             "and --decode-threads, or --window")

@@ -101,12 +101,14 @@ def test_window_zero_is_refused_before_the_backend_loads(tiny_bundle, make_video
             "def never(*a, **k): raise SystemExit('the backend was loaded')\n"
             "c.Classifier.__init__ = never\n"
             "from stexport.cli.app import main; main()")
-    for flag, value in (("--window", "0"), ("--window", "-2"), ("--window", "nan")):
+    for flag, value in (("--window", "0"), ("--window", "-2"), ("--window", "nan"), ("--window", "inf")):
         line = one_error(cli("infer", video, "-m", tiny_bundle.path, flag, value, code=code))
-        assert line == (f"stexport: error: {flag} {float(value):g}: must be a positive number of seconds, e.g. "
-                        f"{flag} 4")
-    line = one_error(cli("infer", video, "-m", tiny_bundle.path, "--window", "4", "--stride", "0", code=code))
-    assert line == "stexport: error: --stride 0: must be a positive number of seconds, e.g. --stride 4"
+        assert line == (f"stexport: error: {flag} {float(value):g}: must be a positive, finite number of seconds, "
+                        f"e.g. {flag} 4")
+    for stride in ("0", "inf"):
+        line = one_error(cli("infer", video, "-m", tiny_bundle.path, "--window", "4", "--stride", stride, code=code))
+        assert line == (f"stexport: error: --stride {float(stride):g}: must be a positive, finite number of "
+                        "seconds, e.g. --stride 4")
 
 
 @pytest.mark.parametrize("inside", ["model.onnx", "labels.txt"])

@@ -251,7 +251,8 @@ def test_windows_sample_each_window_like_a_video(make_video):
     path = make_video("w.avi", frames=100, fps=10)
     s = Sampling(frames=4, size=48, rate=0, temporal_views=1, spatial_views=1)
     wins = list(decode_windows(path, s, window=3.0, stride=2.0))
-    assert [(w.start, w.end) for w in wins] == [(a / 10, (a + 30) / 10) for a in range(0, 71, 20)]
+    assert [(w.start, w.end) for w in wins] == [(a / 10, (a + 30) / 10) for a in (0, 20, 40, 60, 70)]
+    assert "the last window (7-10 s) is aligned to the end" in wins[-1].notes[0]
     rgb = all_frames(path)
     for w in wins:
         a = round(w.start * 10)
@@ -259,6 +260,20 @@ def test_windows_sample_each_window_like_a_video(make_video):
         assert_same(w.clips, ref)
     short = list(decode_windows(path, s, window=60.0, stride=10.0))
     assert len(short) == 1 and short[0].end == 10.0
+    exact = list(decode_windows(path, s, window=5.0, stride=5.0))  # no tail: no extra window
+    assert [(w.start, w.end) for w in exact] == [(0.0, 5.0), (5.0, 10.0)]
+
+
+@pytest.mark.parametrize("flag", ["window", "stride"])
+def test_windows_shorter_than_a_frame_are_refused(make_video, flag):
+    """--window 0.01 made 12,000 windows over 419 s of 30 fps video, most without a frame of their own
+    (issue 29): a window or stride under the frame spacing is one error naming the spacing."""
+    path = make_video("w.avi", frames=20, fps=10)
+    s = Sampling(frames=4, size=48, rate=0, temporal_views=1, spatial_views=1)
+    seconds = {"window": 1.0, "stride": 1.0, flag: 0.01}
+    with pytest.raises(video.VideoError, match=rf"w.avi: --{flag} 0.01 is shorter than the time between frames "
+                                               rf"\(0.1 s\); use --{flag} 0.1 or more"):
+        list(decode_windows(path, s, **seconds))
 
 
 def live(path, s):

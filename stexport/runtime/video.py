@@ -550,6 +550,13 @@ class Window:
 EPS = 1e-4  # seconds: timestamps come as float milliseconds
 
 
+def check_seconds(window: float, stride: float) -> None:
+    """Raise StexportError unless both are finite, positive seconds (the CLI's --window/--stride check)."""
+    for flag, seconds in (("--window", window), ("--stride", stride)):
+        if seconds is None or not 0 < seconds < float("inf"):
+            raise StexportError(f"{flag} {seconds:g}: must be a positive, finite number of seconds, e.g. {flag} 4")
+
+
 def _times(cap, fps: float | None, name: str, progress: Progress | None = None) -> tuple[list[float], list[str]]:
     """Pass 1: every decodable frame's presentation time in seconds from the first (CAP_PROP_POS_MSEC)."""
     import cv2
@@ -571,21 +578,39 @@ def _times(cap, fps: float | None, name: str, progress: Progress | None = None) 
     return [i / fps for i in range(len(raw))], [f"no usable timestamps; times assume a constant {fps:g} fps"]
 
 
-def _plan(times: list[float], fps: float | None, window: float, stride: float):
-    """(start, end, first frame, frame count) per window: frames whose display overlaps [start, start+window)."""
+def _plan(times: list[float], fps: float | None, window: float, stride: float, name: str = "video"):
+    """(start, end, first frame, frame count, note) per window: frames whose display overlaps [start, start+window).
+
+    Windows start every `stride` seconds; when they leave a tail shorter than a window uncovered, one more
+    window aligned to the end of the video covers it (its note says so), so no second of the file goes
+    unclassified. A video shorter than one window gives one window over all of it. Raises VideoError when
+    `window` or `stride` is shorter than the frame spacing (windows would hold no frame of their own)."""
     n = len(times)
     last = times[-1] - times[-2] if n > 1 else (1.0 / fps if fps else 0.0)  # the last frame's display time
     duration = times[-1] + last
+    spacing = float(np.median(np.diff(times))) if n > 1 else last
+    for flag, seconds in (("--window", window), ("--stride", stride)):
+        if n > 1 and seconds < spacing - EPS:
+            raise VideoError(f"{name}: {flag} {seconds:g} is shorter than the time between frames "
+                             f"({spacing:.3g} s); use {flag} {spacing:.3g} or more")
     plan, m = [], 0
     while m * stride + window <= duration + EPS:
-        a = m * stride
-        lo = max(0, bisect.bisect_right(times, a + EPS) - 1)  # the frame on screen at `a`
-        hi = bisect.bisect_left(times, a + window - EPS)  # frames that start before the window ends
-        plan.append((a, a + window, lo, max(hi - lo, 1)))
+        plan.append(_span(times, m * stride, window))
         m += 1
     if not plan:  # shorter than one window: one window over all of it
-        plan.append((0.0, duration, 0, n))
+        return [(0.0, duration, 0, n, None)]
+    if plan[-1][1] < duration - EPS:
+        a = duration - window
+        plan.append(_span(times, a, window, f"the last window ({a:.6g}-{duration:.6g} s) is aligned to the end "
+                                            f"of the video, overlapping the one before, so its last "
+                                            f"{duration - plan[-1][1]:.3g} s are classified too"))
     return plan
+
+
+def _span(times: list[float], a: float, window: float, note: str | None = None):
+    lo = max(0, bisect.bisect_right(times, a + EPS) - 1)  # the frame on screen at `a`
+    hi = bisect.bisect_left(times, a + window - EPS)  # frames that start before the window ends
+    return a, a + window, lo, max(hi - lo, 1), note
 
 
 def decode_windows(source, sampling: Sampling, window: float, stride: float,
@@ -595,14 +620,14 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
 
     Seconds are the file's presentation timestamps; a window holds the frames shown during it (from the frame
     on screen at its start), sampled like a whole video of that many frames. Windows that would run past the
-    end are dropped; a video shorter than one window gives one window over all of it. Files are read twice
+    end give way to one window aligned to the end (see `_plan`); a video shorter than one window gives one
+    window over all of it. Raises VideoError for windows shorter than the frame spacing. Files are read twice
     (timestamps, then the needed frames), so memory holds only the frames the open windows need: by seeking
     (timestamps from a demux-only pass, then only the GOPs that hold needed frames; see `decode`) where the
     file allows it, else sequentially with OpenCV, the first window's notes saying why. Live sources (see
     `decode`) run until the stream ends.
     """
-    if window <= 0 or stride <= 0:
-        raise StexportError("--window and --stride must be positive (seconds)")
+    check_seconds(window, stride)
     name = _name(source)
     cap = open_capture(source, threads, max_pixels, max_frames)
     if _opens_live(source, cap):
@@ -640,15 +665,15 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
     if not times:
         raise _no_frames(name, fourcc, header)
     notes = ([why] if why else []) + notes
-    plan, needs, ends = _window_plan(times, fps, sampling, window, stride)
+    plan, needs, ends = _window_plan(times, fps, sampling, window, stride, name)
     cap = open_capture(source, threads)
     frames: dict[int, np.ndarray] = {}
     j = i = 0
     try:
         while j < len(plan):
             while j < len(plan) and ends[j] < i:
-                a, b, count, idx = plan[j]
-                yield Window(a, b, assemble(frames, idx, sampling), count, notes if j == 0 else [])
+                a, b, count, idx, more = plan[j]
+                yield Window(a, b, assemble(frames, idx, sampling), count, (notes if j == 0 else []) + more)
                 j += 1
                 frames = {f: v for f, v in frames.items() if needs[f] >= j}
             if j >= len(plan):
@@ -668,34 +693,35 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
         cap.release()
 
 
-def _window_plan(times: list[float], fps: float | None, sampling: Sampling, window: float, stride: float):
-    """(plan, needs, ends): per window (start, end, frame count, frame indices per view); the last window that
-    needs each frame; each window's last frame."""
+def _window_plan(times: list[float], fps: float | None, sampling: Sampling, window: float, stride: float,
+                 name: str = "video"):
+    """(plan, needs, ends): per window (start, end, frame count, frame indices per view, notes); the last
+    window that needs each frame; each window's last frame."""
     plan = []
-    for a, b, lo, count in _plan(times, fps, window, stride):
+    for a, b, lo, count, note in _plan(times, fps, window, stride, name):
         plan.append((round(a, 6), round(b, 6), count,
-                     [[lo + x for x in view] for view in frame_indices(count, sampling)]))
+                     [[lo + x for x in view] for view in frame_indices(count, sampling)], [note] if note else []))
     needs: dict[int, int] = {}  # frame -> last window that needs it
-    for j, (*_, idx) in enumerate(plan):
+    for j, (*_, idx, _) in enumerate(plan):
         for view in idx:
             for f in view:
                 needs[f] = j
-    ends = [max(max(v) for v in idx) for *_, idx in plan]
+    ends = [max(max(v) for v in idx) for *_, idx, _ in plan]
     return plan, needs, ends
 
 
 def _seek_windows(path: str, pr: seek.Probe, sampling: Sampling, window: float, stride: float,
                   fps: float | None, threads: int | None, progress: Progress | None = None) -> Iterator[Window]:
     """decode_windows' second pass by seeking: each window as soon as its last frame has decoded."""
-    plan, needs, ends = _window_plan(pr.times(), fps, sampling, window, stride)
+    plan, needs, ends = _window_plan(pr.times(), fps, sampling, window, stride, display(path))
     frames: dict[int, np.ndarray] = {}
     j = 0
     for i, frame in seek.iter_frames(path, set(needs), lambda bgr: resize_short(bgr, sampling.size), pr, threads,
                                      progress):
         frames[i] = frame
         while j < len(plan) and ends[j] <= i:
-            a, b, count, idx = plan[j]
-            yield Window(a, b, assemble(frames, idx, sampling), count)
+            a, b, count, idx, more = plan[j]
+            yield Window(a, b, assemble(frames, idx, sampling), count, more)
             j += 1
             frames = {f: v for f, v in frames.items() if needs[f] >= j}
 
