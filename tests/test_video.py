@@ -306,6 +306,14 @@ def test_read_clip_list(tmp_path, make_video):
     with pytest.raises(StexportError, match="no such file"):
         read_clip_list(tmp_path / "missing.txt")
 
+    # lists as people write them (issue 29): a byte-order mark, '#' comments, blank and indented lines
+    (tmp_path / "bom.txt").write_bytes("\ufeff# validation clips\n\n  sub/a.mp4 3\n# b.avi 1\nb.avi\n".encode())
+    assert read_clip_list(tmp_path / "bom.txt") == [(a, 3), (b, None)]
+    (tmp_path / "urls.txt").write_text("b.avi 1\nhttp://127.0.0.1:9/x.mp4 2\n")
+    with pytest.raises(StexportError, match=r"urls.txt: line 2 is a URL \(http://127.0.0.1:9/x.mp4\); clip lists "
+                                            "hold local files"):
+        read_clip_list(tmp_path / "urls.txt")
+
 
 def test_url_to_a_file_is_sampled_as_a_file(make_video, http_dir):
     """An http:// link to a finite file is counted and sampled as the whole file, like the file itself."""

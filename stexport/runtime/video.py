@@ -64,6 +64,7 @@ from stexport.runtime import seek
 # FFmpeg writes a line per damaged packet to stderr; stexport reports damage itself, one line per file.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
+LIST_EXTS = (".txt", ".csv", ".list", ".lst")  # clip lists by name: refused where videos go, with a hint
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
 LIVE_SECONDS = 2.0
 BAND = 1  # first pass also keeps the BAND frames before each index the header's count needs
@@ -781,9 +782,10 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
     """Videos and optional labels from the official list format, a directory, or one video file.
 
     A list file has one "<video> <label>" per line (the label is an integer and may be left out; video paths
-    are relative to the list file's directory); it must be UTF-8 text. A directory gives all video files below
-    it, sorted, without labels. A video file (by its extension) is a list of itself. Raises StexportError
-    naming the file, the line and the fix.
+    are relative to the list file's directory); it must be UTF-8 text (a byte-order mark is allowed); blank
+    lines and lines starting with '#' are skipped. A directory gives all video files below it, sorted, without
+    labels. A video file (by its extension) is a list of itself. Raises StexportError naming the file, the line
+    and the fix, also for a URL (lists hold local files).
     """
     p = Path(path_or_dir)
     name = display(p)
@@ -804,16 +806,19 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
         raise StexportError(f"{name}: binary data, not a clip list; pass a '<video> <label>' text list, a "
                             f"directory, or video files ({', '.join(sorted(VIDEO_EXTS))})")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise StexportError(f"{name}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the "
                             "list as UTF-8, e.g. `iconv -f latin1 -t utf-8 LIST > LIST.utf8`") from None
     out: list[tuple[Path, int | None]] = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
-        if not line:
+        if not line or line.startswith("#"):
             continue
+        if is_url(line.split()[0]):
+            raise StexportError(f"{name}: line {number} is a URL ({line.split()[0]}); clip lists hold local "
+                                "files: download it first (stexport infer takes a URL itself)")
         parts = line.rsplit(maxsplit=1)
         label = None
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
