@@ -48,12 +48,12 @@ def expand(inputs: list[str]) -> list[str]:
     for one input: what is not a video (a directory without videos, a FIFO, a missing file) stays
     in the list and is reported in its turn, so the other videos still run."""
     from stexport.errors import StexportError
-    from stexport.runtime.video import LIST_EXTS, is_live, read_clip_list
+    from stexport.runtime.video import is_clip_list, is_live, read_clip_list
 
     out: list[str] = []
     for item in inputs:
         p = Path(item)
-        if p.suffix.lower() in LIST_EXTS and p.is_file():
+        if is_clip_list(p):
             raise StexportError(f"{item}: a clip list, not a video; pass lists with --clips {item}")
         if is_live(item) or p.is_file():
             out.append(item)

@@ -247,6 +247,8 @@ def bad_inputs(good, tmp_path) -> dict[str, tuple]:
     midstream[a:b] = np.random.default_rng(1).integers(0, 256, b - a, dtype=np.uint8).tobytes()
     (t / "midstream.mp4").write_bytes(bytes(midstream))
     write_video(t / "short.mp4", frames=3)
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:duration=1",
+                    "-c:a", "aac", str(t / "audio.mp4")], check=True, timeout=60)
     return {
         "missing": (t / "missing.mp4", "missing.mp4: no such file", False),
         "not a video": (t / "random.mp4", "random.mp4: not a video", False),
@@ -256,6 +258,8 @@ def bad_inputs(good, tmp_path) -> dict[str, tuple]:
         "lying header": (t / "lying.avi", "lying.avi: header says 40 frames", True),
         "mid-stream failure": (t / "midstream.mp4", "midstream.mp4: header says 40 frames", True),
         "very short": (t / "short.mp4", "short.mp4: only 3 frames", True),
+        "audio only": (t / "audio.mp4", "audio.mp4: has no video stream (only audio); pass a file with video",
+                       False),
     }
 
 
@@ -278,7 +282,7 @@ def test_cli_bad_inputs_one_line_each_others_still_run(bundle, videos, tmp_path)
         d = by_path[str(v)]
         assert len(d["top"]) == 2 and d["views"] == 3 and set(d["timing"]) == {"decode_s", "infer_s"}
         assert d["backend"] == backends.resolve("auto", bundle)
-    assert "5 of 10 inputs failed" in r.stderr
+    assert "6 of 11 inputs failed" in r.stderr
     stray = [ln for ln in r.stderr.splitlines() if not ln.startswith("stexport: ")]
     assert not stray, stray  # nothing from FFmpeg/OpenCV
 

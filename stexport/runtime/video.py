@@ -298,6 +298,22 @@ def _quiet(cv2) -> None:
         cv2.setLogLevel(2)  # LOG_LEVEL_ERROR
 
 
+def _streams_note(path: str) -> str | None:
+    """Why a file that FFmpeg's demuxer opens has nothing to decode (PyAV reads the container's streams):
+    "has no video stream (…)", or None when that is not the reason."""
+    try:
+        import av
+
+        with av.open(path) as c:
+            if c.streams.video:
+                return None
+            kinds = sorted({s.type for s in c.streams})
+    except Exception:  # noqa: BLE001 - not a container PyAV reads either: the generic message stands
+        return None
+    held = f"only {' and '.join(kinds)}" if kinds else "no streams at all"
+    return f"has no video stream ({held}); pass a file with video"
+
+
 def open_capture(source, threads: int | None = None, max_pixels: int | None = None,
                  max_frames: int | None = None):
     """cv2.VideoCapture for a file, URL or camera index; VideoError if it cannot be opened as a video.
@@ -323,7 +339,8 @@ def open_capture(source, threads: int | None = None, max_pixels: int | None = No
     if not cap.isOpened():
         if is_url(target):
             raise VideoError(f"{name}: cannot open the stream (unreachable, refused, or not a video)")
-        raise VideoError(f"{name}: not a video OpenCV/FFmpeg can read (unknown format, truncated or corrupt)")
+        why = _streams_note(target) or "not a video OpenCV/FFmpeg can read (unknown format, truncated or corrupt)"
+        raise VideoError(f"{name}: {why}")
     if _fourcc(cap) in ("ansi", "text"):  # FFmpeg's tty demuxer renders any text file as a "video"
         cap.release()
         raise VideoError(f"{name}: a text file, not a video")
@@ -827,6 +844,18 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
     if not out:
         raise StexportError(f"{name}: empty list; write one '<video> <label>' per line")
     return out
+
+
+def is_clip_list(path) -> bool:
+    """Whether `path` is a clip list by name (LIST_EXTS) and content (a line that names a video file), so a
+    list passed where videos go can be told from a text file passed by mistake."""
+    p = Path(path)
+    if p.suffix.lower() not in LIST_EXTS or not p.is_file():
+        return False
+    try:
+        return any(v.suffix.lower() in VIDEO_EXTS for v, _ in read_clip_list(p))
+    except StexportError:
+        return False
 
 
 def read_clip_lists(inputs) -> list[tuple[Path, int | None]]:
