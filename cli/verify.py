@@ -66,6 +66,10 @@ def verify(
     max_decode_s: float = max_decode_option(None, "no limit"),
     task: Path = typer.Option(None, "--task", help="Verify a task pack (`stexport pack`) on this swappable "
                               "bundle: the reference is the backbone with the pack's deltas. " + TASK_BACKENDS),
+
+    allow_failed: bool = Flag(False, "--allow-undecodable", help="Let the gate pass on the videos that decoded "
+                              "when some could not be (by default such a run fails: it did not check what was "
+                              "asked). The report says how many failed either way."),
 ):
     """Decode each video as `infer` does, run the bundle's backend and the PyTorch reference on the same
     clips, and report max/mean |Δlogit|, cosine similarity, top-1 and top-5 agreement and, when the list has
@@ -95,7 +99,8 @@ def verify(
         raise StexportError(f"{report_path}: is a directory; --report takes a file name, e.g. report.json")
     report = run_verify(b, clips if len(clips) != 1 else clips[0], backend=backend, max_clips=max_clips,
                         gate=gate, pretrained=pretrained, progress=True, use_cache=not no_cache, task=task,
-                        decode_timeout=decode_timeout, max_decode_s=max_decode_s, **options)
+                        decode_timeout=decode_timeout, max_decode_s=max_decode_s, allow_failed=allow_failed,
+                        **options)
     if report_path is not None:
         from stexport.fileutil import atomic_write_json
 
