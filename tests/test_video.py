@@ -463,3 +463,13 @@ def test_cv2_without_utils_logging_still_decodes(make_video, monkeypatch):
     monkeypatch.delattr(cv2.utils, "logging", raising=False)  # OpenCV 4.8 has none either
     d = decode(make_video("c.mp4", frames=9), Sampling(frames=4, size=32, rate=0, temporal_views=1))
     assert d.frames == 9
+
+
+def test_pixel_limits_are_written_in_units_that_read(make_video):
+    """--max-pixels 1000 said "0 megapixels" for both the frame and the limit (new-user finding)."""
+    path = make_video("small.avi", frames=2, width=96, height=72)
+    with pytest.raises(video.VideoError, match=r"small.avi: its frames are 96x72 \(6,912 pixels\), over the "
+                                               r"decoder's limit of 1,000 pixels \(--max-pixels\)"):
+        video.open_capture(path, max_pixels=1000)
+    assert [video.pixels(n) for n in (1, 999_999, 1_000_000, 2_073_600, 63_999_999)] == [
+        "1 pixel", "999,999 pixels", "1 megapixels", "2.07 megapixels", "64 megapixels"]

@@ -353,6 +353,11 @@ def open_capture(source, threads: int | None = None, max_pixels: int | None = No
     return cap
 
 
+def pixels(n: int) -> str:
+    """A pixel count as people read it: '6,912 pixels', '2.07 megapixels', '256 megapixels'."""
+    return f"{n:,} pixel{'s' * (n != 1)}" if n < 1_000_000 else f"{n / 1e6:.3g} megapixels"
+
+
 def check_header(cap, name: str, max_pixels: int | None, max_frames: int | None) -> None:
     """VideoError when the open capture's header says frames of more than `max_pixels` pixels, or more than
     `max_frames` frames (None: no limit)."""
@@ -360,8 +365,8 @@ def check_header(cap, name: str, max_pixels: int | None, max_frames: int | None)
 
     w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
     if max_pixels and w * h > max_pixels:
-        raise VideoError(f"{name}: its frames are {w}x{h} ({w * h / 1e6:.0f} megapixels), over the decoder's limit "
-                         f"of {max_pixels / 1e6:g} megapixels (--max-pixels): a decode bomb, or a video to "
+        raise VideoError(f"{name}: its frames are {w}x{h} ({pixels(w * h)}), over the decoder's limit of "
+                         f"{pixels(max_pixels)} (--max-pixels): a decode bomb, or a video to "
                          "downscale first (ffmpeg -i FILE -vf scale=-2:2160 OUT.mp4)")
     n = _header(cap)
     if max_frames and n is not None and n > max_frames:
