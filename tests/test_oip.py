@@ -277,7 +277,8 @@ def test_metrics_count_what_was_sent(server, base):
     assert delta("stexport_requests_total", model="other", route="v2/models/infer", status="200") == 3
     assert delta("stexport_requests_total", model="own", route="grpc/ModelInfer", status="OK") == 1
     assert delta("stexport_requests_total", model="own", route="v2/models/infer", status="422") == 1
-    assert delta("stexport_requests_total", route="classify", status="200") == 1
+    # /classify counts under the task it ran (was model="")
+    assert delta("stexport_requests_total", model="own", route="classify", status="200") == 1
     assert delta("stexport_decode_seconds_count") == 6  # 3 + 2 + 1 videos decoded
     assert delta("stexport_decode_failures_total", reason="invalid") == 1
     assert delta("stexport_queue_seconds_count") == 6
@@ -290,12 +291,18 @@ def test_without_the_token_every_route_but_health_is_refused(server, base):
     import grpc as grpclib
 
     url, gurl, _ = server
+    send = "send header 'Authorization: Bearer TOKEN'"
+    said = {"": f"this server needs a token: {send}",
+            "Bearer wrong-token-0123456789": "wrong token: it is not the one this server was started with "
+                                             f"(--token-file); {send}",
+            TOKEN: f"the authorization is not a bearer token: {send}"}  # the token without its scheme
     for bad in ({}, {"authorization": "Bearer wrong-token-0123456789"}, {"authorization": TOKEN}):
         for method, route in (("POST", "classify"), ("GET", "metadata"), ("GET", "stats"), ("GET", "metrics"),
                               ("GET", "v2"), ("GET", "v2/models/own"), ("GET", "v2/models/own/ready"),
                               ("POST", "v2/models/own/infer"), ("GET", "nope")):
             r = requests.request(method, f"http://{url}/{route}", headers=bad, data=b"{}", timeout=30)
-            assert r.status_code == 401 and "Bearer" in r.json()["error"], (route, r.text)
+            assert r.status_code == 401, (route, r.text)
+            assert r.json()["error"] == said[bad.get("authorization", "")], (route, r.text)
             assert r.headers["www-authenticate"] == "Bearer"
         for route in ("healthz", "v2/health/live", "v2/health/ready"):
             assert requests.get(f"http://{url}/{route}", headers=bad, timeout=30).status_code == 200
@@ -307,6 +314,7 @@ def test_without_the_token_every_route_but_health_is_refused(server, base):
             with pytest.raises(InferenceServerException) as e:
                 getattr(client, call)(*args, headers=dict(bad))
             assert e.value.status() == str(grpclib.StatusCode.UNAUTHENTICATED), e.value
+            assert said[bad.get("authorization", "")].replace("header 'A", "metadata 'a") in e.value.message()
 
 
 def test_bad_requests_get_the_protocols_errors_and_the_server_keeps_serving(server, base, want):
