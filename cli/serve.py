@@ -137,8 +137,7 @@ def serve(
                     "default_task": default})
     on = f" with tasks {', '.join(n + ' (default)' * (n == default) for n in names)}" if cfg.tasks else ""
     typer.echo(f"stexport: serving {cfg.bundle}{on} at {url}/classify (health {url}/healthz, metadata "
-               f"{url}/metadata, Open Inference Protocol {url}/v2, Prometheus {url}/metrics"
-               + (f", gRPC {urlsplit(url).hostname}:{grpc_port}" if grpc_port else "") + "); Ctrl-C stops",
+               f"{url}/metadata, Open Inference Protocol {url}/v2, Prometheus {url}/metrics); Ctrl-C stops",
                err=True)
 
     def terminate(signum, frame):  # a service manager's stop: the same clean shutdown as Ctrl-C, exit 143

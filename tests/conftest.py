@@ -383,9 +383,6 @@ KNOWN_FAILURES = {
     "test_openvino.py::test_verify_int8_through_openvino": "the same near-tie INT8 tiny model under verify's 95% gate",
     "test_build_verify.py::test_vit_b16_parity_per_precision": "random ViT-B/16 INT8: top-1 agreement 0.5 on 4 "
     "near-tied views (cosine 0.997); fails at de2aabb in this environment too",
-    "test_oip.py::test_cli_server_joining_the_cluster_speaks_oip_under_its_prefix": "in random order another "
-    "server may have started Ray Serve's gRPC proxy first; the warning it then prints is right, the test's "
-    "expectation is order-dependent",
 }
 
 
