@@ -1,6 +1,6 @@
 """Where an OpenVINO run of a bundle spends its time: OpenVINO's per-layer PERF_COUNT, summed by layer kind.
 
-    .venv/bin/python benchmarks/openvino_profile.py BUNDLE [--precision bf16] [--batch 4] [--iters 3] [--dynamic]
+    .venv/bin/python benchmarks/openvino_profile.py BUNDLE [--precision bf16|f32] [--batch 4] [--iters 3] [--dynamic]
 
 Prints ms per call and share per (layer type, kernel), the quantized GEMMs' own rate against the model's FLOPs
 in them (in all and per layer role, against the square INT8 GEMM peak measured here), and how many activation
@@ -10,17 +10,17 @@ them). Profiling adds a little overhead; time with run_all.py, not this.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ov_args import parser
+from ov_args import parse, parser
 
 from stexport.runtime import bench
 from stexport.runtime.backends.openvino import import_openvino
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--dynamic", action="store_true", help="keep the ONNX's dynamic batch (stexport compiles "
                     "for the batch it runs)")
-    args = ap.parse_args()
+    args = parse(ap)
 
     bundle = Bundle.load(args.bundle)
     ov = import_openvino()
@@ -81,22 +81,30 @@ def main() -> None:
     fq = [name for (ntype, _, name), _ in mid.items() if ntype == "FakeQuantize"]
     print(f"standalone FakeQuantize layers: {len(fq)}")
 
-    # per role: OpenVINO renames some fused layers, so match on the ONNX names each runtime layer came from
-    origin = {op.get_friendly_name(): op.get_rt_info()["originalLayersNames"].astype(str)
+    # per role: OpenVINO renames and fuses layers, so a runtime layer's role is that of the ONNX GEMM among the
+    # layers it came from, matched by exact node name (ops added around GEMMs, such as outlier migration's
+    # `<fc1>.smooth_scale` or Q/DQ pairs, are not GEMMs and claim no role)
+    graph = onnx.load(str(bundle.file("onnx")), load_external_data=False).graph
+    onnx_gemms = {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")}
+    origin = {op.get_friendly_name(): {o.split("/")[0] for o in
+                                       op.get_rt_info()["originalLayersNames"].astype(str).split(",")} & onnx_gemms
               for op in compiled.get_runtime_model().get_ops()}
     parts = flops["parts"]
-    roles = [("q, k, v", r"\.attn\.[qkv](,|/|$)", parts["qkv"]),
-             ("mlp fc (+GELU)", r"\.fc(,|/|$)", parts["mlp"] / 2), ("mlp proj", r"\.proj(,|/|$)", parts["mlp"] / 2),
-             ("adapter fc1", r"\.fc1(,|/|$)", parts["adapter_fc"] / 2),
-             ("adapter fc2", r"\.fc2(,|/|$)", parts["adapter_fc"] / 2),
-             ("attention out", r"\.attn\.out(,|/|$)", parts["attn_out"])]
+    roles = [("q, k, v", ("attn.q", "attn.k", "attn.v"), parts["qkv"]),
+             ("mlp fc (+GELU)", ("fc",), parts["mlp"] / 2), ("mlp proj", ("proj",), parts["mlp"] / 2),
+             ("adapter fc1", ("fc1",), parts["adapter_fc"] / 2), ("adapter fc2", ("fc2",), parts["adapter_fc"] / 2),
+             ("attention out", ("attn.out",), parts["attn_out"])]
+
+    def claims(name: str, ends: tuple[str, ...]) -> bool:
+        return any(g.endswith(tuple("." + e for e in ends)) for g in origin.get(name, ()))
+
     peak, method, _ = bench.gemm_peak("int8")
     footnote = False
     print(f"integer GEMMs by role (square INT8 GEMM peak here: {peak:.0f} GOP/s, {method}):")
-    for role, pattern, role_flops in roles:
-        mine = [name for name in int_fc if re.search(pattern, origin.get(name, name))]
+    for role, ends, role_flops in roles:
+        mine = [name for name in int_fc if claims(name, ends)]
         if role == "attention out" and not mine:  # OpenVINO's fusion may drop its name; the one role left
-            mine = [name for name in int_fc if not any(re.search(p, origin.get(name, name)) for _, p, _ in roles)]
+            mine = [name for name in int_fc if not any(claims(name, e) for _, e, _ in roles)]
             role += "*"
             footnote = True
         ms = sum(int_fc[name] for name in mine)

@@ -1,6 +1,6 @@
 """OpenVINO with a model compiled per batch size (the default) against one dynamic-batch model, paired.
 
-    .venv/bin/python benchmarks/openvino_static.py BUNDLE [--precision bf16] [--batch 4] [--pairs 20]
+    .venv/bin/python benchmarks/openvino_static.py BUNDLE [--precision bf16|f32] [--batch 4] [--pairs 20]
 
 Both backends live in one process and their calls alternate (the order flips every pair), so a shared
 machine's drift hits both alike; the figure to quote is the median of the per-pair time ratios.
@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ov_args import parser
+from ov_args import parse, parser
 
 from stexport.runtime import bench
 from stexport.runtime.backends.openvino import OpenVINOBackend
@@ -26,7 +26,7 @@ from stexport.bundle.store import Bundle
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--pairs", type=int, default=20)
-    args = ap.parse_args()
+    args = parse(ap)
 
     bundle = Bundle.load(args.bundle)
     runs = {"dynamic": OpenVINOBackend(bundle, compute=args.precision, cache=False, static=False),

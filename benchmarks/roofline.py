@@ -1,6 +1,6 @@
 """An INT8 bundle on OpenVINO against this CPU's INT8 GEMM peak, measured interleaved in one process.
 
-    .venv/bin/python benchmarks/roofline.py BUNDLE [--precision bf16] [--batch 4] [--rounds 7]
+    .venv/bin/python benchmarks/roofline.py BUNDLE [--precision bf16|f32] [--batch 4] [--rounds 7]
 
 Each round measures the square INT8 GEMM peak (and the float one for the mixed roofline), then the model at
 --batch. The ratio is taken within a round, so the drift of a shared machine between a peak measured at the
@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ov_args import parser
+from ov_args import parse, parser
 
 from stexport.runtime import bench
 from stexport.runtime.backends.openvino import OpenVINOBackend
@@ -29,7 +29,7 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=3, help="model calls per round")
-    args = ap.parse_args()
+    args = parse(ap)
 
     bundle = Bundle.load(args.bundle)
     if bundle.precision != "int8":

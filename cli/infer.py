@@ -44,14 +44,17 @@ RAY_ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9_.\-]+:\d+)$")
 def expand(inputs: list[str]) -> list[str]:
     """Files, directories (videos below them, sorted), globs and live sources, in the order given.
 
-    Never raises for one input: what is not a video (a directory without videos, a FIFO, a missing file) stays
+    Raises StexportError for a clip list given as a video (it goes with --clips). Otherwise never raises
+    for one input: what is not a video (a directory without videos, a FIFO, a missing file) stays
     in the list and is reported in its turn, so the other videos still run."""
     from stexport.errors import StexportError
-    from stexport.runtime.video import is_live, read_clip_list
+    from stexport.runtime.video import is_clip_list, is_live, read_clip_list
 
     out: list[str] = []
     for item in inputs:
         p = Path(item)
+        if is_clip_list(p):
+            raise StexportError(f"{item}: a clip list, not a video; pass lists with --clips {item}")
         if is_live(item) or p.is_file():
             out.append(item)
         elif p.is_dir():
@@ -170,6 +173,9 @@ def infer(
                               "classes, labels and sampling; results carry its name. Works with "
                               "--output, --batch, --decode-threads and --ray (each worker loads it once). "
                               + TASK_BACKENDS),
+    clips: list[Path] = typer.Option(None, "--clips", "-c", help="Clip lists ('<video> [label]' per line, as "
+                                     "`verify --clips` and `build --calib` read them; '#' comments allowed): "
+                                     "their videos are classified after the arguments'. Repeatable."),
 ):
     """Classify videos the way the official ST-Adapter evaluation does: sample each video's views (the
     bundle's frames, rate and TEMPORALxSPATIAL crops), softmax each view, average, and print the top classes.
@@ -201,13 +207,19 @@ paths, or --ship-bundle), with results identical to a local run.
     if ray_address is not None and not RAY_ADDRESS.match(ray_address):
         raise StexportError(f"--ray {ray_address}: expected nothing (a local cluster), auto, HOST:PORT or "
                             "ray://HOST:PORT")
-    if not videos:
+    if not videos and not clips:
         raise StexportError("no inputs: pass video files, directories or globs, e.g. stexport infer clip.mp4")
+    sources = expand(videos)  # a clip list among the videos is refused here, before the backend loads
+    if clips:
+        from stexport.runtime.video import read_clip_lists
+
+        sources += [str(p) for p, _ in read_clip_lists(clips)]
     if stride is not None and window is None:
         raise StexportError("--stride needs --window (timeline mode)")
-    for flag, seconds in (("--window", window), ("--stride", stride)):  # refused before the backend loads
-        if seconds is not None and not seconds > 0:
-            raise StexportError(f"{flag} {seconds:g}: must be a positive number of seconds, e.g. {flag} 4")
+    if window is not None:  # refused before the backend loads
+        from stexport.runtime.video import check_seconds
+
+        check_seconds(window, window if stride is None else stride)
     if window is not None and (output or ray_address or batch or decode_threads):
         raise StexportError("--window (timeline mode) runs one video at a time: drop --output, --ray, --batch "
                             "and --decode-threads, or --window")
@@ -229,7 +241,6 @@ paths, or --ship-bundle), with results identical to a local run.
     options = parse_options(option)
     if threads:
         options["threads"] = threads
-    sources = expand(videos)
     if window is None and (output is not None or ray_address is not None or batch or decode_threads):
         return corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch,
                       decode_threads, ray_address, workers, worker_cpus, ship_bundle, decode_timeout, pack,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import time
+from urllib.parse import urlsplit
 from pathlib import Path
 
 import typer
@@ -136,8 +138,6 @@ def serve(
     names, default = srv.task_list(cfg)
     url = srv.start(cfg, ray_address, checked=True)
     if as_json:
-        from urllib.parse import urlsplit
-
         grpc_at = f"{urlsplit(url).hostname}:{grpc_port}" if grpc_port else None
         print_json({"url": url, "classify": f"{url}/classify", "healthz": f"{url}/healthz",
                     "metadata": f"{url}/metadata", "stats": f"{url}/stats", "metrics": f"{url}/metrics",
@@ -145,10 +145,21 @@ def serve(
                     "default_task": default})
     on = f" with tasks {', '.join(n + ' (default)' * (n == default) for n in names)}" if cfg.tasks else ""
     typer.echo(f"stexport: serving {cfg.bundle}{on} at {url}/classify (health {url}/healthz, metadata "
-               f"{url}/metadata); Ctrl-C stops", err=True)
+               f"{url}/metadata, Open Inference Protocol {url}/v2, Prometheus {url}/metrics); Ctrl-C stops",
+               err=True)
+
+    def terminate(signum, frame):  # a service manager's stop: the same clean shutdown as Ctrl-C, exit 143
+        raise SystemExit(128 + signum)
+
+    # without it SIGTERM killed the interpreter mid-way through Ray's threads (exit 134) and left the local
+    # cluster's processes running
+    signal.signal(signal.SIGTERM, terminate)
     try:
         while True:  # until Ctrl-C: its KeyboardInterrupt ends the command as "interrupted", exit code 130
             time.sleep(3600)
+    except SystemExit:
+        typer.echo("stexport: stopping (SIGTERM)", err=True)
+        raise
     finally:
         srv.stop(app=srv.app_name(cfg) if ray_address else None)  # a joined cluster keeps its other apps
 

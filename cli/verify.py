@@ -74,6 +74,9 @@ def verify(
                         "|Δlogit| against the reference this removes."),
     top: int = typer.Option(None, "--top", help="With --layers: show the N most sensitive layers (default: "
                             "10 in the table, all in --json)."),
+    allow_failed: bool = Flag(False, "--allow-undecodable", help="Let the gate pass on the videos that decoded "
+                              "when some could not be (by default such a run fails: it did not check what was "
+                              "asked). The report says how many failed either way."),
 ):
     """Decode each video as `infer` does, run the bundle's backend and the PyTorch reference on the same
     clips, and report max/mean |Δlogit|, cosine similarity, top-1 and top-5 agreement and, when the list has
@@ -98,7 +101,8 @@ def verify(
     if layers:
         bad = [f for f, v in (("--backend", backend != "auto" and backend != "onnxruntime"), ("--task", task),
                               ("--device", device), ("--option", option), ("--max-abs", max_abs),
-                              ("--min-agreement", min_agreement), ("--max-drop", max_drop)) if v]
+                              ("--min-agreement", min_agreement), ("--max-drop", max_drop),
+                              ("--allow-undecodable", allow_failed)) if v]
         if bad:
             raise StexportError(f"--layers runs the graph on ONNX Runtime (CPU) and checks no gate; drop {bad[0]}")
         from stexport.build.verify import format_layers, layer_report
@@ -117,7 +121,8 @@ def verify(
         options.update({k: v for k, v in {"device": device, "threads": threads}.items() if v is not None})
         report = run_verify(b, clips if len(clips) != 1 else clips[0], backend=backend, max_clips=max_clips,
                             gate=gate, pretrained=pretrained, progress=True, use_cache=not no_cache, task=task,
-                            decode_timeout=decode_timeout, max_decode_s=max_decode_s, **options)
+                            decode_timeout=decode_timeout, max_decode_s=max_decode_s, allow_failed=allow_failed,
+                            **options)
         text = format_report(report)
     if report_path is not None:
         from stexport.fileutil import atomic_write_json

@@ -383,15 +383,6 @@ KNOWN_FAILURES = {
     "test_openvino.py::test_verify_int8_through_openvino": "the same near-tie INT8 tiny model under verify's 95% gate",
     "test_build_verify.py::test_vit_b16_parity_per_precision": "random ViT-B/16 INT8: top-1 agreement 0.5 on 4 "
     "near-tied views (cosine 0.997); fails at de2aabb in this environment too",
-    "test_openvino.py::test_static_batch_sizes": "OpenVINO static-batch INT8 logits differ by up to 1.4e-3 from "
-    "the dynamic ones (tolerance 1e-4) since outlier migration; not yet investigated",
-    "test_openvino.py::test_benchmark_scripts_read_an_int8_bundle": "the benchmark's GEMM-role count does not "
-    "know outlier migration's added nodes yet",
-    "test_bench.py::test_bench_on_a_terminal_shows_progress_and_time_left": "the progress bar's final line is "
-    "not always flushed to the pty before the result on a loaded machine",
-    "test_oip.py::test_cli_server_joining_the_cluster_speaks_oip_under_its_prefix": "in random order another "
-    "server may have started Ray Serve's gRPC proxy first; the warning it then prints is right, the test's "
-    "expectation is order-dependent",
 }
 
 

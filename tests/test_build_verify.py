@@ -283,6 +283,26 @@ def test_verify_takes_the_inputs_build_calib_takes(tiny_bundle, videos, tmp_path
                                 "UTF-8, e.g. `iconv -f latin1 -t utf-8 LIST > LIST.utf8`")
 
 
+def test_verify_fails_when_inputs_could_not_be_decoded_unless_allowed(tiny_bundle, videos, tmp_path):
+    """verify printed PASS with 5 of 7 inputs undecodable (issue 29): a failed input fails the gate, with its
+    reason; --allow-undecodable lets the rest decide, and the report still says how many failed. A list with
+    a byte-order mark and '#' comments reads as people write it."""
+    (tmp_path / "broken.mp4").write_bytes(b"\0not a video" * 100)
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(f"\ufeff# two clips\n{videos / 'v0.mp4'}\n\nbroken.mp4\n".encode())
+    r = cli("verify", tiny_bundle.path, "--clips", lst)
+    assert r.exit_code == 1, r.output
+    assert "videos           1 (3 views), 1 could not be decoded" in r.stdout
+    assert "gate             videos decoded = 1 (limit all 2): FAIL" in r.stdout
+    assert f"                 {tmp_path / 'broken.mp4'}: not a video" in r.stdout
+    assert r.stdout.rstrip().endswith("result           FAIL")
+    r = cli("verify", tiny_bundle.path, "--clips", lst, "--allow-undecodable", "--json", "-")
+    assert r.exit_code == 0, r.output
+    out = strict_loads(r.stdout)
+    assert out["passed"] and out["videos"] == 1 and len(out["failed"]) == 1
+    assert out["checks"][0]["check"] == "videos decoded" and out["checks"][0]["limit"] == "all 2 (fewer allowed)"
+
+
 def test_verify_fails_the_gate_on_nan_logits_with_strict_json(tiny_bundle, videos, tmp_path):
     shutil.copytree(tiny_bundle.path, tmp_path / "b")
     nan_weight(tmp_path / "b")

@@ -74,6 +74,30 @@ def test_views_are_scored_by_averaging_probabilities_not_logits(bundle, videos, 
             np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_batch_timing_is_each_videos_share_of_its_call(bundle, videos, monkeypatch):
+    """classify_batch: a video's timing.infer_s is its views' share of the backend call that ran them, not the
+    whole call's time (issue 30, kind 4); the shares of one call add up to that call's time."""
+    import time
+
+    with Classifier(bundle, backend="onnxruntime", top_k=1, batch_size=64) as clf:
+        run, calls = clf.backend.run, []
+
+        def timed(clips, task=None):
+            t = time.perf_counter()
+            out = run(clips)
+            calls.append(time.perf_counter() - t)
+            return out
+
+        monkeypatch.setattr(clf.backend, "run", timed)
+        results = list(clf.classify_batch(videos[:3]))
+    assert len(calls) == 1 and len(results) == 3
+    assert sum(r.infer_s for r in results) == pytest.approx(calls[0], rel=0.05)
+    per_view = results[0].infer_s / results[0].views
+    for r in results:
+        assert r.infer_s == pytest.approx(per_view * r.views, rel=1e-9)
+        assert r.to_dict()["timing"]["infer_s"] == round(r.infer_s, 4)
+
+
 def test_backends_agree_and_auto_resolves(bundle, videos):
     with Classifier(bundle, backend="auto", top_k=3) as a, Classifier(bundle, backend="torch", top_k=3) as t:
         assert a.backend.name == backends.resolve("auto", bundle) != "torch"
@@ -187,8 +211,10 @@ def test_timeline_windows(bundle, tmp_path):
     with Classifier(bundle, backend="onnxruntime", top_k=2,
                     sampling=Sampling(frames=8, size=32, rate=2, temporal_views=1)) as clf:
         wins = list(clf.timeline(long, window=3.0, stride=1.5))
-    assert [(w.start, w.end) for w in wins] == [(a / 10, (a + 30) / 10) for a in range(0, 71, 15)]
+    # every 1.5 s up to 6-9 s, then one window aligned to the end covers the last second (issue 30, kind 4)
+    assert [(w.start, w.end) for w in wins] == [(a / 10, (a + 30) / 10) for a in range(0, 61, 15)] + [(7.0, 10.0)]
     assert all(w.views == 1 and len(w.top) == 2 and w.frames == 30 for w in wins)
+    assert not any(w.notes for w in wins[:-1]) and "aligned to the end" in wins[-1].notes[0]
 
 
 def test_classifier_refuses_mismatches(bundle, tmp_path):
@@ -221,6 +247,8 @@ def bad_inputs(good, tmp_path) -> dict[str, tuple]:
     midstream[a:b] = np.random.default_rng(1).integers(0, 256, b - a, dtype=np.uint8).tobytes()
     (t / "midstream.mp4").write_bytes(bytes(midstream))
     write_video(t / "short.mp4", frames=3)
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:duration=1",
+                    "-c:a", "aac", str(t / "audio.mp4")], check=True, timeout=60)
     return {
         "missing": (t / "missing.mp4", "missing.mp4: no such file", False),
         "not a video": (t / "random.mp4", "random.mp4: not a video", False),
@@ -230,6 +258,8 @@ def bad_inputs(good, tmp_path) -> dict[str, tuple]:
         "lying header": (t / "lying.avi", "lying.avi: header says 40 frames", True),
         "mid-stream failure": (t / "midstream.mp4", "midstream.mp4: header says 40 frames", True),
         "very short": (t / "short.mp4", "short.mp4: only 3 frames", True),
+        "audio only": (t / "audio.mp4", "audio.mp4: has no video stream (only audio); pass a file with video",
+                       False),
     }
 
 
@@ -252,7 +282,7 @@ def test_cli_bad_inputs_one_line_each_others_still_run(bundle, videos, tmp_path)
         d = by_path[str(v)]
         assert len(d["top"]) == 2 and d["views"] == 3 and set(d["timing"]) == {"decode_s", "infer_s"}
         assert d["backend"] == backends.resolve("auto", bundle)
-    assert "5 of 10 inputs failed" in r.stderr
+    assert "6 of 11 inputs failed" in r.stderr
     stray = [ln for ln in r.stderr.splitlines() if not ln.startswith("stexport: ")]
     assert not stray, stray  # nothing from FFmpeg/OpenCV
 
@@ -287,8 +317,9 @@ def test_cli_timeline_json(bundle, tmp_path):
     # seconds of the file's timestamps (75 frames at 25 fps: 3 s), not strides rounded to 13 frames
     assert [(d["start"], d["end"]) for d in rows] == [(0.0, 1.0), (0.5, 1.5), (1.0, 2.0), (1.5, 2.5), (2.0, 3.0)]
     assert all(len(d["top"]) == 1 and d["path"] == str(long) for d in rows)
-    r = invoke(long, "-m", bundle.path, "--window", "2")
-    assert r.exit_code == 0 and "0.00-2.00" in r.stdout
+    r = invoke(long, "-m", bundle.path, "--window", "2")  # the last second is not dropped (issue 30, kind 4)
+    assert r.exit_code == 0 and "0.00-2.00" in r.stdout and "1.00-3.00" in r.stdout, r.output
+    assert "the last window (1-3 s) is aligned to the end of the video" in r.stderr
 
 
 def test_cli_default_bundle_is_newest_or_a_clear_message(bundle, videos, tmp_path):

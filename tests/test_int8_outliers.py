@@ -152,6 +152,10 @@ def test_migrate_option_is_checked(tiny_adapter):
     for bad in ("1.5", "smooth"):
         with pytest.raises(StexportError, match=f"--int8-migrate {bad}: use auto, off or an alpha"):
             BuildOptions(**base, int8_migrate=bad)
+    for bad, meant in (("OFF", "off"), ("Auto", "auto"), ("of", "off")):  # a new user's spelling gets a hint
+        said = f"^--int8-migrate {bad}: did you mean {meant}\\? use auto, off or an alpha between 0 and 1$"
+        with pytest.raises(StexportError, match=said):
+            BuildOptions(**base, int8_migrate=bad)
     with pytest.raises(StexportError, match="needs --precision int8"):
         BuildOptions(adapter=tiny_adapter, int8_migrate="off")
     with pytest.raises(StexportError, match="swappable"):

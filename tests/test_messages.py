@@ -101,12 +101,33 @@ def test_window_zero_is_refused_before_the_backend_loads(tiny_bundle, make_video
             "def never(*a, **k): raise SystemExit('the backend was loaded')\n"
             "c.Classifier.__init__ = never\n"
             "from stexport.cli.app import main; main()")
-    for flag, value in (("--window", "0"), ("--window", "-2"), ("--window", "nan")):
+    for flag, value in (("--window", "0"), ("--window", "-2"), ("--window", "nan"), ("--window", "inf")):
         line = one_error(cli("infer", video, "-m", tiny_bundle.path, flag, value, code=code))
-        assert line == (f"stexport: error: {flag} {float(value):g}: must be a positive number of seconds, e.g. "
-                        f"{flag} 4")
-    line = one_error(cli("infer", video, "-m", tiny_bundle.path, "--window", "4", "--stride", "0", code=code))
-    assert line == "stexport: error: --stride 0: must be a positive number of seconds, e.g. --stride 4"
+        assert line == (f"stexport: error: {flag} {float(value):g}: must be a positive, finite number of seconds, "
+                        f"e.g. {flag} 4")
+    for stride in ("0", "inf"):
+        line = one_error(cli("infer", video, "-m", tiny_bundle.path, "--window", "4", "--stride", stride, code=code))
+        assert line == (f"stexport: error: --stride {float(stride):g}: must be a positive, finite number of "
+                        "seconds, e.g. --stride 4")
+
+
+def test_a_clip_list_where_videos_go_names_the_flag(tiny_bundle, make_video, tmp_path):
+    """`stexport infer LIST.txt` decoded the list as a video (issue 29): refused before the backend loads with
+    the flag that takes lists; with it, the list's videos (BOM and comments as people write them) run."""
+    video = make_video("v.mp4", frames=12)
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(f"\ufeff# my clips\n{video} 1\n".encode())
+    code = ("import sys; sys.argv[0] = 'stexport'\n"
+            "import stexport.runtime.classify as c\n"
+            "def never(*a, **k): raise SystemExit('the backend was loaded')\n"
+            "c.Classifier.__init__ = never\n"
+            "from stexport.cli.app import main; main()")
+    line = one_error(cli("infer", video, lst, "-m", tiny_bundle.path, code=code))
+    assert line == f"stexport: error: {lst}: a clip list, not a video; pass lists with --clips {lst}"
+    r = cli("infer", "--clips", lst, "-m", tiny_bundle.path, "--json", "-b", "onnxruntime")
+    assert r.returncode == 0, r.stderr
+    (row,) = [json.loads(x) for x in r.stdout.splitlines()]
+    assert row["path"] == str(video)
 
 
 @pytest.mark.parametrize("inside", ["model.onnx", "labels.txt"])

@@ -234,7 +234,13 @@ def test_static_batch_sizes(bundles, clips, reference):
         for n in sizes:
             out, ref = be.run(clips[:n]), dyn.run(clips[:n])
             assert out.shape == (n, reference.shape[1])
-            np.testing.assert_allclose(out, ref, atol=1e-4)  # the same integer GEMMs, fused differently
+            # The same integer GEMMs, but the static model fuses each activation quantization into the float op
+            # before it, which rounds differently in the last bit: a value on a rounding boundary can land one
+            # INT8 step away. Measured on this fixture: 1 clip of 9 differs, by 1.4e-3 (every clip is the same
+            # at batch 1 and at batch 9 within each mode), against 0.055-0.078 between INT8 and the reference.
+            # So: a small fraction of what quantization itself moves each clip, never the float-level 1e-4.
+            quantization = np.abs(ref - reference[:n]).max(axis=1)
+            assert (np.abs(out - ref).max(axis=1) <= 0.1 * quantization).all(), (out - ref, quantization)
         assert be.describe()["batch_sizes"] == [*sorted(sizes[:KEEP]), "any"]
         assert dyn.describe()["batch_sizes"] == ["any"]
         # no activation quantization left as a layer of its own (under a dynamic batch some are)
@@ -242,6 +248,9 @@ def test_static_batch_sizes(bundles, clips, reference):
         assert not [op for op in ops if op.get_rt_info()["layerType"].astype(str) == "FakeQuantize"]
     with OpenVINOBackend(bundles["fp32"], cache=False, hint="throughput") as be:
         assert be.describe()["batch_sizes"] == ["any"]
+    with OpenVINOBackend(bundles["fp32"], cache=False) as be, \
+            OpenVINOBackend(bundles["fp32"], cache=False, static=False) as dyn:  # no quantization: float-level
+        np.testing.assert_allclose(be.run(clips[:3]), dyn.run(clips[:3]), atol=1e-5)
 
 
 def test_bad_options(bundles):

@@ -472,3 +472,69 @@ def test_read_body_budget_and_rate():
         assert e.value.status == 408 and "100 kB/s" in e.value.message
 
     asyncio.run(run())
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc: no psutil here)."""
+    parents: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def test_sigterm_stops_serve_cleanly_with_what_it_started(tiny_bundle):
+    """A service manager's SIGTERM: exit 143 after the same shutdown as Ctrl-C (was: exit 134, Ray's agents
+    left running); the startup line names every route. The processes of the local cluster it started end
+    with it (no `ray stop`: that would end other sessions' Ray too)."""
+    import signal
+    import time
+
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "stexport.cli.app", "serve", str(tiny_bundle.path), "--port",
+                          str(port), "--insecure", "-b", "onnxruntime", "--replica-cpus", "0.25"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        started = ""
+        deadline = time.monotonic() + 240
+        while "stexport: serving" not in started and time.monotonic() < deadline and p.poll() is None:
+            started += p.stderr.readline()
+        url = f"http://127.0.0.1:{port}"
+        assert f"at {url}/classify (health {url}/healthz, metadata {url}/metadata, Open Inference Protocol " \
+               f"{url}/v2, Prometheus {url}/metrics); Ctrl-C stops" in started, started
+        assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
+        below = _descendants(p.pid)
+        assert below  # Ray's head processes, started by this server
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 143, err
+    assert "stexport: stopping (SIGTERM)" in err and "Traceback" not in err, err
+
+    def alive(q: int) -> str | None:  # its command line, None once it has ended (a zombie has ended)
+        try:
+            with open(f"/proc/{q}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return None
+            with open(f"/proc/{q}/cmdline") as f:
+                return f.read().replace("\0", " ")[:120]
+        except OSError:
+            return None
+
+    deadline = time.monotonic() + 30
+    while (left := [c for c in map(alive, below) if c]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, left

@@ -251,7 +251,8 @@ def test_windows_sample_each_window_like_a_video(make_video):
     path = make_video("w.avi", frames=100, fps=10)
     s = Sampling(frames=4, size=48, rate=0, temporal_views=1, spatial_views=1)
     wins = list(decode_windows(path, s, window=3.0, stride=2.0))
-    assert [(w.start, w.end) for w in wins] == [(a / 10, (a + 30) / 10) for a in range(0, 71, 20)]
+    assert [(w.start, w.end) for w in wins] == [(a / 10, (a + 30) / 10) for a in (0, 20, 40, 60, 70)]
+    assert "the last window (7-10 s) is aligned to the end" in wins[-1].notes[0]
     rgb = all_frames(path)
     for w in wins:
         a = round(w.start * 10)
@@ -259,6 +260,20 @@ def test_windows_sample_each_window_like_a_video(make_video):
         assert_same(w.clips, ref)
     short = list(decode_windows(path, s, window=60.0, stride=10.0))
     assert len(short) == 1 and short[0].end == 10.0
+    exact = list(decode_windows(path, s, window=5.0, stride=5.0))  # no tail: no extra window
+    assert [(w.start, w.end) for w in exact] == [(0.0, 5.0), (5.0, 10.0)]
+
+
+@pytest.mark.parametrize("flag", ["window", "stride"])
+def test_windows_shorter_than_a_frame_are_refused(make_video, flag):
+    """--window 0.01 made 12,000 windows over 419 s of 30 fps video, most without a frame of their own
+    (issue 29): a window or stride under the frame spacing is one error naming the spacing."""
+    path = make_video("w.avi", frames=20, fps=10)
+    s = Sampling(frames=4, size=48, rate=0, temporal_views=1, spatial_views=1)
+    seconds = {"window": 1.0, "stride": 1.0, flag: 0.01}
+    with pytest.raises(video.VideoError, match=rf"w.avi: --{flag} 0.01 is shorter than the time between frames "
+                                               rf"\(0.1 s\); use --{flag} 0.1 or more"):
+        list(decode_windows(path, s, **seconds))
 
 
 def live(path, s):
@@ -291,6 +306,14 @@ def test_read_clip_list(tmp_path, make_video):
     with pytest.raises(StexportError, match="no such file"):
         read_clip_list(tmp_path / "missing.txt")
 
+    # lists as people write them (issue 29): a byte-order mark, '#' comments, blank and indented lines
+    (tmp_path / "bom.txt").write_bytes("\ufeff# validation clips\n\n  sub/a.mp4 3\n# b.avi 1\nb.avi\n".encode())
+    assert read_clip_list(tmp_path / "bom.txt") == [(a, 3), (b, None)]
+    (tmp_path / "urls.txt").write_text("b.avi 1\nhttp://127.0.0.1:9/x.mp4 2\n")
+    with pytest.raises(StexportError, match=r"urls.txt: line 2 is a URL \(http://127.0.0.1:9/x.mp4\); clip lists "
+                                            "hold local files"):
+        read_clip_list(tmp_path / "urls.txt")
+
 
 def test_url_to_a_file_is_sampled_as_a_file(make_video, http_dir):
     """An http:// link to a finite file is counted and sampled as the whole file, like the file itself."""
@@ -301,7 +324,8 @@ def test_url_to_a_file_is_sampled_as_a_file(make_video, http_dir):
     assert not d.live and d.sampled == "whole file" and d.header_frames == 60 and d.frames == 60
     assert np.array_equal(d.clips, local.clips)
     wins = list(decode_windows(url, Sampling(frames=4, size=48, rate=0, temporal_views=1), 1.0, 1.0))
-    assert [(w.start, w.end) for w in wins] == [(0.0, 1.0), (1.0, 2.0)]  # 60 frames at 25 fps: 2.4 s
+    # 60 frames at 25 fps: 2.4 s, the last 0.4 s in a window aligned to the end
+    assert [(w.start, w.end) for w in wins] == [(0.0, 1.0), (1.0, 2.0), (1.4, 2.4)]
 
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI "
@@ -440,3 +464,13 @@ def test_cv2_without_utils_logging_still_decodes(make_video, monkeypatch):
     monkeypatch.delattr(cv2.utils, "logging", raising=False)  # OpenCV 4.8 has none either
     d = decode(make_video("c.mp4", frames=9), Sampling(frames=4, size=32, rate=0, temporal_views=1))
     assert d.frames == 9
+
+
+def test_pixel_limits_are_written_in_units_that_read(make_video):
+    """--max-pixels 1000 said "0 megapixels" for both the frame and the limit (new-user finding)."""
+    path = make_video("small.avi", frames=2, width=96, height=72)
+    with pytest.raises(video.VideoError, match=r"small.avi: its frames are 96x72 \(6,912 pixels\), over the "
+                                               r"decoder's limit of 1,000 pixels \(--max-pixels\)"):
+        video.open_capture(path, max_pixels=1000)
+    assert [video.pixels(n) for n in (1, 999_999, 1_000_000, 2_073_600, 63_999_999)] == [
+        "1 pixel", "999,999 pixels", "1 megapixels", "2.07 megapixels", "64 megapixels"]

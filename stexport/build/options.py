@@ -144,8 +144,11 @@ class BuildOptions:
             except (TypeError, ValueError):
                 alpha = -1.0
             if not 0.0 <= alpha <= 1.0:
-                raise StexportError(f"--int8-migrate {self.int8_migrate}: use auto, off or an alpha between 0 "
-                                    "and 1")
+                close = difflib.get_close_matches(str(self.int8_migrate).lower(), ("auto", "off"), n=1,
+                                                  cutoff=0.4)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise StexportError(f"--int8-migrate {self.int8_migrate}: {hint}use auto, off or an alpha "
+                                    "between 0 and 1")
         if self.int8_migrate != "auto" and self.precision != "int8":
             raise StexportError(f"--int8-migrate {self.int8_migrate} needs --precision int8")
         if self.swappable and self.int8_migrate not in ("auto", "off"):

@@ -128,12 +128,13 @@ def _reference_batch(b: Bundle) -> int:
 def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | None = None,
            gate: Gate | None = None, pretrained: str | None = None, progress: bool = False,
            reference=None, use_cache: bool = True, task=None, decode_timeout: float | None = None,
-           max_decode_s: float | None = None, **backend_options) -> dict:
+           max_decode_s: float | None = None, allow_failed: bool = False, **backend_options) -> dict:
     """Compare `backend` on `bundle` with the PyTorch reference on the videos of `clips` (a '<video> <label>'
     list, a directory, a video file, or a list of those). Returns the report; report['passed'] is the gate's
     verdict. Videos are decoded in a child process (stexport.runtime.decode_worker): one that cannot be decoded is
     listed in report['failed'] and the rest go on: one that crashes the decoder, reads no frame for
     `decode_timeout` seconds (default 60) or takes longer than `max_decode_s` in all (default: no limit) too.
+    Videos that could not be decoded fail the gate ("videos decoded") unless `allow_failed`.
     Non-finite logits fail the gate ("finite logits", whose "error" is the message `infer` gives that video:
     stexport.runtime.scoring.non_finite_message).
 
@@ -176,7 +177,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     ref_described["cached"] = bool(stored)
     if cache is not None:
         ref_described["cache"] = str(cache)
-    checks = _checks(job, metrics, gate, errors)
+    checks = _checks(job, metrics, gate, errors, runs.failed, len(runs.out_logits), allow_failed)
     n = len(runs.out_logits)
     pack = job.pack
     return {
@@ -423,10 +424,17 @@ def _metrics(job: _Job, runs: _Runs, backend: str) -> tuple[dict, list[str]]:
     return metrics, errors
 
 
-def _checks(job: _Job, metrics: dict, gate: Gate, errors: list[str]) -> list[dict]:
-    """The gate's checks (`judge`), after "files unchanged since the build" when files changed and "finite
-    logits" (never a pass on NaN/Inf, whatever the other numbers say; "error": the first video's message)."""
+def _checks(job: _Job, metrics: dict, gate: Gate, errors: list[str], failed: list[dict], decoded: int,
+            allow_failed: bool = False) -> list[dict]:
+    """The gate's checks (`judge`), after "files unchanged since the build" when files changed, "finite
+    logits" (never a pass on NaN/Inf, whatever the other numbers say; "error": the first video's message) and
+    "videos decoded" when some could not be (a gate on 2 of 7 videos is not the gate asked for: it fails
+    unless `allow_failed`, and says so either way)."""
     checks = judge(job.precision, metrics, gate)
+    if failed:
+        checks.insert(0, {"check": "videos decoded", "value": decoded,
+                          "limit": f"all {decoded + len(failed)}" + (" (fewer allowed)" if allow_failed else ""),
+                          "passed": allow_failed, "error": failed[0]["error"]})
     if job.modified:
         checks.insert(0, {"check": "files unchanged since the build", "value": len(job.modified),
                           "limit": "0 changed", "passed": False})
@@ -471,6 +479,8 @@ def format_report(report: dict) -> str:
     for c in report["checks"]:
         v = c["value"]
         shown = f"{v:.1%}" if "agreement" in c["check"] else f"{v:.3g}"
+        if c["check"] == "videos decoded":
+            shown = f"{v}"
         if c["check"] == "finite logits":
             nf = m["non_finite_views"]
             shown = f"{nf['backend']} backend / {nf['reference']} reference views with NaN/Inf"

@@ -303,13 +303,21 @@ def measure(bundle_path: str, backend: str = "auto", options: dict | None = None
     bar = tqdm(total=sum((warmup + calls(iters, b)) * b for b in batches), desc=f"bench {be.name}", unit="clip",
                disable=None if progress else True, leave=False)
 
+    shown = [None]  # the postfix last drawn
+
     def advance(clips: int, total: int, what: str) -> None:
+        # a new batch size is drawn at once; tqdm's own refreshes are rate-limited (mininterval), so on a busy
+        # machine a whole batch size could pass undrawn
+        changed, shown[0] = shown[0] != what, what
         bar.total = total
         bar.set_postfix_str(what, refresh=False)
         bar.update(clips)
+        if changed:
+            bar.refresh()
 
     with be, bar:
         res = time_runner(be.run, lambda b: clips_for(bundle, b), batches, iters, warmup, advance)
+        bar.refresh()  # the final state reaches the terminal before the bar is cleared and the result printed
         res["described"] = be.describe()
         if probe:
             np.save(probe[1], be.run(np.load(probe[0])))

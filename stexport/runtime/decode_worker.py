@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 from stexport.errors import StexportError
 from stexport.fileutil import python_child
-from stexport.runtime.video import Decoded, Sampling, VideoError, Window, check_source, display
+from stexport.runtime.video import Decoded, Sampling, VideoError, Window, check_seconds, check_source, display
 
 DEFAULT_STALL_S = 60.0  # --decode-timeout: a decoder that reads no frame for this long is taken as hung
 MAX_PIXELS = 36_000_000  # per frame, from the header: 8K UHD (7680x4320) and DCI 8K (8192x4320) fit
@@ -196,8 +196,7 @@ class DecodeWorker:
     def windows(self, source, sampling: Sampling, window: float, stride: float) -> Iterator[Window]:
         """`stexport.runtime.video.decode_windows` in the child. Abandoning the iterator early kills the child (it is
         restarted for the next request)."""
-        if window <= 0 or stride <= 0:
-            raise StexportError("--window and --stride must be positive (seconds)")
+        check_seconds(window, stride)
         with self._lock:
             self._request(source, ("windows", (window, stride), sampling, self.threads, self._header()))
             finished = False

@@ -65,6 +65,7 @@ from stexport.runtime import seek
 # FFmpeg writes a line per damaged packet to stderr; stexport reports damage itself, one line per file.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
+LIST_EXTS = (".txt", ".csv", ".list", ".lst")  # clip lists by name: refused where videos go, with a hint
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
 LIVE_SECONDS = 2.0
 BAND = 1  # first pass also keeps the BAND frames before each index the header's count needs
@@ -298,6 +299,22 @@ def _quiet(cv2) -> None:
         cv2.setLogLevel(2)  # LOG_LEVEL_ERROR
 
 
+def _streams_note(path: str) -> str | None:
+    """Why a file that FFmpeg's demuxer opens has nothing to decode (PyAV reads the container's streams):
+    "has no video stream (…)", or None when that is not the reason."""
+    try:
+        import av
+
+        with av.open(path) as c:
+            if c.streams.video:
+                return None
+            kinds = sorted({s.type for s in c.streams})
+    except Exception:  # noqa: BLE001 - not a container PyAV reads either: the generic message stands
+        return None
+    held = f"only {' and '.join(kinds)}" if kinds else "no streams at all"
+    return f"has no video stream ({held}); pass a file with video"
+
+
 def open_capture(source, threads: int | None = None, max_pixels: int | None = None,
                  max_frames: int | None = None):
     """cv2.VideoCapture for a file, URL or camera index; VideoError if it cannot be opened as a video.
@@ -325,7 +342,8 @@ def open_capture(source, threads: int | None = None, max_pixels: int | None = No
     if not cap.isOpened():
         if is_url(target):
             raise VideoError(f"{name}: cannot open the stream (unreachable, refused, or not a video)")
-        raise VideoError(f"{name}: not a video OpenCV/FFmpeg can read (unknown format, truncated or corrupt)")
+        why = _streams_note(target) or "not a video OpenCV/FFmpeg can read (unknown format, truncated or corrupt)"
+        raise VideoError(f"{name}: {why}")
     if _fourcc(cap) in ("ansi", "text"):  # FFmpeg's tty demuxer renders any text file as a "video"
         cap.release()
         raise VideoError(f"{name}: a text file, not a video")
@@ -336,6 +354,11 @@ def open_capture(source, threads: int | None = None, max_pixels: int | None = No
             cap.release()
             raise
     return cap
+
+
+def pixels(n: int) -> str:
+    """A pixel count as people read it: '6,912 pixels', '2.07 megapixels', '256 megapixels'."""
+    return f"{n:,} pixel{'s' * (n != 1)}" if n < 1_000_000 else f"{n / 1e6:.3g} megapixels"
 
 
 def check_header(cap, name: str, max_pixels: int | None, max_frames: int | None) -> None:
@@ -353,8 +376,8 @@ def check_header(cap, name: str, max_pixels: int | None, max_frames: int | None)
 
 
 def _oversized(name: str, w: int, h: int, max_pixels: int) -> VideoError:
-    return VideoError(f"{name}: its frames are {w}x{h} ({w * h / 1e6:.0f} megapixels), over the decoder's limit "
-                      f"of {max_pixels / 1e6:g} megapixels (--max-pixels): a decode bomb, or a video to "
+    return VideoError(f"{name}: its frames are {w}x{h} ({pixels(w * h)}), over the decoder's limit of "
+                      f"{pixels(max_pixels)} (--max-pixels): a decode bomb, or a video to "
                       "downscale first (ffmpeg -i FILE -vf scale=-2:2160 OUT.mp4)")
 
 
@@ -585,6 +608,13 @@ class Window:
 EPS = 1e-4  # seconds: timestamps come as float milliseconds
 
 
+def check_seconds(window: float, stride: float) -> None:
+    """Raise StexportError unless both are finite, positive seconds (the CLI's --window/--stride check)."""
+    for flag, seconds in (("--window", window), ("--stride", stride)):
+        if seconds is None or not 0 < seconds < float("inf"):
+            raise StexportError(f"{flag} {seconds:g}: must be a positive, finite number of seconds, e.g. {flag} 4")
+
+
 def _times(cap, fps: float | None, name: str, progress: Progress | None = None) -> tuple[list[float], list[str]]:
     """Pass 1: every decodable frame's presentation time in seconds from the first (CAP_PROP_POS_MSEC)."""
     import cv2
@@ -606,21 +636,39 @@ def _times(cap, fps: float | None, name: str, progress: Progress | None = None) 
     return [i / fps for i in range(len(raw))], [f"no usable timestamps; times assume a constant {fps:g} fps"]
 
 
-def _plan(times: list[float], fps: float | None, window: float, stride: float):
-    """(start, end, first frame, frame count) per window: frames whose display overlaps [start, start+window)."""
+def _plan(times: list[float], fps: float | None, window: float, stride: float, name: str = "video"):
+    """(start, end, first frame, frame count, note) per window: frames whose display overlaps [start, start+window).
+
+    Windows start every `stride` seconds; when they leave a tail shorter than a window uncovered, one more
+    window aligned to the end of the video covers it (its note says so), so no second of the file goes
+    unclassified. A video shorter than one window gives one window over all of it. Raises VideoError when
+    `window` or `stride` is shorter than the frame spacing (windows would hold no frame of their own)."""
     n = len(times)
     last = times[-1] - times[-2] if n > 1 else (1.0 / fps if fps else 0.0)  # the last frame's display time
     duration = times[-1] + last
+    spacing = float(np.median(np.diff(times))) if n > 1 else last
+    for flag, seconds in (("--window", window), ("--stride", stride)):
+        if n > 1 and seconds < spacing - EPS:
+            raise VideoError(f"{name}: {flag} {seconds:g} is shorter than the time between frames "
+                             f"({spacing:.3g} s); use {flag} {spacing:.3g} or more")
     plan, m = [], 0
     while m * stride + window <= duration + EPS:
-        a = m * stride
-        lo = max(0, bisect.bisect_right(times, a + EPS) - 1)  # the frame on screen at `a`
-        hi = bisect.bisect_left(times, a + window - EPS)  # frames that start before the window ends
-        plan.append((a, a + window, lo, max(hi - lo, 1)))
+        plan.append(_span(times, m * stride, window))
         m += 1
     if not plan:  # shorter than one window: one window over all of it
-        plan.append((0.0, duration, 0, n))
+        return [(0.0, duration, 0, n, None)]
+    if plan[-1][1] < duration - EPS:
+        a = duration - window
+        plan.append(_span(times, a, window, f"the last window ({a:.6g}-{duration:.6g} s) is aligned to the end "
+                                            f"of the video, overlapping the one before, so its last "
+                                            f"{duration - plan[-1][1]:.3g} s are classified too"))
     return plan
+
+
+def _span(times: list[float], a: float, window: float, note: str | None = None):
+    lo = max(0, bisect.bisect_right(times, a + EPS) - 1)  # the frame on screen at `a`
+    hi = bisect.bisect_left(times, a + window - EPS)  # frames that start before the window ends
+    return a, a + window, lo, max(hi - lo, 1), note
 
 
 def decode_windows(source, sampling: Sampling, window: float, stride: float,
@@ -630,14 +678,14 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
 
     Seconds are the file's presentation timestamps; a window holds the frames shown during it (from the frame
     on screen at its start), sampled like a whole video of that many frames. Windows that would run past the
-    end are dropped; a video shorter than one window gives one window over all of it. Files are read twice
+    end give way to one window aligned to the end (see `_plan`); a video shorter than one window gives one
+    window over all of it. Raises VideoError for windows shorter than the frame spacing. Files are read twice
     (timestamps, then the needed frames), so memory holds only the frames the open windows need: by seeking
     (timestamps from a demux-only pass, then only the GOPs that hold needed frames; see `decode`) where the
     file allows it, else sequentially with OpenCV, the first window's notes saying why. Live sources (see
     `decode`) run until the stream ends.
     """
-    if window <= 0 or stride <= 0:
-        raise StexportError("--window and --stride must be positive (seconds)")
+    check_seconds(window, stride)
     name = _name(source)
     cap = open_capture(source, threads, max_pixels, max_frames)
     if _opens_live(source, cap):
@@ -675,15 +723,15 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
     if not times:
         raise _no_frames(name, fourcc, header)
     notes = ([why] if why else []) + notes
-    plan, needs, ends = _window_plan(times, fps, sampling, window, stride)
+    plan, needs, ends = _window_plan(times, fps, sampling, window, stride, name)
     cap = open_capture(source, threads)
     frames: dict[int, np.ndarray] = {}
     j = i = 0
     try:
         while j < len(plan):
             while j < len(plan) and ends[j] < i:
-                a, b, count, idx = plan[j]
-                yield Window(a, b, assemble(frames, idx, sampling), count, notes if j == 0 else [])
+                a, b, count, idx, more = plan[j]
+                yield Window(a, b, assemble(frames, idx, sampling), count, (notes if j == 0 else []) + more)
                 j += 1
                 frames = {f: v for f, v in frames.items() if needs[f] >= j}
             if j >= len(plan):
@@ -703,34 +751,35 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
         cap.release()
 
 
-def _window_plan(times: list[float], fps: float | None, sampling: Sampling, window: float, stride: float):
-    """(plan, needs, ends): per window (start, end, frame count, frame indices per view); the last window that
-    needs each frame; each window's last frame."""
+def _window_plan(times: list[float], fps: float | None, sampling: Sampling, window: float, stride: float,
+                 name: str = "video"):
+    """(plan, needs, ends): per window (start, end, frame count, frame indices per view, notes); the last
+    window that needs each frame; each window's last frame."""
     plan = []
-    for a, b, lo, count in _plan(times, fps, window, stride):
+    for a, b, lo, count, note in _plan(times, fps, window, stride, name):
         plan.append((round(a, 6), round(b, 6), count,
-                     [[lo + x for x in view] for view in frame_indices(count, sampling)]))
+                     [[lo + x for x in view] for view in frame_indices(count, sampling)], [note] if note else []))
     needs: dict[int, int] = {}  # frame -> last window that needs it
-    for j, (*_, idx) in enumerate(plan):
+    for j, (*_, idx, _) in enumerate(plan):
         for view in idx:
             for f in view:
                 needs[f] = j
-    ends = [max(max(v) for v in idx) for *_, idx in plan]
+    ends = [max(max(v) for v in idx) for *_, idx, _ in plan]
     return plan, needs, ends
 
 
 def _seek_windows(path: str, pr: seek.Probe, sampling: Sampling, window: float, stride: float,
                   fps: float | None, threads: int | None, progress: Progress | None = None) -> Iterator[Window]:
     """decode_windows' second pass by seeking: each window as soon as its last frame has decoded."""
-    plan, needs, ends = _window_plan(pr.times(), fps, sampling, window, stride)
+    plan, needs, ends = _window_plan(pr.times(), fps, sampling, window, stride, display(path))
     frames: dict[int, np.ndarray] = {}
     j = 0
     for i, frame in seek.iter_frames(path, set(needs), lambda bgr: resize_short(bgr, sampling.size), pr, threads,
                                      progress):
         frames[i] = frame
         while j < len(plan) and ends[j] <= i:
-            a, b, count, idx = plan[j]
-            yield Window(a, b, assemble(frames, idx, sampling), count)
+            a, b, count, idx, more = plan[j]
+            yield Window(a, b, assemble(frames, idx, sampling), count, more)
             j += 1
             frames = {f: v for f, v in frames.items() if needs[f] >= j}
 
@@ -790,9 +839,10 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
     """Videos and optional labels from the official list format, a directory, or one video file.
 
     A list file has one "<video> <label>" per line (the label is an integer and may be left out; video paths
-    are relative to the list file's directory); it must be UTF-8 text. A directory gives all video files below
-    it, sorted, without labels. A video file (by its extension) is a list of itself. Raises StexportError
-    naming the file, the line and the fix.
+    are relative to the list file's directory); it must be UTF-8 text (a byte-order mark is allowed); blank
+    lines and lines starting with '#' are skipped. A directory gives all video files below it, sorted, without
+    labels. A video file (by its extension) is a list of itself. Raises StexportError naming the file, the line
+    and the fix, also for a URL (lists hold local files).
     """
     p = Path(path_or_dir)
     name = display(p)
@@ -813,16 +863,19 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
         raise StexportError(f"{name}: binary data, not a clip list; pass a '<video> <label>' text list, a "
                             f"directory, or video files ({', '.join(sorted(VIDEO_EXTS))})")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise StexportError(f"{name}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the "
                             "list as UTF-8, e.g. `iconv -f latin1 -t utf-8 LIST > LIST.utf8`") from None
     out: list[tuple[Path, int | None]] = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
-        if not line:
+        if not line or line.startswith("#"):
             continue
+        if is_url(line.split()[0]):
+            raise StexportError(f"{name}: line {number} is a URL ({line.split()[0]}); clip lists hold local "
+                                "files: download it first (stexport infer takes a URL itself)")
         parts = line.rsplit(maxsplit=1)
         label = None
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
@@ -831,6 +884,18 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
     if not out:
         raise StexportError(f"{name}: empty list; write one '<video> <label>' per line")
     return out
+
+
+def is_clip_list(path) -> bool:
+    """Whether `path` is a clip list by name (LIST_EXTS) and content (a line that names a video file), so a
+    list passed where videos go can be told from a text file passed by mistake."""
+    p = Path(path)
+    if p.suffix.lower() not in LIST_EXTS or not p.is_file():
+        return False
+    try:
+        return any(v.suffix.lower() in VIDEO_EXTS for v, _ in read_clip_list(p))
+    except StexportError:
+        return False
 
 
 def read_clip_lists(inputs) -> list[tuple[Path, int | None]]:

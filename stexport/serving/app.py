@@ -426,10 +426,13 @@ def deployment(cfg: ServeConfig):
             self.oip_setup()
 
         async def serve_classic(self, request):
+            """(response, model): model is the task a /classify request ran (its Open Inference Protocol
+            model name, for the metrics' model label), "" before one is known."""
             path = request.url.path
             prefix = self.cfg.route_prefix.rstrip("/")
             route = path[len(prefix):].strip("/") if path.startswith(prefix) else path.strip("/")
             routes = {"classify": "POST", "healthz": "GET", "metadata": "GET", "stats": "GET"}
+            model = ""
             try:
                 if route not in routes:
                     raise RequestError(404, f"no route {path!r}; routes: "
@@ -437,25 +440,28 @@ def deployment(cfg: ServeConfig):
                 if request.method != routes[route]:
                     raise RequestError(405, f"{path} takes {routes[route]}, not {request.method}")
                 if route == "healthz":
-                    return _json(200, {"status": "ok"})
+                    return _json(200, {"status": "ok"}), model
                 if route == "metadata":
-                    return _json(200, self.meta)
+                    return _json(200, self.meta), model
                 if route == "stats":
-                    return _json(200, self.stats)
+                    return _json(200, self.stats), model
                 self.stats["requests"] += 1
                 clips = await self.decode(request)
                 self.stats["tasks"][clips.task] += 1
+                model = clips.task or self.model.default
                 answer = await self.run_batch(clips)
-                return _json(500 if "error" in answer else 200, answer)  # a model that gave NaN: a server fault
+                # a model that gave NaN: a server fault
+                return _json(500 if "error" in answer else 200, answer), model
             except RequestError as e:
                 self.stats["errors"] += 1
-                return _json(e.status, {"error": e.message})
+                return _json(e.status, {"error": e.message}), model
             except Exception as e:  # noqa: BLE001 - a server bug must not leak a traceback to the caller
                 import logging
 
                 logging.getLogger("ray.serve").exception("stexport serve: %s %s failed", request.method, path)
                 self.stats["errors"] += 1
-                return _json(500, {"error": f"internal error ({type(e).__name__}); see the server log"})
+                error = f"internal error ({type(e).__name__}); see the server log"
+                return _json(500, {"error": error}), model
 
         # -- tasks --------------------------------------------------------------------------------------------
 

@@ -69,4 +69,14 @@ def authorized(header: str | None, token_sha256: str | None) -> bool:
     return ok and scheme.lower() == "bearer"
 
 
-UNAUTHORIZED = "this server needs a token: send 'Authorization: Bearer TOKEN'"
+def refusal(header: str | None, where: str = "header 'Authorization") -> str:
+    """Why `authorized` said no, for the 401 answer: no token sent, another scheme than Bearer, or a token
+    that is not this server's. `where`: how the caller sends it ("header 'Authorization" for HTTP, "metadata
+    'authorization" for gRPC). Never echoes what was sent."""
+    scheme, _, given = (header or "").strip().partition(" ")
+    send = f"send {where}: Bearer TOKEN'"
+    if not scheme:
+        return f"this server needs a token: {send}"
+    if scheme.lower() != "bearer" or not given.strip():
+        return f"the authorization is not a bearer token: {send}"
+    return f"wrong token: it is not the one this server was started with (--token-file); {send}"

@@ -44,19 +44,27 @@ def grpc_options(port: int):
     return gRPCOptions(port=port, grpc_servicer_functions=[SERVICER])
 
 
-def check_running(port: int) -> None:
-    """Warn when the Ray Serve instance this process joined keeps gRPC options of its own (Serve takes them
-    when it first starts on a cluster): another port, or no OIP service."""
-    import logging
-
+def running() -> tuple[int, list[str]] | None:
+    """(port, servicer functions) of the gRPC proxy of the Ray Serve instance this process is connected to:
+    Serve takes its gRPC options when it first starts on a cluster, so they may be another server's. None
+    when they cannot be read (a private API of Ray Serve 2.x)."""
     try:
         import ray
         from ray.serve.context import _get_global_client
 
-        running = ray.get(_get_global_client()._controller.get_grpc_config.remote())
+        config = ray.get(_get_global_client()._controller.get_grpc_config.remote())
     except Exception:  # noqa: BLE001 - a private API; what this call asked for is right whenever it started Serve
-        return
-    if running.port != port or SERVICER not in running.grpc_servicer_functions:
+        return None
+    return config.port, list(config.grpc_servicer_functions)
+
+
+def check_running(port: int) -> None:
+    """Warn when the Ray Serve instance this process joined keeps gRPC options of its own (`running`):
+    another port, or no OIP service."""
+    import logging
+
+    found = running()
+    if found is not None and (found[0] != port or SERVICER not in found[1]):
         logging.getLogger("stexport").warning(
             "Ray Serve already runs on this cluster with its gRPC proxy on port %d serving %s; --grpc-port %d does "
-            "not apply", running.port, ", ".join(running.grpc_servicer_functions) or "no service", port)
+            "not apply", found[0], ", ".join(found[1]) or "no service", port)

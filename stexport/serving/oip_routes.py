@@ -77,13 +77,14 @@ class OIPRoutes:
         try:
             if route not in HEALTH and not auth.authorized(request.headers.get("authorization"),
                                                            self.cfg.token_sha256):
-                response = _response(401, {"error": auth.UNAUTHORIZED}, {"WWW-Authenticate": "Bearer"})
+                response = _response(401, {"error": auth.refusal(request.headers.get("authorization"))},
+                                     {"WWW-Authenticate": "Bearer"})
             elif route == "metrics":
                 response = _response(200, self.metrics.text(), media_type=CONTENT_TYPE)
             elif route == "v2" or route.startswith("v2/"):
                 response, model, label = await self.oip_http(request, route)
             else:
-                response = await self.serve_classic(request)
+                response, model = await self.serve_classic(request)
         except Exception as e:
             log.exception("stexport serve: %s %s failed", request.method, path)
             response = _response(500, {"error": f"internal error ({type(e).__name__}); see the server log"})
@@ -143,7 +144,8 @@ class OIPRoutes:
         try:
             metadata = dict(context.invocation_metadata()) if context is not None else {}
             if not public and not auth.authorized(metadata.get("authorization"), self.cfg.token_sha256):
-                raise RequestError(401, auth.UNAUTHORIZED.replace("'Authorization:", "metadata 'authorization:"))
+                raise RequestError(401, auth.refusal(metadata.get("authorization"),
+                                                     "metadata 'authorization"))
             response = await answer()
         except RequestError as e:
             status = oip.GRPC_CODE.get(e.status, "INVALID_ARGUMENT")
