@@ -44,8 +44,9 @@ RAY_ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9_.\-]+:\d+)$")
 def expand(inputs: list[str]) -> list[str]:
     """Files, directories (videos below them, sorted), globs and live sources, in the order given.
 
-    Raises StexportError for a clip list given as a video (it goes with --clips). Otherwise never raises
-    for one input: what is not a video (a directory without videos, a FIFO, a missing file) stays
+    A clip list (`is_clip_list`: '<video> [label]' lines, as `--clips`, `verify --clips` and `build --calib`
+    read them) gives its videos; StexportError for a list that cannot be read (e.g. a URL line). Otherwise never
+    raises for one input: what is not a video (a directory without videos, a FIFO, a missing file) stays
     in the list and is reported in its turn, so the other videos still run."""
     from stexport.errors import StexportError
     from stexport.runtime.video import is_clip_list, is_live, read_clip_list
@@ -54,8 +55,8 @@ def expand(inputs: list[str]) -> list[str]:
     for item in inputs:
         p = Path(item)
         if is_clip_list(p):
-            raise StexportError(f"{item}: a clip list, not a video; pass lists with --clips {item}")
-        if is_live(item) or p.is_file():
+            out.extend(str(f) for f, _ in read_clip_list(p))
+        elif is_live(item) or p.is_file():
             out.append(item)
         elif p.is_dir():
             try:

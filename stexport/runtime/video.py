@@ -888,14 +888,15 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
 
 def is_clip_list(path) -> bool:
     """Whether `path` is a clip list by name (LIST_EXTS) and content (a line that names a video file), so a
-    list passed where videos go can be told from a text file passed by mistake."""
+    list passed where videos go can be told from a text file passed by mistake. A list file that read_clip_list
+    refuses (a URL line) counts as a list, so that its own error is the one shown."""
     p = Path(path)
     if p.suffix.lower() not in LIST_EXTS or not p.is_file():
         return False
     try:
         return any(v.suffix.lower() in VIDEO_EXTS for v, _ in read_clip_list(p))
     except StexportError:
-        return False
+        return True
 
 
 def read_clip_lists(inputs) -> list[tuple[Path, int | None]]:
