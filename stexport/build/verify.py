@@ -509,9 +509,9 @@ def graph_logits(session, feeds: list) -> list[np.ndarray]:
     return [session.run(None, {name: f})[0] for f in feeds]
 
 
-RANKING = ("each quantized GEMM alone in INT8 in the FP32 graph (all other GEMMs returned to float), ranked by the "
-           "mean |Δlogit| against the FP32 reference it adds; also measured: the mean |Δlogit| its return to float "
-           "removes from the whole INT8 graph (NNCF accuracy-control style)")
+RANKING = ("each quantized GEMM alone in INT8 (every other GEMM returned to float: no activation Q/DQ, its weight "
+           "the dequantized INT8 values), ranked by the mean |Δlogit| against the FP32 reference; also measured: "
+           "the mean |Δlogit| its return to float removes from the whole INT8 graph (NNCF accuracy-control style)")
 
 
 def rank_layers(proto, feeds: list, ref_logits: list, labels: list | None = None, float_precision: str = "fp32",
@@ -526,8 +526,8 @@ def rank_layers(proto, feeds: list, ref_logits: list, labels: list | None = None
     held-out clips; alone in INT8 the four planted GEMMs add 2.80, 1.30, 0.59, 0.47 and every other GEMM
     ≤ 0.16, so they rank first (20 val clips). Not measured: a greedy ranking (re-ranked after each return to
     float), a ranking per step; a single pass comparing each GEMM's output with the FP32 graph's charges each
-    layer with the error of those before it. Both scores are reported: 2 ONNX Runtime sessions
-    per GEMM. feeds: per video, the graph input (views first); ref_logits: per video the FP32 logits (views,
+    layer with the error of those before it. The other GEMMs keep their weights' INT8 rounding (to_float), so
+    every score includes that common floor. Both scores are reported: 2 ONNX Runtime sessions per GEMM. feeds: per video, the graph input (views first); ref_logits: per video the FP32 logits (views,
     classes); labels: per video, or None. Returns {"method", "base": logit_metrics of the INT8 graph, "layers":
     [{layer, mean_abs_alone, top1_agreement_alone (the FP32 graph with only this GEMM in INT8), mean_abs,
     top1_agreement, top5_agreement[, top1_accuracy] (the INT8 graph with only this GEMM in float),
