@@ -206,8 +206,10 @@ def fallback_text(fb: dict) -> str:
                                                  if g["max_accuracy_drop_pt"] is not None else []))
     before, after, ms = fb["before"], fb["after"], fb["ms_per_clip"]
     layers = ", ".join(r["layer"] for r in fb["float_layers"]) or "none needed"
+    outliers = sum(r.get("why") == "outlier" for r in fb["float_layers"])
+    why = f", {outliers} of them for their error alone in INT8" if outliers else ""
     return (f"{len(fb['float_layers'])} GEMM(s) in {fb['float_type']} ({layers}) for {gate} on {fb['clips']} "
-            f"clips: top-1 agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}, mean "
+            f"clips{why}: top-1 agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}, mean "
             f"|dlogit| {before['mean_abs_logit_diff']:.3g} -> {after['mean_abs_logit_diff']:.3g}; ms/clip on "
             f"{ms['runtime']}: int8 {ms['int8']:.1f}, with fallback {ms['fallback']:.1f}, fp32 {ms['fp32']:.1f}")
 
