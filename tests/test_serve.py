@@ -198,6 +198,9 @@ def bad_requests(server, media, slow_video):
         ("JSON not an object", lambda: requests.post(url, json=["a"]), 400, "path"),
         ("JSON with 100,000 keys", lambda: requests.post(url, json={f"k{i}": i for i in range(100_000)}), 413,
          "limit"),
+        ("JSON nested 5000 deep", lambda: requests.post(url, data=b'{"path": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                                        headers={"Content-Type": "application/json"}), 400,
+         "nested too deeply"),
         ("JSON repeating a key", lambda: requests.post(url, data=b'{"path": "a", "task": "b", "path": "c"}',
                                                        headers={"Content-Type": "application/json"}), 400,
          'repeats "path"'),
@@ -538,3 +541,14 @@ def test_sigterm_stops_serve_cleanly_with_what_it_started(tiny_bundle):
     while (left := [c for c in map(alive, below) if c]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, left
+
+
+def test_oip_json_nested_too_deeply_is_400():
+    """A 20,000-deep JSON array in an infer request was a 500 (RecursionError); it is a 400 like any malformed
+    request."""
+    from stexport.serving import oip
+    from stexport.serving.requests import RequestError
+
+    with pytest.raises(RequestError) as e:
+        oip.parse_http(b'{"inputs": ' + b"[" * 20000 + b"]" * 20000 + b"}", None, "m")
+    assert e.value.status == 400 and "nested too deeply" in e.value.message

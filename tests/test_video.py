@@ -474,3 +474,26 @@ def test_pixel_limits_are_written_in_units_that_read(make_video):
         video.open_capture(path, max_pixels=1000)
     assert [video.pixels(n) for n in (1, 999_999, 1_000_000, 2_073_600, 63_999_999)] == [
         "1 pixel", "999,999 pixels", "1 megapixels", "2.07 megapixels", "64 megapixels"]
+
+
+def test_window_plan_tail_rule():
+    """The end-aligned last window replaces a window that would start inside the video and run past its end;
+    a gap the user chose (stride longer than window) stays a gap; the note's figures are the tail it adds and
+    its real overlap (cases a new user met: --window 7 --stride 10, --window 0.07 --stride 29.95)."""
+    from stexport.runtime.video import _plan
+
+    times = [i / 30 for i in range(900)]  # 30 s at 30 fps
+
+    def spans(window, stride):
+        plan = _plan(times, 30.0, window, stride)
+        return [(round(float(a), 3), round(float(b), 3)) for a, b, *_ in plan], plan[-1][4]
+
+    assert spans(7, 10) == ([(0, 7), (10, 17), (20, 27)], None)
+    assert spans(1, 0.5)[0][-1] == (29.0, 30.0) and spans(1, 0.5)[1] is None  # fits exactly: nothing added
+    got, note = spans(0.07, 29.95)
+    assert got == [(0, 0.07), (29.93, 30.0)]
+    assert note == "the last window (29.93-30 s) is aligned to the end of the video so that its last 0.05 s are " \
+                   "classified too"
+    got, note = spans(4, 4)
+    assert got[-2:] == [(24, 28), (26.0, 30.0)]
+    assert note.endswith("its last 2 s are classified too, overlapping the one before by 2 s")

@@ -639,9 +639,9 @@ def _times(cap, fps: float | None, name: str, progress: Progress | None = None) 
 def _plan(times: list[float], fps: float | None, window: float, stride: float, name: str = "video"):
     """(start, end, first frame, frame count, note) per window: frames whose display overlaps [start, start+window).
 
-    Windows start every `stride` seconds; when they leave a tail shorter than a window uncovered, one more
-    window aligned to the end of the video covers it (its note says so), so no second of the file goes
-    unclassified. A video shorter than one window gives one window over all of it. Raises VideoError when
+    Windows start every `stride` seconds; when the next one would start inside the video but run past its end,
+    a window aligned to the end of the video takes its place (its note says so), so the file's tail is
+    classified; gaps the user chose (a stride longer than the window) stay gaps. A video shorter than one window gives one window over all of it. Raises VideoError when
     `window` or `stride` is shorter than the frame spacing (windows would hold no frame of their own)."""
     n = len(times)
     last = times[-1] - times[-2] if n > 1 else (1.0 / fps if fps else 0.0)  # the last frame's display time
@@ -657,11 +657,13 @@ def _plan(times: list[float], fps: float | None, window: float, stride: float, n
         m += 1
     if not plan:  # shorter than one window: one window over all of it
         return [(0.0, duration, 0, n, None)]
-    if plan[-1][1] < duration - EPS:
-        a = duration - window
+    # a tail left uncovered where the next window would start inside the video and run past its end
+    if plan[-1][1] < duration - EPS and m * stride < duration - EPS:
+        a, overlap = duration - window, plan[-1][1] - (duration - window)
         plan.append(_span(times, a, window, f"the last window ({a:.6g}-{duration:.6g} s) is aligned to the end "
-                                            f"of the video, overlapping the one before, so its last "
-                                            f"{duration - plan[-1][1]:.3g} s are classified too"))
+                                            f"of the video so that its last {duration - max(plan[-1][1], m * stride):.3g} s are "
+                                            "classified too" + (f", overlapping the one before by {overlap:.3g} s"
+                                                                if overlap > EPS else "")))
     return plan
 
 

@@ -506,6 +506,8 @@ def deployment(cfg: ServeConfig):
                     req = json.loads(await self.body(request, JSON_BODY_LIMIT), object_pairs_hook=unique_keys)
                 except (ValueError, UnicodeDecodeError):
                     raise RequestError(400, "the body is not valid JSON") from None
+                except RecursionError:
+                    raise RequestError(400, "the JSON body is nested too deeply; send {\"path\": \"FILE\"}") from None
                 if not isinstance(req, dict):
                     raise RequestError(400, 'send {"path": "FILE"} (a JSON object)')
                 if "url" in req:

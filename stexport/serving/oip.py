@@ -155,7 +155,14 @@ def _shape(value, where: str) -> list[int]:
 def parse_http(body: bytes, header_length: str | None, model: str, version: str = "") -> InferRequest:
     """A REST infer request: JSON, or with the binary data extension (`Inference-Header-Content-Length`: the
     JSON's length; each input with parameters.binary_data_size takes that many bytes after it, in order).
-    RequestError 400 for anything malformed."""
+    RequestError 400 for anything malformed, JSON nested deeper than Python can parse included."""
+    try:
+        return _parse_http(body, header_length, model, version)
+    except RecursionError:
+        raise RequestError(400, "the inference request's JSON is nested too deeply") from None
+
+
+def _parse_http(body: bytes, header_length: str | None, model: str, version: str) -> InferRequest:
     split = len(body)
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
