@@ -497,3 +497,23 @@ def test_window_plan_tail_rule():
     got, note = spans(4, 4)
     assert got[-2:] == [(24, 28), (26.0, 30.0)]
     assert note.endswith("its last 2 s are classified too, overlapping the one before by 2 s")
+
+
+def test_clip_lists_as_people_write_them(tmp_path):
+    """Comments after a label, class names where indices go (one error naming the line and the fix), hidden
+    files in directories (macOS's '._x.mp4') left out (new-user findings, issue 29 kind 5)."""
+    from stexport.errors import StexportError
+    from stexport.runtime.video import read_clip_list
+
+    (tmp_path / "v1.mp4").write_bytes(b"x")
+    (tmp_path / "my clip.mp4").write_bytes(b"x")
+    lst = tmp_path / "list.txt"
+    lst.write_text("v1.mp4\t1  # second\nmy clip.mp4 # no label\n# whole line\n\n")
+    assert read_clip_list(lst) == [(tmp_path / "v1.mp4", 1), (tmp_path / "my clip.mp4", None)]
+    lst.write_text("v1.mp4 1\nv1.mp4 static\n")
+    with pytest.raises(StexportError, match=r"line 2: label 'static' is not a class index; .* e.g. 'v1.mp4 0'"):
+        read_clip_list(lst)
+    (tmp_path / "._v1.mp4").write_bytes(b"x")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "v9.mp4").write_bytes(b"x")
+    assert [f.name for f, _ in read_clip_list(tmp_path)] == ["my clip.mp4", "v1.mp4"]

@@ -840,18 +840,20 @@ def _live_windows(cap, name: str, sampling: Sampling, window: float, stride: flo
 def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
     """Videos and optional labels from the official list format, a directory, or one video file.
 
-    A list file has one "<video> <label>" per line (the label is an integer and may be left out; video paths
-    are relative to the list file's directory); it must be UTF-8 text (a byte-order mark is allowed); blank
-    lines and lines starting with '#' are skipped. A directory gives all video files below it, sorted, without
-    labels. A video file (by its extension) is a list of itself. Raises StexportError naming the file, the line
-    and the fix, also for a URL (lists hold local files).
+    A list file has one "<video> <label>" per line (the label is a class index, 0 to classes-1, and may be left
+    out; video paths are relative to the list file's directory); it must be UTF-8 text (a byte-order mark is
+    allowed); blank lines, lines starting with '#' and comments after whitespace (" # ...") are skipped. A
+    directory gives all video files below it, sorted, without labels, hidden ones (".name", e.g. macOS's "._x.mp4"
+    resource forks) left out. A video file (by its extension) is a list of itself. Raises StexportError naming the
+    file, the line and the fix, also for a URL (lists hold local files) and for a label that is a class name.
     """
     p = Path(path_or_dir)
     name = display(p)
     if not p.exists():
         raise StexportError(f"{name}: no such file or directory")
     if p.is_dir():
-        found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTS)
+        found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTS
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not found:
             raise StexportError(f"{name}: no video files ({', '.join(sorted(VIDEO_EXTS))}) in this directory")
         return [(f, None) for f in found]
@@ -872,7 +874,7 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
                             "list as UTF-8, e.g. `iconv -f latin1 -t utf-8 LIST > LIST.utf8`") from None
     out: list[tuple[Path, int | None]] = []
     for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
+        line = re.sub(r"\s#.*$", "", line).strip()
         if not line or line.startswith("#"):
             continue
         if is_url(line.split()[0]):
@@ -882,6 +884,9 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
         label = None
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             line, label = parts[0], int(parts[1])
+        elif len(parts) == 2 and not (p.parent / line).exists() and (p.parent / parts[0]).is_file():
+            raise StexportError(f"{name}: line {number}: label '{parts[1]}' is not a class index; labels are class "
+                                f"numbers (0 for the first line of the bundle's labels.txt), e.g. '{parts[0]} 0'")
         out.append((p.parent / line, label))
     if not out:
         raise StexportError(f"{name}: empty list; write one '<video> <label>' per line")
