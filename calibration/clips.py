@@ -30,6 +30,7 @@ class ClipSet:
     arrays: np.ndarray | None = None  # in-memory uint8 clips (N, T, S, S, 3), when given instead of files
     limits: object = None
     failed: list[tuple[str, str]] = field(default_factory=list)
+    role: str = "calibration"  # what the clips are for, in messages: "calibration", "gate" (build --gate-clips)
 
     def key(self) -> str:
         h = hashlib.sha256()
@@ -44,7 +45,7 @@ class ClipSet:
         return len(self.videos) if self.arrays is None else len(self.arrays)
 
 
-def choose(calib, count: int, seed: int = 0, limits=None) -> ClipSet:
+def choose(calib, count: int, seed: int = 0, limits=None, role: str = "calibration") -> ClipSet:
     """Up to `count` videos of a '<video> <label>' list or a directory, chosen with a seeded RNG (sorted order
     first, so the same files give the same choice anywhere). An array of uint8 clips is taken as it is.
     limits: the decoder's DecodeLimits for these videos (None: its defaults)."""
@@ -64,7 +65,7 @@ def choose(calib, count: int, seed: int = 0, limits=None) -> ClipSet:
         from stexport.runtime.video import VIDEO_EXTS
 
         if path.suffix.lower() in VIDEO_EXTS:
-            return ClipSet(source=str(path), videos=[path], limits=limits)
+            return ClipSet(source=str(path), videos=[path], limits=limits, role=role)
     entries = read_clip_list(path)
     videos = sorted({p for p, _ in entries})
     missing = [v for v in videos if not v.is_file()]
@@ -73,7 +74,7 @@ def choose(calib, count: int, seed: int = 0, limits=None) -> ClipSet:
                             "paths in a list are relative to the list file")
     if count < len(videos):
         videos = sorted(random.Random(seed).sample(videos, count))
-    return ClipSet(source=str(path), videos=videos, limits=limits)
+    return ClipSet(source=str(path), videos=videos, limits=limits, role=role)
 
 
 def batches(clips: ClipSet, sampling) -> Iterator[np.ndarray]:
@@ -94,9 +95,9 @@ def batches(clips: ClipSet, sampling) -> Iterator[np.ndarray]:
                 views = decoder.decode(str(v), sampling).clips
             except VideoError as e:
                 clips.failed.append((str(v), str(e)))
-                log.warning("calibration: %s", e)
+                log.warning("%s: %s", clips.role, e)
                 continue
             yield views
     if len(clips.failed) == len(clips.videos):
-        raise StexportError(f"{clips.source}: none of the {len(clips.videos)} calibration videos could be decoded "
+        raise StexportError(f"{clips.source}: none of the {len(clips.videos)} {clips.role} videos could be decoded "
                             f"(first error: {clips.failed[0][1]})")

@@ -144,11 +144,19 @@ def make_fallback(gate: FallbackGate, reference_graph: Path, clips, sampling, in
                     break
             else:
                 failed = next(c for c in gate.checks(m) if not c["passed"])
-                shown = f"{failed['value']:.1%}" if "agreement" in failed["check"] else f"{failed['value']:.2f}"
+                before = next(c for c in gate.checks(m0) if c["check"] == failed["check"])
+
+                def shown(c):
+                    return f"{c['value']:.1%}" if "agreement" in c["check"] else f"{c['value']:.2f}"
+
                 raise StexportError(
                     f"{gate.flags()}: not met with {limit} of {len(names)} GEMMs in {float_precision} "
-                    f"(--max-float-layers {limit} reached): {failed['check']} {shown}, limit {failed['limit']}; "
-                    f"allow more float layers, relax the gate, or build --precision {float_precision}")
+                    f"(--max-float-layers {limit} reached): {failed['check']} {shown(before)} in plain INT8, "
+                    f"{shown(failed)} with them, limit {failed['limit']}"
+                    + ("; the float layers gained nothing: the gate may not be reachable on these gate clips (too "
+                       "few, or INT8's error is spread over every layer)" if failed["value"] == before["value"]
+                       else "")
+                    + f"; allow more float layers, relax the gate, or build --precision {float_precision}")
             median = float(np.median([r["mean_abs_alone"] for r in ranked]))
             # ranked by mean_abs_alone, so these are the next ones in the ranking
             outliers = [r for r in ranked[len(chosen):limit] if r["mean_abs_alone"] > OUTLIER_FACTOR * median]
@@ -158,6 +166,9 @@ def make_fallback(gate: FallbackGate, reference_graph: Path, clips, sampling, in
                 _, s, m = measured([r["layer"] for r in chosen])
                 log.info("float fallback: %d more layer(s) over %g x the median error alone: top-1 agreement "
                          "%.1f%%", len(outliers), OUTLIER_FACTOR, 100 * m["top1_agreement"])
+        if len(chosen) > len(names) // 2:
+            log.warning("float fallback: %d of %d GEMMs are in %s: this bundle is mostly float; --precision %s "
+                        "may serve as well", len(chosen), len(names), float_precision, float_precision)
         record = {
             "gate": gate.to_dict(), "float_layers_limit": limit, "float_type": float_precision,
             "clips": len(feeds), "views": int(sum(len(f) for f in feeds)), "labelled": labels[0] is not None,

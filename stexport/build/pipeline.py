@@ -110,7 +110,8 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
 
         limits = limits_of(o.decode_timeout, o.max_decode_s)
         calib = choose(o.calib, o.calib_clips, o.calib_seed, limits=limits)
-        gate_clips = calib if o.gate_clips is None else choose(o.gate_clips, o.calib_clips, o.calib_seed, limits)
+        gate_clips = calib if o.gate_clips is None else choose(o.gate_clips, o.calib_clips, o.calib_seed, limits,
+                                                                        role="gate")
     steps = ["load", "fold", "export", *(["calibrate", "quantize"] if o.precision == "int8" else []), "write"]
     # progress bars only on a terminal (disable=None), so logs and pipes stay clean
     bar = tqdm(total=len(steps), desc="build", unit="step", disable=None if o.progress else True, leave=False)

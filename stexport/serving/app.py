@@ -169,6 +169,11 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
     from stexport.bundle.taskpack import TaskPack
 
     bundle = Bundle.load(cfg.bundle)
+    if bundle.manifest.multitask is not None and cfg.tasks:
+        names = ", ".join(t.name for t in bundle.manifest.multitask.tasks)
+        raise StexportError(f"--task {cfg.tasks[0]}: {cfg.bundle} is a multi-task bundle that serves all its tasks "
+                            f"({names}); requests name theirs (?task=NAME, a \"task\" field or the "
+                            "serve_multiplexed_model_id header), and --default-task NAME picks the default")
     packs = [TaskPack.load(t) for t in cfg.tasks]
     for p in packs:
         p.check_fits(bundle)
