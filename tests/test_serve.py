@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +22,7 @@ pytest.importorskip("python_multipart")
 requests = pytest.importorskip("requests")
 
 from stexport.serving.app import ServeConfig, start, stop  # noqa: E402
+from stexport.serving.proxy_errors import UNANSWERED  # noqa: E402
 
 UPLOAD_LIMIT_MB = 2.0
 DECODE_TIMEOUT_S = 2.0  # --decode-timeout: seconds without a frame
@@ -379,6 +381,41 @@ def test_decoders_that_die_idle_are_replaced(server, media, local):
         same_result(strict_json(r.text), local[str(video)])
     assert not set(replica_decoders()) & set(pids)
     assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
+
+
+def test_a_replica_killed_mid_request_answers_in_the_json_error_shape(server, media, local):
+    """Issue 29 kind 2: a replica killed (SIGKILL) while a request is in it: Ray's proxy gets no answer (it wrote a
+    plain-text 500); the caller gets 503 {"error": ...} with Retry-After, Ray Serve replaces the replica, and
+    the next request gets its answer."""
+    stall, fifo = blocking_video(media["allowed"], "replica-killed")
+    try:
+        killer = crash_decoder_on(fifo, parent=True)
+        r = requests.post(f"{server}/classify", json={"path": str(stall)}, timeout=120)
+        killer.join(30)
+        assert killer.killed, "the replica holding the request was not found"
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", (r.status_code, r.text)
+        assert r.headers["content-type"] == "application/json"
+        assert strict_json(r.text) == {"error": UNANSWERED}
+    finally:
+        release(fifo)
+    for _ in range(120):  # bounded: the replacement replica loads the tiny model in seconds
+        try:
+            if requests.get(f"{server}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    video = media["videos"][1]
+    r = post_video(server, video, "path")
+    assert r.status_code == 200, r.text
+    same_result(strict_json(r.text), local[str(video)])
+
+
+def test_the_proxys_own_errors_are_json(server):
+    """A path with no route is answered by Ray's proxy, not a replica: 404 in the JSON error shape too."""
+    r = requests.get(server.rsplit("/", 1)[0] + "/no-such-route", timeout=30)
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json", r.text
+    assert strict_json(r.text)["error"]
 
 
 def test_decode_bomb_is_refused_from_its_header(server, media, local, decode_bomb):

@@ -682,6 +682,10 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
             check_cluster(ray_address)
         else:
             check_address(cfg.host, cfg.port)
+        if not ray_address:  # settings Ray's processes read from the environment, before it starts them
+            from stexport.serving.proxy_errors import install
+
+            install()
         if cfg.grpc_port and not ray_address:
             from stexport.serving.oip_grpc import limit_messages
 
