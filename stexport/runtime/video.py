@@ -637,7 +637,8 @@ def _times(cap, fps: float | None, name: str, progress: Progress | None = None) 
 
 
 def _plan(times: list[float], fps: float | None, window: float, stride: float, name: str = "video"):
-    """(start, end, first frame, frame count, note) per window: frames whose display overlaps [start, start+window).
+    """(start, end, first frame, frame count, note) per window: frames whose display overlaps [start, start+window),
+    except a frame on screen since before a gap longer than the window (it belongs to the time before the gap).
 
     Windows start every `stride` seconds; when the next one would start inside the video but run past its end,
     a window aligned to the end of the video takes its place (its note says so), so the file's tail is
@@ -676,14 +677,16 @@ def _plan(times: list[float], fps: float | None, window: float, stride: float, n
         m += 1
     if not plan:  # shorter than one window: one window over all of it
         return [(0.0, duration, 0, n, None)]
-    # a tail left uncovered where the next window would start inside the video and run past its end
-    tail = not ended and plan[-1][1] < duration - EPS and m * stride < duration - EPS
+    # frames left unclassified where the next window would start inside the video and run past its end (not a
+    # timestamp rounding's sliver, not a gap the user's stride chose)
+    covered = max(plan[-1][1], m * stride)
+    tail = not ended and m * stride < duration - EPS and times[-1] >= covered - EPS
     if tail:
         a, overlap = duration - window, plan[-1][1] - (duration - window)
-        plan.append(_span(times, a, window, f"the last window ({a:.6g}-{duration:.6g} s) is aligned to the end "
-                                            f"of the video so that its last {duration - max(plan[-1][1], m * stride):.3g} s are "
-                                            "classified too" + (f", overlapping the one before by {overlap:.3g} s"
-                                                                if overlap > EPS else "")))
+        plan.append(_span(times, a, window,
+                          f"the last window ({_secs(a)}-{_secs(duration)} s) is aligned to the end of the video so "
+                          f"that its last {duration - covered:.3g} s are classified too"
+                          + (f", overlapping the one before by {overlap:.3g} s" if overlap > EPS else "")))
     if gap:  # skipped windows no later window follows (or only the end-aligned one): the last window says so
         a, b, lo, count, note = plan[-1]
         notes = [_gap_note(*gap, times), note] if tail else [note, _gap_note(*gap, times)]
@@ -694,13 +697,20 @@ def _plan(times: list[float], fps: float | None, window: float, stride: float, n
 def _gap_note(start: float, end: float, count: int, times: list[float]) -> str:
     """The note for `count` windows from `start` to `end` s skipped because no frame starts in them."""
     shown = times[max(0, bisect.bisect_right(times, start + EPS) - 1)]
-    return (f"{count} window{'s' * (count != 1)} from {start:.6g} to {end:.6g} s skipped: no frame starts in "
-            f"{'them' if count != 1 else 'it'} (the frame shown from {shown:.6g} s is the video's only picture "
-            "there)")
+    return (f"{count} window{'s' * (count != 1)} from {_secs(start)} to {_secs(end)} s skipped: no frame starts "
+            f"in {'them' if count != 1 else 'it'} (the frame shown from {_secs(shown)} s is the video's only "
+            "picture there)")
+
+
+def _secs(t: float) -> str:
+    """Seconds for notes: '9.967', '6000000', '0.5' (milliseconds at most; no exponent)."""
+    return f"{t:.3f}".rstrip("0").rstrip(".")
 
 
 def _span(times: list[float], a: float, window: float, note: str | None = None):
     lo = max(0, bisect.bisect_right(times, a + EPS) - 1)  # the frame on screen at `a`
+    if times[lo] < a - EPS and lo + 1 < len(times) and times[lo + 1] - times[lo] > window + EPS:
+        lo += 1  # ... unless it stays on screen longer than a window (a gap): the window starts with its own frame
     hi = bisect.bisect_left(times, a + window - EPS)  # frames that start before the window ends
     return a, a + window, lo, max(hi - lo, 1), note
 
