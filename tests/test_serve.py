@@ -535,14 +535,15 @@ def _descendants(pid: int) -> set[int]:
 
 def test_sigterm_stops_serve_cleanly_with_what_it_started(tiny_bundle):
     """A service manager's SIGTERM: exit 143 after the same shutdown as Ctrl-C (was: exit 134, Ray's agents
-    left running); the startup line names every route. The processes of the local cluster it started end
-    with it (no `ray stop`: that would end other sessions' Ray too)."""
+    left running); the startup line names every route; `--json`'s object is the whole of stdout (Ray's
+    '(raylet) Task ServeController.graceful_shutdown failed' line followed it there). The processes of the local
+    cluster it started end with it (no `ray stop`: that would end other sessions' Ray too)."""
     import signal
     import time
 
     port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "stexport.cli.app", "serve", str(tiny_bundle.path), "--port",
-                          str(port), "--insecure", "-b", "onnxruntime", "--replica-cpus", "0.25"],
+                          str(port), "--insecure", "-b", "onnxruntime", "--replica-cpus", "0.25", "--json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         started = ""
@@ -556,13 +557,14 @@ def test_sigterm_stops_serve_cleanly_with_what_it_started(tiny_bundle):
         below = _descendants(p.pid)
         assert below  # Ray's head processes, started by this server
         p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
             p.communicate()
     assert p.returncode == 143, err
     assert "stexport: stopping (SIGTERM)" in err and "Traceback" not in err, err
+    assert strict_json(out)["url"] == url, out  # one JSON object and nothing else
 
     def alive(q: int) -> str | None:  # its command line, None once it has ended (a zombie has ended)
         try:
