@@ -41,13 +41,14 @@ Examples:
 RAY_ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9_.\-]+:\d+)$")
 
 
-def expand(inputs: list[str]) -> list[str]:
+def expand(inputs: list[str], problems: list[tuple[str, str]]) -> list[str]:
     """Files, directories (videos below them, sorted), globs and live sources, in the order given.
 
     A clip list (`is_clip_list`: '<video> [label]' lines, as `--clips`, `verify --clips` and `build --calib`
-    read them) gives its videos; StexportError for a list that cannot be read (e.g. a URL line). Otherwise never
-    raises for one input: what is not a video (a directory without videos, a FIFO, a missing file) stays
-    in the list and is reported in its turn, so the other videos still run."""
+    read them) gives its videos; a line of it refused for itself (a URL, a class name for a label) is added to
+    `problems` ((list, one-line message) each) and the others still run; StexportError for a list that cannot be read at all.
+    Otherwise never raises for one input: what is not a video (a directory without videos, a FIFO, a missing
+    file) stays in the list and is reported in its turn, so the other videos still run."""
     from stexport.errors import StexportError
     from stexport.runtime.video import is_clip_list, is_live, read_clip_list
 
@@ -55,7 +56,7 @@ def expand(inputs: list[str]) -> list[str]:
     for item in inputs:
         p = Path(item)
         if is_clip_list(p):
-            out.extend(str(f) for f, _ in read_clip_list(p))
+            out.extend(str(f) for f, _ in read_clip_list(p, problems))
         elif is_live(item) or p.is_file():
             out.append(item)
         elif p.is_dir():
@@ -210,11 +211,12 @@ paths, or --ship-bundle), with results identical to a local run.
                             "ray://HOST:PORT")
     if not videos and not clips:
         raise StexportError("no inputs: pass video files, directories or globs, e.g. stexport infer clip.mp4")
-    sources = expand(videos)  # a clip list among the videos is refused here, before the backend loads
+    problems: list[tuple[str, str]] = []  # clip-list lines refused for themselves: failed inputs, shown first
+    sources = expand(videos, problems)  # an unreadable clip list is refused here, before the backend loads
     if clips:
         from stexport.runtime.video import read_clip_lists
 
-        sources += [str(p) for p, _ in read_clip_lists(clips)]
+        sources += [str(p) for p, _ in read_clip_lists(clips, problems)]
     if stride is not None and window is None:
         raise StexportError("--stride needs --window (timeline mode)")
     if window is not None:  # refused before the backend loads
@@ -242,12 +244,19 @@ paths, or --ship-bundle), with results identical to a local run.
     options = parse_options(option)
     if threads:
         options["threads"] = threads
+    for where, error in problems:  # failed inputs of their own; the other inputs still run
+        typer.echo(f"stexport: error: {error}", err=True)
+        if as_json:
+            typer.echo(strict_json(Failure(where, error).to_dict()))
+    if not sources:
+        typer.echo(f"stexport: {len(problems)} of {len(problems)} inputs failed", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
     if window is None and (output is not None or ray_address is not None or batch or decode_threads):
         return corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch,
                       decode_threads, ray_address, workers, worker_cpus, ship_bundle, decode_timeout, pack,
                       max_decode_s=max_decode_s, max_pixels=max_pixels, max_frames=max_frames,
-                      decode_memory_mb=decode_memory_mb)
-    failed = 0
+                      decode_memory_mb=decode_memory_mb, refused=len(problems))
+    failed = refused = len(problems)
     with Classifier(bundle, backend=backend, labels=str(labels) if labels else None, sampling=sampling,
                     top_k=top_k, decode_timeout=decode_timeout, max_decode_s=max_decode_s, task=pack,
                     max_pixels=max_pixels, max_frames=max_frames, decode_memory_mb=decode_memory_mb,
@@ -298,15 +307,17 @@ paths, or --ship-bundle), with results identical to a local run.
                 bar.update()
         bar.close()
     if failed:
-        err(f"stexport: {failed} of {len(sources)} input{'s' * (len(sources) != 1)} failed")
+        total = len(sources) + refused
+        err(f"stexport: {failed} of {total} input{'s' * (total != 1)} failed")
         raise typer.Exit(EXIT_BAD_INPUT)
 
 
 def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, output, batch, decode_threads,
            ray_address, workers, worker_cpus, ship_bundle, decode_timeout: float = 60.0, pack=None,
-           max_decode_s: float | None = None, **limits) -> None:
+           max_decode_s: float | None = None, refused: int = 0, **limits) -> None:
     """infer over many inputs: batched locally or on Ray, to stdout or a resumable JSON Lines file. pack: a
-    loaded TaskPack to run (every worker loads it once, by its path)."""
+    loaded TaskPack to run (every worker loads it once, by its path); refused: inputs already reported as
+    failed (clip-list lines), counted in the exit status."""
     from tqdm import tqdm
 
     from stexport.runtime import backends
@@ -357,7 +368,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
     per_call = f"{spec.batch_size} view{'s' * (spec.batch_size != 1)} per call"
     err(f"stexport: {on} on {shown}, {sampling.describe()}, {per_call}, "
         f"in {where}, labels: {names}")
-    failed = 0
+    failed = refused
     started = False
     try:
         if ray_address is not None:
@@ -392,7 +403,8 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
     if results:
         err(f"stexport: {len(todo)} result{'s' * (len(todo) != 1)} written to {output} ({results.lines} lines)")
     if failed:
-        err(f"stexport: {failed} of {len(todo)} input{'s' * (len(todo) != 1)} failed")
+        total = len(todo) + refused
+        err(f"stexport: {failed} of {total} input{'s' * (total != 1)} failed")
         raise typer.Exit(EXIT_BAD_INPUT)
 
 

@@ -124,9 +124,19 @@ def test_a_clip_list_where_videos_go_is_read_as_a_list(tiny_bundle, make_video, 
     r = cli("infer", "--clips", lst, "-m", tiny_bundle.path, "--json", "-b", "onnxruntime")
     assert r.returncode == 0, r.stderr
     assert [json.loads(x)["path"] for x in r.stdout.splitlines()] == [str(video), str(video)]
-    lst.write_text(f"{video}\nhttp://127.0.0.1:9/x.mp4\n")
-    line = one_error(cli("infer", lst, "-m", tiny_bundle.path))
-    assert str(lst) in line and "http://127.0.0.1:9/x.mp4" in line, line
+    # a line refused for itself is one failed input (new-user finding: it ended the run, nothing classified)
+    lst.write_text(f"{video}\nhttp://127.0.0.1:9/x.mp4\n{video.name}\tmove_left\n")
+    r = cli("infer", other, lst, "-m", tiny_bundle.path, "--json", "-b", "onnxruntime")
+    assert r.returncode == 2, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [(x["path"], "error" in x) for x in rows] == [(str(lst), True), (str(lst), True), (str(other), False),
+                                                        (str(video), False)]
+    assert rows[0]["error"] == (f"{lst}: line 2 is a URL (http://127.0.0.1:9/x.mp4); clip lists hold local files: "
+                                "download it first (stexport infer takes a URL itself)")
+    assert rows[1]["error"].startswith(f"{lst}: line 3: label 'move_left' is not a class index")
+    errors = [x for x in r.stderr.splitlines() if x.startswith("stexport: error:")]
+    assert errors == [f"stexport: error: {rows[0]['error']}", f"stexport: error: {rows[1]['error']}"], r.stderr
+    assert r.stderr.splitlines()[-1] == "stexport: 2 of 4 inputs failed"
 
 
 @pytest.mark.parametrize("inside", ["model.onnx", "labels.txt"])

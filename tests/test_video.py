@@ -478,6 +478,34 @@ def test_clip_lists_take_videos_and_refuse_what_is_not_text(tmp_path, make_video
         read_clip_list(blob)
 
 
+def test_clip_list_lines_as_other_tools_write_them(tmp_path):
+    """New-user findings: a quoted path, a comma before the label, a file:// URL, mmaction's '<video> <frames>
+    <label>', a UTF-16 list (Windows Notepad's "Unicode") are read; a negative label, a URL and a class name are
+    refused naming the line, and with `problems` the other lines still come back."""
+    (tmp_path / "v").mkdir()
+    for name in ("a.mp4", "my clip.mp4", "c,d.mp4"):
+        (tmp_path / "v" / name).write_bytes(b"x")
+    v = tmp_path / "v"
+    lst = tmp_path / "l.txt"
+    text = (f'"v/my clip.mp4" 3\nv/a.mp4,4\nfile://{v}/my%20clip.mp4 5\nv/a.mp4 120 6\nv/c,d.mp4 7\n'
+            "'v/my clip.mp4'\n")
+    want = [(v / "my clip.mp4", 3), (v / "a.mp4", 4), (v / "my clip.mp4", 5), (v / "a.mp4", 6), (v / "c,d.mp4", 7),
+            (v / "my clip.mp4", None)]
+    lst.write_text(text)
+    assert read_clip_list(lst) == want
+    assert video.is_clip_list(lst)
+    lst.write_bytes(text.encode("utf-16"))
+    assert read_clip_list(lst) == want
+    lst.write_text("v/a.mp4 -1\n")
+    with pytest.raises(StexportError, match=r"l.txt: line 1: label -1 is negative; labels are class numbers from 0"):
+        read_clip_list(lst)
+    lst.write_text("v/a.mp4 1\nhttps://x/y.mp4\nv/a.mp4,static\nv/a.mp4 2\n")
+    problems: list = []
+    assert read_clip_list(lst, problems) == [(v / "a.mp4", 1), (v / "a.mp4", 2)]
+    assert [(where, msg.split(" is ")[0].split(":")[0:2]) for where, msg in problems] == [
+        (str(lst), [str(lst), " line 2"]), (str(lst), [str(lst), " line 3"])]
+
+
 def test_cv2_without_utils_logging_still_decodes(make_video, monkeypatch):
     """opencv-python-headless 4.11.0.86 has no cv2.utils.logging: decoding must not depend on it."""
     monkeypatch.delattr(cv2.utils, "logging", raising=False)  # OpenCV 4.8 has none either

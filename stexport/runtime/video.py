@@ -879,15 +879,20 @@ def _live_windows(cap, name: str, sampling: Sampling, window: float, stride: flo
         raise VideoError(f"{name}: the stream ended after {i} frames, before one {window:g} s window")
 
 
-def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
+def read_clip_list(path_or_dir, problems: list[tuple[str, str]] | None = None) -> list[tuple[Path, int | None]]:
     """Videos and optional labels from the official list format, a directory, or one video file.
 
     A list file has one "<video> <label>" per line (the label is a class index, 0 to classes-1, and may be left
-    out; video paths are relative to the list file's directory); it must be UTF-8 text (a byte-order mark is
-    allowed); blank lines, lines starting with '#' and comments after whitespace (" # ...") are skipped. A
-    directory gives all video files below it, sorted, without labels, hidden ones (".name", e.g. macOS's "._x.mp4"
-    resource forks) left out. A video file (by its extension) is a list of itself. Raises StexportError naming the
-    file, the line and the fix, also for a URL (lists hold local files) and for a label that is a class name.
+    out; video paths are relative to the list file's directory); as people also write them, a path may be
+    quoted ("my clip.mp4" 3), a comma may separate the label (a.mp4,3), a `file://` URL names a local file, and
+    a frame count may come before the label (mmaction's "<video> <frames> <label>"). It must be text: UTF-8 (a
+    byte-order mark is allowed) or UTF-16 with its byte-order mark; blank lines, lines starting with '#' and
+    comments after whitespace (" # ...") are skipped. A directory gives all video files below it, sorted,
+    without labels, hidden ones (".name", e.g. macOS's "._x.mp4" resource forks) left out. A video file (by its
+    extension) is a list of itself.
+    Raises StexportError naming the file, the line and the fix, also for a URL (lists hold local files) and for
+    a label that is a class name. problems: when a list is given, a line refused for itself is added to it
+    as (the list's name, that one-line message) and skipped, and the other lines are still returned.
     """
     p = Path(path_or_dir)
     name = display(p)
@@ -905,6 +910,12 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
         data = p.read_bytes()
     except OSError as e:
         raise StexportError(f"{name}: cannot read the clip list ({e.strerror}); check its permissions") from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 with its BOM (Windows Notepad's "Unicode")
+        try:
+            data = data.decode("utf-16").encode("utf-8")
+        except UnicodeDecodeError:
+            raise StexportError(f"{name}: not valid UTF-16 text although it starts with a UTF-16 byte-order mark; "
+                                "save the list as UTF-8") from None
     if b"\0" in data[:4096]:
         raise StexportError(f"{name}: binary data, not a clip list; pass a '<video> <label>' text list, a "
                             f"directory, or video files ({', '.join(sorted(VIDEO_EXTS))})")
@@ -919,20 +930,49 @@ def read_clip_list(path_or_dir) -> list[tuple[Path, int | None]]:
         line = re.sub(r"\s#.*$", "", line).strip()
         if not line or line.startswith("#"):
             continue
-        if is_url(line.split()[0]):
-            raise StexportError(f"{name}: line {number} is a URL ({line.split()[0]}); clip lists hold local "
-                                "files: download it first (stexport infer takes a URL itself)")
-        parts = line.rsplit(maxsplit=1)
-        label = None
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            line, label = parts[0], int(parts[1])
-        elif len(parts) == 2 and not (p.parent / line).exists() and (p.parent / parts[0]).is_file():
-            raise StexportError(f"{name}: line {number}: label '{parts[1]}' is not a class index; labels are class "
-                                f"numbers (0 for the first line of the bundle's labels.txt), e.g. '{parts[0]} 0'")
-        out.append((p.parent / line, label))
-    if not out:
+        try:
+            out.append(_list_entry(p, line, f"{name}: line {number}"))
+        except StexportError as e:
+            if problems is None:
+                raise
+            problems.append((name, str(e)))
+    if not out and not problems:
         raise StexportError(f"{name}: empty list; write one '<video> <label>' per line")
     return out
+
+
+def _list_entry(p: Path, line: str, where: str) -> tuple[Path, int | None]:
+    """(video, label) of one clip-list line (see read_clip_list); StexportError naming `where` and the fix."""
+    if line.startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        line = unquote(urlsplit(line.split()[0]).path) + line[len(line.split()[0]):]
+    elif is_url(line.split()[0]):
+        raise StexportError(f"{where} is a URL ({line.split()[0]}); clip lists hold local files: download it "
+                            "first (stexport infer takes a URL itself)")
+    if line[0] in "\"'" and line.find(line[0], 1) > 0:  # a quoted path, then the label
+        end = line.find(line[0], 1)
+        path, rest = line[1:end], line[end + 1:].strip(" \t,")
+        parts = [path, rest] if rest else [path]
+    elif not (p.parent / line).exists() and "," in line and (p.parent / line.rsplit(",", 1)[0].strip()).is_file():
+        parts = [part.strip() for part in line.rsplit(",", 1)]  # CSV: video,label
+    else:
+        parts = line.rsplit(maxsplit=1)
+        words = line.split()
+        if (len(words) >= 3 and words[-1].lstrip("-").isdigit() and words[-2].isdigit()
+                and not (p.parent / parts[0]).exists() and (p.parent / " ".join(words[:-2])).is_file()):
+            parts = [" ".join(words[:-2]), words[-1]]  # mmaction: video frames label
+    label = None
+    if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+        line, label = parts[0], int(parts[1])
+        if label < 0:
+            raise StexportError(f"{where}: label {label} is negative; labels are class numbers from 0")
+    elif len(parts) == 2 and not (p.parent / line).exists() and (p.parent / parts[0]).is_file():
+        raise StexportError(f"{where}: label '{parts[1]}' is not a class index; labels are class numbers (0 for "
+                            f"the first line of the bundle's labels.txt), e.g. '{parts[0]} 0'")
+    else:
+        line = parts[0] if len(parts) == 1 else line
+    return p.parent / line, label
 
 
 def is_clip_list(path) -> bool:
@@ -948,12 +988,12 @@ def is_clip_list(path) -> bool:
         return True
 
 
-def read_clip_lists(inputs) -> list[tuple[Path, int | None]]:
-    """`read_clip_list` of each input (lists, directories, videos), in order."""
+def read_clip_lists(inputs, problems: list[tuple[str, str]] | None = None) -> list[tuple[Path, int | None]]:
+    """`read_clip_list` of each input (lists, directories, videos), in order (problems: as there)."""
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not items:
         raise StexportError("no clips given; pass a '<video> <label>' list, a directory or video files")
-    return [entry for item in items for entry in read_clip_list(item)]
+    return [entry for item in items for entry in read_clip_list(item, problems)]
 
 
 def with_views(sampling: Sampling, views: str | None = None, rate: int | None = None) -> Sampling:
