@@ -155,8 +155,8 @@ def test_cli_multitask_and_infer_task(tasks, multi, make_video, tmp_path):  # no
 def test_torchscript_module_takes_the_task_input(tasks, multi, tmp_path):  # noqa: F811
     import shutil
 
-    from stexport.bundle.store import Bundle
     from stexport.build.torchscript import add_to_bundle
+    from stexport.bundle.store import Bundle
 
     b = Bundle.load(shutil.copytree(multi.path, tmp_path / "multi"))
     b = add_to_bundle(b)
@@ -187,10 +187,11 @@ def test_serve_mixes_tasks_in_one_backend_call(ray_cluster, multi, tmp_path):
     """`stexport serve` on a multi-task bundle: interleaved requests for both tasks get what
     Classifier.classify(video, task=) gives, and /stats shows mixed batches run as one backend call each."""
     pytest.importorskip("ray.serve")
-    import requests
     from concurrent.futures import ThreadPoolExecutor
 
+    import requests
     from conftest import free_port, write_video
+
     from stexport import Classifier
     from stexport.serving.app import ServeConfig, start, stop
 
@@ -230,3 +231,106 @@ def test_tensorrt_and_triton_refuse_a_multitask_bundle(multi, tmp_path):
     with pytest.raises(StexportError, match="export-triton does not describe that input yet"):
         export_repository(multi, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+# --- FP16 and INT8 multi-task bundles ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """{fp16, int8} multi-task bundles of task A (10 classes) and task C (7 classes, other weights) on the
+    seeded random tiny backbone, and the unlabelled list of 8 videos INT8 calibrates on and verify checks on.
+    Not test_tasks' A and B: B's own single-task INT8 export fails verify's INT8 gate on these videos (91.7%
+    top-1 agreement: on this random model its logits' top two nearly tie on some views), so no INT8 graph of
+    it could pass. These two tasks' logits are not near ties (checked: each task's own INT8 export, and the
+    multi-task one, agree on 24 of 24 views)."""
+    import os
+
+    from conftest import write_video
+
+    from stexport.build.backbone import random_backbone
+    from stexport.build.deltas import save_official
+    from stexport.build.multitask import build_multitask
+    from stexport.build.synthetic import random_deltas
+
+    root = tmp_path_factory.mktemp("multitask_quantized")
+    old = os.environ.get("STEXPORT_CALIB_CACHE")
+    os.environ["STEXPORT_CALIB_CACHE"] = str(root / "calibration")
+    bb = random_backbone("stexport-tiny-vit")
+    a, c = root / "task_a.pt", root / "task_c.pt"
+    save_official(a, random_deltas(bb.config, num_classes=10, seed=12, **KW))
+    save_official(c, random_deltas(bb.config, num_classes=7, seed=2, **KW))
+    lines = []
+    for i in range(8):
+        write_video(root / f"v{i}.mp4", frames=24 + 3 * i, width=48 + 8 * i, height=40)
+        lines.append(f"v{i}.mp4")
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    built = {p: build_multitask([a, c], out=root / p, backbone="stexport-tiny-vit", pretrained="none", precision=p,
+                                calib=root / "list.txt" if p == "int8" else None) for p in ("fp16", "int8")}
+    yield {**built, "clips": root / "list.txt"}
+    if old is None:
+        os.environ.pop("STEXPORT_CALIB_CACHE", None)
+    else:
+        os.environ["STEXPORT_CALIB_CACHE"] = old
+
+
+@pytest.mark.parametrize("precision,name", [("fp16", "onnxruntime"), ("int8", "onnxruntime"),
+                                            ("int8", "openvino")])
+def test_each_task_of_a_quantized_multitask_bundle_passes_verify_gate(quantized, precision, name):
+    """verify --task NAME against the task's own FP32 reference, with verify's default gate for the bundle's
+    precision (stexport.bundle.precision): FP16 ≥ 99% top-1 agreement, INT8 ≥ 95% (no labels)."""
+    from stexport.build.verify import verify
+
+    b = quantized[precision]
+    assert b.manifest.precision == precision
+    for task in ("task_a", "task_c"):
+        report = verify(b, quantized["clips"], backend=name, task=task, use_cache=False)
+        assert report["task"]["name"] == task and report["passed"], (task, report["metrics"], report["checks"])
+        assert 0 < report["metrics"]["max_abs"] < (1e-2 if precision == "fp16" else 0.5)
+
+
+def test_int8_multitask_calibrates_the_backbone_on_every_task_and_keeps_adapters_float(quantized, tasks):  # noqa: F811
+    """The backbone's GEMMs carry Q/DQ (ranges from clips run round-robin over both tasks); the adapters' per-clip
+    GEMMs, which read gathered per-task weights, stay float; a clip's logits in a mixed batch are those it gets
+    alone (static per-tensor scales: rows do not interact)."""
+    b = quantized["int8"]
+    c = b.manifest.calibration
+    assert c is not None and c.clips == 8 and c.quantized_layers > 0
+    g = onnx.load(str(b.file("onnx"))).graph
+    made = {o: n for n in g.node for o in n.output}
+    quantized_gemms = {n.name for n in g.node if n.op_type in ("MatMul", "Gemm")
+                       and any(made.get(i) is not None and made[i].op_type == "DequantizeLinear" for i in n.input)}
+    assert len(quantized_gemms) == c.quantized_layers
+    assert all(n.startswith("blocks.") and ".pre_" not in n for n in quantized_gemms), quantized_gemms
+    adapters = [n for n in g.node if n.op_type == "MatMul" and ".pre_" in n.name]
+    assert adapters and not any(made[i].op_type == "DequantizeLinear" for n in adapters for i in n.input
+                                if i in made)
+    x = tasks["clips"]
+    with backends.create("onnxruntime", b) as be:
+        alone = {t: be.run(x, task=t) for t in ("task_a", "task_c")}
+        order = ["task_c", "task_a", "task_a", "task_c"]
+        mixed = be.run_tasks(x, order)
+    for i, t in enumerate(order):
+        assert np.abs(mixed[i, :alone[t].shape[1]] - alone[t][i]).max() <= 1e-5
+
+
+def test_fp16_multitask_records_its_check(quantized):
+    c = quantized["fp16"].manifest.fp16_check
+    assert c is not None and c.top1_agreement == 1.0 and c.max_abs_logit_diff < 1e-2 and not c.fp32_nodes
+    g = onnx.load(str(quantized["fp16"].file("onnx"))).graph
+    taps = [t for t in g.initializer if t.name.endswith(".taps")]
+    assert taps and all(t.data_type == onnx.TensorProto.FLOAT16 for t in taps)
+
+
+def test_cli_multitask_int8_needs_calib(tasks, tmp_path):  # noqa: F811
+    r = subprocess.run([sys.executable, "-m", "stexport.cli.app", "multitask", "-a", tasks["a"], "-a", tasks["b"],
+                        "--backbone", "stexport-tiny-vit", "--pretrained", "none", "--precision", "int8",
+                        "--out", tmp_path / "x"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--calib" in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
+    from stexport.build.multitask import multitask_from_packs
+
+    with pytest.raises(StexportError, match="--precision int8 needs calibration videos"):  # options pass through
+        multitask_from_packs(tasks["base"], [tasks["pack_b"]], out=tmp_path / "y", precision="int8")
+    with pytest.raises(StexportError, match="--precision int4: choose"):
+        multitask_from_packs(tasks["base"], [tasks["pack_b"]], out=tmp_path / "y", precision="int4")
+    assert not (tmp_path / "y").exists()
