@@ -221,16 +221,12 @@ def test_serve_mixes_tasks_in_one_backend_call(ray_cluster, multi, tmp_path):
         stop(shutdown_ray=False)
 
 
-def test_tensorrt_and_triton_refuse_a_multitask_bundle(multi, tmp_path):
-    """Neither feeds the task input yet: each says so in one line instead of running task 0 silently."""
-    from stexport.build.triton import export_repository
+def test_tensorrt_refuses_a_multitask_bundle(multi):
+    """It does not feed the task input yet: it says so in one line instead of running task 0 silently."""
     from stexport.runtime.backends import load_class
 
     with pytest.raises(StexportError, match="does not feed yet"):
         load_class("tensorrt")(multi)
-    with pytest.raises(StexportError, match="export-triton does not describe that input yet"):
-        export_repository(multi, tmp_path / "repo")
-    assert not (tmp_path / "repo").exists()
 
 
 # --- FP16 and INT8 multi-task bundles ------------------------------------------------------------------------
@@ -334,3 +330,82 @@ def test_cli_multitask_int8_needs_calib(tasks, tmp_path):  # noqa: F811
     with pytest.raises(StexportError, match="--precision int4: choose"):
         multitask_from_packs(tasks["base"], [tasks["pack_b"]], out=tmp_path / "y", precision="int4")
     assert not (tmp_path / "y").exists()
+
+
+# --- export-triton and TensorRT ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_triton_repository_takes_the_task_input_and_its_readme_client_works(multi, tmp_path, backend, monkeypatch):
+    """export-triton of a multi-task bundle: config.pbtxt (through Triton's ModelConfig schema) has the task
+    index as a second input, named and typed as the graph's, dims [1] reshaped to [] (the graph's (B,)); the
+    README's client code, run as written against a stand-in for the server, sends a request (built by
+    tritonclient itself) that the config accepts and that, run on the repository's model with Triton's reshape,
+    gives the bundle's logits for the README's task."""
+    pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    import re
+
+    import onnxruntime as ort
+    import tritonclient.grpc as grpcclient
+    from conftest import write_video
+    from google.protobuf import text_format
+    from tritonclient.grpc import _utils
+    from tritonclient.grpc import model_config_pb2 as pb
+    from tritonclient.utils import triton_to_np_dtype
+
+    from stexport.build.triton import TritonOptions, export_repository
+    from stexport.runtime.video import Sampling, decode
+
+    repo = tmp_path / "repo"
+    summary = export_repository(multi, repo, TritonOptions(backend=backend, name="mt"))
+    cfg = text_format.Parse((repo / "mt" / "config.pbtxt").read_text(), pb.ModelConfig())
+    g = onnx.load(str(repo / "mt" / "1" / "model.onnx"), load_external_data=False).graph
+    assert [i.name for i in cfg.input] == [i.name for i in g.input] == ["frames", "task"]
+    task_in = cfg.input[1]
+    assert task_in.data_type == pb.TYPE_INT64 and g.input[1].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert list(task_in.dims) == [1] and task_in.HasField("reshape") and list(task_in.reshape.shape) == []
+    assert [d.dim_param != "" for d in g.input[1].type.tensor_type.shape.dim] == [True]  # (batch,)
+    assert list(cfg.output[0].dims) == [10] and not cfg.output[0].label_filename
+    assert (repo / "mt" / "labels" / "1.txt").read_text().split() == [f"b{i}" for i in range(7)]
+    assert len((repo / "mt" / "labels" / "0.txt").read_text().split()) == 10
+    assert "mt/labels/1.txt" in summary["files"]
+    readme = (repo / "README.md").read_text()
+    assert "| 1 | `task_b` | 7 | `labels/1.txt` |" in readme
+
+    m = multi.manifest
+    video = write_video(tmp_path / "v.mp4", frames=30, width=64, height=48)
+    clips = decode(video, Sampling.from_manifest(m)).clips
+    np.save(repo / "clip.npy", clips)
+    sess = ort.InferenceSession(str(repo / "mt" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    sent = []
+
+    class Server:  # what Triton does with a request for this config: check it, reshape, run the model
+        def __init__(self, url):
+            assert url == "127.0.0.1:8001"
+
+        def infer(self, model_name, inputs, **kw):
+            req = _utils._get_inference_request(model_name, inputs, "", "", None, 0, False, False, 0, None, None)
+            assert req.model_name == cfg.name
+            feed = {}
+            for tensor, raw in zip(req.inputs, req.raw_input_contents):
+                spec = next(i for i in cfg.input if i.name == tensor.name)
+                assert tensor.datatype == pb.DataType.Name(spec.data_type)[len("TYPE_"):]
+                batch, *dims = tensor.shape
+                assert 1 <= batch <= cfg.max_batch_size and dims == list(spec.dims), (tensor.name, tensor.shape)
+                x = np.frombuffer(raw, triton_to_np_dtype(tensor.datatype)).reshape(tensor.shape)
+                feed[tensor.name] = x.reshape(batch, *spec.reshape.shape) if spec.HasField("reshape") else x
+            assert set(feed) == {i.name for i in cfg.input}
+            sent.append(feed)
+            out = sess.run([cfg.output[0].name], feed)[0]
+            return type("Result", (), {"as_numpy": lambda self, name: out if name == cfg.output[0].name else None})()
+
+    monkeypatch.setattr(grpcclient, "InferenceServerClient", Server)
+    code = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
+    monkeypatch.chdir(repo)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example, as a user runs it
+    assert len(sent) == 1 and (sent[0]["task"] == 1).all() and sent[0]["task"].shape == (len(clips),)
+    with backends.create("onnxruntime", multi) as be:
+        want = be.run(clips, task="task_b")
+    assert scope["logits"].shape == want.shape == (len(clips), 7)
+    np.testing.assert_allclose(scope["logits"], want, atol=1e-5)
+    assert scope["labels"][:7] == [f"b{i}" for i in range(7)]
