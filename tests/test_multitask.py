@@ -217,6 +217,39 @@ def test_serve_mixes_tasks_in_one_backend_call(ray_cluster, multi, tmp_path):
         stats = requests.get(f"{url}/stats", timeout=30).json()
         assert stats["tasks"] == {"task_a": 6, "task_b": 6}
         assert stats["mixed_batches"] >= 1 and stats["backend_calls"] == stats["batches"] < 12
+
+        # the Open Inference Protocol's infer route: each task is a model; a batch of both is one backend call
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from stexport.runtime.video import Sampling, decode
+
+        def calls(model):  # backend calls the replica counted under `model` ("": calls that mixed tasks)
+            text = requests.get(f"{url}/metrics", timeout=30).text
+            return sum(x.value for f in text_string_to_metric_families(text) for x in f.samples
+                       if x.name == "stexport_backend_seconds_count" and x.labels.get("model") == model)
+
+        views = decode(videos[2], Sampling.from_manifest(multi.manifest)).clips
+        oip_jobs = [(i % len(views), ("task_a", "task_b")[i % 2]) for i in range(8)]
+        with backends.create("onnxruntime", multi) as be:
+            alone = {j: be.run(views[j[0]:j[0] + 1], task=j[1])[0] for j in set(oip_jobs)}
+        before = calls("")
+
+        def infer(job):
+            x = views[job[0]:job[0] + 1]
+            body = {"inputs": [{"name": "frames", "datatype": "UINT8", "shape": list(x.shape),
+                                "data": x.ravel().tolist()}]}
+            return requests.post(f"{url}/v2/models/{job[1]}/infer", json=body, timeout=120)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(infer, oip_jobs))
+        for job, r in zip(oip_jobs, answers):
+            assert r.status_code == 200, r.text
+            out = {o["name"]: o for o in r.json()["outputs"]}
+            z = alone[job] - alone[job].max()
+            want_p = np.exp(z) / np.exp(z).sum()
+            assert out["probabilities"]["shape"] == [1, len(want_p)]
+            np.testing.assert_allclose(out["probabilities"]["data"], want_p, atol=1e-5)
+        assert calls("") > before  # at least one OIP batch held both tasks and ran as one call
     finally:
         stop(shutdown_ray=False)
 
