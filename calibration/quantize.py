@@ -20,11 +20,12 @@ from stexport.calibration.qdq import insert_qdq, quant_targets, ranges_by_node, 
 from stexport.calibration.ranges import PERCENTILE, RangeCollector
 from tqdm import tqdm
 
+from stexport.bundle.manifest import InputRecord
+from stexport.bundle.multitask import round_robin_feed
 from stexport.bundle.store import default_home
 from stexport.errors import StexportError
-from stexport.onnx_graph import check, save
 from stexport.fileutil import json_bytes, write_cache
-from stexport.bundle.manifest import InputRecord
+from stexport.onnx_graph import check, save
 
 log = logging.getLogger("stexport")
 
@@ -56,13 +57,14 @@ def _session(proto: onnx.ModelProto, workdir: Path | None, basic: bool = True):
 
 def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling, method: str,
             input_spec: InputRecord, workdir: Path | None = None, progress: bool = False,
-            channels=(), keep: int = 0):
+            channels=(), keep: int = 0, tasks: int = 0):
     """Run the FP32 graph on every calibration clip with the statistics of `tensors` as extra outputs (see
     calibration.ranges: reductions computed in the graph, streamed clip by clip); their thresholds.
 
     With `channels` (a subset of `tensors`) or `keep`, returns (thresholds, {tensor: per-channel (min, max)},
     [(feed, logits)] of the first `keep` clips) instead. Memory does not grow with the number of clips: one
-    clip's feed and the running statistics (`keep` clips' feeds and logits)."""
+    clip's feed and the running statistics (`keep` clips' feeds and logits).
+    tasks: a multi-task graph's task count: clip i runs as task i % tasks (round_robin_feed)."""
     ranges = RangeCollector(method, channels=channels)
     g = proto.graph
     sizes = len(g.node), len(g.output), len(g.initializer)
@@ -79,12 +81,12 @@ def collect(proto: onnx.ModelProto, tensors: list[str], clips: ClipSet, sampling
             del g.node[sizes[0]:], g.output[sizes[1]:], g.initializer[sizes[2]:]
         del aug
     names = [o.name for o in session.get_outputs()]
-    inp = session.get_inputs()[0].name
+    inputs = [i.name for i in session.get_inputs()]
     kept = []
-    for views in tqdm(batches(clips, sampling), total=len(clips), desc="calibrate", unit="clip",
-                      disable=None if progress else True, leave=False):
-        feed = input_spec.feed(views)
-        outs = session.run(None, {inp: feed})
+    for i, views in enumerate(tqdm(batches(clips, sampling), total=len(clips), desc="calibrate", unit="clip",
+                                   disable=None if progress else True, leave=False)):
+        feed = round_robin_feed(inputs, input_spec.feed(views), i, tasks)
+        outs = session.run(None, feed)
         ranges.add_outputs(dict(zip(names, outs)))
         if len(kept) < keep:
             kept.append((feed, outs[0]))
@@ -100,8 +102,7 @@ SELECT_CLIPS = 8  # calibration clips the candidates are compared on
 
 def _logits(proto: onnx.ModelProto, kept: list, workdir: Path | None) -> np.ndarray:
     session = _session(proto, workdir, basic=False)
-    inp = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {inp: feed})[0] for feed, _ in kept])
+    return np.concatenate([session.run(None, feed)[0] for feed, _ in kept])
 
 
 def _migrated_amax(steps: dict, stats: dict, found: list, amax: dict) -> dict:
@@ -175,7 +176,7 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
                           method: str = "minmax", seed: int = 0, input_spec: InputRecord | None = None,
                           progress: bool = False, external_data: bool | None = None, use_cache: bool = True,
                           on_calibrated=None, attention: bool = False, float_graph: Path | None = None,
-                          migrate="auto", fallback=None) -> dict:
+                          migrate="auto", fallback=None, tasks: int = 0) -> dict:
     """Rewrite the FP32 graph at `onnx_path` as INT8 Q/DQ in place; returns the manifest's `calibration`.
 
     migrate: outlier migration before quantization (calibration.smooth): "auto" (default: chosen on the
@@ -185,8 +186,12 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
     one at `onnx_path`: INT8 GEMMs with FP16 float parts (LayerNorm/Softmax statistics stay FP32 as the FP16
     graph has them). The file at `float_graph` is removed.
     fallback: called as fallback(graph ready for Q/DQ, ranges, layer names, float type) before the Q/DQ go in;
-    returns (layers to leave in float, their record), stored as `float_fallback` (stexport.build.fallback)."""
+    returns (layers to leave in float, their record), stored as `float_fallback` (stexport.build.fallback).
+    tasks: the task count of a multi-task graph (stexport.build.multitask; its second input, the task index):
+    calibration clip i runs as task i % tasks, so the shared backbone's ranges are those of every task's clips.
+    Its adapters' GEMMs read gathered per-task weights (no weight initializer): they stay float."""
     from stexport.calibration import smooth
+
     from stexport.runtime.video import Sampling
 
     if migrate not in ("auto", "off"):
@@ -212,7 +217,8 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
     found = smooth.sites(proto, names) if migrate != "off" else []
     key_src = {"model": model_hash(proto), "clips": chosen.key(), "sampling": view.to_dict(),
                "method": method, "seed": seed, "percentile": PERCENTILE if method == "percentile" else None,
-               "attention": attention, "migrate": migrate, "format": 3}
+               "attention": attention, "migrate": migrate, "format": 3,
+               **({"tasks": tasks} if tasks else {})}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:32]
     cache = cache_dir() / f"{key}.json"
     amax, cached, steps, migration = None, False, {}, None
@@ -231,7 +237,7 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
         if found:
             amax, stats, kept = collect(proto, tensors, chosen, view, method, spec, onnx_path.parent, progress,
                                         channels={site.tensor for site in found},
-                                        keep=SELECT_CLIPS if migrate == "auto" else 0)
+                                        keep=SELECT_CLIPS if migrate == "auto" else 0, tasks=tasks)
             # minmax thresholds for choosing; the chosen graph is then calibrated with `method`
             plain = amax if method == "minmax" else {t: max(abs(stats[t][0]).max(), abs(stats[t][1]).max())
                                                     if t in stats else v for t, v in amax.items()}
@@ -245,9 +251,10 @@ def quantize_bundle_model(onnx_path: Path, calib, frames: int, size: int, sampli
                 smooth.apply(moved, steps)
                 changed = sorted({n.input[0] for n in moved.graph.node if n.name in
                                   {r for st in steps.values() for r in st["readers"]}})
-                amax = {**amax, **collect(moved, changed, chosen, view, method, spec, onnx_path.parent, progress)}
+                amax = {**amax, **collect(moved, changed, chosen, view, method, spec, onnx_path.parent, progress,
+                                          tasks=tasks)}
         else:
-            amax = collect(proto, tensors, chosen, view, method, spec, onnx_path.parent, progress)
+            amax = collect(proto, tensors, chosen, view, method, spec, onnx_path.parent, progress, tasks=tasks)
             steps, migration = choose_migration(proto, names, found, {}, amax, [], migrate)
         if use_cache:
             videos = [str(v) for v in chosen.videos]

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from stexport.cli.common import Flag, check_adapter_file, handle_errors, print_json
+from stexport.cli.common import register as add_command
 
-from stexport.cli.common import Flag, check_adapter_file, handle_errors, print_json, register as add_command
+from stexport.bundle.precision import precision_help
 
 EXAMPLES = """
 Examples:
@@ -14,6 +16,8 @@ Examples:
   stexport multitask -a k400.pt -a ssv2.pt -a diving.pt --pretrained openai --out bundles/three
 
   stexport multitask --base bundles/base --pack ssv2.stpack --pack diving.stpack --out bundles/three
+
+  stexport multitask -a k400.pt -a ssv2.pt --precision int8 --calib clips_of_both.txt --out bundles/two-int8
 
   stexport infer clip.mp4 -m bundles/three --task ssv2
 """
@@ -35,16 +39,24 @@ def multitask(
     pretrained: str = typer.Option(None, "--pretrained", help="Backbone weights: an open_clip tag, a file or "
                                    "'none' (default: openai; with --base, the base's)."),
     frames: int = typer.Option(8, "--frames", "-t", help="With --adapter: frames per clip (T)."),
+    precision: str = typer.Option("fp32", "--precision", "-p", help=precision_help() + "."),
+    calib: Path = typer.Option(None, "--calib", help="INT8 calibration videos of every task (a '<video> "
+                               "<label>' list or a directory): clip i runs as task i mod the task count."),
+    calib_clips: int = typer.Option(32, "--calib-clips", help="How many videos of --calib to use (a seeded "
+                                    "choice)."),
+    calib_method: str = typer.Option("minmax", "--calib-method", help="minmax, percentile (99.999) or "
+                                     "entropy."),
     out: Path = typer.Option(None, "--out", "-o", help="Bundle directory (default: "
                              "~/.cache/stexport/bundles/NAME)."),
     force: bool = Flag(False, "--force", "-f", help="Replace an existing bundle at --out."),
     as_json: bool = Flag(False, "--json", help="Print the manifest as JSON."),
 ):
-    """Build a multi-task bundle (FP32): one graph with every task's adapters and head stacked and a second
+    """Build a multi-task bundle (FP32, FP16 or INT8): one graph with every task's adapters and head stacked and a second
     input, the task index of each clip (int64 [B]). The backbone runs once per batch; each clip gathers its
     task's adapters and head rows. Every runtime runs it as a plain model; `infer --task NAME` picks a task,
     and `Classifier.classify_batch` with (source, task) pairs mixes tasks in one backend call. Each task's
-    logits equal those of its own full export."""
+    logits equal those of its own full export. INT8 calibrates the shared backbone on clips of every task
+    (round-robin task indices); the adapters stay float."""
     from stexport.errors import StexportError
 
     if bool(adapter) == bool(base):
@@ -55,10 +67,13 @@ def multitask(
     from stexport.extras import require
 
     require("stexport multitask", "torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors")
+    precision_options = dict(precision=precision, calib=calib, calib_clips=calib_clips, calib_method=calib_method,
+                             progress=True)
     if base:
         from stexport.build.multitask import multitask_from_packs
 
-        bundle = multitask_from_packs(base, list(pack or []), out=out, pretrained=pretrained, force=force)
+        bundle = multitask_from_packs(base, list(pack or []), out=out, pretrained=pretrained, force=force,
+                                      **precision_options)
     else:
         for a in adapter:
             check_adapter_file(a)
@@ -71,13 +86,21 @@ def multitask(
 
         bundle = build_multitask(list(adapter), out=out, backbone=backbone, pretrained=pretrained or "openai",
                                  names=list(name) if name else None, labels=list(labels) if labels else None,
-                                 frames=frames, force=force)
+                                 frames=frames, force=force, **precision_options)
     m = bundle.manifest
     if as_json:
         print_json({"path": str(bundle.path), **m.multitask.model_dump(mode="json", exclude_none=True)})
         return
     mt = m.multitask
     typer.echo(f"built {bundle.path}  ({len(mt.tasks)} tasks, head of {mt.head_rows} rows, {m.precision})")
+    if m.calibration is not None:
+        c = m.calibration
+        typer.echo(f"  calibration: {c.method} on {c.clips} clips, task indices round-robin; {c.quantized_layers} "
+                   "backbone layers quantized, adapters float")
+    if m.fp16_check is not None:
+        c = m.fp16_check
+        typer.echo(f"  fp16 check: max |Δlogit| vs fp32 {c.max_abs_logit_diff:.3g} on {c.clips} {c.source}"
+                   + (f", {len(c.fp32_nodes)} nodes kept in FP32" if c.fp32_nodes else ""))
     for t in mt.tasks:
         typer.echo(f"  task {t.index} {t.name}: {t.classes} classes")
     typer.echo(f"next: stexport infer VIDEO -m {bundle.path} --task {mt.tasks[-1].name}")

@@ -88,7 +88,7 @@ def _export(model, args: tuple, names: list[str], dynamic: tuple, path: Path, ex
 
 def _finish(proto: onnx.ModelProto, model, path: Path, external_data: bool | None) -> Path:
     """Name the GEMMs, split kᵀ, tidy, save (external data past EXTERNAL_DATA_BYTES), check."""
-    name_linear_nodes(proto)
+    name_linear_nodes(proto, getattr(model, "module_prefix", ""))
     split_key_transposes(proto)
     _tidy(proto)
     if external_data is None:
@@ -133,9 +133,10 @@ def scope_of(node: onnx.NodeProto) -> list[str]:
     return []
 
 
-def name_linear_nodes(proto: onnx.ModelProto) -> None:
+def name_linear_nodes(proto: onnx.ModelProto, prefix: str = "") -> None:
     """Name MatMul/Gemm nodes after their torch module (e.g. 'blocks.3.attn.q', 'blocks.3.attn.scores') so Q/DQ
-    can find them after the exporter's metadata is gone."""
+    can find them after the exporter's metadata is gone. prefix: where the ViT's modules sit in the exported
+    model ('base.' in a multi-task model), left out of the names so every graph's layers have the same names."""
     seen: dict[str, int] = {}
     for n in proto.graph.node:
         if n.op_type not in ("MatMul", "Gemm"):
@@ -144,6 +145,7 @@ def name_linear_nodes(proto: onnx.ModelProto) -> None:
         if len(scopes) < 2:
             continue
         base = scopes[-2]  # the module; scopes[-1] is the aten op inside it
+        base = base[len(prefix):] if prefix and base.startswith(prefix) else base
         k = seen.get(base, 0)
         seen[base] = k + 1
         n.name = base if k == 0 else f"{base}#{k}"

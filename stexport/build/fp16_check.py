@@ -70,15 +70,21 @@ def _to_input(clips: np.ndarray, input_format: str) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 1, 4, 2, 3))
 
 
-def activation_peaks(reference, clips: np.ndarray, input_format: str) -> tuple[dict[str, float], np.ndarray]:
+def activation_peaks(reference, clips: np.ndarray, input_format: str,
+                     tasks: int = 0) -> tuple[dict[str, float], np.ndarray]:
     """Largest |output| of each module the FP16 graph runs in FP16 (and of each weight it stores in FP16),
-    from the FP32 folded model; and its logits (N, classes)."""
+    from the FP32 folded model; and its logits (N, classes). tasks: `reference` is an FP32 multi-task model
+    (stexport.build.multitask.MultiTaskViT) of that many tasks, clip i run as task i % tasks."""
     from stexport.build.fold import Norm, fold
 
-    model = fold(reference, input_format, compute_dtype=torch.float32)
+    model = reference if tasks else fold(reference, input_format, compute_dtype=torch.float32)
+    prefix = getattr(model, "module_prefix", "")
     peaks: dict[str, float] = {}
     hooks = []
     for name, mod in model.named_modules():
+        if prefix and not name.startswith(prefix):  # the multi-task model's stacked head: FP32, like `head`
+            continue
+        name = name[len(prefix):]
         # LayerNorms compute in FP32 (their weights stay FP32) but give FP16 back, except ln_post (the head's)
         if not name or name.startswith(("ln_post", "head")) or name == "blocks":
             continue
@@ -91,17 +97,20 @@ def activation_peaks(reference, clips: np.ndarray, input_format: str) -> tuple[d
                 peaks[name] = max(peaks.get(name, 0.0), float(out.detach().abs().max()))
 
         hooks.append(mod.register_forward_hook(hook))
+    x = torch.from_numpy(_to_input(clips, input_format))
     try:
         with torch.no_grad():
-            logits = model(torch.from_numpy(_to_input(clips, input_format))).numpy()
+            logits = (model(x, torch.arange(len(x)) % tasks) if tasks else model(x)).numpy()
     finally:
         for h in hooks:
             h.remove()
     return peaks, logits
 
 
-def run_onnx(onnx_path: Path, clips: np.ndarray, input_format: str) -> np.ndarray:
+def run_onnx(onnx_path: Path, clips: np.ndarray, input_format: str, tasks: int = 0) -> np.ndarray:
     import onnxruntime as ort
+
+    from stexport.bundle.multitask import round_robin_feed
 
     opts = ort.SessionOptions()
     # ONNX Runtime 1.32's CPU provider crashes on FP16 graphs at ORT_ENABLE_ALL (see README)
@@ -109,7 +118,8 @@ def run_onnx(onnx_path: Path, clips: np.ndarray, input_format: str) -> np.ndarra
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     x = _to_input(clips, input_format)
-    return np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(len(x))])
+    names = [i.name for i in sess.get_inputs()]
+    return np.concatenate([sess.run(None, round_robin_feed(names, x[i:i + 1], i, tasks))[0] for i in range(len(x))])
 
 
 def _layer(name: str) -> str:
@@ -129,11 +139,12 @@ def _types(proto: onnx.ModelProto) -> dict[str, int]:
     return found
 
 
-def fp16_peaks(proto: onnx.ModelProto, clips: np.ndarray, input_format: str) -> dict[str, float]:
+def fp16_peaks(proto: onnx.ModelProto, clips: np.ndarray, input_format: str, tasks: int = 0) -> dict[str, float]:
     """max |x| of every FP16 tensor the FP16 graph `proto` computes, computed in FP32 (the same graph with its
     FP16 initializers and casts made FP32) on `clips`; streamed (calibration.ranges' in-graph reductions)."""
     import onnxruntime as ort
 
+    from stexport.bundle.multitask import round_robin_feed
     from stexport.calibration.ranges import RangeCollector
 
     F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
@@ -163,8 +174,9 @@ def fp16_peaks(proto: onnx.ModelProto, clips: np.ndarray, input_format: str) -> 
     del shadow
     names = [o.name for o in sess.get_outputs()]
     x = _to_input(clips, input_format)
+    inputs = [i.name for i in sess.get_inputs()]
     for i in range(len(x)):
-        ranges.add_outputs(dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]}))))
+        ranges.add_outputs(dict(zip(names, sess.run(None, round_robin_feed(inputs, x[i:i + 1], i, tasks)))))
     return ranges.amax()
 
 
@@ -282,7 +294,7 @@ def _is_delta(name: str) -> bool:
 
 
 def check_fp16_graph(reference, onnx_path: Path, input_format: str, frames: int, size: int, sampling: dict,
-                     calib=None, overflow: str = "fp32") -> dict:
+                     calib=None, overflow: str = "fp32", tasks: int = 0) -> dict:
     """Check the FP16 ONNX at `onnx_path` against the FP32 model on a few clips (see the module docstring).
 
     overflow: "fp32" keeps the nodes whose activations leave FP16's range in FP32 (the graph at `onnx_path` is
@@ -292,6 +304,8 @@ def check_fp16_graph(reference, onnx_path: Path, input_format: str, frames: int,
     FP16's range: {layer, max_abs_activation})}. Raises StexportError naming the overflowing layers when FP16 cannot
     store a weight, or (overflow "refuse", or still after the FP32 fallback) cannot hold the activations or
     the FP16 logits are not finite.
+    tasks: a multi-task graph of that many tasks (stexport.build.multitask): `reference` is then its FP32
+    MultiTaskViT, and clip i runs as task i % tasks on both.
     """
     from stexport.onnx_graph import check, save
 
@@ -301,8 +315,8 @@ def check_fp16_graph(reference, onnx_path: Path, input_format: str, frames: int,
         clips, source = calibration_clips(calib, frames, size, sampling), "calibration videos"
     else:
         clips, source = generated_clips(frames, size), "generated clips"
-    peaks, ref_logits = activation_peaks(reference, clips, input_format)
-    out = run_onnx(Path(onnx_path), clips, input_format)
+    peaks, ref_logits = activation_peaks(reference, clips, input_format, tasks)
+    out = run_onnx(Path(onnx_path), clips, input_format, tasks)
     over = sorted(((v, k) for k, v in peaks.items() if not v <= FP16_MAX), reverse=True)
     # peaks holds the activations in the order the forward finished them
     first = next((k for k, v in peaks.items() if not v <= FP16_MAX and not k.endswith(" (weight)")), None)
@@ -312,11 +326,11 @@ def check_fp16_graph(reference, onnx_path: Path, input_format: str, frames: int,
         if overflow == "refuse" or any(k.endswith(" (weight)") for _, k in over):
             _refuse(over, finite, out, clips, source, first=first)
         proto = onnx.load(str(onnx_path))
-        fp32_nodes = keep_fp32(proto, fp16_peaks(proto, clips, input_format))
+        fp32_nodes = keep_fp32(proto, fp16_peaks(proto, clips, input_format, tasks))
         save(proto, Path(onnx_path), external_data=bool(external_files(Path(onnx_path))))
         check(Path(onnx_path))
         del proto
-        out = run_onnx(Path(onnx_path), clips, input_format)
+        out = run_onnx(Path(onnx_path), clips, input_format, tasks)
         if not np.isfinite(out).all() or not fp32_nodes:
             _refuse(over, False, out, clips, source, fallback=f" with {len(fp32_nodes)} nodes kept in FP32",
                     first=first)

@@ -92,6 +92,8 @@ class MultiTaskViT(nn.Module):
     """Folded ST-Adapter ViT with K tasks: (frames (B, T, H, W, 3) uint8 or (B, T, 3, H, W) float, task int64
     (B,) in [0, K)) → float32 logits (B, head_rows); clip b's first classes[task[b]] logits are its task's."""
 
+    module_prefix = "base."  # where the folded ViT's modules sit: left out of the graph's layer names
+
     def __init__(self, deploys: list, classes: list[int]):
         super().__init__()
         base = deploys[0]
@@ -161,37 +163,51 @@ def task_name(adapter, index: int) -> str:
 def build_multitask(adapters: list, out: str | Path | None = None, backbone="stexport-tiny-vit",
                     pretrained: str | None = None, names: list[str] | None = None, labels: list | None = None,
                     samplings: list[dict | None] | None = None, frames: int = 8, input_format: str = "uint8",
-                    precision: str = "fp32", force: bool = False, external_data: bool | None = None) -> Bundle:
-    """One FP32 bundle running every task of `adapters` (checkpoint paths, Deltas or state dicts; one backbone)
+                    precision: str = "fp32", force: bool = False, external_data: bool | None = None,
+                    calib=None, calib_clips: int = 32, calib_method: str = "minmax", calib_seed: int = 0,
+                    int8_migrate="auto", fp16_overflow: str = "fp32", progress: bool = False) -> Bundle:
+    """One bundle running every task of `adapters` (checkpoint paths, Deltas or state dicts; one backbone)
     in one graph with a second input, the task index per clip (see the module docstring). The manifest's
     `multitask` record lists each task (name, index, labels, classes, default sampling, checkpoint sha256); the
     bundle's own task (output, labels.txt, sampling, adapter record) is the first.
+
+    precision: fp32, fp16 or int8, made as `stexport build` makes them (stexport.bundle.precision), the task
+    index fed round-robin wherever the build runs the graph on clips: fp16's overflow check (fp16_overflow)
+    runs clip i as task i % K; int8 calibrates the shared backbone's activation ranges on the clips of `calib`
+    (calib_clips of them, seeded choice; calib_method; int8_migrate) with clip i run as task i % K, so the
+    ranges cover every task. INT8 quantizes the backbone's GEMMs; the adapters' per-clip GEMMs read gathered
+    per-task weights and stay float (measured per task against verify's INT8 gate in
+    docs/guides/task-packs.md).
 
     names: task names (default: the checkpoints' file stems; unique); labels: per task a labels file, a list of
     names or None; samplings: per task overrides of the default sampling (rate, temporal_views,
     spatial_views). backbone: a stexport Backbone or an open_clip name (with `pretrained`).
     Raises StexportError (one line, before any export) for adapters whose layout differs from the first's,
-    spatial adapter kernels, duplicate names, a precision other than fp32, or an existing `out` without force."""
+    spatial adapter kernels, duplicate names, an unknown precision, int8 without `calib`, or an existing `out`
+    without force."""
     import warnings
 
     from safetensors.torch import save_file
 
     from stexport.build.backbone import Backbone, load_backbone, random_weights_warning
     from stexport.build.deltas import as_deltas, check_fits
-    from stexport.build.export import OPSET, OUTPUT, export_onnx
+    from stexport.build.export import DTYPES, OPSET, OUTPUT, export_onnx
     from stexport.build.loaders import backbone_record
     from stexport.build.packing import spec_mismatch
     from stexport.build.pipeline import ARTIFACTS, bundle_name, default_sampling, input_record
     from stexport.bundle.labels import resolve_labels
-    from stexport.bundle.manifest import (AdapterRecord, Manifest, ModelRecord, MultiTaskRecord, OutputRecord,
-                                          SamplingRecord, TaskEntry)
+    from stexport.bundle.manifest import (AdapterRecord, CalibrationRecord, FP16CheckRecord, Manifest, ModelRecord,
+                                          MultiTaskRecord, OutputRecord, SamplingRecord, TaskEntry)
+    from stexport.bundle.precision import NAMES, PRECISIONS, choices_help
     from stexport.bundle.store import default_home, finish, writing
     from stexport.onnx_graph import external_files
     from stexport.runtime.video import Sampling
 
-    if precision != "fp32":
-        raise StexportError(f"--precision {precision}: multi-task bundles are built in fp32 (INT8 and FP16 "
-                            "multi-task graphs are not made yet)")
+    if precision not in PRECISIONS:
+        raise StexportError(f"--precision {precision}: choose {choices_help(NAMES)}")
+    if PRECISIONS[precision].calibrated and calib is None:
+        raise StexportError(f"--precision {precision} needs calibration videos: pass --calib LIST|DIR (clips of "
+                            "every task; they are run round-robin, one task each)")
     if not adapters:
         raise StexportError("a multi-task bundle needs at least one adapter checkpoint")
     deltas = [as_deltas(a) for a in adapters]
@@ -233,15 +249,43 @@ def build_multitask(adapters: list, out: str | Path | None = None, backbone="ste
                                  labels_source=source, sampling=SamplingRecord(**views),
                                  adapter=AdapterRecord(spec=d.spec, sha256=d.sha256,
                                                        file=str(Path(d.path).resolve()) if d.path else None)))
-    model = stacked(bb, deltas, input_format)
+    calib_set = None
+    if precision == "int8":  # the clips are chosen (and a bad list refused) before any export
+        from stexport.calibration import choose
+
+        calib_set = choose(calib, calib_clips, calib_seed)
+    dtype = DTYPES.get(precision, torch.float32)
+    model = stacked(bb, deltas, input_format, compute_dtype=dtype)
     name = bundle_name(f"multitask{len(deltas)}-{names[0]}", bb.name, precision, frames, size)
     out = Path(out) if out is not None else default_home() / name
     inp = input_record(input_format, frames, size)
+    fp16_check = calibration = None
     with writing(out, force=force) as tmp:
         onnx_path = tmp / ARTIFACTS["onnx"]
-        log.info("export: %d tasks in one graph, head of %d rows, task index input '%s'", len(deltas), rows,
-                 TASK_INPUT)
+        log.info("export: %d tasks in one graph, head of %d rows, task index input '%s' (%s)", len(deltas), rows,
+                 TASK_INPUT, precision)
         export_onnx(model, onnx_path, frames, external_data=external_data, task_input=TASK_INPUT)
+        if precision == "fp16":
+            from stexport.build.fp16_check import check_fp16_graph
+
+            fp32 = stacked(bb, deltas, input_format)
+            fp16_check = check_fp16_graph(fp32, onnx_path, input_format, frames, size,
+                                          entries[0].sampling.model_dump(), calib, overflow=fp16_overflow,
+                                          tasks=len(deltas))
+            del fp32
+        if precision == "int8":
+            from stexport.build.pipeline import release_heap
+            from stexport.calibration import quantize_bundle_model
+
+            model = None
+            release_heap()
+            calibration = quantize_bundle_model(
+                onnx_path, calib_set, frames=frames, size=size, sampling=entries[0].sampling.model_dump(),
+                clips=calib_clips, method=calib_method, seed=calib_seed, input_spec=inp, progress=progress,
+                external_data=external_data, migrate=int8_migrate, tasks=len(deltas))
+            log.info("calibration: %s ranges from %s clips of %s, round-robin over %d tasks; %s layers quantized",
+                     calibration["method"], calibration["clips"], calibration.get("source", calib), len(deltas),
+                     calibration["quantized_layers"])
         first = deltas[0]
         save_file({k: v.contiguous() for k, v in first.state_dict.items()}, str(tmp / ARTIFACTS["deltas"]))
         # every task's checkpoint state dict, for the reference of each (verify --task) and other exports
@@ -258,6 +302,8 @@ def build_multitask(adapters: list, out: str | Path | None = None, backbone="ste
             input=inp,
             output=OutputRecord(name=OUTPUT, classes=entries[0].classes, labels_source=entries[0].labels_source),
             sampling=entries[0].sampling, precision=precision, opset=OPSET, artifacts=artifacts,
+            calibration=CalibrationRecord(**calibration) if calibration else None,
+            fp16_check=FP16CheckRecord(**fp16_check) if fp16_check else None,
             multitask=MultiTaskRecord(input=TASK_INPUT, head_rows=rows, tasks=entries),
         )
         finish(tmp, manifest)
@@ -267,11 +313,12 @@ def build_multitask(adapters: list, out: str | Path | None = None, backbone="ste
 
 
 def multitask_from_packs(base, packs: list, out: str | Path | None = None, pretrained: str | None = None,
-                         force: bool = False) -> Bundle:
+                         force: bool = False, **options) -> Bundle:
     """`build_multitask` from a swappable base bundle (its own task first) and task packs made for it: each
     pack carries its checkpoint's state dict, labels, name and default sampling; the backbone is the base's
-    (reloaded from its manifest record, or `pretrained`). Raises StexportError for a pack made for another
-    base (TaskPack.check_fits) and what build_multitask raises."""
+    (reloaded from its manifest record, or `pretrained`). options: build_multitask's precision, calib, ….
+    Raises StexportError for a pack made for another base (TaskPack.check_fits) and what build_multitask
+    raises."""
     from stexport.build.loaders import backbone_from_record
     from stexport.bundle.taskpack import as_pack
 
@@ -297,7 +344,7 @@ def multitask_from_packs(base, packs: list, out: str | Path | None = None, pretr
         adapters, out=out, backbone=backbone_from_record(m.model.backbone, pretrained), force=force,
         names=[own_name, *(p.name for p in loaded)], labels=[b.labels, *(p.labels for p in loaded)],
         samplings=[m.sampling.model_dump(), *(p.record.sampling.model_dump() for p in loaded)],
-        frames=m.input.frames, input_format=_input_format(m))
+        frames=m.input.frames, input_format=_input_format(m), **options)
 
 
 def _input_format(m) -> str:

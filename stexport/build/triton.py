@@ -5,16 +5,21 @@ Layout written (one model per repository; MODEL defaults to the bundle's name):
     REPO/README.md                    how a client decodes, samples and scores (clips are decoded client-side)
     REPO/MODEL/config.pbtxt           Triton's ModelConfig, built with tritonclient's own protobuf schema
     REPO/MODEL/labels.txt             class names (the output's label_filename)
+    REPO/MODEL/labels/INDEX.txt       instead, a multi-task bundle's: each task's class names
     REPO/MODEL/stexport.json          the bundle's manifest, for provenance
     REPO/MODEL/1/model.onnx           onnxruntime_onnx / openvino (+ its external data file, when it has one)
     REPO/MODEL/1/model.plan           tensorrt_plan: the bundle's engine, valid only for the GPU and TensorRT
                                       version its record names
 
 The config's input and output come from the manifest (uint8 (T, H, W, 3) frames or float32 (T, 3, H, W);
-float32 logits (classes,)), with the batch axis implicit (`max_batch_size` > 0). Dynamic batching prefers
-batches of the bundle's views, which is what one video sends. The repository is written to a temporary sibling
-and renamed into place, so a failed export leaves nothing, and an existing repository is only replaced with
-force (and only one this module wrote).
+float32 logits (classes,)), with the batch axis implicit (`max_batch_size` > 0). A multi-task bundle
+(stexport.build.multitask) has a second input, the task index of each clip: its name and type are read from the
+graph (int64 [B]); Triton describes a batched input of no other axis as dims [1] reshaped to [] (the model sees
+[B]), so a client sends it as (V, 1). Its output is the head's rows (every task's logits padded to the
+largest), a client keeps its task's first `classes`; each task's class names are MODEL/labels/INDEX.txt.
+Dynamic batching prefers batches of the bundle's views, which is what one video sends. The repository is
+written to a temporary sibling and renamed into place, so a failed export leaves nothing, and an existing
+repository is only replaced with force (and only one this module wrote).
 
 Imports no torch and nothing from the build stage; `tritonclient` (the `stexport[triton]` extra) is imported
 when a config is built.
@@ -131,8 +136,14 @@ def build_config(bundle: Bundle, opts: TritonOptions):
         cfg.platform = platform
     dtype = {"uint8": pb.TYPE_UINT8, "float32": pb.TYPE_FP32}[m.input.dtype]
     cfg.input.add(name=m.input.name, data_type=dtype, dims=list(m.input.shape(1)[1:]))
-    cfg.output.add(name=m.output.name, data_type=pb.TYPE_FP32, dims=[m.output.classes],
-                   label_filename="labels.txt")
+    if m.multitask is None:
+        cfg.output.add(name=m.output.name, data_type=pb.TYPE_FP32, dims=[m.output.classes],
+                       label_filename="labels.txt")
+    else:  # the task index: per clip a scalar, which Triton's batched models describe as [1] reshaped to []
+        name, onnx_type = task_input(bundle)
+        cfg.input.add(name=name, data_type=getattr(pb, f"TYPE_{onnx_type}"), dims=[1],
+                      reshape=pb.ModelTensorReshape(shape=[]))
+        cfg.output.add(name=m.output.name, data_type=pb.TYPE_FP32, dims=[m.multitask.head_rows])
     preferred = [b for b in (views, 2 * views, 4 * views) if b <= max_batch]
     cfg.dynamic_batching.preferred_batch_size.extend(preferred)
     cfg.dynamic_batching.max_queue_delay_microseconds = opts.queue_delay_us
@@ -153,6 +164,23 @@ def build_config(bundle: Bundle, opts: TritonOptions):
     for k, v in params.items():
         cfg.parameters[k].string_value = str(v)
     return cfg
+
+
+def task_input(bundle: Bundle) -> tuple[str, str]:
+    """A multi-task bundle graph's task input, as the graph declares it: (name, Triton's type name without
+    TYPE_, e.g. 'INT64'). StexportError when the graph's second input is not the manifest's rank-1 [batch]
+    integer task input (a bundle edited by hand)."""
+    import onnx
+
+    mt = bundle.manifest.multitask
+    g = onnx.load(str(bundle.file("onnx", verify=False)), load_external_data=False).graph
+    inp = g.input[1] if len(g.input) > 1 else None
+    types = {onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT32: "INT32"}
+    t = inp.type.tensor_type if inp is not None else None
+    if inp is None or inp.name != mt.input or t.elem_type not in types or len(t.shape.dim) != 1:
+        raise StexportError(f"{bundle.path}: its graph's second input is not the task index '{mt.input}' (int64 "
+                            "[batch]) its manifest names; rebuild it with `stexport multitask --force`")
+    return inp.name, types[t.elem_type]
 
 
 def config_text(cfg) -> str:
@@ -200,10 +228,48 @@ def _readme(bundle: Bundle, cfg, opts: TritonOptions, model_file: str) -> str:
                   f"{e.capability}) with TensorRT {e.tensorrt}, batch 1…{e.profile.max[0]}. Triton loads it only "
                   f"where its TensorRT is that version and the GPU that model; elsewhere build one there with "
                   f"`stexport engine BUNDLE` and export again.\n")
+    mt = m.multitask
+    classes = f"{len(mt.tasks)} tasks" if mt else f"{m.output.classes} classes"
+    sends = f"""- input `{inp.name}`: {feed};
+- output `{out.name}`: float32 logits (V, {m.output.classes}); class names in `{cfg.name}/labels.txt`."""
+    client = f"""x = grpcclient.InferInput("{inp.name}", list(clips.shape), "{'UINT8' if m.input.dtype == 'uint8' else 'FP32'}")
+x.set_data_from_numpy(clips)
+logits = c.infer("{cfg.name}", [x]).as_numpy("{out.name}")
+labels = open("{cfg.name}/labels.txt").read().split("\\n")"""
+    tasks = ""
+    if mt:
+        task = cfg.input[1]
+        sends = f"""- input `{inp.name}`: {feed};
+- input `{task.name}`: {pb_type(task.data_type).lower()} (V, 1), every row the index of the video's task (below):
+  one scalar per clip (the model sees ({task.name},) = (V,)), so one request, and one batch, may mix tasks;
+- output `{out.name}`: float32 logits (V, {mt.head_rows}), every task's head padded to the largest: keep the
+  first `classes` of the request's task; its class names are `{cfg.name}/labels/INDEX.txt`."""
+        rows = "\n".join(f"| {t.index} | `{t.name}` | {t.classes} | `labels/{t.index}.txt` | rate {t.sampling.rate}, "
+                          f"{t.sampling.temporal_views}x{t.sampling.spatial_views} views |" for t in mt.tasks)
+        tasks = f"""
+## Tasks
+
+One graph runs every task (a multi-task bundle, `stexport multitask`): the backbone once per batch, each clip
+with its own task's adapters and head. Decode and sample each video with its task's sampling (the steps below
+give the first task's; the others' rate and views are in this table).
+
+| index | task | classes | class names | sampling |
+|---|---|---|---|---|
+{rows}
+"""
+        names = {t.name: [t.index, t.classes] for t in mt.tasks}
+        client = f"""TASKS = {names}  # name: [index, classes]
+index, classes = TASKS["{mt.tasks[-1].name}"]
+x = grpcclient.InferInput("{inp.name}", list(clips.shape), "{'UINT8' if m.input.dtype == 'uint8' else 'FP32'}")
+x.set_data_from_numpy(clips)
+t = grpcclient.InferInput("{task.name}", [len(clips), 1], "{pb_type(task.data_type)}")
+t.set_data_from_numpy(np.full((len(clips), 1), index, np.{pb_type(task.data_type).lower()}))
+logits = c.infer("{cfg.name}", [x, t]).as_numpy("{out.name}")[:, :classes]
+labels = open(f"{cfg.name}/labels/{{index}}.txt").read().split("\\n")"""
     return f"""# Triton model repository for `{cfg.name}`
 
 Written by `stexport export-triton` from the bundle `{m.name}` ({m.model.backbone.name}, {m.precision},
-{m.output.classes} classes). Serve it with
+{classes}). Serve it with
 
     tritonserver --model-repository $(pwd)
 
@@ -216,9 +282,8 @@ Model `{cfg.name}`: backend `{cfg.backend}`{f", platform `{cfg.platform}`" if cf
 Triton runs the model only: **videos are decoded and sampled by the client**, exactly as `stexport infer` does,
 or the scores will not match. One video is one request of V = {views} views (a batch of {views}):
 
-- input `{inp.name}`: {feed};
-- output `{out.name}`: float32 logits (V, {m.output.classes}); class names in `{cfg.name}/labels.txt`.
-
+{sends}
+{tasks}
 ## How to decode and sample (the official ST-Adapter evaluation)
 
 1. Decode every frame of the video (OpenCV/FFmpeg); count the n frames that actually decode (container headers
@@ -239,16 +304,18 @@ array to send.
 import numpy as np, tritonclient.grpc as grpcclient
 clips = np.load("clip.npy")
 c = grpcclient.InferenceServerClient("127.0.0.1:8001")
-x = grpcclient.InferInput("{inp.name}", list(clips.shape), "{'UINT8' if m.input.dtype == 'uint8' else 'FP32'}")
-x.set_data_from_numpy(clips)
-logits = c.infer("{cfg.name}", [x]).as_numpy("{out.name}")
+{client}
 p = np.exp(logits - logits.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
-labels = open("{cfg.name}/labels.txt").read().split("\\n")
 print([(labels[i], float(p.mean(0)[i])) for i in np.argsort(-p.mean(0))[:5]])
 ```
 
 (`tritonclient.http` clients fail when shared between threads: use one per thread, its async calls, or gRPC.)
 """
+
+
+def pb_type(data_type: int) -> str:
+    """Triton's name of a ModelConfig data type without TYPE_ ('INT64'), as tritonclient's InferInput takes it."""
+    return _config_pb2().DataType.Name(data_type)[len("TYPE_"):]
 
 
 def _copy_model(bundle: Bundle, opts: TritonOptions, version_dir: Path, model_file: str) -> list[str]:
@@ -291,9 +358,6 @@ def export_repository(bundle: Bundle, repo: str | Path, opts: TritonOptions = Tr
     for an existing `repo` without `force`, a bad option, a bundle file that changed since the build, or a
     missing `tritonclient`."""
     repo = Path(repo)
-    if bundle.manifest.multitask is not None:
-        raise StexportError(f"{bundle.path}: a multi-task bundle (a second input, the task index per clip): "
-                            "export-triton does not describe that input yet; serve it with `stexport serve`")
     if opts.name is not None and not NAME_RE.match(opts.name):
         raise StexportError(f"--name {opts.name!r}: use letters, digits, '_', '.' and '-' (a folder name)")
     refuse_existing(repo, force)
@@ -304,7 +368,13 @@ def export_repository(bundle: Bundle, repo: str | Path, opts: TritonOptions = Tr
         _copy_model(bundle, opts, model_dir / "1", model_file)
         text = config_text(cfg)
         (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
-        (model_dir / "labels.txt").write_text("\n".join(bundle.labels) + "\n", encoding="utf-8")
+        mt = bundle.manifest.multitask
+        if mt is None:
+            (model_dir / "labels.txt").write_text("\n".join(bundle.labels) + "\n", encoding="utf-8")
+        else:  # one class-names file per task, by index: the output has no single label file
+            (model_dir / "labels").mkdir()
+            for t in mt.tasks:
+                (model_dir / "labels" / f"{t.index}.txt").write_text("\n".join(t.labels) + "\n", encoding="utf-8")
         (model_dir / "stexport.json").write_text(bundle.manifest.to_json(), encoding="utf-8")
         (tmp / "README.md").write_text(_readme(bundle, cfg, opts, model_file), encoding="utf-8")
         summary = {"repo": str(repo), "model": cfg.name, "backend": cfg.backend, "platform": cfg.platform or None,

@@ -95,6 +95,17 @@ def indices(tasks, count: int, default: int = 0) -> np.ndarray:
     return out
 
 
+def round_robin_feed(names: list[str], frames: np.ndarray, clip: int, tasks: int = 0) -> dict[str, np.ndarray]:
+    """The feed of a graph run on calibration or check clip number `clip` (frames: its batch of views under the
+    graph's first input, names[0]). A multi-task graph (`tasks` > 0 tasks, its task input names[1]) runs every
+    view of clip `clip` as task clip % tasks: clips of all tasks, each with its own task index, so ranges and
+    checks see every task's adapters (INT8 calibration, the FP16 check of `stexport multitask`)."""
+    feed = {names[0]: frames}
+    if tasks:
+        feed[names[1]] = np.full(len(frames), clip % tasks, np.int64)
+    return feed
+
+
 def loaded_task(bundle, task):
     """`task` for `bundle`: on a multi-task bundle a BundleTask (by name, index or BundleTask), else a loaded
     TaskPack (a TaskPack or a pack's path) checked to fit it. StexportError (one line) otherwise."""
@@ -119,4 +130,5 @@ def task_ref(task) -> str:
     return task.name if isinstance(task, BundleTask) else str(Path(task.path).resolve())
 
 
-__all__ = ["BundleTask", "task_of", "loaded_task", "task_label", "task_ref", "indices", "names"]
+__all__ = ["BundleTask", "task_of", "loaded_task", "task_label", "task_ref", "indices", "names",
+           "round_robin_feed"]

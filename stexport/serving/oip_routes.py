@@ -15,7 +15,8 @@ REST (under the route prefix; tritonclient.http takes `url="HOST:PORT/PREFIX"`):
 
 An infer request's videos are written each to a private temporary file and decoded by the deployment's
 `decode_file` (the decoding `/classify` uses, with its time limit); its elements join the replica's batches
-(serve.batch, across callers) and run one backend call per task in a batch.
+(serve.batch, across callers) and run one backend call per task in a batch (on a multi-task bundle one call
+for the whole batch, its tasks mixed; the backend-seconds metric counts it under model "" when it mixed tasks).
 """
 
 from __future__ import annotations
@@ -279,8 +280,14 @@ class OIPRoutes:
         return await asyncio.get_running_loop().run_in_executor(self.runner, self.oip_probs, items)
 
     def oip_probs(self, items: list[Clips]) -> list:
-        from stexport.runtime.batch import task_probs
+        from stexport.runtime.batch import mixed_probs, task_probs
 
+        if self.model.mixes:  # a multi-task bundle: every item's task is data, one backend call for the batch
+            tasks = {it.task for it in items}
+            probs, spent = mixed_probs(self.model.clf, [it.clips for it in items],
+                                       [self.model.task(it.task).pack for it in items])
+            self.metrics.backend_call(items[0].task if len(tasks) == 1 else "", spent)
+            return probs
         groups: dict[str, list[int]] = {}
         for i, it in enumerate(items):
             groups.setdefault(it.task, []).append(i)
