@@ -209,8 +209,11 @@ def test_decode_bomb_is_refused_from_its_header(tiny_bundle, decode_bomb, good, 
                              "(ffmpeg -i FILE -vf scale=-2:2160 OUT.mp4)")
     assert "top" in ok
     p = run("infer", good[1], "-m", tiny_bundle.path, "--max-frames", "10", "--json")
-    assert p.returncode == 2 and "its header claims 25 frames, over the decoder's limit of 10 (--max-frames)" \
-        in json.loads(p.stdout)["error"]
+    assert p.returncode == 2 and json.loads(p.stdout)["error"] == (
+        f"{good[1]}: its header gives 25 frames (its frame count, or its duration times its frame rate where the "
+        "container has no count, e.g. MKV), over the decoder's limit of 10 (--max-frames); pass a larger "
+        "--max-frames if you accept that work, or cut it into parts (ffmpeg -i FILE -c copy -f segment "
+        "OUT%03d.mp4)")
     with ClassifierSpec(str(tiny_bundle.path), backend="onnxruntime", max_pixels=8000 * 8000 - 1).open() as clf:
         out = list(clf.classify_batch([good[0], decode_bomb, good[1]]))
     assert [type(r).__name__ for r in out] == ["Result", "Failure", "Result"]

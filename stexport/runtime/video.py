@@ -371,8 +371,10 @@ def check_header(cap, name: str, max_pixels: int | None, max_frames: int | None)
         raise _oversized(name, w, h, max_pixels)
     n = _header(cap)
     if max_frames and n is not None and n > max_frames:
-        raise VideoError(f"{name}: its header claims {n} frames, over the decoder's limit of {max_frames} "
-                         "(--max-frames); cut it into parts (ffmpeg -i FILE -c copy -f segment OUT%03d.mp4)")
+        raise VideoError(f"{name}: its header gives {n:,} frames (its frame count, or its duration times its frame "
+                         f"rate where the container has no count, e.g. MKV), over the decoder's limit of "
+                         f"{max_frames:,} (--max-frames); pass a larger --max-frames if you accept that work, or cut "
+                         "it into parts (ffmpeg -i FILE -c copy -f segment OUT%03d.mp4)")
 
 
 def _oversized(name: str, w: int, h: int, max_pixels: int) -> VideoError:
