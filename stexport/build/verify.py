@@ -33,10 +33,11 @@ class Gate:
     max_abs: float | None = None
     min_top1_agreement: float | None = None
     max_accuracy_drop: float | None = None
+    min_top5_agreement: float | None = None  # same top-5 set; checked with or without labels
 
     def to_dict(self) -> dict:
         return {"max_abs": self.max_abs, "min_top1_agreement": self.min_top1_agreement,
-                "max_accuracy_drop_pt": self.max_accuracy_drop}
+                "max_accuracy_drop_pt": self.max_accuracy_drop, "min_top5_agreement": self.min_top5_agreement}
 
 
 # per precision, from its row in stexport.bundle.precision. int8: the accuracy drop when labels are given;
@@ -85,6 +86,10 @@ def judge(precision: str, metrics: dict, gate: Gate) -> list[dict]:
         checks.append({"check": "top-1 agreement", "value": metrics["top1_agreement"],
                        "limit": f"≥ {gate.min_top1_agreement:.1%}",
                        "passed": metrics["top1_agreement"] >= gate.min_top1_agreement - 1e-12})
+    if gate.min_top5_agreement is not None:
+        checks.append({"check": "top-5 agreement", "value": metrics["top5_agreement"],
+                       "limit": f"≥ {gate.min_top5_agreement:.1%}",
+                       "passed": metrics["top5_agreement"] >= gate.min_top5_agreement - 1e-12})
     return checks
 
 
