@@ -166,7 +166,7 @@ def test_bad_flag_combinations_are_one_line_errors(model, plain, tiny_bundle, tm
         "--layers runs the graph on ONNX Runtime (CPU) and checks no gate; drop --backend":
             [plain.path, "--layers", "--backend", "openvino"],
         "--top 0: must be at least 1": [plain.path, "--layers", "--top", "0"],
-        "bundle has no quantized layers": [tiny_bundle.path, "--layers"],
+        "bundle has no quantized or FP16 layers": [tiny_bundle.path, "--layers"],
     }
     for expect, extra in verify_cases.items():
         r = cli("verify", *extra[:1], "--clips", model["clips"], *extra[1:])
