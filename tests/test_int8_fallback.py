@@ -131,6 +131,19 @@ def test_fallback_build_meets_the_gate_with_named_float_layers(model, plain):
     assert text.startswith(f"{len(floats)} GEMM(s) in fp32 ({', '.join(floats)})") and "top-1 agreement >= 95.0%" in text
 
 
+def test_fallback_meets_a_top5_gate(model):
+    """--min-top5-agreement alone is a gate: plain INT8 keeps the FP32 graph's top-5 set on < 95% of the views."""
+    from stexport.cli.build import fallback_text
+
+    r = cli(*build_args(model, model["dir"] / "top5"), "--min-top5-agreement", "0.95", "--json")
+    assert r.exit_code == 0, r.output
+    fb = strict(r.stdout)["calibration"]["float_fallback"]
+    assert fb["gate"]["min_top5_agreement"] == 0.95 and fb["gate"]["min_top1_agreement"] is None
+    assert fb["before"]["top5_agreement"] < 0.95 <= fb["after"]["top5_agreement"], fb
+    assert fb["float_layers"] and fb["float_layers"][0]["why"] == "gate"
+    assert "top-5 agreement >= 95.0%" in fallback_text(fb)
+
+
 def test_fallback_fails_in_one_line_when_the_limit_is_reached(model):
     out = model["dir"] / "limited"
     r = cli(*build_args(model, out, "weights_qkv"), "--min-agreement", "1", "--max-float-layers", "1")
