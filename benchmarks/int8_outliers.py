@@ -55,6 +55,27 @@ def demo_model(work: Path, calib: int, val: int):
     return data, bb0, sd0, build_reference(bb0, Deltas(infer_spec(sd0), sd0))
 
 
+def outlier_size(bb, sd, clips) -> float:
+    """The largest ratio, over the ln_1/ln_2 outputs of the model (backbone `bb`, adapter state dict `sd`) on
+    `clips` (uint8, (n, frames, size, size, 3)), of a channel's max |activation| to the median channel's: the
+    size of a stand-in's outlier channels (real CLIP ViTs: tens, see stexport.build.outliers). The residual
+    offsets shift every channel alike, so they do not show here."""
+    import torch
+
+    from stexport.build.deltas import Deltas, infer_spec
+    from stexport.build.reference import build_reference, normalize
+
+    model = build_reference(bb, Deltas(infer_spec(sd), sd)).eval()
+    peaks = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: peaks.append(o.abs().flatten(0, -2).amax(0)))
+             for n, m in model.named_modules() if n.endswith(("ln_1", "ln_2"))]
+    with torch.no_grad():
+        model(normalize(torch.from_numpy(clips)))
+    for h in hooks:
+        h.remove()
+    return max(float(p.max() / p.median()) for p in peaks)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--val", type=int, default=90, help="val clips verified (of 270)")
@@ -67,11 +88,13 @@ def main() -> None:
     ap.add_argument("--min-top5-agreement", type=float, default=0.98, help="the 'gate' mode's top-5 agreement")
     args = ap.parse_args()
 
+    from stexport.build.fp16_check import calibration_clips
     from stexport.build.outliers import plant_norm_outliers, plant_residual_offset
     from stexport.build.pipeline import build_bundle
     from stexport.build.verify import verify
 
     data, bb0, sd0, reference = demo_model(args.work, args.calib, args.val)
+    clips = calibration_clips(data / "train.txt", 8, 96, VIEWS)  # for outlier_size
     rows = []
     wanted = set(args.only.split(";")) if args.only else None
     for name, kind, a in STAND_INS:
@@ -82,6 +105,7 @@ def main() -> None:
             bb = plant_norm_outliers(bb0, *a)
         elif kind == "resid":
             bb, sd = plant_residual_offset(bb0, sd0, *a)
+        size = outlier_size(bb, sd, clips)
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
             gate = {"min_agreement": args.min_agreement, "min_top5_agreement": args.min_top5_agreement} \
@@ -94,20 +118,20 @@ def main() -> None:
             mig = b.manifest.calibration.migration or {}
             fb = b.manifest.calibration.float_fallback or {}
             floats = ",".join(r["layer"] for r in fb.get("float_layers", [])) if mode == "gate" else ""
-            rows.append((name, mode, mig, rep["metrics"], rep["passed"], built, floats))
+            rows.append((name, mode, mig, rep["metrics"], rep["passed"], built, floats, size))
             print(f"done: {name} / {mode} ({built:.0f} s build) {floats}", file=sys.stderr, flush=True)
-    base = next((m["mean_abs"] for n, mg, _, m, _, _, _ in rows if n == "plain" and mg == "off"), None)
+    base = next((m["mean_abs"] for n, mg, _, m, *_ in rows if n == "plain" and mg == "off"), None)
     print(f"demo model INT8 (ONNX Runtime), {args.calib} calibration clips, {args.val} val clips; "
-          "reference: the shipped FP32 model\n")
-    print("| stand-in | migration | chosen α (stream sites) | mean |Δlogit| | ratio to plain | max |Δlogit| "
+          "reference: the shipped FP32 model; outlier ×: outlier_size on the FP32 model\n")
+    print("| stand-in | outlier × | migration | chosen α (stream sites) | mean |Δlogit| | ratio to plain | max |Δlogit| "
           "| top-1 agr. | top-5 agr. | INT8 top-1 | ref top-1 | verify | float GEMMs |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, migrate, mig, m, passed, _, floats in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, migrate, mig, m, passed, _, floats, size in rows:
         acc = m.get("accuracy") or {}
         chosen = "-" if not mig or mig.get("alpha") is None else \
             f"{mig['alpha']} ({mig['stream_sites']})"
         ratio = f"{m['mean_abs'] / base:.2f}" if base else "-"
-        print(f"| {name} | {migrate} | {chosen} | {m['mean_abs']:.4f} | {ratio} | {m['max_abs']:.3f} | "
+        print(f"| {name} | {size:.1f} | {migrate} | {chosen} | {m['mean_abs']:.4f} | {ratio} | {m['max_abs']:.3f} | "
               f"{m['top1_agreement'] * 100:.1f}% | {m['top5_agreement'] * 100:.1f}% | "
               f"{acc.get('backend_top1', float('nan')):.1f}% | {acc.get('reference_top1', float('nan')):.1f}% | "
               f"{'pass' if passed else 'FAIL'} | {floats or '-'} |")
