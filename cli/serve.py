@@ -136,32 +136,49 @@ def serve(
     if insecure and not token and (grpc_port or not auth.is_loopback(host)):
         typer.echo("stexport: warning: --insecure: no token; anyone who reaches this server can use it", err=True)
     names, default = srv.task_list(cfg)
-    url = srv.start(cfg, ray_address, checked=True)
-    if as_json:
-        grpc_at = f"{urlsplit(url).hostname}:{grpc_port}" if grpc_port else None
-        print_json({"url": url, "classify": f"{url}/classify", "healthz": f"{url}/healthz",
-                    "metadata": f"{url}/metadata", "stats": f"{url}/stats", "metrics": f"{url}/metrics",
-                    "v2": f"{url}/v2", "grpc": grpc_at, "bundle": cfg.bundle, "tasks": names,
-                    "default_task": default})
-    on = f" with tasks {', '.join(n + ' (default)' * (n == default) for n in names)}" if cfg.tasks else ""
-    typer.echo(f"stexport: serving {cfg.bundle}{on} at {url}/classify (health {url}/healthz, metadata "
-               f"{url}/metadata, Open Inference Protocol {url}/v2, Prometheus {url}/metrics); Ctrl-C stops",
-               err=True)
 
     def terminate(signum, frame):  # a service manager's stop: the same clean shutdown as Ctrl-C, exit 143
         raise SystemExit(128 + signum)
 
     # without it SIGTERM killed the interpreter mid-way through Ray's threads (exit 134) and left the local
-    # cluster's processes running
+    # cluster's processes running; start() keeps it past Ray's own handler
     signal.signal(signal.SIGTERM, terminate)
     try:
+        url = srv.start(cfg, ray_address, checked=True)
+        if as_json:
+            grpc_at = f"{urlsplit(url).hostname}:{grpc_port}" if grpc_port else None
+            print_json({"url": url, "classify": f"{url}/classify", "healthz": f"{url}/healthz",
+                        "metadata": f"{url}/metadata", "stats": f"{url}/stats", "metrics": f"{url}/metrics",
+                        "v2": f"{url}/v2", "grpc": grpc_at, "bundle": cfg.bundle, "tasks": names,
+                        "default_task": default})
+        on = f" with tasks {', '.join(n + ' (default)' * (n == default) for n in names)}" if cfg.tasks else ""
+        typer.echo(f"stexport: serving {cfg.bundle}{on} at {url}/classify (health {url}/healthz, metadata "
+                   f"{url}/metadata, Open Inference Protocol {url}/v2, Prometheus {url}/metrics); Ctrl-C stops",
+                   err=True)
+        quiet_stdout()
         while True:  # until Ctrl-C: its KeyboardInterrupt ends the command as "interrupted", exit code 130
             time.sleep(3600)
-    except SystemExit:
-        typer.echo("stexport: stopping (SIGTERM)", err=True)
+    except SystemExit as e:
+        if e.code == 128 + signal.SIGTERM:
+            typer.echo("stexport: stopping (SIGTERM)", err=True)
         raise
     finally:
         srv.stop(app=srv.app_name(cfg) if ray_address else None)  # a joined cluster keeps its other apps
+
+
+def quiet_stdout() -> None:
+    """Nothing more goes to standard output once the server's URL is printed (`--json`'s object stays the whole
+    of it): Ray's shutdown lines ('(raylet) Task ServeController.graceful_shutdown failed ...') go to stderr
+    with -v, else nowhere."""
+    import logging
+    import os
+    import sys
+
+    sys.stdout.flush()
+    verbose = logging.getLogger("stexport").isEnabledFor(logging.INFO)
+    target = os.dup(2) if verbose else os.open(os.devnull, os.O_WRONLY)
+    os.dup2(target, 1)
+    os.close(target)
 
 
 def register(app: typer.Typer) -> None:

@@ -238,6 +238,9 @@ def ray_cluster():
     (`stexport infer --ray ADDRESS`, `ray.init(address=ADDRESS)`); in this process Ray is already initialised.
     Needs `ray` (the dev extra installs it)."""
     ray = pytest.importorskip("ray")
+    from stexport.serving.proxy_errors import install
+
+    install()  # as `stexport serve` does before it starts a local cluster: its proxy's errors are JSON
     # address="local": a cluster of this process's own, never one another xdist worker started
     ctx = ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
                    log_to_driver=False)
@@ -321,10 +324,11 @@ def release(fifo) -> None:
         pass
 
 
-def crash_decoder_on(fifo, timeout: float = 120.0):
+def crash_decoder_on(fifo, timeout: float = 120.0, parent: bool = False):
     """Start a thread that waits until a decoder opens `fifo` (opening it for writing blocks until then: the
     decoder is inside FFmpeg on that input), kills the process holding it with SIGSEGV (what OpenCV does on
-    some inputs), then closes the FIFO. Returns the thread; its `.killed` lists the pids it killed."""
+    some inputs), then closes the FIFO. parent: kill the holder's parent instead (the process that runs the
+    decoder, e.g. a serve replica), with SIGKILL. Returns the thread; its `.killed` lists the pids it killed."""
     import signal
     import threading
 
@@ -351,7 +355,9 @@ def crash_decoder_on(fifo, timeout: float = 120.0):
             deadline = time.monotonic() + timeout
             while not killed and time.monotonic() < deadline:
                 for pid in holders():
-                    os.kill(pid, signal.SIGSEGV)
+                    if parent:
+                        pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+                    os.kill(pid, signal.SIGKILL if parent else signal.SIGSEGV)
                     killed.append(pid)
         finally:
             os.close(fd)

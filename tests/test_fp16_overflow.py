@@ -97,8 +97,10 @@ def reference_logits(bb, sd, x):
 def test_fp16_overflow_refuse_is_the_old_one_line_error(stand_in, tmp_path):
     _, planted, sd = stand_in
     want = r"^--precision fp16 refused: activations leave FP16's range \(±65,504\): block 0 ln_2 reaches [0-9,]+, so"
-    with pytest.raises(StexportError, match=want):
+    with pytest.raises(StexportError, match=want) as e:
         build_bundle(sd, backbone=planted, precision="fp16", fp16_overflow="refuse", out=tmp_path / "r")
+    assert "The backbone's values (typical of weights trained in BF16) do not fit FP16; build with " \
+           "--fp16-overflow fp32 (keeps" in str(e.value)
     assert not (tmp_path / "r").exists()
     weights = tmp_path / "planted.pt"
     torch.save(planted.state_dict, weights)
@@ -154,3 +156,17 @@ def test_fp16_layer_report_ranks_the_planted_layer_and_leaves_the_fp32_nodes_out
     assert "whole FP16 graph" in r.output and "blocks.1.fc" in lines[5], r.output
     assert f"({len(ranked) - 3} less sensitive layers not shown)" in r.output
     assert any(ln.startswith("kept in FP32") and "blocks.0.fc" in ln for ln in lines), r.output
+
+
+def test_an_overflow_in_the_adapters_is_not_blamed_on_the_backbone(stand_in, tmp_path):
+    """The refusal says where the values are: a delta whose adapter output leaves FP16's range (a plain backbone)
+    names the adapters or head, not 'weights trained in BF16'."""
+    bb, _, sd = stand_in
+    big = {k: v.clone() for k, v in sd.items()}
+    fc2 = sorted(k for k in big if k.endswith("fc2.weight"))
+    big[fc2[0]][0, :] = 30000.0  # channel 0 of the first adapter's output passes 65,504 (weights still fit)
+    with pytest.raises(StexportError) as e:
+        build_bundle(big, backbone=bb, precision="fp16", fp16_overflow="refuse", out=tmp_path / "r")
+    msg = str(e.value)
+    assert "The adapters' or head's values do not fit FP16" in msg and "BF16" not in msg, msg
+    assert not (tmp_path / "r").exists()

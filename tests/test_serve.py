@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +22,7 @@ pytest.importorskip("python_multipart")
 requests = pytest.importorskip("requests")
 
 from stexport.serving.app import ServeConfig, start, stop  # noqa: E402
+from stexport.serving.proxy_errors import UNANSWERED  # noqa: E402
 
 UPLOAD_LIMIT_MB = 2.0
 DECODE_TIMEOUT_S = 2.0  # --decode-timeout: seconds without a frame
@@ -381,6 +383,41 @@ def test_decoders_that_die_idle_are_replaced(server, media, local):
     assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
 
 
+def test_a_replica_killed_mid_request_answers_in_the_json_error_shape(server, media, local):
+    """Issue 29 kind 2: a replica killed (SIGKILL) while a request is in it: Ray's proxy gets no answer (it wrote a
+    plain-text 500); the caller gets 503 {"error": ...} with Retry-After, Ray Serve replaces the replica, and
+    the next request gets its answer."""
+    stall, fifo = blocking_video(media["allowed"], "replica-killed")
+    try:
+        killer = crash_decoder_on(fifo, parent=True)
+        r = requests.post(f"{server}/classify", json={"path": str(stall)}, timeout=120)
+        killer.join(30)
+        assert killer.killed, "the replica holding the request was not found"
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", (r.status_code, r.text)
+        assert r.headers["content-type"] == "application/json"
+        assert strict_json(r.text) == {"error": UNANSWERED}
+    finally:
+        release(fifo)
+    for _ in range(120):  # bounded: the replacement replica loads the tiny model in seconds
+        try:
+            if requests.get(f"{server}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    video = media["videos"][1]
+    r = post_video(server, video, "path")
+    assert r.status_code == 200, r.text
+    same_result(strict_json(r.text), local[str(video)])
+
+
+def test_the_proxys_own_errors_are_json(server):
+    """A path with no route is answered by Ray's proxy, not a replica: 404 in the JSON error shape too."""
+    r = requests.get(server.rsplit("/", 1)[0] + "/no-such-route", timeout=30)
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json", r.text
+    assert strict_json(r.text)["error"]
+
+
 def test_decode_bomb_is_refused_from_its_header(server, media, local, decode_bomb):
     """Issue 29 kind 1: a tiny upload of huge frames is 422 from the stream's header (the server's default
     --max-pixels), before a frame is decoded; the limits are in /metadata; the next request gets its answer."""
@@ -498,14 +535,15 @@ def _descendants(pid: int) -> set[int]:
 
 def test_sigterm_stops_serve_cleanly_with_what_it_started(tiny_bundle):
     """A service manager's SIGTERM: exit 143 after the same shutdown as Ctrl-C (was: exit 134, Ray's agents
-    left running); the startup line names every route. The processes of the local cluster it started end
-    with it (no `ray stop`: that would end other sessions' Ray too)."""
+    left running); the startup line names every route; `--json`'s object is the whole of stdout (Ray's
+    '(raylet) Task ServeController.graceful_shutdown failed' line followed it there). The processes of the local
+    cluster it started end with it (no `ray stop`: that would end other sessions' Ray too)."""
     import signal
     import time
 
     port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "stexport.cli.app", "serve", str(tiny_bundle.path), "--port",
-                          str(port), "--insecure", "-b", "onnxruntime", "--replica-cpus", "0.25"],
+                          str(port), "--insecure", "-b", "onnxruntime", "--replica-cpus", "0.25", "--json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         started = ""
@@ -519,13 +557,14 @@ def test_sigterm_stops_serve_cleanly_with_what_it_started(tiny_bundle):
         below = _descendants(p.pid)
         assert below  # Ray's head processes, started by this server
         p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
             p.communicate()
     assert p.returncode == 143, err
     assert "stexport: stopping (SIGTERM)" in err and "Traceback" not in err, err
+    assert strict_json(out)["url"] == url, out  # one JSON object and nothing else
 
     def alive(q: int) -> str | None:  # its command line, None once it has ended (a zombie has ended)
         try:

@@ -369,6 +369,25 @@ def test_timeline_times_are_presentation_timestamps(tmp_path):
     assert_same(wins[1].clips, to_pixels(official_eval(rgb[20:23], s)))  # frames at 2.5, 3.5, 4.5 s
 
 
+@needs_ffmpeg
+def test_timeline_windows_in_a_gap_are_skipped_not_invented(tmp_path):
+    """Issue 29 kind 4, a variable-frame-rate file with a gap: 60 frames at 30 fps (0-2 s), then nothing until
+    600 s, then 30 frames (600-601 s). --window 1: the 598 windows that hold no frame of their own were each
+    classified from the frame left on screen (601 windows, the work growing with the duration); they are skipped
+    and the next window's note says how many and where."""
+    vfr = tmp_path / "gap.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=30", "-frames:v", "90",
+           "-vf", "setpts='if(lt(N,60),N/30,600+(N-60)/30)/TB'", "-fps_mode", "vfr", "-c:v", "mpeg4", vfr)
+    s = Sampling(frames=4, size=32, rate=0, temporal_views=1)
+    wins = list(decode_windows(vfr, s, window=1.0, stride=1.0))
+    assert [(w.start, w.end, w.frames) for w in wins] == [(0.0, 1.0, 30), (1.0, 2.0, 30), (600.0, 601.0, 30)]
+    assert wins[2].notes[0] == ("598 windows from 2 to 600 s skipped: no frame starts in them (the frame shown "
+                                "from 1.967 s is the video's only picture there)")
+    assert not wins[0].notes and not wins[1].notes
+    rgb = all_frames(vfr)
+    assert_same(wins[2].clips, to_pixels(official_eval(rgb[60:], s)))
+
+
 def test_special_files_are_refused_before_the_decoder(tmp_path, make_video):
     """Nothing but a regular, readable file with a UTF-8 name reaches OpenCV (which blocks forever on a FIFO
     and crashes on a non-UTF-8 name); each gets its own message naming the fix."""
@@ -497,6 +516,30 @@ def test_window_plan_tail_rule():
     got, note = spans(4, 4)
     assert got[-2:] == [(24, 28), (26.0, 30.0)]
     assert note.endswith("its last 2 s are classified too, overlapping the one before by 2 s")
+    # a gap in the file: skipped windows are counted on the next window (here the end-aligned one), and the
+    # plan jumps over them (50 frames 10,000 s apart with 1 s windows: 50 windows, not 490,000)
+    gap = [i / 30 for i in range(300)] + [500.0, 500.0 + 1 / 30]
+    plan = _plan(gap, 30.0, 2, 1)
+    assert [(round(float(a), 3), round(float(b), 3)) for a, b, *_ in plan][-3:] == [
+        (8, 10), (9, 11), (498.067, 500.067)]
+    assert plan[-1][4] == ("489 windows from 10 to 500 s skipped: no frame starts in them (the frame shown from "
+                           "9.967 s is the video's only picture there); the last window (498.067-500.067 s) is "
+                           "aligned to the end of the video so that its last 1.07 s are classified too")
+    assert plan[-1][2:4] == (300, 2)  # the end-aligned window reaches into the gap: only its own two frames
+    # new-user cases: a window reaching back over a gap holds no frame from before it (8 frames after a 8 s gap,
+    # not 8 + the one shown since 1.967 s), and a timestamp rounding's sliver (a 30 fps MKV's millisecond
+    # times) adds no extra end-aligned window
+    rb = [i / 30 for i in range(60)] + [10 + i / 30 for i in range(8)]
+    assert [(round(float(a), 3), lo, count) for a, _, lo, count, _ in _plan(rb, 30.0, 1, 1)] == [
+        (0, 0, 30), (1, 30, 30), (9.267, 60, 8)]
+    mkv = [round(i / 30, 3) for i in range(300)]
+    assert [(a, b) for a, b, *_ in _plan(mkv, 30.0, 2, 2)] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert _plan([i * 1e6 for i in range(8)], None, 2e6, 2e6)[-1][4] is None
+    sparse = _plan([i / 30 for i in range(60)] + [2 + 10_000.0 * i for i in range(50)], None, 1, 1)
+    assert len(sparse) == 2 + 50 and sparse[-1][4] == (
+        "9999 windows from 480003 to 490002 s skipped: no frame starts in them (the frame shown from 480002 s is "
+        "the video's only picture there); 9999 windows from 490003 to 500002 s skipped: no frame starts in them "
+        "(the frame shown from 490002 s is the video's only picture there)")
 
 
 def test_clip_lists_as_people_write_them(tmp_path):

@@ -327,7 +327,11 @@ def fp32_weights(fp16: onnx.ModelProto, fp32: onnx.ModelProto) -> dict[str, np.n
     return out
 
 
-def _refuse(over: list, finite: bool, out: np.ndarray, clips: np.ndarray, source: str, fallback: str = ""):
+def _refuse(over: list, finite: bool, out: np.ndarray, clips: np.ndarray, source: str, fallback: str = "",
+            first: str | None = None):
+    """Raise the refusal. over: (peak, name) largest first; first: the overflowing activation that the forward
+    reaches first (what the layers after it carry is blamed on it)."""
+
     def listed(items):
         return ", ".join(f"{_layer(k)} reaches {v:,.0f}" for v, k in items[:4]) + (" …" if len(items) > 4 else "")
 
@@ -343,9 +347,20 @@ def _refuse(over: list, finite: bool, out: np.ndarray, clips: np.ndarray, source
         bad = int((~np.isfinite(out)).any(axis=1).sum())
         what.append(f"the FP16 graph{fallback} returned NaN/Inf logits on ONNX Runtime for {bad} of {len(out)} "
                     "clips")
+    names = [k for _, k in weights] or [first or k for _, k in acts[:1]]
+    where = ("The adapters' or head's values" if names and all(map(_is_delta, names)) else
+             "The backbone's values (typical of weights trained in BF16)" if names and not any(map(_is_delta, names))
+             else "The model's values")
+    fixes = ("--fp16-overflow fp32 (keeps the overflowing nodes in FP32 inside the FP16 graph), "
+             if weights == [] and acts and not fallback else "")
     raise StexportError(f"--precision fp16 refused: {'; '.join(what)} (checked on {len(clips)} {source}). "
-                        "The backbone's values (typical of weights trained in BF16) do not fit FP16; "
-                        "build --precision fp32, or int8 (its float parts are FP32; check it with verify)")
+                        f"{where} do not fit FP16; build with {fixes}--precision fp32, or int8 (its float parts "
+                        "are FP32; check it with verify)")
+
+
+def _is_delta(name: str) -> bool:
+    """Whether a folded module name belongs to the task's deltas (adapters, head) rather than the backbone."""
+    return name.startswith("head") or ".pre_attn" in name or ".pre_mlp" in name  # fold.task_parameters' rule
 
 
 def check_fp16_graph(reference, onnx_path: Path, input_format: str, frames: int, size: int, sampling: dict,
@@ -371,11 +386,13 @@ def check_fp16_graph(reference, onnx_path: Path, input_format: str, frames: int,
     peaks, ref_logits = activation_peaks(reference, clips, input_format)
     out = run_onnx(Path(onnx_path), clips, input_format)
     over = sorted(((v, k) for k, v in peaks.items() if not v <= FP16_MAX), reverse=True)
+    # peaks holds the activations in the order the forward finished them
+    first = next((k for k, v in peaks.items() if not v <= FP16_MAX and not k.endswith(" (weight)")), None)
     finite = bool(np.isfinite(out).all())
     fp32_nodes: list[dict] = []
     if over or not finite:
         if overflow == "refuse" or any(k.endswith(" (weight)") for _, k in over):
-            _refuse(over, finite, out, clips, source)
+            _refuse(over, finite, out, clips, source, first=first)
         proto = onnx.load(str(onnx_path))
         fp32_nodes = keep_fp32(proto, fp16_peaks(proto, clips, input_format))
         save(proto, Path(onnx_path), external_data=bool(external_files(Path(onnx_path))))
@@ -383,7 +400,8 @@ def check_fp16_graph(reference, onnx_path: Path, input_format: str, frames: int,
         del proto
         out = run_onnx(Path(onnx_path), clips, input_format)
         if not np.isfinite(out).all() or not fp32_nodes:
-            _refuse(over, False, out, clips, source, fallback=f" with {len(fp32_nodes)} nodes kept in FP32")
+            _refuse(over, False, out, clips, source, fallback=f" with {len(fp32_nodes)} nodes kept in FP32",
+                    first=first)
     top = peaks and max(peaks.items(), key=lambda kv: kv[1])
     top = (_layer(top[0]), top[1])
     if fp32_nodes:  # the FP32 nodes' activations, seen on the graph itself (LayerNorm outputs, residual adds)

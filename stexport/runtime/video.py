@@ -637,11 +637,16 @@ def _times(cap, fps: float | None, name: str, progress: Progress | None = None) 
 
 
 def _plan(times: list[float], fps: float | None, window: float, stride: float, name: str = "video"):
-    """(start, end, first frame, frame count, note) per window: frames whose display overlaps [start, start+window).
+    """(start, end, first frame, frame count, note) per window: frames whose display overlaps [start, start+window),
+    except a frame on screen since before a gap longer than the window (it belongs to the time before the gap).
 
     Windows start every `stride` seconds; when the next one would start inside the video but run past its end,
     a window aligned to the end of the video takes its place (its note says so), so the file's tail is
-    classified; gaps the user chose (a stride longer than the window) stay gaps. A video shorter than one window gives one window over all of it. Raises VideoError when
+    classified; gaps the user chose (a stride longer than the window) stay gaps. Windows in which no frame starts
+    (a gap in a variable-frame-rate file, a long last frame) are skipped, never filled with the frame on screen:
+    the next window's note (else the last's) counts them and says where, and the plan is built by jumping to the
+    next frame, so its work follows the frames, not the duration. A video shorter than one window gives one
+    window over all of it. Raises VideoError when
     `window` or `stride` is shorter than the frame spacing (windows would hold no frame of their own)."""
     n = len(times)
     last = times[-1] - times[-2] if n > 1 else (1.0 / fps if fps else 0.0)  # the last frame's display time
@@ -651,24 +656,61 @@ def _plan(times: list[float], fps: float | None, window: float, stride: float, n
         if n > 1 and seconds < spacing - EPS:
             raise VideoError(f"{name}: {flag} {seconds:g} is shorter than the time between frames "
                              f"({spacing:.3g} s); use {flag} {spacing:.3g} or more")
-    plan, m = [], 0
+    plan, m, gap, ended = [], 0, None, False
     while m * stride + window <= duration + EPS:
-        plan.append(_span(times, m * stride, window))
+        a = m * stride
+        j = bisect.bisect_left(times, a - EPS)  # the first frame that starts at or after a
+        if m and (j == n or times[j] >= a + window - EPS):  # no frame of its own: time the file does not hold
+            if j == n:  # the rest of the windows: the last frame's display time
+                left = int(np.floor((duration - window) / stride + EPS)) - m + 1
+                gap, ended = (gap[0] if gap else a, duration, (gap[2] if gap else 0) + left), True
+                break
+            # jump to the first window that holds frame j: the work follows the frames, not the duration
+            nxt = max(m + 1, int(np.floor((times[j] - window) / stride + EPS)) + 1)
+            gap = (gap[0] if gap else a, times[j], (gap[2] if gap else 0) + nxt - m)
+            m = nxt
+            continue
+        note = None
+        if gap:
+            note, gap = _gap_note(*gap, times), None
+        plan.append(_span(times, a, window, note))
         m += 1
     if not plan:  # shorter than one window: one window over all of it
         return [(0.0, duration, 0, n, None)]
-    # a tail left uncovered where the next window would start inside the video and run past its end
-    if plan[-1][1] < duration - EPS and m * stride < duration - EPS:
+    # frames left unclassified where the next window would start inside the video and run past its end (not a
+    # timestamp rounding's sliver, not a gap the user's stride chose)
+    covered = max(plan[-1][1], m * stride)
+    tail = not ended and m * stride < duration - EPS and times[-1] >= covered - EPS
+    if tail:
         a, overlap = duration - window, plan[-1][1] - (duration - window)
-        plan.append(_span(times, a, window, f"the last window ({a:.6g}-{duration:.6g} s) is aligned to the end "
-                                            f"of the video so that its last {duration - max(plan[-1][1], m * stride):.3g} s are "
-                                            "classified too" + (f", overlapping the one before by {overlap:.3g} s"
-                                                                if overlap > EPS else "")))
+        plan.append(_span(times, a, window,
+                          f"the last window ({_secs(a)}-{_secs(duration)} s) is aligned to the end of the video so "
+                          f"that its last {duration - covered:.3g} s are classified too"
+                          + (f", overlapping the one before by {overlap:.3g} s" if overlap > EPS else "")))
+    if gap:  # skipped windows no later window follows (or only the end-aligned one): the last window says so
+        a, b, lo, count, note = plan[-1]
+        notes = [_gap_note(*gap, times), note] if tail else [note, _gap_note(*gap, times)]
+        plan[-1] = (a, b, lo, count, "; ".join(filter(None, notes)))
     return plan
+
+
+def _gap_note(start: float, end: float, count: int, times: list[float]) -> str:
+    """The note for `count` windows from `start` to `end` s skipped because no frame starts in them."""
+    shown = times[max(0, bisect.bisect_right(times, start + EPS) - 1)]
+    return (f"{count} window{'s' * (count != 1)} from {_secs(start)} to {_secs(end)} s skipped: no frame starts "
+            f"in {'them' if count != 1 else 'it'} (the frame shown from {_secs(shown)} s is the video's only "
+            "picture there)")
+
+
+def _secs(t: float) -> str:
+    """Seconds for notes: '9.967', '6000000', '0.5' (milliseconds at most; no exponent)."""
+    return f"{t:.3f}".rstrip("0").rstrip(".")
 
 
 def _span(times: list[float], a: float, window: float, note: str | None = None):
     lo = max(0, bisect.bisect_right(times, a + EPS) - 1)  # the frame on screen at `a`
+    if times[lo] < a - EPS and lo + 1 < len(times) and times[lo + 1] - times[lo] > window + EPS:
+        lo += 1  # ... unless it stays on screen longer than a window (a gap): the window starts with its own frame
     hi = bisect.bisect_left(times, a + window - EPS)  # frames that start before the window ends
     return a, a + window, lo, max(hi - lo, 1), note
 

@@ -54,7 +54,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -682,17 +684,24 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
             check_cluster(ray_address)
         else:
             check_address(cfg.host, cfg.port)
+        if not ray_address:  # settings Ray's processes read from the environment, before it starts them
+            from stexport.serving.proxy_errors import install
+
+            install()
         if cfg.grpc_port and not ray_address:
             from stexport.serving.oip_grpc import limit_messages
 
             limit_messages(cfg.max_upload_bytes * cfg.max_batch + (1 << 20))  # before Ray starts its proxy
         kw = {"include_dashboard": False, "log_to_driver": verbose, "logging_level": quiet}
+        on_term = signal.getsignal(signal.SIGTERM)
         try:
             if ray_address:
                 ray.init(address=ray_address, **kw)
             else:
                 ray.init(_node_ip_address="127.0.0.1", **kw)
                 _LOCAL_RAY = True
+            if callable(on_term) and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, on_term)  # Ray's core worker installs its own (it aborts, exit 134)
         except ConnectionError as e:
             raise StexportError(f"--ray-address {ray_address}: cannot connect to a Ray cluster ({_first_line(e)}); "
                                 "start one with `ray start --head`, or leave --ray-address out for a local "
@@ -759,6 +768,8 @@ def stop(shutdown_ray: bool = True, app: str | None = None) -> None:
     from ray import serve
 
     global _LOCAL_RAY
+    if not ray.is_initialized():  # start() did not get as far as Ray (stopped during start-up)
+        return
     if shutdown_ray and _LOCAL_RAY:
         # the cluster goes with Serve's actors; shutting Serve down first only makes Ray print the retried
         # graceful-shutdown task of the controller it kills
