@@ -84,6 +84,8 @@ def build(
                                         "float until it holds."),
     max_drop: float = typer.Option(None, "--max-drop", help="INT8 gate: top-1 accuracy drop against the FP32 "
                                    "graph in points, on labelled gate clips (a '<video> <label>' list)."),
+    min_top5_agreement: float = typer.Option(None, "--min-top5-agreement", help="INT8 gate: the same top-5 set "
+                                             "as the FP32 graph (0-1) on the gate clips."),
     max_float_layers: int = typer.Option(None, "--max-float-layers", help="With a gate: most GEMMs returned to "
                                          "float before the build fails (default: a quarter of them)."),
     gate_clips: Path = typer.Option(None, "--gate-clips", help="With a gate: the clips it is measured on "
@@ -126,6 +128,7 @@ def build(
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,
                            int8_attention=int8_attention, int8_float=int8_float, int8_migrate=int8_migrate,
                            min_agreement=min_agreement, max_drop=max_drop, max_float_layers=max_float_layers,
+                           min_top5_agreement=min_top5_agreement,
                            gate_clips=gate_clips,
                            fp16_overflow=fp16_overflow, for_tensorrt=engine,
                            sampling=sampling or None, swappable=swappable, max_classes=max_classes,
@@ -203,7 +206,9 @@ def fallback_text(fb: dict) -> str:
     g = fb["gate"]
     gate = " and ".join(([f"top-1 agreement >= {g['min_top1_agreement']:.1%}"] if g["min_top1_agreement"]
                          is not None else []) + ([f"accuracy drop <= {g['max_accuracy_drop_pt']:g} pt"]
-                                                 if g["max_accuracy_drop_pt"] is not None else []))
+                                                 if g["max_accuracy_drop_pt"] is not None else [])
+                         + ([f"top-5 agreement >= {g['min_top5_agreement']:.1%}"]
+                            if g.get("min_top5_agreement") is not None else []))
     before, after, ms = fb["before"], fb["after"], fb["ms_per_clip"]
     layers = ", ".join(r["layer"] for r in fb["float_layers"]) or "none needed"
     outliers = sum(r.get("why") == "outlier" for r in fb["float_layers"])

@@ -69,9 +69,9 @@ def verify(
     task: Path = typer.Option(None, "--task", help="Verify a task pack (`stexport pack`) on this swappable "
                               "bundle, or a task (by name) of a multi-task bundle: the reference is the backbone "
                               "with that task's deltas. " + TASK_BACKENDS),
-    layers: bool = Flag(False, "--layers", help="Layerwise precision report of an INT8 bundle instead of the "
-                        "gate: each quantized GEMM returned to float in turn (ONNX Runtime), ranked by the "
-                        "|Δlogit| against the reference this removes."),
+    layers: bool = Flag(False, "--layers", help="Layerwise precision report of an INT8 or FP16 bundle instead "
+                        "of the gate: each quantized (FP16) GEMM alone in INT8 (FP16), the rest in float, ranked "
+                        "by the |Δlogit| against the reference it adds (ONNX Runtime)."),
     top: int = typer.Option(None, "--top", help="With --layers: show the N most sensitive layers (default: "
                             "10 in the table, all in --json)."),
     allow_failed: bool = Flag(False, "--allow-undecodable", help="Let the gate pass on the videos that decoded "

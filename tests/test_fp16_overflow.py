@@ -120,6 +120,44 @@ def test_fp16_overflow_refuse_is_the_old_one_line_error(stand_in, tmp_path):
     assert r.exit_code == 2 and "--fp16-overflow refuse needs --precision fp16" in r.output
 
 
+def test_fp16_layer_report_ranks_the_planted_layer_and_leaves_the_fp32_nodes_out(stand_in, clip_list, tmp_path):
+    """`verify --layers` on an FP16 bundle: each FP16 GEMM alone in FP16 (the rest FP32 with FP32 weights)
+    against the reference. Planted: block 1's ln_2 ×2^14 in 16 channels, so blocks.1.fc's input columns ÷2^14
+    are FP16 subnormals (few significant bits) while the FP32 function stays the same; block 0 overflows FP16."""
+    import json
+
+    from stexport.build.fp16_check import fp16_layers
+    from stexport.build.outliers import plant_norm_outliers
+
+    _, planted, sd = stand_in
+    both = plant_norm_outliers(planted, 2.0 ** 14, 16, norms=("ln_2",), blocks=(1,))
+    torch.save(both.state_dict, tmp_path / "w.pt")
+    save_official(tmp_path / "a.pt", sd)
+    cli = CliRunner()
+    r = cli.invoke(app, ["build", "--adapter", str(tmp_path / "a.pt"), "--backbone", TINY, "--pretrained",
+                         str(tmp_path / "w.pt"), "--precision", "fp16", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    r = cli.invoke(app, ["verify", str(tmp_path / "b"), "--clips", str(clip_list), "--layers", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    ranked = [row["layer"] for row in report["layers"]]
+    kept = [x["node"] for x in report["fp32_nodes"]]
+    graph = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    assert report["precision"] == "fp16" and sorted(ranked) == sorted(fp16_layers(graph))
+    assert "blocks.0.fc" in kept and not set(kept) & set(ranked)  # the build's FP32 nodes are not ranked
+    alone = [row["mean_abs_alone"] for row in report["layers"]]
+    assert alone == sorted(alone, reverse=True)
+    assert ranked[0] == "blocks.1.fc" and alone[0] > 2 * alone[1], report["layers"][:3]
+    # every other node in FP32 with its FP32 weights: the least sensitive layers add next to nothing
+    assert alone[-1] < alone[0] / 20 and report["base"]["mean_abs"] > alone[0], (alone, report["base"])
+    r = cli.invoke(app, ["verify", str(tmp_path / "b"), "--clips", str(clip_list), "--layers", "--top", "3"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert "whole FP16 graph" in r.output and "blocks.1.fc" in lines[5], r.output
+    assert f"({len(ranked) - 3} less sensitive layers not shown)" in r.output
+    assert any(ln.startswith("kept in FP32") and "blocks.0.fc" in ln for ln in lines), r.output
+
+
 def test_an_overflow_in_the_adapters_is_not_blamed_on_the_backbone(stand_in, tmp_path):
     """The refusal says where the values are: a delta whose adapter output leaves FP16's range (a plain backbone)
     names the adapters or head, not 'weights trained in BF16'."""

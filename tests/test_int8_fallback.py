@@ -113,7 +113,8 @@ def test_fallback_build_meets_the_gate_with_named_float_layers(model, plain):
     assert all(x["why"] in ("gate", "outlier") and x["mean_abs_logit_diff_alone_in_int8"] > 0
                for x in fb["float_layers"]) and fb["float_layers"][0]["why"] == "gate"
     assert fb["before"]["top1_agreement"] < 0.95 <= fb["after"]["top1_agreement"]
-    assert fb["gate"] == {"min_top1_agreement": 0.95, "max_accuracy_drop_pt": None, "max_float_layers": None}
+    assert fb["gate"] == {"min_top1_agreement": 0.95, "max_accuracy_drop_pt": None, "max_float_layers": None,
+                          "min_top5_agreement": None}
     assert fb["float_layers_limit"] == 5 and fb["clips"] == 8 and fb["float_type"] == "fp32"
     assert all(fb["ms_per_clip"][k] > 0 for k in ("int8", "fallback", "fp32"))
     b = Bundle.load(out)
@@ -130,6 +131,19 @@ def test_fallback_build_meets_the_gate_with_named_float_layers(model, plain):
     assert text.startswith(f"{len(floats)} GEMM(s) in fp32 ({', '.join(floats)})") and "top-1 agreement >= 95.0%" in text
 
 
+def test_fallback_meets_a_top5_gate(model):
+    """--min-top5-agreement alone is a gate: plain INT8 keeps the FP32 graph's top-5 set on < 95% of the views."""
+    from stexport.cli.build import fallback_text
+
+    r = cli(*build_args(model, model["dir"] / "top5"), "--min-top5-agreement", "0.95", "--json")
+    assert r.exit_code == 0, r.output
+    fb = strict(r.stdout)["calibration"]["float_fallback"]
+    assert fb["gate"]["min_top5_agreement"] == 0.95 and fb["gate"]["min_top1_agreement"] is None
+    assert fb["before"]["top5_agreement"] < 0.95 <= fb["after"]["top5_agreement"], fb
+    assert fb["float_layers"] and fb["float_layers"][0]["why"] == "gate"
+    assert "top-5 agreement >= 95.0%" in fallback_text(fb)
+
+
 def test_fallback_fails_in_one_line_when_the_limit_is_reached(model):
     out = model["dir"] / "limited"
     r = cli(*build_args(model, out, "weights_qkv"), "--min-agreement", "1", "--max-float-layers", "1")
@@ -144,8 +158,10 @@ def test_bad_flag_combinations_are_one_line_errors(model, plain, tiny_bundle, tm
             model["weights"], "--out", tmp_path / "o"]
     cases = {
         "--min-agreement needs --precision int8": ["--min-agreement", "0.9"],
-        "--max-float-layers needs --min-agreement or --max-drop": ["--precision", "int8", "--calib",
-                                                                  model["clips"], "--max-float-layers", "2"],
+        "--max-float-layers needs --min-agreement, --max-drop or --min-top5-agreement": [
+            "--precision", "int8", "--calib", model["clips"], "--max-float-layers", "2"],
+        "--min-top5-agreement 2.0: a fraction between 0 and 1": ["--precision", "int8", "--calib", model["clips"],
+                                                                 "--min-top5-agreement", "2"],
         "--min-agreement 1.5: a fraction between 0 and 1": ["--precision", "int8", "--calib", model["clips"],
                                                             "--min-agreement", "1.5"],
         "has videos without labels": ["--precision", "int8", "--calib", model["dir"], "--max-drop", "1"],
@@ -163,7 +179,7 @@ def test_bad_flag_combinations_are_one_line_errors(model, plain, tiny_bundle, tm
         "--layers runs the graph on ONNX Runtime (CPU) and checks no gate; drop --backend":
             [plain.path, "--layers", "--backend", "openvino"],
         "--top 0: must be at least 1": [plain.path, "--layers", "--top", "0"],
-        "bundle has no quantized layers": [tiny_bundle.path, "--layers"],
+        "bundle has no quantized or FP16 layers": [tiny_bundle.path, "--layers"],
     }
     for expect, extra in verify_cases.items():
         r = cli("verify", *extra[:1], "--clips", model["clips"], *extra[1:])
@@ -190,3 +206,8 @@ def test_gate_reads_labels_and_checks_each_part(model):
                                                            ("top-1 accuracy drop (pt)", False)]
     assert gate.limit(20) == 5 and FallbackGate(max_float_layers=30).limit(20) == 20
     assert gate.flags() == "--min-agreement 0.9 --max-drop 1"
+    top5 = FallbackGate(min_agreement=0.9, min_top5_agreement=0.95)
+    checks = top5.checks({"top1_agreement": 0.95, "top5_agreement": 0.9})
+    assert [(c["check"], c["passed"]) for c in checks] == [("top-1 agreement", True), ("top-5 agreement", False)]
+    assert top5.flags() == "--min-agreement 0.9 --min-top5-agreement 0.95"
+    assert top5.to_dict()["min_top5_agreement"] == 0.95

@@ -41,11 +41,13 @@ OUTLIER_FACTOR = 2.0  # after the gate holds: also to float what adds alone > th
 @dataclass(frozen=True)
 class FallbackGate:
     """min_agreement: top-1 agreement with the FP32 graph, a fraction 0–1; max_drop: top-1 accuracy drop in
-    points (labelled clips); max_float_layers: most GEMMs returned to float (None: DEFAULT_FLOAT_SHARE)."""
+    points (labelled clips); max_float_layers: most GEMMs returned to float (None: DEFAULT_FLOAT_SHARE);
+    min_top5_agreement: the same top-5 set as the FP32 graph, a fraction 0–1."""
 
     min_agreement: float | None = None
     max_drop: float | None = None
     max_float_layers: int | None = None
+    min_top5_agreement: float | None = None
 
     def limit(self, quantized: int) -> int:
         if self.max_float_layers is not None:
@@ -55,7 +57,9 @@ class FallbackGate:
     def flags(self) -> str:
         """The gate as its flags, e.g. '--min-agreement 0.95 --max-drop 1'."""
         return " ".join(f"{f} {v:g}" for f, v in (("--min-agreement", self.min_agreement),
-                                                    ("--max-drop", self.max_drop)) if v is not None)
+                                                    ("--max-drop", self.max_drop),
+                                                    ("--min-top5-agreement", self.min_top5_agreement))
+                        if v is not None)
 
     def checks(self, metrics: dict) -> list[dict]:
         """verify's checks (`judge`) for each part of the gate that is set."""
@@ -64,11 +68,13 @@ class FallbackGate:
             out += judge("int8", metrics, Gate(min_top1_agreement=self.min_agreement))
         if self.max_drop is not None:
             out += judge("int8", metrics, Gate(max_accuracy_drop=self.max_drop))
+        if self.min_top5_agreement is not None:
+            out += judge("int8", metrics, Gate(min_top5_agreement=self.min_top5_agreement))
         return out
 
     def to_dict(self) -> dict:
         return {"min_top1_agreement": self.min_agreement, "max_accuracy_drop_pt": self.max_drop,
-                "max_float_layers": self.max_float_layers}
+                "max_float_layers": self.max_float_layers, "min_top5_agreement": self.min_top5_agreement}
 
 
 def gate_inputs(clips, sampling, input_spec) -> tuple[list[np.ndarray], list]:

@@ -182,27 +182,45 @@ def fp16_peaks(proto: onnx.ModelProto, clips: np.ndarray, input_format: str, tas
 
 def keep_fp32(proto: onnx.ModelProto, peaks: dict[str, float]) -> list[dict]:
     """Rewrite the FP16 graph `proto` in place: every node whose FP16 output exceeds FP16_MAX in `peaks` (see
-    fp16_peaks), and every node reading such an output, computes in FP32. Their FP16 inputs come through a Cast
-    to FP32 (FP16 initializers become FP32 copies of the same values), their outputs that FP16 nodes read go
-    back through a Cast to FP16 (within range by construction); Casts to FP16 among them cast to FP32 instead.
-    Returns one record per FP32 node: {node, op, max_abs_activation, why}."""
-    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
-    g = proto.graph
-    types = _types(proto)
+    fp16_peaks), and every node reading such an output, computes in FP32 (`in_fp32`). Returns one record per
+    FP32 node: {node, op, max_abs_activation, why}."""
     over = {t for t, v in peaks.items() if not v <= FP16_MAX}
-    producer = {o: n for n in g.node for o in n.output}
-    island: dict[int, dict] = {}
-    for n in g.node:
+    producer = {o: n for n in proto.graph.node for o in n.output}
+
+    def pick(n: onnx.NodeProto) -> dict | None:
         big = [(peaks[o], o) for o in n.output if o in over]
         read = [(peaks[i], i) for i in n.input if i in over]
         if big:
             v, t = max(big)
-            island[id(n)] = {"node": n.name, "op": n.op_type, "max_abs_activation": round(v, 1),
-                             "why": f"its output '{t}' reaches {v:,.0f}, beyond FP16's ±{FP16_MAX:,.0f}"}
-        elif read:
+            return {"node": n.name, "op": n.op_type, "max_abs_activation": round(v, 1),
+                    "why": f"its output '{t}' reaches {v:,.0f}, beyond FP16's ±{FP16_MAX:,.0f}"}
+        if read:
             v, t = max(read)
-            island[id(n)] = {"node": n.name, "op": n.op_type, "max_abs_activation": round(v, 1),
-                             "why": f"it reads '{t}' ({v:,.0f}) from {producer[t].name or producer[t].op_type}"}
+            return {"node": n.name, "op": n.op_type, "max_abs_activation": round(v, 1),
+                    "why": f"it reads '{t}' ({v:,.0f}) from {producer[t].name or producer[t].op_type}"}
+        return None
+
+    return in_fp32(proto, pick)
+
+
+def in_fp32(proto: onnx.ModelProto, pick, weights: dict | None = None) -> list:
+    """Rewrite the FP16 graph `proto` in place so that the nodes `pick` chooses compute in FP32: pick(node) →
+    a record (any non-None value) for a node to move, None to leave it. The moved nodes' FP16 inputs come
+    through a Cast to FP32 (FP16 initializers become FP32 copies of the same values), their outputs that FP16
+    nodes read go back through a Cast to FP16; Casts to FP16 among them cast to FP32 instead (`weights`: FP32
+    values for FP16 initializers, by name, used instead of their FP16 values). Constant nodes
+    are never moved (a Cast follows them). Returns the records of the moved nodes, in graph order. Raises
+    StexportError when a graph output would change type."""
+    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    g = proto.graph
+    types = _types(proto)
+    producer = {o: n for n in g.node for o in n.output}
+    island: dict[int, object] = {}
+    for n in g.node:
+        if n.op_type != "Constant":
+            record = pick(n)
+            if record is not None:
+                island[id(n)] = record
     inits = {t.name: t for t in g.initializer}
     outputs = {o.name for o in g.output}
     up: dict[str, str] = {}  # FP16 tensor -> its FP32 copy
@@ -222,8 +240,10 @@ def keep_fp32(proto: onnx.ModelProto, peaks: dict[str, float]) -> list[dict]:
             if t not in up:
                 up[t] = f"{t}_fp32"
                 if t in inits:
+                    values = (weights or {}).get(t)
                     g.initializer.append(numpy_helper.from_array(
-                        numpy_helper.to_array(inits[t]).astype(np.float32), up[t]))
+                        numpy_helper.to_array(inits[t]).astype(np.float32) if values is None
+                        else np.asarray(values, np.float32), up[t]))
                 else:
                     cast = helper.make_node("Cast", [t], [up[t]], name=f"{t}_to_fp32", to=F32)
                     rank[id(cast)] = rank[id(n)] - 0.5
@@ -255,6 +275,68 @@ def keep_fp32(proto: onnx.ModelProto, peaks: dict[str, float]) -> list[dict]:
     del g.initializer[:]
     g.initializer.extend(kept)
     return [island[id(n)] for n in ordered if id(n) in island]
+
+
+LAYER_OPS = ("MatMul", "Gemm", "Conv")  # the layers the FP16 layer report ranks
+
+
+def fp16_layers(proto: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul/Gemm/Conv nodes of the FP16 graph `proto` that compute in FP16 (an FP16 output), in
+    graph order: the layers `verify --layers` ranks in an FP16 bundle (nodes kept in FP32 are not among them)."""
+    types = _types(proto)
+    return [n.name for n in proto.graph.node
+            if n.op_type in LAYER_OPS and n.name and types.get(n.output[0]) == onnx.TensorProto.FLOAT16]
+
+
+def layers_in_fp32(proto: onnx.ModelProto, layers, only: bool = False, weights: dict | None = None
+                   ) -> onnx.ModelProto:
+    """A copy of the FP16 graph `proto` with the nodes named `layers` in FP32 (`in_fp32`), or with `only`,
+    every FP16 node but those in FP32: the FP32 graph with only `layers` in FP16. weights: FP32 values of
+    initializers by name (`fp32_weights`) for the nodes moved to FP32 (with `only`, also for the nodes the
+    build kept in FP32, whose weights hold FP16 values); those without keep their FP16 values, stored as FP32."""
+    F16 = onnx.TensorProto.FLOAT16
+    q = onnx.ModelProto()
+    q.CopyFrom(proto)
+    names = set(layers)
+    if only:
+        types = _types(q)
+        in_fp32(q, lambda n: n.name not in names and any(types.get(t) == F16 for t in (*n.input, *n.output))
+                or None, weights)
+        for t in q.graph.initializer:
+            if t.data_type == onnx.TensorProto.FLOAT and t.name in (weights or {}):
+                t.CopyFrom(numpy_helper.from_array(np.asarray(weights[t.name], np.float32), t.name))
+    else:
+        in_fp32(q, lambda n: n.name in names or None, weights)
+    return q
+
+
+def fp32_weights(fp16: onnx.ModelProto, fp32: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """{float initializer name of the FP16 graph `fp16`: its FP32 values (float32 arrays)} from `fp32`, the same
+    model exported in FP32 (the exporter names nodes and parameters after the model's modules,
+    stexport.build.names): matched by initializer name, else by node name, op and input slot, and kept only
+    where they are the graph's own values or round to them in FP16 (within one FP16 step), so a differently
+    folded or wrong model matches nothing. The FP32 initializers of `fp16` (nodes the build kept in FP32: FP16
+    values) are among them. Initializers without a match are left out (their FP16 values stay)."""
+    inits16 = {t.name: t for t in fp16.graph.initializer
+               if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)}
+    inits32 = {t.name: t for t in fp32.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    nodes32 = {n.name: n for n in fp32.graph.node if n.name}
+    pairs = [(name, name) for name in inits16 if name in inits32]
+    for n in fp16.graph.node:
+        m = nodes32.get(n.name)
+        if m is not None and m.op_type == n.op_type:
+            pairs += [(t16, t32) for t16, t32 in zip(n.input, m.input) if t16 in inits16 and t32 in inits32]
+    out: dict[str, np.ndarray] = {}
+    for t16, t32 in pairs:
+        if t16 in out or tuple(inits16[t16].dims) != tuple(inits32[t32].dims):
+            continue
+        own = numpy_helper.to_array(inits16[t16]).astype(np.float32)
+        values = numpy_helper.to_array(inits32[t32]).astype(np.float32)
+        with np.errstate(over="ignore"):
+            rounded = values.astype(np.float16).astype(np.float32)
+        if np.array_equal(values, own) or np.all(np.abs(rounded - own) <= np.abs(own) * 2.0 ** -10 + 2.0 ** -24):
+            out[t16] = values
+    return out
 
 
 def _refuse(over: list, finite: bool, out: np.ndarray, clips: np.ndarray, source: str, fallback: str = "",

@@ -44,7 +44,8 @@ class BuildOptions:
     clips; off for swappable bundles, whose backbone every task pack shares), "off" or an α in [0, 1].
     min_agreement, max_drop: a gate for an INT8 build (stexport.build.fallback): top-1 agreement with the
     FP32 graph (a fraction, 0–1, as verify's --min-agreement) and/or top-1 accuracy drop against it in points
-    (needs labelled clips) on `gate_clips` (default: the calibration clips); the most sensitive GEMMs return
+    (needs labelled clips) and/or, min_top5_agreement, the same top-5 set as the FP32 graph (a fraction) on
+    `gate_clips` (default: the calibration clips); the most sensitive GEMMs return
     to the graph's float type until it holds, at most `max_float_layers` (default: a quarter of them).
     fp16_overflow: what an FP16 build does with activations beyond FP16's range, "fp32" (keep those nodes in
     FP32 inside the FP16 graph, recorded in the manifest's fp16_check) or "refuse" (stexport.build.fp16_check).
@@ -79,6 +80,7 @@ class BuildOptions:
     int8_migrate: str = "auto"
     min_agreement: float | None = None
     max_drop: float | None = None
+    min_top5_agreement: float | None = None
     max_float_layers: int | None = None
     gate_clips: object = None
     fp16_overflow: str = "fp32"
@@ -170,17 +172,18 @@ class BuildOptions:
 
     @property
     def gated(self) -> bool:
-        """An INT8 build with a float-fallback gate (--min-agreement / --max-drop)."""
-        return self.min_agreement is not None or self.max_drop is not None
+        """An INT8 build with a float-fallback gate (--min-agreement / --max-drop / --min-top5-agreement)."""
+        return self.min_agreement is not None or self.max_drop is not None or self.min_top5_agreement is not None
 
     def _check_gate(self) -> None:
         if not self.gated:
             if self.max_float_layers is not None or self.gate_clips is not None:
                 flag = "--max-float-layers" if self.max_float_layers is not None else "--gate-clips"
-                raise StexportError(f"{flag} needs --min-agreement or --max-drop (the gate the float fallback "
-                                    "meets)")
+                raise StexportError(f"{flag} needs --min-agreement, --max-drop or --min-top5-agreement (the gate "
+                                    "the float fallback meets)")
             return
-        flag = "--min-agreement" if self.min_agreement is not None else "--max-drop"
+        flag = next(f for f, v in (("--min-agreement", self.min_agreement), ("--max-drop", self.max_drop),
+                                   ("--min-top5-agreement", self.min_top5_agreement)) if v is not None)
         if self.precision != "int8":
             raise StexportError(f"{flag} needs --precision int8 (it returns INT8 layers to float)")
         if self.swappable:
@@ -188,6 +191,9 @@ class BuildOptions:
                                 "without a gate")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
             raise StexportError(f"--min-agreement {self.min_agreement}: a fraction between 0 and 1 (e.g. 0.95)")
+        if self.min_top5_agreement is not None and not 0.0 <= self.min_top5_agreement <= 1.0:
+            raise StexportError(f"--min-top5-agreement {self.min_top5_agreement}: a fraction between 0 and 1 "
+                                "(e.g. 0.95)")
         if self.max_drop is not None and not 0.0 <= self.max_drop <= 100.0:
             raise StexportError(f"--max-drop {self.max_drop}: accuracy points between 0 and 100 (e.g. 1)")
         if self.max_float_layers is not None and self.max_float_layers < 1:

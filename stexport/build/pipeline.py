@@ -214,7 +214,8 @@ def build_bundle(adapter=None, options: BuildOptions | None = None, **fields) ->
                 if o.gated:
                     from stexport.build.fallback import FallbackGate, make_fallback
 
-                    fallback = make_fallback(FallbackGate(o.min_agreement, o.max_drop, o.max_float_layers),
+                    fallback = make_fallback(FallbackGate(o.min_agreement, o.max_drop, o.max_float_layers,
+                                                          o.min_top5_agreement),
                                              onnx_path, gate_clips, Sampling(frames=o.frames, size=size, **views),
                                              inp, o.progress)
                 calibration = quantize_bundle_model(

@@ -33,10 +33,11 @@ class Gate:
     max_abs: float | None = None
     min_top1_agreement: float | None = None
     max_accuracy_drop: float | None = None
+    min_top5_agreement: float | None = None  # same top-5 set; checked with or without labels
 
     def to_dict(self) -> dict:
         return {"max_abs": self.max_abs, "min_top1_agreement": self.min_top1_agreement,
-                "max_accuracy_drop_pt": self.max_accuracy_drop}
+                "max_accuracy_drop_pt": self.max_accuracy_drop, "min_top5_agreement": self.min_top5_agreement}
 
 
 # per precision, from its row in stexport.bundle.precision. int8: the accuracy drop when labels are given;
@@ -85,6 +86,10 @@ def judge(precision: str, metrics: dict, gate: Gate) -> list[dict]:
         checks.append({"check": "top-1 agreement", "value": metrics["top1_agreement"],
                        "limit": f"≥ {gate.min_top1_agreement:.1%}",
                        "passed": metrics["top1_agreement"] >= gate.min_top1_agreement - 1e-12})
+    if gate.min_top5_agreement is not None:
+        checks.append({"check": "top-5 agreement", "value": metrics["top5_agreement"],
+                       "limit": f"≥ {gate.min_top5_agreement:.1%}",
+                       "passed": metrics["top5_agreement"] >= gate.min_top5_agreement - 1e-12})
     return checks
 
 
@@ -519,14 +524,37 @@ def graph_logits(session, feeds: list) -> list[np.ndarray]:
     return [session.run(None, {name: f})[0] for f in feeds]
 
 
-RANKING = ("each quantized GEMM alone in INT8 (every other GEMM returned to float: no activation Q/DQ, its weight "
-           "the dequantized INT8 values), ranked by the mean |Δlogit| against the FP32 reference; also measured: "
-           "the mean |Δlogit| its return to float removes from the whole INT8 graph (NNCF accuracy-control style)")
+RANKINGS = {
+    "int8": "each quantized GEMM alone in INT8 (every other GEMM returned to float: no activation Q/DQ, its weight "
+            "the dequantized INT8 values), ranked by the mean |Δlogit| against the FP32 reference; also measured: "
+            "the mean |Δlogit| its return to float removes from the whole INT8 graph (NNCF accuracy-control style)",
+    "fp16": "each FP16 GEMM (MatMul, Gemm, Conv) alone in FP16 (every other node of the graph in FP32 with its "
+            "FP32 weights), ranked by the mean |Δlogit| against the FP32 reference; also measured: the mean "
+            "|Δlogit| its return to FP32 (FP32 weights) removes from the whole FP16 graph",
+}
+RANKING = RANKINGS["int8"]
+
+
+def _layer_graphs(precision: str, weights: dict | None = None):
+    """How `rank_layers` rewrites a graph of `precision` (one of bundle.precision.LAYER_PRECISIONS): (the layers
+    it ranks (proto → names), graph with `names` in float (proto, names → copy), graph with only `name` in
+    `precision` (proto, name, names → copy)). weights: FP16 only, see rank_layers."""
+    if precision == "int8":
+        from stexport.calibration.qdq import quantized_layers, to_float
+
+        return quantized_layers, to_float, lambda p, name, names: to_float(p, [n for n in names if n != name])
+    from stexport.build.fp16_check import fp16_layers, layers_in_fp32
+
+    return (fp16_layers, lambda p, names: layers_in_fp32(p, names, weights=weights),
+            lambda p, name, names: layers_in_fp32(p, [name], only=True, weights=weights))
 
 
 def rank_layers(proto, feeds: list, ref_logits: list, labels: list | None = None, float_precision: str = "fp32",
-                precision: str = "int8", threads: int | None = None, progress: bool = False) -> dict:
-    """The error each quantized GEMM of the Q/DQ graph `proto` adds, ranked (see RANKING for the method).
+                precision: str = "int8", threads: int | None = None, progress: bool = False,
+                fp32_weights: dict | None = None) -> dict:
+    """The error each quantized GEMM of the Q/DQ graph `proto` (precision "int8"), or each FP16 GEMM of the FP16
+    graph `proto` (precision "fp16"), adds, ranked (see RANKINGS[precision] for the method; one mechanism for
+    both: only the graph rewrites differ, `_layer_graphs`).
 
     Why this ranking: it is the error the layer itself adds against the FP32 graph (issue 28), whatever the
     other layers do. The NNCF-style score (the error a layer's return to float removes from the whole INT8
@@ -537,26 +565,31 @@ def rank_layers(proto, feeds: list, ref_logits: list, labels: list | None = None
     ≤ 0.16, so they rank first (20 val clips). Not measured: a greedy ranking (re-ranked after each return to
     float), a ranking per step; a single pass comparing each GEMM's output with the FP32 graph's charges each
     layer with the error of those before it. The other GEMMs keep their weights' INT8 rounding (to_float), so
-    every score includes that common floor. Both scores are reported: 2 ONNX Runtime sessions per GEMM. feeds: per video, the graph input (views first); ref_logits: per video the FP32 logits (views,
-    classes); labels: per video, or None. Returns {"method", "base": logit_metrics of the INT8 graph, "layers":
-    [{layer, mean_abs_alone, top1_agreement_alone (the FP32 graph with only this GEMM in INT8), mean_abs,
-    top1_agreement, top5_agreement[, top1_accuracy] (the INT8 graph with only this GEMM in float),
+    every score includes that common floor. FP16 (precision "fp16"): fp32_weights, the FP32 values of the
+    graph's FP16 weights by initializer name (fp16_check.fp32_weights), go into every node in FP32, so a layer's
+    own weight rounding is its own error; without them the FP16 values stay, a floor common to every score: on
+    the tiny FP16 stand-in of tests/test_fp16_overflow.py the graph with every node in FP32 but FP16 weights was
+    6.2e-4 mean |Δlogit| from the reference (the whole FP16 graph 5.9e-4), with FP32 weights 5.7e-6. Both
+    scores are reported: 2 ONNX Runtime sessions per GEMM. feeds: per video, the graph input (views first);
+    ref_logits: per video the FP32 logits (views, classes); labels: per video, or None. Returns {"method",
+    "base": logit_metrics of the INT8 (FP16) graph, "layers": [{layer, mean_abs_alone, top1_agreement_alone
+    (the FP32 graph with only this GEMM in INT8/FP16), mean_abs, top1_agreement, top5_agreement[,
+    top1_accuracy] (the INT8/FP16 graph with only this GEMM in float),
     mean_abs_removed}] most sensitive (largest mean_abs_alone) first}."""
-    from stexport.calibration.qdq import quantized_layers, to_float
-
+    listed, in_float, only = _layer_graphs(precision, fp32_weights)
     labels = labels or [None] * len(feeds)
     base, _ = logit_metrics(ref_logits, graph_logits(graph_session(proto, float_precision, threads), feeds),
                             labels, precision)
-    names = quantized_layers(proto)
+    names = listed(proto)
 
-    def run(floats):
-        m, _ = logit_metrics(ref_logits, graph_logits(graph_session(to_float(proto, floats), float_precision,
-                                                                    threads), feeds), labels, precision)
+    def run(graph):
+        m, _ = logit_metrics(ref_logits, graph_logits(graph_session(graph, float_precision, threads), feeds),
+                             labels, precision)
         return m
 
     rows = []
     for name in tqdm(names, desc="layers", unit="layer", disable=None if progress else True, leave=False):
-        m, alone = run([name]), run([n for n in names if n != name])
+        m, alone = run(in_float(proto, [name])), run(only(proto, name, names))
         row = {"layer": name, "mean_abs": m["mean_abs"], "mean_abs_removed": base["mean_abs"] - m["mean_abs"],
                "top1_agreement": m["top1_agreement"], "top5_agreement": m["top5_agreement"],
                "mean_abs_alone": alone["mean_abs"], "top1_agreement_alone": alone["top1_agreement"]}
@@ -564,7 +597,7 @@ def rank_layers(proto, feeds: list, ref_logits: list, labels: list | None = None
             row["top1_accuracy"] = m["accuracy"]["backend_top1"]
         rows.append(row)
     rows.sort(key=lambda r: -r["mean_abs_alone"])
-    return {"method": RANKING, "base": base, "layers": rows}
+    return {"method": RANKINGS[precision], "base": base, "layers": rows}
 
 
 class _KeepFeeds:
@@ -583,26 +616,30 @@ def layer_report(bundle: Bundle | str, clips, max_clips: int | None = None, top:
                  pretrained: str | None = None, progress: bool = False, reference=None, use_cache: bool = True,
                  threads: int | None = None, decode_timeout: float | None = None,
                  max_decode_s: float | None = None) -> dict:
-    """The layerwise precision report of an INT8 bundle: its quantized GEMMs ranked by the error each adds
-    against the FP32 reference on the videos of `clips` (`rank_layers`; Polygraphy's `debug precision` and
-    NNCF's accuracy control answer the same question). Videos are decoded and the PyTorch reference run (or
-    its logits taken from the cache) as `verify` does; the graph runs on ONNX Runtime (CPU).
+    """The layerwise precision report of an INT8 or FP16 bundle: its quantized (FP16) GEMMs ranked by the error
+    each adds alone in INT8 (FP16) against the FP32 reference on the videos of `clips` (`rank_layers`;
+    Polygraphy's `debug precision` and NNCF's accuracy control answer the same question). Videos are decoded
+    and the PyTorch reference run (or its logits taken from the cache) as `verify` does; the graph runs on ONNX
+    Runtime (CPU). FP16: the reference is also folded and exported in FP32 once for its FP32 weights.
 
     top: keep the `top` most sensitive layers (None: all). reference, pretrained, use_cache, decode limits:
     as for `verify`. Returns {"bundle", "precision", "float_precision", "videos", "views", "failed",
-    "reference", "method", "base" (metrics of the whole INT8 graph), "quantized_layers", "layers"}.
-    Raises StexportError for a bundle that is not INT8, a bad `top`, or no decodable video."""
+    "reference", "method", "base" (metrics of the whole INT8/FP16 graph), "quantized_layers" (the number of
+    layers ranked), "layers", "fp32_nodes" (FP16: the nodes the build kept in FP32 for overflow, from the
+    manifest's fp16_check; they are not ranked)}. Raises StexportError for a bundle of a precision without such
+    layers (FP32), a bad `top`, or no decodable video."""
     import onnx
 
+    from stexport.bundle.precision import LAYER_PRECISIONS
     from stexport.runtime.decode_worker import limits_of
 
     if top is not None and top < 1:
         raise StexportError(f"--top {top}: must be at least 1")
     limits = limits_of(decode_timeout, max_decode_s)
     job = _Job.open(bundle, clips, "onnxruntime", max_clips, None)
-    if job.precision != "int8":
-        raise StexportError(f"{job.b.path}: a {job.precision} bundle has no quantized layers; --layers ranks an "
-                            "INT8 bundle's GEMMs (build one with --precision int8)")
+    if job.precision not in LAYER_PRECISIONS:
+        raise StexportError(f"{job.b.path}: a {job.precision} bundle has no quantized or FP16 layers; --layers "
+                            "ranks an INT8 or FP16 bundle's GEMMs (build one with --precision int8 or fp16)")
     cache, stored = _cached_reference(job, pretrained, reference, use_cache)
     ref = None if stored else _reference_model(job, reference, pretrained)
     proto = onnx.load(str(job.b.file("onnx", verify=False)))
@@ -613,23 +650,58 @@ def layer_report(bundle: Bundle | str, clips, max_clips: int | None = None, top:
                             f"(first error: {runs.failed[0]['error'] if runs.failed else 'none'})")
     if cache is not None and not stored:
         _write_cache(cache, runs.ref_logits)
+    weights = None
+    if job.precision == "fp16":
+        weights = _fp32_weights_of(job.b, ref.model if ref is not None else reference, pretrained, proto)
     ranked = rank_layers(proto, keep.feeds, runs.ref_logits, runs.labels, job.b.manifest.float_precision,
-                         threads=threads, progress=progress)
+                         precision=job.precision, threads=threads, progress=progress, fp32_weights=weights)
+    check16 = job.b.manifest.fp16_check if job.precision == "fp16" else None
     return {"bundle": str(job.b.path), "precision": job.precision,
             "float_precision": job.b.manifest.float_precision, "videos": len(runs.out_logits),
             "views": sum(len(o) for o in runs.out_logits), "failed": runs.failed,
             "reference": {"backend": "torch", "cached": bool(stored)}, "method": ranked["method"],
             "base": ranked["base"], "quantized_layers": len(ranked["layers"]),
-            "layers": ranked["layers"][:top] if top else ranked["layers"]}
+            "layers": ranked["layers"][:top] if top else ranked["layers"],
+            "fp32_nodes": list(check16.fp32_nodes) if check16 is not None else []}
+
+
+def _fp32_weights_of(b: Bundle, model, pretrained, proto) -> dict:
+    """An FP16 bundle's weights in FP32 (fp16_check.fp32_weights): the reference (`model`, or rebuilt from the
+    bundle's record) folded and exported in FP32 to a temporary file, as `build` exports it. Logs a warning when
+    weights (not scalars) find no FP32 values (their FP16 rounding then stays in every score)."""
+    import tempfile
+
+    import onnx
+
+    from stexport.build.export import export_onnx
+    from stexport.build.fold import fold
+    from stexport.build.fp16_check import fp32_weights
+    from stexport.build.loaders import reference_for_bundle
+    from stexport.bundle.precision import input_format_of
+
+    model = model if model is not None else reference_for_bundle(b, pretrained)
+    with tempfile.TemporaryDirectory(prefix="stexport-layers-") as tmp:
+        path = export_onnx(fold(model.cpu().float(), input_format_of(b.manifest.input.dtype).name),
+                           Path(tmp) / "fp32.onnx", b.frames)
+        weights = fp32_weights(proto, onnx.load(str(path)))
+    missing = [t.name for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT,
+               onnx.TensorProto.FLOAT16) and len(t.dims) > 0 and t.name not in weights]
+    if missing:
+        log.warning("layers: %d weight(s) of the FP16 graph have no FP32 values in the reference (%s%s): their "
+                    "FP16 rounding is in every score; does --pretrained give the weights the bundle was built "
+                    "from?", len(missing), ", ".join(missing[:3]), " …" if len(missing) > 3 else "")
+    return weights
 
 
 def format_layers(report: dict) -> str:
     """The layer report as a table, most sensitive first."""
     b = report["base"]
-    lines = [f"bundle           {report['bundle']} ({report['precision']}, {report['float_precision']} float parts)",
+    p = report["precision"].upper()
+    parts = f", {report['float_precision']} float parts" if report["precision"] == "int8" else ""
+    lines = [f"bundle           {report['bundle']} ({report['precision']}{parts})",
              (f"videos           {report['videos']} ({report['views']} views)"
               + (f", {len(report['failed'])} could not be decoded" if report["failed"] else "")),
-             (f"whole INT8 graph mean |Δlogit| {b['mean_abs']:.4g}, top-1 agreement {b['top1_agreement']:.1%}, "
+             (f"whole {p} graph mean |Δlogit| {b['mean_abs']:.4g}, top-1 agreement {b['top1_agreement']:.1%}, "
               f"top-5 {b['top5_agreement']:.1%}"),
              f"method           {report['method']}",
              f"{'rank':>4}  {'layer':<32} {'alone':>9} {'removed':>9} {'left':>9} {'top-1':>7} {'top-5':>7}"]
@@ -639,6 +711,12 @@ def format_layers(report: dict) -> str:
     shown = len(report["layers"])
     if shown < report["quantized_layers"]:
         lines.append(f"      ({report['quantized_layers'] - shown} less sensitive layers not shown)")
-    lines.append("alone: mean |Δlogit| the layer adds alone in INT8 (the ranking); removed: what its return to float "
-                 "takes away from the INT8 graph; left: what remains; top-1/top-5: agreement with it in float")
+    kept = report.get("fp32_nodes") or []
+    if kept:
+        lines.append(f"kept in FP32     {len(kept)} node(s) the build kept out of FP16 (overflow, not ranked): "
+                     + ", ".join(f"{r['node']} ({r['op']}, {r['max_abs_activation']:,.0f})" for r in kept[:6])
+                     + (" …" if len(kept) > 6 else ""))
+    back = "float" if p == "INT8" else "FP32"
+    lines.append(f"alone: mean |Δlogit| the layer adds alone in {p} (the ranking); removed: what its return to {back} "
+                 f"takes away from the {p} graph; left: what remains; top-1/top-5: agreement with it in {back}")
     return "\n".join(lines)

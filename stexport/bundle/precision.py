@@ -31,6 +31,9 @@ class Precision:
     # libtorch exports (TorchScript, AOTInductor) of the folded model in this float type: the largest max
     # |Δlogit| of the traced/compiled module against the eager one (batch 1); None: no such export
     libtorch_tolerance: float | None = None
+    # what `verify --layers` ranks in a bundle of this precision (each such layer alone in this precision
+    # against the FP32 graph: stexport.build.verify.rank_layers); None: nothing, the graph is the reference's
+    layers: str | None = None
 
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
@@ -42,19 +45,20 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
                    "in FP32; uint8/float32 in, float32 logits out",
               tensorrt="the graph's own types (strongly typed): FP16 GEMMs, FP32 statistics",
               max_abs=None, min_top1_agreement=0.99, max_accuracy_drop=None, libtorch_tolerance=5e-2,
-              note="strongly typed"),
+              note="strongly typed", layers="FP16 GEMMs (MatMul, Gemm, Conv)"),
     Precision("int8", None,
               onnx="explicit INT8 QuantizeLinear/DequantizeLinear on every GEMM's input and weight (symmetric, "
                    "zero point 0, weights per output channel, activations per tensor); the rest in the float "
                    "type `--int8-float` chose (fp32 or fp16)",
               tensorrt="INT8 GEMMs where the Q/DQ pairs are, the float parts in the graph's float type",
               max_abs=None, min_top1_agreement=0.95, max_accuracy_drop=1.0, calibrated=True,
-              note="explicit Q/DQ; needs --calib"),
+              note="explicit Q/DQ; needs --calib", layers="quantized GEMMs"),
 )}
 NAMES: tuple[str, ...] = tuple(PRECISIONS)  # `--precision` choices
 # precisions a graph's float parts can have (an INT8 graph's `--int8-float`, the libtorch exports)
 FLOAT_PRECISIONS: tuple[str, ...] = tuple(n for n, p in PRECISIONS.items() if p.float_dtype)
 LIBTORCH_PRECISIONS: tuple[str, ...] = tuple(n for n, p in PRECISIONS.items() if p.libtorch_tolerance)
+LAYER_PRECISIONS: tuple[str, ...] = tuple(n for n, p in PRECISIONS.items() if p.layers)  # `verify --layers`
 
 
 def float_dtype(name: str) -> str:
