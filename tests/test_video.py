@@ -563,6 +563,9 @@ def test_window_plan_tail_rule():
     mkv = [round(i / 30, 3) for i in range(300)]
     assert [(a, b) for a, b, *_ in _plan(mkv, 30.0, 2, 2)] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
     assert _plan([i * 1e6 for i in range(8)], None, 2e6, 2e6)[-1][4] is None
+    # a window of fewer frames than a clip samples says so, as a whole file does (new-user finding)
+    plan, *_ = video._window_plan([i / 30 for i in range(30)], 30.0, Sampling(frames=8, size=32), 0.1, 0.1)
+    assert plan[0][4] == ["only 3 frames, fewer than the 8 a clip needs; frames repeat"]
     sparse = _plan([i / 30 for i in range(60)] + [2 + 10_000.0 * i for i in range(50)], None, 1, 1)
     assert len(sparse) == 2 + 50 and sparse[-1][4] == (
         "9999 windows from 480003 to 490002 s skipped: no frame starts in them (the frame shown from 480002 s is "

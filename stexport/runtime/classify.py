@@ -228,7 +228,7 @@ class Classifier:
             if w is None:
                 return
             yield self._checked(source, lambda: self._result(str(source), w.clips, w.frames, decode_s, w.notes,
-                                                             w.start, w.end))
+                                                             w.start, w.end, sampled="window"))
 
     def decoders(self) -> DecoderPool:
         """The pool of decode_threads decoder processes (each started on first use); its first worker is the

@@ -33,7 +33,7 @@ class Result:
     start: float | None = None  # timeline windows only (seconds)
     end: float | None = None
     backend: str = ""
-    sampled: str = "whole file"  # or "live stream: the first N frames …" (see video.Decoded.sampled)
+    sampled: str = "whole file"  # "window" (timeline mode), or "live stream: the first N frames …" (video.Decoded.sampled)
     task: str | None = None  # the task pack's name, when a pack ran it (its labels name `top`)
     weights: str | None = None  # "random": the bundle's backbone had random weights, its scores mean nothing
 

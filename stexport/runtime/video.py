@@ -550,10 +550,13 @@ def decode(source, sampling: Sampling, threads: int | None = None, progress: Pro
     return Decoded(name, assemble(frames, indices, sampling), n, header, fps, passes, notes)
 
 
+def _header_note(n: int, header: int | None) -> list[str]:
+    """The note for a header that promises more frames than the file holds (a truncated file)."""
+    return [f"header says {header} frames, {n} decode; sampled from those"] if header and n < header else []
+
+
 def _count_notes(n: int, header: int | None, sampling: Sampling) -> list[str]:
-    notes = []
-    if header and n < header:
-        notes.append(f"header says {header} frames, {n} decode; sampled from those")
+    notes = _header_note(n, header)
     if n < sampling.frames:
         notes.append(f"only {n} frame{'s' * (n != 1)}, fewer than the {sampling.frames} a clip needs; "
                      "frames repeat")
@@ -748,7 +751,7 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
                 why = f"decoded sequentially: {e}"
         if why is None and not is_url(source):
             cap.release()
-            windows = _seek_windows(path, pr, sampling, window, stride, fps, threads, progress)
+            windows = _seek_windows(path, pr, sampling, window, stride, fps, threads, progress, header)
             try:
                 first = next(windows, None)
             except seek.NotSeekable as e:
@@ -768,7 +771,7 @@ def decode_windows(source, sampling: Sampling, window: float, stride: float,
         cap.release()
     if not times:
         raise _no_frames(name, fourcc, header)
-    notes = ([why] if why else []) + notes
+    notes = ([why] if why else []) + notes + _header_note(len(times), header)
     plan, needs, ends = _window_plan(times, fps, sampling, window, stride, name)
     cap = open_capture(source, threads)
     frames: dict[int, np.ndarray] = {}
@@ -803,8 +806,8 @@ def _window_plan(times: list[float], fps: float | None, sampling: Sampling, wind
     window that needs each frame; each window's last frame."""
     plan = []
     for a, b, lo, count, note in _plan(times, fps, window, stride, name):
-        plan.append((round(a, 6), round(b, 6), count,
-                     [[lo + x for x in view] for view in frame_indices(count, sampling)], [note] if note else []))
+        plan.append((round(a, 6), round(b, 6), count, [[lo + x for x in view] for view in frame_indices(count, sampling)],
+                     ([note] if note else []) + _count_notes(count, None, sampling)))
     needs: dict[int, int] = {}  # frame -> last window that needs it
     for j, (*_, idx, _) in enumerate(plan):
         for view in idx:
@@ -815,9 +818,14 @@ def _window_plan(times: list[float], fps: float | None, sampling: Sampling, wind
 
 
 def _seek_windows(path: str, pr: seek.Probe, sampling: Sampling, window: float, stride: float,
-                  fps: float | None, threads: int | None, progress: Progress | None = None) -> Iterator[Window]:
-    """decode_windows' second pass by seeking: each window as soon as its last frame has decoded."""
-    plan, needs, ends = _window_plan(pr.times(), fps, sampling, window, stride, display(path))
+                  fps: float | None, threads: int | None, progress: Progress | None = None,
+                  header: int | None = None) -> Iterator[Window]:
+    """decode_windows' second pass by seeking: each window as soon as its last frame has decoded (the first
+    one noting a header that promised more frames than the file holds)."""
+    times = pr.times()
+    plan, needs, ends = _window_plan(times, fps, sampling, window, stride, display(path))
+    if plan:
+        plan[0] = (*plan[0][:4], _header_note(len(times), header) + plan[0][4])
     frames: dict[int, np.ndarray] = {}
     j = 0
     for i, frame in seek.iter_frames(path, set(needs), lambda bgr: resize_short(bgr, sampling.size), pr, threads,
