@@ -221,8 +221,11 @@ def bad_requests(server, media, slow_video):
         ("relative path", lambda: requests.post(url, json={"path": "v0.mp4"}), 403, "outside"),
         # (a file that decodes too long: the total limit is tested on a blocking decoder in test_decoding.py and
         # test_a_stalled_or_crashed_decoder_costs_only_its_request; a long file no longer decodes slowly by seeking)
-        ("unknown route", lambda: requests.get(f"{server}/admin"), 404, "no route"),
+        ("NUL in the path", lambda: requests.post(url, json={"path": str(media["allowed"] / "v0.mp4") + "\0x"}),
+         400, "NUL character"),
+        ("unknown route", lambda: requests.get(f"{server}/admin"), 404, "GET /stexport/metrics (Prometheus)"),
         ("wrong method", lambda: requests.get(url), 405, "POST"),
+        ("POST to /metrics", lambda: requests.post(f"{server}/metrics", data=b"x"), 405, "takes GET"),
     ]
     return [(what, call(), status, words) for what, call, status, words in cases]
 

@@ -443,7 +443,9 @@ def deployment(cfg: ServeConfig):
             try:
                 if route not in routes:
                     raise RequestError(404, f"no route {path!r}; routes: "
-                                            + ", ".join(f"{m} {prefix}/{r}" for r, m in routes.items()))
+                                            + ", ".join(f"{m} {prefix}/{r}" for r, m in routes.items())
+                                            + f", GET {prefix}/metrics (Prometheus), {prefix}/v2/... (Open "
+                                              "Inference Protocol)")
                 if request.method != routes[route]:
                     raise RequestError(405, f"{path} takes {routes[route]}, not {request.method}")
                 if route == "healthz":

@@ -80,6 +80,8 @@ class OIPRoutes:
                                                            self.cfg.token_sha256):
                 response = _response(401, {"error": auth.refusal(request.headers.get("authorization"))},
                                      {"WWW-Authenticate": "Bearer"})
+            elif route == "metrics" and request.method != "GET":
+                response = _response(405, {"error": f"{path} takes GET, not {request.method}"})
             elif route == "metrics":
                 response = _response(200, self.metrics.text(), media_type=CONTENT_TYPE)
             elif route == "v2" or route.startswith("v2/"):

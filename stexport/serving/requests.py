@@ -30,8 +30,10 @@ def confine(path: str, roots: tuple[str, ...]) -> str:
     there is no such file, 400 when it is not a regular file or not a usable string."""
     if not roots:
         raise RequestError(403, "reading server-side paths is off on this server; upload the video instead")
-    if not isinstance(path, str) or not path or "\0" in path:
+    if not isinstance(path, str) or not path:
         raise RequestError(400, "'path' must be a non-empty string")
+    if "\0" in path:
+        raise RequestError(400, "'path' holds a NUL character (\\u0000), which no file name can hold")
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
