@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -219,16 +220,23 @@ def installed_runtimes(*names: str) -> list[str]:
     return [n for n in names if n != "openvino" or x86]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago, for a Ray Serve HTTP proxy. Ray Serve cannot bind
-    port 0 and report the port it got (its proxy config keeps the 0), so the port is picked here and released
-    before the proxy binds it: another process can take it in between (unlikely: the kernel hands out
-    ephemeral ports in a random order). Servers that can bind port 0 themselves should, and be asked."""
+@contextlib.contextmanager
+def held_port():
+    """A TCP port on 127.0.0.1 held for a Ray Serve proxy that must listen on a port known before it starts
+    (a gRPC port, readiness watched from outside, an address where nothing listens): yields the port while a
+    socket bound to it (SO_REUSEADDR + SO_REUSEPORT, not listening: connections are refused) keeps it, then
+    closes that socket. Ray Serve's HTTP and gRPC proxies bind with SO_REUSEPORT
+    (SERVE_SOCKET_REUSE_PORT_ENABLED, on by default), so they bind the held port; the kernel hands a bound
+    port to no other bind(port 0), so no other test's server can take it in between (a pick-and-release
+    could). Where the port need not be known first, use port 0: `stexport serve --port 0` reads back the port
+    its HTTP proxy bound."""
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
