@@ -242,7 +242,7 @@ def test_gates_per_precision():
 
 @pytest.mark.slow
 def test_vit_b16_parity_per_precision(tmp_path, monkeypatch):
-    """ViT-B/16 + 12x384 adapters, 8x224: FP32 within 1e-4 of the logits' scale; FP32, FP16 and INT8 pass
+    """ViT-B/16 + 12x384 adapters, 8x224: FP32 within 1e-6 of the logits' scale; FP32, FP16 and INT8 pass
     verify's gates (the product's) on 20 held-out clips of 5 classes the head is fitted on
     (conftest.separated_head; a random head's near-tied logits make INT8 top-1 agreement luck)."""
     from stexport.build.verify import judge
@@ -264,10 +264,10 @@ def test_vit_b16_parity_per_precision(tmp_path, monkeypatch):
                          calib=calib if precision == "int8" else None)
         with create("onnxruntime", b) as backend:
             results[precision] = compare(want, backend.run(clips))
-    # float-level: 1e-4 of the logits' scale (the fitted head's logits are larger than a random head's; the
-    # product's FP32 gate, 1e-3 absolute, is checked below)
+    # float-level: 1e-6 of the logits' scale (the fitted head's logits reach ~450, a random head's ~1; measured
+    # 1.4e-4, 3e-7 of it); the product's FP32 gate, 1e-3 absolute, is checked below
     scale = max(1.0, float(np.abs(want).max()))
-    assert results["fp32"]["max_abs"] <= 1e-4 * scale, (results["fp32"], scale)
+    assert results["fp32"]["max_abs"] <= 1e-6 * scale, (results["fp32"], scale)
     for precision, m in results.items():
         checks = judge(precision, {**m, "accuracy": None}, GATES[precision])
         assert checks and all(c["passed"] for c in checks), (precision, m, checks)
