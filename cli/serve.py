@@ -48,7 +48,8 @@ def serve(
     bundle: Path = typer.Argument(..., help="Bundle directory (from `stexport build`)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Default: loopback only; 0.0.0.0 "
                              "exposes the server to the network."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535, help="HTTP port."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535,
+                             help="HTTP port; 0: one the kernel picks, printed in the URL."),
     route: str = typer.Option("/", "--route", help="Route prefix, e.g. /stexport (routes: PREFIX/classify, "
                               "/healthz, /metadata, /stats, /metrics, /v2/... (Open Inference Protocol))."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto (as `infer` picks) or a backend name: {backends}."),

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import smooth_clips, trained_like, write_video
+from conftest import class_clips, separated_head, smooth_clips, trained_like, write_video
 from onnx import numpy_helper
 from stexport.cli.app import app
 from typer.testing import CliRunner
@@ -242,25 +242,36 @@ def test_gates_per_precision():
 
 @pytest.mark.slow
 def test_vit_b16_parity_per_precision(tmp_path, monkeypatch):
-    """ViT-B/16 + 12x384 adapters, 8x224: FP32 ≤ 1e-4, FP16 and INT8 agree with the reference."""
+    """ViT-B/16 + 12x384 adapters, 8x224: FP32 within 1e-6 of the logits' scale; FP32, FP16 and INT8 pass
+    verify's gates (the product's) on 20 held-out clips of 5 classes the head is fitted on
+    (conftest.separated_head; a random head's near-tied logits make INT8 top-1 agreement luck)."""
+    from stexport.build.verify import judge
+
     monkeypatch.setenv("STEXPORT_CALIB_CACHE", str(tmp_path / "cal"))
     torch.set_num_threads(2)
     bb = trained_like(random_backbone("ViT-B-16"))
-    sd = random_deltas(bb.config, width=384)
+    sd = random_deltas(bb.config, width=384, num_classes=5)
+    sd = separated_head(bb, sd, *class_clips(2, 5, 224, seed=12))
     ref = build_reference(bb, Deltas(infer_spec(sd), sd))
-    clips = smooth_clips(4, 224, seed=11)
+    clips, labels = class_clips(4, 5, 224, seed=11)
     with torch.inference_mode():
-        want = ref(normalize(torch.from_numpy(clips))).numpy()
-    calib = smooth_clips(4, 224, seed=12)
+        want = np.concatenate([ref(normalize(torch.from_numpy(c))).numpy() for c in np.array_split(clips, 4)])
+    assert (want.argmax(1) == labels).mean() >= 0.95  # the premise: classes apart
+    calib, _ = class_clips(1, 5, 224, seed=13)
     results = {}
     for precision in ("fp32", "fp16", "int8"):
         b = build_bundle(sd, backbone=bb, precision=precision, out=tmp_path / precision,
                          calib=calib if precision == "int8" else None)
         with create("onnxruntime", b) as backend:
             results[precision] = compare(want, backend.run(clips))
-    assert results["fp32"]["max_abs"] <= 1e-4
-    assert results["fp16"]["top1_agreement"] == 1.0 and results["fp16"]["cosine_min"] > 0.9999
-    assert results["int8"]["top1_agreement"] >= 0.75 and results["int8"]["cosine_min"] > 0.99, results
+    # float-level: 1e-6 of the logits' scale (the fitted head's logits reach ~450, a random head's ~1; measured
+    # 1.4e-4, 3e-7 of it); the product's FP32 gate, 1e-3 absolute, is checked below
+    scale = max(1.0, float(np.abs(want).max()))
+    assert results["fp32"]["max_abs"] <= 1e-6 * scale, (results["fp32"], scale)
+    for precision, m in results.items():
+        checks = judge(precision, {**m, "accuracy": None}, GATES[precision])
+        assert checks and all(c["passed"] for c in checks), (precision, m, checks)
+    assert results["fp16"]["cosine_min"] > 0.9999 and results["int8"]["cosine_min"] > 0.99, results
 
 
 # --- issue 18 ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import free_port, serve_cli, write_video
+from conftest import held_port, serve_cli, write_video
 
 pytest.importorskip("ray.serve")
 pytest.importorskip("python_multipart")
@@ -76,29 +76,31 @@ def server(ray_cluster, base):
     from stexport.serving import auth, oip_grpc
     from stexport.serving.app import ServeConfig, start, stop
 
-    port, gport = free_port(), free_port()
-    cfg = ServeConfig(bundle=str(base["bundle"].path), backend="onnxruntime", port=port, grpc_port=gport,
-                      tasks=(str(base["pack"].path),), token_sha256=auth.read_token(base["token"]),
-                      max_upload_mb=LIMIT_MB, max_batch=8, batch_wait_s=0.05, decode_workers=2, replica_cpus=0.5)
-    url = f"127.0.0.1:{port}"
-    seen, done = [], threading.Event()
+    # both ports known before start() (the watcher asks from the first moment), held until the proxies bind
+    with held_port() as port, held_port() as gport:
+        cfg = ServeConfig(bundle=str(base["bundle"].path), backend="onnxruntime", port=port, grpc_port=gport,
+                          tasks=(str(base["pack"].path),), token_sha256=auth.read_token(base["token"]),
+                          max_upload_mb=LIMIT_MB, max_batch=8, batch_wait_s=0.05, decode_workers=2,
+                          replica_cpus=0.5)
+        url = f"127.0.0.1:{port}"
+        seen, done = [], threading.Event()
 
-    def watch():  # tritonclient.http from one thread only (not thread-safe), its own client
-        client = httpclient.InferenceServerClient(url, network_timeout=5)
-        while not done.is_set():
-            try:
-                seen.append((client.is_server_ready(), client.is_model_ready("own", headers=dict(AUTH))))
-            except Exception:  # noqa: BLE001 - nothing listens yet
-                pass
-            time.sleep(0.05)
+        def watch():  # tritonclient.http from one thread only (not thread-safe), its own client
+            client = httpclient.InferenceServerClient(url, network_timeout=5)
+            while not done.is_set():
+                try:
+                    seen.append((client.is_server_ready(), client.is_model_ready("own", headers=dict(AUTH))))
+                except Exception:  # noqa: BLE001 - nothing listens yet
+                    pass
+                time.sleep(0.05)
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        start(cfg)
-    finally:
-        done.set()
-        watcher.join()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            start(cfg)
+        finally:
+            done.set()
+            watcher.join()
     # Serve keeps the gRPC options of whichever server first started it on the session's cluster (possibly one
     # of another test module): the module's gRPC checks go where the proxy really is, serving the protocol
     running = oip_grpc.running()
@@ -392,9 +394,11 @@ def test_cli_server_joining_the_cluster_speaks_oip_under_its_prefix(server, base
     import signal
 
     url, gurl, _ = server
-    proc, text = serve_cli(base["bundle"].path, "--task", base["pack"].path, "-b", "onnxruntime", "--ray-address",
-                           ray_cluster, "--route", "/joined", "--port", url.rsplit(":", 1)[1], "--grpc-port",
-                           free_port(), "--token-file", base["token"], "--replica-cpus", "0.25")
+    with held_port() as other:  # a gRPC port that cannot be the running proxy's
+        proc, text = serve_cli(base["bundle"].path, "--task", base["pack"].path, "-b", "onnxruntime",
+                               "--ray-address", ray_cluster, "--route", "/joined", "--port",
+                               url.rsplit(":", 1)[1], "--grpc-port", other, "--token-file", base["token"],
+                               "--replica-cpus", "0.25")
     try:
         info = json.loads(text)
         assert info["v2"] == f"http://{url}/joined/v2" and info["tasks"] == ["own", "other"]

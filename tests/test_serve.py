@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import blocking_video, crash_decoder_on, free_port, release, write_video
+from conftest import blocking_video, crash_decoder_on, held_port, release, write_video
 
 pytest.importorskip("ray.serve")
 pytest.importorskip("python_multipart")
@@ -101,7 +102,7 @@ def local(tiny_bundle, media):
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_bundle, media):
-    cfg = ServeConfig(bundle=str(tiny_bundle.path), port=free_port(), route_prefix="/stexport",
+    cfg = ServeConfig(bundle=str(tiny_bundle.path), port=0, route_prefix="/stexport",
                       allow_paths=(str(media["allowed"]),), max_upload_mb=UPLOAD_LIMIT_MB,
                       decode_timeout_s=DECODE_TIMEOUT_S, max_decode_s=MAX_DECODE_S, decode_workers=2, max_batch=8,
                       batch_wait_s=0.2,
@@ -149,8 +150,36 @@ def test_concurrent_callers_get_what_infer_prints(server, media, local):
         same_result(got, local[str(video)])
     stats = requests.get(f"{server}/stats", timeout=30).json()
     assert stats["requests"] - before["requests"] == len(jobs)
-    assert stats["batches"] - before["batches"] < len(jobs), "no request was batched with another"
-    assert stats["largest_batch"] > 1
+    batches = stats["batches"] - before["batches"]
+    # however the requests fell into batches: every video in one, one backend call per batch (one task)
+    assert stats["batched_videos"] - before["batched_videos"] == len(jobs)
+    assert stats["backend_calls"] - before["backend_calls"] == batches >= len(jobs) / 8
+    assert stats["largest_batch"] <= 8
+
+
+def test_a_full_batch_is_one_backend_call(server, tiny_bundle, media, local):
+    """Batching by construction, not by luck: an application whose batch waits for its 4th video (max_batch
+    4, batch_wait_s far beyond the time 4 requests take to arrive; one that never came would fail the
+    requests' own timeout) gets 4 concurrent requests: one batch of 4 videos, one backend call, and each
+    answer is what infer prints for its video. It joins the module server's Ray Serve as another application."""
+    from stexport.serving.app import app_name
+
+    cfg = ServeConfig(bundle=str(tiny_bundle.path), port=0, route_prefix="/full",
+                      allow_paths=(str(media["allowed"]),), max_batch=4, batch_wait_s=600, replica_cpus=0.25)
+    url = start(cfg)
+    try:
+        videos = media["videos"][:4]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda v: post_video(url, v, "path"), videos))
+        for video, r in zip(videos, answers, strict=True):
+            assert r.status_code == 200, r.text
+            same_result(strict_json(r.text), local[str(video)])
+        stats = requests.get(f"{url}/stats", timeout=30).json()
+    finally:
+        stop(shutdown_ray=False, app=app_name(cfg))
+    assert url.startswith(server.rsplit("/", 1)[0] + "/")  # the same proxy
+    assert {k: stats[k] for k in ("requests", "batches", "largest_batch", "batched_videos", "backend_calls")} \
+        == {"requests": 4, "batches": 1, "largest_batch": 4, "batched_videos": 4, "backend_calls": 1}
 
 
 def test_health_and_metadata(server, tiny_bundle, local):
@@ -291,7 +320,7 @@ def test_port_in_use_is_one_line_before_ray_starts(tiny_bundle):
 
 @pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])
 def test_host_not_on_this_machine_is_one_line(tiny_bundle, host):
-    line = one_line(serve_cli(tiny_bundle.path, "--host", host, "--port", free_port(), timeout=60))
+    line = one_line(serve_cli(tiny_bundle.path, "--host", host, "--port", 0, timeout=60))
     assert line.startswith(f"stexport: error: --host {host}: not an address")
     assert line.endswith("pass one of its addresses (127.0.0.1 for this machine only, 0.0.0.0 for every interface)")
 
@@ -315,8 +344,8 @@ def test_privileged_port_as_a_user_is_one_line(tiny_bundle):
 
 
 def test_unreachable_cluster_is_one_line_at_once(tiny_bundle):
-    port = free_port()  # nothing listens there
-    line = one_line(serve_cli(tiny_bundle.path, "--ray-address", f"127.0.0.1:{port}", timeout=60))
+    with held_port() as port:  # bound, nothing listens there
+        line = one_line(serve_cli(tiny_bundle.path, "--ray-address", f"127.0.0.1:{port}", timeout=60))
     assert line == (f"stexport: error: --ray-address 127.0.0.1:{port}: cannot reach a Ray cluster there "
                     "(Connection refused); check the address and that `ray start --head` runs there, or leave "
                     "--ray-address out for a local one")
@@ -325,7 +354,7 @@ def test_unreachable_cluster_is_one_line_at_once(tiny_bundle):
 def test_ray_failing_to_start_is_one_line(tiny_bundle, tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
-    line = one_line(serve_cli(tiny_bundle.path, "--port", free_port(), env={"RAY_TMPDIR": str(not_a_dir / "ray")},
+    line = one_line(serve_cli(tiny_bundle.path, "--port", 0, env={"RAY_TMPDIR": str(not_a_dir / "ray")},
                               timeout=120))
     assert line.startswith("stexport: error: Ray could not start a local cluster (")
     assert line.endswith("check free memory and space in Ray's temporary directory ($RAY_TMPDIR, default "
@@ -544,16 +573,15 @@ def test_sigterm_stops_serve_cleanly_with_what_it_started(tiny_bundle):
     import signal
     import time
 
-    port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "stexport.cli.app", "serve", str(tiny_bundle.path), "--port",
-                          str(port), "--insecure", "-b", "onnxruntime", "--replica-cpus", "0.25", "--json"],
+                          "0", "--insecure", "-b", "onnxruntime", "--replica-cpus", "0.25", "--json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         started = ""
         deadline = time.monotonic() + 240
         while "stexport: serving" not in started and time.monotonic() < deadline and p.poll() is None:
             started += p.stderr.readline()
-        url = f"http://127.0.0.1:{port}"
+        url = re.search(r" at (http://127\.0\.0\.1:[1-9]\d*)/classify", started).group(1)  # the bound port
         assert f"at {url}/classify (health {url}/healthz, metadata {url}/metadata, Open Inference Protocol " \
                f"{url}/v2, Prometheus {url}/metrics); Ctrl-C stops" in started, started
         assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import free_port, serve_cli, write_video
+from conftest import serve_cli, write_video
 
 STEXPORT = [sys.executable, "-m", "stexport.cli.app"]
 KW = dict(width=32, pre_attn=True, pre_mlp=True)  # as tests/test_tasks.py
@@ -240,7 +240,7 @@ def server(ray_cluster, packs):
     pytest.importorskip("python_multipart")
     from stexport.serving.app import ServeConfig, start, stop
 
-    cfg = ServeConfig(bundle=str(packs["base"].path), backend=BACKEND, top_k=3, port=free_port(),
+    cfg = ServeConfig(bundle=str(packs["base"].path), backend=BACKEND, top_k=3, port=0,
                       tasks=(str(packs["b"].path), str(packs["c"].path)), allow_paths=(str(packs["root"]),),
                       max_batch=8, batch_wait_s=0.2, decode_workers=2, replica_cpus=0.5)
     url = start(cfg)
@@ -267,8 +267,9 @@ def ask(url: str, video: str, task: str | None, how: str):
 
 def test_interleaved_tasks_get_what_their_classifier_gives(server, packs, want):
     """32 requests, 8 callers at a time, cycling over the three tasks (and none: the default) and the four
-    ways to name one: each answer equals Classifier(task=that pack).classify; batches held several tasks
-    and ran one backend call per task."""
+    ways to name one: each answer equals Classifier(task=that pack).classify; however they fell into
+    batches, every video was in one and no batch ran fewer backend calls than it held tasks (exactly one per task:
+    test_serving_classifier_runs_one_backend_call_per_task)."""
     import requests
 
     before = requests.get(f"{server}/stats", timeout=30).json()
@@ -285,8 +286,10 @@ def test_interleaved_tasks_get_what_their_classifier_gives(server, packs, want):
     assert {k: stats["tasks"][k] - before["tasks"][k] for k in stats["tasks"]} == \
         {"task_a": 16, "task_b": 8, "task_c": 8}
     batches = stats["batches"] - before["batches"]
-    assert batches < 32 and stats["mixed_batches"] - before["mixed_batches"] >= 1
-    assert stats["backend_calls"] - before["backend_calls"] > batches  # a mixed batch ran a call per task
+    mixed = stats["mixed_batches"] - before["mixed_batches"]
+    assert stats["batched_videos"] - before["batched_videos"] == 32 and batches >= 32 / 8 and mixed <= batches
+    calls = stats["backend_calls"] - before["backend_calls"]
+    assert batches + mixed <= calls <= batches + 2 * mixed  # a call per task in a batch, 3 tasks at most
 
 
 def test_unknown_or_conflicting_task_is_a_one_line_4xx(server, packs):
@@ -417,6 +420,37 @@ def test_torchscript_serves_task_packs(packs, want, tmp_path):
         model.close()
 
 
+def test_serving_classifier_runs_one_backend_call_per_task(packs, want):
+    """The batch a serve replica hands its classifier, built here: 7 videos of 3 tasks, interleaved, are 3
+    backend calls (one per task, each with all of that task's views), counted where the backend is called;
+    a batch of one task is one call. Each answer is its task's own Classifier's."""
+    from stexport.runtime.video import decode
+    from stexport.serving.app import ServingClassifier
+    from stexport.serving.requests import Clips
+
+    model = ServingClassifier(str(packs["base"].path), BACKEND, top_k=3,
+                              tasks=(str(packs["b"].path), str(packs["c"].path)))
+    try:
+        calls = []
+        run = model.clf.backend.run
+        model.clf.backend.run = lambda x, task=None: calls.append((len(x), getattr(task, "name", None))) or \
+            run(x, task=task)
+        vs, names = packs["videos"], ("task_b", "task_a", "task_c", "task_a", "task_b", "task_c", "task_a")
+        decoded = [(vs[i % 5], decode(vs[i % 5], model.tasks[t].sampling), t) for i, t in enumerate(names)]
+        items = [Clips(v, d.clips, d.frames, 0.0, [], t) for v, d, t in decoded]
+        rows = model.classify(items)
+        views = {t: sum(len(it.clips) for it in items if it.task == t) for t in set(names)}
+        assert sorted(calls, key=str) == sorted([(views["task_a"], None), (views["task_b"], "task_b"),
+                                                 (views["task_c"], "task_c")], key=str)
+        assert model.backend_calls == 3
+        for it, row in zip(items, rows, strict=True):
+            same(row, want[it.task, it.source], it.task)
+        model.classify([it for it in items if it.task == "task_b"])
+        assert model.backend_calls == 4 and calls[-1] == (views["task_b"], "task_b")
+    finally:
+        model.close()
+
+
 def test_replica_failure_is_one_line_and_the_cli_server_logs_only_its_own_lines(server, packs, want,
                                                                               ray_cluster, tmp_path):
     """`stexport serve --json` joining the session's cluster beside the module's server (another route, so
@@ -435,14 +469,14 @@ def test_replica_failure_is_one_line_and_the_cli_server_logs_only_its_own_lines(
     (broken.path / "model.onnx").write_bytes(b"not an ONNX model\n" * 64)
     broken.update(written=["model.onnx"])  # recorded as built: only opening it fails
     p = cli("serve", broken.path, "--task", packs["b"].path, "-b", BACKEND, "--ray-address", ray_cluster,
-            "--route", "/broken", "--port", free_port(), "--replica-cpus", "0.25", "--json", timeout=300)
+            "--route", "/broken", "--port", 0, "--replica-cpus", "0.25", "--json", timeout=300)
     assert p.returncode == 2 and p.stdout == "", p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stexport: error: {broken.path / 'model.onnx'}: onnxruntime "
                                                    "cannot load it ("), p.stderr
 
     proc, text = serve_cli(packs["base"].path, "--task", packs["c"].path, "-b", BACKEND, "--ray-address",
-                           ray_cluster, "--route", "/cli", "--port", free_port(), "--replica-cpus", "0.25",
+                           ray_cluster, "--route", "/cli", "--port", 0, "--replica-cpus", "0.25",
                            "--top-k", "3")
     try:
         info = strict(text)

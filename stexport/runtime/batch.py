@@ -143,6 +143,7 @@ def mixed_probs(clf, clips: Sequence[np.ndarray], tasks: Sequence) -> tuple[list
     t = time.perf_counter()
     logits = clf.backend.run_tasks(batch, [task for task, n in zip(tasks, counts) for _ in range(n)])
     spent = time.perf_counter() - t
+    clf.backend_calls += 1
     check_logits(logits, len(batch), clf.bundle.manifest.multitask.head_rows, clf.backend.name)
     out, at = [], 0
     for task, n in zip(tasks, counts):
@@ -162,6 +163,7 @@ def task_probs(clf, clips: Sequence[np.ndarray], task=None) -> tuple[list, float
     t = time.perf_counter()
     logits = clf.backend.run(batch, task=task) if task is not None else clf.backend.run(batch)
     spent = time.perf_counter() - t
+    clf.backend_calls += 1
     check_logits(logits, len(batch), task.classes if task is not None else clf.num_classes, clf.backend.name)
     return score_videos(logits, [len(c) for c in clips], clf.backend.name, clf.bundle.precision), spent
 

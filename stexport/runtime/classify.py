@@ -73,6 +73,7 @@ class Classifier:
         if top_k < 1:
             raise StexportError(f"--top-k {top_k}: must be at least 1")
         self.top_k = min(top_k, self.num_classes)
+        self.backend_calls = 0  # backend calls made through stexport.runtime.batch (task_probs, mixed_probs)
         if batch_size < 1 or decode_threads < 1:
             raise StexportError(f"batch_size {batch_size}, decode_threads {decode_threads}: must be at least 1")
         self.batch_size, self.decode_threads = int(batch_size), int(decode_threads)

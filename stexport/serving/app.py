@@ -7,7 +7,7 @@ Routes (under the route prefix, default "/"):
                       server-side file. Answers the JSON object `stexport infer --json` prints for that video.
     GET  healthz      {"status": "ok"} once the model is loaded
     GET  metadata     the bundle's model, labels, precision, sampling, the backend in use and the server's limits
-    GET  stats        requests, batches and the largest batch (videos) this replica ran
+    GET  stats        requests, batches, the videos in them, the largest batch and the backend calls they made
 
 Task packs (`tasks`: pack paths, `stexport serve BUNDLE --task PACK ...`): one backend holds the swappable
 base and every pack (prepared once: ONNX Runtime adapters on one session, an OpenVINO compiled model per
@@ -326,6 +326,7 @@ class ServingClassifier:
         for p in packs:
             self.tasks[p.name] = Task(p.name, p, self.clf.sampling_for(p), p.labels)
         self.default = default_task or names[0]
+        self.backend_calls = 0  # backend calls `classify` made (serve's /stats backend_calls)
 
     def task(self, name: str | None) -> Task:
         """The loaded task called `name` (None: the default); RequestError 404 naming the loaded ones."""
@@ -350,7 +351,9 @@ class ServingClassifier:
         tasks = [self.task(it.task) for it in items]
         decoded = [Decoding(it.source, decoded=it, decode_s=it.decode_s, task=t.pack)
                    for it, t in zip(items, tasks)]
+        before = self.clf.backend_calls
         out = run_decoded(self.clf, decoded, max_views=sum(len(it.clips) for it in items))
+        self.backend_calls += self.clf.backend_calls - before
         for row, t in zip(out, tasks):
             row.task = t.name if self.named else None  # on a server with packs the bundle's own task is named
         return [row.to_dict() for row in out]
@@ -425,9 +428,10 @@ def deployment(cfg: ServeConfig):
             self.uploads = UploadBudget(int(self.cfg.upload_budget_mb * 1e6))
             tasks = [t.describe(t.name == self.model.default) for t in self.model.tasks.values()]
             self.meta = metadata(self.cfg.bundle, self.model.describe(), self.cfg, self.model.clf.labels, tasks)
-            # backend_calls: one per task in each batch; mixed_batches: batches that held several tasks
-            self.stats = {"requests": 0, "errors": 0, "batches": 0, "largest_batch": 0, "backend_calls": 0,
-                          "mixed_batches": 0, "tasks": {name: 0 for name in self.model.tasks}}
+            # batched_videos: videos in all batches; backend_calls: the backend calls those batches made (one
+            # per task in a batch, one per batch on a multi-task bundle); mixed_batches: batches of several tasks
+            self.stats = {"requests": 0, "errors": 0, "batches": 0, "largest_batch": 0, "batched_videos": 0,
+                          "backend_calls": 0, "mixed_batches": 0, "tasks": {name: 0 for name in self.model.tasks}}
             self.run_batch.set_max_batch_size(self.cfg.max_batch)
             self.run_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
             self.oip_setup()
@@ -584,12 +588,13 @@ def deployment(cfg: ServeConfig):
         async def run_batch(self, items: list[Clips]) -> list[dict]:
             self.stats["batches"] += 1
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
+            self.stats["batched_videos"] += len(items)
             tasks = len({it.task for it in items})
-            self.stats["backend_calls"] += 1 if self.model.mixes else tasks  # multi-task: one call per batch
             self.stats["mixed_batches"] += tasks > 1
             loop = asyncio.get_running_loop()
             self.metrics.batched(items, t := time.perf_counter())
             answers = await loop.run_in_executor(self.runner, self.model.classify, items)
+            self.stats["backend_calls"] = self.model.backend_calls  # counted where the backend is called
             self.metrics.backend_call(items[0].task if tasks == 1 else "", time.perf_counter() - t)
             return answers
 
@@ -752,7 +757,9 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
         port = _get_global_client().http_config.port
     except Exception:  # noqa: BLE001 - a private API; cfg.port is right whenever this call started Serve
         pass
-    if port != cfg.port:
+    if port == 0:  # Serve started with --port 0 (by this call or an earlier one): the port its proxy got
+        port = bound_http_port()
+    if cfg.port not in (0, port):
         logging.getLogger("stexport").warning("Ray Serve already runs on this cluster with its HTTP proxy on port "
                                               "%d; --port %d does not apply", port, cfg.port)
     if cfg.grpc_port:
@@ -761,6 +768,30 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
         check_running(cfg.grpc_port)
     host = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
     return f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
+
+
+def bound_http_port() -> int:
+    """The TCP port Ray Serve's HTTP proxy on this node listens on, read from its socket: what `--port 0` got
+    from the kernel (Ray Serve binds port 0 but keeps 0 in its config). Asked of the proxy actor with
+    `__ray_call__`, reading the uvicorn server its start task returned (Ray Serve 2.60's ProxyActor; private
+    names). Raises StexportError (one line) when it cannot be read."""
+    import ray
+
+    def ports(proxy) -> list[int]:
+        server = proxy._start_http_server_task.result()[1]
+        return [sock.getsockname()[1] for srv in server.servers for sock in srv.sockets]
+
+    name = f"SERVE_PROXY_ACTOR-{ray.get_runtime_context().get_node_id()}"
+    try:
+        found = ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(ports), timeout=60)
+    except Exception as e:  # noqa: BLE001 - private names of Ray Serve's proxy: say what to do instead
+        found, why = [], f"{type(e).__name__}: {_first_line(e)}"
+    else:
+        why = f"its proxy listens on {found or 'no socket'}"
+    if len(set(found)) != 1:
+        raise StexportError(f"--port 0: cannot read the port Ray Serve's HTTP proxy bound ({why}); pass a "
+                            "port, e.g. --port 8000")
+    return found[0]
 
 
 def stop(shutdown_ray: bool = True, app: str | None = None) -> None:
