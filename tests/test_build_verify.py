@@ -422,7 +422,9 @@ def test_fp16_build_refuses_activations_beyond_fp16(tmp_path):
     msg = str(e.value)
     assert msg.startswith("--precision fp16 refused: activations leave FP16's range (±65,504): block 0 fc reaches "
                           "128,")
-    assert "checked on 4 generated clips" in msg and "build --precision fp32" in msg
+    assert "checked on 4 generated clips" in msg and msg.endswith(
+        "do not fit FP16; build with --fp16-overflow fp32 (keeps the overflowing nodes in FP32 inside the FP16 "
+        "graph), --precision fp32, or int8 (its float parts are FP32; check it with verify)")
     assert not (tmp_path / "fp16").exists()
     fp32 = build_bundle(sd, backbone=bb, precision="fp32", out=tmp_path / "fp32")
     assert fp32.manifest.fp16_check is None
