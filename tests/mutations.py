@@ -104,6 +104,10 @@ def apply(m: Mutation, tree: Path) -> int:
     return n
 
 
+# in file order (pyproject's addopts pins pytest-randomly's seed, so `-p no:randomly` is a usage error, exit 4)
+PYTEST_FLAGS = ("-q", "-x", "--randomly-dont-reorganize", "-p", "no:cacheprovider")
+
+
 def pytest_args(tests: tuple[str, ...]) -> list[str]:
     args = []
     for t in tests:
@@ -118,8 +122,7 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
                            capture_output=True, text=True)
     if not where.stdout.startswith(str(tree)):
         raise SystemExit(f"import stexport does not resolve to the copy: {where.stdout or where.stderr}")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider",
-           *pytest_args(tests)]
+    cmd = [sys.executable, "-m", "pytest", *PYTEST_FLAGS, *pytest_args(tests)]
     try:
         p = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

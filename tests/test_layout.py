@@ -135,3 +135,16 @@ def test_no_import_circles_between_modules():
     # a package's __init__ importing its own submodules is how packages re-export; not a circle of modules
     circles = [c for c in circles if not all(p.startswith(c.split(" -> ")[0]) for p in c.split(" -> "))]
     assert circles == []
+
+
+def test_the_mutation_checks_pytest_command_is_valid():
+    """tests/mutations.py runs pytest with fixed flags on each mutated copy; flags pytest refuses (exit 4, as
+    `-p no:randomly` became once addopts pinned the seed) made every mutation an error, a 0/9 kill rate."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from mutations import PYTEST_FLAGS
+    finally:
+        sys.path.pop(0)
+    r = subprocess.run([sys.executable, "-m", "pytest", *PYTEST_FLAGS, "--collect-only", "tests/test_docs.py"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
