@@ -666,14 +666,14 @@ def _plan(times: list[float], fps: float | None, window: float, stride: float, n
         a = m * stride
         j = bisect.bisect_left(times, a - EPS)  # the first frame that starts at or after a
         if m and (j == n or times[j] >= a + window - EPS):  # no frame of its own: time the file does not hold
+            start, skipped = (gap[0], gap[2]) if gap else (a, 0)
             if j == n:  # the rest of the windows: the last frame's display time
                 left = int(np.floor((duration - window) / stride + EPS)) - m + 1
-                gap, ended = (gap[0] if gap else a, duration, (gap[2] if gap else 0) + left), True
+                gap, ended = (start, duration, skipped + left), True
                 break
             # jump to the first window that holds frame j: the work follows the frames, not the duration
             nxt = max(m + 1, int(np.floor((times[j] - window) / stride + EPS)) + 1)
-            gap = (gap[0] if gap else a, times[j], (gap[2] if gap else 0) + nxt - m)
-            m = nxt
+            gap, m = (start, times[j], skipped + nxt - m), nxt
             continue
         note = None
         if gap:
