@@ -6,6 +6,7 @@ clips of several tasks in one backend call must get the answers they get alone."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -258,12 +259,19 @@ def test_serve_mixes_tasks_in_one_backend_call(ray_cluster, multi, tmp_path):
         stop(shutdown_ray=False)
 
 
-def test_tensorrt_refuses_a_multitask_bundle(multi):
-    """It does not feed the task input yet: it says so in one line instead of running task 0 silently."""
-    from stexport.runtime.backends import load_class
+def test_every_deployment_runtime_runs_multitask_bundles(multi):
+    """Which backends run them is read from the backends themselves (the refusals name that list); TensorRT
+    feeds the task input as its engine's second input (tests/test_trt.py), so on this host it fails only for
+    want of TensorRT, never for the bundle."""
+    from stexport.runtime.backends import load_class, multitask_backends
 
-    with pytest.raises(StexportError, match="does not feed yet"):
-        load_class("tensorrt")(multi)
+    listed = multitask_backends()
+    assert set(listed.replace(" or ", ", ").split(", ")) == {"onnxruntime", "openvino", "tensorrt", "torchscript"}
+    assert multitask_backends("and") == listed.replace(" or ", " and ")
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(StexportError) as e:
+            load_class("tensorrt")(multi)
+        assert "multi-task" not in str(e.value)
 
 
 # --- FP16 and INT8 multi-task bundles ------------------------------------------------------------------------
@@ -306,7 +314,18 @@ def quantized(tmp_path_factory):
         os.environ["STEXPORT_CALIB_CACHE"] = old
 
 
-@pytest.mark.parametrize("precision,name", [("fp16", "onnxruntime"), ("int8", "onnxruntime"),
+def test_multitask_graphs_pass_the_tensorrt_operator_check(multi, quantized):
+    """What TensorRT's parser accepts, checked on CPU for FP32, FP16 and INT8 (Q/DQ) multi-task graphs: the
+    task input's Gathers and batched MatMuls included (trt_engines.onnx_support)."""
+    from stexport.trt_engines.onnx_support import check_tensorrt_ops
+
+    for b in (multi, quantized["fp16"], quantized["int8"]):
+        model = onnx.load(str(b.file("onnx")))
+        assert [i.name for i in model.graph.input] == [b.manifest.input.name, "task"]
+        assert check_tensorrt_ops(model) == [], b.manifest.precision
+
+
+@pytest.mark.parametrize("precision,name", [("fp16", "onnxruntime"), ("fp16", "openvino"), ("int8", "onnxruntime"),
                                             ("int8", "openvino")])
 def test_each_task_of_a_quantized_multitask_bundle_passes_verify_gate(quantized, precision, name):
     """verify --task NAME against the task's own FP32 reference, with verify's default gate for the bundle's
@@ -319,6 +338,29 @@ def test_each_task_of_a_quantized_multitask_bundle_passes_verify_gate(quantized,
         report = verify(b, quantized["clips"], backend=name, task=task, use_cache=False)
         assert report["task"]["name"] == task and report["passed"], (task, report["metrics"], report["checks"])
         assert 0 < report["metrics"]["max_abs"] < (1e-2 if precision == "fp16" else 0.5)
+
+
+def test_torchscript_of_an_int8_multitask_bundle_is_its_float_model(quantized, tmp_path):
+    """libtorch exports are FP32/FP16 (stexport.bundle.precision): an INT8 multi-task bundle's module is its
+    float model with the task input, said in the manifest; each task passes verify's gate against its own
+    reference on it, and a mixed batch gives each clip its own answer."""
+    import shutil
+
+    from stexport.build.torchscript import add_to_bundle
+    from stexport.build.verify import verify
+    from stexport.bundle.store import Bundle
+
+    b = add_to_bundle(Bundle.load(shutil.copytree(quantized["int8"].path, tmp_path / "int8")))
+    assert b.manifest.precision == "int8" and b.manifest.torchscript.precision == b.manifest.float_precision
+    for task in ("task_a", "task_c"):
+        report = verify(b, quantized["clips"], backend="torchscript", task=task, use_cache=False)
+        assert report["passed"] and report["metrics"]["max_abs"] <= 1e-3, (task, report["metrics"])
+    x = np.random.default_rng(3).integers(0, 256, (4, b.frames, b.size, b.size, 3), dtype=np.uint8)
+    with backends.create("torchscript", b) as be:
+        order = ["task_c", "task_a", "task_c", "task_a"]
+        mixed = be.run_tasks(x, order)
+        for i, t in enumerate(order):
+            np.testing.assert_allclose(mixed[i], be.run_tasks(x[i:i + 1], [t])[0], atol=1e-4)
 
 
 def test_int8_multitask_calibrates_the_backbone_on_every_task_and_keeps_adapters_float(quantized, tasks):  # noqa: F811

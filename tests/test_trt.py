@@ -80,11 +80,11 @@ def bundle(tiny_bundle_src, tmp_path) -> Bundle:
 def test_profile_over_batch_axis_only():
     p = profile_for(MANIFEST)
     assert p == {"input": "frames", "min": [1, 8, 224, 224, 3], "opt": [32, 8, 224, 224, 3],
-                 "max": [32, 8, 224, 224, 3]}
+                 "max": [32, 8, 224, 224, 3], "index": None}
     assert profile_for(MANIFEST, 4)["opt"][0] == profile_for(MANIFEST, 4)["max"][0] == 4
     float_in = InputRecord(name="x", dtype="float32", layout="BTCHW", frames=8, size=224)
     assert profile_for(float_in, 2) == {"input": "x", "min": [1, 8, 3, 224, 224], "opt": [2, 8, 3, 224, 224],
-                                        "max": [2, 8, 3, 224, 224]}
+                                        "max": [2, 8, 3, 224, 224], "index": None}
     assert input_shape(float_in) == (8, 3, 224, 224)
     for bad in (0, -1, 1025):
         with pytest.raises(StexportError, match="--batch"):
@@ -203,10 +203,16 @@ def test_runtime_helpers():
     x = engine_input(clips, float_in, np.dtype(np.float32))
     assert x.shape == (2, 3, 3, 8, 8) and x.dtype == np.float32
     np.testing.assert_allclose(x[1, 2, 1, 5, 7], (clips[1, 2, 5, 7, 1] / 255 - 0.4) / 0.25, rtol=1e-6)
-    m = SimpleNamespace(input=u8, output=SimpleNamespace(name="logits"))
+    m = SimpleNamespace(input=u8, output=SimpleNamespace(name="logits"), multitask=None)
     assert io_names(["frames"], ["logits"], m) == ("frames", "logits")
     with pytest.raises(StexportError, match="not the bundle's"):
         io_names(["input"], ["logits"], m)
+    with pytest.raises(StexportError, match="not the bundle's"):  # a multi-task engine for a one-task bundle
+        io_names(["frames", "task"], ["logits"], m)
+    multi = SimpleNamespace(input=u8, output=SimpleNamespace(name="logits"), multitask=SimpleNamespace(input="task"))
+    assert io_names(["task", "frames"], ["logits"], multi) == ("frames", "logits")  # the engine's order is its own
+    with pytest.raises(StexportError, match=r"not the bundle's \['frames', 'task'\]"):
+        io_names(["frames"], ["logits"], multi)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,7 +274,9 @@ class FakeTensorRT:
                 if fail_parse:
                     self.errors.append(fail_parse)
                     return False
-                self.network.inputs = ["frames"]
+                import onnx  # the network's inputs are the file's, as the real parser's are
+
+                self.network.inputs = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
                 return True
 
             @property
@@ -279,9 +287,12 @@ class FakeTensorRT:
                 return self.errors[i]
 
         class Profile:
+            def __init__(self):
+                self.shapes = {}
+
             def set_shape(self, name, lo, opt, hi):
                 fake.calls.append(("set_shape", name, list(lo), list(opt), list(hi)))
-                self.shape = (name, list(lo), list(opt), list(hi))
+                self.shapes[name] = (name, list(lo), list(opt), list(hi))
 
         class Config:
             def __init__(self):
@@ -344,27 +355,33 @@ class FakeTensorRT:
                 if fail_build:
                     self.logger.log(Severity.ERROR, fail_build)
                     return None
-                name = config.profiles[0].shape[0]
-                ranges = [[p.shape[1][0], p.shape[3][0]] for p in config.profiles]
-                return json.dumps({"fake-plan": fake.__version__, "input": name, "ranges": ranges}).encode()
+                names = [n for n in network.inputs]
+                assert all(set(p.shapes) == set(names) for p in config.profiles)  # every input in every profile
+                ranges = [[p.shapes[names[0]][1][0], p.shapes[names[0]][3][0]] for p in config.profiles]
+                return json.dumps({"fake-plan": fake.__version__, "inputs": names, "ranges": ranges}).encode()
 
         class Context:
             def __init__(self, plan):
-                self.plan, self.shape, self.addr, self.profile = plan, None, {}, 0
+                self.plan, self.shapes, self.addr, self.profile = plan, {}, {}, 0
 
             def set_optimization_profile_async(self, index, stream):
                 fake.calls.append(("set_optimization_profile_async", index, stream))
                 if not 0 <= index < len(self.plan["ranges"]):
                     return False
-                self.profile, self.shape, self.addr = index, None, {}  # as documented: shapes/addresses reset
+                self.profile, self.shapes, self.addr = index, {}, {}  # as documented: shapes/addresses reset
                 return True
 
             def set_input_shape(self, name, shape):
                 fake.calls.append(("set_input_shape", name, tuple(shape)))
                 lo, hi = self.plan["ranges"][self.profile]
-                ok = name == self.plan["input"] and lo <= shape[0] <= hi
-                self.shape = tuple(shape) if ok else self.shape
+                ok = name in self.plan["inputs"] and lo <= shape[0] <= hi
+                if ok:
+                    self.shapes[name] = tuple(shape)
                 return ok
+
+            @property
+            def shape(self):
+                return self.shapes["frames"]
 
             def get_tensor_shape(self, name):
                 return (self.shape[0], 5)
@@ -375,29 +392,34 @@ class FakeTensorRT:
                 return True
 
             def execute_async_v3(self, stream):
-                # "Inference": logits[b, k] = (k + 1) * mean(x[b]), read from / written to fake device memory.
+                # "Inference": logits[b, k] = (k + 1) * mean(x[b]) (+ 100 * task[b] on a multi-task engine),
+                # read from / written to fake device memory.
                 fake.calls.append(("execute_async_v3", stream))
+                assert set(self.shapes) == set(self.plan["inputs"])  # every input's shape was set
                 n = int(np.prod(self.shape))
                 x = fake.memory[self.addr["frames"]][:n].reshape(self.shape).astype(np.float64)
-                y = (x.reshape(len(x), -1).mean(1)[:, None] * np.arange(1, 6)).astype(np.float32)
+                y = x.reshape(len(x), -1).mean(1)[:, None] * np.arange(1, 6)
+                if "task" in self.plan["inputs"]:
+                    assert self.shapes["task"] == (len(x),)
+                    y = y + 100 * fake.memory[self.addr["task"]][:8 * len(x)].view(np.int64)[:, None]
+                y = y.astype(np.float32)
                 fake.memory[self.addr["logits"]][:y.nbytes] = y.view(np.uint8).ravel()
                 return True
 
         class Engine:
-            num_io_tensors = 2
-
             def __init__(self, plan):
                 self.plan = plan
                 self.num_optimization_profiles = len(plan["ranges"])
+                self.num_io_tensors = len(plan["inputs"]) + 1
 
             def get_tensor_name(self, i):
-                return ["frames", "logits"][i]
+                return [*self.plan["inputs"], "logits"][i]
 
             def get_tensor_mode(self, name):
-                return fake.TensorIOMode.INPUT if name == "frames" else fake.TensorIOMode.OUTPUT
+                return fake.TensorIOMode.INPUT if name in self.plan["inputs"] else fake.TensorIOMode.OUTPUT
 
             def get_tensor_dtype(self, name):
-                return "uint8" if name == "frames" else "float32"
+                return {"frames": "uint8", "task": "int64"}.get(name, "float32")
 
             def create_execution_context(self):
                 return Context(self.plan)
@@ -619,9 +641,10 @@ def test_profiles_for_infer_calls_and_large_batches():
 
     s = [8, 224, 224, 3]
     two = profiles_for(MANIFEST, 32, views=3)
-    assert two == [{"input": "frames", "min": [1, *s], "opt": [3, *s], "max": [3, *s]},
-                   {"input": "frames", "min": [4, *s], "opt": [32, *s], "max": [32, *s]}]
-    assert profile_for(MANIFEST, 32, views=3) == {"input": "frames", "min": [1, *s], "opt": [3, *s], "max": [32, *s]}
+    assert two == [{"input": "frames", "min": [1, *s], "opt": [3, *s], "max": [3, *s], "index": None},
+                   {"input": "frames", "min": [4, *s], "opt": [32, *s], "max": [32, *s], "index": None}]
+    assert profile_for(MANIFEST, 32, views=3) == {"input": "frames", "min": [1, *s], "opt": [3, *s], "max": [32, *s],
+                                                  "index": None}
     assert profiles_for(MANIFEST, 3, views=3) == [profile_for(MANIFEST, 3)]  # nothing past the views: one
     assert profiles_for(MANIFEST, 2, views=3) == [profile_for(MANIFEST, 2)]
     assert [pick_profile(two, n) for n in (1, 2, 3, 4, 17, 32)] == [0, 0, 0, 1, 1, 1]
@@ -637,6 +660,50 @@ def test_profiles_for_infer_calls_and_large_batches():
     b = make_record(H100, {"sha256": "a" * 64}, profile_for(MANIFEST, 32, 3), "fp16", workspace_gb=None,
                     opt_level=3, seconds=1, size=1)
     assert a["key"] != b["key"] and a["profiles"] == two and b["profiles"] == [b["profile"]]
+
+
+@pytest.fixture(scope="module")
+def multitask_src(tmp_path_factory):
+    """A tiny multi-task FP16 bundle: task 0 with 5 classes, task 1 with 3 (head rows: 5)."""
+    from stexport.build.backbone import random_backbone
+    from stexport.build.multitask import build_multitask
+    from stexport.build.synthetic import random_deltas
+
+    bb = random_backbone("stexport-tiny-vit")
+    sds = [random_deltas(bb.config, width=16, num_classes=n, seed=n) for n in (5, 3)]
+    return build_multitask(sds, out=tmp_path_factory.mktemp("trt") / "multi", backbone=bb, names=["five", "three"],
+                           precision="fp16", frames=4).path
+
+
+def test_multitask_engine_takes_the_task_index_as_a_second_input(multitask_src, tmp_path, monkeypatch):
+    """The task is data: every profile sets the task input's shape (the clips' batch range), each chunk feeds
+    its clips' indices beside them, one call mixes tasks, and nothing is refitted (FAKES: control flow only)."""
+    shutil.copytree(multitask_src, tmp_path / "multi")
+    multi = Bundle.load(tmp_path / "multi")
+    memory: dict = {}
+    trt, cuda = FakeTensorRT(memory=memory), FakeCuda(memory)
+    rec, built = build_with_fake(multi, trt, batch=4)
+    assert built and rec["refit"] is None and all(p["index"] == "task" for p in rec["profiles"])
+    shapes = [c[1:] for c in trt.calls if c[0] == "set_shape"]
+    frames = [s for s in shapes if s[0] == "frames"]
+    assert [s for s in shapes if s[0] == "task"] == [("task", [f[1][0]], [f[2][0]], [f[3][0]]) for f in frames]
+    assert Bundle.load(multi.path).manifest.engines[0].profile.index == "task"  # the manifest keeps it
+    be = open_fake_backend(Bundle.load(multi.path), monkeypatch, trt, cuda)
+    assert cuda.mallocs == 3 and cuda.pinned_allocs == 3  # clips, logits and task indices: once
+    clips = np.random.default_rng(2).integers(0, 256, (10, 4, 32, 32, 3), dtype=np.uint8)
+    tasks = ["three", "five", 1, 1, 0, "three", None, 0, 1, "five"]
+    index = np.array([1, 0, 1, 1, 0, 1, 0, 0, 1, 0])
+    mean = clips.reshape(10, -1).mean(1)[:, None] * np.arange(1, 6)
+    np.testing.assert_allclose(be.run_tasks(clips, tasks), mean + 100 * index[:, None], rtol=1e-6)
+    assert np.int64 in {d.type for d in cuda.h2d_dtypes}  # the indices cross as the engine's int64
+    got = be.run(clips, task="three")  # one task for the whole call: its 3 logits
+    np.testing.assert_allclose(got, mean[:, :3] + 100, rtol=1e-6)
+    assert be.run(clips[:0]).shape == (0, 5)
+    be.set_task("three")
+    np.testing.assert_allclose(be.run(clips[:2]), mean[:2, :3] + 100, rtol=1e-6)
+    with pytest.raises(StexportError, match="holds tasks five, three"):
+        be.run(clips, task="four")
+    be.close()
 
 
 def test_engine_profile_follows_the_bundles_views(bundle):
@@ -1198,6 +1265,34 @@ def test_real_engine_builds_runs_and_passes_verify(tmp_path, demo_clips, precisi
     r = CliRunner().invoke(app, ["verify", str(b.path), "--clips", str(demo_clips / "list.txt"),
                                  "--backend", "tensorrt"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.tensorrt
+@pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+def test_real_multitask_engine_mixes_tasks_in_one_call(tmp_path, demo_clips, precision):
+    """A multi-task bundle's engine: the task index is its second input; a mixed batch gives each clip what
+    ONNX Runtime gives it (the same graph), INT8 included (no refit)."""
+    from stexport.build.backbone import random_backbone
+    from stexport.build.multitask import build_multitask
+    from stexport.build.synthetic import random_deltas
+    from stexport.runtime.backends import create
+    from stexport.trt_engines.engine import build_for_bundle
+
+    bb = random_backbone("stexport-demo-vit")
+    sds = [random_deltas(bb.config, width=96, num_classes=n, seed=n) for n in (9, 5)]
+    b = build_multitask(sds, out=tmp_path / precision, backbone=bb, precision=precision, frames=8,
+                        calib=demo_clips / "list.txt" if precision == "int8" else None, calib_clips=6)
+    rec, built = build_for_bundle(b, batch=4)
+    assert built and all(p["index"] == "task" for p in rec["profiles"])
+    clips = np.random.default_rng(0).integers(0, 256, (6, 8, 96, 96, 3), dtype=np.uint8)
+    tasks = [0, 1, 1, 0, 1, 0]
+    with create("tensorrt", Bundle.load(b.path)) as trt_be, create("onnxruntime", b, device="cpu") as ort_be:
+        got, ref = trt_be.run_tasks(clips, tasks), ort_be.run_tasks(clips, tasks)
+        alone = np.concatenate([trt_be.run_tasks(clips[i:i + 1], [t]) for i, t in enumerate(tasks)])
+    assert got.shape == ref.shape == (6, 9)
+    np.testing.assert_allclose(got, alone, atol=2e-2)  # a clip's answer does not depend on its batch-mates
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 5 / 6
 
 
 @pytest.mark.tensorrt

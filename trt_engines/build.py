@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from stexport import interrupt
 from stexport.errors import StexportError
+from stexport.trt_engines.record import profile_shapes
 from stexport.trt_engines.trt import MIN_MAJOR, cancel, last_error, logger_for, version_major
 
 log = logging.getLogger("stexport")
@@ -91,7 +92,8 @@ def set_timing_cache(config, stored: bytes | None) -> str:
 def build_plan(trt, onnx_path: Path, profiles: list[dict], workspace_gb: float | None, opt_level: int,
                timing_cache: bytes | None, progress: bool = False,
                refit: list[str] | None = None) -> tuple[memoryview, bytes | None]:
-    """Build a serialized engine from `onnx_path` with `profiles` (optimisation profiles in index order);
+    """Build a serialized engine from `onnx_path` with `profiles` (optimisation profiles in index order, each
+    setting every network input: record.profile_shapes);
     return it and the updated timing cache (None when the build ran without one). `refit`: ONNX initializers
     to make refittable (a swappable bundle's per-task tensors; see refit.py). Raises StexportError with
     TensorRT's reason, KeyboardInterrupt when Ctrl-C cancelled the build."""
@@ -109,10 +111,11 @@ def build_plan(trt, onnx_path: Path, profiles: list[dict], workspace_gb: float |
         errors = errors or logger.errors[mark:] or ["no message"]
         raise StexportError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse it: {errors[0]}"
                             + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""))
-    name = profiles[0]["input"]
+    want = list(profile_shapes(profiles[0]))
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
-    if inputs != [name]:
-        raise StexportError(f"{onnx_path}: expected one input '{name}', the network has {inputs}")
+    if sorted(inputs) != sorted(want):
+        raise StexportError(f"{onnx_path}: expected the inputs {want}, the network has {inputs}; "
+                            "the bundle's manifest and its ONNX disagree (rebuild the bundle)")
 
     config = builder.create_builder_config()
     if workspace_gb is not None:
@@ -124,7 +127,8 @@ def build_plan(trt, onnx_path: Path, profiles: list[dict], workspace_gb: float |
         mark_refittable(trt, network, config, refit)
     for p in profiles:
         shapes = builder.create_optimization_profile()
-        shapes.set_shape(p["input"], p["min"], p["opt"], p["max"])
+        for name, (lo, opt, hi) in profile_shapes(p).items():
+            shapes.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(shapes)
     cached = set_timing_cache(config, timing_cache)
 

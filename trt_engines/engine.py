@@ -10,7 +10,8 @@ from stexport.trt_engines.build import build_plan
 from stexport.trt_engines.cache import load_timing, onnx_identity, record_request, records, refuse_unwritable, save
 from stexport.trt_engines.cuda import host_mismatch, open_device
 from stexport.trt_engines.record import (Host, check_batch, make_record, mismatches, profile_for, profiles_for,
-                                          record_profiles, request, settings, views_per_call)
+                                          record_profiles, request, settings, task_input,
+                                          views_per_call)
 from stexport.trt_engines.refit import INT8_REFUSED, refit_names
 from stexport.trt_engines.trt import import_tensorrt
 
@@ -83,8 +84,9 @@ def ensure_engine(bundle: Bundle, trt, host: Host, batch: int | None = None,
     check_batch(bundle.manifest, req["batch"])
     onnx = onnx_identity(bundle)
     views = views_per_call(bundle.manifest)
-    profile = profile_for(bundle.manifest.input, req["batch"], views)
-    profiles = profiles_for(bundle.manifest.input, req["batch"], views)
+    index = task_input(bundle.manifest)
+    profile = profile_for(bundle.manifest.input, req["batch"], views, index)
+    profiles = profiles_for(bundle.manifest.input, req["batch"], views, index)
     refit = refit_names(bundle.manifest)
     cached = [r for r in records(bundle) if r["profile"] == profile and record_profiles(r) == profiles
               and not mismatches(r, host, onnx, refit)]

@@ -40,27 +40,49 @@ def input_shape(inp: InputRecord) -> tuple[int, ...]:
     return tuple(inp.shape(1)[1:])
 
 
-def profile_for(inp: InputRecord, batch: int = DEFAULT_BATCH, views: int | None = None) -> dict:
+def task_input(manifest: Manifest) -> str | None:
+    """The network's second input on a multi-task bundle (the task index of each clip, int64 [B]), else None."""
+    return manifest.multitask.input if manifest.multitask is not None else None
+
+
+def profile_for(inp: InputRecord, batch: int = DEFAULT_BATCH, views: int | None = None,
+                index: str | None = None) -> dict:
     """The engine's whole batch range (its profiles together): min 1, max `batch`, opt `views` (the clips
-    `infer` sends per call: a video's temporal × spatial views) when given, else `batch`; other axes fixed."""
+    `infer` sends per call: a video's temporal × spatial views) when given, else `batch`; other axes fixed.
+    `index`: a multi-task bundle's task input (task_input), whose only axis is the same batch axis."""
     if not 1 <= batch <= MAX_BATCH:
         raise StexportError(f"--batch {batch}: choose a batch size from 1 to {MAX_BATCH}")
     s = list(input_shape(inp))
     opt = min(views, batch) if views else batch
-    return {"input": inp.name, "min": [1, *s], "opt": [opt, *s], "max": [batch, *s]}
+    return {"input": inp.name, "min": [1, *s], "opt": [opt, *s], "max": [batch, *s], "index": index}
 
 
-def profiles_for(inp: InputRecord, batch: int = DEFAULT_BATCH, views: int | None = None) -> list[dict]:
+def profiles_for(inp: InputRecord, batch: int = DEFAULT_BATCH, views: int | None = None,
+                 index: str | None = None) -> list[dict]:
     """TensorRT optimisation profiles, in index order. Kernels are chosen for a profile's opt shape, so one
     profile for 1..batch tuned at `batch` runs infer's few clips per call with kernels made for 32. With
     `views` below `batch`: profile 0 covers 1..views tuned at views (what infer and verify send), profile 1
     covers views+1..batch tuned at batch (bench, batch jobs). Otherwise one profile 1..batch at batch."""
-    whole = profile_for(inp, batch)
+    whole = profile_for(inp, batch, index=index)
     if not views or views >= batch:
         return [whole]
     s = whole["min"][1:]
-    return [{"input": inp.name, "min": [1, *s], "opt": [views, *s], "max": [views, *s]},
-            {"input": inp.name, "min": [views + 1, *s], "opt": [batch, *s], "max": [batch, *s]}]
+    return [{"input": inp.name, "min": [1, *s], "opt": [views, *s], "max": [views, *s], "index": index},
+            {"input": inp.name, "min": [views + 1, *s], "opt": [batch, *s], "max": [batch, *s], "index": index}]
+
+
+def profile_shapes(profile: dict) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """{network input: (min, opt, max) shape} of one optimisation profile: the clips' input and, on a
+    multi-task bundle, its task index (the batch axis alone). What the build sets and the runtime feeds."""
+    shapes = {profile["input"]: (profile["min"], profile["opt"], profile["max"])}
+    if profile.get("index"):
+        shapes[profile["index"]] = ([profile["min"][0]], [profile["opt"][0]], [profile["max"][0]])
+    return shapes
+
+
+def batch_shapes(profile: dict, n: int) -> dict[str, tuple[int, ...]]:
+    """{network input: shape} for a batch of `n` clips under `profile` (see profile_shapes)."""
+    return {name: (n, *lo[1:]) for name, (lo, _, _) in profile_shapes(profile).items()}
 
 
 def pick_profile(profiles: list[dict], n: int) -> int:

@@ -10,6 +10,10 @@ Task packs (swappable FP32/FP16 bundles): the engine is built with the per-task 
 (refit.py), holds one task at a time, and run(clips, task=X) refits it when X is not the task it holds; runs
 and refits are serialised by a lock. The bundle's own tensors are read from its ONNX the first time the engine
 switches away from them, to switch back.
+
+Multi-task bundles (stexport.bundle.multitask): the task is data, not weights. The engine has a second input,
+the task index of each clip (int64 [B], its batch range the clips'; record.profile_shapes), fed beside the
+clips on every call, so one call mixes tasks and nothing is refitted (INT8 included).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from stexport.trt_engines.engine import ensure_engine  # the runtime's one way i
 from stexport.trt_engines.trt import import_tensorrt, last_error, logger_for
 from stexport.trt_engines import cuda as cuda_mod
 from stexport.trt_engines.cuda import open_device
-from stexport.trt_engines.record import (Host, choose, input_shape, max_batch, pick_profile, record_profiles,
-                                         request)
+from stexport.trt_engines.record import (Host, batch_shapes, choose, input_shape, max_batch, pick_profile,
+                                         record_profiles, request, task_input)
 from stexport.trt_engines.refit import host_weights, needs_switch, no_tasks_reason, refit_engine, refit_names
 
 from stexport.runtime.backends.base import Backend, Option, register
@@ -50,10 +54,14 @@ def engine_input(clips: np.ndarray, inp: InputRecord, dtype: np.dtype) -> np.nda
 
 
 def io_names(inputs: list[str], outputs: list[str], manifest: Manifest) -> tuple[str, str]:
+    """(clips input, logits output) of an engine whose I/O tensors are `inputs` → `outputs`; StexportError
+    unless they are the bundle's (a multi-task bundle's task input included: task_input)."""
     want_in, want_out = manifest.input.name, manifest.output.name
-    if inputs != [want_in] or outputs != [want_out]:
+    index = task_input(manifest)
+    want = sorted([want_in] + ([index] if index else []))
+    if sorted(inputs) != want or outputs != [want_out]:
         raise StexportError(f"the engine's tensors {inputs} → {outputs} are not the bundle's "
-                            f"{want_in} → {want_out}; rebuild it with `stexport engine BUNDLE --force`")
+                            f"{want} → {want_out}; rebuild it with `stexport engine BUNDLE --force`")
     return want_in, want_out
 
 
@@ -80,6 +88,7 @@ def passed_over(bundle, why: str) -> None:
 @register("tensorrt", artifact="onnx", auto=30, auto_note="a TensorRT engine for this GPU",
           tasks="FP32/FP16 bases with a refittable engine")
 class TensorRTBackend(Backend):
+    MULTITASK = True  # a multi-task bundle's engine takes the task index as its second input
     OPTIONS = (
         Option("batch", int, None, "largest batch the engine takes when one is built here (default: the "
                "bundle's saved setting, else 32)"),
@@ -97,7 +106,7 @@ class TensorRTBackend(Backend):
         trt = import_tensorrt()
         self.trt = trt
         self.cuda = open_device(cuda, gpu)
-        self.context = self.engine = self.runtime = self.dev_in = None
+        self.context = self.engine = self.runtime = self.dev_in = self.dev_index = None
         self.lock = threading.Lock()  # one task in the engine at a time: runs and refits take turns
         self.holding = None  # the task the engine holds: a pack's key, None for the bundle's own
         self._own: dict | None = None  # the bundle's own per-task tensors, read when first switching away
@@ -178,6 +187,12 @@ class TensorRTBackend(Backend):
         self.in_name, self.out_name = io_names([n for n in names if is_input[n]],
                                                [n for n in names if not is_input[n]], b.manifest)
         self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.in_name)))
+        self.index_name = task_input(b.manifest)
+        if self.index_name is not None:  # TensorRT 10 takes INT64 inputs; an engine may have been made with INT32
+            self.index_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.index_name)))
+            if self.index_dtype.kind != "i":
+                raise StexportError(f"{path}: the engine's task input '{self.index_name}' is {self.index_dtype}, "
+                                    f"not an integer; rebuild it with `stexport engine {b.path} --force`")
         self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.out_name)))
         self.max_batch = max_batch(self.record)
         self.profiles = record_profiles(self.record)
@@ -193,10 +208,16 @@ class TensorRTBackend(Backend):
         out_bytes = int(np.prod(out_max)) * self.out_dtype.itemsize
         self.host_in, self.dev_in = self.cuda.pinned(in_bytes), self.cuda.malloc(in_bytes)
         self.host_out, self.dev_out = self.cuda.pinned(out_bytes), self.cuda.malloc(out_bytes)
+        if self.index_name is not None:
+            index_bytes = self.max_batch * self.index_dtype.itemsize
+            self.host_index, self.dev_index = self.cuda.pinned(index_bytes), self.cuda.malloc(index_bytes)
         self._bind()
 
     def _bind(self) -> None:
-        for name, ptr in ((self.in_name, self.dev_in), (self.out_name, self.dev_out)):
+        bound = [(self.in_name, self.dev_in), (self.out_name, self.dev_out)]
+        if self.index_name is not None:
+            bound.append((self.index_name, self.dev_index))
+        for name, ptr in bound:
             if not self.context.set_tensor_address(name, ptr):
                 raise StexportError(f"TensorRT refused the device address for tensor '{name}'")
 
@@ -210,16 +231,23 @@ class TensorRTBackend(Backend):
             self.active = want
             if getattr(self, "dev_in", None) is not None:
                 self._bind()
-        if not self.context.set_input_shape(self.in_name, (n, *self.sample)):
-            p = self.profiles[want]
-            raise StexportError(f"TensorRT refused input shape {(n, *self.sample)} (engine profile {want}: "
-                                f"batch {p['min'][0]} to {p['max'][0]})")
+        p = self.profiles[want]
+        for name, shape in batch_shapes(p, n).items():
+            if not self.context.set_input_shape(name, shape):
+                raise StexportError(f"TensorRT refused input shape {shape} for '{name}' (engine profile {want}: "
+                                    f"batch {p['min'][0]} to {p['max'][0]})")
         return tuple(self.context.get_tensor_shape(self.out_name))
 
-    def _run_chunk(self, x: np.ndarray) -> np.ndarray:
+    def _run_chunk(self, x: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+        """One chunk of at most max_batch clips (`index`: their task indices on a multi-task engine)."""
         host_in = self.host_in[:x.nbytes].view(x.dtype).reshape(x.shape)
         np.copyto(host_in, x)
         self.cuda.h2d(self.dev_in, host_in, self.stream)
+        if self.index_name is not None:
+            idx = np.asarray(index, self.index_dtype)
+            host_index = self.host_index[:idx.nbytes].view(idx.dtype)
+            np.copyto(host_index, idx)
+            self.cuda.h2d(self.dev_index, host_index, self.stream)
         shape = self._set_batch(len(x))
         if not self.context.execute_async_v3(self.stream):
             raise StexportError("TensorRT execution failed (execute_async_v3 returned False); "
@@ -234,8 +262,9 @@ class TensorRTBackend(Backend):
 
     def load_task(self, task):
         """As Backend.load_task; on an engine that cannot refit (a plain or INT8 bundle, see refit.py) the
-        refusal says why and what to use instead."""
-        if not self.SWAPS_TASKS:
+        refusal says why and what to use instead. On a multi-task bundle: the task of that bundle (nothing is
+        refitted)."""
+        if not self.SWAPS_TASKS and self.bundle.manifest.multitask is None:
             raise StexportError(f"{self.bundle.path.name}: TensorRT runs no task packs here: "
                                 f"{no_tasks_reason(self.bundle.manifest)}")
         return super().load_task(task)
@@ -274,7 +303,22 @@ class TensorRTBackend(Backend):
         refit_engine(self.trt, self.engine, logger_for(self.trt), weights, label)
         self.holding = key
 
+    def run_indexed(self, clips: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """A multi-task engine on uint8 clips (B, T, H, W, 3) with task indices int64 (B,): float32
+        (B, head_rows) logits in one call per chunk of max_batch clips, tasks mixed freely."""
+        if self.index_name is None:
+            raise StexportError(f"{self.bundle.path}: not a multi-task bundle (build one with `stexport multitask`)")
+        x = engine_input(clips, self.input, self.in_dtype)
+        index = np.asarray(index).reshape(-1)
+        with self.lock:
+            outs = [self._run_chunk(x[lo:hi], index[lo:hi]) for lo, hi in spans(len(x), self.max_batch)]
+            if not outs:
+                return np.zeros((0, *self._set_batch(1)[1:]), np.float32)
+        return np.concatenate(outs)
+
     def run(self, clips: np.ndarray, task=None) -> np.ndarray:
+        if self.bundle.manifest.multitask is not None:
+            return self.run_multitask(clips, task)
         pack, weights = self.task_state(task)
         x = engine_input(clips, self.input, self.in_dtype)
         with self.lock:

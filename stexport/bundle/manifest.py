@@ -303,10 +303,14 @@ class AOTIRecord(Record):
 
 
 class EngineProfile(Record):
+    """One TensorRT optimisation profile: the shapes of `input` (the clips) from min to max; `index`: a
+    multi-task bundle's task input (int64 [B]), whose batch range is the clips' (None: no such input)."""
+
     input: str
     min: list[int]
     opt: list[int]
     max: list[int]
+    index: str | None = None
 
 
 class EngineRecord(Record):

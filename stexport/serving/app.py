@@ -233,7 +233,7 @@ def check_backend(cfg: ServeConfig, bundle, packs) -> None:
         opts = cls.check_options({k: v for k, v in opts.items() if k in known})
     if bundle.manifest.multitask is not None and not cls.MULTITASK:
         raise StexportError(f"-b {chosen}: {bundle.path.name} is a multi-task bundle, which {chosen} cannot run; "
-                            "use -b onnxruntime, openvino or torchscript")
+                            f"use -b {backends.multitask_backends()}")
     if packs and not cls.SWAPS_TASKS:
         try:
             with backends.create(chosen, bundle, **opts) as backend:

@@ -110,6 +110,13 @@ def task_backends(conj: str = "and", conditions: bool = False) -> str:
     return ", ".join(found[:-1]) + f" {conj} " + found[-1] if len(found) > 1 else "".join(found)
 
 
+def multitask_backends(conj: str = "or") -> str:
+    """'a, b … or c' naming the backends that run multi-task bundles (their class says MULTITASK). Imports
+    each backend's module (no runtime is loaded)."""
+    found = [r.name for r in registrations() if r.cls.MULTITASK]
+    return ", ".join(found[:-1]) + f" {conj} " + found[-1] if len(found) > 1 else "".join(found)
+
+
 def resolve(name: str, bundle: Bundle, skip: tuple[str, ...] = ()) -> str | None:
     """Turn 'auto' into a concrete backend name for this machine and bundle (passing over `skip`); None when
     no runtime here can run it. 'auto' tries the backends registered with an `auto` priority, highest first,

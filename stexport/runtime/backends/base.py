@@ -120,9 +120,10 @@ class Backend(ABC):
         self.options = options
         reg = self.REGISTRATION
         if bundle.manifest.multitask is not None and not self.MULTITASK and reg is not None and reg.artifact == "onnx":
+            from stexport.runtime.backends import multitask_backends
+
             raise StexportError(f"{bundle.path}: a multi-task bundle (a second input, the task index per clip), "
-                                f"which the {self.name} backend does not feed yet; use onnxruntime, openvino or "
-                                "torchscript")
+                                f"which the {self.name} backend does not feed; use {multitask_backends()}")
         self.input = bundle.manifest.input
         self.task = None  # the TaskPack run() uses when given none; None: the bundle's own task
         self._tasks: dict[str, object] = {}  # pack sha256 -> what prepare_task made for it
@@ -173,15 +174,17 @@ class Backend(ABC):
         from stexport.bundle.multitask import task_of
 
         if not self.MULTITASK:
-            raise StexportError(f"the {self.name} backend cannot run multi-task bundles; use onnxruntime, "
-                                "openvino or torchscript")
+            from stexport.runtime.backends import multitask_backends
+
+            raise StexportError(f"the {self.name} backend cannot run multi-task bundles; use {multitask_backends()}")
         return task_of(self.bundle, task)  # nothing to prepare: the task is data (an index)
 
     def run_indexed(self, clips: np.ndarray, index: np.ndarray) -> np.ndarray:
         """A multi-task bundle's graph on uint8 clips (B, T, H, W, 3) with task indices int64 (B,): float32
         (B, head_rows) logits, every head row (a clip's first `classes` are its task's)."""
-        raise StexportError(f"the {self.name} backend cannot run multi-task bundles; use onnxruntime, "
-                            "openvino or torchscript")
+        from stexport.runtime.backends import multitask_backends
+
+        raise StexportError(f"the {self.name} backend cannot run multi-task bundles; use {multitask_backends()}")
 
     def run_tasks(self, clips: np.ndarray, tasks) -> np.ndarray:
         """One call over clips of several tasks of a multi-task bundle: `tasks` holds one task per clip (a
