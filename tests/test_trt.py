@@ -704,6 +704,12 @@ def test_multitask_engine_takes_the_task_index_as_a_second_input(multitask_src, 
     with pytest.raises(StexportError, match="holds tasks five, three"):
         be.run(clips, task="four")
     be.close()
+    # Triton's tensorrt_plan model of it: the plan, and the task index as the second input ([1] → [] per clip)
+    from stexport.build.triton import TritonOptions, export_repository
+
+    out = export_repository(Bundle.load(multi.path), tmp_path / "repo", TritonOptions(backend="tensorrt"))
+    assert f"{out['model']}/1/model.plan" in out["files"] and f"{out['model']}/labels/1.txt" in out["files"]
+    assert 'name: "task"' in out["config"] and "TYPE_INT64" in out["config"] and "max_batch_size: 4" in out["config"]
 
 
 def test_engine_profile_follows_the_bundles_views(bundle):
