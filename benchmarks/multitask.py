@@ -1,10 +1,13 @@
 """Many tasks in one forward (issue 33): a multi-task bundle vs a swappable base + task packs vs a full bundle
-per task, on the demo backbone (examples/motion), ONNX Runtime CPU, FP32.
+per task, on the demo backbone (examples/motion) and on ViT-B/16, ONNX Runtime CPU, FP32.
 
-    python benchmarks/multitask.py [--tasks 1,4,16] [--batches 8,32] [--rounds 5] [--work DIR]
+    python benchmarks/multitask.py [--model demo,vit-b16] [--tasks 1,4,16] [--batches 8,32] [--rounds 5]
+                                   [--work DIR]
 
-Tasks: the two demo adapters (motion_adapter.pt, motion_adapter_seed1.pt), then random adapters of the same
-layout (seeded; 9 classes each). For each task count K: bytes on disk (one multi-task bundle; K full bundles;
+Tasks, demo: the two demo adapters (motion_adapter.pt, motion_adapter_seed1.pt), then random adapters of the
+same layout (seeded; 9 classes each). vit-b16: OpenAI CLIP ViT-B/16 (QuickGELU) with random weights, 8 frames
+at 224 px, and random adapters of the paper's size (width 384, kernel 3x1x1, before each MLP; 7.1 M
+parameters a task), heads of 400 and 174 classes in turn (Kinetics-400 and SSv2 sized). For each task count K: bytes on disk (one multi-task bundle; K full bundles;
 one base + K-1 packs, for K up to --max-packs: a pack is a full build) and resident memory (peak RSS of a fresh process that opens the model(s) and runs one
 batch of 8 per task: the multi-task bundle; the base with K-1 packs prepared as ONNX Runtime adapters; K full
 bundles: two built, each opened K/2 times: every task's graph has the same shapes). For the largest K
@@ -27,23 +30,32 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tasks import HERE, dir_bytes, rss_child, smooth_clips  # noqa: E402 - benchmarks/tasks.py
 
-BB = dict(backbone="stexport-demo-vit", pretrained=str(HERE / "backbone.safetensors"))
+MODELS = {  # --model: the backbone (build keywords), its checkpoints' classes, and what the report calls it
+    "demo": dict(bb=dict(backbone="stexport-demo-vit", pretrained=str(HERE / "backbone.safetensors")),
+                 name="stexport-demo-vit (examples/motion)"),
+    "vit-b16": dict(bb=dict(backbone="ViT-B-16-quickgelu", pretrained="none", frames=8),
+                    name="ViT-B-16-quickgelu (random weights), 8 frames, adapters of width 384"),
+}
 
 
-def checkpoints(work: Path, k: int) -> list[Path]:
+def checkpoints(model: str, work: Path, k: int) -> list[Path]:
+    from stexport.build.backbone import shape_config
     from stexport.build.deltas import as_deltas, save_official
     from stexport.build.synthetic import random_deltas
 
-    spec = as_deltas(HERE / "motion_adapter.pt").spec
-    out = [HERE / "motion_adapter.pt", HERE / "motion_adapter_seed1.pt"][:k]
-    from stexport.build.backbone import load_backbone
-
-    cfg = load_backbone(BB["backbone"], BB["pretrained"]).config
+    bb = MODELS[model]["bb"]
+    cfg = shape_config(bb["backbone"])
+    if model == "demo":
+        spec = as_deltas(HERE / "motion_adapter.pt").spec
+        out = [HERE / "motion_adapter.pt", HERE / "motion_adapter_seed1.pt"][:k]
+        kw = dict(width=spec.width, kernel=spec.kernel, pre_attn=bool(spec.pre_attn), pre_mlp=bool(spec.pre_mlp))
+        classes = [spec.num_classes]
+    else:
+        out, kw, classes = [], dict(width=384, kernel=(3, 1, 1), pre_mlp=True), [400, 174]
     for i in range(len(out), k):
         p = work / f"task{i}.pt"
         if not p.exists():
-            save_official(p, random_deltas(cfg, width=spec.width, kernel=spec.kernel, num_classes=spec.num_classes,
-                                           pre_attn=bool(spec.pre_attn), pre_mlp=bool(spec.pre_mlp), seed=100 + i))
+            save_official(p, random_deltas(cfg, num_classes=classes[i % len(classes)], seed=100 + i, **kw))
         out.append(p)
     return out
 
@@ -88,6 +100,7 @@ def mixed_batches(multi, base, packs, full, batches: list[int], rounds: int, rng
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="demo", help="demo, vit-b16, or both: demo,vit-b16 (one report each)")
     ap.add_argument("--tasks", default="1,4,16")
     ap.add_argument("--batches", default="8,32")
     ap.add_argument("--rounds", type=int, default=5)
@@ -96,12 +109,25 @@ def main() -> int:
                     "full build: slow on 2 cores)")
     a = ap.parse_args()
     counts = [int(x) for x in a.tasks.split(",")]
-    a.work.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for model in a.model.split(","):
+        if model not in MODELS:
+            ap.error(f"--model {model}: choose from {', '.join(MODELS)}")
+        work = a.work / model if "," in a.model or model != "demo" else a.work
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"{model}: building in {work}", file=sys.stderr, flush=True)
+        reports.append(measure(model, work, counts, a))
+    print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
+    return 0
+
+
+def measure(model: str, work: Path, counts: list[int], a) -> dict:
     from stexport.build.multitask import build_multitask
     from stexport.build.packing import build_pack
     from stexport.build.pipeline import build_bundle
 
-    ckpts = checkpoints(a.work, max(counts))
+    BB = MODELS[model]["bb"]
+    ckpts = checkpoints(model, work, max(counts))
     # two full bundles, opened as many times as there are tasks (every task's graph has the same shapes, and
     # each session holds its own copy of the weights); packs only up to --max-packs (each is a full build)
     from stexport.bundle.store import Bundle
@@ -112,17 +138,22 @@ def main() -> int:
             return TaskPack.load(out)
         return Bundle.load(out) if (out / "stexport.json").is_file() else make(out)
 
-    full_built = [made(a.work / f"full{i}", lambda o, c=c: build_bundle(c, out=o, precision="fp32", **BB))
+    full_built = [made(work / f"full{i}", lambda o, c=c: build_bundle(c, out=o, precision="fp32", **BB))
                   for i, c in enumerate(ckpts[:2])]
     full = [full_built[i % 2] for i in range(len(ckpts))]
-    base = made(a.work / "base", lambda o: build_bundle(ckpts[0], out=o, precision="fp32", swappable=True, **BB))
-    packs = [made(a.work / f"task{i}.stpack", lambda o, c=c: build_pack(c, base, out=o))
+    from stexport.build.deltas import as_deltas
+
+    rows = max(as_deltas(c).spec.num_classes for c in ckpts[:a.max_packs])
+    base = made(work / "base", lambda o: build_bundle(ckpts[0], out=o, precision="fp32", swappable=True,
+                                                      max_classes=rows, **BB))
+    packs = [made(work / f"task{i}.stpack", lambda o, c=c: build_pack(c, base, out=o))
              for i, c in enumerate(ckpts[:a.max_packs]) if i]
-    multi = {k: made(a.work / f"multi{k}", lambda o, k=k: build_multitask(ckpts[:k], out=o, **BB)) for k in counts}
+    multi = {k: made(work / f"multi{k}", lambda o, k=k: build_multitask(ckpts[:k], out=o, **BB)) for k in counts}
     size, frames = base.size, base.frames
-    report = {"model": "stexport-demo-vit (examples/motion)", "runtime": "onnxruntime CPU, FP32",
+    report = {"model": MODELS[model]["name"], "runtime": "onnxruntime CPU, FP32",
               "input": f"{frames}x{size}", "per_task_count": {}}
     for k in counts:
+        print(f"{model}: memory and disk, {k} tasks", file=sys.stderr, flush=True)
         run8 = f"x=np.zeros((8,{frames},{size},{size},3),np.uint8)\n"
         code_multi = (f"import numpy as np\nfrom stexport.runtime import backends\nfrom stexport.bundle.store import Bundle\n{run8}"
                       f"be=backends.create('onnxruntime',Bundle.load('{multi[k].path}'))\n"
@@ -144,12 +175,12 @@ def main() -> int:
         }
     rng = np.random.default_rng(0)
     batches = [int(x) for x in a.batches.split(",")]
+    print(f"{model}: mixed batches", file=sys.stderr, flush=True)
     report["ms_per_clip_mixed_batches"] = {
         k: mixed_batches(multi[k], base, packs[:k - 1] if k <= len(packs) + 1 else None, full[:k], batches,
                          a.rounds, rng)
         for k in sorted({max(counts), min(max(counts), len(packs) + 1)})}
-    print(json.dumps(report, indent=1))
-    return 0
+    return report
 
 
 if __name__ == "__main__":
