@@ -1,19 +1,22 @@
 """Many tasks in one forward (issue 33): a multi-task bundle vs a swappable base + task packs vs a full bundle
-per task, on the demo backbone (examples/motion) and on ViT-B/16, ONNX Runtime CPU, FP32.
+per task, on the demo backbone (examples/motion) and on ViT-B/16, FP32.
 
     python benchmarks/multitask.py [--model demo,vit-b16] [--tasks 1,4,16] [--batches 8,32] [--rounds 5]
-                                   [--work DIR]
+                                   [--runtimes onnxruntime,openvino] [--work DIR]
 
 Tasks, demo: the two demo adapters (motion_adapter.pt, motion_adapter_seed1.pt), then random adapters of the
 same layout (seeded; 9 classes each). vit-b16: OpenAI CLIP ViT-B/16 (QuickGELU) with random weights, 8 frames
-at 224 px, and random adapters of the paper's size (width 384, kernel 3x1x1, before each MLP; 7.1 M
-parameters a task), heads of 400 and 174 classes in turn (Kinetics-400 and SSv2 sized). For each task count K: bytes on disk (one multi-task bundle; K full bundles;
-one base + K-1 packs, for K up to --max-packs: a pack is a full build) and resident memory (peak RSS of a fresh process that opens the model(s) and runs one
-batch of 8 per task: the multi-task bundle; the base with K-1 packs prepared as ONNX Runtime adapters; K full
-bundles: two built, each opened K/2 times: every task's graph has the same shapes). For the largest K
-and for --max-packs: ms per clip of batches whose clips have tasks drawn at random, run as one
-multi-task call vs today's one call per task in the batch (packs on the base; full bundles), at each batch
-size (median of --rounds interleaved rounds). Prints one JSON object.
+at 224 px, and random adapters of the paper's size (width 384, kernel 3x1x1, before each MLP: 7.1 M
+parameters a task), heads of 400 and 174 classes in turn (Kinetics-400 and SSv2 sized).
+
+For each task count K: bytes on disk (one multi-task bundle; K full bundles; one base + K-1 packs, for K up to
+--max-packs: a pack is a full build) and, on each of --runtimes, resident memory (peak RSS of a fresh process
+that opens the model(s) and runs one batch of 8 per task: the multi-task bundle; the base with K-1 packs
+prepared as that runtime prepares them; K full bundles: two built, each opened K/2 times: every task's graph
+has the same shapes). For the largest K and for --max-packs, on ONNX Runtime: ms per clip of batches whose
+clips have tasks drawn at random, run as one multi-task call vs today's one call per task in the batch
+(packs on the base; full bundles), at each batch size (median of --rounds interleaved rounds). Prints one
+JSON object (a list of them for several --model).
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ def main() -> int:
     ap.add_argument("--tasks", default="1,4,16")
     ap.add_argument("--batches", default="8,32")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runtimes", default="onnxruntime", help="runtimes whose resident memory is measured "
+                    "(onnxruntime,openvino); mixed-batch speed is measured on ONNX Runtime")
     ap.add_argument("--work", type=Path, default=Path("/tmp/stexport-bench-multitask"))
     ap.add_argument("--max-packs", type=int, default=4, help="tasks measured as base + packs (each pack is a "
                     "full build: slow on 2 cores)")
@@ -150,31 +155,32 @@ def measure(model: str, work: Path, counts: list[int], a) -> dict:
              for i, c in enumerate(ckpts[:a.max_packs]) if i]
     multi = {k: made(work / f"multi{k}", lambda o, k=k: build_multitask(ckpts[:k], out=o, **BB)) for k in counts}
     size, frames = base.size, base.frames
-    report = {"model": MODELS[model]["name"], "runtime": "onnxruntime CPU, FP32",
+    report = {"model": MODELS[model]["name"], "runtime": "onnxruntime CPU, FP32 (memory: each of --runtimes)",
               "input": f"{frames}x{size}", "per_task_count": {}}
+    head = "import numpy as np\nfrom stexport.runtime import backends\nfrom stexport.bundle.store import Bundle\n"
     for k in counts:
         print(f"{model}: memory and disk, {k} tasks", file=sys.stderr, flush=True)
         run8 = f"x=np.zeros((8,{frames},{size},{size},3),np.uint8)\n"
-        code_multi = (f"import numpy as np\nfrom stexport.runtime import backends\nfrom stexport.bundle.store import Bundle\n{run8}"
-                      f"be=backends.create('onnxruntime',Bundle.load('{multi[k].path}'))\n"
-                      f"be.run_tasks(x,[i % {k} for i in range(8)])")
-        code_packs = (f"import numpy as np\nfrom stexport.runtime import backends\nfrom stexport.bundle.store import Bundle\n{run8}"
-                      f"be=backends.create('onnxruntime',Bundle.load('{base.path}'))\nbe.run(x)\n"
-                      + "".join(f"be.run(x,task='{p.path}')\n" for p in packs[:k - 1]))
-        code_full = (f"import numpy as np\nfrom stexport.runtime import backends\nfrom stexport.bundle.store import Bundle\n{run8}"
-                     + "".join(f"b{i}=backends.create('onnxruntime',Bundle.load('{f.path}'));b{i}.run(x)\n"
-                               for i, f in enumerate(full[:k])))
         with_packs = k <= len(packs) + 1
-        report["per_task_count"][k] = {
-            "disk_mb": {"multitask": dir_bytes(multi[k].path) / 1e6,
-                        "base_plus_packs": (dir_bytes(base.path) + sum(p.path.stat().st_size for p in packs[:k - 1])) / 1e6
-                        if with_packs else None,
-                        "full_bundles": sum(dir_bytes(f.path) for f in full[:k]) / 1e6},
-            "rss_mb": {"multitask": rss_child(code_multi), "base_plus_packs": rss_child(code_packs) if with_packs
-                       else None, "full_bundles": rss_child(code_full)},
-        }
+        row = {"disk_mb": {"multitask": dir_bytes(multi[k].path) / 1e6,
+                           "base_plus_packs": (dir_bytes(base.path) + sum(p.path.stat().st_size for p in packs[:k - 1]))
+                           / 1e6 if with_packs else None,
+                           "full_bundles": sum(dir_bytes(f.path) for f in full[:k]) / 1e6}}
+        for rt in a.runtimes.split(","):
+            code_multi = (f"{head}{run8}be=backends.create('{rt}',Bundle.load('{multi[k].path}'))\n"
+                          f"be.run_tasks(x,[i % {k} for i in range(8)])")
+            code_packs = (f"{head}{run8}be=backends.create('{rt}',Bundle.load('{base.path}'))\nbe.run(x)\n"
+                          + "".join(f"be.run(x,task='{p.path}')\n" for p in packs[:k - 1]))
+            code_full = head + run8 + "".join(f"b{i}=backends.create('{rt}',Bundle.load('{f.path}'));b{i}.run(x)\n"
+                                              for i, f in enumerate(full[:k]))
+            key = "rss_mb" if rt == "onnxruntime" else f"rss_mb_{rt}"
+            row[key] = {"multitask": rss_child(code_multi), "base_plus_packs": rss_child(code_packs) if with_packs
+                        else None, "full_bundles": rss_child(code_full)}
+        report["per_task_count"][k] = row
     rng = np.random.default_rng(0)
-    batches = [int(x) for x in a.batches.split(",")]
+    batches = [int(x) for x in a.batches.split(",") if x]
+    if not batches:  # --batches '': memory and disk only
+        return report
     print(f"{model}: mixed batches", file=sys.stderr, flush=True)
     report["ms_per_clip_mixed_batches"] = {
         k: mixed_batches(multi[k], base, packs[:k - 1] if k <= len(packs) + 1 else None, full[:k], batches,

@@ -135,6 +135,11 @@ def test_int8_migration_recovers_planted_outliers(tiny, tmp_path, monkeypatch):
     assert mig["alpha"] == 0.5 and mig["candidates"] == [] and mig["stream_sites"] == 2 * bb.config.layers
     with create("onnxruntime", fixed) as be:
         assert compare(ref, be.run(x))["mean_abs"] <= 1.5 * base
+    from stexport.bundle.store import Bundle
+    from stexport.trt_engines.onnx_support import check_tensorrt_ops
+
+    for migrated in (fixed, Bundle.load(tmp_path / "offset-auto")):  # the folded scales and shifts: plain ops
+        assert check_tensorrt_ops(onnx.load(str(migrated.file("onnx")))) == []
     old = b.manifest.model_dump(mode="json")
     old["calibration"].pop("migration")
     assert Manifest.model_validate(old).calibration.migration is None
