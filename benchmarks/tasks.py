@@ -39,12 +39,32 @@ def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
 
 
-def rss_child(code: str) -> float:
+def memory_cap() -> int:
+    """Bytes of address space a measured child may take: 85% of this machine's memory (so a measurement that
+    does not fit fails by itself instead of waking the kernel's OOM killer on a shared machine)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * 0.85)
+
+
+def rss_child(code: str, cap: bool = False) -> float | str:
     """Peak RSS (MB) of a fresh Python running `code`: VmHWM (ru_maxrss would carry the forking parent's over
-    exec)."""
+    exec). cap: limit its address space to memory_cap(); when it does not fit, returns 'over N MB' instead."""
+    import resource
+
     full = code + ("\nprint(next(int(ln.split()[1]) for ln in open('/proc/self/status') "
                    "if ln.startswith('VmHWM')) / 1024)")
-    out = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, check=True)
+    limit = memory_cap()
+
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    out = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True,
+                         preexec_fn=preexec if cap else None)
+    if out.returncode != 0:
+        if cap and ("bad_alloc" in out.stderr or "MemoryError" in out.stderr or "Failed to allocate" in out.stderr
+                    or out.returncode < 0):
+            return f"over {limit / 2**20:,.0f} MB (did not fit)"
+        raise subprocess.CalledProcessError(out.returncode, "python -c ...", out.stdout, out.stderr)
     return float(out.stdout.strip().splitlines()[-1])
 
 

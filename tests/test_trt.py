@@ -274,9 +274,11 @@ class FakeTensorRT:
                 if fail_parse:
                     self.errors.append(fail_parse)
                     return False
-                import onnx  # the network's inputs are the file's, as the real parser's are
+                import onnx  # the file's inputs, as the real parser's: less those with an initializer (weights)
 
-                self.network.inputs = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+                g = onnx.load(str(path), load_external_data=False).graph
+                weights = {t.name for t in g.initializer}
+                self.network.inputs = [i.name for i in g.input if i.name not in weights]
                 return True
 
             @property
