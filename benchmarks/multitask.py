@@ -72,9 +72,10 @@ def mixed_batches(multi, base, packs, full, batches: list[int], rounds: int, rng
     k, out = len(full), {}
     with backends.create("onnxruntime", multi) as mt, backends.create("onnxruntime", base) as sw:
         # a session per task, as K full bundles run, where K of them fit in memory (~4x the bundle's bytes
-        # each, within half of memory_cap); otherwise one per built bundle, reused (ViT-B/16 at 16 tasks: a
-        # call's compute is the same, though a reused session's weights may still be in cache)
-        distinct = k * 4 * dir_bytes(full[0].path) < memory_cap() / 2
+        # each, within a quarter of memory_cap: batch 32's activations need the rest); otherwise one per built
+        # bundle, reused (ViT-B/16: a call's compute is the same, though a reused session's weights may still
+        # be in cache)
+        distinct = k * 4 * dir_bytes(full[0].path) < memory_cap() / 4
         opened = {}
         for i, f in enumerate(full):
             opened.setdefault(i if distinct else str(f.path), backends.create("onnxruntime", f))
