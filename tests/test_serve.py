@@ -361,6 +361,28 @@ def test_ray_failing_to_start_is_one_line(tiny_bundle, tmp_path):
                          "/tmp/ray); `stexport -v serve ...` shows Ray's log")
 
 
+def test_a_proxy_killed_for_memory_says_so_not_the_port():
+    """Ray's memory monitor kills the starting HTTP proxy when the machine runs low on memory (seen here with a
+    ViT-B/16 benchmark beside the suite): the line says memory, not "pass another --port". The exception is
+    Ray's own, carrying the death cause the GCS writes for such a worker."""
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+    from ray.exceptions import ActorDiedError
+
+    from stexport.serving.app import proxy_failure
+
+    oom = ActorDiedError(ActorDiedErrorContext(
+        class_name="ProxyActor", actor_id=bytes(16), pid=11095,
+        error_message="The actor is dead because its worker process has died. Worker exit type: NODE_OUT_OF_MEMORY "
+                      "Worker exit detail: 1 worker(s) were killed due to the node running low on memory."))
+    line = proxy_failure(oom, "127.0.0.1", 8000)
+    assert line.startswith("Ray Serve could not start its HTTP proxy on 127.0.0.1:8000 (ActorDiedError: The actor "
+                           "died unexpectedly before finishing this task.); the machine ran low on memory")
+    assert "--port" not in line and "\n" not in line
+    other = proxy_failure(OSError("[Errno 98] Address already in use"), "127.0.0.1", 8000)
+    assert other.endswith("(OSError: [Errno 98] Address already in use); pass another --port, or see "
+                          "`stexport -v serve ...`")
+
+
 def replica_decoders() -> list[int]:
     """The pids of the decoder children of this machine's Ray Serve replicas."""
     out = []

@@ -667,6 +667,19 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+def proxy_failure(e: BaseException, host: str, port: int) -> str:
+    """The one line for Ray Serve's HTTP proxy failing to start with `e`, its fix by the cause: Ray's memory
+    monitor killed the proxy (the node ran low on memory: its message says so after the first line, as
+    ray.exceptions.ActorDiedError carries the raylet's reason), else the address (taken since it was checked)."""
+    text = str(e).lower()
+    if any(w in text for w in ("out_of_memory", "out of memory", "low on memory", "memory pressure")):
+        fix = ("the machine ran low on memory and Ray stopped the proxy to free some: close other work or free "
+               "memory, then start serve again")
+    else:
+        fix = "pass another --port, or see `stexport -v serve ...`"
+    return f"Ray Serve could not start its HTTP proxy on {host}:{port} ({type(e).__name__}: {_first_line(e)}); {fix}"
+
+
 def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = False) -> str:
     """Start Ray (local, on 127.0.0.1, unless one is running or `ray_address` is given), Ray Serve's HTTP
     proxy on cfg.host:cfg.port, and the deployment (Ray Serve application `app_name(cfg)`); return the base URL
@@ -737,9 +750,7 @@ def start(cfg: ServeConfig, ray_address: str | None = None, checked: bool = Fals
         if started:  # nothing was deployed: disconnect (a local cluster this call started stops with it)
             _LOCAL_RAY = False
             ray.shutdown()
-        raise StexportError(f"Ray Serve could not start its HTTP proxy on {cfg.host}:{cfg.port} "
-                            f"({type(e).__name__}: {_first_line(e)}); pass another --port, or see `stexport -v "
-                            "serve ...`") from None
+        raise StexportError(proxy_failure(e, cfg.host, cfg.port)) from None
     try:
         serve.run(deployment(cfg), name=app, route_prefix=cfg.route_prefix, logging_config={"log_level": level})
     except RuntimeError as e:
