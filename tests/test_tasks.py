@@ -270,3 +270,21 @@ def test_task_scratch_files_go_with_the_backend(tasks):
             be.run(tasks["clips"][:1], task=tasks["pack_b"])
             folder = scratch(be)
         assert not folder.exists(), (name, opts)
+
+
+def test_fp16_base_takes_a_pack_of_fewer_classes(tasks, tmp_path):
+    """The pack's FP16 check compares its task's classes only: an FP16 base's head has rows past a smaller
+    task's (a 49-line broadcast traceback before), and the pack equals task B's own FP16 export."""
+    from stexport.build.packing import build_pack
+    from stexport.build.pipeline import build_bundle
+
+    opts = dict(backbone="stexport-tiny-vit", pretrained="none", precision="fp16")
+    base = build_bundle(tasks["a"], out=tmp_path / "base16", swappable=True, max_classes=12, **opts)
+    pack = build_pack(tasks["b"], base, out=tmp_path / "b16.stpack")  # 7 classes on a 12-row head
+    assert pack.classes == 7
+    full_b = build_bundle(tasks["b"], out=tmp_path / "full_b16", **opts)
+    x = tasks["clips"]
+    with backends.create("onnxruntime", base) as be, backends.create("onnxruntime", full_b) as fb:
+        got, want = be.run(x, task=pack), fb.run(x)
+    assert got.shape == want.shape == (len(x), 7)
+    assert np.abs(got - want).max() <= 1e-2 and (got.argmax(1) == want.argmax(1)).all()

@@ -416,6 +416,7 @@ def check_fp16_graph(reference, onnx_path: Path, input_format: str, frames: int,
         if not np.isfinite(out).all() or not fp32_nodes:
             _refuse(over, False, out, clips, source, fallback=f" with {len(fp32_nodes)} nodes kept in FP32",
                     first=first)
+    out = out[:, :ref_logits.shape[1]]  # a swappable base's head has rows beyond a smaller pack's classes
     top = peaks and max(peaks.items(), key=lambda kv: kv[1])
     top = (_layer(top[0]), top[1])
     if fp32_nodes:  # the FP32 nodes' activations, seen on the graph itself (LayerNorm outputs, residual adds)
