@@ -87,7 +87,7 @@ def dump_clip(
     v, t, s = shape[0], shape[1], shape[2]
     typer.echo(f"wrote {out}: {v} view{'s' * (v != 1)} x {t} frames x {s}x{s} RGB, uint8 (V, T, S, S, 3)"
                f"{', headerless' if raw else ''}, {out.stat().st_size / 1e6:.1f} MB  ({sampling.describe()})")
-    if bundle.has("torchscript"):
+    if bundle.has("torchscript") and bundle.manifest.multitask is None:  # stexport-host runs one-task modules
         typer.echo(f"next: stexport-host {bundle.file('torchscript')} {out}")
 
 

@@ -57,10 +57,17 @@ def export_torchscript(
     if as_json:
         print_json({"path": str(path), **rec.model_dump(mode="json")})
         return
+    mt = b.manifest.multitask
+    kind = f"{rec.precision}" + (" (libtorch has no INT8: the bundle's float model)" if b.precision == "int8" else "")
+    inputs = f"uint8 (B, {b.frames}, {b.size}, {b.size}, 3)" + (f" + int64 {mt.input} (B,)" if mt else "")
     typer.echo(f"wrote {path}")
-    typer.echo(f"  {rec.precision}, uint8 (B, {b.frames}, {b.size}, {b.size}, 3) -> logits, "
-               f"{path.stat().st_size / 1e6:.1f} MB; traced module vs deploy model max |Δ| "
-               f"{rec.trace_check_max_abs:.1e}")
+    typer.echo(f"  {kind}, {inputs} -> logits, {path.stat().st_size / 1e6:.1f} MB; traced module vs deploy model "
+               f"max |Δ| {rec.trace_check_max_abs:.1e}")
+    if mt is not None:  # forward(x, task): the C++ example host calls forward(x)
+        typer.echo(f"next: stexport infer VIDEO -m {b.path} --backend torchscript --task NAME (tasks: "
+                   f"{', '.join(t.name for t in mt.tasks)}); a C++ host calls forward(clips, task index per clip) "
+                   "(examples/cpp's stexport-host runs one-task modules only)")
+        return
     typer.echo(f"next: stexport infer VIDEO -m {b.path} --backend torchscript   |   "
                f"stexport dump-clip VIDEO -m {b.path} -o clip.npy && stexport-host {path} clip.npy")
 

@@ -122,6 +122,11 @@ def test_refusals_are_one_line(tasks, multi, tmp_path):  # noqa: F811
     with backends.create("onnxruntime", multi) as be:
         with pytest.raises(StexportError, match="holds tasks task_a, task_b"):
             be.run(tasks["clips"], task="nope")
+        for bad in (2, "2", -1):  # an index past the tasks: the valid ones are named
+            with pytest.raises(StexportError, match=r"task '(2|-1)': multi holds tasks task_a, task_b; pass one of "
+                                                    r"them or its index, 0 to 1 \(--task NAME\)$"):
+                be.run(tasks["clips"], task=bad)
+        assert be.run(tasks["clips"], task=1).shape == be.run(tasks["clips"], task="task_b").shape
         with pytest.raises(StexportError, match="3 tasks for 4 clips"):
             be.run_tasks(tasks["clips"], ["task_a"] * 3)
     with backends.create("onnxruntime", tasks["full_a"]) as be, pytest.raises(StexportError, match="not a multi"):
@@ -171,6 +176,20 @@ def test_torchscript_module_takes_the_task_input(tasks, multi, tmp_path):  # noq
         mixed = be.run_tasks(x, order)
         for i, t in enumerate(order):
             assert np.abs(mixed[i, :want[t].shape[1]] - want[t][i]).max() <= 1e-4
+
+
+def test_export_torchscript_of_a_multitask_bundle_names_the_task_input(multi, tmp_path):
+    """Its summary says the module takes the task index too, and points to `infer --task`, not to the C++
+    example host (which calls forward(clips) on one-task modules)."""
+    import shutil
+
+    copy = shutil.copytree(multi.path, tmp_path / "multi")
+    r = subprocess.run([sys.executable, "-m", "stexport.cli.app", "export-torchscript", str(copy)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "fp32, uint8 (B, 8, 32, 32, 3) + int64 task (B,) -> logits" in r.stdout, r.stdout
+    assert "--task NAME (tasks: task_a, task_b)" in r.stdout and "model.ts clip.npy" not in r.stdout
+    assert "stexport-host runs one-task modules only" in r.stdout
 
 
 def test_verify_task_against_its_own_reference(multi, make_video):

@@ -74,8 +74,8 @@ def task_of(bundle, task) -> BundleTask:
         i = int(task)
         rec = mt.tasks[i] if 0 <= i < len(mt.tasks) else None
     if rec is None:
-        raise StexportError(f"task '{task}': {bundle.path.name} holds tasks {', '.join(by_name)}; pass one of "
-                            "them (--task NAME)")
+        raise StexportError(f"task {str(task)!r}: {bundle.path.name} holds tasks {', '.join(by_name)}; pass one "
+                            f"of them or its index, 0 to {len(mt.tasks) - 1} (--task NAME)")
     # a digest, like a pack's key: caches (verify's reference logits) take its first characters
     m = bundle.manifest
     key = hashlib.sha256(f"{m.name}\n{m.created}\n{rec.index}\n{rec.name}\n{rec.adapter.sha256}".encode()).hexdigest()
