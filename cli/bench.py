@@ -81,7 +81,7 @@ def bench(
     in_process: bool = Flag(False, "--in-process", help="Measure in this process instead of a fresh "
                                     "one (peak memory then includes whatever ran before)."),
     task: Path = typer.Option(None, "--task", help="Time a task pack (`stexport pack`) on this swappable "
-                              "bundle. " + TASK_BACKENDS),
+                              "bundle, or a task (name or index) of a multi-task bundle. " + TASK_BACKENDS),
     as_json: bool = Flag(False, "--json", help="Print every figure as JSON."),
 ):
     """Measure a bundle on one backend: warm-up, then per-clip latency at batch 1 (p50/p90/p99), clips/s at
@@ -123,18 +123,26 @@ progress bars (stderr) show the clips done and, after the first calls, the time 
     opts = parse_options(option)
     if threads:
         opts["threads"] = threads
-    if task is not None:
+    task_arg = None
+    if task is not None:  # refused here, in one line, before the child
         from stexport.bundle.store import Bundle
         from stexport.bundle.taskpack import TaskPack
 
-        TaskPack.load(task).check_fits(Bundle.load(bundle))  # refused here, in one line, before the child
+        b = Bundle.load(bundle)
+        if b.manifest.multitask is not None:  # a task of the bundle itself, by name or index
+            from stexport.bundle.multitask import task_of
+
+            task_arg = task_of(b, str(task)).name
+        else:
+            TaskPack.load(task).check_fits(b)
+            task_arg = str(task.resolve())
     import logging
 
     batches = parse_batches(batch) if batch is not None else None  # None: sized for this machine
     result = run(bundle, backend, opts, batches, iters, warmup, peaks=peaks,
                  isolated=not in_process, progress=not as_json,
                  verbose=logging.getLogger("stexport").isEnabledFor(logging.INFO),
-                 task=str(task.resolve()) if task is not None else None)
+                 task=task_arg)
     if as_json:
         print_json(result)
     else:

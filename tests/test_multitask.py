@@ -192,6 +192,21 @@ def test_export_torchscript_of_a_multitask_bundle_names_the_task_input(multi, tm
     assert "stexport-host runs one-task modules only" in r.stdout
 
 
+def test_bench_times_a_task_of_a_multitask_bundle(multi):
+    """bench --task takes a multi-task bundle's task by name or index (it looked for a pack file of that name)."""
+    def bench(*extra):
+        return subprocess.run([sys.executable, "-m", "stexport.cli.app", "bench", str(multi.path), "-b", "onnxruntime",
+                               "--batch", "1", "--iters", "1", "--warmup", "0", "--no-peaks", "--in-process", "--json",
+                               *extra], capture_output=True, text=True, timeout=600)
+
+    for task in ("task_b", "1"):
+        r = bench("--task", task)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["task"]["name"] == "task_b"
+    r = bench("--task", "nope")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds tasks task_a, task_b" in r.stderr, r.stderr
+
+
 def test_verify_task_against_its_own_reference(multi, make_video):
     """verify --task NAME: the backend runs that task of the multi-task graph, the reference is the backbone
     with that task's own deltas (kept in the bundle's task_deltas); the report names the task."""
