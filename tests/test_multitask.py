@@ -129,6 +129,10 @@ def test_refusals_are_one_line(tasks, multi, tmp_path):  # noqa: F811
         assert be.run(tasks["clips"], task=1).shape == be.run(tasks["clips"], task="task_b").shape
         with pytest.raises(StexportError, match="3 tasks for 4 clips"):
             be.run_tasks(tasks["clips"], ["task_a"] * 3)
+    # a pack offered to a multi-task bundle: its tasks are built in (not "rebuild it --swappable")
+    why = tasks["pack_b"].mismatch(multi)
+    assert why.startswith("bundle multi is a multi-task bundle, which takes its own tasks (--task NAME: task_a, "
+                          "task_b), not packs") and "--swappable" not in why
     with backends.create("onnxruntime", tasks["full_a"]) as be, pytest.raises(StexportError, match="not a multi"):
         be.run_tasks(tasks["clips"], ["task_a"] * 4)
     other = tmp_path / "narrow.pt"

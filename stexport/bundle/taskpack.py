@@ -110,6 +110,10 @@ class TaskPack:
     def mismatch(self, bundle) -> str | None:
         """Why this pack cannot run on `bundle` (a stexport Bundle), or None when it fits."""
         m, base = bundle.manifest, self.record.base
+        if m.multitask is not None:  # its tasks are built in: a pack joins one with `multitask --base --pack`
+            return (f"bundle {bundle.path.name} is a multi-task bundle, which takes its own tasks (--task NAME: "
+                    f"{', '.join(t.name for t in m.multitask.tasks)}), not packs; to add this task, rebuild it "
+                    "with `stexport multitask --base SWAPPABLE_BASE --pack ...` including this pack")
         if m.tasks is None:
             return (f"bundle {bundle.path.name} is not swappable; rebuild it with `stexport build --swappable`")
         mine, theirs = base.spec, m.spec
