@@ -57,6 +57,15 @@ def _root(
     setup_logging(verbose)
 
 
+def usage_error(e) -> None:
+    """One line on stderr for a command-line mistake (click prints usage, a hint and the error on three):
+    `stexport: error: <click's message>; see `stexport build -h``. Exit code stays click's (2)."""
+    ctx = getattr(e, "ctx", None)
+    message = " ".join(e.format_message().split()).rstrip(".")
+    hint = f"; see `{ctx.command_path} -h`" if ctx is not None else ""
+    typer.echo(f"stexport: error: {message}{hint}", err=True)
+
+
 def main() -> None:
     """The console script: Ctrl-C anywhere ends with one line and exit code 130."""
     try:
@@ -70,14 +79,14 @@ def main() -> None:
     interrupt.install()
     with private_torch_cache():
         try:
-            code = app(standalone_mode=False)
+            code = app(standalone_mode=False, prog_name="stexport")
             if code != EXIT_INTERRUPTED:
                 interrupt.check()  # an interruption a library swallowed still ends the command as one
         except (KeyboardInterrupt, click.exceptions.Abort):
             typer.echo("stexport: interrupted", err=True)
             code = EXIT_INTERRUPTED
         except (click.exceptions.ClickException, getattr(typer, "_click", click).exceptions.ClickException) as e:
-            e.show()
+            usage_error(e)
             code = e.exit_code
         finally:
             interrupt.finish()

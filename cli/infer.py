@@ -232,6 +232,8 @@ paths, or --ship-bundle), with results identical to a local run.
         require("--ray", "ray")
     bundle = pick_bundle(model)
     pack = None
+    if task is None and bundle.manifest.multitask is not None:
+        task = 0  # the first task is the bundle's own: name it, so results and --json say which task answered
     if task is not None:
         from stexport.bundle.multitask import loaded_task
 

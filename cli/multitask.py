@@ -34,12 +34,14 @@ def multitask(
                               "first) ..."),
     pack: list[Path] = typer.Option(None, "--pack", help="... and task packs made for it (`stexport pack`); "
                                     "their names, labels and sampling come along."),
-    backbone: str = typer.Option("ViT-B-16", "--backbone", help="With --adapter: the open_clip ViT of every "
-                                 "task."),
+    backbone: str = typer.Option(None, "--backbone", help="With --adapter: the open_clip ViT of every task "
+                                 "(default ViT-B-16)."),
     pretrained: str = typer.Option(None, "--pretrained", help="Backbone weights: an open_clip tag, a file or "
                                    "'none' (default: openai; with --base, the base's)."),
-    frames: int = typer.Option(8, "--frames", "-t", help="With --adapter: frames per clip (T)."),
-    precision: str = typer.Option("fp32", "--precision", "-p", help=precision_help() + "."),
+    frames: int = typer.Option(None, "--frames", "-t", help="With --adapter: frames per clip (T; default 8). "
+                               "With --base, the base's."),
+    precision: str = typer.Option(None, "--precision", "-p", help=precision_help() + " (default: fp32; with "
+                                  "--base, the base's precision)."),
     calib: Path = typer.Option(None, "--calib", help="INT8 calibration videos of every task (a '<video> "
                                "<label>' list or a directory): clip i runs as task i mod the task count."),
     calib_clips: int = typer.Option(32, "--calib-clips", help="How many videos of --calib to use (a seeded "
@@ -49,7 +51,8 @@ def multitask(
     out: Path = typer.Option(None, "--out", "-o", help="Bundle directory (default: "
                              "~/.cache/stexport/bundles/NAME)."),
     force: bool = Flag(False, "--force", "-f", help="Replace an existing bundle at --out."),
-    as_json: bool = Flag(False, "--json", help="Print the manifest as JSON."),
+    as_json: bool = Flag(False, "--json", help="Print the bundle's path and its task table (each task's index, "
+                         "name, classes, labels and sampling) as JSON; the whole manifest is BUNDLE/manifest.json."),
 ):
     """Build a multi-task bundle (FP32, FP16 or INT8): one graph with every task's adapters and head stacked and a second
     input, the task index of each clip (int64 [B]). The backbone runs once per batch; each clip gathers its
@@ -59,11 +62,18 @@ def multitask(
     (round-robin task indices); the adapters stay float."""
     from stexport.errors import StexportError
 
+    if pack and not base:
+        raise StexportError("--pack needs the swappable --base the packs were made for (or build from "
+                            "checkpoints: --adapter, repeated)")
     if bool(adapter) == bool(base):
         raise StexportError("pass the tasks' checkpoints with --adapter (repeated), or a swappable --base with "
-                            "its --pack files")
-    if pack and not base:
-        raise StexportError("--pack needs the swappable --base the packs were made for")
+                            "its --pack files, not both")
+    if base:
+        given = [flag for flag, v in (("--name", name), ("--labels", labels), ("--backbone", backbone),
+                                      ("--frames", frames)) if v not in (None, [], ())]
+        if given:
+            raise StexportError(f"{', '.join(given)}: with --base the tasks' names, labels, backbone and frames "
+                                "are the base's and its packs'; drop them, or build from checkpoints with --adapter")
     from stexport.extras import require
 
     require("stexport multitask", "torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors")
@@ -71,6 +81,10 @@ def multitask(
                              progress=True)
     if base:
         from stexport.build.multitask import multitask_from_packs
+        from stexport.bundle.store import Bundle
+
+        if precision is None:  # an FP16 base gave an FP32 bundle when the default was fp32 (new-user finding)
+            precision_options["precision"] = Bundle.load(base).manifest.precision
 
         bundle = multitask_from_packs(base, list(pack or []), out=out, pretrained=pretrained, force=force,
                                       **precision_options)
@@ -84,9 +98,10 @@ def multitask(
             raise StexportError(f"{len(labels)} --labels for {len(adapter)} --adapter: give one per adapter")
         from stexport.build.multitask import build_multitask
 
-        bundle = build_multitask(list(adapter), out=out, backbone=backbone, pretrained=pretrained or "openai",
-                                 names=list(name) if name else None, labels=list(labels) if labels else None,
-                                 frames=frames, force=force, **precision_options)
+        bundle = build_multitask(list(adapter), out=out, backbone=backbone or "ViT-B-16",
+                                 pretrained=pretrained or "openai", names=list(name) if name else None,
+                                 labels=list(labels) if labels else None, frames=8 if frames is None else frames, force=force,
+                                 **{**precision_options, "precision": precision or "fp32"})
     m = bundle.manifest
     if as_json:
         print_json({"path": str(bundle.path), **m.multitask.model_dump(mode="json", exclude_none=True)})

@@ -221,6 +221,20 @@ def test_each_short_flag_means_one_thing():
         assert js and js[0].is_flag, f"{name} --json must be an on/off flag"
 
 
+def test_usage_mistakes_are_one_line_naming_the_help():
+    """Click printed usage, a hint and the error on three lines (new-user finding); one line, exit 2."""
+    cases = {
+        ("build", "--bogus"): "stexport: error: No such option: --bogus (Possible options: --out); "
+                              "see `stexport build -h`",
+        ("verify",): "stexport: error: Missing argument 'bundle'; see `stexport verify -h`",
+        ("bogus",): "stexport: error: No such command 'bogus'; see `stexport -h`",
+        ("--nope",): "stexport: error: No such option: --nope; see `stexport -h`",
+    }
+    for args, line in cases.items():
+        p = stexport(*args)
+        assert p.returncode == 2 and p.stderr.strip() == line and not p.stdout, (args, p.stderr)
+
+
 def test_verify_json_is_a_flag_and_report_writes_a_file(tiny_bundle, videos, tmp_path):
     r = cli("verify", tiny_bundle.path, "--clips", videos / "list.txt", "--json")
     assert r.exit_code == 0, r.output

@@ -16,6 +16,7 @@ import onnx
 import pytest
 from test_tasks import KW, tasks  # noqa: F401 - the module fixture: tiny checkpoints A (10 classes), B (7), full exports
 
+from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 from stexport.runtime import backends
 
@@ -158,6 +159,11 @@ def test_cli_multitask_and_infer_task(tasks, multi, make_video, tmp_path):  # no
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.splitlines()[0])
     assert row["task"] == "task_b" and len(row["top"]) == 5
+    r = cli("infer", video, "-m", out, "-b", "onnxruntime", "--task", "task_a", "--json")
+    first = json.loads(r.stdout.splitlines()[0])
+    r = cli("infer", video, "-m", out, "-b", "onnxruntime", "--json")  # no --task: the first task, named
+    row = json.loads(r.stdout.splitlines()[0])
+    assert r.returncode == 0 and row["task"] == "task_a" and row["top"] == first["top"], (row, first)
     r = cli("infer", video, "-m", out, "-b", "onnxruntime", "--task", "nope")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds tasks task_a, task_b" in r.stderr
 
@@ -448,6 +454,40 @@ def test_cli_multitask_int8_needs_calib(tasks, tmp_path):  # noqa: F811
         multitask_from_packs(tasks["base"], [tasks["pack_b"]], out=tmp_path / "y", precision="int4")
     assert not (tmp_path / "y").exists()
 
+
+
+def test_cli_multitask_names_options_that_do_not_apply(tasks, tmp_path):  # noqa: F811
+    """New-user findings: options multitask would have ignored are named (one line, exit 2, nothing written), a
+    --calib no FP32 build uses is a warning as in `build`, and an FP16 --base gives an FP16 bundle (it gave FP32)."""
+    from stexport.build.options import CALIB_UNUSED
+    from stexport.build.packing import build_pack
+    from stexport.build.pipeline import build_bundle
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "stexport.cli.app", "multitask", *map(str, args)],
+                              capture_output=True, text=True, timeout=300)
+
+    out, base, pack = tmp_path / "x", tasks["base"].path, tasks["pack_b"].path
+    refusals = {
+        ("--pack", pack, "--out", out): "--pack needs the swappable --base the packs were made for",
+        ("--base", base, "--pack", pack, "--frames", 4, "--name", "n", "--out", out):
+            "--name, --frames: with --base the tasks' names, labels, backbone and frames are the base's",
+        ("--base", base, "-a", tasks["a"], "--out", out): "or a swappable --base with its --pack files, not both",
+    }
+    for args, message in refusals.items():
+        r = cli(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr)
+        assert not out.exists()
+    r = cli("-a", tasks["a"], "-a", tasks["b"], "--backbone", "stexport-tiny-vit", "--pretrained", "none",
+            "-t", 4, "--calib", tasks["root"], "--out", out, "--json")
+    assert r.returncode == 0 and CALIB_UNUSED in r.stderr, r.stderr
+    assert json.loads(r.stdout)["tasks"][1]["name"] == "task_b"
+    base16 = build_bundle(tasks["a"], out=tmp_path / "base16", swappable=True, max_classes=12,
+                          backbone="stexport-tiny-vit", pretrained="none", precision="fp16")
+    pack16 = build_pack(tasks["b"], base16, out=tmp_path / "b16.stpack")
+    r = cli("--base", base16.path, "--pack", pack16.path, "--out", tmp_path / "mt16")
+    assert r.returncode == 0, r.stderr
+    assert Bundle.load(tmp_path / "mt16").manifest.precision == "fp16" and "fp16" in r.stdout.splitlines()[0]
 
 # --- export-triton and TensorRT ------------------------------------------------------------------------------
 

@@ -971,6 +971,13 @@ def test_auto_says_why_it_passed_tensorrt_over_on_a_gpu_host(bundle, monkeypatch
     with caplog.at_level(logging.WARNING, logger="stexport"):
         assert runtime.TensorRTBackend.usable(bundle) is False
     assert "TensorRT" not in caplog.text
+    runtime._said.clear()  # ... but `-v` (info) says why, once (new-user finding: it was debug only)
+    with caplog.at_level(logging.INFO, logger="stexport"):
+        assert runtime.TensorRTBackend.usable(bundle) is False
+        assert runtime.TensorRTBackend.usable(bundle) is False
+    said = [r.getMessage() for r in caplog.records if "not using TensorRT" in r.getMessage()]
+    assert said == ["auto: not using TensorRT for bundle: no NVIDIA GPU is visible (TensorRT runs on NVIDIA GPUs "
+                    "only)"], said
 
 
 def test_build_engine_defers_with_the_mismatch(bundle, cuda13_on_a_cuda12_driver):

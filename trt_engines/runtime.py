@@ -69,8 +69,8 @@ _said: set[tuple[str, str]] = set()
 
 
 def passed_over(bundle, why: str) -> None:
-    """Log why `auto` did not pick TensorRT: a warning where a GPU is visible (the user may expect it), once per
-    bundle and reason; debug elsewhere (a CPU host has nothing to fix)."""
+    """Log why `auto` did not pick TensorRT, once per bundle and reason: a warning where a GPU is visible (the
+    user may expect it), else info (`stexport -v` shows it; a CPU host has nothing to fix)."""
     try:
         from stexport.runtime.device import gpu_visible
 
@@ -78,11 +78,10 @@ def passed_over(bundle, why: str) -> None:
     except Exception:  # noqa: BLE001
         gpu = False
     key = (str(bundle.path), why)
-    if gpu and key not in _said:
-        _said.add(key)
-        log.warning("auto: not using TensorRT for %s: %s", bundle.path.name, why)
-    else:
-        log.debug("auto: not using TensorRT for %s: %s", bundle.path.name, why)
+    if key in _said:
+        return
+    _said.add(key)
+    (log.warning if gpu else log.info)("auto: not using TensorRT for %s: %s", bundle.path.name, why)
 
 
 @register("tensorrt", artifact="onnx", auto=30, auto_note="a TensorRT engine for this GPU",
@@ -122,10 +121,10 @@ class TensorRTBackend(Backend):
         None: TensorRT installed, a GPU visible, a driver for the wheels' CUDA, and an engine or a request."""
         from stexport.runtime.device import gpu_visible
 
+        if not gpu_visible():
+            return "no NVIDIA GPU is visible (TensorRT runs on NVIDIA GPUs only)"
         if importlib.util.find_spec("tensorrt") is None:
             return "TensorRT is not installed (pip install 'stexport[tensorrt]')"
-        if not gpu_visible():
-            return "no NVIDIA GPU is visible"
         why = cuda_mod.host_mismatch()
         if why:
             return why

@@ -208,6 +208,10 @@ def build_multitask(adapters: list, out: str | Path | None = None, backbone="ste
     if PRECISIONS[precision].calibrated and calib is None:
         raise StexportError(f"--precision {precision} needs calibration videos: pass --calib LIST|DIR (clips of "
                             "every task; they are run round-robin, one task each)")
+    if calib is not None and precision == "fp32":
+        from stexport.build.options import CALIB_UNUSED
+
+        log.warning(CALIB_UNUSED)
     if not adapters:
         raise StexportError("a multi-task bundle needs at least one adapter checkpoint")
     deltas = [as_deltas(a) for a in adapters]

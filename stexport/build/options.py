@@ -29,6 +29,9 @@ def choice(flag: str, value: str, allowed) -> None:
         raise StexportError(f"{flag} {value}: {hint}choose one of {', '.join(allowed)}")
 
 
+CALIB_UNUSED = "--calib is only used for --precision int8 (and to check fp16); ignoring it"
+
+
 @dataclass
 class BuildOptions:
     """Everything `stexport build` takes, validated in one place (cheap checks only: no model is loaded).
@@ -124,7 +127,7 @@ class BuildOptions:
             if self.calib_clips < 1:
                 raise StexportError(f"--calib-clips {self.calib_clips}: must be at least 1")
         elif self.calib is not None and self.precision == "fp32":
-            log.warning("--calib is only used for --precision int8 (and to check fp16); ignoring it")
+            log.warning(CALIB_UNUSED)
         if self.max_classes is not None:
             if not self.swappable:
                 raise StexportError("--max-classes needs --swappable (it sizes the head task packs replace)")
