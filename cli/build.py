@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from stexport.bundle.precision import INPUT_FORMATS, choices_help, precision_help
-from stexport.cli.common import Flag, handle_errors, print_json, register as add_command
+from stexport.cli.common import Flag, handle_errors, print_json, rate_option, views_option
+from stexport.cli.common import register as add_command
 from stexport.cli.common import decode_timeout_option, max_decode_option
 
 EXAMPLES = """
@@ -60,10 +61,8 @@ def build(
                                      help="minmax, percentile (99.999) or entropy."),
     decode_timeout: float = decode_timeout_option(),
     max_decode_s: float = max_decode_option(None, "no limit"),
-    views: str = typer.Option(None, "--views", help="Default TEMPORALxSPATIAL views for infer/verify, e.g. 3x1 "
-                              "(Kinetics) or 1x3 (SSv2). Default: from the adapter's layout."),
-    rate: int = typer.Option(None, "--rate", min=0, help="Default frame step for infer/verify; 0 spreads the "
-                             "frames over the whole video."),
+    views: str = views_option("Default TEMPORALxSPATIAL views for infer/verify", "from the adapter's layout"),
+    rate: int = rate_option("Default frame step for infer/verify", "from the adapter's layout (16, or 0 for SSv2)"),
     labels: Path = typer.Option(None, "--labels", help="Class names, one per line (default: Kinetics-400 for "
                                 "400 classes, SSv2 for 174, else class_i)."),
     out: Path = typer.Option(None, "--out", "-o",
@@ -118,11 +117,9 @@ def build(
     """
     from stexport.build.options import BuildOptions
 
-    sampling = {} if rate is None else {"rate": rate}
-    if views:
-        from stexport.runtime.video import parse_views
+    from stexport.runtime.video import sampling_overrides
 
-        sampling["temporal_views"], sampling["spatial_views"] = parse_views(views)
+    sampling = sampling_overrides(views, rate)
     options = BuildOptions(adapter=adapter, backbone=backbone, pretrained=pretrained, precision=precision,
                            frames=frames, size=size, out=out, force=force, calib=calib, labels=labels,
                            calib_clips=calib_clips, calib_method=calib_method, input_format=input_format,

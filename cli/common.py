@@ -121,6 +121,17 @@ def max_decode_option(default: float | None, what: str):
     return typer.Option(default, "--max-decode-s", min=0.01, help=f"{MAX_DECODE_HELP} Default: {what}.")
 
 
+def views_option(what: str = "TEMPORALxSPATIAL views", default: str = "the bundle's"):
+    """--views TxS (stexport.runtime.video.with_views applies it), for every command that samples clips."""
+    return typer.Option(None, "--views", help=f"{what}, e.g. 3x1 (Kinetics) or 1x3 (SSv2). Default: {default}.")
+
+
+def rate_option(what: str = "Take every N-th frame", default: str = "the bundle's"):
+    """--rate N (0: the frames spread over the whole video), beside views_option."""
+    return typer.Option(None, "--rate", min=0, help=f"{what}; 0 spreads the frames over the whole video. "
+                        f"Default: {default}.")
+
+
 # = stexport.runtime.decode_worker's MAX_PIXELS, MAX_FRAMES, MEMORY_MB (tests/test_decoding.py checks)
 MAX_PIXELS, MAX_FRAMES, DECODE_MEMORY_MB = 36_000_000, 1_000_000, 4096
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from stexport.cli.common import Flag, decode_timeout_option, handle_errors, max_decode_option, print_json
+from stexport.cli.common import rate_option, views_option
 from stexport.cli.common import register as add_command
 
 EXAMPLES = """
@@ -45,10 +46,8 @@ def dump_clip(
     out: Path = typer.Option(..., "--out", "-o", help="File to write (.npy unless --raw)."),
     model: Path = typer.Option(None, "--model", "-m", help="Bundle whose frames, size and sampling to use. "
                                "Default: the newest bundle in $STEXPORT_HOME/bundles."),
-    views: str = typer.Option(None, "--views", help="TEMPORALxSPATIAL views, e.g. 3x1 or 1x3. Default: the "
-                              "bundle's."),
-    rate: int = typer.Option(None, "--rate", min=0, help="Take every N-th frame; 0 spreads the frames over "
-                             "the whole video. Default: the bundle's."),
+    views: str = views_option(),
+    rate: int = rate_option(),
     raw: bool = Flag(False, "--raw", help="Write headerless bytes instead of .npy."),
     decode_timeout: float = decode_timeout_option(),
     max_decode_s: float = max_decode_option(None, "no limit"),

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import BACKEND_HELP, EXIT_BAD_INPUT, OPTION_HELP, TASK_BACKENDS, Flag, escape, handle_errors, parse_options
-from stexport.cli.common import decode_timeout_option, header_limit_options, max_decode_option
+from stexport.cli.common import BACKEND_HELP, EXIT_BAD_INPUT, Flag, OPTION_HELP, TASK_BACKENDS, escape, handle_errors
+from stexport.cli.common import decode_timeout_option, header_limit_options, max_decode_option, parse_options
+from stexport.cli.common import rate_option, views_option
 
 _HEADER = header_limit_options()
 from stexport.cli.common import register as add_command
@@ -130,10 +131,8 @@ def infer(
     model: Path = typer.Option(None, "--model", "-m", help="Bundle directory. Default: the newest bundle in "
                                "$STEXPORT_HOME/bundles (~/.cache/stexport/bundles)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="How many classes to show per video."),
-    views: str = typer.Option(None, "--views", help="TEMPORALxSPATIAL views, e.g. 3x1 (Kinetics) or 1x3 "
-                              "(SSv2). Default: the bundle's."),
-    rate: int = typer.Option(None, "--rate", min=0, help="Take every N-th frame; 0 spreads the frames over "
-                             "the whole video (or window). Default: the bundle's."),
+    views: str = views_option(),
+    rate: int = rate_option(default="the bundle's; in timeline mode, 0 spreads them over each window"),
     backend: str = typer.Option("auto", "--backend", "-b", help=BACKEND_HELP),
     labels: Path = typer.Option(None, "--labels", help="Class names, one per line, in class order "
                                 "(overrides the bundle's)."),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from stexport.cli.common import Flag, check_adapter_file, handle_errors, print_json
+from stexport.cli.common import Flag, check_adapter_file, handle_errors, print_json, rate_option, views_option
 from stexport.cli.common import register as add_command
 
 from stexport.bundle.precision import precision_help
@@ -40,6 +40,9 @@ def multitask(
                                    "'none' (default: openai; with --base, the base's)."),
     frames: int = typer.Option(None, "--frames", "-t", help="With --adapter: frames per clip (T; default 8). "
                                "With --base, the base's."),
+    views: str = views_option("With --adapter: every task's default TEMPORALxSPATIAL views for infer/verify",
+                              "each task's, from its adapter's layout, as `build`"),
+    rate: int = rate_option("With --adapter: every task's default frame step", "each task's, as `build`"),
     precision: str = typer.Option(None, "--precision", "-p", help=precision_help() + " (default: fp32; with "
                                   "--base, the base's precision)."),
     calib: Path = typer.Option(None, "--calib", help="INT8 calibration videos of every task (a '<video> "
@@ -70,10 +73,12 @@ def multitask(
                             "its --pack files, not both")
     if base:
         given = [flag for flag, v in (("--name", name), ("--labels", labels), ("--backbone", backbone),
-                                      ("--frames", frames)) if v not in (None, [], ())]
+                                      ("--frames", frames), ("--views", views), ("--rate", rate))
+                 if v not in (None, [], ())]
         if given:
-            raise StexportError(f"{', '.join(given)}: with --base the tasks' names, labels, backbone and frames "
-                                "are the base's and its packs'; drop them, or build from checkpoints with --adapter")
+            raise StexportError(f"{', '.join(given)}: with --base the tasks' names, labels, backbone, frames and "
+                                "sampling are the base's and its packs'; drop them, or build from checkpoints with "
+                                "--adapter")
     from stexport.extras import require
 
     require("stexport multitask", "torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors")
@@ -98,9 +103,13 @@ def multitask(
             raise StexportError(f"{len(labels)} --labels for {len(adapter)} --adapter: give one per adapter")
         from stexport.build.multitask import build_multitask
 
+        from stexport.runtime.video import sampling_overrides
+
+        sampling = sampling_overrides(views, rate) or None
         bundle = build_multitask(list(adapter), out=out, backbone=backbone or "ViT-B-16",
                                  pretrained=pretrained or "openai", names=list(name) if name else None,
-                                 labels=list(labels) if labels else None, frames=8 if frames is None else frames, force=force,
+                                 labels=list(labels) if labels else None, frames=8 if frames is None else frames,
+                                 samplings=[sampling] * len(adapter), force=force,
                                  **{**precision_options, "precision": precision or "fp32"})
     m = bundle.manifest
     if as_json:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from stexport.cli.common import Flag, check_adapter_file, handle_errors, print_json, register as add_command
+from stexport.cli.common import Flag, check_adapter_file, handle_errors, print_json, rate_option, views_option
+from stexport.cli.common import register as add_command
 
 EXAMPLES = """
 Examples:
@@ -39,10 +40,9 @@ def pack(
     pretrained: str = typer.Option(None, "--pretrained", help="The base's backbone weights, if the file it "
                                    "was built from has moved."),
     name: str = typer.Option(None, "--name", help="The task's name (default: the checkpoint's file stem)."),
-    views: str = typer.Option(None, "--views", help="The task's default TEMPORALxSPATIAL views for infer/verify, "
-                              "e.g. 3x1 or 1x3 (default, as `build`: from the adapter's layout and classes; not the base's)."),
-    rate: int = typer.Option(None, "--rate", min=0, help="The task's default frame step; 0 spreads the frames "
-                             "over the whole video (default, as `build`)."),
+    views: str = views_option("The task's default TEMPORALxSPATIAL views for infer/verify",
+                              "as `build`, from the adapter's layout and classes (not the base's)"),
+    rate: int = rate_option("The task's default frame step", "as `build`"),
     force: bool = Flag(False, "--force", "-f", help="Replace an existing pack at --out."),
     as_json: bool = Flag(False, "--json", help="Print the pack's record as JSON."),
 ):
@@ -69,11 +69,9 @@ def pack(
         raise StexportError(f"{labels}: no such labels file (--labels: one class name per line)")
     from stexport.build.packing import build_pack
 
-    sampling = {} if rate is None else {"rate": rate}
-    if views:
-        from stexport.runtime.video import parse_views
+    from stexport.runtime.video import sampling_overrides
 
-        sampling["temporal_views"], sampling["spatial_views"] = parse_views(views)
+    sampling = sampling_overrides(views, rate)
     p = build_pack(adapter, b, out=out, sampling=sampling, calib=str(calib) if calib else None, calib_clips=calib_clips,
                    labels=str(labels) if labels else None, pretrained=pretrained, name=name, force=force,
                    progress=True)

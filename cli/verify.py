@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from stexport.bundle.precision import PRECISIONS, gate_text, short
 from stexport.cli.common import BACKEND_HELP, OPTION_HELP, TASK_BACKENDS, Flag, handle_errors, parse_options, print_json, register as add_command
-from stexport.cli.common import decode_timeout_option, max_decode_option
+from stexport.cli.common import decode_timeout_option, max_decode_option, rate_option, views_option
 
 EXIT_GATE_FAILED = 1
 
@@ -74,6 +74,9 @@ def verify(
                         "by the |Δlogit| against the reference it adds (ONNX Runtime)."),
     top: int = typer.Option(None, "--top", help="With --layers: show the N most sensitive layers (default: "
                             "10 in the table, all in --json)."),
+    views: str = views_option("TEMPORALxSPATIAL views to check (as `infer --views` runs them)",
+                              "the bundle's, or the task's with --task"),
+    rate: int = rate_option("Frame step to check (as `infer --rate`)", "the bundle's, or the task's with --task"),
     allow_failed: bool = Flag(False, "--allow-undecodable", help="Let the gate pass on the videos that decoded "
                               "when some could not be (by default such a run fails: it did not check what was "
                               "asked). The report says how many failed either way."),
@@ -109,7 +112,7 @@ def verify(
 
         report = layer_report(bundle, clips if len(clips) != 1 else clips[0], max_clips=max_clips, top=top,
                               pretrained=pretrained, progress=True, use_cache=not no_cache, threads=threads,
-                              decode_timeout=decode_timeout, max_decode_s=max_decode_s)
+                              decode_timeout=decode_timeout, max_decode_s=max_decode_s, views=views, rate=rate)
         text = format_layers({**report, "layers": report["layers"][:top or 10]})
     else:
         b = Bundle.load(bundle)
@@ -122,7 +125,7 @@ def verify(
         report = run_verify(b, clips if len(clips) != 1 else clips[0], backend=backend, max_clips=max_clips,
                             gate=gate, pretrained=pretrained, progress=True, use_cache=not no_cache, task=task,
                             decode_timeout=decode_timeout, max_decode_s=max_decode_s, allow_failed=allow_failed,
-                            **options)
+                            views=views, rate=rate, **options)
         text = format_report(report)
     if report_path is not None:
         from stexport.fileutil import atomic_write_json

@@ -276,6 +276,19 @@ def test_vit_b16_parity_per_precision(tmp_path, monkeypatch):
 
 # --- issue 18 ------------------------------------------------------------------------------------------------
 
+def test_verify_checks_the_views_and_rate_it_is_given(tiny_bundle, videos):
+    """verify --views/--rate check the sampling infer --views/--rate would run (new-user finding: a table's
+    '1x1 views, rate 0' could not be reproduced from the CLI); the default is the bundle's (3 views here)."""
+    r = cli("verify", tiny_bundle.path, "--clips", videos / "v0.mp4", "--views", "1x1", "--rate", "0", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["metrics"]["views"] == 1 and out["passed"]
+    assert {k: out["sampling"][k] for k in ("rate", "temporal_views", "spatial_views")} == \
+        {"rate": 0, "temporal_views": 1, "spatial_views": 1}
+    r = cli("verify", tiny_bundle.path, "--clips", videos / "v0.mp4", "--views", "0x2")
+    assert r.exit_code == 2 and "--views '0x2': both counts must be at least 1" in r.output
+
+
 def test_verify_takes_the_inputs_build_calib_takes(tiny_bundle, videos, tmp_path):
     """A video file (was a 49-line UnicodeDecodeError traceback), several --clips, and a list that is not UTF-8
     (one line naming the line and the fix)."""

@@ -471,17 +471,23 @@ def test_cli_multitask_names_options_that_do_not_apply(tasks, tmp_path):  # noqa
     refusals = {
         ("--pack", pack, "--out", out): "--pack needs the swappable --base the packs were made for",
         ("--base", base, "--pack", pack, "--frames", 4, "--name", "n", "--out", out):
-            "--name, --frames: with --base the tasks' names, labels, backbone and frames are the base's",
+            "--name, --frames: with --base the tasks' names, labels, backbone, frames and sampling are the base's",
         ("--base", base, "-a", tasks["a"], "--out", out): "or a swappable --base with its --pack files, not both",
     }
     for args, message in refusals.items():
         r = cli(*args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr)
         assert not out.exists()
+    r = cli("--base", base, "--pack", pack, "--views", "1x1", "--out", out)
+    assert r.returncode == 2 and "--views: with --base" in r.stderr, r.stderr
     r = cli("-a", tasks["a"], "-a", tasks["b"], "--backbone", "stexport-tiny-vit", "--pretrained", "none",
-            "-t", 4, "--calib", tasks["root"], "--out", out, "--json")
+            "-t", 4, "--views", "1x1", "--rate", 0, "--calib", tasks["root"], "--out", out, "--json")
     assert r.returncode == 0 and CALIB_UNUSED in r.stderr, r.stderr
-    assert json.loads(r.stdout)["tasks"][1]["name"] == "task_b"
+    info = json.loads(r.stdout)
+    assert info["tasks"][1]["name"] == "task_b"
+    assert all(t["sampling"] == {"rate": 0, "temporal_views": 1, "spatial_views": 1} for t in info["tasks"]), info
+    r = cli("-a", tasks["a"], "--backbone", "stexport-tiny-vit", "--views", "3", "--out", tmp_path / "y")
+    assert r.returncode == 2 and "--views '3': write TEMPORALxSPATIAL" in r.stderr and not (tmp_path / "y").exists()
     base16 = build_bundle(tasks["a"], out=tmp_path / "base16", swappable=True, max_classes=12,
                           backbone="stexport-tiny-vit", pretrained="none", precision="fp16")
     pack16 = build_pack(tasks["b"], base16, out=tmp_path / "b16.stpack")

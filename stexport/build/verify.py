@@ -133,7 +133,8 @@ def _reference_batch(b: Bundle) -> int:
 def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | None = None,
            gate: Gate | None = None, pretrained: str | None = None, progress: bool = False,
            reference=None, use_cache: bool = True, task=None, decode_timeout: float | None = None,
-           max_decode_s: float | None = None, allow_failed: bool = False, **backend_options) -> dict:
+           max_decode_s: float | None = None, allow_failed: bool = False, views: str | None = None,
+           rate: int | None = None, **backend_options) -> dict:
     """Compare `backend` on `bundle` with the PyTorch reference on the videos of `clips` (a '<video> <label>'
     list, a directory, a video file, or a list of those). Returns the report; report['passed'] is the gate's
     verdict. Videos are decoded in a child process (stexport.runtime.decode_worker): one that cannot be decoded is
@@ -152,6 +153,8 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     bundle's deltas and backbone record (`pretrained` overrides where the backbone weights are now).
     task: a task pack (TaskPack or path) of a swappable bundle: the backend runs it, the reference is the
     backbone with the pack's deltas, and the pack's sampling is used.
+    views ('TxS'), rate: check this sampling instead of the bundle's (or the task's) default, as `infer
+    --views/--rate` would run it (stexport.runtime.video.with_views).
     Raises StexportError for bad input (no decodable video, labels outside the classes, …).
     """
     from stexport.runtime import backends
@@ -159,7 +162,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     from stexport.runtime.decode_worker import limits_of
 
     limits = limits_of(decode_timeout, max_decode_s)
-    job = _Job.open(bundle, clips, backend, max_clips, task)
+    job = _Job.open(bundle, clips, backend, max_clips, task, views, rate)
     gate = gate or GATES.get(job.precision, GATES["fp32"])
     cache, stored = _cached_reference(job, pretrained, reference, use_cache)
     ref = None if stored else _reference_model(job, reference, pretrained)
@@ -221,11 +224,12 @@ class _Job:
         return self.b.precision
 
     @classmethod
-    def open(cls, bundle, clips, backend: str, max_clips: int | None, task) -> _Job:
+    def open(cls, bundle, clips, backend: str, max_clips: int | None, task, views: str | None = None,
+             rate: int | None = None) -> _Job:
         """Refuses (StexportError, one line) an unknown backend, a bad --max-clips, a pack that does not fit,
         no runtime for 'auto' and the torch reference as the backend, before any work."""
         from stexport.runtime import backends
-        from stexport.runtime.video import Sampling, display, read_clip_lists
+        from stexport.runtime.video import Sampling, display, read_clip_lists, with_views
 
         if backend not in backends.names():
             backends.load_class(backend)  # an unknown name: refused (with the closest one) before any work
@@ -247,6 +251,7 @@ class _Job:
 
             pack = loaded_task(b, task if not isinstance(task, Path) else str(task))  # or a multi-task name
             sampling = Sampling(frames=b.frames, size=b.size, **pack.record.sampling.model_dump())
+        sampling = with_views(sampling, views, rate)
         name = backends.resolve(backend, b)
         if name is None:
             raise StexportError("no runtime to verify on this machine (auto found neither OpenVINO nor ONNX "
@@ -615,15 +620,15 @@ class _KeepFeeds:
 def layer_report(bundle: Bundle | str, clips, max_clips: int | None = None, top: int | None = None,
                  pretrained: str | None = None, progress: bool = False, reference=None, use_cache: bool = True,
                  threads: int | None = None, decode_timeout: float | None = None,
-                 max_decode_s: float | None = None) -> dict:
+                 max_decode_s: float | None = None, views: str | None = None, rate: int | None = None) -> dict:
     """The layerwise precision report of an INT8 or FP16 bundle: its quantized (FP16) GEMMs ranked by the error
     each adds alone in INT8 (FP16) against the FP32 reference on the videos of `clips` (`rank_layers`;
     Polygraphy's `debug precision` and NNCF's accuracy control answer the same question). Videos are decoded
     and the PyTorch reference run (or its logits taken from the cache) as `verify` does; the graph runs on ONNX
     Runtime (CPU). FP16: the reference is also folded and exported in FP32 once for its FP32 weights.
 
-    top: keep the `top` most sensitive layers (None: all). reference, pretrained, use_cache, decode limits:
-    as for `verify`. Returns {"bundle", "precision", "float_precision", "videos", "views", "failed",
+    top: keep the `top` most sensitive layers (None: all). reference, pretrained, use_cache, decode limits,
+    views, rate: as for `verify`. Returns {"bundle", "precision", "float_precision", "videos", "views", "failed",
     "reference", "method", "base" (metrics of the whole INT8/FP16 graph), "quantized_layers" (the number of
     layers ranked), "layers", "fp32_nodes" (FP16: the nodes the build kept in FP32 for overflow, from the
     manifest's fp16_check; they are not ranked)}. Raises StexportError for a bundle of a precision without such
@@ -636,7 +641,7 @@ def layer_report(bundle: Bundle | str, clips, max_clips: int | None = None, top:
     if top is not None and top < 1:
         raise StexportError(f"--top {top}: must be at least 1")
     limits = limits_of(decode_timeout, max_decode_s)
-    job = _Job.open(bundle, clips, "onnxruntime", max_clips, None)
+    job = _Job.open(bundle, clips, "onnxruntime", max_clips, None, views, rate)
     if job.precision not in LAYER_PRECISIONS:
         raise StexportError(f"{job.b.path}: a {job.precision} bundle has no quantized or FP16 layers; --layers "
                             "ranks an INT8 or FP16 bundle's GEMMs (build one with --precision int8 or fp16)")

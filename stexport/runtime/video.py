@@ -1006,9 +1006,15 @@ def read_clip_lists(inputs, problems: list[tuple[str, str]] | None = None) -> li
     return [entry for item in items for entry in read_clip_list(item, problems)]
 
 
-def with_views(sampling: Sampling, views: str | None = None, rate: int | None = None) -> Sampling:
-    """`sampling` with --views TxS and --rate applied (together, so 0 → 16 with 1x3 → 3x1 is valid)."""
+def sampling_overrides(views: str | None = None, rate: int | None = None) -> dict:
+    """--views TxS and --rate as Sampling fields ({rate, temporal_views, spatial_views}, the ones given);
+    StexportError for malformed views."""
     change = {} if rate is None else {"rate": rate}
     if views:
         change["temporal_views"], change["spatial_views"] = parse_views(views)
-    return replace(sampling, **change)
+    return change
+
+
+def with_views(sampling: Sampling, views: str | None = None, rate: int | None = None) -> Sampling:
+    """`sampling` with --views TxS and --rate applied (together, so 0 → 16 with 1x3 → 3x1 is valid)."""
+    return replace(sampling, **sampling_overrides(views, rate))
