@@ -242,25 +242,28 @@ def test_gates_per_precision():
 
 @pytest.mark.slow
 def test_vit_b16_parity_per_precision(tmp_path, monkeypatch):
-    """ViT-B/16 + 12x384 adapters, 8x224: FP32 within 1e-6 of the logits' scale; FP32, FP16 and INT8 pass
+    """ViT-B/16 + 12x384 adapters, 4x224: FP32 within 1e-6 of the logits' scale; FP32, FP16 and INT8 pass
     verify's gates (the product's) on 20 held-out clips of 5 classes the head is fitted on
-    (conftest.separated_head; a random head's near-tied logits make INT8 top-1 agreement luck)."""
+    (conftest.separated_head; a random head's near-tied logits make INT8 top-1 agreement luck). Four frames,
+    not the paper's 8: the model (and so what FP16 and INT8 must hold) is the full-size one, a frame count
+    only multiplies the tokens, and 8 made this one test a fifth of the suite's time."""
     from stexport.build.verify import judge
 
+    FRAMES = 4
     monkeypatch.setenv("STEXPORT_CALIB_CACHE", str(tmp_path / "cal"))
     torch.set_num_threads(2)
     bb = trained_like(random_backbone("ViT-B-16"))
     sd = random_deltas(bb.config, width=384, num_classes=5)
-    sd = separated_head(bb, sd, *class_clips(2, 5, 224, seed=12))
+    sd = separated_head(bb, sd, *class_clips(2, 5, 224, frames=FRAMES, seed=12))
     ref = build_reference(bb, Deltas(infer_spec(sd), sd))
-    clips, labels = class_clips(4, 5, 224, seed=11)
+    clips, labels = class_clips(4, 5, 224, frames=FRAMES, seed=11)
     with torch.inference_mode():
         want = np.concatenate([ref(normalize(torch.from_numpy(c))).numpy() for c in np.array_split(clips, 4)])
     assert (want.argmax(1) == labels).mean() >= 0.95  # the premise: classes apart
-    calib, _ = class_clips(1, 5, 224, seed=13)
+    calib, _ = class_clips(1, 5, 224, frames=FRAMES, seed=13)
     results = {}
     for precision in ("fp32", "fp16", "int8"):
-        b = build_bundle(sd, backbone=bb, precision=precision, out=tmp_path / precision,
+        b = build_bundle(sd, backbone=bb, precision=precision, out=tmp_path / precision, frames=FRAMES,
                          calib=calib if precision == "int8" else None)
         with create("onnxruntime", b) as backend:
             results[precision] = compare(want, backend.run(clips))
