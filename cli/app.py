@@ -59,10 +59,25 @@ def _root(
 
 def usage_error(e) -> None:
     """One line on stderr for a command-line mistake (click prints usage, a hint and the error on three):
-    `stexport: error: <click's message>; see `stexport build -h``. Exit code stays click's (2)."""
-    ctx = getattr(e, "ctx", None)
+    `stexport: error: <click's message>; see `stexport build -h``. Exit code stays click's (2). A bare
+    `stexport` (no command) shows the help, as click does."""
     message = " ".join(e.format_message().split()).rstrip(".")
-    hint = f"; see `{ctx.command_path} -h`" if ctx is not None else ""
+    if not message:  # click's NoArgsIsHelpError: the help is the answer
+        e.show()
+        return
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        where = ctx.command_path
+    elif hasattr(e, "ctx"):  # a usage error click raised without its context (e.g. an option missing its value)
+        import sys
+
+        commands = typer.main.get_command(app).commands
+        where = " ".join(["stexport", *[a for a in sys.argv[1:] if a in commands][:1]])
+    else:
+        where = None
+    hint = f"; see `{where} -h`" if where else ""
+    if where and where != "stexport" and message.split(": ")[-1] in ("-v", "--verbose"):
+        hint = f"; -v goes before the command: `stexport -v {where.split()[-1]} …`"
     typer.echo(f"stexport: error: {message}{hint}", err=True)
 
 

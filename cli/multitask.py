@@ -55,7 +55,7 @@ def multitask(
                              "~/.cache/stexport/bundles/NAME)."),
     force: bool = Flag(False, "--force", "-f", help="Replace an existing bundle at --out."),
     as_json: bool = Flag(False, "--json", help="Print the bundle's path and its task table (each task's index, "
-                         "name, classes, labels and sampling) as JSON; the whole manifest is BUNDLE/manifest.json."),
+                         "name, classes, labels and sampling) as JSON; the whole manifest is BUNDLE/stexport.json."),
 ):
     """Build a multi-task bundle (FP32, FP16 or INT8): one graph with every task's adapters and head stacked and a second
     input, the task index of each clip (int64 [B]). The backbone runs once per batch; each clip gathers its
@@ -70,7 +70,7 @@ def multitask(
                             "checkpoints: --adapter, repeated)")
     if bool(adapter) == bool(base):
         raise StexportError("pass the tasks' checkpoints with --adapter (repeated), or a swappable --base with "
-                            "its --pack files, not both")
+                            "its --pack files" + (", not both" if adapter else ""))
     if base:
         given = [flag for flag, v in (("--name", name), ("--labels", labels), ("--backbone", backbone),
                                       ("--frames", frames), ("--views", views), ("--rate", rate))
@@ -116,7 +116,7 @@ def multitask(
         print_json({"path": str(bundle.path), **m.multitask.model_dump(mode="json", exclude_none=True)})
         return
     mt = m.multitask
-    typer.echo(f"built {bundle.path}  ({len(mt.tasks)} tasks, head of {mt.head_rows} rows, {m.precision})")
+    typer.echo(f"built {bundle.path}  ({len(mt.tasks)} task{'s' if len(mt.tasks) != 1 else ''}, head of {mt.head_rows} rows, {m.precision})")
     if m.calibration is not None:
         c = m.calibration
         typer.echo(f"  calibration: {c.method} on {c.clips} clips, task indices round-robin; {c.quantized_layers} "
@@ -127,7 +127,9 @@ def multitask(
                    + (f", {len(c.fp32_nodes)} nodes kept in FP32" if c.fp32_nodes else ""))
     for t in mt.tasks:
         typer.echo(f"  task {t.index} {t.name}: {t.classes} classes")
-    typer.echo(f"next: stexport infer VIDEO -m {bundle.path} --task {mt.tasks[-1].name}")
+    import shlex
+
+    typer.echo(f"next: stexport infer VIDEO -m {shlex.quote(str(bundle.path))} --task {shlex.quote(mt.tasks[-1].name)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -102,7 +102,7 @@ def verify(
     if top is not None and not layers:
         raise StexportError("--top needs --layers (it limits the layer report)")
     if layers:
-        bad = [f for f, v in (("--backend", backend != "auto" and backend != "onnxruntime"), ("--task", task),
+        bad = [f for f, v in (("--backend", backend != "auto" and backend != "onnxruntime"),
                               ("--device", device), ("--option", option), ("--max-abs", max_abs),
                               ("--min-agreement", min_agreement), ("--max-drop", max_drop),
                               ("--allow-undecodable", allow_failed)) if v]
@@ -112,7 +112,8 @@ def verify(
 
         report = layer_report(bundle, clips if len(clips) != 1 else clips[0], max_clips=max_clips, top=top,
                               pretrained=pretrained, progress=True, use_cache=not no_cache, threads=threads,
-                              decode_timeout=decode_timeout, max_decode_s=max_decode_s, views=views, rate=rate)
+                              decode_timeout=decode_timeout, max_decode_s=max_decode_s, views=views, rate=rate,
+                              task=task)
         text = format_layers({**report, "layers": report["layers"][:top or 10]})
     else:
         b = Bundle.load(bundle)

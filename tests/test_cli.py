@@ -229,10 +229,15 @@ def test_usage_mistakes_are_one_line_naming_the_help():
         ("verify",): "stexport: error: Missing argument 'bundle'; see `stexport verify -h`",
         ("bogus",): "stexport: error: No such command 'bogus'; see `stexport -h`",
         ("--nope",): "stexport: error: No such option: --nope; see `stexport -h`",
+        ("multitask", "--pack"): "stexport: error: Option '--pack' requires an argument; see `stexport multitask -h`",
+        ("infer", "-v", "x.mp4"): "stexport: error: No such option: -v; -v goes before the command: "
+                                  "`stexport -v infer …`",
     }
     for args, line in cases.items():
         p = stexport(*args)
         assert p.returncode == 2 and p.stderr.strip() == line and not p.stdout, (args, p.stderr)
+    p = stexport()  # no command: the help, and no empty error line (new-user finding)
+    assert p.returncode == 2 and "Usage: stexport" in p.stdout + p.stderr and "error" not in p.stderr, p.stderr
 
 
 def test_verify_json_is_a_flag_and_report_writes_a_file(tiny_bundle, videos, tmp_path):

@@ -136,6 +136,12 @@ def test_refusals_are_one_line(tasks, multi, tmp_path):  # noqa: F811
                           "task_b), not packs") and "--swappable" not in why
     with backends.create("onnxruntime", tasks["full_a"]) as be, pytest.raises(StexportError, match="not a multi"):
         be.run_tasks(tasks["clips"], ["task_a"] * 4)
+    from stexport.bundle.multitask import loaded_task
+
+    # a task name on a plain bundle: it said "no such task pack (make one with stexport pack ...)", which refuses it
+    with pytest.raises(StexportError, match=r"^--task task_a: full_a runs its own task only \(neither swappable nor "
+                                            r"multi-task\); --task takes a task pack of a swappable bundle"):
+        loaded_task(tasks["full_a"], "task_a")
     other = tmp_path / "narrow.pt"
     save_official(other, random_deltas(random_backbone("stexport-tiny-vit").config, num_classes=5, seed=2,
                                        width=16, pre_attn=True, pre_mlp=True))
@@ -368,6 +374,59 @@ def test_multitask_graphs_pass_the_tensorrt_operator_check(multi, quantized):
         assert [i.name for i in model.graph.input] == [b.manifest.input.name, "task"]
         assert check_tensorrt_ops(model) == [], b.manifest.precision
 
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_layer_report_ranks_a_task_of_a_multitask_bundle(quantized, precision):
+    """verify --layers on a multi-task bundle was a 59-line traceback (the graph's task input was not fed; new-user
+    finding): it ranks the task asked for (default the first, as infer), its whole-graph figures are verify's for
+    that task, and the report names the task."""
+    from stexport.build.verify import layer_report, verify
+
+    b = quantized[precision]
+    for task in (None, "task_c"):
+        report = layer_report(b, quantized["clips"], max_clips=3, task=task, use_cache=False)
+        name = task or "task_a"
+        assert report["task"]["name"] == name and report["task"]["index"] == (1 if task else 0)
+        assert report["layers"] and report["quantized_layers"] == len(report["layers"])
+        gate = verify(b, quantized["clips"], backend="onnxruntime", max_clips=3, task=task, use_cache=False)
+        assert gate["task"] == report["task"]
+        assert report["base"]["top1_agreement"] == gate["metrics"]["top1_agreement"]
+        assert report["base"]["mean_abs"] == pytest.approx(gate["metrics"]["mean_abs"], rel=1e-3, abs=1e-6)
+
+
+def test_task_names_an_index_could_read_as_are_refused(tasks, tmp_path):  # noqa: F811
+    """`--task 0` takes a name or an index: a task named "1" made `--task 1` run task 0 (new-user finding); blank
+    names could never be picked."""
+    from stexport.build.multitask import build_multitask
+
+    for names in (["1", "0"], ["", "b"], ["a", " b"], ["a", "   "]):
+        with pytest.raises(StexportError, match=r"^task name .*: a task name must not be blank, start or end with a "
+                                                r"space, or be a number"):
+            build_multitask([tasks["a"], tasks["b"]], names=names, out=tmp_path / "x", backbone="stexport-tiny-vit",
+                            pretrained="none")
+        assert not (tmp_path / "x").exists()
+
+
+def test_random_weights_for_a_base_built_on_real_ones_warn(tasks, tmp_path, caplog):  # noqa: F811
+    """multitask --base B --pretrained none swapped the base's weights for random ones without a word."""
+    import logging
+
+    from safetensors.torch import save_file
+
+    from stexport.build.backbone import random_backbone
+    from stexport.build.multitask import multitask_from_packs
+    from stexport.build.pipeline import build_bundle
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in random_backbone("stexport-tiny-vit", seed=3).state_dict.items()},
+              str(weights))
+    base = build_bundle(tasks["a"], out=tmp_path / "base", swappable=True, backbone="stexport-tiny-vit",
+                        pretrained=str(weights))
+    assert not base.manifest.model.backbone.weights.random
+    with caplog.at_level(logging.WARNING, logger="stexport"), pytest.raises(StexportError, match="int4"):
+        multitask_from_packs(base, [], out=tmp_path / "y", pretrained="none", precision="int4")
+    assert "randomly initialised (--pretrained none): predictions are meaningless (the base was built with real " \
+           "weights)" in caplog.text
 
 @pytest.mark.parametrize("precision,name", [("fp16", "onnxruntime"), ("fp16", "openvino"), ("int8", "onnxruntime"),
                                             ("int8", "openvino")])

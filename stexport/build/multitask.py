@@ -218,6 +218,10 @@ def build_multitask(adapters: list, out: str | Path | None = None, backbone="ste
     names = list(names) if names else [task_name(d.path or a, i) for i, (d, a) in enumerate(zip(deltas, adapters))]
     if len(names) != len(deltas) or len(set(names)) != len(names):
         raise StexportError(f"task names {names}: give one distinct name per adapter (--name)")
+    for n in names:  # `--task` takes a name or an index: a name must be neither blank nor one an index reads as
+        if not str(n).strip() or str(n).strip() != str(n) or str(n).isdigit():
+            raise StexportError(f"task name {str(n)!r}: a task name must not be blank, start or end with a space, "
+                                "or be a number (`--task N` is the task at index N); pass --name NAME")
     rows = max(d.spec.num_classes for d in deltas)
     for d, n in zip(deltas[1:], names[1:]):
         why = spec_mismatch(d.spec, deltas[0].spec, rows)
@@ -343,6 +347,10 @@ def multitask_from_packs(base, packs: list, out: str | Path | None = None, pretr
     adapters = [deltas(load_file(str(b.file("deltas"))), m.model.adapter),
                 *(deltas({k: torch.from_numpy(v.copy()) for k, v in p.deltas.items()}, p.record.adapter)
                   for p in loaded)]
+    if pretrained == "none" and not m.model.backbone.weights.random:
+        from stexport.build.backbone import random_weights_warning
+
+        log.warning(random_weights_warning(m.model.backbone.name) + " (the base was built with real weights)")
     own_name = Path(m.model.adapter.file).stem if m.model.adapter.file else b.path.name
     return build_multitask(
         adapters, out=out, backbone=backbone_from_record(m.model.backbone, pretrained), force=force,

@@ -190,7 +190,7 @@ def verify(bundle: Bundle | str, clips, backend: str = "auto", max_clips: int | 
     pack = job.pack
     return {
         "bundle": str(job.b.path),
-        **({"task": {"pack": str(pack.path), "name": pack.name, "sha256": pack.key}} if pack else {}),
+        **({"task": task_record(pack)} if pack else {}),
         "precision": job.precision,
         "backend": described,
         "reference": ref_described,
@@ -246,6 +246,8 @@ class _Job:
             log.warning("%s: files changed since the build: %s", b.path, ", ".join(modified))
         sampling = Sampling.from_manifest(b.manifest)
         pack = None
+        if task is None and b.manifest.multitask is not None:
+            task = 0  # the bundle's own (first) task, named in the report as `infer` names it
         if task is not None:
             from stexport.bundle.multitask import loaded_task
 
@@ -458,13 +460,28 @@ def _checks(job: _Job, metrics: dict, gate: Gate, errors: list[str], failed: lis
     return checks
 
 
+def task_record(task) -> dict:
+    """How a report names the task it checked: a multi-task bundle's {"name", "index", "sha256"}, a task
+    pack's {"pack" (its path), "name", "sha256"}."""
+    from stexport.bundle.multitask import BundleTask
+
+    if isinstance(task, BundleTask):
+        return {"name": task.name, "index": task.index, "sha256": task.key}
+    return {"pack": str(task.path), "name": task.name, "sha256": task.key}
+
+
+def task_text(record: dict) -> str:
+    where = f"task {record['index']} of the multi-task bundle" if "index" in record else record["pack"]
+    return f"{record['name']} ({where})"
+
+
 def format_report(report: dict) -> str:
     m = report["metrics"]
     be = report["backend"]
     where = ", ".join(be.get("providers", [])[:1]) or be.get("device", "")
     lines = [
         f"bundle           {report['bundle']} ({report['precision']})",
-        *([f"task             {report['task']['name']} ({report['task']['pack']})"] if report.get("task") else []),
+        *([f"task             {task_text(report['task'])}"] if report.get("task") else []),
         f"backend          {be.get('backend')}{f' ({where})' if where else ''} vs PyTorch reference",
         f"videos           {report['videos']} ({m['views']} views)"
         + (f", {len(report['failed'])} could not be decoded" if report["failed"] else ""),
@@ -523,10 +540,12 @@ def graph_session(proto, float_precision: str = "fp32", threads: int | None = No
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def graph_logits(session, feeds: list) -> list[np.ndarray]:
-    """Per video, the session's logits (views, classes) for its graph input `feeds[i]` (views first)."""
+def graph_logits(session, feeds: list, classes: int | None = None) -> list[np.ndarray]:
+    """Per video, the session's logits (views, classes) for its graph input `feeds[i]` (views first; or a
+    dict of every input, a multi-task graph's task index included). classes: keep the first `classes` columns
+    (a task of a multi-task graph whose head has more rows)."""
     name = session.get_inputs()[0].name
-    return [session.run(None, {name: f})[0] for f in feeds]
+    return [session.run(None, f if isinstance(f, dict) else {name: f})[0][:, :classes] for f in feeds]
 
 
 RANKINGS = {
@@ -583,13 +602,14 @@ def rank_layers(proto, feeds: list, ref_logits: list, labels: list | None = None
     mean_abs_removed}] most sensitive (largest mean_abs_alone) first}."""
     listed, in_float, only = _layer_graphs(precision, fp32_weights)
     labels = labels or [None] * len(feeds)
-    base, _ = logit_metrics(ref_logits, graph_logits(graph_session(proto, float_precision, threads), feeds),
-                            labels, precision)
+    classes = ref_logits[0].shape[1]  # a multi-task graph's head has every task's rows
+    base, _ = logit_metrics(ref_logits, graph_logits(graph_session(proto, float_precision, threads), feeds,
+                                                     classes), labels, precision)
     names = listed(proto)
 
     def run(graph):
-        m, _ = logit_metrics(ref_logits, graph_logits(graph_session(graph, float_precision, threads), feeds),
-                             labels, precision)
+        m, _ = logit_metrics(ref_logits, graph_logits(graph_session(graph, float_precision, threads), feeds,
+                                                      classes), labels, precision)
         return m
 
     rows = []
@@ -608,19 +628,26 @@ def rank_layers(proto, feeds: list, ref_logits: list, labels: list | None = None
 class _KeepFeeds:
     """The bundle's graph on ONNX Runtime as verify's backend under test, keeping each video's graph input."""
 
-    def __init__(self, b: Bundle, proto, threads: int | None):
-        self.spec, self.feeds = b.manifest.input, []
+    def __init__(self, b: Bundle, proto, threads: int | None, task=None):
+        self.spec, self.feeds, self.task = b.manifest.input, [], task
         self.session = graph_session(proto, b.manifest.float_precision, threads)
 
     def run(self, views: np.ndarray) -> np.ndarray:
-        self.feeds.append(self.spec.feed(views))
-        return graph_logits(self.session, self.feeds[-1:])[0]
+        x = self.spec.feed(views)
+        if self.task is not None:  # a multi-task graph: its second input is the task index of each view
+            from stexport.bundle.multitask import indices
+
+            first, second = (i.name for i in self.session.get_inputs()[:2])
+            x = {first: x, second: indices(self.task, len(x))}
+        self.feeds.append(x)
+        return graph_logits(self.session, self.feeds[-1:], self.task.classes if self.task else None)[0]
 
 
 def layer_report(bundle: Bundle | str, clips, max_clips: int | None = None, top: int | None = None,
                  pretrained: str | None = None, progress: bool = False, reference=None, use_cache: bool = True,
                  threads: int | None = None, decode_timeout: float | None = None,
-                 max_decode_s: float | None = None, views: str | None = None, rate: int | None = None) -> dict:
+                 max_decode_s: float | None = None, views: str | None = None, rate: int | None = None,
+                 task=None) -> dict:
     """The layerwise precision report of an INT8 or FP16 bundle: its quantized (FP16) GEMMs ranked by the error
     each adds alone in INT8 (FP16) against the FP32 reference on the videos of `clips` (`rank_layers`;
     Polygraphy's `debug precision` and NNCF's accuracy control answer the same question). Videos are decoded
@@ -628,7 +655,8 @@ def layer_report(bundle: Bundle | str, clips, max_clips: int | None = None, top:
     Runtime (CPU). FP16: the reference is also folded and exported in FP32 once for its FP32 weights.
 
     top: keep the `top` most sensitive layers (None: all). reference, pretrained, use_cache, decode limits,
-    views, rate: as for `verify`. Returns {"bundle", "precision", "float_precision", "videos", "views", "failed",
+    views, rate: as for `verify`. task: a multi-task bundle's task (name or index; default its first): the graph
+    runs that task and the reference is the backbone with its deltas. Returns {"bundle", "precision", "float_precision", "videos", "views", "failed",
     "reference", "method", "base" (metrics of the whole INT8/FP16 graph), "quantized_layers" (the number of
     layers ranked), "layers", "fp32_nodes" (FP16: the nodes the build kept in FP32 for overflow, from the
     manifest's fp16_check; they are not ranked)}. Raises StexportError for a bundle of a precision without such
@@ -641,14 +669,17 @@ def layer_report(bundle: Bundle | str, clips, max_clips: int | None = None, top:
     if top is not None and top < 1:
         raise StexportError(f"--top {top}: must be at least 1")
     limits = limits_of(decode_timeout, max_decode_s)
-    job = _Job.open(bundle, clips, "onnxruntime", max_clips, None, views, rate)
+    job = _Job.open(bundle, clips, "onnxruntime", max_clips, task, views, rate)
+    if job.pack is not None and job.b.manifest.multitask is None:
+        raise StexportError(f"{job.b.path}: --layers ranks the bundle's own graph, and a task pack's weights are "
+                            "not in it; build the task's own bundle (stexport build) and rank that, or drop --task")
     if job.precision not in LAYER_PRECISIONS:
         raise StexportError(f"{job.b.path}: a {job.precision} bundle has no quantized or FP16 layers; --layers "
                             "ranks an INT8 or FP16 bundle's GEMMs (build one with --precision int8 or fp16)")
     cache, stored = _cached_reference(job, pretrained, reference, use_cache)
     ref = None if stored else _reference_model(job, reference, pretrained)
     proto = onnx.load(str(job.b.file("onnx", verify=False)))
-    keep = _KeepFeeds(job.b, proto, threads)
+    keep = _KeepFeeds(job.b, proto, threads, job.pack if job.b.manifest.multitask is not None else None)
     runs = _run_videos(job, keep, ref, stored, cache, progress, limits)
     if not runs.out_logits:
         raise StexportError(f"{job.where}: none of the {len(job.entries)} videos could be decoded "
@@ -661,7 +692,8 @@ def layer_report(bundle: Bundle | str, clips, max_clips: int | None = None, top:
     ranked = rank_layers(proto, keep.feeds, runs.ref_logits, runs.labels, job.b.manifest.float_precision,
                          precision=job.precision, threads=threads, progress=progress, fp32_weights=weights)
     check16 = job.b.manifest.fp16_check if job.precision == "fp16" else None
-    return {"bundle": str(job.b.path), "precision": job.precision,
+    return {"bundle": str(job.b.path), **({"task": task_record(job.pack)} if job.pack is not None else {}),
+            "precision": job.precision,
             "float_precision": job.b.manifest.float_precision, "videos": len(runs.out_logits),
             "views": sum(len(o) for o in runs.out_logits), "failed": runs.failed,
             "reference": {"backend": "torch", "cached": bool(stored)}, "method": ranked["method"],
@@ -704,6 +736,7 @@ def format_layers(report: dict) -> str:
     p = report["precision"].upper()
     parts = f", {report['float_precision']} float parts" if report["precision"] == "int8" else ""
     lines = [f"bundle           {report['bundle']} ({report['precision']}{parts})",
+             *([f"task             {task_text(report['task'])}"] if report.get("task") else []),
              (f"videos           {report['videos']} ({report['views']} views)"
               + (f", {len(report['failed'])} could not be decoded" if report["failed"] else "")),
              (f"whole {p} graph mean |Δlogit| {b['mean_abs']:.4g}, top-1 agreement {b['top1_agreement']:.1%}, "

@@ -113,6 +113,11 @@ def loaded_task(bundle, task):
         return task_of(bundle, task)
     from stexport.bundle.taskpack import as_pack
 
+    if bundle.manifest.tasks is None and isinstance(task, (str, Path)) and not Path(task).is_file():
+        raise StexportError(f"--task {task}: {bundle.path.name} runs its own task only (neither swappable nor "
+                            "multi-task); --task takes a task pack of a swappable bundle (`stexport build "
+                            "--swappable`, then `stexport pack`) or a task of a multi-task bundle (`stexport "
+                            "multitask`)")
     pack = as_pack(task)
     pack.check_fits(bundle)
     return pack
