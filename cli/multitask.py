@@ -88,10 +88,10 @@ def multitask(
         from stexport.build.multitask import multitask_from_packs
         from stexport.bundle.store import Bundle
 
+        base_bundle = Bundle.load(base)  # loaded once: its precision is the default, then the build reads it
         if precision is None:  # an FP16 base gave an FP32 bundle when the default was fp32 (new-user finding)
-            precision_options["precision"] = Bundle.load(base).manifest.precision
-
-        bundle = multitask_from_packs(base, list(pack or []), out=out, pretrained=pretrained, force=force,
+            precision_options["precision"] = base_bundle.manifest.precision
+        bundle = multitask_from_packs(base_bundle, list(pack or []), out=out, pretrained=pretrained, force=force,
                                       **precision_options)
     else:
         for a in adapter:
