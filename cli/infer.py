@@ -230,12 +230,11 @@ paths, or --ship-bundle), with results identical to a local run.
 
         require("--ray", "ray")
     bundle = pick_bundle(model)
-    pack = None
-    if task is None and bundle.manifest.multitask is not None:
-        task = 0  # the first task is the bundle's own: name it, so results and --json say which task answered
-    if task is not None:
-        from stexport.bundle.multitask import loaded_task
+    from stexport.bundle.multitask import default_task, loaded_task, run_title
 
+    pack = None
+    task = default_task(bundle, task)
+    if task is not None:
         pack = loaded_task(bundle, str(task))  # a task name of a multi-task bundle, else a pack file
         m = bundle.manifest
         sampling = with_views(Sampling(frames=m.input.frames, size=m.input.size,
@@ -272,7 +271,7 @@ paths, or --ship-bundle), with results identical to a local run.
 
         d = clf.describe()
         where = ", ".join(str(x) for x in d.get("providers", [d.get("device", "")]) if x)
-        on = f"task {pack.name} ({pack.path}) on {bundle.path}" if pack else str(bundle.path)
+        on = run_title(bundle, pack)
         names = labels_note(bundle, labels) if pack is None or labels else clf.labels_source
         err(f"stexport: {on} on {d['backend']}{f' ({where})' if where else ''}, "
             f"{clf.sampling.describe()}, labels: {names}")
@@ -325,7 +324,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
     from stexport.runtime.spec import DEFAULT_BATCH, ClassifierSpec
     from stexport.errors import StexportError
     from stexport.runtime.results import ResultsFile
-    from stexport.bundle.multitask import task_label, task_ref
+    from stexport.bundle.multitask import run_title, task_label, task_ref
 
     spec = ClassifierSpec(str(bundle.path), backend=backend, options=options,
                           labels=str(labels.resolve()) if labels else None, sampling=sampling, top_k=top_k,
@@ -363,7 +362,7 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
         err(f"stexport: {output}: {len(sources) - len(todo)} of {len(sources)} inputs already done; resuming")
     where = f"Ray ({ray_address if ray_address != 'local' else 'local cluster on 127.0.0.1'}, {workers} " \
             f"worker{'s' * (workers != 1)})" if ray_address else "this process"
-    on = f"task {pack.name} ({pack.path}) on {bundle.path}" if pack is not None else str(bundle.path)
+    on = run_title(bundle, pack)
     names = labels_note(bundle, labels) if pack is None or labels else task_label(pack)
     shown = backend if backend != "auto" else f"{backends.resolve('auto', bundle) or 'auto'} (auto)"
     per_call = f"{spec.batch_size} view{'s' * (spec.batch_size != 1)} per call"
@@ -402,7 +401,8 @@ def corpus(bundle, sources, backend, labels, sampling, top_k, options, as_json, 
 
             ray.shutdown()
     if results:
-        err(f"stexport: {len(todo)} result{'s' * (len(todo) != 1)} written to {output} ({results.lines} lines)")
+        lines = f"{results.lines} line{'s' * (results.lines != 1)}"
+        err(f"stexport: {len(todo)} result{'s' * (len(todo) != 1)} written to {output} ({lines})")
     if failed:
         total = len(todo) + refused
         err(f"stexport: {failed} of {total} input{'s' * (total != 1)} failed")

@@ -302,9 +302,13 @@ def test_backbone_errors(tmp_path):
     torch.save({f"visual.{k}": v for k, v in bb.state_dict.items()}, tmp_path / "tiny.pt")
     with pytest.raises(StexportError, match="has shape .* pick the matching --backbone"):
         load_backbone("stexport-demo-vit", str(tmp_path / "tiny.pt"))
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(StexportError, match="not a readable weights file"):
-        read_state_dict(tmp_path / "junk.pt")
+    for name, junk in [("junk.pt", b"not a checkpoint"), ("notes.txt", b"hi\n"), ("empty.bin", b"")]:
+        (tmp_path / name).write_bytes(junk)
+        with pytest.raises(StexportError) as e:
+            read_state_dict(tmp_path / name)
+        msg = str(e.value)  # one line naming the file and what --pretrained takes
+        assert msg.startswith(f"{tmp_path / name}: not a readable weights file (") and "\n" not in msg, msg
+        assert "--pretrained takes a torch.save checkpoint (.pt/.pth/.bin)" in msg and "'none'" in msg, msg
 
 
 # --- delta errors -----------------------------------------------------------------------------------------

@@ -101,6 +101,38 @@ def test_classify_batch_mixes_tasks_in_one_backend_call(multi, make_video):
         assert r.task == "task_b" and [c[:2] for c in r.top] == [c[:2] for c in want.top]
 
 
+def test_results_without_a_task_name_the_first_task(multi, make_video):
+    """A multi-task bundle's own task is its first: every entry point that runs it without a task names it
+    (as `infer` does), so a caller can tell which task answered."""
+    from stexport import Classifier
+
+    video = make_video("v.mp4", frames=24, width=64, height=48)
+    with Classifier(multi, backend="onnxruntime") as clf:
+        want = clf.classify(video, task="task_a")
+        assert clf.task.name == "task_a" and clf.labels_source.startswith("task task_a of the multi-task")
+        got = [clf.classify(video), *clf.classify_batch([video, (video, None), (video, "task_b")])]
+        clf.set_task("task_b")
+        clf.set_task(None)
+        got.append(clf.classify(video))
+    assert [r.task for r in got] == ["task_a", "task_a", "task_a", "task_b", "task_a"]
+    for r in got[:3] + got[4:]:
+        assert [c[:2] for c in r.top] == [c[:2] for c in want.top] and r.to_dict()["task"] == "task_a"
+
+
+def test_task_pack_options_are_refused_on_bundles_without_packs(multi, tiny_bundle):
+    """onnxruntime's `tasks` option picks how task packs run: on a bundle that takes none it would change
+    nothing, so it is one line naming the bundle, not silently ignored."""
+    from stexport import Classifier
+
+    for bundle, kind in ((multi, "a multi-task bundle"), (tiny_bundle, "a plain bundle")):
+        for mode in ("adapters", "sessions"):
+            with pytest.raises(StexportError, match=f"^onnxruntime option tasks={mode}: {bundle.path.name} is "
+                                                    f"{kind} .*, not a swappable one; .*: drop it$"):
+                Classifier(bundle, backend="onnxruntime", tasks=mode)
+        with Classifier(bundle, backend="onnxruntime", tasks="auto") as clf:  # the default: fine everywhere
+            assert "tasks" not in clf.describe()
+
+
 def test_built_from_a_base_and_its_packs_equals_built_from_checkpoints(tasks, multi, tmp_path):  # noqa: F811
     from stexport.build.multitask import multitask_from_packs
 
@@ -172,6 +204,14 @@ def test_cli_multitask_and_infer_task(tasks, multi, make_video, tmp_path):  # no
     assert r.returncode == 0 and row["task"] == "task_a" and row["top"] == first["top"], (row, first)
     r = cli("infer", video, "-m", out, "-b", "onnxruntime", "--task", "nope")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds tasks task_a, task_b" in r.stderr
+    # the run's header names the task and its bundle once; a results file of one task is not resumed by another
+    results = tmp_path / "b.jsonl"
+    r = cli("infer", video, "-m", out, "-b", "onnxruntime", "--task", "task_b", "--output", results)
+    assert r.returncode == 0, r.stderr
+    assert f"stexport: task task_b (1 of 2) of {out} on onnxruntime" in r.stderr, r.stderr
+    assert f"1 result written to {results} (1 line)" in r.stderr, r.stderr
+    r = cli("infer", video, "-m", out, "-b", "onnxruntime", "--output", results)
+    assert r.returncode == 2 and "line 1 holds a result of task task_b, this run is task task_a" in r.stderr
 
 
 def test_torchscript_module_takes_the_task_input(tasks, multi, tmp_path):  # noqa: F811

@@ -108,7 +108,10 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
                             "as its owner") from None
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
         interrupt.reraise(e)
-        raise StexportError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})")
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        raise StexportError(f"{path}: not a readable weights file ({detail}); --pretrained takes a torch.save "
+                            f"checkpoint ({'/'.join(names.WEIGHT_SUFFIXES[1:])}), OpenAI's JIT archive, a "
+                            ".safetensors file, an open_clip tag (e.g. openai) or 'none'") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:

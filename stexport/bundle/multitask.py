@@ -106,6 +106,13 @@ def round_robin_feed(names: list[str], frames: np.ndarray, clip: int, tasks: int
     return feed
 
 
+def default_task(bundle, task):
+    """`task`, or 0 where `task` is None and `bundle` is multi-task: its first task is the bundle's own (what
+    its graph runs when given no task index), named so that every result says which task answered (infer,
+    Classifier, classify_batch, serve). Other bundles: `task` unchanged (None: the bundle's own task)."""
+    return 0 if task is None and bundle.manifest.multitask is not None else task
+
+
 def loaded_task(bundle, task):
     """`task` for `bundle`: on a multi-task bundle a BundleTask (by name, index or BundleTask), else a loaded
     TaskPack (a TaskPack or a pack's path) checked to fit it. StexportError (one line) otherwise."""
@@ -129,11 +136,22 @@ def task_label(task) -> str:
     return f"task {task.name} of the multi-task bundle" if isinstance(task, BundleTask) else f"task pack {task.name}"
 
 
+def run_title(bundle, task=None) -> str:
+    """How run headers name what runs: 'task NAME (i of N) of BUNDLE' for a multi-task bundle's task (a
+    BundleTask), 'task pack NAME (FILE) on BUNDLE' for a loaded TaskPack, the bundle's path for its own
+    task."""
+    if task is None:
+        return str(bundle.path)
+    if isinstance(task, BundleTask):
+        return f"task {task.name} ({task.index} of {len(bundle.manifest.multitask.tasks)}) of {bundle.path}"
+    return f"task pack {task.name} ({task.path}) on {bundle.path}"
+
+
 def task_ref(task) -> str:
     """What names `task` (a BundleTask or a loaded TaskPack) for a worker that loads it again
     (ClassifierSpec.task): a multi-task bundle's task name, a pack's absolute path."""
     return task.name if isinstance(task, BundleTask) else str(Path(task.path).resolve())
 
 
-__all__ = ["BundleTask", "task_of", "loaded_task", "task_label", "task_ref", "indices", "names",
-           "round_robin_feed"]
+__all__ = ["BundleTask", "task_of", "default_task", "loaded_task", "task_label", "run_title", "task_ref",
+           "indices", "names", "round_robin_feed"]

@@ -21,7 +21,7 @@ from stexport.runtime import backends
 from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 from stexport.bundle.labels import resolve_labels
-from stexport.bundle.multitask import task_label
+from stexport.bundle.multitask import default_task, loaded_task, task_label
 from stexport.runtime import batch
 from stexport.runtime.batch import ordered_map
 from stexport.runtime.decode_worker import DEFAULT_STALL_S, MAX_FRAMES, MAX_PIXELS, MEMORY_MB, DecoderPool, limits_of
@@ -46,8 +46,8 @@ class Classifier:
         may take to decode in all (None: no limit); max_pixels, max_frames: what a video's header may claim
         (per frame; frames) before it is decoded; decode_memory_mb: each decoder process's address space
         (None: no limit); see stexport.runtime.decode_worker.DecodeLimits. task: a task pack (TaskPack or
-        path) for a swappable bundle, or a task name of a multi-task bundle: its classes, labels and sampling
-        replace the bundle's; `set_task`
+        path) for a swappable bundle, or a task name of a multi-task bundle (default there: its first task,
+        named in results): its classes, labels and sampling replace the bundle's; `set_task`
         switches later, and `classify(..., task=)` picks one per call."""
         self.decode_limits = limits_of(decode_timeout, max_decode_s, max_pixels=max_pixels, max_frames=max_frames,
                                        memory_mb=decode_memory_mb)
@@ -60,9 +60,8 @@ class Classifier:
         self.weights = "random" if m.model.backbone.weights.random else None  # marks every Result
         self.user_sampling = sampling  # None: each task's own defaults (the bundle's, a pack's)
         pack = None
+        task = default_task(self.bundle, task)
         if task is not None:
-            from stexport.bundle.multitask import loaded_task
-
             pack = loaded_task(self.bundle, task)
             self.num_classes = pack.classes
         self.sampling = default_sampling(self.bundle, pack, sampling)
@@ -97,11 +96,12 @@ class Classifier:
         return {**self.backend.describe(), "sampling": self.sampling.to_dict(), "labels": self.labels_source}
 
     def set_task(self, task) -> None:
-        """Switch the task (a TaskPack, a pack path, or None: the bundle's own) for the calls that follow: one
-        backend call, no reload. Its labels replace the current ones unless labels were given, and its default
-        sampling the current one unless this Classifier was made with a sampling (so the results equal those
-        of a Classifier made with the task)."""
-        pack = self.backend.set_task(task)
+        """Switch the task (a TaskPack, a pack path, a multi-task bundle's task name, or None: the bundle's
+        own, on a multi-task bundle its first task) for the calls that follow: one backend call, no reload.
+        Its labels replace the current ones unless labels were given, and its default sampling the current one
+        unless this Classifier was made with a sampling (so the results equal those of a Classifier made with
+        the task)."""
+        pack = self.backend.set_task(default_task(self.bundle, task))
         self.task = pack
         self.sampling = default_sampling(self.bundle, pack, self.user_sampling)
         if pack is None:

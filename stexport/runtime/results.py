@@ -23,11 +23,11 @@ from stexport.errors import StexportError
 
 
 class ResultsFile:
-    """Open (creating it, or resuming it) a results file for a run of `task` (a task pack's name; None: the
-    bundle's own task). Raises StexportError for a file that is not stexport's JSON Lines (a line that does not
-    parse, or lacks "path"), a directory, or a file holding results of another task (resuming it would mix
-    two tasks' answers in one file). A path that is not a regular file (/dev/stdout, a FIFO) is written to but
-    never read back: nothing resumes from it."""
+    """Open (creating it, or resuming it) a results file for a run of `task` (a task pack's or a multi-task
+    bundle's task name; None: the bundle's own task). Raises StexportError for a file that is not stexport's
+    JSON Lines (a line that does not parse, or lacks "path"), a directory, or a file holding results of
+    another task (resuming it would mix two tasks' answers in one file). A path that is not a regular file
+    (/dev/stdout, a FIFO) is written to but never read back: nothing resumes from it."""
 
     def __init__(self, path: str | Path, task: str | None = None, run: dict | None = None):
         self.path = Path(path)
@@ -62,7 +62,7 @@ class ResultsFile:
                                     "files stexport wrote: pass another file or remove this one") from None
             if row.get("task") != self.task:
                 def show(t):
-                    return f"task pack {t}" if t else "the bundle's own task"
+                    return f"task {t}" if t else "the bundle's own task"
                 raise StexportError(f"{self.path}: line {n} holds a result of {show(row.get('task'))}, this run is "
                                     f"{show(self.task)}; pass another --output file (or remove this one)")
             self.done[str(path)] += 1

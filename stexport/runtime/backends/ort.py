@@ -94,6 +94,11 @@ class OrtBackend(Backend):
         if tasks not in TASK_MODES:
             raise StexportError(f"unknown tasks mode '{tasks}'; choose one of: {', '.join(TASK_MODES)}")
         m = bundle.manifest
+        if tasks != "auto" and m.tasks is None:  # it would change nothing: say so rather than ignore it
+            kind = ("a multi-task bundle (every task in one graph)" if m.multitask is not None
+                    else "a plain bundle (its own task only)")
+            raise StexportError(f"onnxruntime option tasks={tasks}: {bundle.path.name} is {kind}, not a swappable "
+                                "one; the option picks how task packs run: drop it")
         if tasks == "auto":
             tasks = "sessions" if m.precision == "int8" else "adapters"
         self.task_mode = tasks if m.tasks is not None else None
