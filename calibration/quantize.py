@@ -44,10 +44,10 @@ BIG_PROTO = (1 << 31) - (1 << 26)  # larger protos go to ONNX Runtime as a file 
 def _session(proto: onnx.ModelProto, workdir: Path | None, basic: bool = True):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if basic:  # keep extra outputs' producers unfused: the ranges must be those of the tensors Q/DQ will see
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    from stexport.runtime.backends.ort import session_options
+
+    # basic: keep extra outputs' producers unfused: the ranges must be those of the tensors Q/DQ will see
+    so = session_options("basic" if basic else "all")
     if proto.ByteSize() > BIG_PROTO:
         path = Path(workdir or ".") / "calibration.onnx"
         save(proto, path, external_data=True)

@@ -291,8 +291,13 @@ def test_bad_options(bundles):
 def test_auto_prefers_openvino_on_x86_and_usable_imports_nothing(bundles, tmp_path):
     import platform
 
+    from stexport.runtime.device import int8_sums_saturate
+
     if platform.machine().lower() in ("x86_64", "amd64"):
-        assert resolve("auto", bundles["int8"]) in ("tensorrt", "openvino")
+        assert resolve("auto", bundles["fp32"]) in ("tensorrt", "openvino")
+        # an INT8 bundle on a CPU without VNNI goes to the runtime whose INT8 sums do not saturate
+        want = "onnxruntime" if int8_sums_saturate() else "openvino"
+        assert resolve("auto", bundles["int8"]) in ("tensorrt", want)
     code = textwrap.dedent(f"""
         import sys
         from stexport.bundle.store import Bundle
@@ -414,3 +419,96 @@ def test_benchmark_scripts_read_an_int8_bundle(onnx_variants):
     out = _script("openvino_static.py", bundle.path, "--batch", 2, "--pairs", 2)
     ratio, delta = re.search(r"per pair: median ([\d.]+) .*max \|Δlogit\| (\S+)$", out).groups()
     assert float(ratio) > 0 and float(delta) < 0.5, out
+
+
+def saturating_matmul():
+    """A one-GEMM QDQ model (x int8 per tensor, W int8 ±127, K=64) whose u8×s8 pairs overflow 16 bits (2 × 255
+    × 127 > 32767), the input, and its exact answer: int8 products summed in int32."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    k, n = 64, 8
+    w = np.full((k, n), 127, np.int8)
+    w[:, 1::2] = -127
+    g = h.make_graph([h.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+                      h.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+                      h.make_node("DequantizeLinear", ["w", "ws", "z"], ["wd"]),
+                      h.make_node("MatMul", ["xd", "wd"], ["y"])], "saturating",
+                     [h.make_tensor_value_info("x", T.FLOAT, [None, k])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [None, n])],
+                     [nh.from_array(np.array(0.01, np.float32), "s"),
+                      nh.from_array(np.array(0, np.int8), "z"),
+                      nh.from_array(w, "w"), nh.from_array(np.array(1.0, np.float32), "ws")])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    x = np.full((2, k), 1.27, np.float32)
+    x[1, ::2] = -1.27
+    exact = (np.round(x / 0.01) * 0.01) @ w.astype(np.float32)  # ±10322.56 per output
+    return model, x, exact
+
+
+def test_int8_gemms_are_exact_on_every_cpu(tmp_path, caplog):
+    """ONNX Runtime's INT8 GEMMs as stexport runs them (session_options: session.x64quantprecision) give the
+    int32 sum on every CPU. On an x86-64 CPU without VNNI the fast U8S8 kernel (int8_gemms=fast) and
+    OpenVINO's CPU plugin saturate 16-bit pair sums: this project's AVX2 machine gave 81.6 for 10322.56; so
+    `auto` runs INT8 bundles there with onnxruntime, and choosing OpenVINO warns."""
+    import onnxruntime as ort
+
+    from stexport.runtime.backends.ort import session_options
+    from stexport.runtime.device import int8_sums_saturate
+
+    model, x, exact = saturating_matmul()
+    run = {g: ort.InferenceSession(model.SerializeToString(), session_options("all", None, g),
+                                   providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for g in ("exact", "fast")}
+    np.testing.assert_allclose(run["exact"], exact, rtol=1e-6, atol=1e-2)
+    core = import_openvino().Core()
+    ov_out = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU")({"x": x})
+    ov_y = next(iter(ov_out.values()))
+    if int8_sums_saturate():
+        assert np.abs(run["fast"] - exact).max() > 1000 and np.abs(ov_y - exact).max() > 1000
+    else:  # VNNI (or ARM): every kernel is exact
+        np.testing.assert_allclose(run["fast"], exact, rtol=1e-6, atol=1e-2)
+    with pytest.raises(StexportError, match="int8_gemms=nearly: choose one of exact, fast"):
+        session_options("all", None, "nearly")
+
+
+def test_cpus_without_vnni_are_told_apart(tmp_path, monkeypatch, bundles, caplog):
+    """int8_sums_saturate reads the CPU's flags: AVX2 alone saturates, VNNI (AVX-512 or AVX) or AMX does not,
+    an unreadable file says nothing. On a saturating CPU `auto` passes OpenVINO over for INT8 bundles only (-v
+    says why), and choosing it warns once."""
+    import logging
+    import platform
+
+    from stexport.runtime import device
+    from stexport.runtime.backends import openvino as ov_backend
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("reads x86-64 CPU flags")
+    for flags, want in (("fpu sse4_1 avx avx2 fma", True), ("avx2 avx512f avx512_vnni", False),
+                        ("avx2 avx_vnni", False), ("avx2 avx512f amx_int8", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        device.int8_sums_saturate.cache_clear()
+        assert device.int8_sums_saturate(str(tmp_path / "cpuinfo")) is want, flags
+    device.int8_sums_saturate.cache_clear()
+    assert device.int8_sums_saturate(str(tmp_path / "missing")) is False
+    device.int8_sums_saturate.cache_clear()
+    for saturates in (True, False):
+        monkeypatch.setattr(device, "int8_sums_saturate", lambda: saturates)
+        ov_backend._said.clear()
+        with caplog.at_level(logging.INFO, logger="stexport"):
+            caplog.clear()
+            want = "onnxruntime" if saturates else "openvino"
+            assert resolve("auto", bundles["int8"], skip=("tensorrt",)) == want
+            assert resolve("auto", bundles["fp32"], skip=("tensorrt",)) == "openvino"
+            said = [r.getMessage() for r in caplog.records if "not using OpenVINO" in r.getMessage()]
+            assert len(said) == int(saturates) and all("no VNNI" in m and "onnxruntime" in m for m in said)
+            caplog.clear()
+            OpenVINOBackend(bundles["int8"]).close()
+            OpenVINOBackend(bundles["int8"]).close()  # said once
+            warned = [r for r in caplog.records
+                      if r.levelno == logging.WARNING and "saturating" in r.getMessage()]
+            assert len(warned) == int(saturates), [r.getMessage() for r in caplog.records]

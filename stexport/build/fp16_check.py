@@ -111,12 +111,11 @@ def run_onnx(onnx_path: Path, clips: np.ndarray, input_format: str, tasks: int =
     import onnxruntime as ort
 
     from stexport.bundle.multitask import round_robin_feed
+    from stexport.runtime.backends.ort import session_options
 
-    opts = ort.SessionOptions()
-    # ONNX Runtime 1.32's CPU provider crashes on FP16 graphs at ORT_ENABLE_ALL (see README)
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    # ONNX Runtime 1.32's CPU provider crashes on FP16 graphs at ORT_ENABLE_ALL (docs/troubleshooting.md)
+    sess = ort.InferenceSession(str(onnx_path), session_options("extended"),
+                                providers=["CPUExecutionProvider"])
     x = _to_input(clips, input_format)
     names = [i.name for i in sess.get_inputs()]
     return np.concatenate([sess.run(None, round_robin_feed(names, x[i:i + 1], i, tasks))[0] for i in range(len(x))])
@@ -167,10 +166,10 @@ def fp16_peaks(proto: onnx.ModelProto, clips: np.ndarray, input_format: str, tas
     tensors = [o for n in g.node for o in n.output if o and types.get(o) == F16]
     ranges = RangeCollector("minmax")
     ranges.instrument(shadow, tensors)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(shadow.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    from stexport.runtime.backends.ort import session_options
+
+    sess = ort.InferenceSession(shadow.SerializeToString(), session_options("basic"),
+                                providers=["CPUExecutionProvider"])
     del shadow
     names = [o.name for o in sess.get_outputs()]
     x = _to_input(clips, input_format)

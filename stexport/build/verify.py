@@ -528,15 +528,12 @@ def format_report(report: dict) -> str:
 def graph_session(proto, float_precision: str = "fp32", threads: int | None = None):
     """An ONNX Runtime CPU session of `proto` (an onnx.ModelProto under 2 GB), optimised as the onnxruntime
     backend does (level 'all'; 'extended' for graphs with FP16 float parts, which ORT's CPU provider
-    cannot run at 'all')."""
+    cannot run at 'all'), with its exact INT8 GEMMs (stexport.runtime.backends.ort.session_options)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if float_precision == "fp16":
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    if threads:
-        so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+    from stexport.runtime.backends.ort import session_options
+
+    so = session_options("extended" if float_precision == "fp16" else "all", threads)
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 

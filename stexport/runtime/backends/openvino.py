@@ -31,6 +31,19 @@ from stexport.errors import StexportError
 log = logging.getLogger("stexport")
 
 X86 = ("x86_64", "amd64", "x64")
+_said: set = set()  # what was said once: warnings, and (bundle, reason) of auto's choice
+
+
+def saturating_int8(bundle) -> str | None:
+    """Why OpenVINO would change `bundle`'s answers on this CPU, or None: an INT8 bundle on an x86-64 CPU
+    without VNNI, where its CPU plugin adds u8×s8 products in saturating 16-bit lanes
+    (stexport.runtime.device.int8_sums_saturate; measured on this project's AVX2 machine: the demo INT8
+    bundle's mean |Δlogit| against the PyTorch reference 0.145 with OpenVINO, 0.106 with onnxruntime)."""
+    from stexport.runtime.device import int8_sums_saturate
+
+    if bundle.manifest.precision != "int8" or not int8_sums_saturate():
+        return None
+    return "this CPU has no VNNI: OpenVINO adds INT8 products in saturating 16-bit sums (answers drift)"
 PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
 HINTS = ("latency", "throughput")
 KEEP = 3  # batch sizes that get a model of their own (each holds a copy of the weights); others share one
@@ -150,6 +163,10 @@ class OpenVINOBackend(Backend):
                  hint: str = "latency", cache: bool = True, cache_dir: str | Path | None = None,
                  static: bool = True, _core=None, _path: Path | None = None, **options):
         super().__init__(bundle, **options)
+        why = saturating_int8(bundle) if _core is None else None
+        if why and why not in _said:
+            _said.add(why)
+            log.warning("openvino on %s: %s; -b onnxruntime runs them exact", bundle.path.name, why)
         ov = import_openvino()
         import openvino.properties as props
         import openvino.properties.hint as hints
@@ -256,10 +273,21 @@ class OpenVINOBackend(Backend):
 
     @classmethod
     def usable(cls, bundle) -> bool:
-        """x86-64 with OpenVINO installed and an ONNX model in the bundle; imports nothing."""
+        """x86-64 with OpenVINO installed and an ONNX model in the bundle, except an INT8 bundle on a CPU
+        without VNNI where onnxruntime is installed (saturating_int8: `auto` takes the exact runtime; -v says
+        why); imports nothing."""
         try:
-            return (platform.machine().lower() in X86 and bundle.has("onnx")
-                    and importlib.util.find_spec("openvino") is not None)
+            if not (platform.machine().lower() in X86 and bundle.has("onnx")
+                    and importlib.util.find_spec("openvino") is not None):
+                return False
+            why = saturating_int8(bundle)
+            if why and importlib.util.find_spec("onnxruntime") is not None:
+                if (str(bundle.path), why) not in _said:
+                    _said.add((str(bundle.path), why))
+                    log.info("auto: not using OpenVINO for %s: %s; onnxruntime runs them exact",
+                             bundle.path.name, why)
+                return False
+            return True
         except Exception:
             return False
 

@@ -18,6 +18,38 @@ log = logging.getLogger("stexport")
 LEVELS = ("disable", "basic", "extended", "all")
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 TASK_MODES = ("auto", "adapters", "sessions")
+INT8_GEMMS = ("exact", "fast")
+_LEVEL_NAMES = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                "all": "ORT_ENABLE_ALL"}
+
+
+def session_options(level: str = "all", threads: int | None = None, int8_gemms: str = "exact"):
+    """The onnxruntime.SessionOptions of every ONNX Runtime session stexport makes (the onnxruntime backend,
+    verify's and the INT8 float fallback's graph sessions, calibration, the FP16 check), so that what build
+    measures is what the runtime runs. level: one of LEVELS; threads: intra-op threads (None: ORT's default).
+
+    int8_gemms: 'exact' sets ONNX Runtime's `session.x64quantprecision`
+    (onnxruntime_session_options_config_keys.h, kOrtSessionOptionsAvx2PrecisionMode). On x86-64 CPUs without
+    VNNI (AVX2; AVX-512 without VNNI) ORT's U8S8 integer GEMM adds pairs of u8×s8 products in saturating
+    16-bit lanes (VPMADDUBSW); with activations and weights near the ends of their ranges the sums clip and
+    INT8 answers change (on this project's AVX2 EPYC the demo INT8 bundle's mean |Δlogit| against the PyTorch
+    reference is 0.146 with U8S8, 0.106 with U8U8; docs/guides/runtimes.md). 'exact' runs those GEMMs as U8U8,
+    slower on such CPUs only; 'fast' keeps U8S8. CPUs with VNNI or AMX, ARM CPUs and GPU providers are
+    unaffected either way. StexportError for another int8_gemms."""
+    import onnxruntime as ort
+
+    if int8_gemms not in INT8_GEMMS:
+        raise StexportError(f"onnxruntime option int8_gemms={int8_gemms}: choose one of "
+                            f"{', '.join(INT8_GEMMS)}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVEL_NAMES[level])
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if int8_gemms == "exact":
+        so.add_session_config_entry("session.x64quantprecision", "1")
+    return so
 
 
 def providers_for(device: str, available: list[str]) -> list[str]:
@@ -61,10 +93,13 @@ class OrtBackend(Backend):
         Option("tasks", str, "auto", "how task packs run on a swappable bundle: adapters (one session, a task "
                "per run call; INT8 keeps the base's backbone activation scales), sessions (a session per task, "
                "exact; a backbone's memory each), auto (adapters for FP32/FP16, sessions for INT8)", TASK_MODES),
+        Option("int8_gemms", str, "exact", "INT8 GEMMs on x86 CPUs without VNNI (AVX2, AVX-512 without "
+               "VNNI): exact (U8U8) or fast (U8S8: 16-bit sums saturate and can change answers); other CPUs "
+               "and GPUs are unaffected", INT8_GEMMS),
     )
 
     def __init__(self, bundle, device: str = "auto", threads: int | None = None, opt_level: str | None = None,
-                 tasks: str = "auto", **options):
+                 tasks: str = "auto", int8_gemms: str = "exact", **options):
         super().__init__(bundle, **options)
         import onnxruntime as ort
 
@@ -79,18 +114,8 @@ class OrtBackend(Backend):
                 log.warning("ORT's CPU provider cannot run FP16 graphs (or INT8 ones with FP16 float parts) at "
                             "level 'all'; using 'extended'")
             level = "extended"
-        so = ort.SessionOptions()
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[level]
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        self.so, self.level, self.threads = so, level, threads
+        so = session_options(level, threads, int8_gemms)
+        self.so, self.level, self.threads, self.int8_gemms = so, level, threads, int8_gemms
         if tasks not in TASK_MODES:
             raise StexportError(f"unknown tasks mode '{tasks}'; choose one of: {', '.join(TASK_MODES)}")
         m = bundle.manifest
@@ -203,7 +228,8 @@ class OrtBackend(Backend):
 
     def describe(self) -> dict:
         return {**super().describe(), "providers": self.session.get_providers(), "optimization": self.level,
-                "threads": self.threads or "default", **({"tasks": self.task_mode} if self.task_mode else {})}
+                "threads": self.threads or "default", **({"tasks": self.task_mode} if self.task_mode else {}),
+                **({"int8_gemms": self.int8_gemms} if self.bundle.precision == "int8" else {})}
 
     def close(self) -> None:
         self.session = None
