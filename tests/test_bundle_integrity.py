@@ -243,11 +243,27 @@ def test_missing_model_or_labels_is_named_not_a_runtime_problem(tiny_bundle, tmp
         assert r.exit_code == 2 and words in r.output and "install one" not in r.output, r.output
 
 
-def test_auto_refuses_a_misspelt_option_and_never_drops_a_bad_value(tiny_bundle):
+def test_auto_refuses_a_misspelt_option_and_never_drops_a_bad_value(tiny_bundle, caplog):
+    import logging
+
+    from stexport.runtime.backends import resolve
+
     with pytest.raises(StexportError, match="no backend has an option 'compte' \\(did you mean 'compute'\\?\\)"):
         create("auto", tiny_bundle, compte="bf16")
     with pytest.raises(StexportError, match="threads=0: must be at least 1"):
         create("auto", tiny_bundle, threads="0")
+    # a value no backend that declares the option takes is refused whichever backend auto picks
+    with pytest.raises(StexportError, match="^onnxruntime option int8_gemms='nope': choose one of exact, fast$"):
+        create("auto", tiny_bundle, int8_gemms="nope")
+    with pytest.raises(StexportError, match="^onnxruntime option tasks='both': choose one of auto, adapters"):
+        create("auto", tiny_bundle, tasks="both")
+    # a good value for a runtime auto did not pick is dropped with a warning naming it
+    chosen = resolve("auto", tiny_bundle)
+    other = {"onnxruntime": {"static": "false"}}.get(chosen, {"int8_gemms": "fast"})
+    with caplog.at_level(logging.WARNING, logger="stexport"):
+        create("auto", tiny_bundle, **other).close()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"auto picked {chosen}, which does not take option(s) {next(iter(other))}" in m for m in said), said
 
 
 def test_bench_runs_from_a_folder_holding_a_stexport_directory(tiny_bundle, tmp_path):

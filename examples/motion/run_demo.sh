@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# stexport's main job, end to end on the default CPU runtime (auto: OpenVINO on x86-64, else ONNX Runtime):
+# stexport's main job, end to end on the default CPU runtime (auto: OpenVINO on x86-64, else ONNX Runtime;
+# INT8 bundles on a CPU without VNNI: ONNX Runtime, whose INT8 sums do not saturate there):
 #   install → generate the demo's videos → build an INT8 bundle of the shipped motion adapter (calibrated on
 #   train clips) → classify one clip → verify the bundle against the PyTorch reference on the val set.
 # Usage: bash examples/motion/run_demo.sh [WORKDIR]   (default: demo-data/, ignored by git)

@@ -170,7 +170,8 @@ def create(name: str, bundle: Bundle, **options) -> Backend:
             known = {o.name for o in cls.OPTIONS} | set(cls.ALIASES)
             dropped = sorted(set(options) - known)
             if dropped:
-                log.info("%s does not take option(s) %s; ignoring them", chosen, ", ".join(dropped))
+                log.warning("auto picked %s, which does not take option(s) %s: ignoring them (pass --backend "
+                            "to choose the runtime they are for)", chosen, ", ".join(dropped))
             opts = cls.check_options({k: v for k, v in options.items() if k in known})
         try:
             backend = cls(bundle, **opts)
@@ -192,18 +193,32 @@ def create(name: str, bundle: Bundle, **options) -> Backend:
 
 def check_auto_options(options: dict) -> None:
     """With `--backend auto`: refuse (StexportError, one line) an option that no registered backend declares
-    (a misspelling), naming the closest one; options some backend declares pass."""
+    (a misspelling), naming the closest one, and a value that every backend declaring the option refuses
+    (that backend's message), whichever backend `auto` then picks; options some backend takes pass."""
     import difflib
 
     known: set[str] = set()
     for r in registrations():
         known |= {o.name for o in r.cls.OPTIONS} | set(r.cls.ALIASES)
-    for key in options:
+    for key, value in options.items():
         if key not in known:
             near = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise StexportError(f"no backend has an option '{key}'{hint}; `stexport bench --list-options` lists "
                                 "each backend's options")
+        refusals = []
+        for r in registrations():
+            opt = next((o for o in r.cls.OPTIONS if o.name == r.cls.ALIASES.get(key, key)), None)
+            if opt is None:
+                continue
+            try:
+                opt.coerce(value, r.name)
+                break
+            except StexportError as e:
+                refusals.append(e)
+        else:
+            if refusals:
+                raise refusals[0]
 
 
 __all__ = ["Backend", "Option", "Registration", "register", "BUILTIN", "ENTRY_POINTS", "create", "resolve", "names",

@@ -130,7 +130,8 @@ def only_blobs(folder: Path) -> bool:
 # auto: before ONNX Runtime: on x86-64 CPUs it runs the same ONNX faster (INT8 ~1.5x, FP32 ~1.1x in
 # benchmarks/RESULTS.md); its usable() is False elsewhere. A task's tensors replace the graph's before OpenVINO
 # reads it (prepare_task).
-@register("openvino", artifact="onnx", auto=20, auto_note="OpenVINO on an x86-64 CPU", tasks=True)
+@register("openvino", artifact="onnx", auto=20, auto_note="OpenVINO on an x86-64 CPU (for INT8 bundles one with VNNI)",
+          tasks=True)
 class OpenVINOBackend(Backend):
     """A multi-task bundle runs as one model with its task input fed per call (MULTITASK).
 
