@@ -13,6 +13,7 @@ from stexport.trt_engines.onnx_support import tensor_types
 
 from stexport.build.backbone import random_backbone
 from stexport.runtime.backends import create
+from stexport.runtime.device import int8_sums_saturate
 from stexport.bundle.store import Bundle
 from stexport.errors import StexportError
 from stexport.build.export import export_onnx
@@ -120,7 +121,10 @@ def test_int8_with_fp16_float_parts_is_typed_so(onnx_variants):
                 assert b.level == "extended"
             assert b.describe()["compute_precision"] in ("fp16", "fp32")
         cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
-        assert cos.min() > 0.999, name  # top-1 on these near-tied tiny models is luck: see above
+        # top-1 on these near-tied tiny models is luck: see above. OpenVINO's INT8 sums saturate on a CPU
+        # without VNNI (docs/guides/runtimes.md; auto does not pick it there): 0.9979 on this project's AVX2 EPYC
+        saturates = name == "openvino" and int8_sums_saturate()
+        assert cos.min() > (0.995 if saturates else 0.999), (name, cos.min())
 
 
 def test_fp16_scales_never_round_below_or_to_zero():

@@ -138,13 +138,13 @@ def task_label(task) -> str:
 
 def run_title(bundle, task=None) -> str:
     """How run headers name what runs: 'task NAME (i of N) of BUNDLE' for a multi-task bundle's task (a
-    BundleTask), 'task pack NAME (FILE) on BUNDLE' for a loaded TaskPack, the bundle's path for its own
+    BundleTask), 'task NAME (FILE) on BUNDLE' for a loaded TaskPack, the bundle's path for its own
     task."""
     if task is None:
         return str(bundle.path)
     if isinstance(task, BundleTask):
         return f"task {task.name} ({task.index} of {len(bundle.manifest.multitask.tasks)}) of {bundle.path}"
-    return f"task pack {task.name} ({task.path}) on {bundle.path}"
+    return f"task {task.name} ({task.path}) on {bundle.path}"
 
 
 def task_ref(task) -> str:
